@@ -1,0 +1,294 @@
+//! The crate's one error type.
+//!
+//! Every fallible function returns [`Result<T>`](crate::Result). Variants name the component and the file
+//! involved and say what to change, so a caller can both match on them and show them to a person.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Shorthand for `Result<T, sd3_onnx::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A part of an SD3 model folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Component {
+    /// The folder as a whole (`model_index.json`).
+    Model,
+    /// `tokenizer/`: the CLIP-L tokenizer.
+    TokenizerClipL,
+    /// `tokenizer_2/`: the CLIP-G tokenizer.
+    TokenizerClipG,
+    /// `tokenizer_3/`: the T5 tokenizer.
+    TokenizerT5,
+    /// `text_encoder/`: CLIP-L (ViT-L/14 text tower with projection).
+    TextEncoderClipL,
+    /// `text_encoder_2/`: CLIP-G (OpenCLIP bigG text tower with projection).
+    TextEncoderClipG,
+    /// `text_encoder_3/`: the T5-XXL encoder.
+    TextEncoderT5,
+    /// `transformer/`: the MMDiT denoiser.
+    Transformer,
+    /// `vae_decoder/`: latents to pixels.
+    VaeDecoder,
+    /// `vae_encoder/`: pixels to latents.
+    VaeEncoder,
+    /// `scheduler/`: the flow-matching scheduler configuration.
+    Scheduler,
+}
+
+impl Component {
+    /// The sub-folder of the model folder this component lives in (empty for [`Component::Model`]).
+    pub fn folder(self) -> &'static str {
+        match self {
+            Component::Model => "",
+            Component::TokenizerClipL => "tokenizer",
+            Component::TokenizerClipG => "tokenizer_2",
+            Component::TokenizerT5 => "tokenizer_3",
+            Component::TextEncoderClipL => "text_encoder",
+            Component::TextEncoderClipG => "text_encoder_2",
+            Component::TextEncoderT5 => "text_encoder_3",
+            Component::Transformer => "transformer",
+            Component::VaeDecoder => "vae_decoder",
+            Component::VaeEncoder => "vae_encoder",
+            Component::Scheduler => "scheduler",
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Component::Model => "model folder",
+            Component::TokenizerClipL => "CLIP-L tokenizer (tokenizer/)",
+            Component::TokenizerClipG => "CLIP-G tokenizer (tokenizer_2/)",
+            Component::TokenizerT5 => "T5 tokenizer (tokenizer_3/)",
+            Component::TextEncoderClipL => "CLIP-L text encoder (text_encoder/)",
+            Component::TextEncoderClipG => "CLIP-G text encoder (text_encoder_2/)",
+            Component::TextEncoderT5 => "T5 text encoder (text_encoder_3/)",
+            Component::Transformer => "MMDiT transformer (transformer/)",
+            Component::VaeDecoder => "VAE decoder (vae_decoder/)",
+            Component::VaeEncoder => "VAE encoder (vae_encoder/)",
+            Component::Scheduler => "scheduler (scheduler/)",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Everything that can go wrong, as one matchable enum.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No ONNX Runtime shared library was found.
+    #[error(
+        "ONNX Runtime library not found (looked in: {searched}). Fix: run `scripts/setup-ort.sh` in the sd3-onnx \
+         repository, set ORT_DYLIB_PATH to a libonnxruntime 1.31 shared library, or pass its path to \
+         `Sd3PipelineBuilder::onnxruntime_library`"
+    )]
+    RuntimeNotFound {
+        /// The places that were looked at, in order.
+        searched: String,
+    },
+
+    /// The ONNX Runtime library exists but could not be loaded or initialised.
+    #[error("could not load ONNX Runtime from {path}: {message}")]
+    RuntimeLoad {
+        /// The library that was tried.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// An execution provider was asked for and cannot be used. Nothing falls back to the CPU silently.
+    #[error("execution provider {provider} is unavailable for {component}: {reason}")]
+    ExecutionProviderUnavailable {
+        /// The provider, e.g. `CUDA`.
+        provider: String,
+        /// The component it was asked for.
+        component: Component,
+        /// Why, and what to do about it.
+        reason: String,
+    },
+
+    /// A file the pipeline needs is not in the model folder.
+    #[error("{component}: missing {path}. {hint}")]
+    MissingFile {
+        /// The component the file belongs to.
+        component: Component,
+        /// The path that was looked for.
+        path: PathBuf,
+        /// What the folder should contain.
+        hint: String,
+    },
+
+    /// A json configuration file could not be read or holds an unusable value.
+    #[error("{component}: invalid configuration {path}: {message}")]
+    InvalidConfig {
+        /// The component the file belongs to.
+        component: Component,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A tokenizer could not be loaded or failed on a prompt.
+    #[error("{component}: tokenizer error in {path}: {message}")]
+    Tokenizer {
+        /// Which tokenizer.
+        component: Component,
+        /// The file it was loaded from.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// An ONNX graph could not be loaded (missing, truncated or not an ONNX model).
+    #[error("{component}: could not load ONNX graph {path}: {message}")]
+    GraphLoad {
+        /// The component.
+        component: Component,
+        /// The `.onnx` file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        message: String,
+    },
+
+    /// A graph's inputs or outputs do not have the names, ranks or element types the pipeline needs.
+    #[error("{component}: graph {path} does not match the SD3 contract: {message}")]
+    GraphMismatch {
+        /// The component.
+        component: Component,
+        /// The `.onnx` file.
+        path: PathBuf,
+        /// Which input or output, and what was expected instead.
+        message: String,
+    },
+
+    /// Components of one folder disagree with each other (e.g. the CLIP widths exceed the T5 width).
+    #[error("model folder {path}: components disagree: {message}")]
+    IncompatibleComponents {
+        /// The model folder.
+        path: PathBuf,
+        /// What disagrees.
+        message: String,
+    },
+
+    /// Width or height cannot be used with this model.
+    #[error(
+        "invalid image size {width}x{height}: width and height must be positive multiples of {multiple} \
+         (VAE factor {vae_factor} x patch size {patch_size}); nearest valid sizes: {suggestion}"
+    )]
+    InvalidSize {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+        /// The multiple both must be divisible by.
+        multiple: u32,
+        /// The VAE's downscale factor.
+        vae_factor: u32,
+        /// The transformer's patch size.
+        patch_size: u32,
+        /// Valid sizes near the request, e.g. `1024x1008 or 1024x1024`.
+        suggestion: String,
+    },
+
+    /// A request parameter is outside what the pipeline accepts.
+    #[error("invalid request: {parameter} = {value}: {message}")]
+    InvalidRequest {
+        /// The parameter's name, as in `GenerationRequest`.
+        parameter: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        message: String,
+    },
+
+    /// Explicit initial latents have the wrong shape or non-finite values.
+    #[error("invalid latents: {message}")]
+    InvalidLatents {
+        /// What is wrong and what shape was expected.
+        message: String,
+    },
+
+    /// A `.npy` file could not be read.
+    #[error("cannot read .npy file {path}: {message}")]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// ONNX Runtime failed while running a graph.
+    #[error("{component}: inference failed: {message}")]
+    Inference {
+        /// The component whose graph failed.
+        component: Component,
+        /// ONNX Runtime's message.
+        message: String,
+    },
+
+    /// The run was stopped by a progress callback.
+    #[error("generation cancelled at step {step}")]
+    Cancelled {
+        /// The step (0-based) after which the run stopped.
+        step: usize,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(
+        component: Component,
+        path: impl Into<PathBuf>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            component,
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn mismatch(
+        component: Component,
+        path: impl Into<PathBuf>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::GraphMismatch {
+            component,
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn request(
+        parameter: &'static str,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::InvalidRequest {
+            parameter,
+            value: value.to_string(),
+            message: message.into(),
+        }
+    }
+}

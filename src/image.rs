@@ -1,0 +1,67 @@
+//! Tensors to pictures and back.
+
+use image::RgbImage;
+use ndarray::{ArrayView3, ArrayView4};
+
+use crate::error::{Error, Result};
+
+/// Converts one decoded image `[3, H, W]` with values in `[-1, 1]` to 8-bit RGB, as diffusers'
+/// `VaeImageProcessor.postprocess` + `numpy_to_pil` do: `clamp(x / 2 + 0.5, 0, 1)`, then `round(x * 255)`
+/// with ties to even (numpy's rounding).
+pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
+    let (c, h, w) = chw.dim();
+    if c != 3 {
+        return Err(Error::InvalidLatents {
+            message: format!("the VAE decoder returned {c} channels, expected 3 (RGB)"),
+        });
+    }
+    let (w32, h32) = (u32::try_from(w), u32::try_from(h));
+    let (Ok(w32), Ok(h32)) = (w32, h32) else {
+        return Err(Error::InvalidLatents {
+            message: format!("decoded image {w}x{h} is too large"),
+        });
+    };
+    let mut img = RgbImage::new(w32, h32);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let (xi, yi) = (x as usize, y as usize);
+        for ch in 0..3 {
+            let v = (chw[[ch, yi, xi]] / 2.0 + 0.5).clamp(0.0, 1.0);
+            // NaN clamps to NaN and casts to 0: a broken graph gives black pixels, never a panic.
+            px[ch] = (v * 255.0).round_ties_even() as u8;
+        }
+    }
+    Ok(img)
+}
+
+/// Converts a batch `[B, 3, H, W]` in `[-1, 1]` to images.
+pub fn batch_to_rgb(nchw: ArrayView4<'_, f32>) -> Result<Vec<RgbImage>> {
+    nchw.outer_iter().map(tensor_to_rgb).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    #[test]
+    fn maps_range_and_rounds_half_to_even() {
+        let mut t = Array3::<f32>::zeros((3, 1, 4));
+        t[[0, 0, 0]] = -1.0; // -> 0
+        t[[0, 0, 1]] = 1.0; // -> 255
+        t[[0, 0, 2]] = 5.0; // clamped -> 255
+                            // 0.5/255 above 0 maps to x*255 = 0.5 -> ties to even -> 0
+        t[[0, 0, 3]] = (0.5 / 255.0 - 0.5) * 2.0;
+        let img = tensor_to_rgb(t.view()).unwrap();
+        assert_eq!(img.get_pixel(0, 0)[0], 0);
+        assert_eq!(img.get_pixel(1, 0)[0], 255);
+        assert_eq!(img.get_pixel(2, 0)[0], 255);
+        assert!(img.get_pixel(3, 0)[0] <= 1);
+        assert_eq!(img.get_pixel(0, 0)[1], 128); // 0.0 -> 127.5 -> 128 (ties to even)
+    }
+
+    #[test]
+    fn wrong_channel_count_is_an_error() {
+        let t = Array3::<f32>::zeros((4, 2, 2));
+        assert!(tensor_to_rgb(t.view()).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! # sd3-onnx
+//!
+//! Stable Diffusion 3 / 3.5 text-to-image in Rust, on ONNX Runtime. The graphs (CLIP-L, CLIP-G, T5, the MMDiT
+//! transformer, the VAE decoder) come from an `optimum-cli export onnx` folder; everything around them, from
+//! tokenization and prompt conditioning to classifier-free guidance, the flow-matching scheduler and the
+//! final image, is this crate's Rust, written to reproduce Hugging Face diffusers' numbers.
+//!
+//! ```no_run
+//! use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline};
+//!
+//! # fn main() -> sd3_onnx::Result<()> {
+//! let mut pipe = Sd3Pipeline::builder("models/sd3-medium-onnx")
+//!     .execution_provider(ExecutionProvider::Cpu)
+//!     .build()?; // every graph is opened and checked here
+//! let out = pipe.generate(
+//!     &GenerationRequest::new("a photo of an astronaut riding a horse")
+//!         .negative_prompt("blurry")
+//!         .size(1024, 1024)
+//!         .steps(28)
+//!         .guidance(7.0)
+//!         .seed(42),
+//! )?;
+//! out.images[0].save("astronaut.png").expect("write png");
+//! for w in &out.warnings {
+//!     eprintln!("warning: {w}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same with the tiny test model that ships in the repository (this one runs as a doctest):
+//!
+//! ```
+//! # fn main() -> sd3_onnx::Result<()> {
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fixtures/tiny-sd3");
+//! let mut pipe = sd3_onnx::Sd3Pipeline::builder(dir).build()?;
+//! let out = pipe.generate(&sd3_onnx::GenerationRequest::new("a red cube").steps(2).seed(1))?;
+//! assert_eq!(out.images[0].dimensions(), out.size);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules follow the data: [`text`] (tokenizers, encoders, conditioning) -> [`scheduler`] (sigmas, Euler
+//! step, guidance) -> the denoising loop in [`Sd3Pipeline`] -> [`image`] (decoded tensor to RGB). [`runtime`]
+//! owns everything that touches ONNX Runtime.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod image;
+pub mod latents;
+pub mod model_config;
+mod pipeline;
+pub mod progress;
+pub mod runtime;
+pub mod scheduler;
+pub mod text;
+
+pub use error::{Component, Error, Result};
+pub use pipeline::{
+    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, Timings,
+    Warning, MAX_T5_SEQUENCE_LENGTH,
+};
+pub use progress::{ControlFlow, StepProgress};
+pub use runtime::{ElementType, ExecutionProvider, TensorRtOptions};
+pub use scheduler::{FlowMatchConfig, Schedule};

@@ -1,0 +1,146 @@
+//! The json configs of the transformer and the VAE: the numbers the graphs cannot tell us.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Component, Error, Result};
+
+pub(crate) fn read_json(component: Component, path: &Path, hint: &str) -> Result<Value> {
+    if !path.is_file() {
+        return Err(Error::MissingFile {
+            component,
+            path: path.to_path_buf(),
+            hint: hint.to_string(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
+    if !v.is_object() {
+        return Err(Error::config(component, path, "expected a json object"));
+    }
+    Ok(v)
+}
+
+fn positive_int(
+    component: Component,
+    path: &Path,
+    v: &Value,
+    key: &str,
+    default: Option<u64>,
+) -> Result<Option<usize>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default.map(|d| d as usize)),
+        Some(x) => match x.as_u64().filter(|n| (1..=1 << 20).contains(n)) {
+            Some(n) => Ok(Some(n as usize)),
+            None => Err(Error::config(
+                component,
+                path,
+                format!("`{key}` must be a positive integer, got {x}"),
+            )),
+        },
+    }
+}
+
+/// `transformer/config.json` (diffusers `SD3Transformer2DModel`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    /// Latent patch size (2 for SD3).
+    pub patch_size: usize,
+    /// Latent channels in (16 for SD3), when the config gives them.
+    pub in_channels: Option<usize>,
+    /// T5 width the context is padded to (4096 for SD3).
+    pub joint_attention_dim: Option<usize>,
+    /// Width of the pooled CLIP vector (2048 for SD3).
+    pub pooled_projection_dim: Option<usize>,
+    /// Default latent size; default image size is `sample_size * vae_scale_factor`.
+    pub sample_size: usize,
+    /// Largest latent grid (in patches) the position embedding covers.
+    pub pos_embed_max_size: Option<usize>,
+}
+
+impl TransformerConfig {
+    /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
+    /// `models/transformers/transformer_sd3.py`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let c = Component::Transformer;
+        let v = read_json(
+            c,
+            path,
+            "optimum-cli export writes transformer/config.json; copy it from the diffusers repo",
+        )?;
+        Ok(TransformerConfig {
+            patch_size: positive_int(c, path, &v, "patch_size", Some(2))?.unwrap_or(2),
+            in_channels: positive_int(c, path, &v, "in_channels", None)?,
+            joint_attention_dim: positive_int(c, path, &v, "joint_attention_dim", None)?,
+            pooled_projection_dim: positive_int(c, path, &v, "pooled_projection_dim", None)?,
+            sample_size: positive_int(c, path, &v, "sample_size", Some(128))?.unwrap_or(128),
+            pos_embed_max_size: positive_int(c, path, &v, "pos_embed_max_size", None)?,
+        })
+    }
+}
+
+/// The VAE config (`vae_decoder/config.json`, diffusers `AutoencoderKL`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    /// Pixels per latent along each axis: `2 ^ (len(block_out_channels) - 1)` (8 for SD3), as the SD3 pipeline
+    /// computes `vae_scale_factor`.
+    pub scale_factor: usize,
+    /// Latent channels, when the config gives them.
+    pub latent_channels: Option<usize>,
+    /// Latents are divided by this before decoding (1.5305 for SD3).
+    pub scaling_factor: f32,
+    /// ... and then this is added (0.0609 for SD3).
+    pub shift_factor: f32,
+}
+
+impl VaeConfig {
+    /// Reads the VAE config. `scaling_factor` and `block_out_channels` are required: a wrong default would
+    /// silently change every image.
+    pub fn from_file(component: Component, path: &Path) -> Result<Self> {
+        let v = read_json(
+            component,
+            path,
+            "optimum-cli export writes the VAE config next to the VAE graphs",
+        )?;
+        let blocks = v
+            .get("block_out_channels")
+            .and_then(Value::as_array)
+            .filter(|a| !a.is_empty() && a.len() <= 16)
+            .ok_or_else(|| {
+                Error::config(
+                    component,
+                    path,
+                    "`block_out_channels` must be a non-empty list",
+                )
+            })?;
+        let float = |key: &str, required: bool| -> Result<f32> {
+            match v.get(key) {
+                None | Some(Value::Null) if !required => Ok(0.0),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|f| f.is_finite() && *f != 0.0 || key == "shift_factor")
+                    .map(|f| f as f32)
+                    .ok_or_else(|| {
+                        Error::config(
+                            component,
+                            path,
+                            format!("`{key}` must be a finite number, got {x}"),
+                        )
+                    }),
+                None => Err(Error::config(
+                    component,
+                    path,
+                    format!("`{key}` is missing"),
+                )),
+            }
+        };
+        Ok(VaeConfig {
+            scale_factor: 1usize << (blocks.len() - 1),
+            latent_channels: positive_int(component, path, &v, "latent_channels", None)?,
+            scaling_factor: float("scaling_factor", true)?,
+            shift_factor: float("shift_factor", false)?,
+        })
+    }
+}

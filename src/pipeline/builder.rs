@@ -1,0 +1,283 @@
+//! Loading a model folder: every file is found, every graph is opened and checked here, before any request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::{ModelInfo, Sd3Pipeline};
+use crate::error::{Component, Error, Result};
+use crate::model_config::{TransformerConfig, VaeConfig};
+use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
+use crate::scheduler::FlowMatchConfig;
+use crate::text::encoders::{graph_path, ClipEncoder, T5Encoder};
+use crate::text::{PromptTokenizer, TextEncoders};
+
+/// Configures and loads an [`Sd3Pipeline`]. Created by [`Sd3Pipeline::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to load the pipeline"]
+pub struct Sd3PipelineBuilder {
+    model_dir: PathBuf,
+    provider: ExecutionProvider,
+    per_component: HashMap<Component, ExecutionProvider>,
+    library: Option<PathBuf>,
+    intra_threads: Option<usize>,
+    use_t5: bool,
+}
+
+impl Sd3PipelineBuilder {
+    pub(super) fn new(model_dir: impl Into<PathBuf>) -> Self {
+        Sd3PipelineBuilder {
+            model_dir: model_dir.into(),
+            provider: ExecutionProvider::Cpu,
+            per_component: HashMap::new(),
+            library: None,
+            intra_threads: None,
+            use_t5: true,
+        }
+    }
+
+    /// Runs every graph on `provider` (default: CPU). A provider that cannot be used fails `build()`.
+    pub fn execution_provider(mut self, provider: ExecutionProvider) -> Self {
+        self.provider = provider;
+        self
+    }
+
+    /// Runs one component on its own provider, e.g. T5 on the CPU and the transformer on CUDA.
+    pub fn component_provider(mut self, component: Component, provider: ExecutionProvider) -> Self {
+        self.per_component.insert(component, provider);
+        self
+    }
+
+    /// Loads ONNX Runtime from this shared library instead of `ORT_DYLIB_PATH` or `.ort/lib/`.
+    pub fn onnxruntime_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.library = Some(path.into());
+        self
+    }
+
+    /// Threads ONNX Runtime may use inside one operator (default: ONNX Runtime's choice).
+    pub fn intra_threads(mut self, threads: usize) -> Self {
+        self.intra_threads = Some(threads);
+        self
+    }
+
+    /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
+    /// Folders without `text_encoder_3/` load in this mode automatically.
+    pub fn without_t5(mut self) -> Self {
+        self.use_t5 = false;
+        self
+    }
+
+    fn provider_for(&self, component: Component) -> &ExecutionProvider {
+        self.per_component.get(&component).unwrap_or(&self.provider)
+    }
+
+    /// Loads and checks everything. Errors name the file and what is wrong with it.
+    pub fn build(self) -> Result<Sd3Pipeline> {
+        let dir = self.model_dir.clone();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                component: Component::Model,
+                path: dir,
+                hint: "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote".into(),
+            });
+        }
+        let scheduler =
+            FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let transformer_config =
+            TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
+        let vae_config = VaeConfig::from_file(
+            Component::VaeDecoder,
+            &dir.join("vae_decoder").join("config.json"),
+        )?;
+
+        let tok_l = PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join("tokenizer"))?;
+        let tok_g =
+            PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join("tokenizer_2"))?;
+        let t5_dir = dir.join(Component::TextEncoderT5.folder());
+        let use_t5 = self.use_t5 && t5_dir.exists();
+        let tok_t5 = if use_t5 {
+            Some(PromptTokenizer::load_t5(
+                Component::TokenizerT5,
+                &dir.join("tokenizer_3"),
+            )?)
+        } else {
+            None
+        };
+
+        let env = runtime::environment(self.library.as_deref())?;
+        let session = SessionConfig {
+            intra_threads: self.intra_threads,
+        };
+        let load = |component: Component| -> Result<Graph> {
+            Graph::load(
+                &env,
+                component,
+                &graph_path(&dir, component),
+                self.provider_for(component),
+                &session,
+            )
+        };
+
+        let clip_l = ClipEncoder::new(tok_l, load(Component::TextEncoderClipL)?)?;
+        let clip_g = ClipEncoder::new(tok_g, load(Component::TextEncoderClipG)?)?;
+        let t5 = match tok_t5 {
+            Some(tok) => Some(T5Encoder::new(tok, load(Component::TextEncoderT5)?)?),
+            None => None,
+        };
+        let transformer = load(Component::Transformer)?;
+        let vae_decoder = load(Component::VaeDecoder)?;
+
+        let info = check_graphs(
+            &dir,
+            &transformer_config,
+            &vae_config,
+            &clip_l,
+            &clip_g,
+            t5.as_ref(),
+            &transformer,
+            &vae_decoder,
+        )?;
+        let clip_len = clip_l.tokenizer.model_max_length().unwrap_or(77);
+        if let Some(fixed) = clip_l.fixed_seq_len.or(clip_g.fixed_seq_len) {
+            if fixed != clip_len {
+                return Err(Error::IncompatibleComponents {
+                    path: dir,
+                    message: format!("the CLIP graphs take {fixed} tokens but tokenizer/ says model_max_length {clip_len}"),
+                });
+            }
+        }
+        let text = TextEncoders {
+            clip_l,
+            clip_g,
+            t5,
+            joint_dim: info.joint_attention_dim,
+            clip_len,
+        };
+        Ok(Sd3Pipeline {
+            model_dir: self.model_dir,
+            text,
+            transformer,
+            vae_decoder,
+            scheduler,
+            info,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_graphs(
+    dir: &Path,
+    tcfg: &TransformerConfig,
+    vcfg: &VaeConfig,
+    clip_l: &ClipEncoder,
+    clip_g: &ClipEncoder,
+    t5: Option<&T5Encoder>,
+    transformer: &Graph,
+    vae_decoder: &Graph,
+) -> Result<ModelInfo> {
+    let hidden = transformer.require_input("hidden_states", 4, ElementType::FLOATS)?;
+    let context = transformer.require_input("encoder_hidden_states", 3, ElementType::FLOATS)?;
+    let pooled = transformer.require_input("pooled_projections", 2, ElementType::FLOATS)?;
+    transformer.require_input("timestep", 1, ElementType::FLOATS)?;
+    transformer.reject_extra_inputs(&[
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "timestep",
+    ])?;
+    let out = transformer.require_output("out_hidden_states", 4, ElementType::FLOATS)?;
+    let latent_in = vae_decoder.require_input("latent_sample", 4, ElementType::FLOATS)?;
+    vae_decoder.reject_extra_inputs(&["latent_sample"])?;
+    let sample = vae_decoder.require_output("sample", 4, ElementType::FLOATS)?;
+    if let Some(c) = sample.fixed_dim(1).filter(|c| *c != 3) {
+        return Err(Error::mismatch(
+            Component::VaeDecoder,
+            &vae_decoder.path,
+            format!("output `sample` has {c} channels, expected 3"),
+        ));
+    }
+
+    let disagree = |message: String| Error::IncompatibleComponents {
+        path: dir.to_path_buf(),
+        message,
+    };
+    // One value from several sources (graph dims and configs); all that are known must agree.
+    let agree = |what: &str, sources: &[(&str, Option<usize>)]| -> Result<usize> {
+        let known: Vec<&(&str, Option<usize>)> =
+            sources.iter().filter(|(_, v)| v.is_some()).collect();
+        let Some((_, Some(first))) = known.first() else {
+            return Err(disagree(format!(
+                "{what} is unknown: no graph fixes it and no config names it"
+            )));
+        };
+        if let Some((name, Some(v))) = known.iter().find(|(_, v)| *v != Some(*first)) {
+            return Err(disagree(format!(
+                "{what} disagrees: {} says {first}, {name} says {v}",
+                known[0].0
+            )));
+        }
+        Ok(*first)
+    };
+    let latent_channels = agree(
+        "latent channels",
+        &[
+            ("transformer hidden_states", hidden.fixed_dim(1)),
+            ("transformer out_hidden_states", out.fixed_dim(1)),
+            ("transformer/config.json in_channels", tcfg.in_channels),
+            ("vae_decoder latent_sample", latent_in.fixed_dim(1)),
+            (
+                "vae_decoder/config.json latent_channels",
+                vcfg.latent_channels,
+            ),
+        ],
+    )?;
+    let joint_attention_dim = agree(
+        "joint attention (T5) width",
+        &[
+            ("transformer encoder_hidden_states", context.fixed_dim(2)),
+            (
+                "transformer/config.json joint_attention_dim",
+                tcfg.joint_attention_dim,
+            ),
+            ("text_encoder_3 last_hidden_state", t5.and_then(|t| t.width)),
+        ],
+    )?;
+    let pooled_dim = agree(
+        "pooled projection width",
+        &[
+            ("transformer pooled_projections", pooled.fixed_dim(1)),
+            (
+                "transformer/config.json pooled_projection_dim",
+                tcfg.pooled_projection_dim,
+            ),
+            (
+                "text_encoder + text_encoder_2 text_embeds",
+                clip_l
+                    .pooled_width
+                    .zip(clip_g.pooled_width)
+                    .map(|(a, b)| a + b),
+            ),
+        ],
+    )?;
+    if let (Some(l), Some(g)) = (clip_l.hidden_width, clip_g.hidden_width) {
+        if l + g > joint_attention_dim {
+            return Err(disagree(format!(
+                "CLIP-L width {l} + CLIP-G width {g} exceed the joint attention width {joint_attention_dim}"
+            )));
+        }
+    }
+    Ok(ModelInfo {
+        latent_channels,
+        vae_scale_factor: vcfg.scale_factor,
+        patch_size: tcfg.patch_size,
+        joint_attention_dim,
+        pooled_projection_dim: pooled_dim,
+        default_size: tcfg.sample_size * vcfg.scale_factor,
+        pos_embed_max_size: tcfg.pos_embed_max_size,
+        vae_scaling_factor: vcfg.scaling_factor,
+        vae_shift_factor: vcfg.shift_factor,
+        transformer_dtype: hidden.dtype,
+        clip_l_layers: clip_l.num_layers(),
+        clip_g_layers: clip_g.num_layers(),
+        has_t5: t5.is_some(),
+    })
+}

@@ -1,0 +1,523 @@
+//! The pipeline: loaded components and the text -> conditioning -> schedule -> denoise -> decode run.
+
+mod builder;
+mod output;
+mod request;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
+
+pub use builder::Sd3PipelineBuilder;
+pub use output::{GenerationOutput, Timings, Warning};
+pub use request::GenerationRequest;
+
+use crate::error::{Component, Error, Result};
+use crate::image::batch_to_rgb;
+use crate::latents::NoiseGenerator;
+use crate::progress::{ControlFlow, StepProgress};
+use crate::runtime::{ElementType, ExecutionProvider, Graph, Input};
+use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Schedule};
+use crate::text::{TextConditioning, TextEncoders};
+
+/// The largest `max_sequence_length` diffusers accepts (`StableDiffusion3Pipeline.check_inputs`).
+pub const MAX_T5_SEQUENCE_LENGTH: usize = 512;
+
+/// Facts about the loaded model, read from its graphs and configs.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ModelInfo {
+    /// Latent channels (16 for SD3).
+    pub latent_channels: usize,
+    /// Pixels per latent (8 for SD3).
+    pub vae_scale_factor: usize,
+    /// Transformer patch size (2 for SD3).
+    pub patch_size: usize,
+    /// Context width (T5 width, 4096 for SD3).
+    pub joint_attention_dim: usize,
+    /// Pooled CLIP width (2048 for SD3).
+    pub pooled_projection_dim: usize,
+    /// Default width and height in pixels.
+    pub default_size: usize,
+    /// Largest latent grid in patches the position embedding covers, if the config says.
+    pub pos_embed_max_size: Option<usize>,
+    /// VAE `scaling_factor`.
+    pub vae_scaling_factor: f32,
+    /// VAE `shift_factor`.
+    pub vae_shift_factor: f32,
+    /// Element type of the transformer's latent input.
+    pub transformer_dtype: ElementType,
+    /// CLIP-L layers.
+    pub clip_l_layers: usize,
+    /// CLIP-G layers.
+    pub clip_g_layers: usize,
+    /// Whether the T5 encoder is loaded.
+    pub has_t5: bool,
+}
+
+impl ModelInfo {
+    /// Width and height must be multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        self.vae_scale_factor * self.patch_size
+    }
+}
+
+/// A loaded SD3 / SD3.5 pipeline. Build one with [`Sd3Pipeline::builder`], then call
+/// [`generate`](Sd3Pipeline::generate) as often as you like.
+#[derive(Debug)]
+pub struct Sd3Pipeline {
+    model_dir: PathBuf,
+    text: TextEncoders,
+    transformer: Graph,
+    vae_decoder: Graph,
+    scheduler: FlowMatchConfig,
+    info: ModelInfo,
+}
+
+/// The checked, resolved form of a request.
+struct Plan {
+    width: usize,
+    height: usize,
+    latents: Array4<f32>,
+    seed: Option<u64>,
+    schedule: Schedule,
+}
+
+impl Sd3Pipeline {
+    /// Starts configuring a pipeline for the model folder `model_dir`.
+    pub fn builder(model_dir: impl Into<PathBuf>) -> Sd3PipelineBuilder {
+        Sd3PipelineBuilder::new(model_dir)
+    }
+
+    /// The model folder.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// Dimensions and factors read from the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The scheduler configuration read from `scheduler/scheduler_config.json`.
+    pub fn scheduler_config(&self) -> &FlowMatchConfig {
+        &self.scheduler
+    }
+
+    /// Where each loaded component runs.
+    pub fn placements(&self) -> Vec<(Component, ExecutionProvider)> {
+        let mut v = vec![
+            (
+                Component::TextEncoderClipL,
+                self.text.clip_l.graph().provider.clone(),
+            ),
+            (
+                Component::TextEncoderClipG,
+                self.text.clip_g.graph().provider.clone(),
+            ),
+        ];
+        if let Some(t5) = &self.text.t5 {
+            v.push((Component::TextEncoderT5, t5.graph().provider.clone()));
+        }
+        v.push((Component::Transformer, self.transformer.provider.clone()));
+        v.push((Component::VaeDecoder, self.vae_decoder.provider.clone()));
+        v
+    }
+
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
+    pub fn encode_prompt(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<(TextConditioning, Vec<Warning>)> {
+        check_sequence_length(max_sequence_length)?;
+        let mut warnings = Vec::new();
+        let cond = self
+            .text
+            .encode(prompt, max_sequence_length, clip_skip, &mut warnings)?;
+        Ok((cond, warnings))
+    }
+
+    /// The schedule a request with `steps` steps at `width` x `height` uses.
+    pub fn schedule(&self, steps: usize, width: usize, height: usize) -> Result<Schedule> {
+        let mu = self.scheduler.use_dynamic_shifting.then(|| {
+            let p = self.info.patch_size * self.info.vae_scale_factor;
+            calculate_shift((height / p) * (width / p), &self.scheduler)
+        });
+        self.scheduler.schedule(steps, mu)
+    }
+
+    /// Generates an image.
+    pub fn generate(&mut self, request: &GenerationRequest) -> Result<GenerationOutput> {
+        self.generate_with_progress(request, |_| ControlFlow::Continue(()))
+    }
+
+    /// Generates an image, calling `progress` after every denoising step; returning `ControlFlow::Break`
+    /// stops the run with [`Error::Cancelled`].
+    pub fn generate_with_progress(
+        &mut self,
+        request: &GenerationRequest,
+        mut progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
+    ) -> Result<GenerationOutput> {
+        let started = Instant::now();
+        let ort_before = self.onnx_runtime_time();
+        let plan = self.plan(request)?;
+        let cfg = request.uses_guidance();
+        let mut warnings = Vec::new();
+
+        let t = Instant::now();
+        let cond = self.text.encode(
+            &request.prompt,
+            request.max_sequence_length,
+            request.clip_skip,
+            &mut warnings,
+        )?;
+        // diffusers encodes the negative prompt without clip_skip and only when guidance is on.
+        let batch = if cfg {
+            let mut ignored = Vec::new();
+            let neg = self.text.encode(
+                &request.negative_prompt,
+                request.max_sequence_length,
+                None,
+                &mut ignored,
+            )?;
+            warnings.extend(ignored.into_iter().map(|w| match w {
+                Warning::PromptTruncated {
+                    encoder,
+                    max_tokens,
+                    removed_text,
+                } => Warning::PromptTruncated {
+                    encoder,
+                    max_tokens,
+                    removed_text: format!("(negative prompt) {removed_text}"),
+                },
+            }));
+            Conditioning::guided(&neg, &cond)?
+        } else {
+            Conditioning::single(cond)
+        };
+        let text_encoding = t.elapsed();
+
+        let t = Instant::now();
+        let mut latents = plan.latents;
+        let mut steps = Vec::with_capacity(plan.schedule.len());
+        for i in 0..plan.schedule.len() {
+            let step_start = Instant::now();
+            let velocity = self.velocity(
+                &latents,
+                &batch,
+                plan.schedule.timesteps[i],
+                request.guidance,
+            )?;
+            let (sigma, next) = (plan.schedule.sigmas[i], plan.schedule.sigmas[i + 1]);
+            let x = latents
+                .as_slice_mut()
+                .ok_or_else(|| internal("latents are not contiguous"))?;
+            let v = velocity
+                .as_slice()
+                .ok_or_else(|| internal("velocity is not contiguous"))?;
+            euler_step(x, v, sigma, next);
+            steps.push(step_start.elapsed());
+            let report = StepProgress {
+                step: i,
+                steps: plan.schedule.len(),
+                sigma,
+                elapsed: t.elapsed(),
+            };
+            if progress(&report).is_break() {
+                return Err(Error::Cancelled { step: i });
+            }
+        }
+        let denoising = t.elapsed();
+
+        let t = Instant::now();
+        let images = self.decode(latents)?;
+        let vae_decode = t.elapsed();
+        let timings = Timings {
+            text_encoding,
+            denoising,
+            steps,
+            vae_decode,
+            total: started.elapsed(),
+            onnx_runtime: self.onnx_runtime_time().saturating_sub(ort_before),
+        };
+        Ok(GenerationOutput {
+            images,
+            seed: plan.seed,
+            size: (plan.width as u32, plan.height as u32),
+            timings,
+            warnings,
+        })
+    }
+
+    /// Decodes latents `[B, C, h, w]` to images: `z / scaling_factor + shift_factor` through the VAE decoder
+    /// (diffusers `StableDiffusion3Pipeline.__call__`).
+    pub fn decode(&mut self, latents: Array4<f32>) -> Result<Vec<image::RgbImage>> {
+        let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
+        let z = latents.mapv(|v| v / sf + shift).into_dyn();
+        let mut out = self
+            .vae_decoder
+            .run(&[("latent_sample", Input::Float(z.view()))], &["sample"])?;
+        let sample = out
+            .pop()
+            .ok_or_else(|| internal("VAE decoder returned nothing"))?;
+        let sample = to4(Component::VaeDecoder, sample)?;
+        batch_to_rgb(sample.view())
+    }
+
+    /// Total time the graphs have spent in `Session::run`.
+    fn onnx_runtime_time(&self) -> Duration {
+        let mut total = self.transformer.run_time + self.vae_decoder.run_time;
+        total += self.text.clip_l.graph().run_time + self.text.clip_g.graph().run_time;
+        if let Some(t5) = &self.text.t5 {
+            total += t5.graph().run_time;
+        }
+        total
+    }
+
+    /// One transformer evaluation, with classifier-free guidance when the batch holds [uncond, cond].
+    fn velocity(
+        &mut self,
+        latents: &Array4<f32>,
+        cond: &Conditioning,
+        timestep: f32,
+        guidance: f32,
+    ) -> Result<Array4<f32>> {
+        let batch = cond.batch();
+        let hidden = if batch == 2 {
+            concatenate(Axis(0), &[latents.view(), latents.view()])
+                .map_err(|e| internal(e.to_string()))?
+        } else {
+            latents.clone()
+        };
+        let t = Array1::from_elem(batch, timestep).into_dyn();
+        let hidden = hidden.into_dyn();
+        let mut out = self.transformer.run(
+            &[
+                ("hidden_states", Input::Float(hidden.view())),
+                ("encoder_hidden_states", Input::Float(cond.context.view())),
+                ("pooled_projections", Input::Float(cond.pooled.view())),
+                ("timestep", Input::Float(t.view())),
+            ],
+            &["out_hidden_states"],
+        )?;
+        let v = to4(
+            Component::Transformer,
+            out.pop()
+                .ok_or_else(|| internal("transformer returned nothing"))?,
+        )?;
+        if v.shape()[0] != batch || v.shape()[1..] != latents.shape()[1..] {
+            return Err(Error::Inference {
+                component: Component::Transformer,
+                message: format!(
+                    "out_hidden_states has shape {:?}, expected {:?} with batch {batch}",
+                    v.shape(),
+                    latents.shape()
+                ),
+            });
+        }
+        if batch == 1 {
+            return Ok(v);
+        }
+        let uncond = v.slice(s![0..1, .., .., ..]).to_owned();
+        let mut guided = v.slice(s![1..2, .., .., ..]).to_owned();
+        let (g, u) = (
+            guided
+                .as_slice_mut()
+                .ok_or_else(|| internal("velocity is not contiguous"))?,
+            uncond
+                .as_slice()
+                .ok_or_else(|| internal("velocity is not contiguous"))?,
+        );
+        apply_guidance(g, u, guidance);
+        Ok(guided)
+    }
+
+    /// Checks a request against the model and resolves size, latents and schedule.
+    fn plan(&self, req: &GenerationRequest) -> Result<Plan> {
+        check_sequence_length(req.max_sequence_length)?;
+        if req.steps == 0 {
+            return Err(Error::request(
+                "steps",
+                req.steps,
+                "at least one denoising step is needed",
+            ));
+        }
+        if req.steps > self.scheduler.num_train_timesteps {
+            return Err(Error::request(
+                "steps",
+                req.steps,
+                format!(
+                    "at most num_train_timesteps = {} steps",
+                    self.scheduler.num_train_timesteps
+                ),
+            ));
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            return Err(Error::request(
+                "guidance",
+                req.guidance,
+                "guidance must be a finite number >= 0 (1.0 or less disables guidance)",
+            ));
+        }
+        let info = &self.info;
+        let f = info.vae_scale_factor;
+        let c = info.latent_channels;
+        let implied = req
+            .latents
+            .as_ref()
+            .map(|l| (l.shape()[3] * f, l.shape()[2] * f));
+        let width = req
+            .width
+            .map(|w| w as usize)
+            .or(implied.map(|s| s.0))
+            .unwrap_or(info.default_size);
+        let height = req
+            .height
+            .map(|h| h as usize)
+            .or(implied.map(|s| s.1))
+            .unwrap_or(info.default_size);
+        self.check_size(width, height)?;
+        let shape = [1, c, height / f, width / f];
+        let (latents, seed) = match &req.latents {
+            Some(l) => {
+                if l.shape() != shape {
+                    return Err(Error::InvalidLatents {
+                        message: format!(
+                            "latents have shape {:?}; a {width}x{height} image with this model needs {shape:?} \
+                             ([1, latent channels, height / {f}, width / {f}])",
+                            l.shape()
+                        ),
+                    });
+                }
+                if l.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::InvalidLatents {
+                        message: "latents contain NaN or infinite values".into(),
+                    });
+                }
+                (l.as_standard_layout().into_owned(), None)
+            }
+            None => {
+                let seed = req.seed.unwrap_or_else(random_seed);
+                (NoiseGenerator::new(seed).latents(shape), Some(seed))
+            }
+        };
+        let schedule = self.schedule(req.steps, width, height)?;
+        Ok(Plan {
+            width,
+            height,
+            latents,
+            seed,
+            schedule,
+        })
+    }
+
+    fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let m = self.info.size_multiple();
+        let limit = self.info.pos_embed_max_size.map(|p| p * m);
+        let ok = |v: usize| v > 0 && v.is_multiple_of(m) && limit.is_none_or(|l| v <= l);
+        if ok(width) && ok(height) {
+            return Ok(());
+        }
+        let near = |v: usize| -> Vec<usize> {
+            let down = (v / m) * m;
+            let mut c = vec![down.max(m), down + m];
+            if let Some(l) = limit {
+                c.retain(|x| *x <= l);
+                if c.is_empty() {
+                    c.push(l);
+                }
+            }
+            c.dedup();
+            c
+        };
+        let mut options = Vec::new();
+        for w in near(width) {
+            for h in near(height) {
+                options.push(format!("{w}x{h}"));
+            }
+        }
+        let mut suggestion = options.join(", ");
+        if let Some(l) = limit {
+            suggestion.push_str(&format!(
+                " (the position embedding allows at most {l} pixels per side)"
+            ));
+        }
+        Err(Error::InvalidSize {
+            width: u32::try_from(width).unwrap_or(u32::MAX),
+            height: u32::try_from(height).unwrap_or(u32::MAX),
+            multiple: m as u32,
+            vae_factor: self.info.vae_scale_factor as u32,
+            patch_size: self.info.patch_size as u32,
+            suggestion,
+        })
+    }
+}
+
+fn check_sequence_length(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_T5_SEQUENCE_LENGTH {
+        return Err(Error::request(
+            "max_sequence_length",
+            n,
+            format!("the T5 sequence length must be between 1 and {MAX_T5_SEQUENCE_LENGTH}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The transformer's text inputs for one step: one prompt, or [negative, positive] for guidance.
+struct Conditioning {
+    context: ArrayD<f32>,
+    pooled: ArrayD<f32>,
+}
+
+impl Conditioning {
+    fn single(c: TextConditioning) -> Self {
+        Conditioning {
+            context: c.context.into_dyn(),
+            pooled: c.pooled.into_dyn(),
+        }
+    }
+
+    /// diffusers batches `[negative, positive]` in that order.
+    fn guided(neg: &TextConditioning, pos: &TextConditioning) -> Result<Self> {
+        let context = concatenate(Axis(0), &[neg.context.view(), pos.context.view()])
+            .map_err(|e| internal(e.to_string()))?;
+        let pooled = concatenate(Axis(0), &[neg.pooled.view(), pos.pooled.view()])
+            .map_err(|e| internal(e.to_string()))?;
+        Ok(Conditioning {
+            context: context.into_dyn(),
+            pooled: pooled.into_dyn(),
+        })
+    }
+
+    fn batch(&self) -> usize {
+        self.context.shape()[0]
+    }
+}
+
+fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
+    let shape = a.shape().to_vec();
+    a.into_dimensionality::<Ix4>()
+        .map_err(|_| Error::Inference {
+            component,
+            message: format!("expected a rank-4 output, got shape {shape:?}"),
+        })
+}
+
+fn internal(message: impl Into<String>) -> Error {
+    Error::Inference {
+        component: Component::Model,
+        message: message.into(),
+    }
+}
+
+/// A seed from the OS-seeded hasher std uses for HashMap: random enough for "surprise me".
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}

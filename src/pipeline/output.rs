@@ -1,0 +1,98 @@
+//! What a generation returns.
+
+use std::fmt;
+use std::time::Duration;
+
+use image::RgbImage;
+
+use crate::error::Component;
+
+/// Something the caller should know that did not stop the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Warning {
+    /// The prompt was longer than an encoder takes and was cut (as diffusers does).
+    PromptTruncated {
+        /// The encoder whose limit was hit.
+        encoder: Component,
+        /// Its limit in tokens, special tokens included.
+        max_tokens: usize,
+        /// The text that was dropped.
+        removed_text: String,
+    },
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::PromptTruncated { encoder, max_tokens, removed_text } => write!(
+                f,
+                "prompt truncated to {max_tokens} tokens for the {encoder}; dropped: {removed_text:?}"
+            ),
+        }
+    }
+}
+
+/// Wall-clock time of each stage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// Tokenization and the text encoders (prompt and negative prompt).
+    pub text_encoding: Duration,
+    /// The whole denoising loop.
+    pub denoising: Duration,
+    /// Each denoising step.
+    pub steps: Vec<Duration>,
+    /// The VAE decoder and conversion to RGB.
+    pub vae_decode: Duration,
+    /// Everything, from request checks to images.
+    pub total: Duration,
+    /// Time spent inside ONNX Runtime's `Session::run` across all graphs.
+    pub onnx_runtime: Duration,
+}
+
+impl Timings {
+    /// Time spent outside ONNX Runtime (our own code: tokenization, conversions, scheduler, guidance, images).
+    pub fn outside_onnx_runtime(&self) -> Duration {
+        self.total.saturating_sub(self.onnx_runtime)
+    }
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let per_step = if self.steps.is_empty() {
+            0.0
+        } else {
+            ms(self.denoising) / self.steps.len() as f64
+        };
+        write!(
+            f,
+            "text encoding {:.1} ms | denoising {:.1} ms ({} steps, {:.1} ms/step) | VAE decode {:.1} ms | total {:.1} ms \
+             (ONNX Runtime {:.1} ms, our code {:.1} ms)",
+            ms(self.text_encoding),
+            ms(self.denoising),
+            self.steps.len(),
+            per_step,
+            ms(self.vae_decode),
+            ms(self.total),
+            ms(self.onnx_runtime),
+            ms(self.outside_onnx_runtime())
+        )
+    }
+}
+
+/// The result of [`Sd3Pipeline::generate`](crate::Sd3Pipeline::generate).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GenerationOutput {
+    /// The images (one per request for now).
+    pub images: Vec<RgbImage>,
+    /// The seed the initial noise came from; `None` when explicit latents were given.
+    pub seed: Option<u64>,
+    /// Width and height of the images.
+    pub size: (u32, u32),
+    /// Stage timings.
+    pub timings: Timings,
+    /// Truncated prompts and the like.
+    pub warnings: Vec<Warning>,
+}

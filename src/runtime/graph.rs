@@ -1,0 +1,393 @@
+//! One loaded ONNX graph: its session, its declared inputs and outputs, and typed runs.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+
+use super::ExecutionProvider;
+use crate::error::{Component, Error, Result};
+
+/// The element type of a graph input or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ElementType {
+    /// 32-bit float.
+    Float32,
+    /// IEEE 16-bit float.
+    Float16,
+    /// bfloat16.
+    BFloat16,
+    /// 64-bit float.
+    Float64,
+    /// 64-bit integer.
+    Int64,
+    /// 32-bit integer.
+    Int32,
+    /// Anything else (strings, bools, 8-bit types, ...).
+    Other,
+}
+
+impl ElementType {
+    fn from_ort(t: TensorElementType) -> Self {
+        match t {
+            TensorElementType::Float32 => ElementType::Float32,
+            TensorElementType::Float16 => ElementType::Float16,
+            TensorElementType::Bfloat16 => ElementType::BFloat16,
+            TensorElementType::Float64 => ElementType::Float64,
+            TensorElementType::Int64 => ElementType::Int64,
+            TensorElementType::Int32 => ElementType::Int32,
+            _ => ElementType::Other,
+        }
+    }
+
+    /// The floating-point types the pipeline can feed and read (everything is converted to and from `f32`).
+    pub(crate) const FLOATS: &'static [ElementType] = &[
+        ElementType::Float32,
+        ElementType::Float16,
+        ElementType::BFloat16,
+    ];
+}
+
+impl fmt::Display for ElementType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ElementType::Float32 => "float32",
+            ElementType::Float16 => "float16",
+            ElementType::BFloat16 => "bfloat16",
+            ElementType::Float64 => "float64",
+            ElementType::Int64 => "int64",
+            ElementType::Int32 => "int32",
+            ElementType::Other => "a non-numeric or unsupported type",
+        })
+    }
+}
+
+/// A declared input or output of a graph. Dimensions are `-1` where symbolic.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Port {
+    pub name: String,
+    pub dtype: ElementType,
+    /// `None` when the port is not a tensor.
+    pub shape: Option<Vec<i64>>,
+}
+
+impl Port {
+    /// The size of dimension `axis` when the graph fixes it.
+    pub fn fixed_dim(&self, axis: usize) -> Option<usize> {
+        self.shape
+            .as_ref()?
+            .get(axis)
+            .and_then(|d| usize::try_from(*d).ok())
+            .filter(|d| *d > 0)
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.shape {
+            Some(shape) => {
+                let dims: Vec<String> = shape
+                    .iter()
+                    .map(|d| {
+                        if *d < 0 {
+                            "?".to_string()
+                        } else {
+                            d.to_string()
+                        }
+                    })
+                    .collect();
+                write!(f, "{} ({} [{}])", self.name, self.dtype, dims.join(", "))
+            }
+            None => write!(f, "{} (not a tensor)", self.name),
+        }
+    }
+}
+
+/// An input value: floats are converted to whatever float type the graph declares.
+pub(crate) enum Input<'a> {
+    Float(ArrayViewD<'a, f32>),
+    Int64(ArrayViewD<'a, i64>),
+}
+
+/// A loaded ONNX graph.
+pub(crate) struct Graph {
+    pub component: Component,
+    pub path: PathBuf,
+    pub provider: ExecutionProvider,
+    session: Session,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    /// Total time spent in `Session::run`.
+    pub run_time: Duration,
+}
+
+impl fmt::Debug for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Graph")
+            .field("component", &self.component)
+            .field("path", &self.path)
+            .field("provider", &self.provider)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
+    outlets
+        .iter()
+        .map(|o| match o.dtype() {
+            ValueType::Tensor { ty, shape, .. } => Port {
+                name: o.name().to_string(),
+                dtype: ElementType::from_ort(*ty),
+                shape: Some(shape.iter().copied().collect()),
+            },
+            _ => Port {
+                name: o.name().to_string(),
+                dtype: ElementType::Other,
+                shape: None,
+            },
+        })
+        .collect()
+}
+
+/// Session options shared by every graph we load.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SessionConfig {
+    pub intra_threads: Option<usize>,
+}
+
+impl Graph {
+    /// Loads `path` for `component` on `provider`.
+    pub fn load(
+        env: &ort::environment::Environment,
+        component: Component,
+        path: &Path,
+        provider: &ExecutionProvider,
+        config: &SessionConfig,
+    ) -> Result<Graph> {
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                component,
+                path: path.to_path_buf(),
+                hint: format!(
+                    "Export the model with optimum-cli (see docs/models.md); {} needs model.onnx.",
+                    component.folder()
+                ),
+            });
+        }
+        let load_err = |message: String| Error::GraphLoad {
+            component,
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        if let Some(n) = config.intra_threads {
+            builder = builder
+                .with_intra_threads(n)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
+        let mut builder = provider.register(builder, component)?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| load_err(e.to_string()))?;
+        let inputs = ports(session.inputs());
+        let outputs = ports(session.outputs());
+        Ok(Graph {
+            component,
+            path: path.to_path_buf(),
+            provider: provider.clone(),
+            session,
+            inputs,
+            outputs,
+            run_time: Duration::ZERO,
+        })
+    }
+
+    fn mismatch(&self, message: String) -> Error {
+        Error::mismatch(self.component, &self.path, message)
+    }
+
+    fn list(ports: &[Port]) -> String {
+        ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Finds input `name` and checks its rank and element type.
+    pub fn require_input(&self, name: &str, rank: usize, types: &[ElementType]) -> Result<&Port> {
+        let port = self.inputs.iter().find(|p| p.name == name).ok_or_else(|| {
+            self.mismatch(format!(
+                "no input named `{name}`; the graph's inputs are: {}",
+                Self::list(&self.inputs)
+            ))
+        })?;
+        self.check_port("input", port, rank, types)?;
+        Ok(port)
+    }
+
+    /// Finds output `name` and checks its rank and element type.
+    pub fn require_output(&self, name: &str, rank: usize, types: &[ElementType]) -> Result<&Port> {
+        let port = self
+            .outputs
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                self.mismatch(format!(
+                    "no output named `{name}`; the graph's outputs are: {}",
+                    Self::list(&self.outputs)
+                ))
+            })?;
+        self.check_port("output", port, rank, types)?;
+        Ok(port)
+    }
+
+    /// Fails when the graph has inputs beyond `known` (we could not feed them).
+    pub fn reject_extra_inputs(&self, known: &[&str]) -> Result<()> {
+        match self
+            .inputs
+            .iter()
+            .find(|p| !known.contains(&p.name.as_str()))
+        {
+            Some(extra) => Err(self.mismatch(format!(
+                "unexpected input {extra}; the pipeline feeds only: {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_port(
+        &self,
+        kind: &str,
+        port: &Port,
+        rank: usize,
+        types: &[ElementType],
+    ) -> Result<()> {
+        let Some(shape) = &port.shape else {
+            return Err(self.mismatch(format!("{kind} `{}` is not a tensor", port.name)));
+        };
+        if shape.len() != rank {
+            return Err(self.mismatch(format!(
+                "{kind} {port} has rank {}, expected rank {rank}",
+                shape.len()
+            )));
+        }
+        if !types.contains(&port.dtype) {
+            let want = types
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ");
+            return Err(self.mismatch(format!(
+                "{kind} {port} has element type {}, expected {want}",
+                port.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    fn input_type(&self, name: &str) -> Result<ElementType> {
+        self.inputs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.dtype)
+            .ok_or_else(|| self.mismatch(format!("no input named `{name}`")))
+    }
+
+    fn output_type(&self, name: &str) -> Result<ElementType> {
+        self.outputs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.dtype)
+            .ok_or_else(|| self.mismatch(format!("no output named `{name}`")))
+    }
+
+    /// Runs the graph and returns the named outputs as `f32` arrays, in the order asked for.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, Input<'_>)],
+        wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::Inference {
+            component,
+            message: e.to_string(),
+        };
+        let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        for (name, input) in inputs {
+            let dtype = self.input_type(name)?;
+            let value: SessionInputValue<'_> = match (input, dtype) {
+                (Input::Float(a), ElementType::Float32) => {
+                    if a.is_standard_layout() {
+                        TensorRef::from_array_view(a.view()).map_err(infer)?.into()
+                    } else {
+                        Tensor::from_array(a.to_owned()).map_err(infer)?.into()
+                    }
+                }
+                (Input::Float(a), ElementType::Float16) => {
+                    Tensor::from_array(a.mapv(f16::from_f32))
+                        .map_err(infer)?
+                        .into()
+                }
+                (Input::Float(a), ElementType::BFloat16) => {
+                    Tensor::from_array(a.mapv(bf16::from_f32))
+                        .map_err(infer)?
+                        .into()
+                }
+                (Input::Float(a), ElementType::Float64) => {
+                    Tensor::from_array(a.mapv(f64::from)).map_err(infer)?.into()
+                }
+                (Input::Int64(a), ElementType::Int64) => {
+                    if a.is_standard_layout() {
+                        TensorRef::from_array_view(a.view()).map_err(infer)?.into()
+                    } else {
+                        Tensor::from_array(a.to_owned()).map_err(infer)?.into()
+                    }
+                }
+                (Input::Int64(a), ElementType::Int32) => {
+                    let converted = a.mapv(|v| i32::try_from(v).unwrap_or(i32::MAX));
+                    Tensor::from_array(converted).map_err(infer)?.into()
+                }
+                (_, other) => {
+                    return Err(self.mismatch(format!(
+                        "input `{name}` has element type {other}, which we cannot feed"
+                    )))
+                }
+            };
+            values.push((name.to_string(), value));
+        }
+        let output_types: Vec<ElementType> = wanted
+            .iter()
+            .map(|n| self.output_type(n))
+            .collect::<Result<_>>()?;
+        let started = Instant::now();
+        let outputs = self.session.run(values).map_err(infer)?;
+        self.run_time += started.elapsed();
+        let mut result = Vec::with_capacity(wanted.len());
+        for (name, dtype) in wanted.iter().zip(output_types) {
+            let value = outputs.get(*name).ok_or_else(|| Error::Inference {
+                component,
+                message: format!("output `{name}` was not produced"),
+            })?;
+            result.push(to_f32(value, dtype).map_err(infer)?);
+        }
+        Ok(result)
+    }
+}
+
+fn to_f32(value: &DynValue, dtype: ElementType) -> ort::Result<ArrayD<f32>> {
+    Ok(match dtype {
+        ElementType::Float16 => value.try_extract_array::<f16>()?.mapv(f32::from),
+        ElementType::BFloat16 => value.try_extract_array::<bf16>()?.mapv(f32::from),
+        ElementType::Float64 => value.try_extract_array::<f64>()?.mapv(|v| v as f32),
+        _ => value.try_extract_array::<f32>()?.to_owned(),
+    })
+}

@@ -1,0 +1,306 @@
+//! Execution providers: one enum for the user, one place that registers each with ONNX Runtime.
+//!
+//! A provider that was asked for and cannot be registered is an error. ONNX Runtime's own default is to log
+//! and fall back to the CPU; we always pass `error_on_failure`, and check availability first so the message
+//! says what is missing.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use ort::session::builder::SessionBuilder;
+
+use crate::error::{Component, Error, Result};
+
+/// Options of the TensorRT execution provider.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct TensorRtOptions {
+    /// GPU ordinal.
+    pub device_id: i32,
+    /// Build fp16 engines.
+    pub fp16: bool,
+    /// Where to keep built engines between runs (enables the engine cache).
+    pub engine_cache_path: Option<PathBuf>,
+    /// Where to keep the layer timing cache (enables the timing cache).
+    pub timing_cache_path: Option<PathBuf>,
+}
+
+impl TensorRtOptions {
+    /// Options for GPU `device_id`, fp32, no caches.
+    pub fn new(device_id: i32) -> Self {
+        TensorRtOptions {
+            device_id,
+            ..Default::default()
+        }
+    }
+    /// Builds fp16 engines when `enable`.
+    #[must_use]
+    pub fn with_fp16(mut self, enable: bool) -> Self {
+        self.fp16 = enable;
+        self
+    }
+    /// Caches built engines in `path`.
+    #[must_use]
+    pub fn with_engine_cache(mut self, path: impl Into<PathBuf>) -> Self {
+        self.engine_cache_path = Some(path.into());
+        self
+    }
+    /// Caches layer timings in `path`.
+    #[must_use]
+    pub fn with_timing_cache(mut self, path: impl Into<PathBuf>) -> Self {
+        self.timing_cache_path = Some(path.into());
+        self
+    }
+}
+
+/// Where a graph runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider (always available).
+    #[default]
+    Cpu,
+    /// NVIDIA CUDA (needs the `cuda` feature and an ONNX Runtime GPU build).
+    Cuda {
+        /// GPU ordinal.
+        device_id: i32,
+    },
+    /// NVIDIA TensorRT (needs the `tensorrt` feature and the TensorRT libraries).
+    TensorRt(TensorRtOptions),
+    /// DirectML on Windows (needs the `directml` feature and a DirectML build of ONNX Runtime).
+    DirectMl {
+        /// Adapter index.
+        device_id: i32,
+    },
+}
+
+impl ExecutionProvider {
+    /// ONNX Runtime's name for the provider.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "CPUExecutionProvider",
+            ExecutionProvider::Cuda { .. } => "CUDAExecutionProvider",
+            ExecutionProvider::TensorRt(_) => "TensorrtExecutionProvider",
+            ExecutionProvider::DirectMl { .. } => "DmlExecutionProvider",
+        }
+    }
+
+    /// Registers the provider on a session builder, or explains why it cannot be.
+    pub(crate) fn register(
+        &self,
+        builder: SessionBuilder,
+        component: Component,
+    ) -> Result<SessionBuilder> {
+        let unavailable = |reason: String| Error::ExecutionProviderUnavailable {
+            provider: self.to_string(),
+            component,
+            reason,
+        };
+        match self {
+            ExecutionProvider::Cpu => Ok(builder),
+            ExecutionProvider::Cuda { device_id } => {
+                register_cuda(builder, *device_id).map_err(unavailable)
+            }
+            ExecutionProvider::TensorRt(options) => {
+                register_tensorrt(builder, options).map_err(unavailable)
+            }
+            ExecutionProvider::DirectMl { device_id } => {
+                register_directml(builder, *device_id).map_err(unavailable)
+            }
+        }
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecutionProvider::Cpu => f.write_str("CPU"),
+            ExecutionProvider::Cuda { device_id } => write!(f, "CUDA (device {device_id})"),
+            ExecutionProvider::TensorRt(o) => write!(f, "TensorRT (device {})", o.device_id),
+            ExecutionProvider::DirectMl { device_id } => write!(f, "DirectML (device {device_id})"),
+        }
+    }
+}
+
+impl FromStr for ExecutionProvider {
+    type Err = Error;
+
+    /// Parses `cpu`, `cuda`, `cuda:1`, `tensorrt`, `tensorrt:0`, `directml`, `directml:1`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, id) = match s.split_once(':') {
+            Some((n, id)) => {
+                let id = id.parse::<i32>().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                    Error::request(
+                        "execution_provider",
+                        s,
+                        "the device id after ':' must be a non-negative integer",
+                    )
+                })?;
+                (n, id)
+            }
+            None => (s, 0),
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(ExecutionProvider::Cpu),
+            "cuda" => Ok(ExecutionProvider::Cuda { device_id: id }),
+            "tensorrt" | "trt" => Ok(ExecutionProvider::TensorRt(TensorRtOptions::new(id))),
+            "directml" | "dml" => Ok(ExecutionProvider::DirectMl { device_id: id }),
+            _ => Err(Error::request(
+                "execution_provider",
+                s,
+                "expected one of cpu, cuda, tensorrt, directml",
+            )),
+        }
+    }
+}
+
+/// Turns ONNX Runtime's answer to "is this provider in the build?" into a message that says what to install.
+#[allow(dead_code)] // unused when no provider feature is enabled
+fn ensure_in_build(
+    available: ort::Result<bool>,
+    name: &str,
+    hint: &str,
+) -> std::result::Result<(), String> {
+    match available {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "the loaded ONNX Runtime ({}) was not built with {name}. {hint}",
+            super::loaded_library()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        )),
+        Err(e) => Err(format!("could not ask ONNX Runtime for its providers: {e}")),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn register_cuda(
+    builder: SessionBuilder,
+    device_id: i32,
+) -> std::result::Result<SessionBuilder, String> {
+    use ort::ep::ExecutionProvider as _;
+    ensure_in_build(
+        ort::ep::CUDA::is_available(),
+        "CUDAExecutionProvider",
+        "Install the onnxruntime-gpu build (CUDA 13) and point ORT_DYLIB_PATH at its libonnxruntime.",
+    )?;
+    let ep = ort::ep::CUDA::default()
+        .with_device_id(device_id)
+        .build()
+        .error_on_failure();
+    builder
+        .with_execution_providers([ep])
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn register_cuda(
+    _builder: SessionBuilder,
+    _device_id: i32,
+) -> std::result::Result<SessionBuilder, String> {
+    Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
+}
+
+#[cfg(feature = "tensorrt")]
+fn register_tensorrt(
+    builder: SessionBuilder,
+    options: &TensorRtOptions,
+) -> std::result::Result<SessionBuilder, String> {
+    use ort::ep::ExecutionProvider as _;
+    ensure_in_build(
+        ort::ep::TensorRT::is_available(),
+        "TensorrtExecutionProvider",
+        "Use an ONNX Runtime build with TensorRT and make the TensorRT libraries (libnvinfer) loadable.",
+    )?;
+    let mut ep = ort::ep::TensorRT::default()
+        .with_device_id(options.device_id)
+        .with_fp16(options.fp16);
+    if let Some(p) = &options.engine_cache_path {
+        ep = ep
+            .with_engine_cache(true)
+            .with_engine_cache_path(p.display());
+    }
+    if let Some(p) = &options.timing_cache_path {
+        ep = ep
+            .with_timing_cache(true)
+            .with_timing_cache_path(p.display());
+    }
+    builder
+        .with_execution_providers([ep.build().error_on_failure()])
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "tensorrt"))]
+fn register_tensorrt(
+    _builder: SessionBuilder,
+    _options: &TensorRtOptions,
+) -> std::result::Result<SessionBuilder, String> {
+    Err(
+        "sd3-onnx was compiled without the `tensorrt` feature; rebuild with `--features tensorrt`"
+            .into(),
+    )
+}
+
+#[cfg(feature = "directml")]
+fn register_directml(
+    builder: SessionBuilder,
+    device_id: i32,
+) -> std::result::Result<SessionBuilder, String> {
+    if !cfg!(windows) {
+        return Err("DirectML exists only on Windows".into());
+    }
+    use ort::ep::ExecutionProvider as _;
+    ensure_in_build(
+        ort::ep::DirectML::is_available(),
+        "DmlExecutionProvider",
+        "Use the onnxruntime-directml build of ONNX Runtime.",
+    )?;
+    let ep = ort::ep::DirectML::default()
+        .with_device_id(device_id)
+        .build()
+        .error_on_failure();
+    // DirectML requires sequential execution and no memory pattern (ONNX Runtime's documented constraints).
+    builder
+        .with_parallel_execution(false)
+        .and_then(|b| b.with_memory_pattern(false))
+        .and_then(|b| b.with_execution_providers([ep]))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "directml"))]
+fn register_directml(
+    _builder: SessionBuilder,
+    _device_id: i32,
+) -> std::result::Result<SessionBuilder, String> {
+    Err("sd3-onnx was compiled without the `directml` feature (DirectML is Windows-only)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cli_names() {
+        assert_eq!(
+            "cpu".parse::<ExecutionProvider>().unwrap(),
+            ExecutionProvider::Cpu
+        );
+        assert_eq!(
+            "cuda:1".parse::<ExecutionProvider>().unwrap(),
+            ExecutionProvider::Cuda { device_id: 1 }
+        );
+        assert_eq!(
+            "tensorrt".parse::<ExecutionProvider>().unwrap(),
+            ExecutionProvider::TensorRt(TensorRtOptions::new(0))
+        );
+        assert!(matches!(
+            "vulkan".parse::<ExecutionProvider>(),
+            Err(Error::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            "cuda:-1".parse::<ExecutionProvider>(),
+            Err(Error::InvalidRequest { .. })
+        ));
+    }
+}

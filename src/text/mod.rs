@@ -1,0 +1,9 @@
+//! Text: tokenizers, the three text encoders, and how their outputs become the transformer's conditioning.
+
+mod conditioning;
+pub(crate) mod encoders;
+mod tokenizer;
+
+pub use conditioning::TextConditioning;
+pub(crate) use conditioning::TextEncoders;
+pub use tokenizer::{PromptTokenizer, TokenizedPrompt};

@@ -1,0 +1,342 @@
+//! Prompt tokenizers for CLIP-L, CLIP-G and T5, padded and truncated exactly as diffusers asks the Hugging Face
+//! tokenizers to (`padding="max_length"`, `truncation=True`, special tokens added).
+//!
+//! Both the `tokenizer.json` layout that optimum exports and the real SD3 repository layout (CLIP given only as
+//! `vocab.json` + `merges.txt`) load. For the latter we build the same pipeline that transformers'
+//! `CLIPTokenizerFast` converts the slow tokenizer to (`convert_slow_tokenizer.CLIPConverter`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::{Encoding, Tokenizer, TruncationDirection};
+
+use crate::error::{Component, Error, Result};
+
+/// A prompt turned into exactly `max_len` token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedPrompt {
+    /// Token ids, padded or truncated to the requested length, special tokens included.
+    pub ids: Vec<i64>,
+    /// Text that did not fit, decoded as diffusers reports it, when the prompt was truncated.
+    pub removed_text: Option<String>,
+}
+
+/// One of the three prompt tokenizers, with the padding token its config names.
+#[derive(Debug, Clone)]
+pub struct PromptTokenizer {
+    component: Component,
+    path: PathBuf,
+    inner: Tokenizer,
+    pad_id: u32,
+    model_max_length: Option<usize>,
+}
+
+/// Special-token settings read from `special_tokens_map.json` and `tokenizer_config.json`.
+struct SpecialTokens {
+    map: Option<Value>,
+    config: Option<Value>,
+    config_path: PathBuf,
+}
+
+impl SpecialTokens {
+    fn read(component: Component, dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        Ok(SpecialTokens {
+            map: read_json_opt(component, &dir.join("special_tokens_map.json"))?,
+            config: read_json_opt(component, &config_path)?,
+            config_path,
+        })
+    }
+
+    /// A special token's text: `special_tokens_map.json` wins over `tokenizer_config.json`, as in transformers.
+    fn token(&self, key: &str) -> Option<String> {
+        [&self.map, &self.config]
+            .into_iter()
+            .flatten()
+            .find_map(|v| match v.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            })
+    }
+
+    fn model_max_length(&self) -> Option<usize> {
+        let v = self.config.as_ref()?.get("model_max_length")?.as_f64()?;
+        // transformers writes 1e30 for "no limit".
+        (1.0..1e9).contains(&v).then_some(v as usize)
+    }
+}
+
+fn read_json_opt(component: Component, path: &Path) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::config(component, path, e.to_string()))
+}
+
+impl PromptTokenizer {
+    /// Loads a CLIP tokenizer folder (`tokenizer/` or `tokenizer_2/`).
+    ///
+    /// The default padding token is `<|endoftext|>` as in transformers' `CLIPTokenizer`; SD3's CLIP-G folder
+    /// overrides it with `!` (id 0) in its `special_tokens_map.json`, and that file decides.
+    pub fn load_clip(component: Component, dir: &Path) -> Result<Self> {
+        let special = SpecialTokens::read(component, dir)?;
+        let json_path = dir.join("tokenizer.json");
+        let (inner, path) = if json_path.is_file() {
+            (load_tokenizer_json(component, &json_path)?, json_path)
+        } else {
+            let vocab = dir.join("vocab.json");
+            let merges = dir.join("merges.txt");
+            for p in [&vocab, &merges] {
+                if !p.is_file() {
+                    return Err(Error::MissingFile {
+                        component,
+                        path: p.clone(),
+                        hint: format!(
+                            "A CLIP tokenizer folder needs tokenizer.json, or vocab.json + merges.txt (found neither \
+                             complete in {})",
+                            dir.display()
+                        ),
+                    });
+                }
+            }
+            (
+                clip_from_vocab_merges(component, &vocab, &merges, &special)?,
+                vocab,
+            )
+        };
+        let pad = special
+            .token("pad_token")
+            .unwrap_or_else(|| "<|endoftext|>".to_string());
+        Self::finish(component, path, inner, &pad, special.model_max_length())
+    }
+
+    /// Loads the T5 tokenizer folder (`tokenizer_3/`), which must hold `tokenizer.json`.
+    pub fn load_t5(component: Component, dir: &Path) -> Result<Self> {
+        let special = SpecialTokens::read(component, dir)?;
+        let json_path = dir.join("tokenizer.json");
+        if !json_path.is_file() {
+            let hint = if dir.join("spiece.model").is_file() {
+                "Only spiece.model was found; convert it once with transformers \
+                 (`T5TokenizerFast.from_pretrained(dir).save_pretrained(dir)`) to write tokenizer.json"
+            } else {
+                "The T5 tokenizer folder needs tokenizer.json"
+            };
+            return Err(Error::MissingFile {
+                component,
+                path: json_path,
+                hint: hint.to_string(),
+            });
+        }
+        let inner = load_tokenizer_json(component, &json_path)?;
+        let pad = special
+            .token("pad_token")
+            .unwrap_or_else(|| "<pad>".to_string());
+        Self::finish(
+            component,
+            json_path,
+            inner,
+            &pad,
+            special.model_max_length(),
+        )
+    }
+
+    fn finish(
+        component: Component,
+        path: PathBuf,
+        mut inner: Tokenizer,
+        pad: &str,
+        model_max_length: Option<usize>,
+    ) -> Result<Self> {
+        // The files carry no padding or truncation settings that diffusers relies on; we apply both ourselves.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer {
+            component,
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let pad_id = inner.token_to_id(pad).ok_or_else(|| Error::Tokenizer {
+            component,
+            path: path.clone(),
+            message: format!(
+                "the padding token {pad:?} named by the tokenizer config is not in the vocabulary"
+            ),
+        })?;
+        Ok(PromptTokenizer {
+            component,
+            path,
+            inner,
+            pad_id,
+            model_max_length,
+        })
+    }
+
+    /// The id used for padding.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// `model_max_length` from `tokenizer_config.json`, when it names a real limit.
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length
+    }
+
+    /// The file the tokenizer was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, message: impl ToString) -> Error {
+        Error::Tokenizer {
+            component: self.component,
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Tokenizes `text` to exactly `max_len` ids: special tokens added, content truncated from the right so
+    /// the closing special token survives, then padded with the pad id (transformers' `padding="max_length",
+    /// truncation=True`).
+    pub fn encode(&self, text: &str, max_len: usize) -> Result<TokenizedPrompt> {
+        let processor_tokens = self.inner.get_post_processor().map(|p| {
+            use tokenizers::PostProcessor;
+            p.added_tokens(false)
+        });
+        let added = processor_tokens.unwrap_or(0);
+        if max_len <= added {
+            return Err(self.err(format!(
+                "max length {max_len} leaves no room for text after {added} special tokens"
+            )));
+        }
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        let removed_text = if content.len() + added > max_len {
+            // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
+            let start = max_len - added;
+            let cut: Vec<u32> = content.get_ids()[start..].to_vec();
+            Some(self.inner.decode(&cut, false).map_err(|e| self.err(e))?)
+        } else {
+            None
+        };
+        let mut content = content;
+        content.truncate(max_len - added, 0, TruncationDirection::Right);
+        let full = self
+            .inner
+            .post_process(content, None, true)
+            .map_err(|e| self.err(e))?;
+        let mut ids: Vec<i64> = full.get_ids().iter().map(|&i| i64::from(i)).collect();
+        if ids.len() > max_len {
+            return Err(self.err(format!(
+                "post-processing produced {} ids for a limit of {max_len}",
+                ids.len()
+            )));
+        }
+        ids.resize(max_len, i64::from(self.pad_id));
+        Ok(TokenizedPrompt { ids, removed_text })
+    }
+}
+
+fn load_tokenizer_json(component: Component, path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        component,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Builds a CLIP BPE tokenizer from `vocab.json` + `merges.txt`, with the normalizer, pre-tokenizer,
+/// post-processor and decoder that transformers' `CLIPConverter` gives `CLIPTokenizerFast`.
+fn clip_from_vocab_merges(
+    component: Component,
+    vocab_path: &Path,
+    merges_path: &Path,
+    special: &SpecialTokens,
+) -> Result<Tokenizer> {
+    let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
+    let vocab: serde_json::Map<String, Value> =
+        serde_json::from_str(&vocab_text).map_err(|e| Error::Tokenizer {
+            component,
+            path: vocab_path.to_path_buf(),
+            message: format!("vocab.json is not a json object of token -> id: {e}"),
+        })?;
+    let merges_text =
+        std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+    let mut merges = Vec::new();
+    for (n, line) in merges_text.lines().enumerate() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => merges.push(Value::Array(vec![a.into(), b.into()])),
+            _ => {
+                return Err(Error::Tokenizer {
+                    component,
+                    path: merges_path.to_path_buf(),
+                    message: format!("line {} is not a merge of two symbols: {line:?}", n + 1),
+                })
+            }
+        }
+    }
+    let bos = special
+        .token("bos_token")
+        .unwrap_or_else(|| "<|startoftext|>".into());
+    let eos = special
+        .token("eos_token")
+        .unwrap_or_else(|| "<|endoftext|>".into());
+    let unk = special
+        .token("unk_token")
+        .unwrap_or_else(|| "<|endoftext|>".into());
+    let id_of = |tok: &str| -> Result<u64> {
+        vocab
+            .get(tok)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::Tokenizer {
+                component,
+                path: vocab_path.to_path_buf(),
+                message: format!(
+                    "special token {tok:?} (from {}) is not in vocab.json",
+                    special.config_path.display()
+                ),
+            })
+    };
+    let (bos_id, eos_id) = (id_of(&bos)?, id_of(&eos)?);
+    let added = |id: u64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": true, "special": true})
+    };
+    let mut added_tokens = vec![added(bos_id, &bos)];
+    if eos_id != bos_id {
+        added_tokens.push(added(eos_id, &eos));
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split",
+             "pattern": {"Regex": "'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, eos_id], "cls": [bos, bos_id],
+                           "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    serde_json::from_value::<Tokenizer>(json).map_err(|e| Error::Tokenizer {
+        component,
+        path: vocab_path.to_path_buf(),
+        message: format!("vocab.json + merges.txt do not form a BPE tokenizer: {e}"),
+    })
+}

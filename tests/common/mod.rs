@@ -1,0 +1,89 @@
+//! Shared helpers for the integration tests: fixture paths, golden requests, image comparison.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, Ix4};
+use sd3_onnx::latents::read_npy_f32;
+use sd3_onnx::GenerationRequest;
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("models/fixtures").join(name)
+}
+
+pub fn golden_dir(fixture: &str) -> PathBuf {
+    repo().join("models/goldens").join(fixture)
+}
+
+/// The golden cases of a fixture, sorted by name.
+pub fn cases(fixture: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(golden_dir(fixture))
+        .unwrap_or_else(|e| panic!("goldens for {fixture}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("request.json").is_file())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn npy(path: &Path) -> ArrayD<f32> {
+    read_npy_f32(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The request a golden case was made with, explicit latents included.
+pub fn golden_request(case: &Path) -> GenerationRequest {
+    let j = read_json(&case.join("request.json"));
+    let latents = npy(&case.join(j["latents"].as_str().unwrap_or("latents.npy")))
+        .into_dimensionality::<Ix4>()
+        .expect("latents are rank 4");
+    GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
+        .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
+        .size(
+            j["width"].as_u64().expect("width") as u32,
+            j["height"].as_u64().expect("height") as u32,
+        )
+        .steps(j["steps"].as_u64().expect("steps") as usize)
+        .guidance(j["guidance"].as_f64().expect("guidance") as f32)
+        .max_sequence_length(j["max_sequence_length"].as_u64().unwrap_or(256) as usize)
+        .latents(latents)
+}
+
+/// (max, mean) absolute difference in 8-bit levels between two images of the same size.
+pub fn pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sum += u64::from(d);
+    }
+    (max, sum as f64 / a.as_raw().len() as f64)
+}
+
+pub fn load_png(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+/// Largest absolute difference between two arrays of the same shape.
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
