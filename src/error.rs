@@ -250,45 +250,18 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
-    pub(crate) fn config(
-        component: Component,
-        path: impl Into<PathBuf>,
-        message: impl Into<String>,
-    ) -> Self {
-        Error::InvalidConfig {
-            component,
-            path: path.into(),
-            message: message.into(),
-        }
+    pub(crate) fn config(component: Component, path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::InvalidConfig { component, path: path.into(), message: message.into() }
     }
 
-    pub(crate) fn mismatch(
-        component: Component,
-        path: impl Into<PathBuf>,
-        message: impl Into<String>,
-    ) -> Self {
-        Error::GraphMismatch {
-            component,
-            path: path.into(),
-            message: message.into(),
-        }
+    pub(crate) fn mismatch(component: Component, path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::GraphMismatch { component, path: path.into(), message: message.into() }
     }
 
-    pub(crate) fn request(
-        parameter: &'static str,
-        value: impl fmt::Display,
-        message: impl Into<String>,
-    ) -> Self {
-        Error::InvalidRequest {
-            parameter,
-            value: value.to_string(),
-            message: message.into(),
-        }
+    pub(crate) fn request(parameter: &'static str, value: impl fmt::Display, message: impl Into<String>) -> Self {
+        Error::InvalidRequest { parameter, value: value.to_string(), message: message.into() }
     }
 }

@@ -17,9 +17,7 @@ pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
     }
     let (w32, h32) = (u32::try_from(w), u32::try_from(h));
     let (Ok(w32), Ok(h32)) = (w32, h32) else {
-        return Err(Error::InvalidLatents {
-            message: format!("decoded image {w}x{h} is too large"),
-        });
+        return Err(Error::InvalidLatents { message: format!("decoded image {w}x{h} is too large") });
     };
     let mut img = RgbImage::new(w32, h32);
     for (x, y, px) in img.enumerate_pixels_mut() {

@@ -57,8 +57,8 @@ pub mod text;
 
 pub use error::{Component, Error, Result};
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, Timings,
-    Warning, MAX_T5_SEQUENCE_LENGTH,
+    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, Timings, Warning,
+    MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{ControlFlow, StepProgress};
 pub use runtime::{ElementType, ExecutionProvider, TensorRtOptions};

@@ -8,15 +8,10 @@ use crate::error::{Component, Error, Result};
 
 pub(crate) fn read_json(component: Component, path: &Path, hint: &str) -> Result<Value> {
     if !path.is_file() {
-        return Err(Error::MissingFile {
-            component,
-            path: path.to_path_buf(),
-            hint: hint.to_string(),
-        });
+        return Err(Error::MissingFile { component, path: path.to_path_buf(), hint: hint.to_string() });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
     if !v.is_object() {
         return Err(Error::config(component, path, "expected a json object"));
     }
@@ -34,11 +29,7 @@ fn positive_int(
         None | Some(Value::Null) => Ok(default.map(|d| d as usize)),
         Some(x) => match x.as_u64().filter(|n| (1..=1 << 20).contains(n)) {
             Some(n) => Ok(Some(n as usize)),
-            None => Err(Error::config(
-                component,
-                path,
-                format!("`{key}` must be a positive integer, got {x}"),
-            )),
+            None => Err(Error::config(component, path, format!("`{key}` must be a positive integer, got {x}"))),
         },
     }
 }
@@ -65,11 +56,8 @@ impl TransformerConfig {
     /// `models/transformers/transformer_sd3.py`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let c = Component::Transformer;
-        let v = read_json(
-            c,
-            path,
-            "optimum-cli export writes transformer/config.json; copy it from the diffusers repo",
-        )?;
+        let v =
+            read_json(c, path, "optimum-cli export writes transformer/config.json; copy it from the diffusers repo")?;
         Ok(TransformerConfig {
             patch_size: positive_int(c, path, &v, "patch_size", Some(2))?.unwrap_or(2),
             in_channels: positive_int(c, path, &v, "in_channels", None)?,
@@ -99,22 +87,12 @@ impl VaeConfig {
     /// Reads the VAE config. `scaling_factor` and `block_out_channels` are required: a wrong default would
     /// silently change every image.
     pub fn from_file(component: Component, path: &Path) -> Result<Self> {
-        let v = read_json(
-            component,
-            path,
-            "optimum-cli export writes the VAE config next to the VAE graphs",
-        )?;
+        let v = read_json(component, path, "optimum-cli export writes the VAE config next to the VAE graphs")?;
         let blocks = v
             .get("block_out_channels")
             .and_then(Value::as_array)
             .filter(|a| !a.is_empty() && a.len() <= 16)
-            .ok_or_else(|| {
-                Error::config(
-                    component,
-                    path,
-                    "`block_out_channels` must be a non-empty list",
-                )
-            })?;
+            .ok_or_else(|| Error::config(component, path, "`block_out_channels` must be a non-empty list"))?;
         let float = |key: &str, required: bool| -> Result<f32> {
             match v.get(key) {
                 None | Some(Value::Null) if !required => Ok(0.0),
@@ -122,18 +100,8 @@ impl VaeConfig {
                     .as_f64()
                     .filter(|f| f.is_finite() && *f != 0.0 || key == "shift_factor")
                     .map(|f| f as f32)
-                    .ok_or_else(|| {
-                        Error::config(
-                            component,
-                            path,
-                            format!("`{key}` must be a finite number, got {x}"),
-                        )
-                    }),
-                None => Err(Error::config(
-                    component,
-                    path,
-                    format!("`{key}` is missing"),
-                )),
+                    .ok_or_else(|| Error::config(component, path, format!("`{key}` must be a finite number, got {x}"))),
+                None => Err(Error::config(component, path, format!("`{key}` is missing"))),
             }
         };
         Ok(VaeConfig {

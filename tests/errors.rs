@@ -173,10 +173,7 @@ fn unavailable_execution_provider_is_an_error_not_a_cpu_run() {
         other => panic!("expected ExecutionProviderUnavailable, got {other:?}"),
     }
     for ep in ["tensorrt", "directml"] {
-        let e = Sd3Pipeline::builder(fixture("tiny-sd3"))
-            .execution_provider(ep.parse().unwrap())
-            .build()
-            .unwrap_err();
+        let e = Sd3Pipeline::builder(fixture("tiny-sd3")).execution_provider(ep.parse().unwrap()).build().unwrap_err();
         assert!(matches!(e, Error::ExecutionProviderUnavailable { .. }), "{ep}: {e:?}");
     }
 }
@@ -191,4 +188,25 @@ fn a_missing_onnxruntime_library_is_reported_with_the_fix() {
     // the path.
     assert!(matches!(e, Error::RuntimeNotFound { .. } | Error::RuntimeLoad { .. }), "{e:?}");
     assert!(e.to_string().contains("/no/such/dir/libonnxruntime.so"), "{e}");
+}
+
+#[test]
+fn cpu_fallback_is_opt_in_and_reported() {
+    let mut p = Sd3Pipeline::builder(fixture("tiny-sd3"))
+        .execution_provider(ExecutionProvider::Cpu)
+        .component_provider(Component::Transformer, ExecutionProvider::Cuda { device_id: 0 })
+        .cpu_fallback(true)
+        .build()
+        .expect("fallback allowed");
+    let placements = p.placements();
+    assert!(placements.iter().all(|(_, ep)| *ep == ExecutionProvider::Cpu), "{placements:?}");
+    let out = p.generate(&base().steps(1)).unwrap();
+    let fallbacks: Vec<_> = out
+        .warnings
+        .iter()
+        .filter(|w| matches!(w, sd3_onnx::Warning::ExecutionProviderFallback { component: Component::Transformer, .. }))
+        .collect();
+    assert_eq!(fallbacks.len(), 1, "{:?}", out.warnings);
+    assert!(fallbacks[0].to_string().contains("CUDA"), "{}", fallbacks[0]);
+    assert_eq!(out.placements, placements);
 }

@@ -15,29 +15,19 @@ use sd3_onnx::Sd3Pipeline;
 const TOLERANCE: u8 = 1;
 
 fn check_fixture(fixture: &str) {
-    let mut pipe = Sd3Pipeline::builder(common::fixture(fixture))
-        .build()
-        .expect("fixture loads");
+    let mut pipe = Sd3Pipeline::builder(common::fixture(fixture)).build().expect("fixture loads");
     let cases = cases(fixture);
-    assert!(
-        cases.len() >= 4,
-        "{fixture}: expected at least 4 golden cases, found {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 4, "{fixture}: expected at least 4 golden cases, found {}", cases.len());
     let mut report = Vec::new();
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
         let req = golden_request(case);
-        let out = pipe
-            .generate(&req)
-            .unwrap_or_else(|e| panic!("{fixture}/{name}: {e}"));
+        let out = pipe.generate(&req).unwrap_or_else(|e| panic!("{fixture}/{name}: {e}"));
         let ours = &out.images[0];
         for reference in ["diffusers", "optimum"] {
             let golden = load_png(&case.join(format!("{reference}.png")));
             let (max, mean) = pixel_diff(ours, &golden);
-            report.push(format!(
-                "{fixture}/{name} vs {reference}: max {max}, mean {mean:.4}"
-            ));
+            report.push(format!("{fixture}/{name} vs {reference}: max {max}, mean {mean:.4}"));
             assert!(
                 max <= TOLERANCE,
                 "{fixture}/{name}: differs from {reference} by up to {max} levels (mean {mean:.3}); tolerance {TOLERANCE}"

@@ -21,6 +21,7 @@ pub struct Sd3PipelineBuilder {
     library: Option<PathBuf>,
     intra_threads: Option<usize>,
     use_t5: bool,
+    cpu_fallback: bool,
 }
 
 impl Sd3PipelineBuilder {
@@ -32,6 +33,7 @@ impl Sd3PipelineBuilder {
             library: None,
             intra_threads: None,
             use_t5: true,
+            cpu_fallback: false,
         }
     }
 
@@ -59,6 +61,14 @@ impl Sd3PipelineBuilder {
         self
     }
 
+    /// When a requested execution provider cannot be used, run that component on the CPU instead of failing.
+    /// Off by default. Each fallback is reported in [`Sd3Pipeline::placements`] and as a
+    /// [`Warning::ExecutionProviderFallback`](crate::Warning) in every output.
+    pub fn cpu_fallback(mut self, allow: bool) -> Self {
+        self.cpu_fallback = allow;
+        self
+    }
+
     /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
     /// Folders without `text_encoder_3/` load in this mode automatically.
     pub fn without_t5(mut self) -> Self {
@@ -80,41 +90,24 @@ impl Sd3PipelineBuilder {
                 hint: "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote".into(),
             });
         }
-        let scheduler =
-            FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
-        let transformer_config =
-            TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
-        let vae_config = VaeConfig::from_file(
-            Component::VaeDecoder,
-            &dir.join("vae_decoder").join("config.json"),
-        )?;
+        let scheduler = FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let transformer_config = TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
+        let vae_config = VaeConfig::from_file(Component::VaeDecoder, &dir.join("vae_decoder").join("config.json"))?;
 
         let tok_l = PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join("tokenizer"))?;
-        let tok_g =
-            PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join("tokenizer_2"))?;
+        let tok_g = PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join("tokenizer_2"))?;
         let t5_dir = dir.join(Component::TextEncoderT5.folder());
         let use_t5 = self.use_t5 && t5_dir.exists();
         let tok_t5 = if use_t5 {
-            Some(PromptTokenizer::load_t5(
-                Component::TokenizerT5,
-                &dir.join("tokenizer_3"),
-            )?)
+            Some(PromptTokenizer::load_t5(Component::TokenizerT5, &dir.join("tokenizer_3"))?)
         } else {
             None
         };
 
         let env = runtime::environment(self.library.as_deref())?;
-        let session = SessionConfig {
-            intra_threads: self.intra_threads,
-        };
+        let session = SessionConfig { intra_threads: self.intra_threads, cpu_fallback: self.cpu_fallback };
         let load = |component: Component| -> Result<Graph> {
-            Graph::load(
-                &env,
-                component,
-                &graph_path(&dir, component),
-                self.provider_for(component),
-                &session,
-            )
+            Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)
         };
 
         let clip_l = ClipEncoder::new(tok_l, load(Component::TextEncoderClipL)?)?;
@@ -141,25 +134,14 @@ impl Sd3PipelineBuilder {
             if fixed != clip_len {
                 return Err(Error::IncompatibleComponents {
                     path: dir,
-                    message: format!("the CLIP graphs take {fixed} tokens but tokenizer/ says model_max_length {clip_len}"),
+                    message: format!(
+                        "the CLIP graphs take {fixed} tokens but tokenizer/ says model_max_length {clip_len}"
+                    ),
                 });
             }
         }
-        let text = TextEncoders {
-            clip_l,
-            clip_g,
-            t5,
-            joint_dim: info.joint_attention_dim,
-            clip_len,
-        };
-        Ok(Sd3Pipeline {
-            model_dir: self.model_dir,
-            text,
-            transformer,
-            vae_decoder,
-            scheduler,
-            info,
-        })
+        let text = TextEncoders { clip_l, clip_g, t5, joint_dim: info.joint_attention_dim, clip_len };
+        Ok(Sd3Pipeline { model_dir: self.model_dir, text, transformer, vae_decoder, scheduler, info })
     }
 }
 
@@ -178,12 +160,7 @@ fn check_graphs(
     let context = transformer.require_input("encoder_hidden_states", 3, ElementType::FLOATS)?;
     let pooled = transformer.require_input("pooled_projections", 2, ElementType::FLOATS)?;
     transformer.require_input("timestep", 1, ElementType::FLOATS)?;
-    transformer.reject_extra_inputs(&[
-        "hidden_states",
-        "encoder_hidden_states",
-        "pooled_projections",
-        "timestep",
-    ])?;
+    transformer.reject_extra_inputs(&["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"])?;
     let out = transformer.require_output("out_hidden_states", 4, ElementType::FLOATS)?;
     let latent_in = vae_decoder.require_input("latent_sample", 4, ElementType::FLOATS)?;
     vae_decoder.reject_extra_inputs(&["latent_sample"])?;
@@ -196,24 +173,15 @@ fn check_graphs(
         ));
     }
 
-    let disagree = |message: String| Error::IncompatibleComponents {
-        path: dir.to_path_buf(),
-        message,
-    };
+    let disagree = |message: String| Error::IncompatibleComponents { path: dir.to_path_buf(), message };
     // One value from several sources (graph dims and configs); all that are known must agree.
     let agree = |what: &str, sources: &[(&str, Option<usize>)]| -> Result<usize> {
-        let known: Vec<&(&str, Option<usize>)> =
-            sources.iter().filter(|(_, v)| v.is_some()).collect();
+        let known: Vec<&(&str, Option<usize>)> = sources.iter().filter(|(_, v)| v.is_some()).collect();
         let Some((_, Some(first))) = known.first() else {
-            return Err(disagree(format!(
-                "{what} is unknown: no graph fixes it and no config names it"
-            )));
+            return Err(disagree(format!("{what} is unknown: no graph fixes it and no config names it")));
         };
         if let Some((name, Some(v))) = known.iter().find(|(_, v)| *v != Some(*first)) {
-            return Err(disagree(format!(
-                "{what} disagrees: {} says {first}, {name} says {v}",
-                known[0].0
-            )));
+            return Err(disagree(format!("{what} disagrees: {} says {first}, {name} says {v}", known[0].0)));
         }
         Ok(*first)
     };
@@ -224,20 +192,14 @@ fn check_graphs(
             ("transformer out_hidden_states", out.fixed_dim(1)),
             ("transformer/config.json in_channels", tcfg.in_channels),
             ("vae_decoder latent_sample", latent_in.fixed_dim(1)),
-            (
-                "vae_decoder/config.json latent_channels",
-                vcfg.latent_channels,
-            ),
+            ("vae_decoder/config.json latent_channels", vcfg.latent_channels),
         ],
     )?;
     let joint_attention_dim = agree(
         "joint attention (T5) width",
         &[
             ("transformer encoder_hidden_states", context.fixed_dim(2)),
-            (
-                "transformer/config.json joint_attention_dim",
-                tcfg.joint_attention_dim,
-            ),
+            ("transformer/config.json joint_attention_dim", tcfg.joint_attention_dim),
             ("text_encoder_3 last_hidden_state", t5.and_then(|t| t.width)),
         ],
     )?;
@@ -245,16 +207,10 @@ fn check_graphs(
         "pooled projection width",
         &[
             ("transformer pooled_projections", pooled.fixed_dim(1)),
-            (
-                "transformer/config.json pooled_projection_dim",
-                tcfg.pooled_projection_dim,
-            ),
+            ("transformer/config.json pooled_projection_dim", tcfg.pooled_projection_dim),
             (
                 "text_encoder + text_encoder_2 text_embeds",
-                clip_l
-                    .pooled_width
-                    .zip(clip_g.pooled_width)
-                    .map(|(a, b)| a + b),
+                clip_l.pooled_width.zip(clip_g.pooled_width).map(|(a, b)| a + b),
             ),
         ],
     )?;

@@ -75,6 +75,17 @@ pub struct Sd3Pipeline {
     info: ModelInfo,
 }
 
+/// What the denoising loop hands to the decoder.
+struct Denoised {
+    latents: Array4<f32>,
+    seed: Option<u64>,
+    size: (u32, u32),
+    warnings: Vec<Warning>,
+    text_encoding: Duration,
+    denoising: Duration,
+    steps: Vec<Duration>,
+}
+
 /// The checked, resolved form of a request.
 struct Plan {
     width: usize,
@@ -107,22 +118,29 @@ impl Sd3Pipeline {
 
     /// Where each loaded component runs.
     pub fn placements(&self) -> Vec<(Component, ExecutionProvider)> {
-        let mut v = vec![
-            (
-                Component::TextEncoderClipL,
-                self.text.clip_l.graph().provider.clone(),
-            ),
-            (
-                Component::TextEncoderClipG,
-                self.text.clip_g.graph().provider.clone(),
-            ),
-        ];
+        self.graphs().into_iter().map(|g| (g.component, g.provider.clone())).collect()
+    }
+
+    fn graphs(&self) -> Vec<&Graph> {
+        let mut v = vec![self.text.clip_l.graph(), self.text.clip_g.graph()];
         if let Some(t5) = &self.text.t5 {
-            v.push((Component::TextEncoderT5, t5.graph().provider.clone()));
+            v.push(t5.graph());
         }
-        v.push((Component::Transformer, self.transformer.provider.clone()));
-        v.push((Component::VaeDecoder, self.vae_decoder.provider.clone()));
+        v.push(&self.transformer);
+        v.push(&self.vae_decoder);
         v
+    }
+
+    /// Components that run on the CPU because their provider was unavailable (with `cpu_fallback`).
+    pub fn fallback_warnings(&self) -> Vec<Warning> {
+        self.graphs()
+            .into_iter()
+            .filter_map(|g| {
+                g.fallback
+                    .as_ref()
+                    .map(|reason| Warning::ExecutionProviderFallback { component: g.component, reason: reason.clone() })
+            })
+            .collect()
     }
 
     /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
@@ -134,9 +152,7 @@ impl Sd3Pipeline {
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut warnings = Vec::new();
-        let cond = self
-            .text
-            .encode(prompt, max_sequence_length, clip_skip, &mut warnings)?;
+        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, &mut warnings)?;
         Ok((cond, warnings))
     }
 
@@ -159,41 +175,57 @@ impl Sd3Pipeline {
     pub fn generate_with_progress(
         &mut self,
         request: &GenerationRequest,
-        mut progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
+        progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<GenerationOutput> {
         let started = Instant::now();
         let ort_before = self.onnx_runtime_time();
+        let run = self.run_denoise(request, progress)?;
+        let t = Instant::now();
+        let images = self.decode(run.latents)?;
+        let vae_decode = t.elapsed();
+        let timings = Timings {
+            text_encoding: run.text_encoding,
+            denoising: run.denoising,
+            steps: run.steps,
+            vae_decode,
+            total: started.elapsed(),
+            onnx_runtime: self.onnx_runtime_time().saturating_sub(ort_before),
+        };
+        let mut warnings = self.fallback_warnings();
+        warnings.extend(run.warnings);
+        Ok(GenerationOutput {
+            images,
+            seed: run.seed,
+            size: run.size,
+            timings,
+            warnings,
+            placements: self.placements(),
+        })
+    }
+
+    /// Runs text encoding and the denoising loop and returns the final latents `[1, C, h, w]`, before the
+    /// VAE (diffusers' `output_type="latent"`).
+    pub fn denoise(&mut self, request: &GenerationRequest) -> Result<Array4<f32>> {
+        Ok(self.run_denoise(request, |_| ControlFlow::Continue(()))?.latents)
+    }
+
+    fn run_denoise(
+        &mut self,
+        request: &GenerationRequest,
+        mut progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
+    ) -> Result<Denoised> {
         let plan = self.plan(request)?;
         let cfg = request.uses_guidance();
         let mut warnings = Vec::new();
 
         let t = Instant::now();
-        let cond = self.text.encode(
-            &request.prompt,
-            request.max_sequence_length,
-            request.clip_skip,
-            &mut warnings,
-        )?;
-        // diffusers encodes the negative prompt without clip_skip and only when guidance is on.
+        let cond = self.text.encode(&request.prompt, request.max_sequence_length, request.clip_skip, &mut warnings)?;
+        // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
         let batch = if cfg {
-            let mut ignored = Vec::new();
-            let neg = self.text.encode(
-                &request.negative_prompt,
-                request.max_sequence_length,
-                None,
-                &mut ignored,
-            )?;
-            warnings.extend(ignored.into_iter().map(|w| match w {
-                Warning::PromptTruncated {
-                    encoder,
-                    max_tokens,
-                    removed_text,
-                } => Warning::PromptTruncated {
-                    encoder,
-                    max_tokens,
-                    removed_text: format!("(negative prompt) {removed_text}"),
-                },
-            }));
+            let mut neg_warnings = Vec::new();
+            let neg =
+                self.text.encode(&request.negative_prompt, request.max_sequence_length, None, &mut neg_warnings)?;
+            warnings.extend(neg_warnings.into_iter().map(Warning::for_negative_prompt));
             Conditioning::guided(&neg, &cond)?
         } else {
             Conditioning::single(cond)
@@ -205,50 +237,25 @@ impl Sd3Pipeline {
         let mut steps = Vec::with_capacity(plan.schedule.len());
         for i in 0..plan.schedule.len() {
             let step_start = Instant::now();
-            let velocity = self.velocity(
-                &latents,
-                &batch,
-                plan.schedule.timesteps[i],
-                request.guidance,
-            )?;
+            let velocity = self.velocity(&latents, &batch, plan.schedule.timesteps[i], request.guidance)?;
             let (sigma, next) = (plan.schedule.sigmas[i], plan.schedule.sigmas[i + 1]);
-            let x = latents
-                .as_slice_mut()
-                .ok_or_else(|| internal("latents are not contiguous"))?;
-            let v = velocity
-                .as_slice()
-                .ok_or_else(|| internal("velocity is not contiguous"))?;
+            let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
+            let v = velocity.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
             euler_step(x, v, sigma, next);
             steps.push(step_start.elapsed());
-            let report = StepProgress {
-                step: i,
-                steps: plan.schedule.len(),
-                sigma,
-                elapsed: t.elapsed(),
-            };
+            let report = StepProgress { step: i, steps: plan.schedule.len(), sigma, elapsed: t.elapsed() };
             if progress(&report).is_break() {
                 return Err(Error::Cancelled { step: i });
             }
         }
-        let denoising = t.elapsed();
-
-        let t = Instant::now();
-        let images = self.decode(latents)?;
-        let vae_decode = t.elapsed();
-        let timings = Timings {
-            text_encoding,
-            denoising,
-            steps,
-            vae_decode,
-            total: started.elapsed(),
-            onnx_runtime: self.onnx_runtime_time().saturating_sub(ort_before),
-        };
-        Ok(GenerationOutput {
-            images,
+        Ok(Denoised {
+            latents,
             seed: plan.seed,
             size: (plan.width as u32, plan.height as u32),
-            timings,
             warnings,
+            text_encoding,
+            denoising: t.elapsed(),
+            steps,
         })
     }
 
@@ -257,24 +264,15 @@ impl Sd3Pipeline {
     pub fn decode(&mut self, latents: Array4<f32>) -> Result<Vec<image::RgbImage>> {
         let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
         let z = latents.mapv(|v| v / sf + shift).into_dyn();
-        let mut out = self
-            .vae_decoder
-            .run(&[("latent_sample", Input::Float(z.view()))], &["sample"])?;
-        let sample = out
-            .pop()
-            .ok_or_else(|| internal("VAE decoder returned nothing"))?;
+        let mut out = self.vae_decoder.run(&[("latent_sample", Input::Float(z.view()))], &["sample"])?;
+        let sample = out.pop().ok_or_else(|| internal("VAE decoder returned nothing"))?;
         let sample = to4(Component::VaeDecoder, sample)?;
         batch_to_rgb(sample.view())
     }
 
     /// Total time the graphs have spent in `Session::run`.
     fn onnx_runtime_time(&self) -> Duration {
-        let mut total = self.transformer.run_time + self.vae_decoder.run_time;
-        total += self.text.clip_l.graph().run_time + self.text.clip_g.graph().run_time;
-        if let Some(t5) = &self.text.t5 {
-            total += t5.graph().run_time;
-        }
-        total
+        self.graphs().iter().map(|g| g.run_time).sum()
     }
 
     /// One transformer evaluation, with classifier-free guidance when the batch holds [uncond, cond].
@@ -287,8 +285,7 @@ impl Sd3Pipeline {
     ) -> Result<Array4<f32>> {
         let batch = cond.batch();
         let hidden = if batch == 2 {
-            concatenate(Axis(0), &[latents.view(), latents.view()])
-                .map_err(|e| internal(e.to_string()))?
+            concatenate(Axis(0), &[latents.view(), latents.view()]).map_err(|e| internal(e.to_string()))?
         } else {
             latents.clone()
         };
@@ -303,11 +300,7 @@ impl Sd3Pipeline {
             ],
             &["out_hidden_states"],
         )?;
-        let v = to4(
-            Component::Transformer,
-            out.pop()
-                .ok_or_else(|| internal("transformer returned nothing"))?,
-        )?;
+        let v = to4(Component::Transformer, out.pop().ok_or_else(|| internal("transformer returned nothing"))?)?;
         if v.shape()[0] != batch || v.shape()[1..] != latents.shape()[1..] {
             return Err(Error::Inference {
                 component: Component::Transformer,
@@ -324,12 +317,8 @@ impl Sd3Pipeline {
         let uncond = v.slice(s![0..1, .., .., ..]).to_owned();
         let mut guided = v.slice(s![1..2, .., .., ..]).to_owned();
         let (g, u) = (
-            guided
-                .as_slice_mut()
-                .ok_or_else(|| internal("velocity is not contiguous"))?,
-            uncond
-                .as_slice()
-                .ok_or_else(|| internal("velocity is not contiguous"))?,
+            guided.as_slice_mut().ok_or_else(|| internal("velocity is not contiguous"))?,
+            uncond.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?,
         );
         apply_guidance(g, u, guidance);
         Ok(guided)
@@ -339,20 +328,13 @@ impl Sd3Pipeline {
     fn plan(&self, req: &GenerationRequest) -> Result<Plan> {
         check_sequence_length(req.max_sequence_length)?;
         if req.steps == 0 {
-            return Err(Error::request(
-                "steps",
-                req.steps,
-                "at least one denoising step is needed",
-            ));
+            return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
         }
         if req.steps > self.scheduler.num_train_timesteps {
             return Err(Error::request(
                 "steps",
                 req.steps,
-                format!(
-                    "at most num_train_timesteps = {} steps",
-                    self.scheduler.num_train_timesteps
-                ),
+                format!("at most num_train_timesteps = {} steps", self.scheduler.num_train_timesteps),
             ));
         }
         if !req.guidance.is_finite() || req.guidance < 0.0 {
@@ -365,20 +347,9 @@ impl Sd3Pipeline {
         let info = &self.info;
         let f = info.vae_scale_factor;
         let c = info.latent_channels;
-        let implied = req
-            .latents
-            .as_ref()
-            .map(|l| (l.shape()[3] * f, l.shape()[2] * f));
-        let width = req
-            .width
-            .map(|w| w as usize)
-            .or(implied.map(|s| s.0))
-            .unwrap_or(info.default_size);
-        let height = req
-            .height
-            .map(|h| h as usize)
-            .or(implied.map(|s| s.1))
-            .unwrap_or(info.default_size);
+        let implied = req.latents.as_ref().map(|l| (l.shape()[3] * f, l.shape()[2] * f));
+        let width = req.width.map(|w| w as usize).or(implied.map(|s| s.0)).unwrap_or(info.default_size);
+        let height = req.height.map(|h| h as usize).or(implied.map(|s| s.1)).unwrap_or(info.default_size);
         self.check_size(width, height)?;
         let shape = [1, c, height / f, width / f];
         let (latents, seed) = match &req.latents {
@@ -393,9 +364,7 @@ impl Sd3Pipeline {
                     });
                 }
                 if l.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::InvalidLatents {
-                        message: "latents contain NaN or infinite values".into(),
-                    });
+                    return Err(Error::InvalidLatents { message: "latents contain NaN or infinite values".into() });
                 }
                 (l.as_standard_layout().into_owned(), None)
             }
@@ -405,13 +374,7 @@ impl Sd3Pipeline {
             }
         };
         let schedule = self.schedule(req.steps, width, height)?;
-        Ok(Plan {
-            width,
-            height,
-            latents,
-            seed,
-            schedule,
-        })
+        Ok(Plan { width, height, latents, seed, schedule })
     }
 
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
@@ -441,9 +404,7 @@ impl Sd3Pipeline {
         }
         let mut suggestion = options.join(", ");
         if let Some(l) = limit {
-            suggestion.push_str(&format!(
-                " (the position embedding allows at most {l} pixels per side)"
-            ));
+            suggestion.push_str(&format!(" (the position embedding allows at most {l} pixels per side)"));
         }
         Err(Error::InvalidSize {
             width: u32::try_from(width).unwrap_or(u32::MAX),
@@ -475,22 +436,16 @@ struct Conditioning {
 
 impl Conditioning {
     fn single(c: TextConditioning) -> Self {
-        Conditioning {
-            context: c.context.into_dyn(),
-            pooled: c.pooled.into_dyn(),
-        }
+        Conditioning { context: c.context.into_dyn(), pooled: c.pooled.into_dyn() }
     }
 
     /// diffusers batches `[negative, positive]` in that order.
     fn guided(neg: &TextConditioning, pos: &TextConditioning) -> Result<Self> {
-        let context = concatenate(Axis(0), &[neg.context.view(), pos.context.view()])
-            .map_err(|e| internal(e.to_string()))?;
-        let pooled = concatenate(Axis(0), &[neg.pooled.view(), pos.pooled.view()])
-            .map_err(|e| internal(e.to_string()))?;
-        Ok(Conditioning {
-            context: context.into_dyn(),
-            pooled: pooled.into_dyn(),
-        })
+        let context =
+            concatenate(Axis(0), &[neg.context.view(), pos.context.view()]).map_err(|e| internal(e.to_string()))?;
+        let pooled =
+            concatenate(Axis(0), &[neg.pooled.view(), pos.pooled.view()]).map_err(|e| internal(e.to_string()))?;
+        Ok(Conditioning { context: context.into_dyn(), pooled: pooled.into_dyn() })
     }
 
     fn batch(&self) -> usize {
@@ -501,17 +456,11 @@ impl Conditioning {
 fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
     let shape = a.shape().to_vec();
     a.into_dimensionality::<Ix4>()
-        .map_err(|_| Error::Inference {
-            component,
-            message: format!("expected a rank-4 output, got shape {shape:?}"),
-        })
+        .map_err(|_| Error::Inference { component, message: format!("expected a rank-4 output, got shape {shape:?}") })
 }
 
 fn internal(message: impl Into<String>) -> Error {
-    Error::Inference {
-        component: Component::Model,
-        message: message.into(),
-    }
+    Error::Inference { component: Component::Model, message: message.into() }
 }
 
 /// A seed from the OS-seeded hasher std uses for HashMap: random enough for "surprise me".

@@ -6,6 +6,7 @@ use std::time::Duration;
 use image::RgbImage;
 
 use crate::error::Component;
+use crate::runtime::ExecutionProvider;
 
 /// Something the caller should know that did not stop the run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,15 +21,37 @@ pub enum Warning {
         /// The text that was dropped.
         removed_text: String,
     },
+    /// A component runs on the CPU because its execution provider was unavailable and the builder allowed
+    /// `cpu_fallback`.
+    ExecutionProviderFallback {
+        /// The component.
+        component: Component,
+        /// Why the provider could not be used.
+        reason: String,
+    },
+}
+
+impl Warning {
+    /// Marks a warning as coming from the negative prompt.
+    pub(crate) fn for_negative_prompt(self) -> Warning {
+        match self {
+            Warning::PromptTruncated { encoder, max_tokens, removed_text } => Warning::PromptTruncated {
+                encoder,
+                max_tokens,
+                removed_text: format!("(negative prompt) {removed_text}"),
+            },
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Warning::PromptTruncated { encoder, max_tokens, removed_text } => write!(
-                f,
-                "prompt truncated to {max_tokens} tokens for the {encoder}; dropped: {removed_text:?}"
-            ),
+            Warning::PromptTruncated { encoder, max_tokens, removed_text } => {
+                write!(f, "prompt truncated to {max_tokens} tokens for the {encoder}; dropped: {removed_text:?}")
+            }
+            Warning::ExecutionProviderFallback { component, reason } => write!(f, "{component}: {reason}"),
         }
     }
 }
@@ -60,11 +83,7 @@ impl Timings {
 impl fmt::Display for Timings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let per_step = if self.steps.is_empty() {
-            0.0
-        } else {
-            ms(self.denoising) / self.steps.len() as f64
-        };
+        let per_step = if self.steps.is_empty() { 0.0 } else { ms(self.denoising) / self.steps.len() as f64 };
         write!(
             f,
             "text encoding {:.1} ms | denoising {:.1} ms ({} steps, {:.1} ms/step) | VAE decode {:.1} ms | total {:.1} ms \
@@ -93,6 +112,8 @@ pub struct GenerationOutput {
     pub size: (u32, u32),
     /// Stage timings.
     pub timings: Timings,
-    /// Truncated prompts and the like.
+    /// Truncated prompts, provider fallbacks and the like.
     pub warnings: Vec<Warning>,
+    /// Where each component ran.
+    pub placements: Vec<(Component, ExecutionProvider)>,
 }

@@ -62,10 +62,7 @@ impl Default for GenerationRequest {
 impl GenerationRequest {
     /// A request for `prompt` with every other setting at its default.
     pub fn new(prompt: impl Into<String>) -> Self {
-        GenerationRequest {
-            prompt: prompt.into(),
-            ..Default::default()
-        }
+        GenerationRequest { prompt: prompt.into(), ..Default::default() }
     }
 
     /// Sets the negative prompt.

@@ -11,11 +11,7 @@ use crate::error::{Error, Result};
 
 /// The library's file name on this platform (`libonnxruntime.so`, `onnxruntime.dll`, `libonnxruntime.dylib`).
 pub fn library_file_name() -> String {
-    format!(
-        "{}onnxruntime{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    )
+    format!("{}onnxruntime{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
 }
 
 /// Where `scripts/setup-ort.sh` puts the library, relative to a repository root.
@@ -25,17 +21,12 @@ pub(crate) fn setup_location(root: &Path) -> PathBuf {
 
 /// Resolves the library path: `explicit`, then `ORT_DYLIB_PATH`, then the set-up locations.
 pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
-    let env = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
+    let env = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from);
     let mut candidates: Vec<(String, PathBuf)> = Vec::new();
     if let Some(p) = explicit {
         // An explicit choice is final: a wrong path is an error, not a reason to look elsewhere.
         return existing(p).ok_or_else(|| Error::RuntimeNotFound {
-            searched: format!(
-                "builder option onnxruntime_library = {} (no such file)",
-                p.display()
-            ),
+            searched: format!("builder option onnxruntime_library = {} (no such file)", p.display()),
         });
     }
     if let Some(p) = env {
@@ -46,10 +37,7 @@ pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Ok(cwd) = std::env::current_dir() {
         candidates.push(("current directory".into(), setup_location(&cwd)));
     }
-    candidates.push((
-        "sd3-onnx source folder".into(),
-        setup_location(Path::new(env!("CARGO_MANIFEST_DIR"))),
-    ));
+    candidates.push(("sd3-onnx source folder".into(), setup_location(Path::new(env!("CARGO_MANIFEST_DIR")))));
     for (_, path) in &candidates {
         if let Some(found) = existing(path) {
             return Ok(found);
@@ -57,11 +45,7 @@ pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     let searched = std::iter::once("builder option (not set)".to_string())
         .chain(std::iter::once("ORT_DYLIB_PATH (not set)".to_string()))
-        .chain(
-            candidates
-                .iter()
-                .map(|(what, p)| format!("{what}: {}", p.display())),
-        )
+        .chain(candidates.iter().map(|(what, p)| format!("{what}: {}", p.display())))
         .collect::<Vec<_>>()
         .join("; ");
     Err(Error::RuntimeNotFound { searched })
@@ -82,14 +66,10 @@ mod tests {
 
     #[test]
     fn explicit_missing_path_is_an_error_naming_it() {
-        let err =
-            find_library(Some(Path::new("/definitely/not/here/libonnxruntime.so"))).unwrap_err();
+        let err = find_library(Some(Path::new("/definitely/not/here/libonnxruntime.so"))).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::RuntimeNotFound { .. }));
-        assert!(
-            msg.contains("/definitely/not/here/libonnxruntime.so"),
-            "{msg}"
-        );
+        assert!(msg.contains("/definitely/not/here/libonnxruntime.so"), "{msg}");
         assert!(msg.contains("scripts/setup-ort.sh"), "{msg}");
     }
 }

@@ -46,11 +46,8 @@ impl ElementType {
     }
 
     /// The floating-point types the pipeline can feed and read (everything is converted to and from `f32`).
-    pub(crate) const FLOATS: &'static [ElementType] = &[
-        ElementType::Float32,
-        ElementType::Float16,
-        ElementType::BFloat16,
-    ];
+    pub(crate) const FLOATS: &'static [ElementType] =
+        &[ElementType::Float32, ElementType::Float16, ElementType::BFloat16];
 }
 
 impl fmt::Display for ElementType {
@@ -79,11 +76,7 @@ pub(crate) struct Port {
 impl Port {
     /// The size of dimension `axis` when the graph fixes it.
     pub fn fixed_dim(&self, axis: usize) -> Option<usize> {
-        self.shape
-            .as_ref()?
-            .get(axis)
-            .and_then(|d| usize::try_from(*d).ok())
-            .filter(|d| *d > 0)
+        self.shape.as_ref()?.get(axis).and_then(|d| usize::try_from(*d).ok()).filter(|d| *d > 0)
     }
 }
 
@@ -91,16 +84,8 @@ impl fmt::Display for Port {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.shape {
             Some(shape) => {
-                let dims: Vec<String> = shape
-                    .iter()
-                    .map(|d| {
-                        if *d < 0 {
-                            "?".to_string()
-                        } else {
-                            d.to_string()
-                        }
-                    })
-                    .collect();
+                let dims: Vec<String> =
+                    shape.iter().map(|d| if *d < 0 { "?".to_string() } else { d.to_string() }).collect();
                 write!(f, "{} ({} [{}])", self.name, self.dtype, dims.join(", "))
             }
             None => write!(f, "{} (not a tensor)", self.name),
@@ -118,7 +103,10 @@ pub(crate) enum Input<'a> {
 pub(crate) struct Graph {
     pub component: Component,
     pub path: PathBuf,
+    /// Where the graph runs.
     pub provider: ExecutionProvider,
+    /// Why it runs on the CPU instead of the provider asked for, when it fell back.
+    pub fallback: Option<String>,
     session: Session,
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
@@ -147,11 +135,7 @@ fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
                 dtype: ElementType::from_ort(*ty),
                 shape: Some(shape.iter().copied().collect()),
             },
-            _ => Port {
-                name: o.name().to_string(),
-                dtype: ElementType::Other,
-                shape: None,
-            },
+            _ => Port { name: o.name().to_string(), dtype: ElementType::Other, shape: None },
         })
         .collect()
 }
@@ -160,6 +144,8 @@ fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SessionConfig {
     pub intra_threads: Option<usize>,
+    /// Run on the CPU when the requested provider cannot be registered (recorded in `Graph::fallback`).
+    pub cpu_fallback: bool,
 }
 
 impl Graph {
@@ -181,27 +167,30 @@ impl Graph {
                 ),
             });
         }
-        let load_err = |message: String| Error::GraphLoad {
-            component,
-            path: path.to_path_buf(),
-            message,
+        let load_err = |message: String| Error::GraphLoad { component, path: path.to_path_buf(), message };
+        let new_builder = || -> Result<ort::session::builder::SessionBuilder> {
+            let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+            if let Some(n) = config.intra_threads {
+                builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
+            }
+            Ok(builder)
         };
-        let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
-        if let Some(n) = config.intra_threads {
-            builder = builder
-                .with_intra_threads(n)
-                .map_err(|e| load_err(e.to_string()))?;
-        }
-        let mut builder = provider.register(builder, component)?;
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| load_err(e.to_string()))?;
+        let (mut builder, provider, fallback) = match provider.register(new_builder()?, component) {
+            Ok(b) => (b, provider.clone(), None),
+            Err(Error::ExecutionProviderUnavailable { reason, .. }) if config.cpu_fallback => {
+                let note = format!("{provider} unavailable ({reason}); running on the CPU as allowed by cpu_fallback");
+                (new_builder()?, ExecutionProvider::Cpu, Some(note))
+            }
+            Err(e) => return Err(e),
+        };
+        let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
         let inputs = ports(session.inputs());
         let outputs = ports(session.outputs());
         Ok(Graph {
             component,
             path: path.to_path_buf(),
-            provider: provider.clone(),
+            provider,
+            fallback,
             session,
             inputs,
             outputs,
@@ -214,20 +203,13 @@ impl Graph {
     }
 
     fn list(ports: &[Port]) -> String {
-        ports
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
     }
 
     /// Finds input `name` and checks its rank and element type.
     pub fn require_input(&self, name: &str, rank: usize, types: &[ElementType]) -> Result<&Port> {
         let port = self.inputs.iter().find(|p| p.name == name).ok_or_else(|| {
-            self.mismatch(format!(
-                "no input named `{name}`; the graph's inputs are: {}",
-                Self::list(&self.inputs)
-            ))
+            self.mismatch(format!("no input named `{name}`; the graph's inputs are: {}", Self::list(&self.inputs)))
         })?;
         self.check_port("input", port, rank, types)?;
         Ok(port)
@@ -235,61 +217,33 @@ impl Graph {
 
     /// Finds output `name` and checks its rank and element type.
     pub fn require_output(&self, name: &str, rank: usize, types: &[ElementType]) -> Result<&Port> {
-        let port = self
-            .outputs
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| {
-                self.mismatch(format!(
-                    "no output named `{name}`; the graph's outputs are: {}",
-                    Self::list(&self.outputs)
-                ))
-            })?;
+        let port = self.outputs.iter().find(|p| p.name == name).ok_or_else(|| {
+            self.mismatch(format!("no output named `{name}`; the graph's outputs are: {}", Self::list(&self.outputs)))
+        })?;
         self.check_port("output", port, rank, types)?;
         Ok(port)
     }
 
     /// Fails when the graph has inputs beyond `known` (we could not feed them).
     pub fn reject_extra_inputs(&self, known: &[&str]) -> Result<()> {
-        match self
-            .inputs
-            .iter()
-            .find(|p| !known.contains(&p.name.as_str()))
-        {
-            Some(extra) => Err(self.mismatch(format!(
-                "unexpected input {extra}; the pipeline feeds only: {}",
-                known.join(", ")
-            ))),
+        match self.inputs.iter().find(|p| !known.contains(&p.name.as_str())) {
+            Some(extra) => {
+                Err(self.mismatch(format!("unexpected input {extra}; the pipeline feeds only: {}", known.join(", "))))
+            }
             None => Ok(()),
         }
     }
 
-    fn check_port(
-        &self,
-        kind: &str,
-        port: &Port,
-        rank: usize,
-        types: &[ElementType],
-    ) -> Result<()> {
+    fn check_port(&self, kind: &str, port: &Port, rank: usize, types: &[ElementType]) -> Result<()> {
         let Some(shape) = &port.shape else {
             return Err(self.mismatch(format!("{kind} `{}` is not a tensor", port.name)));
         };
         if shape.len() != rank {
-            return Err(self.mismatch(format!(
-                "{kind} {port} has rank {}, expected rank {rank}",
-                shape.len()
-            )));
+            return Err(self.mismatch(format!("{kind} {port} has rank {}, expected rank {rank}", shape.len())));
         }
         if !types.contains(&port.dtype) {
-            let want = types
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(" or ");
-            return Err(self.mismatch(format!(
-                "{kind} {port} has element type {}, expected {want}",
-                port.dtype
-            )));
+            let want = types.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" or ");
+            return Err(self.mismatch(format!("{kind} {port} has element type {}, expected {want}", port.dtype)));
         }
         Ok(())
     }
@@ -311,16 +265,9 @@ impl Graph {
     }
 
     /// Runs the graph and returns the named outputs as `f32` arrays, in the order asked for.
-    pub fn run(
-        &mut self,
-        inputs: &[(&str, Input<'_>)],
-        wanted: &[&str],
-    ) -> Result<Vec<ArrayD<f32>>> {
+    pub fn run(&mut self, inputs: &[(&str, Input<'_>)], wanted: &[&str]) -> Result<Vec<ArrayD<f32>>> {
         let component = self.component;
-        let infer = |e: ort::Error| Error::Inference {
-            component,
-            message: e.to_string(),
-        };
+        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
         let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, input) in inputs {
             let dtype = self.input_type(name)?;
@@ -333,18 +280,12 @@ impl Graph {
                     }
                 }
                 (Input::Float(a), ElementType::Float16) => {
-                    Tensor::from_array(a.mapv(f16::from_f32))
-                        .map_err(infer)?
-                        .into()
+                    Tensor::from_array(a.mapv(f16::from_f32)).map_err(infer)?.into()
                 }
                 (Input::Float(a), ElementType::BFloat16) => {
-                    Tensor::from_array(a.mapv(bf16::from_f32))
-                        .map_err(infer)?
-                        .into()
+                    Tensor::from_array(a.mapv(bf16::from_f32)).map_err(infer)?.into()
                 }
-                (Input::Float(a), ElementType::Float64) => {
-                    Tensor::from_array(a.mapv(f64::from)).map_err(infer)?.into()
-                }
+                (Input::Float(a), ElementType::Float64) => Tensor::from_array(a.mapv(f64::from)).map_err(infer)?.into(),
                 (Input::Int64(a), ElementType::Int64) => {
                     if a.is_standard_layout() {
                         TensorRef::from_array_view(a.view()).map_err(infer)?.into()
@@ -357,26 +298,20 @@ impl Graph {
                     Tensor::from_array(converted).map_err(infer)?.into()
                 }
                 (_, other) => {
-                    return Err(self.mismatch(format!(
-                        "input `{name}` has element type {other}, which we cannot feed"
-                    )))
+                    return Err(self.mismatch(format!("input `{name}` has element type {other}, which we cannot feed")))
                 }
             };
             values.push((name.to_string(), value));
         }
-        let output_types: Vec<ElementType> = wanted
-            .iter()
-            .map(|n| self.output_type(n))
-            .collect::<Result<_>>()?;
+        let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
         let started = Instant::now();
         let outputs = self.session.run(values).map_err(infer)?;
         self.run_time += started.elapsed();
         let mut result = Vec::with_capacity(wanted.len());
         for (name, dtype) in wanted.iter().zip(output_types) {
-            let value = outputs.get(*name).ok_or_else(|| Error::Inference {
-                component,
-                message: format!("output `{name}` was not produced"),
-            })?;
+            let value = outputs
+                .get(*name)
+                .ok_or_else(|| Error::Inference { component, message: format!("output `{name}` was not produced") })?;
             result.push(to_f32(value, dtype).map_err(infer)?);
         }
         Ok(result)

@@ -40,17 +40,12 @@ pub(crate) fn environment(explicit: Option<&Path>) -> Result<ort::environment::E
         return Ok(env.clone());
     }
     let path = discovery::find_library(explicit)?;
-    let builder = ort::init_from(&path).map_err(|e| Error::RuntimeLoad {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let builder =
+        ort::init_from(&path).map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() })?;
     let env = builder
         .with_name("sd3-onnx")
         .build()
-        .map_err(|e| Error::RuntimeLoad {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() })?;
     *guard = Some((path, env.clone()));
     Ok(env)
 }

@@ -29,10 +29,7 @@ pub struct TensorRtOptions {
 impl TensorRtOptions {
     /// Options for GPU `device_id`, fp32, no caches.
     pub fn new(device_id: i32) -> Self {
-        TensorRtOptions {
-            device_id,
-            ..Default::default()
-        }
+        TensorRtOptions { device_id, ..Default::default() }
     }
     /// Builds fp16 engines when `enable`.
     #[must_use]
@@ -87,27 +84,14 @@ impl ExecutionProvider {
     }
 
     /// Registers the provider on a session builder, or explains why it cannot be.
-    pub(crate) fn register(
-        &self,
-        builder: SessionBuilder,
-        component: Component,
-    ) -> Result<SessionBuilder> {
-        let unavailable = |reason: String| Error::ExecutionProviderUnavailable {
-            provider: self.to_string(),
-            component,
-            reason,
-        };
+    pub(crate) fn register(&self, builder: SessionBuilder, component: Component) -> Result<SessionBuilder> {
+        let unavailable =
+            |reason: String| Error::ExecutionProviderUnavailable { provider: self.to_string(), component, reason };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
-            ExecutionProvider::Cuda { device_id } => {
-                register_cuda(builder, *device_id).map_err(unavailable)
-            }
-            ExecutionProvider::TensorRt(options) => {
-                register_tensorrt(builder, options).map_err(unavailable)
-            }
-            ExecutionProvider::DirectMl { device_id } => {
-                register_directml(builder, *device_id).map_err(unavailable)
-            }
+            ExecutionProvider::Cuda { device_id } => register_cuda(builder, *device_id).map_err(unavailable),
+            ExecutionProvider::TensorRt(options) => register_tensorrt(builder, options).map_err(unavailable),
+            ExecutionProvider::DirectMl { device_id } => register_directml(builder, *device_id).map_err(unavailable),
         }
     }
 }
@@ -131,11 +115,7 @@ impl FromStr for ExecutionProvider {
         let (name, id) = match s.split_once(':') {
             Some((n, id)) => {
                 let id = id.parse::<i32>().ok().filter(|v| *v >= 0).ok_or_else(|| {
-                    Error::request(
-                        "execution_provider",
-                        s,
-                        "the device id after ':' must be a non-negative integer",
-                    )
+                    Error::request("execution_provider", s, "the device id after ':' must be a non-negative integer")
                 })?;
                 (n, id)
             }
@@ -146,59 +126,38 @@ impl FromStr for ExecutionProvider {
             "cuda" => Ok(ExecutionProvider::Cuda { device_id: id }),
             "tensorrt" | "trt" => Ok(ExecutionProvider::TensorRt(TensorRtOptions::new(id))),
             "directml" | "dml" => Ok(ExecutionProvider::DirectMl { device_id: id }),
-            _ => Err(Error::request(
-                "execution_provider",
-                s,
-                "expected one of cpu, cuda, tensorrt, directml",
-            )),
+            _ => Err(Error::request("execution_provider", s, "expected one of cpu, cuda, tensorrt, directml")),
         }
     }
 }
 
 /// Turns ONNX Runtime's answer to "is this provider in the build?" into a message that says what to install.
 #[allow(dead_code)] // unused when no provider feature is enabled
-fn ensure_in_build(
-    available: ort::Result<bool>,
-    name: &str,
-    hint: &str,
-) -> std::result::Result<(), String> {
+fn ensure_in_build(available: ort::Result<bool>, name: &str, hint: &str) -> std::result::Result<(), String> {
     match available {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!(
             "the loaded ONNX Runtime ({}) was not built with {name}. {hint}",
-            super::loaded_library()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "unknown".into()),
+            super::loaded_library().map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into()),
         )),
         Err(e) => Err(format!("could not ask ONNX Runtime for its providers: {e}")),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn register_cuda(
-    builder: SessionBuilder,
-    device_id: i32,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(builder: SessionBuilder, device_id: i32) -> std::result::Result<SessionBuilder, String> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::CUDA::is_available(),
         "CUDAExecutionProvider",
         "Install the onnxruntime-gpu build (CUDA 13) and point ORT_DYLIB_PATH at its libonnxruntime.",
     )?;
-    let ep = ort::ep::CUDA::default()
-        .with_device_id(device_id)
-        .build()
-        .error_on_failure();
-    builder
-        .with_execution_providers([ep])
-        .map_err(|e| e.to_string())
+    let ep = ort::ep::CUDA::default().with_device_id(device_id).build().error_on_failure();
+    builder.with_execution_providers([ep]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn register_cuda(
-    _builder: SessionBuilder,
-    _device_id: i32,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(_builder: SessionBuilder, _device_id: i32) -> std::result::Result<SessionBuilder, String> {
     Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
 }
 
@@ -213,22 +172,14 @@ fn register_tensorrt(
         "TensorrtExecutionProvider",
         "Use an ONNX Runtime build with TensorRT and make the TensorRT libraries (libnvinfer) loadable.",
     )?;
-    let mut ep = ort::ep::TensorRT::default()
-        .with_device_id(options.device_id)
-        .with_fp16(options.fp16);
+    let mut ep = ort::ep::TensorRT::default().with_device_id(options.device_id).with_fp16(options.fp16);
     if let Some(p) = &options.engine_cache_path {
-        ep = ep
-            .with_engine_cache(true)
-            .with_engine_cache_path(p.display());
+        ep = ep.with_engine_cache(true).with_engine_cache_path(p.display());
     }
     if let Some(p) = &options.timing_cache_path {
-        ep = ep
-            .with_timing_cache(true)
-            .with_timing_cache_path(p.display());
+        ep = ep.with_timing_cache(true).with_timing_cache_path(p.display());
     }
-    builder
-        .with_execution_providers([ep.build().error_on_failure()])
-        .map_err(|e| e.to_string())
+    builder.with_execution_providers([ep.build().error_on_failure()]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "tensorrt"))]
@@ -236,17 +187,11 @@ fn register_tensorrt(
     _builder: SessionBuilder,
     _options: &TensorRtOptions,
 ) -> std::result::Result<SessionBuilder, String> {
-    Err(
-        "sd3-onnx was compiled without the `tensorrt` feature; rebuild with `--features tensorrt`"
-            .into(),
-    )
+    Err("sd3-onnx was compiled without the `tensorrt` feature; rebuild with `--features tensorrt`".into())
 }
 
 #[cfg(feature = "directml")]
-fn register_directml(
-    builder: SessionBuilder,
-    device_id: i32,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_directml(builder: SessionBuilder, device_id: i32) -> std::result::Result<SessionBuilder, String> {
     if !cfg!(windows) {
         return Err("DirectML exists only on Windows".into());
     }
@@ -256,10 +201,7 @@ fn register_directml(
         "DmlExecutionProvider",
         "Use the onnxruntime-directml build of ONNX Runtime.",
     )?;
-    let ep = ort::ep::DirectML::default()
-        .with_device_id(device_id)
-        .build()
-        .error_on_failure();
+    let ep = ort::ep::DirectML::default().with_device_id(device_id).build().error_on_failure();
     // DirectML requires sequential execution and no memory pattern (ONNX Runtime's documented constraints).
     builder
         .with_parallel_execution(false)
@@ -269,10 +211,7 @@ fn register_directml(
 }
 
 #[cfg(not(feature = "directml"))]
-fn register_directml(
-    _builder: SessionBuilder,
-    _device_id: i32,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_directml(_builder: SessionBuilder, _device_id: i32) -> std::result::Result<SessionBuilder, String> {
     Err("sd3-onnx was compiled without the `directml` feature (DirectML is Windows-only)".into())
 }
 
@@ -282,25 +221,13 @@ mod tests {
 
     #[test]
     fn parses_cli_names() {
-        assert_eq!(
-            "cpu".parse::<ExecutionProvider>().unwrap(),
-            ExecutionProvider::Cpu
-        );
-        assert_eq!(
-            "cuda:1".parse::<ExecutionProvider>().unwrap(),
-            ExecutionProvider::Cuda { device_id: 1 }
-        );
+        assert_eq!("cpu".parse::<ExecutionProvider>().unwrap(), ExecutionProvider::Cpu);
+        assert_eq!("cuda:1".parse::<ExecutionProvider>().unwrap(), ExecutionProvider::Cuda { device_id: 1 });
         assert_eq!(
             "tensorrt".parse::<ExecutionProvider>().unwrap(),
             ExecutionProvider::TensorRt(TensorRtOptions::new(0))
         );
-        assert!(matches!(
-            "vulkan".parse::<ExecutionProvider>(),
-            Err(Error::InvalidRequest { .. })
-        ));
-        assert!(matches!(
-            "cuda:-1".parse::<ExecutionProvider>(),
-            Err(Error::InvalidRequest { .. })
-        ));
+        assert!(matches!("vulkan".parse::<ExecutionProvider>(), Err(Error::InvalidRequest { .. })));
+        assert!(matches!("cuda:-1".parse::<ExecutionProvider>(), Err(Error::InvalidRequest { .. })));
     }
 }

@@ -73,8 +73,7 @@ impl FlowMatchConfig {
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(component, path, e.to_string()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
         Self::from_json(&v).map_err(|m| Error::config(component, path, m))
     }
 
@@ -83,43 +82,33 @@ impl FlowMatchConfig {
         let d = FlowMatchConfig::default();
         if let Some(class) = v.get("_class_name").and_then(Value::as_str) {
             if class != "FlowMatchEulerDiscreteScheduler" {
-                return Err(format!("scheduler class {class} is not supported; expected FlowMatchEulerDiscreteScheduler"));
+                return Err(format!(
+                    "scheduler class {class} is not supported; expected FlowMatchEulerDiscreteScheduler"
+                ));
             }
         }
         let num = |key: &str, default: f64| -> std::result::Result<f64, String> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_f64()
-                    .filter(|f| f.is_finite())
-                    .ok_or_else(|| format!("`{key}` must be a number, got {x}")),
+                Some(x) => {
+                    x.as_f64().filter(|f| f.is_finite()).ok_or_else(|| format!("`{key}` must be a number, got {x}"))
+                }
             }
         };
         let flag = |key: &str| -> std::result::Result<bool, String> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(false),
-                Some(x) => x
-                    .as_bool()
-                    .ok_or_else(|| format!("`{key}` must be true or false, got {x}")),
+                Some(x) => x.as_bool().ok_or_else(|| format!("`{key}` must be true or false, got {x}")),
             }
         };
-        for unsupported in [
-            "use_karras_sigmas",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "stochastic_sampling",
-        ] {
+        for unsupported in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"] {
             if flag(unsupported)? {
-                return Err(format!(
-                    "`{unsupported}` is not supported by sd3-onnx's flow-match scheduler"
-                ));
+                return Err(format!("`{unsupported}` is not supported by sd3-onnx's flow-match scheduler"));
             }
         }
         let steps = num("num_train_timesteps", d.num_train_timesteps as f64)?;
         if !(1.0..=100_000.0).contains(&steps) || steps.fract() != 0.0 {
-            return Err(format!(
-                "`num_train_timesteps` must be a positive integer, got {steps}"
-            ));
+            return Err(format!("`num_train_timesteps` must be a positive integer, got {steps}"));
         }
         let shift = num("shift", d.shift)?;
         if shift <= 0.0 {
@@ -128,19 +117,16 @@ impl FlowMatchConfig {
         let time_shift_type = match v.get("time_shift_type").and_then(Value::as_str) {
             None | Some("exponential") => TimeShiftType::Exponential,
             Some("linear") => TimeShiftType::Linear,
-            Some(other) => {
-                return Err(format!(
-                    "`time_shift_type` must be exponential or linear, got {other}"
-                ))
-            }
+            Some(other) => return Err(format!("`time_shift_type` must be exponential or linear, got {other}")),
         };
-        let shift_terminal =
-            match v.get("shift_terminal") {
-                None | Some(Value::Null) => None,
-                Some(x) => Some(x.as_f64().filter(|t| *t < 1.0).ok_or_else(|| {
-                    format!("`shift_terminal` must be a number below 1, got {x}")
-                })?),
-            };
+        let shift_terminal = match v.get("shift_terminal") {
+            None | Some(Value::Null) => None,
+            Some(x) => Some(
+                x.as_f64()
+                    .filter(|t| *t < 1.0)
+                    .ok_or_else(|| format!("`shift_terminal` must be a number below 1, got {x}"))?,
+            ),
+        };
         let cfg = FlowMatchConfig {
             num_train_timesteps: steps as usize,
             shift,
@@ -154,10 +140,7 @@ impl FlowMatchConfig {
             time_shift_type,
         };
         if cfg.use_dynamic_shifting && cfg.max_image_seq_len == cfg.base_image_seq_len {
-            return Err(
-                "`max_image_seq_len` must differ from `base_image_seq_len` for dynamic shifting"
-                    .into(),
-            );
+            return Err("`max_image_seq_len` must differ from `base_image_seq_len` for dynamic shifting".into());
         }
         Ok(cfg)
     }

@@ -39,18 +39,14 @@ impl Schedule {
     /// Keeps the steps from `start` on (img2img starts part-way down the schedule).
     pub fn skip(&self, start: usize) -> Schedule {
         let start = start.min(self.timesteps.len());
-        Schedule {
-            sigmas: self.sigmas[start..].to_vec(),
-            timesteps: self.timesteps[start..].to_vec(),
-        }
+        Schedule { sigmas: self.sigmas[start..].to_vec(), timesteps: self.timesteps[start..].to_vec() }
     }
 }
 
 /// SD3's resolution-dependent shift parameter `mu`: a line through (`base_seq_len`, `base_shift`) and
 /// (`max_seq_len`, `max_shift`) evaluated at `image_seq_len` (diffusers `calculate_shift`).
 pub fn calculate_shift(image_seq_len: usize, config: &FlowMatchConfig) -> f64 {
-    let m = (config.max_shift - config.base_shift)
-        / (config.max_image_seq_len - config.base_image_seq_len);
+    let m = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len);
     let b = config.base_shift - m * config.base_image_seq_len;
     image_seq_len as f64 * m + b
 }
@@ -65,11 +61,7 @@ impl FlowMatchConfig {
     /// [`calculate_shift`]).
     pub fn schedule(&self, steps: usize, mu: Option<f64>) -> Result<Schedule> {
         if steps == 0 {
-            return Err(Error::request(
-                "steps",
-                steps,
-                "at least one denoising step is needed",
-            ));
+            return Err(Error::request("steps", steps, "at least one denoising step is needed"));
         }
         let n_train = self.num_train_timesteps as f64;
         // __init__: the training sigmas in f32; sigma_max is the first (t = 1000), sigma_min the last (t = 1).
@@ -80,25 +72,15 @@ impl FlowMatchConfig {
                 (f64::from(s_max), f64::from(s_min))
             } else {
                 let k = self.shift as f32;
-                (
-                    f64::from(shift_f32(k, s_max)),
-                    f64::from(shift_f32(k, s_min)),
-                )
+                (f64::from(shift_f32(k, s_max)), f64::from(shift_f32(k, s_min)))
             }
         };
         // set_timesteps: np.linspace(sigma_max * T, sigma_min * T, steps) / T, in f64.
         let (start, end) = (sigma_max * n_train, sigma_min * n_train);
-        let mut sigmas: Vec<f64> = linspace(start, end, steps)
-            .into_iter()
-            .map(|t| t / n_train)
-            .collect();
+        let mut sigmas: Vec<f64> = linspace(start, end, steps).into_iter().map(|t| t / n_train).collect();
         if self.use_dynamic_shifting {
             let mu = mu.ok_or_else(|| {
-                Error::request(
-                    "mu",
-                    "none",
-                    "use_dynamic_shifting is set, so mu (from the image size) is required",
-                )
+                Error::request("mu", "none", "use_dynamic_shifting is set, so mu (from the image size) is required")
             })?;
             for s in &mut sigmas {
                 *s = match self.time_shift_type {
@@ -181,10 +163,7 @@ mod tests {
 
     #[test]
     fn sigmas_end_at_zero_and_timesteps_scale() {
-        let c = FlowMatchConfig {
-            shift: 3.0,
-            ..Default::default()
-        };
+        let c = FlowMatchConfig { shift: 3.0, ..Default::default() };
         let s = c.schedule(28, None).unwrap();
         assert_eq!(s.sigmas.len(), 29);
         assert_eq!(s.sigmas[0], 1.0);

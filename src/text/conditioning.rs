@@ -56,10 +56,8 @@ impl TextEncoders {
             clip_states.push(h);
             pooled.push(p);
         }
-        let clip =
-            concatenate(Axis(1), &[clip_states[0].view(), clip_states[1].view()]).map_err(|e| {
-                self.shape_error(format!("CLIP-L and CLIP-G states cannot be joined: {e}"))
-            })?;
+        let clip = concatenate(Axis(1), &[clip_states[0].view(), clip_states[1].view()])
+            .map_err(|e| self.shape_error(format!("CLIP-L and CLIP-G states cannot be joined: {e}")))?;
         let clip_width = clip.shape()[1];
         if clip_width > self.joint_dim {
             return Err(self.shape_error(format!(
@@ -90,9 +88,7 @@ impl TextEncoders {
         }
         let seq = clip.shape()[0] + t5.shape()[0];
         let mut context = Array3::<f32>::zeros((1, seq, self.joint_dim));
-        context
-            .slice_mut(s![0, ..clip.shape()[0], ..clip_width])
-            .assign(&clip);
+        context.slice_mut(s![0, ..clip.shape()[0], ..clip_width]).assign(&clip);
         context.slice_mut(s![0, clip.shape()[0].., ..]).assign(&t5);
         let pooled = concatenate(Axis(0), &[pooled[0].view(), pooled[1].view()])
             .map_err(|e| self.shape_error(e.to_string()))?
@@ -101,9 +97,6 @@ impl TextEncoders {
     }
 
     fn shape_error(&self, message: String) -> Error {
-        Error::Inference {
-            component: Component::Model,
-            message,
-        }
+        Error::Inference { component: Component::Model, message }
     }
 }

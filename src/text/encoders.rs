@@ -11,12 +11,8 @@ use crate::runtime::{ElementType, Graph, Input};
 const ID_TYPES: &[ElementType] = &[ElementType::Int64, ElementType::Int32];
 
 fn ids_array(graph: &Graph, tokens: &TokenizedPrompt) -> Result<Array2<i64>> {
-    Array2::from_shape_vec((1, tokens.ids.len()), tokens.ids.clone()).map_err(|e| {
-        Error::Inference {
-            component: graph.component,
-            message: e.to_string(),
-        }
-    })
+    Array2::from_shape_vec((1, tokens.ids.len()), tokens.ids.clone())
+        .map_err(|e| Error::Inference { component: graph.component, message: e.to_string() })
 }
 
 fn into_dim<D: ndarray::Dimension>(
@@ -25,10 +21,8 @@ fn into_dim<D: ndarray::Dimension>(
     what: &str,
 ) -> Result<ndarray::Array<f32, D>> {
     let shape = a.shape().to_vec();
-    a.into_dimensionality::<D>().map_err(|_| Error::Inference {
-        component,
-        message: format!("{what} has unexpected shape {shape:?}"),
-    })
+    a.into_dimensionality::<D>()
+        .map_err(|_| Error::Inference { component, message: format!("{what} has unexpected shape {shape:?}") })
 }
 
 /// A CLIP text encoder with its tokenizer (`text_encoder/` + `tokenizer/`, or the `_2` pair).
@@ -51,21 +45,11 @@ impl ClipEncoder {
         let ids = graph.require_input("input_ids", 2, ID_TYPES)?;
         let fixed_seq_len = ids.fixed_dim(1);
         graph.reject_extra_inputs(&["input_ids"])?;
-        let pooled_width = graph
-            .require_output("text_embeds", 2, ElementType::FLOATS)?
-            .fixed_dim(1);
+        let pooled_width = graph.require_output("text_embeds", 2, ElementType::FLOATS)?.fixed_dim(1);
         let mut layers: Vec<(usize, String)> = graph
             .outputs
             .iter()
-            .filter_map(|p| {
-                Some((
-                    p.name
-                        .strip_prefix("hidden_states.")?
-                        .parse::<usize>()
-                        .ok()?,
-                    p.name.clone(),
-                ))
-            })
+            .filter_map(|p| Some((p.name.strip_prefix("hidden_states.")?.parse::<usize>().ok()?, p.name.clone())))
             .collect();
         layers.sort();
         if layers.len() < 2 || layers.iter().enumerate().any(|(i, (n, _))| i != *n) {
@@ -95,14 +79,7 @@ impl ClipEncoder {
             }
         }
         let hidden_names = layers.into_iter().map(|(_, n)| n).collect();
-        Ok(ClipEncoder {
-            tokenizer,
-            graph,
-            hidden_names,
-            hidden_width,
-            pooled_width,
-            fixed_seq_len,
-        })
+        Ok(ClipEncoder { tokenizer, graph, hidden_names, hidden_width, pooled_width, fixed_seq_len })
     }
 
     pub fn component(&self) -> Component {
@@ -120,11 +97,7 @@ impl ClipEncoder {
 
     /// Encodes one prompt: `hidden_states[-(clip_skip + 2)]` as `[S, W]` and `text_embeds` as `[P]`
     /// (diffusers `_get_clip_prompt_embeds`; `clip_skip = None` means the penultimate layer, `-2`).
-    pub fn encode(
-        &mut self,
-        tokens: &TokenizedPrompt,
-        clip_skip: Option<usize>,
-    ) -> Result<(Array2<f32>, Array1<f32>)> {
+    pub fn encode(&mut self, tokens: &TokenizedPrompt, clip_skip: Option<usize>) -> Result<(Array2<f32>, Array1<f32>)> {
         let back = clip_skip.unwrap_or(0) + 2;
         let Some(index) = self.hidden_names.len().checked_sub(back) else {
             return Err(Error::request(
@@ -141,22 +114,13 @@ impl ClipEncoder {
         let ids = ids_array(&self.graph, tokens)?;
         let name = self.hidden_names[index].clone();
         let component = self.graph.component;
-        let mut out = self.graph.run(
-            &[("input_ids", Input::Int64(ids.view().into_dyn()))],
-            &["text_embeds", &name],
-        )?;
+        let mut out = self.graph.run(&[("input_ids", Input::Int64(ids.view().into_dyn()))], &["text_embeds", &name])?;
         let hidden = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), &name)?;
         let pooled = into_dim::<Ix2>(component, out.pop().unwrap_or_default(), "text_embeds")?;
         if hidden.shape()[0] != 1 || pooled.shape()[0] != 1 {
-            return Err(Error::Inference {
-                component,
-                message: "expected a batch of one".into(),
-            });
+            return Err(Error::Inference { component, message: "expected a batch of one".into() });
         }
-        Ok((
-            hidden.index_axis_move(Axis(0), 0),
-            pooled.index_axis_move(Axis(0), 0),
-        ))
+        Ok((hidden.index_axis_move(Axis(0), 0), pooled.index_axis_move(Axis(0), 0)))
     }
 }
 
@@ -172,14 +136,8 @@ impl T5Encoder {
     pub fn new(tokenizer: PromptTokenizer, graph: Graph) -> Result<Self> {
         graph.require_input("input_ids", 2, ID_TYPES)?;
         graph.reject_extra_inputs(&["input_ids"])?;
-        let width = graph
-            .require_output("last_hidden_state", 3, ElementType::FLOATS)?
-            .fixed_dim(2);
-        Ok(T5Encoder {
-            tokenizer,
-            graph,
-            width,
-        })
+        let width = graph.require_output("last_hidden_state", 3, ElementType::FLOATS)?.fixed_dim(2);
+        Ok(T5Encoder { tokenizer, graph, width })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -190,15 +148,8 @@ impl T5Encoder {
     pub fn encode(&mut self, tokens: &TokenizedPrompt) -> Result<Array2<f32>> {
         let ids = ids_array(&self.graph, tokens)?;
         let component = self.graph.component;
-        let mut out = self.graph.run(
-            &[("input_ids", Input::Int64(ids.view().into_dyn()))],
-            &["last_hidden_state"],
-        )?;
-        let states: Array3<f32> = into_dim::<Ix3>(
-            component,
-            out.pop().unwrap_or_default(),
-            "last_hidden_state",
-        )?;
+        let mut out = self.graph.run(&[("input_ids", Input::Int64(ids.view().into_dyn()))], &["last_hidden_state"])?;
+        let states: Array3<f32> = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), "last_hidden_state")?;
         Ok(states.slice(s![0, .., ..]).to_owned())
     }
 }

@@ -50,14 +50,11 @@ impl SpecialTokens {
 
     /// A special token's text: `special_tokens_map.json` wins over `tokenizer_config.json`, as in transformers.
     fn token(&self, key: &str) -> Option<String> {
-        [&self.map, &self.config]
-            .into_iter()
-            .flatten()
-            .find_map(|v| match v.get(key)? {
-                Value::String(s) => Some(s.clone()),
-                Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-                _ => None,
-            })
+        [&self.map, &self.config].into_iter().flatten().find_map(|v| match v.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        })
     }
 
     fn model_max_length(&self) -> Option<usize> {
@@ -72,9 +69,7 @@ fn read_json_opt(component: Component, path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::config(component, path, e.to_string()))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::config(component, path, e.to_string()))
 }
 
 impl PromptTokenizer {
@@ -103,14 +98,9 @@ impl PromptTokenizer {
                     });
                 }
             }
-            (
-                clip_from_vocab_merges(component, &vocab, &merges, &special)?,
-                vocab,
-            )
+            (clip_from_vocab_merges(component, &vocab, &merges, &special)?, vocab)
         };
-        let pad = special
-            .token("pad_token")
-            .unwrap_or_else(|| "<|endoftext|>".to_string());
+        let pad = special.token("pad_token").unwrap_or_else(|| "<|endoftext|>".to_string());
         Self::finish(component, path, inner, &pad, special.model_max_length())
     }
 
@@ -125,23 +115,11 @@ impl PromptTokenizer {
             } else {
                 "The T5 tokenizer folder needs tokenizer.json"
             };
-            return Err(Error::MissingFile {
-                component,
-                path: json_path,
-                hint: hint.to_string(),
-            });
+            return Err(Error::MissingFile { component, path: json_path, hint: hint.to_string() });
         }
         let inner = load_tokenizer_json(component, &json_path)?;
-        let pad = special
-            .token("pad_token")
-            .unwrap_or_else(|| "<pad>".to_string());
-        Self::finish(
-            component,
-            json_path,
-            inner,
-            &pad,
-            special.model_max_length(),
-        )
+        let pad = special.token("pad_token").unwrap_or_else(|| "<pad>".to_string());
+        Self::finish(component, json_path, inner, &pad, special.model_max_length())
     }
 
     fn finish(
@@ -161,17 +139,9 @@ impl PromptTokenizer {
         let pad_id = inner.token_to_id(pad).ok_or_else(|| Error::Tokenizer {
             component,
             path: path.clone(),
-            message: format!(
-                "the padding token {pad:?} named by the tokenizer config is not in the vocabulary"
-            ),
+            message: format!("the padding token {pad:?} named by the tokenizer config is not in the vocabulary"),
         })?;
-        Ok(PromptTokenizer {
-            component,
-            path,
-            inner,
-            pad_id,
-            model_max_length,
-        })
+        Ok(PromptTokenizer { component, path, inner, pad_id, model_max_length })
     }
 
     /// The id used for padding.
@@ -190,11 +160,7 @@ impl PromptTokenizer {
     }
 
     fn err(&self, message: impl ToString) -> Error {
-        Error::Tokenizer {
-            component: self.component,
-            path: self.path.clone(),
-            message: message.to_string(),
-        }
+        Error::Tokenizer { component: self.component, path: self.path.clone(), message: message.to_string() }
     }
 
     /// Tokenizes `text` to exactly `max_len` ids: special tokens added, content truncated from the right so
@@ -207,9 +173,7 @@ impl PromptTokenizer {
         });
         let added = processor_tokens.unwrap_or(0);
         if max_len <= added {
-            return Err(self.err(format!(
-                "max length {max_len} leaves no room for text after {added} special tokens"
-            )));
+            return Err(self.err(format!("max length {max_len} leaves no room for text after {added} special tokens")));
         }
         let content: Encoding = self.inner.encode(text, false).map_err(|e| self.err(e))?;
         let removed_text = if content.len() + added > max_len {
@@ -222,16 +186,10 @@ impl PromptTokenizer {
         };
         let mut content = content;
         content.truncate(max_len - added, 0, TruncationDirection::Right);
-        let full = self
-            .inner
-            .post_process(content, None, true)
-            .map_err(|e| self.err(e))?;
+        let full = self.inner.post_process(content, None, true).map_err(|e| self.err(e))?;
         let mut ids: Vec<i64> = full.get_ids().iter().map(|&i| i64::from(i)).collect();
         if ids.len() > max_len {
-            return Err(self.err(format!(
-                "post-processing produced {} ids for a limit of {max_len}",
-                ids.len()
-            )));
+            return Err(self.err(format!("post-processing produced {} ids for a limit of {max_len}", ids.len())));
         }
         ids.resize(max_len, i64::from(self.pad_id));
         Ok(TokenizedPrompt { ids, removed_text })
@@ -255,14 +213,12 @@ fn clip_from_vocab_merges(
     special: &SpecialTokens,
 ) -> Result<Tokenizer> {
     let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
-    let vocab: serde_json::Map<String, Value> =
-        serde_json::from_str(&vocab_text).map_err(|e| Error::Tokenizer {
-            component,
-            path: vocab_path.to_path_buf(),
-            message: format!("vocab.json is not a json object of token -> id: {e}"),
-        })?;
-    let merges_text =
-        std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+    let vocab: serde_json::Map<String, Value> = serde_json::from_str(&vocab_text).map_err(|e| Error::Tokenizer {
+        component,
+        path: vocab_path.to_path_buf(),
+        message: format!("vocab.json is not a json object of token -> id: {e}"),
+    })?;
+    let merges_text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
     let mut merges = Vec::new();
     for (n, line) in merges_text.lines().enumerate() {
         if line.starts_with("#version") || line.trim().is_empty() {
@@ -280,27 +236,15 @@ fn clip_from_vocab_merges(
             }
         }
     }
-    let bos = special
-        .token("bos_token")
-        .unwrap_or_else(|| "<|startoftext|>".into());
-    let eos = special
-        .token("eos_token")
-        .unwrap_or_else(|| "<|endoftext|>".into());
-    let unk = special
-        .token("unk_token")
-        .unwrap_or_else(|| "<|endoftext|>".into());
+    let bos = special.token("bos_token").unwrap_or_else(|| "<|startoftext|>".into());
+    let eos = special.token("eos_token").unwrap_or_else(|| "<|endoftext|>".into());
+    let unk = special.token("unk_token").unwrap_or_else(|| "<|endoftext|>".into());
     let id_of = |tok: &str| -> Result<u64> {
-        vocab
-            .get(tok)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::Tokenizer {
-                component,
-                path: vocab_path.to_path_buf(),
-                message: format!(
-                    "special token {tok:?} (from {}) is not in vocab.json",
-                    special.config_path.display()
-                ),
-            })
+        vocab.get(tok).and_then(Value::as_u64).ok_or_else(|| Error::Tokenizer {
+            component,
+            path: vocab_path.to_path_buf(),
+            message: format!("special token {tok:?} (from {}) is not in vocab.json", special.config_path.display()),
+        })
     };
     let (bos_id, eos_id) = (id_of(&bos)?, id_of(&eos)?);
     let added = |id: u64, content: &str| {

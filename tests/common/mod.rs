@@ -32,10 +32,8 @@ pub fn cases(fixture: &str) -> Vec<PathBuf> {
 }
 
 pub fn read_json(path: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn npy(path: &Path) -> ArrayD<f32> {
@@ -50,10 +48,7 @@ pub fn golden_request(case: &Path) -> GenerationRequest {
         .expect("latents are rank 4");
     GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
         .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
-        .size(
-            j["width"].as_u64().expect("width") as u32,
-            j["height"].as_u64().expect("height") as u32,
-        )
+        .size(j["width"].as_u64().expect("width") as u32, j["height"].as_u64().expect("height") as u32)
         .steps(j["steps"].as_u64().expect("steps") as usize)
         .guidance(j["guidance"].as_f64().expect("guidance") as f32)
         .max_sequence_length(j["max_sequence_length"].as_u64().unwrap_or(256) as usize)
@@ -74,18 +69,13 @@ pub fn pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
 }
 
 pub fn load_png(path: &Path) -> image::RgbImage {
-    image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8()
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
 }
 
 /// Largest absolute difference between two arrays of the same shape.
 pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
-    a.iter()
-        .zip(b.iter())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A scratch copy of a fixture folder, removed on drop.
