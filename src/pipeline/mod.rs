@@ -17,7 +17,7 @@ use crate::error::{Component, Error, Result};
 use crate::image::batch_to_rgb;
 use crate::latents::NoiseGenerator;
 use crate::progress::{ControlFlow, StepProgress};
-use crate::runtime::{ElementType, ExecutionProvider, Graph, Input};
+use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
 use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
@@ -233,11 +233,17 @@ impl Sd3Pipeline {
         let text_encoding = t.elapsed();
 
         let t = Instant::now();
+        // The text conditioning is the same at every step: bind it once (on a GPU: upload it once).
+        let mut bound = self.transformer.bind(&[
+            ("encoder_hidden_states", Input::Float(batch.context.view())),
+            ("pooled_projections", Input::Float(batch.pooled.view())),
+        ])?;
         let mut latents = plan.latents;
         let mut steps = Vec::with_capacity(plan.schedule.len());
         for i in 0..plan.schedule.len() {
             let step_start = Instant::now();
-            let velocity = self.velocity(&latents, &batch, plan.schedule.timesteps[i], request.guidance)?;
+            let timestep = plan.schedule.timesteps[i];
+            let velocity = self.velocity(&mut bound, &latents, batch.batch(), timestep, request.guidance)?;
             let (sigma, next) = (plan.schedule.sigmas[i], plan.schedule.sigmas[i + 1]);
             let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
             let v = velocity.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
@@ -278,12 +284,12 @@ impl Sd3Pipeline {
     /// One transformer evaluation, with classifier-free guidance when the batch holds [uncond, cond].
     fn velocity(
         &mut self,
+        bound: &mut Binding,
         latents: &Array4<f32>,
-        cond: &Conditioning,
+        batch: usize,
         timestep: f32,
         guidance: f32,
     ) -> Result<Array4<f32>> {
-        let batch = cond.batch();
         let hidden = if batch == 2 {
             concatenate(Axis(0), &[latents.view(), latents.view()]).map_err(|e| internal(e.to_string()))?
         } else {
@@ -291,13 +297,9 @@ impl Sd3Pipeline {
         };
         let t = Array1::from_elem(batch, timestep).into_dyn();
         let hidden = hidden.into_dyn();
-        let mut out = self.transformer.run(
-            &[
-                ("hidden_states", Input::Float(hidden.view())),
-                ("encoder_hidden_states", Input::Float(cond.context.view())),
-                ("pooled_projections", Input::Float(cond.pooled.view())),
-                ("timestep", Input::Float(t.view())),
-            ],
+        let mut out = self.transformer.run_bound(
+            bound,
+            &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
             &["out_hidden_states"],
         )?;
         let v = to4(Component::Transformer, out.pop().ok_or_else(|| internal("transformer returned nothing"))?)?;

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD};
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::ExecutionProvider;
 use crate::error::{Component, Error, Result};
@@ -306,6 +307,100 @@ impl Graph {
         let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
         let started = Instant::now();
         let outputs = self.session.run(values).map_err(infer)?;
+        self.run_time += started.elapsed();
+        let mut result = Vec::with_capacity(wanted.len());
+        for (name, dtype) in wanted.iter().zip(output_types) {
+            let value = outputs
+                .get(*name)
+                .ok_or_else(|| Error::Inference { component, message: format!("output `{name}` was not produced") })?;
+            result.push(to_f32(value, dtype).map_err(infer)?);
+        }
+        Ok(result)
+    }
+}
+
+/// Inputs bound once and reused across runs of the same graph (IO binding). On a GPU provider the values
+/// live in device memory, so e.g. the text conditioning is uploaded once per image instead of once per step.
+pub(crate) struct Binding {
+    inner: IoBinding,
+}
+
+impl Graph {
+    /// The device memory this graph's provider computes in.
+    fn device(&self) -> Option<(AllocationDevice<'static>, i32)> {
+        match &self.provider {
+            ExecutionProvider::Cuda { device_id } => Some((AllocationDevice::CUDA, *device_id)),
+            ExecutionProvider::TensorRt(o) => Some((AllocationDevice::CUDA, o.device_id)),
+            // DirectML and the CPU read host memory through ONNX Runtime's own copies.
+            _ => None,
+        }
+    }
+
+    /// Converts an input to an owned ONNX Runtime value of the element type the graph declares.
+    fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let dtype = self.input_type(name)?;
+        Ok(match (input, dtype) {
+            (Input::Float(a), ElementType::Float32) => Tensor::from_array(a.to_owned()).map_err(infer)?.upcast(),
+            (Input::Float(a), ElementType::Float16) => {
+                Tensor::from_array(a.mapv(f16::from_f32)).map_err(infer)?.upcast()
+            }
+            (Input::Float(a), ElementType::BFloat16) => {
+                Tensor::from_array(a.mapv(bf16::from_f32)).map_err(infer)?.upcast()
+            }
+            (Input::Float(a), ElementType::Float64) => Tensor::from_array(a.mapv(f64::from)).map_err(infer)?.upcast(),
+            (Input::Int64(a), ElementType::Int64) => Tensor::from_array(a.to_owned()).map_err(infer)?.upcast(),
+            (Input::Int64(a), ElementType::Int32) => {
+                let converted = a.mapv(|v| i32::try_from(v).unwrap_or(i32::MAX));
+                Tensor::from_array(converted).map_err(infer)?.upcast()
+            }
+            (_, other) => {
+                return Err(self.mismatch(format!("input `{name}` has element type {other}, which we cannot feed")))
+            }
+        })
+    }
+
+    /// Binds inputs that stay the same for many runs; on a GPU provider they are copied to the device once.
+    pub fn bind(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Binding> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let mut binding = self.session.create_binding().map_err(infer)?;
+        for (name, input) in inputs {
+            let value = self.value(name, input)?;
+            match self.device() {
+                Some((device, id)) => {
+                    let on_device = value.to(device, id).map_err(infer)?;
+                    binding.bind_input(*name, &on_device).map_err(infer)?;
+                }
+                None => binding.bind_input(*name, &value).map_err(infer)?,
+            }
+        }
+        Ok(Binding { inner: binding })
+    }
+
+    /// Runs with `binding`'s fixed inputs plus `inputs`, and returns the named outputs in host memory as `f32`.
+    pub fn run_bound(
+        &mut self,
+        binding: &mut Binding,
+        inputs: &[(&str, Input<'_>)],
+        wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        for (name, input) in inputs {
+            let value = self.value(name, input)?;
+            binding.inner.bind_input(*name, &value).map_err(infer)?;
+        }
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(infer)?;
+        let mut output_types = Vec::with_capacity(wanted.len());
+        for name in wanted {
+            output_types.push(self.output_type(name)?);
+            binding.inner.bind_output_to_device(*name, &host).map_err(infer)?;
+        }
+        let started = Instant::now();
+        let outputs = self.session.run_binding(&binding.inner).map_err(infer)?;
         self.run_time += started.elapsed();
         let mut result = Vec::with_capacity(wanted.len());
         for (name, dtype) in wanted.iter().zip(output_types) {
