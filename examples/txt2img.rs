@@ -16,8 +16,7 @@ use std::time::Instant;
 use sd3_onnx::latents::read_npy_f32;
 use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, StepProgress};
 
-const USAGE: &str =
-    "usage: txt2img --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
+const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
 [--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
 [--ep cpu|cuda|tensorrt|directml] [--output FILE.png]";
 
@@ -39,16 +38,13 @@ fn parse() -> Result<Args, String> {
     let mut ep = ExecutionProvider::Cpu;
     let mut output = PathBuf::from("output.png");
     fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
-        v.parse::<T>()
-            .map_err(|_| format!("{flag}: {v:?} is not a valid number"))
+        v.parse::<T>().map_err(|_| format!("{flag}: {v:?} is not a valid number"))
     }
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Err(USAGE.to_string());
         }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--model" => model = Some(PathBuf::from(value)),
             "--prompt" => prompt = Some(value),
@@ -72,57 +68,29 @@ fn parse() -> Result<Args, String> {
     req.width = width;
     req.height = height;
     let model = model.ok_or_else(|| format!("--model is required\n{USAGE}"))?;
-    Ok(Args {
-        model,
-        request: req,
-        latents,
-        ep,
-        output,
-    })
+    Ok(Args { model, request: req, latents, ep, output })
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let Args {
-        model,
-        mut request,
-        latents,
-        ep,
-        output,
-    } = args;
+    let Args { model, mut request, latents, ep, output } = args;
     if let Some(path) = latents {
         let array = read_npy_f32(&path).map_err(|e| e.to_string())?;
         let shape = array.shape().to_vec();
         let array = array.into_dimensionality::<ndarray::Ix4>().map_err(|_| {
-            format!(
-                "{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}",
-                path.display()
-            )
+            format!("{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}", path.display())
         })?;
         request.latents = Some(array);
     }
     let t = Instant::now();
-    let mut pipe = Sd3Pipeline::builder(&model)
-        .execution_provider(ep)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut pipe = Sd3Pipeline::builder(&model).execution_provider(ep).build().map_err(|e| e.to_string())?;
     let load = t.elapsed();
-    eprintln!(
-        "loaded {} in {:.1} ms",
-        model.display(),
-        load.as_secs_f64() * 1e3
-    );
+    eprintln!("loaded {} in {:.1} ms", model.display(), load.as_secs_f64() * 1e3);
     for (component, provider) in pipe.placements() {
         eprintln!("  {component}: {provider}");
     }
     let out = pipe
         .generate_with_progress(&request, |p: &StepProgress| {
-            eprintln!(
-                "step {}/{}  sigma {:.4}  {:.1} ms",
-                p.step + 1,
-                p.steps,
-                p.sigma,
-                p.elapsed.as_secs_f64() * 1e3
-            );
+            eprintln!("step {}/{}  sigma {:.4}  {:.1} ms", p.step + 1, p.steps, p.sigma, p.elapsed.as_secs_f64() * 1e3);
             ControlFlow::Continue(())
         })
         .map_err(|e| e.to_string())?;
@@ -130,38 +98,18 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("warning: {w}");
     }
     let image = out.images.first().ok_or("the pipeline returned no image")?;
-    image
-        .save(&output)
-        .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    image.save(&output).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     let t = &out.timings;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!("timings:");
     eprintln!("  model load       {:>9.1} ms", ms(load));
     eprintln!("  text encoding    {:>9.1} ms", ms(t.text_encoding));
-    eprintln!(
-        "  denoising        {:>9.1} ms ({} steps)",
-        ms(t.denoising),
-        t.steps.len()
-    );
+    eprintln!("  denoising        {:>9.1} ms ({} steps)", ms(t.denoising), t.steps.len());
     eprintln!("  VAE decode       {:>9.1} ms", ms(t.vae_decode));
-    eprintln!(
-        "  total            {:>9.1} ms (ONNX Runtime {:.1} ms)",
-        ms(t.total),
-        ms(t.onnx_runtime)
-    );
+    eprintln!("  total            {:>9.1} ms (ONNX Runtime {:.1} ms)", ms(t.total), ms(t.onnx_runtime));
     match out.seed {
-        Some(seed) => println!(
-            "wrote {} ({}x{}, seed {seed})",
-            output.display(),
-            out.size.0,
-            out.size.1
-        ),
-        None => println!(
-            "wrote {} ({}x{}, explicit latents)",
-            output.display(),
-            out.size.0,
-            out.size.1
-        ),
+        Some(seed) => println!("wrote {} ({}x{}, seed {seed})", output.display(), out.size.0, out.size.1),
+        None => println!("wrote {} ({}x{}, explicit latents)", output.display(), out.size.0, out.size.1),
     }
     Ok(())
 }
