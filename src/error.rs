@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Component {
-    /// The folder as a whole (`model_index.json`).
+    /// The folder as a whole.
     Model,
     /// `tokenizer/`: the CLIP-L tokenizer.
     TokenizerClipL,

@@ -3,7 +3,7 @@
 use image::RgbImage;
 use ndarray::{ArrayView3, ArrayView4};
 
-use crate::error::{Error, Result};
+use crate::error::{Component, Error, Result};
 
 /// Converts one decoded image `[3, H, W]` with values in `[-1, 1]` to 8-bit RGB, as diffusers'
 /// `VaeImageProcessor.postprocess` + `numpy_to_pil` do: `clamp(x / 2 + 0.5, 0, 1)`, then `round(x * 255)`
@@ -17,7 +17,10 @@ pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
     }
     let (w32, h32) = (u32::try_from(w), u32::try_from(h));
     let (Ok(w32), Ok(h32)) = (w32, h32) else {
-        return Err(Error::InvalidLatents { message: format!("decoded image {w}x{h} is too large") });
+        return Err(Error::Inference {
+            component: Component::VaeDecoder,
+            message: format!("decoded image {w}x{h} is too large"),
+        });
     };
     let mut img = RgbImage::new(w32, h32);
     for (x, y, px) in img.enumerate_pixels_mut() {
