@@ -178,7 +178,7 @@ impl Sd3Pipeline {
         progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<GenerationOutput> {
         let started = Instant::now();
-        let ort_before = self.onnx_runtime_time();
+        let before: Vec<Duration> = self.graphs().iter().map(|g| g.run_time).collect();
         let run = self.run_denoise(request, progress)?;
         let t = Instant::now();
         let images = self.decode(run.latents)?;
@@ -189,8 +189,15 @@ impl Sd3Pipeline {
             steps: run.steps,
             vae_decode,
             total: started.elapsed(),
-            onnx_runtime: self.onnx_runtime_time().saturating_sub(ort_before),
+            onnx_runtime: Duration::ZERO,
+            components: Vec::new(),
         };
+        let mut timings = timings;
+        for (g, b) in self.graphs().iter().zip(before) {
+            let spent = g.run_time.saturating_sub(b);
+            timings.onnx_runtime += spent;
+            timings.components.push((g.component, spent));
+        }
         let mut warnings = self.fallback_warnings();
         warnings.extend(run.warnings);
         Ok(GenerationOutput {
@@ -274,11 +281,6 @@ impl Sd3Pipeline {
         let sample = out.pop().ok_or_else(|| internal("VAE decoder returned nothing"))?;
         let sample = to4(Component::VaeDecoder, sample)?;
         batch_to_rgb(sample.view())
-    }
-
-    /// Total time the graphs have spent in `Session::run`.
-    fn onnx_runtime_time(&self) -> Duration {
-        self.graphs().iter().map(|g| g.run_time).sum()
     }
 
     /// One transformer evaluation, with classifier-free guidance when the batch holds [uncond, cond].

@@ -71,12 +71,19 @@ pub struct Timings {
     pub total: Duration,
     /// Time spent inside ONNX Runtime's `Session::run` across all graphs.
     pub onnx_runtime: Duration,
+    /// Time inside `Session::run` per component (the transformer's share is the denoiser's own cost).
+    pub components: Vec<(Component, Duration)>,
 }
 
 impl Timings {
     /// Time spent outside ONNX Runtime (our own code: tokenization, conversions, scheduler, guidance, images).
     pub fn outside_onnx_runtime(&self) -> Duration {
         self.total.saturating_sub(self.onnx_runtime)
+    }
+
+    /// Time inside `Session::run` for one component.
+    pub fn component(&self, component: Component) -> Duration {
+        self.components.iter().filter(|(c, _)| *c == component).map(|(_, d)| *d).sum()
     }
 }
 

@@ -249,13 +249,31 @@ fn clip_from_vocab_merges(
         })
     };
     let (bos_id, eos_id) = (id_of(&bos)?, id_of(&eos)?);
-    let added = |id: u64, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                           "rstrip": false, "normalized": true, "special": true})
-    };
-    let mut added_tokens = vec![added(bos_id, &bos)];
-    if eos_id != bos_id {
-        added_tokens.push(added(eos_id, &eos));
+    // Added tokens as transformers registers them: `added_tokens_decoder` of tokenizer_config.json when present
+    // (SD3's CLIP-G folder makes its pad token `!` special there, so a typed `!` is never merged), plus BOS/EOS.
+    let mut added_tokens: Vec<Value> = Vec::new();
+    if let Some(Value::Object(decoder)) = special.config.as_ref().and_then(|c| c.get("added_tokens_decoder")) {
+        let mut entries: Vec<(u64, &Value)> =
+            decoder.iter().filter_map(|(id, v)| Some((id.parse::<u64>().ok()?, v))).collect();
+        entries.sort_by_key(|(id, _)| *id);
+        for (id, v) in entries {
+            let content = v.get("content").and_then(Value::as_str).ok_or_else(|| Error::Tokenizer {
+                component,
+                path: special.config_path.clone(),
+                message: format!("added_tokens_decoder entry {id} has no `content`"),
+            })?;
+            let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
+            added_tokens.push(serde_json::json!({"id": id, "content": content,
+                "single_word": flag("single_word", false), "lstrip": flag("lstrip", false),
+                "rstrip": flag("rstrip", false), "normalized": flag("normalized", true),
+                "special": flag("special", true)}));
+        }
+    }
+    for (id, content) in [(bos_id, &bos), (eos_id, &eos)] {
+        if !added_tokens.iter().any(|t| t["id"].as_u64() == Some(id)) {
+            added_tokens.push(serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": true, "special": true}));
+        }
     }
     let json = serde_json::json!({
         "version": "1.0",

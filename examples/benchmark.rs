@@ -1,0 +1,153 @@
+//! End-to-end benchmark of one model folder on one execution provider: warm-up runs, then timed runs, then a
+//! table of medians per stage and the transformer's time per step (inside `Session::run`).
+//!
+//! ```text
+//! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
+//!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use sd3_onnx::{Component, ExecutionProvider, GenerationRequest, Sd3Pipeline, Timings};
+
+struct Args {
+    model: PathBuf,
+    ep: ExecutionProvider,
+    request: GenerationRequest,
+    runs: usize,
+    warmup: usize,
+    json: Option<PathBuf>,
+    output: Option<PathBuf>,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        model: PathBuf::new(),
+        ep: ExecutionProvider::Cpu,
+        request: GenerationRequest::new("a photo of an astronaut riding a horse on the moon, detailed, 8k")
+            .negative_prompt("blurry, low quality")
+            .seed(0),
+        runs: 3,
+        warmup: 1,
+        json: None,
+        output: None,
+    };
+    let mut it = std::env::args().skip(1);
+    let (mut w, mut h) = (None, None);
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: {v:?} is not a number"));
+        match flag.as_str() {
+            "--model" => a.model = PathBuf::from(v),
+            "--ep" => a.ep = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
+            "--width" => w = Some(num(&v)? as u32),
+            "--height" => h = Some(num(&v)? as u32),
+            "--steps" => a.request.steps = num(&v)? as usize,
+            "--guidance" => a.request.guidance = num(&v)? as f32,
+            "--prompt" => a.request.prompt = v,
+            "--runs" => a.runs = num(&v)? as usize,
+            "--warmup" => a.warmup = num(&v)? as usize,
+            "--json" => a.json = Some(PathBuf::from(v)),
+            "--output" => a.output = Some(PathBuf::from(v)),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if a.model.as_os_str().is_empty() {
+        return Err("--model is required".into());
+    }
+    a.request.width = w;
+    a.request.height = h;
+    if a.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let t = Instant::now();
+    let mut pipe =
+        Sd3Pipeline::builder(&a.model).execution_provider(a.ep.clone()).build().map_err(|e| e.to_string())?;
+    let load = t.elapsed();
+    let info = pipe.info().clone();
+    let mut all: Vec<Timings> = Vec::new();
+    for i in 0..a.warmup + a.runs {
+        let out = pipe.generate(&a.request).map_err(|e| e.to_string())?;
+        eprintln!("{} {}: {:.1} ms", if i < a.warmup { "warm-up" } else { "run" }, i, ms(out.timings.total));
+        if i == 0 {
+            if let Some(p) = &a.output {
+                out.images[0].save(p).map_err(|e| e.to_string())?;
+            }
+        }
+        if i >= a.warmup {
+            all.push(out.timings);
+        }
+    }
+    let steps = a.request.steps as f64;
+    let col = |f: &dyn Fn(&Timings) -> f64| median(all.iter().map(f).collect());
+    let rows: Vec<(&str, f64)> = vec![
+        ("end to end", col(&|t| ms(t.total))),
+        ("text encoding", col(&|t| ms(t.text_encoding))),
+        ("denoising loop", col(&|t| ms(t.denoising))),
+        ("  per step (whole loop / steps)", col(&|t| ms(t.denoising) / steps)),
+        ("  transformer Session::run per step", col(&|t| ms(t.component(Component::Transformer)) / steps)),
+        ("VAE decode", col(&|t| ms(t.vae_decode))),
+        ("inside ONNX Runtime", col(&|t| ms(t.onnx_runtime))),
+        ("outside ONNX Runtime (our code)", col(&|t| ms(t.outside_onnx_runtime()))),
+    ];
+    let size = format!(
+        "{}x{}",
+        a.request.width.map_or(info.default_size as u32, |v| v),
+        a.request.height.map_or(info.default_size as u32, |v| v)
+    );
+    println!(
+        "\nsd3-onnx on {} | {} | {size}, {} steps, guidance {} | load {:.0} ms | median of {} runs\n",
+        a.ep,
+        a.model.display(),
+        a.request.steps,
+        a.request.guidance,
+        ms(load),
+        a.runs
+    );
+    println!("| stage | ms |\n|---|---:|");
+    for (name, v) in &rows {
+        println!("| {name} | {v:.2} |");
+    }
+    if let Some(path) = a.json {
+        let obj: serde_json::Map<String, serde_json::Value> =
+            rows.iter().map(|(k, v)| (k.trim().to_string(), serde_json::json!(v))).collect();
+        let doc = serde_json::json!({
+            "provider": a.ep.to_string(), "model": a.model.display().to_string(), "size": size,
+            "steps": a.request.steps, "guidance": a.request.guidance, "runs": a.runs, "load_ms": ms(load),
+            "medians_ms": obj,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
