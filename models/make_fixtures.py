@@ -734,6 +734,7 @@ def stage_goldens(names):
         pipe = load_diffusers_pipeline(name)
         opipe = load_ort_pipeline(FIXTURES / name)
         opipe.set_progress_bar_config(disable=True)
+        ref = OrtReference(FIXTURES / name)
         gdir = GOLDENS / name
         shutil.rmtree(gdir, ignore_errors=True)
         summary = {"fixture": f"models/fixtures/{name}", "cases": {}}
@@ -751,9 +752,12 @@ def stage_goldens(names):
             img_o = opipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
             img_o.save(out / "optimum.png")
             a, b = to_uint8(img_d), to_uint8(img_o)
-            summary["cases"][case.name] = dict(diffusers_vs_optimum=diff_stats(a, b), diffusers_pixels=pixel_stats(a),
-                                               optimum_pixels=pixel_stats(b))
-            log(f"  {case.name:13s} diffusers vs optimum {diff_stats(a, b)}  pixels {pixel_stats(a)}")
+            c = ref.generate(case, latents.numpy())
+            summary["cases"][case.name] = dict(diffusers_vs_optimum=diff_stats(a, b),
+                                               numpy_ort_reference_vs_optimum=diff_stats(c, b),
+                                               diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
+            log(f"  {case.name:13s} diffusers vs optimum {diff_stats(a, b)}; numpy/ORT reference vs optimum "
+                f"{diff_stats(c, b)}; pixels {pixel_stats(a)}")
             if case.name == "cfg_negative":
                 save_debug_tensors(pipe, case, latents, out)
         summary["sensitivity"] = sensitivity_table(pipe)
@@ -898,6 +902,815 @@ def sensitivity_table(pipe) -> list[dict]:
     if missed:
         raise SystemExit(f"sensitivity check failed: {missed}")
     return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A plain numpy + onnxruntime re-implementation of the pipeline: the executable form of docs/design.md's numerics.
+# It must reproduce optimum.png exactly on the fp32 fixtures (checked in the goldens stage); on the fp16 fixture
+# it is the "f32 host math, f16 only at graph boundaries" reference (optimum instead rounds latents to f16).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flow_match_schedule(shift: float, steps: int, num_train_timesteps=1000):
+    """sigmas (steps+1, f32, last 0) and timesteps (steps, f32) exactly as FlowMatchEulerDiscreteScheduler
+    (use_dynamic_shifting=False) computes them: sigma_min is shift(1/1000) evaluated in float32 (in __init__),
+    the linspace and the shift are evaluated in float64, cast to float32, and timesteps = sigmas_f32 * 1000 in f32."""
+    n = num_train_timesteps
+    s_min = np.float32(1.0) / np.float32(n)  # sigmas[-1] of the training schedule: 1/1000 in f32
+    s_min = np.float32(shift) * s_min / (np.float32(1) + np.float32(shift - 1) * s_min)
+    sigma_max, sigma_min = 1.0, float(s_min)
+    t = np.linspace(sigma_max * n, sigma_min * n, steps)  # float64
+    s = t / n
+    s = shift * s / (1 + (shift - 1) * s)
+    sig = s.astype(np.float32)
+    timesteps = sig * np.float32(n)
+    return np.concatenate([sig, np.zeros(1, np.float32)]), timesteps
+
+
+class OrtReference:
+    """Loads a fixture folder like the Rust crate does: tokenizers from their folders, every graph through ORT,
+    dimensions from the graphs and configs, dtypes from the sessions."""
+
+    def __init__(self, folder: Path):
+        import transformers
+
+        index = read_json(folder / "model_index.json")
+        self.tok = [getattr(transformers, index[s][1]).from_pretrained(folder / s) for s in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        sess = lambda c: ort.InferenceSession(str(folder / c / "model.onnx"), so, providers=["CPUExecutionProvider"])  # noqa: E731
+        self.te = [sess(c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        self.transformer, self.vae = sess("transformer"), sess("vae_decoder")
+        self.shift = read_json(folder / "scheduler" / "scheduler_config.json")["shift"]
+        vae_cfg = read_json(folder / "vae_decoder" / "config.json")
+        self.scaling, self.shift_factor = vae_cfg["scaling_factor"], vae_cfg["shift_factor"]
+
+    @staticmethod
+    def run(sess, feeds: dict) -> dict:
+        """Casts every float input to the graph's element type and every float output back to float32."""
+        types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+        fed = {i.name: np.ascontiguousarray(feeds[i.name]).astype(types[i.type]) for i in sess.get_inputs()}
+        outs = sess.run(None, fed)
+        return {o.name: (v.astype(np.float32) if v.dtype == np.float16 else v) for o, v in zip(sess.get_outputs(), outs)}
+
+    def encode(self, prompt: str, max_sequence_length: int):
+        ctx, pooled = [], []
+        for tok, te in zip(self.tok[:2], self.te[:2]):
+            ids = tok(prompt, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True).input_ids
+            out = self.run(te, {"input_ids": np.array([ids], np.int64)})
+            n_layers = sum(1 for k in out if k.startswith("hidden_states.")) - 1
+            ctx.append(out[f"hidden_states.{n_layers - 1}"])  # penultimate layer, before the final layer norm
+            pooled.append(out["text_embeds"])
+        ids = self.tok[2](prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                          add_special_tokens=True).input_ids
+        t5 = self.run(self.te[2], {"input_ids": np.array([ids], np.int64)})["last_hidden_state"]
+        clip = np.concatenate(ctx, axis=-1)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
+
+    def generate(self, case: Case, latents: np.ndarray) -> np.ndarray:
+        pe, ppe = self.encode(case.prompt, case.max_sequence_length)
+        cfg = case.guidance > 1
+        if cfg:
+            npe, nppe = self.encode(case.negative_prompt, case.max_sequence_length)
+            pe, ppe = np.concatenate([npe, pe]), np.concatenate([nppe, ppe])
+        sigmas, timesteps = flow_match_schedule(self.shift, case.steps)
+        x = latents.astype(np.float32)
+        g = np.float32(case.guidance)
+        for i, t in enumerate(timesteps):
+            inp = np.concatenate([x, x]) if cfg else x
+            v = self.run(self.transformer, {"hidden_states": inp, "encoder_hidden_states": pe, "pooled_projections": ppe,
+                                            "timestep": np.full((inp.shape[0],), t, np.float32)})["out_hidden_states"]
+            if cfg:
+                vu, vc = v[:1], v[1:]
+                v = vu + g * (vc - vu)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        z = x / np.float32(self.scaling) + np.float32(self.shift_factor)
+        img = self.run(self.vae, {"latent_sample": z})["sample"]
+        img = np.clip(img / np.float32(2) + np.float32(0.5), 0, 1)  # VaeImageProcessor.denormalize
+        return (img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)  # numpy_to_pil: round half to even
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: fp16
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """convert_float_to_float16 appends the Cast nodes it inserts for Resize's float32 `scales` input after their
+    consumers; ORT copes, onnx.checker does not. Re-order the nodes topologically (stable)."""
+    g = model.graph
+    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending, order = list(g.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                order.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError("graph has a cycle or a dangling input")
+        pending = rest
+    del g.node[:]
+    g.node.extend(order)
+    return model
+
+
+def stage_fp16():
+    """tiny-sd3's transformer and VAE decoder converted to float16 with float16 inputs AND outputs
+    (onnxruntime.transformers.float16.convert_float_to_float16, keep_io_types=False): every float input, the
+    timestep included, becomes tensor(float16). Tests overlay this folder onto a copy of tiny-sd3."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dst = FIXTURES / "tiny-sd3-fp16"
+    shutil.rmtree(dst, ignore_errors=True)
+    for comp in ("transformer", "vae_decoder"):
+        (dst / comp).mkdir(parents=True)
+        m = onnx.load(str(FIXTURES / "tiny-sd3" / comp / "model.onnx"))
+        m16 = toposort(convert_float_to_float16(m, keep_io_types=False))
+        onnx.checker.check_model(m16)
+        onnx.save(m16, str(dst / comp / "model.onnx"))
+        shutil.copy2(FIXTURES / "tiny-sd3" / comp / "config.json", dst / comp / "config.json")
+        s = ort.InferenceSession(str(dst / comp / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert all(t.type == "tensor(float16)" for t in list(s.get_inputs()) + list(s.get_outputs())), comp
+    # The overlay the tests build: a copy of tiny-sd3 with the two fp16 graphs on top (build folder only).
+    overlay = BUILD / "tiny-sd3-fp16-overlay"
+    shutil.rmtree(overlay, ignore_errors=True)
+    shutil.copytree(FIXTURES / "tiny-sd3", overlay)
+    shutil.copytree(dst, overlay, dirs_exist_ok=True)
+
+    case = CASES[0]
+    out = GOLDENS / "tiny-sd3-fp16" / case.name
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.mkdir(parents=True)
+    latents = initial_latents(case)
+    np.save(out / "latents.npy", latents.numpy())
+    opipe = load_ort_pipeline(overlay)
+    opipe.set_progress_bar_config(disable=True)
+    img_o = to_uint8(opipe(**pipe_kwargs(case, latents), output_type="pil").images[0])
+    Image.fromarray(img_o).save(out / "optimum.png")
+    img_r = OrtReference(overlay).generate(case, latents.numpy())
+    Image.fromarray(img_r).save(out / "ort_f32_host.png")
+    fp32 = to_uint8(Image.open(GOLDENS / "tiny-sd3" / case.name / "optimum.png"))
+    req = request_json(case)
+    req.update(
+        latents="latents.npy",
+        latent_seed=case.latent_seed,
+        fixture="models/fixtures/tiny-sd3 with models/fixtures/tiny-sd3-fp16 copied over it",
+        numerics={
+            "optimum.png": "optimum ORTStableDiffusion3Pipeline (diffusers 0.35.2 loop on torch CPU tensors): the "
+            "timestep and all transformer/VAE inputs are cast to float16 at the graph; the transformer output stays "
+            "float16, so CFG (v_u + g*(v_c - v_u)) runs in float16 and FlowMatchEulerDiscreteScheduler.step "
+            "upcasts the sample to float32 but casts the new latents back to float16 after every step; "
+            "z / scaling_factor + shift_factor and the postprocess run in float16 too.",
+            "ort_f32_host.png": "plain onnxruntime with float32 host math: latents, CFG and Euler steps in float32, "
+            "inputs cast to float16 only at the graph boundary, outputs cast back to float32 (OrtReference in "
+            "make_fixtures.py).",
+        },
+    )
+    write_json(out / "request.json", req)
+    summary = {
+        "fixture": req["fixture"],
+        "cases": {case.name: dict(
+            optimum_vs_ort_f32_host=diff_stats(img_o, img_r),
+            optimum_vs_fp32_optimum=diff_stats(img_o, fp32),
+            ort_f32_host_vs_fp32_optimum=diff_stats(img_r, fp32),
+            optimum_pixels=pixel_stats(img_o),
+        )},
+    }
+    write_json(out.parent / "summary.json", summary)
+    for k, v in summary["cases"][case.name].items():
+        log(f"  {k}: {v}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: scheduler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stage_scheduler():
+    """sigmas/timesteps of FlowMatchEulerDiscreteScheduler through the pipeline's own call path
+    (pipeline_stable_diffusion_3.retrieve_timesteps -> set_timesteps(num_inference_steps, mu=...))."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    cases = []
+
+    def add(config: dict, steps: int, mu=None, image_seq_len=None):
+        sched = FlowMatchEulerDiscreteScheduler(**config)
+        kwargs = {} if mu is None else {"mu": mu}
+        timesteps, n = retrieve_timesteps(sched, steps, "cpu", **kwargs)
+        assert n == steps and sched.sigmas.dtype == torch.float32 and timesteps.dtype == torch.float32
+        cfg = {k: v for k, v in sched.config.items() if not k.startswith("_")}
+        case = {"config": cfg, "steps": steps}
+        if mu is not None:
+            case["mu"] = mu
+            case["image_seq_len"] = image_seq_len
+        case["sigmas"] = f32list(sched.sigmas)
+        case["timesteps"] = f32list(timesteps)
+        if not cfg["use_dynamic_shifting"]:  # our numpy transcription must agree bit for bit
+            sig, ts = flow_match_schedule(cfg["shift"], steps)
+            assert np.array_equal(sig, sched.sigmas.numpy()) and np.array_equal(ts, timesteps.numpy())
+        cases.append(case)
+
+    for shift in (1.0, 3.0, 2.5, 5.0):
+        for steps in (1, 2, 4, 8, 28, 50):
+            add(dict(num_train_timesteps=1000, shift=shift), steps)
+    # Dynamic (resolution-dependent) shifting, as Flux/SD3.5-style configs use it: mu from the image token count,
+    # computed like StableDiffusion3Pipeline.__call__ does (calculate_shift with the config's bounds).
+    dyn = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+               base_image_seq_len=256, max_image_seq_len=4096)
+    for px in (64, 512, 1024):
+        seq = (px // 8 // 2) ** 2
+        mu = calculate_shift(seq, dyn["base_image_seq_len"], dyn["max_image_seq_len"], dyn["base_shift"], dyn["max_shift"])
+        for steps in (4, 28):
+            add(dyn, steps, mu=mu, image_seq_len=seq)
+    add(dict(dyn, time_shift_type="linear"), 8, mu=1.0, image_seq_len=None)
+    doc = {
+        "generator": "models/make_fixtures.py (stage scheduler), diffusers 0.35.2 FlowMatchEulerDiscreteScheduler",
+        "notes": [
+            "sigmas has steps+1 entries (terminal 0 appended); timesteps has steps entries; the transformer is fed "
+            "timesteps[i] (= sigmas[i] * 1000 in float32) and the Euler step is x += (sigmas[i+1] - sigmas[i]) * v.",
+            "All values are float32 written as the exactly equal float64 decimal.",
+            "Static shifting: sigma_min = shift(1/1000) is computed in float32 (scheduler __init__), then "
+            "t = linspace(1000*sigma_max, 1000*sigma_min, steps) and shift(t/1000) are computed in float64, cast to "
+            "float32, and timesteps = sigmas_f32 * 1000 in float32. shift(s) = k*s / (1 + (k-1)*s).",
+            "Dynamic shifting: the `shift` config value is ignored; sigmas = exp(mu) / (exp(mu) + (1/t - 1)) "
+            "(time_shift_type exponential) or mu / (mu + (1/t - 1)) (linear), t as above but from the unshifted "
+            "training schedule (sigma_min = 1/1000). mu = calculate_shift(image_seq_len, base_image_seq_len, "
+            "max_image_seq_len, base_shift, max_shift) with image_seq_len = (latent_h/patch) * (latent_w/patch).",
+        ],
+        "cases": cases,
+    }
+    write_json(GOLDENS / "scheduler.json", doc)
+    log(f"  {len(cases)} cases")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: tokjson
+# ----------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_CORPUS = [
+    # empty / whitespace only
+    "", " ", "   ", "\t", "\n\n", " \t\n ",
+    # plain words, case
+    "cat", "a photo of a cat", "A Photo Of A CAT", "ASTRONAUT riding a Horse", "hElLo WoRlD",
+    "an astronaut riding a horse on the moon, highly detailed, 8k",
+    # whitespace runs, leading / trailing
+    "a   b", "a\tb", "a\nb", "a \t\n b", "   leading spaces", "trailing spaces   ", "  both  ", "line one\nline two\r\nline three",
+    # punctuation, "!" is CLIP-G's pad token (an added special token there)
+    "!", "!!!", "hello!", "hello!!! world", "wow!?", "!a!b!", "a,b;c:d", "dots... and…ellipsis",
+    "(parentheses) [brackets] {braces}", "quotes \"double\" 'single'", "“curly quotes” ‘single’",
+    "hyphen-ated em—dash en–dash", "slash/back\\slash", "#hashtag @mention $100 50% a&b", "* bullet ~tilde `code` ^caret _under_",
+    # special tokens written literally
+    "<|endoftext|>", "a cat <|endoftext|> a dog", "<|startoftext|>hello", "<|ENDOFTEXT|>", "<|endoftext|><|endoftext|>",
+    "<pad>", "</s>", "<unk>", "<extra_id_0> and <extra_id_99>",
+    # numbers
+    "123", "3.14159", "1,000,000", "2024-05-01", "4k 8k uhd", "0.5x zoom", "1st 2nd 3rd 100th",
+    # contractions
+    "don't", "it's", "we'll", "I'M", "they're", "can't won't shouldn't've", "rock 'n' roll",
+    # HTML-ish and entities (ftfy unescapes entities in the slow CLIP tokenizer when no '<' is present)
+    "<b>bold</b> <img src=x>", "&amp; &lt; &gt;", "a &amp; b", "<p>html &amp; entity</p>", "fish &amp; chips",
+    # unicode: accents, composed / combining, ligatures, width forms, mojibake, other scripts, invisible chars
+    "café", "naïve façade", "crème brûlée", "Zürich über Ångström", "résumé", "niño", "e\u0301 combining acute",
+    "ﬁne ﬂower ligatures", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３", "cafÃ© mojibake", "ß straße STRASSE", "İstanbul ıi",
+    "ΑΒΓ αβγ greek", "кот на крыше", "עברית", "العربية", "हिन्दी",
+    "soft\u00adhyphen", "zero\u200bwidth", "nbsp\u00a0space", "tab\u3000ideographic space",
+    # CJK
+    "日本の桜", "中文提示词：一只猫", "한국어 고양이", "東京タワー at night", "ｶﾀｶﾅ halfwidth",
+    # emoji
+    "🐱", "a cat 🐱 on a 🚀", "👩‍🚀 astronaut", "🇯🇵 flag", "❤️ love", "👍🏽 thumbs",
+    # mixed
+    "Photo_of-a.cat/IMG_1234.JPG", "C++ and C# code", "email me@example.com", "https://example.com/a?b=c",
+]
+
+
+def corpus_with_long_prompts() -> list[dict]:
+    """The corpus plus length edge cases (the text is stored verbatim in the JSON)."""
+    items = [dict(prompt=p) for p in TOKENIZER_CORPUS]
+    items.append(dict(prompt=LONG_PROMPT, note="> 77 CLIP tokens, > 32 T5 tokens"))
+    very_long = " ".join([LONG_PROMPT] * 3)
+    items.append(dict(prompt=very_long, note="> 77 CLIP tokens and > 256 T5 tokens"))
+    # CLIP boundary: "cat" is one CLIP token; 75 of them fill 77 exactly with <|startoftext|> and <|endoftext|>.
+    for n in (75, 76, 77):
+        items.append(dict(prompt=" ".join(["cat"] * n), note=f"{n} CLIP word tokens"))
+    # T5 boundary: " cat" is one T5 piece; 255 of them + </s> fill 256 exactly; 76 + </s> fill 77.
+    for n in (76, 77, 255, 256):
+        items.append(dict(prompt=" ".join(["cat"] * n), note=f"{n} T5 pieces"))
+    return items
+
+
+def clip_ids(tok, prompt: str) -> dict:
+    """What StableDiffusion3Pipeline._get_clip_prompt_embeds feeds the CLIP encoders, and what it would log."""
+    ids = tok(prompt, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True).input_ids
+    untruncated = tok(prompt, padding="longest").input_ids
+    removed = None
+    if len(untruncated) >= len(ids) and untruncated != ids:
+        removed = tok.batch_decode([untruncated[CLIP_MAX_LENGTH - 1 : -1]])[0]
+    return dict(input_ids=ids, untruncated_ids=untruncated, removed_text=removed)
+
+
+def t5_ids(tok, prompt: str, max_length: int) -> dict:
+    """What StableDiffusion3Pipeline._get_t5_prompt_embeds feeds T5. NB diffusers slices the logged removed text
+    with the CLIP length (untruncated_ids[:, 77 - 1 : -1]) whatever max_sequence_length is; removed_text is that
+    string verbatim, truncated_text is what was really cut (untruncated_ids[max_length - 1 : -1])."""
+    ids = tok(prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True).input_ids
+    untruncated = tok(prompt, padding="longest").input_ids
+    removed = truncated = None
+    if len(untruncated) >= len(ids) and untruncated != ids:
+        removed = tok.batch_decode([untruncated[CLIP_MAX_LENGTH - 1 : -1]])[0]
+        truncated = tok.batch_decode([untruncated[max_length - 1 : -1]])[0]
+    return dict(input_ids=ids, untruncated_ids=untruncated, removed_text=removed, truncated_text=truncated)
+
+
+def stage_tokjson():
+    import transformers
+
+    sources = {}
+    for name in ("tiny-sd3", "tiny-sd35"):
+        index = read_json(FIXTURES / name / "model_index.json")
+        sources[name] = {k: getattr(transformers, index[sub][1]).from_pretrained(FIXTURES / name / sub)
+                         for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))}
+    fast35 = {k: CLIPTokenizerFast.from_pretrained(FIXTURES / "tiny-sd35" / sub)
+              for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"))}
+    t5_slow = T5Tokenizer(vocab_file=str(FIXTURES / "tiny-sd35" / "tokenizer_3" / "spiece.model"), extra_ids=100)
+    descr = {
+        "tiny-sd3": {k: f"models/fixtures/tiny-sd3/{sub}: {type(sources['tiny-sd3'][k]).__name__} from tokenizer.json"
+                     for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))},
+        "tiny-sd35": {
+            "clip_l": "models/fixtures/tiny-sd35/tokenizer: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
+            "clip_g": "models/fixtures/tiny-sd35/tokenizer_2: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
+            "t5": "models/fixtures/tiny-sd35/tokenizer_3: T5TokenizerFast from tokenizer.json",
+        },
+        "tiny-sd35-fast": {
+            "clip_l": "models/fixtures/tiny-sd35/tokenizer: CLIPTokenizerFast converted from vocab.json + merges.txt",
+            "clip_g": "models/fixtures/tiny-sd35/tokenizer_2: CLIPTokenizerFast converted from vocab.json + merges.txt",
+        },
+    }
+    cases, disagreements = [], []
+    for item in corpus_with_long_prompts():
+        p = item["prompt"]
+        entry = dict(item)
+        for name, toks in sources.items():
+            entry[name] = {"clip_l": clip_ids(toks["clip_l"], p), "clip_g": clip_ids(toks["clip_g"], p),
+                           "t5_256": t5_ids(toks["t5"], p, 256), "t5_77": t5_ids(toks["t5"], p, 77)}
+        entry["tiny-sd35-fast"] = {k: clip_ids(t, p) for k, t in fast35.items()}
+        # Where do the tokenizers disagree?
+        for k in ("clip_l", "clip_g"):
+            slow, fast, sd3 = (entry["tiny-sd35"][k]["input_ids"], entry["tiny-sd35-fast"][k]["input_ids"],
+                               entry["tiny-sd3"][k]["input_ids"])
+            assert fast == sd3, "tiny-sd3's tokenizer.json must equal the fast conversion of tiny-sd35's vocab/merges"
+            if slow != fast:
+                disagreements.append(dict(prompt=p, tokenizer=k, slow_clip=strip_pad(slow, k), fast_clip=strip_pad(fast, k),
+                                          slow_tokens=toks_of(sources["tiny-sd35"][k], slow, k),
+                                          fast_tokens=toks_of(fast35[k], fast, k)))
+        for n in (256, 77):
+            assert entry["tiny-sd3"][f"t5_{n}"] == entry["tiny-sd35"][f"t5_{n}"]
+        sp = t5_slow(p, padding="max_length", max_length=256, truncation=True).input_ids
+        if sp != entry["tiny-sd35"]["t5_256"]["input_ids"]:
+            disagreements.append(dict(prompt=p, tokenizer="t5", slow_t5_sentencepiece=[i for i in sp if i],
+                                      fast_t5=[i for i in entry["tiny-sd35"]["t5_256"]["input_ids"] if i]))
+        cases.append(entry)
+    doc = {
+        "generator": "models/make_fixtures.py (stage tokjson); transformers 4.57.1, tokenizers 0.22.2, ftfy 6.3.1",
+        "how": {
+            "clip_l / clip_g": "tokenizer(prompt, padding='max_length', max_length=77, truncation=True).input_ids; "
+                               "untruncated_ids = tokenizer(prompt, padding='longest').input_ids; removed_text = "
+                               "tokenizer.batch_decode(untruncated_ids[76:-1]) when untruncated is longer (what "
+                               "diffusers logs), else null",
+            "t5_N": "tokenizer_3(prompt, padding='max_length', max_length=N, truncation=True, add_special_tokens=True)"
+                    ".input_ids for N = 256 (default max_sequence_length) and 77; removed_text is what diffusers logs "
+                    "(it slices untruncated_ids[76:-1] with the CLIP length whatever N is); truncated_text is "
+                    "untruncated_ids[N-1:-1] decoded (what was really cut)",
+        },
+        "tokenizers": descr,
+        "pad_ids": {"clip_l": 49407, "clip_g": 0, "t5": 0},
+        "notes": [
+            "tiny-sd3 and tiny-sd35 share the same CLIP vocabulary/merges and the same T5 tokenizer; they differ in "
+            "layout (tokenizer.json vs vocab.json + merges.txt) and so in slow vs fast CLIP tokenization.",
+            "tiny-sd35-fast equals tiny-sd3 for every prompt (asserted).",
+            "CLIP-G's pad token '!' is an added special token (as in the real SD3 tokenizer_2): every '!' typed in a "
+            "prompt becomes id 0 for CLIP-G (never merged, e.g. '!!!' -> 0 0 0), while CLIP-L BPE-encodes it.",
+            "'disagreements' lists every prompt where the slow CLIPTokenizer (ftfy normalization) and the fast one "
+            "(tokenizer.json: NFC + whitespace collapse + lowercase) give different ids, and where the T5 "
+            "sentencepiece (slow) and tokenizer.json (fast) tokenizers differ.",
+        ],
+        "disagreements": disagreements,
+        "cases": cases,
+    }
+    write_json(GOLDENS / "tokenizers.json", doc, compact=False)
+    compact_lists(GOLDENS / "tokenizers.json")
+    log(f"  {len(cases)} prompts, {len(disagreements)} slow/fast disagreements:")
+    for d in disagreements:
+        log(f"    {d['tokenizer']}: {d['prompt'][:60]!r}")
+
+
+def strip_pad(ids, k):
+    pad = 49407 if k == "clip_l" else 0
+    out = list(ids)
+    while len(out) > 2 and out[-1] == pad and out[-2] == pad:
+        out.pop()
+    return out
+
+
+def toks_of(tok, ids, k):
+    return tok.convert_ids_to_tokens(strip_pad(ids, k))
+
+
+def compact_lists(path: Path):
+    """Indented JSON, but every list of ints on one line (keeps the file small and diffable)."""
+    text = json.dumps(read_json(path), ensure_ascii=False, indent=1)
+    text = re.sub(r"\[\s+([-\d,\s]+?)\s+\]", lambda m: "[" + ",".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: broken
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def graph_io(path: Path) -> tuple[list, list]:
+    """(inputs, outputs) of a committed graph as ValueInfoProtos, to copy names/types/shapes from."""
+    m = onnx.load(str(path), load_external_data=False)
+    return list(m.graph.input), list(m.graph.output)
+
+
+def save_small_model(graph, path: Path, opset=18):
+    """Same opset (18) and IR version (8) as optimum's exports, so ORT loads them and only the intended defect
+    remains."""
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="make_fixtures.py")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def stage_broken():
+    """Tiny hand-built graphs for the crate's error tests. Each keeps the real tiny-sd3 signature except one
+    deliberate defect; all but not_onnx.onnx are valid ONNX that ORT loads and runs."""
+    from onnx import TensorProto, helper
+
+    dst = FIXTURES / "broken"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    ins, outs = graph_io(FIXTURES / "tiny-sd3" / "transformer" / "model.onnx")
+
+    def renamed(vi, name=None, elem_type=None, dims=None):
+        t = vi.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim] if dims is None else dims
+        return helper.make_tensor_value_info(name or vi.name, elem_type or t.elem_type, shape)
+
+    # transformer_wrong_input_name.onnx: `hidden_states` renamed to `latents`; out_hidden_states = latents.
+    g_ins = [renamed(ins[0], name="latents")] + [renamed(v) for v in ins[1:]]
+    node = helper.make_node("Identity", ["latents"], ["out_hidden_states"])
+    save_small_model(helper.make_graph([node], "transformer_wrong_input_name", g_ins, [renamed(outs[0])]),
+                     dst / "transformer_wrong_input_name.onnx")
+
+    # transformer_wrong_dtype.onnx: hidden_states is int64 (output still float: Cast).
+    g_ins = [renamed(ins[0], elem_type=TensorProto.INT64)] + [renamed(v) for v in ins[1:]]
+    node = helper.make_node("Cast", ["hidden_states"], ["out_hidden_states"], to=TensorProto.FLOAT)
+    save_small_model(helper.make_graph([node], "transformer_wrong_dtype", g_ins, [renamed(outs[0])]),
+                     dst / "transformer_wrong_dtype.onnx")
+
+    # text_encoder_wrong_rank.onnx: input_ids of rank 1 [sequence_length]; outputs as CLIP-L's (width 8):
+    # h[1, S, 8] = float(input_ids)[None, :, None] * ones(8); text_embeds = mean over S; hidden_states.i = h.
+    tins, touts = graph_io(FIXTURES / "tiny-sd3" / "text_encoder" / "model.onnx")
+    width = touts[1].type.tensor_type.shape.dim[2].dim_value
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["ids_f", "axes"], ["ids_3d"]),
+        helper.make_node("Mul", ["ids_3d", "ones"], ["h"]),
+        helper.make_node("ReduceMean", ["h", "axis1"], ["text_embeds"], keepdims=0),
+        helper.make_node("Identity", ["h"], ["last_hidden_state"]),
+    ]
+    nodes += [helper.make_node("Identity", ["h"], [o.name]) for o in touts[2:]]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [0, 2]),
+        helper.make_tensor("ones", TensorProto.FLOAT, [1, 1, width], [1.0] * width),
+        helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+    ]
+    g_in = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["sequence_length"])]
+    g_out = [helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT, [1, width])]
+    g_out += [helper.make_tensor_value_info(o.name, TensorProto.FLOAT, [1, "sequence_length", width]) for o in touts[1:]]
+    save_small_model(helper.make_graph(nodes, "text_encoder_wrong_rank", g_in, g_out, initializer=inits),
+                     dst / "text_encoder_wrong_rank.onnx")
+
+    # not_onnx.onnx: deterministic garbage (not a protobuf ModelProto).
+    (dst / "not_onnx.onnx").write_bytes(b"this is not an ONNX model\n" + bytes(range(256)) * 4)
+
+    # Smoke test: the three graphs load and run in ORT (their defect is in the signature, not the graph).
+    for f, feeds in (
+        ("transformer_wrong_input_name.onnx", {"latents": np.zeros((1, 16, 8, 8), np.float32)}),
+        ("transformer_wrong_dtype.onnx", {"hidden_states": np.zeros((1, 16, 8, 8), np.int64)}),
+        ("text_encoder_wrong_rank.onnx", {"input_ids": np.arange(77, dtype=np.int64)}),
+    ):
+        sess = ort.InferenceSession(str(dst / f), providers=["CPUExecutionProvider"])
+        full = {i.name: feeds.get(i.name, np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32))
+                for i in sess.get_inputs()}
+        sess.run(None, full)
+    try:
+        ort.InferenceSession(str(dst / "not_onnx.onnx"), providers=["CPUExecutionProvider"])
+        raise SystemExit("not_onnx.onnx loaded?")
+    except Exception as e:  # noqa: BLE001 - expected: ORT refuses it
+        if isinstance(e, SystemExit):
+            raise
+    log("  " + ", ".join(sorted(p.name for p in dst.iterdir())))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: readme (everything in it is computed from the committed files)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def signature_lines(path: Path) -> list[str]:
+    from onnx import TensorProto
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def fmt(v):
+        t = v.type.tensor_type
+        dims = ", ".join(d.dim_param if d.dim_param else str(d.dim_value) for d in t.shape.dim)
+        return f"`{v.name}` {TensorProto.DataType.Name(t.elem_type).lower()} [{dims}]"
+
+    opset = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in m.opset_import)
+    lines = [f"- inputs: " + "; ".join(fmt(v) for v in m.graph.input)]
+    lines.append(f"- outputs: " + "; ".join(fmt(v) for v in m.graph.output))
+    lines.append(f"- opset {opset}, IR {m.ir_version}, {len(m.graph.node)} nodes, {path.stat().st_size:,} bytes")
+    return lines
+
+
+def folder_size(p: Path) -> int:
+    """Bytes of the files under p (not this README, which is being written, nor Python caches)."""
+    return sum(f.stat().st_size for f in p.rglob("*")
+               if f.is_file() and f != FIXTURES / "README.md" and "__pycache__" not in f.parts)
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return out
+
+
+def stage_readme():
+    L = []
+    add = L.append
+    add("# Test fixtures and golden outputs")
+    add("")
+    add("Everything in `models/fixtures/` and `models/goldens/` is generated by `models/make_fixtures.py` (and this "
+        "README by its `readme` stage): tiny random-weight Stable Diffusion 3 pipelines exported to ONNX exactly the "
+        "way real checkpoints are (`optimum-cli export onnx --task text-to-image`), plus the outputs of Hugging Face "
+        "diffusers (PyTorch) and optimum (ONNX Runtime) on them. No real SD3 weights are involved.")
+    add("")
+    add("Regenerate (deterministic, about a minute on 2 cores after the venv exists):")
+    add("")
+    add("```")
+    add("bash models/setup-python.sh && .venv-tools/bin/python models/make_fixtures.py")
+    add("# or a subset: .venv-tools/bin/python models/make_fixtures.py --stages goldens,readme --fixtures tiny-sd35")
+    add("```")
+    add("")
+    add("## Folders")
+    add("")
+    add("| folder | what |")
+    add("|---|---|")
+    add("| `fixtures/tiny-sd3/` | SD3-medium-like pipeline (no qk-norm, no dual attention), optimum layout: tokenizers as `tokenizer.json` only (`model_index.json` names `CLIPTokenizerFast`), `tokenizer_3/` without `spiece.model` |")
+    add("| `fixtures/tiny-sd35/` | SD3.5-medium-like pipeline (qk RMS-norm, dual attention in blocks 0-1), the real stabilityai SD3 repo tokenizer layout: `tokenizer/`, `tokenizer_2/` = `vocab.json` + `merges.txt` + configs only (slow `CLIPTokenizer`), `tokenizer_3/` = `spiece.model` + `tokenizer.json` + configs; other VAE factors and scheduler shift than tiny-sd3 |")
+    add("| `fixtures/tiny-sd3-fp16/` | only `transformer/` and `vae_decoder/` of tiny-sd3 converted to float16, float16 inputs and outputs (the timestep too); overlay it onto a copy of tiny-sd3 |")
+    add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
+    add("| `goldens/<fixture>/<case>/` | `request.json`, `latents.npy` (initial noise), `diffusers.png`, `optimum.png`; for `cfg_negative` also the debug tensors |")
+    add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
+    add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
+    add("| `goldens/tokenizers.json` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
+    add("")
+
+    # ---- dimensions
+    add("## Dimensions")
+    add("")
+    rows = []
+    cfgs = {}
+    for name, spec in SPECS.items():
+        f = FIXTURES / name
+        te1, te2, te3 = (read_json(f / c / "config.json") for c in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+        tr, vae = read_json(f / "transformer" / "config.json"), read_json(f / "vae_decoder" / "config.json")
+        sch = read_json(f / "scheduler" / "scheduler_config.json")
+        cfgs[name] = (te1, te2, te3, tr, vae, sch)
+    names = list(SPECS)
+    def row(label, fn):
+        rows.append([label] + [fn(*cfgs[n]) for n in names])
+    clip = lambda c: f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, ffn {c['intermediate_size']}, proj {c['projection_dim']}, {c['hidden_act']}, vocab {c['vocab_size']}, eos_token_id {c['eos_token_id']}"  # noqa: E731
+    row("CLIP-L (`text_encoder`)", lambda a, b, c, d, e, f: clip(a))
+    row("CLIP-G (`text_encoder_2`)", lambda a, b, c, d, e, f: clip(b))
+    row("T5 (`text_encoder_3`)", lambda a, b, c, d, e, f: f"d_model {c['d_model']}, {c['num_layers']} layers, {c['num_heads']} heads x d_kv {c['d_kv']}, d_ff {c['d_ff']} ({c['feed_forward_proj']}), vocab {c['vocab_size']} (tokenizer 1100)")
+    row("transformer", lambda a, b, c, d, e, f: f"{d['num_layers']} layers, {d['num_attention_heads']} heads x {d['attention_head_dim']} (inner {d['num_attention_heads'] * d['attention_head_dim']}), joint_attention_dim {d['joint_attention_dim']}, caption_projection_dim {d['caption_projection_dim']}, pooled_projection_dim {d['pooled_projection_dim']}, qk_norm {d['qk_norm']}, dual_attention_layers {d['dual_attention_layers']}")
+    row("transformer patching", lambda a, b, c, d, e, f: f"in/out channels {d['in_channels']}/{d['out_channels']}, patch {d['patch_size']}, sample_size {d['sample_size']} (default image {d['sample_size'] * 8} px), pos_embed_max_size {d['pos_embed_max_size']} (up to {d['pos_embed_max_size'] * d['patch_size'] * 8} px)")
+    row("VAE", lambda a, b, c, d, e, f: f"block_out_channels {e['block_out_channels']} (factor {2 ** (len(e['block_out_channels']) - 1)}), {e['layers_per_block']} layer/block, groups {e['norm_num_groups']}, latent_channels {e['latent_channels']}, quant convs {e['use_quant_conv']}/{e['use_post_quant_conv']}")
+    row("VAE factors", lambda a, b, c, d, e, f: f"scaling_factor {e['scaling_factor']}, shift_factor {e['shift_factor']}")
+    row("scheduler", lambda a, b, c, d, e, f: f"FlowMatchEulerDiscrete shift {f['shift']}, use_dynamic_shifting {f['use_dynamic_shifting']}")
+    rows.append(["init gains (see `informative_init`)"] + [", ".join(f"{k} {v}" for k, v in SPECS[n].init.items()) for n in names])
+    L.extend(md_table(["", *names], rows))
+    add("")
+    add("Context width: CLIP-L + CLIP-G hidden widths are zero-padded to the T5 width (tiny-sd3: 8 + 12 -> 32, "
+        "tiny-sd35: 10 + 14 -> 40); pooled = CLIP-L proj ++ CLIP-G proj (8 + 12 = 20, 6 + 16 = 22). tiny-sd35 has "
+        "projection dims different from hidden dims on purpose.")
+    add("")
+
+    # ---- signatures
+    add("## Graph signatures")
+    add("")
+    add("Read from the committed files. Symbolic dims are optimum's names; note two quirks: CLIP's `text_embeds` "
+        "second dim is *named* `sequence_length` but is the projection width at run time, and the transformer's "
+        "`timestep` is a float32 vector `[step]` (one value per batch row, the value is sigma*1000, i.e. 0..1000) - "
+        "float16 in the fp16 fixture.")
+    add("")
+    for name in (*SPECS, "tiny-sd3-fp16"):
+        add(f"### {name}")
+        add("")
+        for comp in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder"):
+            path = FIXTURES / name / comp / "model.onnx"
+            if path.exists():
+                add(f"`{comp}/model.onnx`")
+                add("")
+                L.extend(signature_lines(path))
+                add("")
+    add("CLIP outputs: `hidden_states.0` is the embedding output, `hidden_states.i` the output of layer i (before the "
+        "final layer norm); `last_hidden_state` is `final_layer_norm(hidden_states.L)`. SD3 uses "
+        "`hidden_states.(L-1)` (diffusers `hidden_states[-2]`; optimum's Python wrapper rebuilds the list as "
+        "`hidden_states.0..L-1` + `last_hidden_state`, so `[-2]` is the same tensor) and `text_embeds` as pooled. "
+        "The CLIP graphs pool at the first `49407` in `input_ids` (ArgMax of `input_ids == eos_token_id`).")
+    add("")
+
+    # ---- goldens
+    add("## Golden cases")
+    add("")
+    rows = [[c.name, c.prompt if len(c.prompt) < 60 else c.prompt[:57] + "...", c.negative_prompt, f"{c.width}x{c.height}",
+             c.steps, c.guidance, c.max_sequence_length, c.latent_seed] for c in CASES]
+    L.extend(md_table(["case", "prompt", "negative", "WxH", "steps", "guidance", "max_sequence_length", "latent seed"], rows))
+    add("")
+    add("`latents.npy` = `torch.randn((1, 16, H/8, W/8), generator=torch.Generator('cpu').manual_seed(seed))`, "
+        "float32. `diffusers.png`: `StableDiffusion3Pipeline` (PyTorch fp32 CPU, 1 thread) with `latents=`; "
+        "`optimum.png`: `ORTStableDiffusion3Pipeline.from_pretrained(<fixture folder>)` (ORT CPU, 1 thread), same "
+        "latents. Debug tensors (cfg_negative only, float32): `prompt_embeds` / `negative_prompt_embeds` "
+        "[1, 77+max_sequence_length, T5 width], `pooled_prompt_embeds` / `negative_pooled_prompt_embeds` "
+        "[1, pooled], `final_latents` [1, 16, h, w] (after the last step, before `/ scaling_factor + "
+        "shift_factor`), `sigmas` [steps+1], `timesteps` [steps] (what the transformer is fed).")
+    add("")
+    add("Pixel differences (0..255) per case: diffusers vs optimum, and a plain numpy + ONNX Runtime "
+        "re-implementation of the pipeline (`OrtReference` in make_fixtures.py, f32 host math as docs/design.md "
+        "describes) vs optimum:")
+    add("")
+    rows = []
+    for name in SPECS:
+        sm = read_json(GOLDENS / name / "summary.json")
+        for cname, c in sm["cases"].items():
+            d, r, px = c["diffusers_vs_optimum"], c["numpy_ort_reference_vs_optimum"], c["diffusers_pixels"]
+            rows.append([name, cname, f"{d['max_abs']} / {d['mean_abs']} ({d['pixels_differing']} px)",
+                         f"{r['max_abs']} / {r['mean_abs']}",
+                         f"mean {px['mean']}, std {px['std']}, {px['frac_0'] * 100:.1f}% at 0, {px['frac_255'] * 100:.1f}% at 255"])
+    L.extend(md_table(["fixture", "case", "diffusers vs optimum max / mean", "numpy-ORT ref vs optimum max / mean", "diffusers image"], rows))
+    add("")
+    fp = read_json(GOLDENS / "tiny-sd3-fp16" / "summary.json")["cases"]["cfg_negative"]
+    add("tiny-sd3-fp16 (`goldens/tiny-sd3-fp16/cfg_negative/`): `optimum.png` is optimum's pipeline on the overlay "
+        "(it rounds the latents to float16 after every step and does CFG and the VAE scaling in float16, see "
+        "`request.json`), `ort_f32_host.png` the numpy-ORT reference with float32 host math and float16 only at the "
+        f"graph boundary. optimum vs ort_f32_host: max {fp['optimum_vs_ort_f32_host']['max_abs']}, mean "
+        f"{fp['optimum_vs_ort_f32_host']['mean_abs']}; fp16 optimum vs fp32 optimum: max "
+        f"{fp['optimum_vs_fp32_optimum']['max_abs']}, mean {fp['optimum_vs_fp32_optimum']['mean_abs']}.")
+    add("")
+
+    # ---- sensitivity
+    add("## Sensitivity table")
+    add("")
+    add("Would a test comparing against the goldens at a 1/255 tolerance catch typical mistakes? Each row injects one "
+        "mistake into the diffusers reference and reports the max abs pixel difference to the golden, per case "
+        "(cfg_negative, long_prompt, guidance_1, non_square). Caught = some case differs by more than 3. "
+        "`make_fixtures.py` fails if one of (a)-(e) is not caught.")
+    add("")
+    for name in SPECS:
+        sm = read_json(GOLDENS / name / "summary.json")
+        rows = [[f"({r['id']})", r["mistake"], *r["max_abs"].values(), "yes" if r["caught"] else "**no**"] for r in sm["sensitivity"]]
+        add(f"{name}:")
+        add("")
+        L.extend(md_table(["", "mistake", *[c.name for c in CASES], "caught"], rows))
+        add("")
+    add("One pad fewer in T5 (d1) removes one of ~240 near-identical pad tokens from a 333-token context: its effect "
+        "is ~1/240 and only the `long_prompt` golden (max_sequence_length 32: its empty negative prompt has 31 pads) "
+        "shows it clearly. A test suite that checks every golden catches it.")
+    add("")
+
+    # ---- scheduler/tokenizers
+    add("## scheduler.json and tokenizers.json")
+    add("")
+    sj = read_json(GOLDENS / "scheduler.json")
+    add(f"`scheduler.json`: {len(sj['cases'])} cases (steps 1, 2, 4, 8, 28, 50 x shift 1.0, 3.0, 2.5, 5.0, plus "
+        "dynamic shifting with mu from 64/512/1024 px and one linear time shift). Notes inside the file:")
+    add("")
+    for n in sj["notes"]:
+        add(f"- {n}")
+    add("")
+    tj = read_json(GOLDENS / "tokenizers.json")
+    add(f"`tokenizers.json`: {len(tj['cases'])} prompts. For each: CLIP-L/CLIP-G ids (77, padded), untruncated ids and "
+        "the text diffusers logs as removed; T5 ids for max_sequence_length 256 and 77. Flavours: `tiny-sd3` (fast, "
+        "tokenizer.json), `tiny-sd35` (slow CLIPTokenizer from vocab/merges - what diffusers loads for the real SD3 "
+        "repo), `tiny-sd35-fast` (CLIPTokenizerFast converted from the same vocab/merges; equals tiny-sd3). "
+        "Where slow and fast disagree:")
+    add("")
+    seen = []
+    for d in tj["disagreements"]:
+        key = (d["prompt"], d["tokenizer"] if d["tokenizer"] == "t5" else "clip")
+        if key in seen:
+            continue
+        seen.append(key)
+        add(f"- {key[1]}: `{d['prompt']!r}`")
+    add("")
+    add("Causes: the slow CLIPTokenizer runs `ftfy.fix_text` (ftfy is installed): it unescapes HTML entities "
+        "(`&amp;` -> `&`), uncurls quotes (then `'single'` splits as the contraction `'s`), expands ligatures and "
+        "width forms (NFKC-like), repairs mojibake; it also lowercases before matching special tokens, so "
+        "`<|ENDOFTEXT|>` becomes id 49407. The fast tokenizer (`tokenizer.json`: NFC, whitespace collapse, "
+        "lowercase) byte-encodes all of those. T5: sentencepiece and `tokenizer.json` break unigram ties differently "
+        "for `...`/`…`, and the slow T5Tokenizer does not add a second `</s>` after a literal `</s>`. CLIP-G's pad "
+        "`!` is an added special token in both: every `!` in a prompt becomes id 0 for CLIP-G, never merged.")
+    add("")
+
+    # ---- broken
+    add("## Broken graphs (`fixtures/broken/`)")
+    add("")
+    add("| file | defect |")
+    add("|---|---|")
+    add("| `transformer_wrong_input_name.onnx` | tiny-sd3 transformer signature with `hidden_states` renamed to `latents` (Identity to `out_hidden_states`) |")
+    add("| `transformer_wrong_dtype.onnx` | tiny-sd3 transformer signature with `hidden_states` int64 (Cast to the float output) |")
+    add("| `text_encoder_wrong_rank.onnx` | CLIP-L output names (width 8) but `input_ids` int64 of rank 1 `[sequence_length]`, outputs `[1, ...]` |")
+    add("| `not_onnx.onnx` | 1050 bytes of text + binary garbage, not a protobuf |")
+    add("")
+    add("The three graphs are valid ONNX (opset 18, IR 8) that ORT loads and runs; only their signature is wrong.")
+    add("")
+
+    # ---- numerics/quirks
+    add("## Behaviour worth knowing (diffusers 0.35.2, optimum 2.1.0 / optimum-onnx 0.1.0, ORT 1.31.1)")
+    add("")
+    for line in QUIRKS:
+        add(f"- {line}")
+    add("")
+
+    # ---- determinism & sizes
+    add("## Determinism")
+    add("")
+    add(DETERMINISM_NOTE)
+    add("")
+    add("## Sizes")
+    add("")
+    rows = [[f"`{p.relative_to(MODELS)}`", f"{folder_size(p) / 1e6:.2f} MB"] for p in sorted(list(FIXTURES.iterdir()) + list(GOLDENS.iterdir())) if p.is_dir()]
+    rows.append(["`goldens/*.json`", f"{sum(f.stat().st_size for f in GOLDENS.glob('*.json')) / 1e6:.2f} MB"])
+    total = folder_size(MODELS)
+    rows.append(["**all of models/** (files, without this README)", f"**{total / 1e6:.2f} MB**"])
+    L.extend(md_table(["path", "size"], rows))
+    add("")
+    add("The CLIP token embedding tables (49408 rows) dominate: keep CLIP widths tiny.")
+    (FIXTURES / "README.md").write_text("\n".join(L) + "\n", encoding="utf-8")
+    log(f"  models/ total {total / 1e6:.2f} MB")
+
+
+QUIRKS = [
+    "The transformer's `timestep` input is float (sigma*1000, not an integer index) with shape `[batch]`; diffusers "
+    "feeds `t.expand(batch)` and optimum casts it to the graph's element type: float16 in the fp16 fixture, where "
+    "tiny-sd3's cfg_negative timesteps 1000, 857.6923, 602.1506, 8.928572 become 1000, 857.5, 602, 8.93.",
+    "CFG is `noise_pred_uncond + g * (noise_pred_text - noise_pred_uncond)` with the batch ordered "
+    "[negative, positive]; it is enabled only when guidance_scale > 1 (guidance 1.0 runs batch 1 and ignores the "
+    "negative prompt).",
+    "A missing negative prompt is the empty string `\"\"`, which is still encoded (CLIP: `<|startoftext|> "
+    "<|endoftext|>` + pads, T5: `</s>` + pads).",
+    "diffusers logs the T5 'removed text' with the CLIP length: `untruncated_ids[:, 77 - 1 : -1]`, whatever "
+    "max_sequence_length is (tokenizers.json has it verbatim plus the really truncated text).",
+    "FlowMatchEulerDiscreteScheduler computes sigma_min in float32 but the timestep linspace and the shift in float64, "
+    "then casts to float32; timesteps = sigmas_f32 * 1000 (float32). The Euler step upcasts the sample to float32 and "
+    "casts the result back to the model output's dtype (so with a float16 transformer optimum keeps float16 latents).",
+    "VaeImageProcessor.postprocess: `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()` in numpy, which rounds "
+    "halves to even (Rust's `f32::round` rounds them away from zero; they differ only on exact .5).",
+    "optimum's ORTTextEncoder maps `hidden_states.0..L-1` + `last_hidden_state` to the `hidden_states` tuple, "
+    "dropping `hidden_states.L`; `[-2]` is `hidden_states.(L-1)` either way.",
+    "optimum reads `scaling_factor`/`shift_factor` from `vae_decoder/config.json` (the pipeline's `vae.config`).",
+    "The exported CLIP graphs pool at the first position where `input_ids == 49407` (because the configs say "
+    "eos_token_id 49407); the real SD3 configs say 2, for which transformers pools at `argmax(input_ids)` - the same "
+    "position for every tokenizer output.",
+    "The T5 tokenizer has no `<s>`; `</s>` (1) is appended by the post-processor; pad is 0. The T5 graph takes no "
+    "attention mask (pads are attended to), so the padding length changes the result.",
+    "transformers 4.57 converts a fresh spiece.model to tokenizer.json with `Metaspace(prepend_scheme=\"never\")` "
+    "unless `add_prefix_space=True` is passed (then \"always\", like google/t5-v1_1-xxl); the generator passes it and "
+    "removes the key from tokenizer_config.json afterwards, because with it T5TokenizerFast re-converts from "
+    "spiece.model on every load (and fails where only tokenizer.json ships).",
+    "`onnxruntime.transformers.float16.convert_float_to_float16` emits the Cast nodes it adds for Resize's float32 "
+    "`scales` after their consumer; ORT accepts that, `onnx.checker` does not, so the generator re-sorts the nodes.",
+]
+
+DETERMINISM_NOTE = (
+    "Every random draw is seeded: each network is created right after `torch.manual_seed(seed*100 + k)`, the T5 "
+    "training text comes from `random.Random(1234)`, latents from `torch.Generator('cpu').manual_seed(case seed)`. "
+    "PyTorch and ONNX Runtime run single-threaded, sentencepiece trains with one thread. Running the generator twice "
+    "on the same machine gives byte-identical files (checked with sha256 over models/). The ONNX files come from "
+    "torch.onnx (TorchScript exporter) via optimum and contain no timestamps or paths; `_name_or_path` in the configs "
+    "is rewritten to a build-folder-independent value. Other CPUs or library versions may change the float results "
+    "in the last bits, which can move a golden pixel by 1."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
