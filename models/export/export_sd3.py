@@ -1,0 +1,869 @@
+#!/usr/bin/env python3
+"""Exports a Stable Diffusion 3 / 3.5 pipeline to the ONNX model folder that the `sd3-onnx` crate loads.
+
+The output has optimum's layout and graph names (what `optimum-cli export onnx --task text-to-image` writes):
+
+    model_index.json  manifest.json  scheduler/scheduler_config.json  tokenizer{,_2,_3}/
+    text_encoder/model.onnx     input_ids i64 [B,S] -> text_embeds [B,P], last_hidden_state, hidden_states.0 .. .L
+    text_encoder_2/model.onnx   same (CLIP-G)
+    text_encoder_3/model.onnx   input_ids i64 [B,S] -> last_hidden_state [B,S,D]                       (T5)
+    transformer/model.onnx      hidden_states [B,C,h,w], encoder_hidden_states [B,S,D], pooled_projections [B,P],
+                                timestep [B] (float32) -> out_hidden_states [B,C,h,w]
+    vae_decoder/model.onnx      latent_sample -> sample
+    vae_encoder/model.onnx      sample -> latent_parameters (mean ++ logvar)
+    */config.json               each component's diffusers/transformers config
+    *.onnx.data                 external weights, for graphs over 2 GB (one file per graph)
+
+Unlike optimum's export, the graphs are prepared for ONNX Runtime's CUDA provider (see README.md next to this file):
+
+  --attention fused --exporter torchscript  (default)
+      TorchScript exporter at opset 16, then ONNX Runtime's transformer optimizer (onnxruntime.transformers,
+      model_type "mmdit"/"clip"/"t5"/"vae"): attention -> com.microsoft MultiHeadAttention / Attention, LayerNorm
+      (the adaLN modulation `LN(x) * (1 + scale) + shift` is folded into LayerNormalization with broadcast scale and
+      bias, which is why the opset stays below 17: at 17 the exporter emits LayerNormalization itself and the
+      modulation cannot be folded), tanh-GELU + bias -> FastGelu, T5 RMSNorm + residual -> SkipSimplifiedLayerNorm.
+  --attention fused --exporter dynamo
+      torch.export-based exporter at opset 23: attention -> ONNX `Attention`, LayerNormalization, Gelu; then the
+      same adaLN folding (our own pass) and Gelu + bias -> BiasGelu.
+  --attention plain
+      opset 17 (TorchScript) or 18 (dynamo), no rewrites: attention as MatMul/Softmax, like optimum.
+
+Precision: the graphs are exported in float32 and converted afterwards (onnxruntime.transformers.float16), keeping
+the timestep input and the sinusoidal timestep projection in float32 (diffusers computes it in float32 too). T5 in
+fp16 keeps the overflow-prone parts in float32 (`--t5-precision mixed`, see README.md). bf16 is the fp16
+conversion retyped to bfloat16 (initializers re-rounded from float32).
+
+Examples:
+    python models/export/export_sd3.py --model /path/to/stable-diffusion-3-medium-diffusers --dtype fp16 --out sd3m-onnx
+    python models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 \\
+        --components transformer --dtype fp16 --out /tmp/sd3m-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import onnx  # noqa: E402
+import torch  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+ALL_COMPONENTS = ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder"]
+TWO_GB = 2**31 - 1
+# Graphs whose weights exceed this are saved as model.onnx + model.onnx.data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs of the real models (for --random). Values copied from the Hugging Face repos' config files:
+#   stabilityai/stable-diffusion-3-medium-diffusers   transformer/config.json, vae/config.json,
+#       text_encoder/config.json (CLIP-L), text_encoder_2/config.json (OpenCLIP bigG), text_encoder_3/config.json
+#       (google/t5-v1_1-xxl encoder), scheduler/scheduler_config.json
+#   stabilityai/stable-diffusion-3.5-medium           transformer/config.json (MMDiT-X: dual attention in blocks
+#       0..12, qk RMS-norm, pos_embed_max_size 384); encoders, VAE and scheduler as SD3-medium
+#   stabilityai/stable-diffusion-3.5-large            transformer/config.json (38 blocks of 38 heads, qk RMS-norm)
+# ----------------------------------------------------------------------------------------------------------------
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu", max_position_embeddings=77, layer_norm_eps=1e-5)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, hidden_act="gelu", max_position_embeddings=77, layer_norm_eps=1e-5)
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+              dropout_rate=0.1, tie_word_embeddings=False)
+SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               act_fn="silu", latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305,
+               shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+SD3_MEDIUM_MMDIT = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+SD35_MEDIUM_MMDIT = dict(SD3_MEDIUM_MMDIT, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=list(range(13)))
+SD35_LARGE_MMDIT = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+# The tiny fixture shape (models/make_fixtures.py, spec "tiny-sd3"): like SD3-medium, every width shrunk.
+TINY = dict(
+    clip_l=dict(hidden_size=8, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=8,
+                hidden_act="quick_gelu", max_position_embeddings=77, layer_norm_eps=1e-5),
+    clip_g=dict(hidden_size=12, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, projection_dim=12,
+                hidden_act="gelu", max_position_embeddings=77, layer_norm_eps=1e-5),
+    t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+            dropout_rate=0.0),
+    transformer=dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                     pooled_projection_dim=20, out_channels=16, pos_embed_max_size=16),
+    vae=dict(SD3_VAE, block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=64),
+)
+RANDOM_VARIANTS = {
+    "sd3-medium": dict(clip_l=CLIP_L, clip_g=CLIP_G, t5=T5_XXL, transformer=SD3_MEDIUM_MMDIT, vae=SD3_VAE, shift=3.0),
+    "sd3.5-medium": dict(clip_l=CLIP_L, clip_g=CLIP_G, t5=T5_XXL, transformer=SD35_MEDIUM_MMDIT, vae=SD3_VAE,
+                         shift=3.0),
+    "sd3.5-large": dict(clip_l=CLIP_L, clip_g=CLIP_G, t5=T5_XXL, transformer=SD35_LARGE_MMDIT, vae=SD3_VAE, shift=3.0),
+    "tiny": dict(TINY, shift=3.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the PyTorch components
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tokenizer_vocab_size(tok_dir: Path) -> int:
+    """len(tokenizer) of the tokenizer folder (every id it can emit)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(tok_dir)))
+
+
+class Source:
+    """Where the PyTorch modules, configs and tokenizers come from: a diffusers folder or random weights."""
+
+    def __init__(self, model: Path | None, random_variant: str | None, tokenizers_from: Path | None, seed: int):
+        self.model = model
+        self.variant = random_variant
+        self.tokenizers_from = tokenizers_from if tokenizers_from else model
+        self.seed = seed
+        if self.tokenizers_from is None:
+            raise SystemExit("--random needs --tokenizers-from DIR (a folder with tokenizer/, tokenizer_2/, tokenizer_3/)")
+        for sub in ("tokenizer", "tokenizer_2"):
+            if not (self.tokenizers_from / sub).is_dir():
+                raise SystemExit(f"{self.tokenizers_from / sub} does not exist")
+
+    def _seeded(self, k: int):
+        torch.manual_seed(self.seed * 100 + k)
+
+    def load(self, component: str) -> torch.nn.Module:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+        if self.model is not None:
+            sub = {"vae_decoder": "vae", "vae_encoder": "vae"}.get(component, component)
+            path = self.model / sub
+            if component in ("text_encoder", "text_encoder_2"):
+                return CLIPTextModelWithProjection.from_pretrained(path, torch_dtype=torch.float32).eval()
+            if component == "text_encoder_3":
+                return T5EncoderModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+            if component == "transformer":
+                return SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+            return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+        spec = RANDOM_VARIANTS[self.variant]
+        if component in ("text_encoder", "text_encoder_2"):
+            tok = "tokenizer" if component == "text_encoder" else "tokenizer_2"
+            c = spec["clip_l" if component == "text_encoder" else "clip_g"]
+            self._seeded(1 if component == "text_encoder" else 2)
+            # eos_token_id 49407: pool at the first <|endoftext|> (CLIP's vocabulary, as the tokenizers here).
+            cfg = CLIPTextConfig(vocab_size=tokenizer_vocab_size(self.tokenizers_from / tok), bos_token_id=49406,
+                                 eos_token_id=49407, pad_token_id=1, **c)
+            return CLIPTextModelWithProjection(cfg).eval()
+        if component == "text_encoder_3":
+            self._seeded(3)
+            vocab = tokenizer_vocab_size(self.tokenizers_from / "tokenizer_3")
+            vocab = (vocab + 127) // 128 * 128  # padded like T5's 32128 >= 32100 ids
+            return T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=1, **spec["t5"])).eval()
+        if component == "transformer":
+            self._seeded(4)
+            return SD3Transformer2DModel(**spec["transformer"]).eval()
+        self._seeded(5)
+        return AutoencoderKL(**spec["vae"]).eval()
+
+    def scheduler_config(self) -> dict:
+        if self.model is not None:
+            return json.loads((self.model / "scheduler" / "scheduler_config.json").read_text())
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return dict(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=RANDOM_VARIANTS[self.variant]["shift"]).config)
+
+    def model_index(self) -> dict:
+        if self.model is not None and (self.model / "model_index.json").is_file():
+            return json.loads((self.model / "model_index.json").read_text())
+        index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "text_encoder_3": ["transformers", "T5EncoderModel"], "transformer": ["diffusers", "SD3Transformer2DModel"],
+                 "vae": ["diffusers", "AutoencoderKL"]}
+        tf = self.tokenizers_from / "model_index.json"
+        if tf.is_file():
+            src = json.loads(tf.read_text())
+            for k in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+                if k in src:
+                    index[k] = src[k]
+        return index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export wrappers: fix the graph signature to the names the crate (and optimum) use
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ClipWrapper(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        o = self.m(input_ids=input_ids, output_hidden_states=True)
+        return (o.text_embeds, o.last_hidden_state, *o.hidden_states)
+
+
+class T5Wrapper(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids).last_hidden_state
+
+
+class TransformerWrapper(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    """The encoder's moments (mean ++ logvar), as optimum's `latent_parameters`."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        h = self.vae.encoder(sample)
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        return h
+
+
+def export_spec(component: str, module) -> dict:
+    """Wrapper, example inputs, names and dynamic axes of one component. Example inputs are small: every axis that
+    varies in use is dynamic, so the example size does not matter."""
+    if component in ("text_encoder", "text_encoder_2"):
+        n_states = module.config.num_hidden_layers + 1
+        seq = module.config.max_position_embeddings
+        outs = ["text_embeds", "last_hidden_state"] + [f"hidden_states.{i}" for i in range(n_states)]
+        ids = torch.randint(0, 1000, (2, seq), dtype=torch.int64)
+        ids[:, -1] = module.config.eos_token_id if module.config.eos_token_id < module.config.vocab_size else 1
+        dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "text_embeds": {0: "batch_size"}}
+        for o in outs[1:]:
+            dyn[o] = {0: "batch_size", 1: "sequence_length"}
+        return dict(wrapper=ClipWrapper(module), args=(ids,), inputs=["input_ids"], outputs=outs, dynamic_axes=dyn,
+                    model_type="clip")
+    if component == "text_encoder_3":
+        ids = torch.randint(0, min(1000, module.config.vocab_size), (2, 16), dtype=torch.int64)
+        dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+               "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
+        return dict(wrapper=T5Wrapper(module), args=(ids,), inputs=["input_ids"], outputs=["last_hidden_state"],
+                    dynamic_axes=dyn, model_type="t5")
+    if component == "transformer":
+        c = module.config
+        args = (torch.randn(2, c.in_channels, 8, 8), torch.randn(2, 12, c.joint_attention_dim),
+                torch.randn(2, c.pooled_projection_dim), torch.tensor([500.0, 250.0]))
+        dyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+               "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+               "pooled_projections": {0: "batch_size"}, "timestep": {0: "batch_size"},
+               "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
+        return dict(wrapper=TransformerWrapper(module), args=args,
+                    inputs=["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
+                    outputs=["out_hidden_states"], dynamic_axes=dyn, model_type="mmdit")
+    if component == "vae_decoder":
+        c = module.config
+        dyn = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+               "sample": {0: "batch_size", 2: "height", 3: "width"}}
+        return dict(wrapper=VaeDecoderWrapper(module), args=(torch.randn(1, c.latent_channels, 8, 8),),
+                    inputs=["latent_sample"], outputs=["sample"], dynamic_axes=dyn, model_type="vae")
+    if component == "vae_encoder":
+        dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"},
+               "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
+        return dict(wrapper=VaeEncoderWrapper(module), args=(torch.randn(1, 3, 64, 64),), inputs=["sample"],
+                    outputs=["latent_parameters"], dynamic_axes=dyn, model_type="vae")
+    raise ValueError(component)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exporters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load_with_data(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def export_torchscript(spec: dict, opset: int, work: Path) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=False). Large models get their weights written next to the graph by torch; they
+    are loaded back into memory here."""
+    path = work / "torchscript.onnx"
+    kwargs = dict(input_names=spec["inputs"], output_names=spec["outputs"], dynamic_axes=spec["dynamic_axes"],
+                  opset_version=opset, do_constant_folding=True, dynamo=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec["wrapper"], spec["args"], str(path), **kwargs)
+    return _load_with_data(path)
+
+
+def _dynamo_shapes(spec: dict, component: str, module) -> dict:
+    """torch.export Dims for the same dynamic axes. The transformer's height/width must be multiples of the patch
+    size and at most pos_embed_max_size patches: say so, else torch.export refuses to keep them symbolic."""
+    Dim = torch.export.Dim
+    dims: dict[str, object] = {}
+
+    def dim(name, **kw):
+        if name not in dims:
+            dims[name] = Dim(name, **kw)
+        return dims[name]
+
+    shapes = {}
+    for name in spec["inputs"]:
+        axes = spec["dynamic_axes"].get(name, {})
+        entry = {}
+        for ax, label in axes.items():
+            if component == "transformer" and name == "hidden_states" and ax in (2, 3):
+                p = module.config.patch_size
+                mx = module.config.pos_embed_max_size or 4096
+                entry[ax] = p * dim(label + "_patches", min=1, max=mx)
+            elif label == "batch_size":
+                entry[ax] = dim("batch_size", min=1, max=1024)
+            elif component in ("text_encoder", "text_encoder_2") and label == "sequence_length":
+                entry[ax] = dim(label, min=1, max=module.config.max_position_embeddings)
+            elif component.startswith("vae") and label in ("height", "width", "latent_height", "latent_width"):
+                entry[ax] = 8 * dim(label + "_8", min=1, max=1024) if component == "vae_encoder" else dim(label, min=1, max=1024)
+            else:
+                entry[ax] = dim(label, min=1, max=8192)
+        shapes[name] = entry
+    return shapes
+
+
+def export_dynamo(spec: dict, component: str, module, opset: int, work: Path) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True): torch.export + onnxscript. Opset >= 23 emits SDPA as the ONNX `Attention`
+    op; below that as MatMul/Softmax."""
+    path = work / "dynamo.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(spec["wrapper"], spec["args"], input_names=spec["inputs"],
+                                 output_names=spec["outputs"], dynamic_shapes=_dynamo_shapes(spec, component, module),
+                                 opset_version=opset, dynamo=True, optimize=True, verbose=False)
+        prog.save(str(path), external_data=True)
+    model = _load_with_data(path)
+    # torch names the dynamic dims after its symbols (s0, 2*s1, ...); give them the optimum-style names.
+    for vi in list(model.graph.input) + list(model.graph.output):
+        axes = spec["dynamic_axes"].get(vi.name, {})
+        for ax, label in axes.items():
+            d = vi.type.tensor_type.shape.dim[ax]
+            if not d.HasField("dim_value"):
+                d.dim_param = label
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph rewrites
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def op_counts(model: onnx.ModelProto) -> dict:
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def _const_value(model: onnx.ModelProto, name: str, producers: dict, inits: dict):
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+    return None
+
+
+def fold_adaln_into_layernorm(model: onnx.ModelProto) -> int:
+    """LayerNormalization(x, ones, zeros) -> Mul(m) -> Add(a)  ==>  LayerNormalization(x, m, a).
+
+    diffusers' AdaLayerNormZero/AdaLayerNormContinuous apply `norm(x) * (1 + scale[:, None]) + shift[:, None]`
+    after an affine-free LayerNorm; ONNX Runtime (>= 1.21, CPU and CUDA) broadcasts LayerNormalization's scale and
+    bias, so the two elementwise passes over [B, S, D] become part of the normalization kernel. Only applied where
+    the LN output feeds nothing but that Mul and the Mul nothing but that Add."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    remove, folded = [], 0
+    for ln in list(g.node):
+        if ln.op_type != "LayerNormalization" or len(ln.output) != 1 or len(ln.input) < 2:
+            continue
+        axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
+        if axis != -1:
+            continue
+        scale = _const_value(model, ln.input[1], producers, inits)
+        bias = _const_value(model, ln.input[2], producers, inits) if len(ln.input) > 2 and ln.input[2] else None
+        if scale is None or not np.all(scale == 1) or (bias is not None and not np.all(bias == 0)):
+            continue
+        if len(ln.input) > 2 and ln.input[2] and bias is None:
+            continue
+        out = ln.output[0]
+        if out in graph_outputs or len(consumers.get(out, [])) != 1:
+            continue
+        mul = consumers[out][0]
+        if mul.op_type != "Mul" or mul.output[0] in graph_outputs or len(consumers.get(mul.output[0], [])) != 1:
+            continue
+        add = consumers[mul.output[0]][0]
+        if add.op_type != "Add":
+            continue
+        m_in = mul.input[1] if mul.input[0] == out else mul.input[0]
+        a_in = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+        if m_in == out or a_in == mul.output[0]:
+            continue
+        new_inputs = [ln.input[0], m_in, a_in]
+        del ln.input[:]
+        ln.input.extend(new_inputs)
+        ln.output[0] = add.output[0]
+        remove += [mul, add]
+        folded += 1
+    for n in remove:
+        g.node.remove(n)
+    return folded
+
+
+def ort_optimize(model: onnx.ModelProto, model_type: str, work: Path) -> onnx.ModelProto:
+    """onnxruntime.transformers.optimizer with the python fusions only (opt_level=0), as Microsoft's
+    models/stable_diffusion/optimize_pipeline.py does for SD3 before the fp16 conversion."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if model_type == "t5":
+        return t5_fusions(model)
+    opts = FusionOptions(model_type)
+    if model_type == "vae":
+        # GroupNorm / NHWC Conv fusions are CUDA-only contrib ops (no CPU kernel); keep the graph portable.
+        for k in ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                  "enable_bias_add"):
+            if hasattr(opts, k):
+                setattr(opts, k, False)
+    src = work / "pre_opt.onnx"
+    save_onnx(model, src)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=opts, use_gpu=True)
+        if model_type == "mmdit":
+            m.fuse_bias_gelu(is_fastgelu=True)   # FastGelu(x + b) -> FastGelu(x, bias)
+            m.fuse_bias_gelu(is_fastgelu=False)  # Gelu(x + b) -> BiasGelu
+            m.prune_graph()
+    return m.model
+
+
+def t5_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """T5 encoder: RMSNorm -> SimplifiedLayerNormalization, residual Add + RMSNorm -> SkipSimplifiedLayerNormalization,
+    tanh-GELU -> FastGelu. Not the attention fusion of model_type "t5": it emits com.microsoft RelativePositionBias,
+    which has no CPU kernel, and the encoder runs once per prompt, so its attention stays MatMul/Softmax."""
+    from onnxruntime.transformers.onnx_model_t5 import T5OnnxModel
+
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = T5OnnxModel(model)
+        m.utils.remove_identity_nodes()
+        m.utils.remove_useless_cast_nodes()
+        m.fuse_layer_norm()
+        m.fuse_skip_layer_norm()
+        m.fuse_gelu()
+        m.prune_graph()
+        m.remove_unused_constant()
+    return m.model
+
+
+def fuse_bias_gelu_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For dynamo graphs: Add(bias) -> Gelu/FastGelu becomes BiasGelu/FastGelu(bias) (onnxruntime's fusion)."""
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        m = BertOnnxModel(model)
+        m.fuse_bias_gelu(is_fastgelu=True)
+        m.fuse_bias_gelu(is_fastgelu=False)
+        m.prune_graph()
+    return m.model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def t5_fp32_nodes(model: onnx.ModelProto, d_ff: int) -> tuple[list[str], list[str]]:
+    """(node names, op types) kept in float32 in T5 `mixed` precision.
+
+    T5 v1.1 (XXL) in fp16 overflows: the feed-forward output `wo(gelu(wi_0 x) * wi_1 x)` and the residual stream
+    it is added to exceed 65504 (transformers keeps `wo` in fp32 for that reason: T5 `_keep_in_fp32_modules`, and
+    clamps the residual in fp16). Here: every `wo` MatMul (found by its weight shape [d_ff, d_model], so renamed
+    modules do not matter), every residual Add and every RMSNorm (fused SkipSimplifiedLayerNormalization /
+    SimplifiedLayerNormalization, or the unfused Pow/ReduceMean/Sqrt/Div chain) stay fp32. The q/k/v/o and wi
+    projections (2/3 of the weights) and attention run in fp16."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            if len(dims) == 2 and dims[0] == d_ff:
+                nodes.append(n.name)
+    ops = ["SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "Add", "Pow", "ReduceMean", "Sqrt",
+           "Div", "Reciprocal"]
+    return nodes, ops
+
+
+def time_projection_nodes(model: onnx.ModelProto) -> list[str]:
+    """The sinusoidal timestep embedding (diffusers Timesteps / get_timestep_embedding computes it in float32 and
+    casts the result): every node between the `timestep` input and the first MatMul/Gemm (the MLP)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names, frontier, seen = [], ["timestep"], set()
+    while frontier:
+        t = frontier.pop()
+        for n in consumers.get(t, []):
+            if n.name in seen or n.op_type in ("MatMul", "Gemm", "FusedMatMul"):
+                continue
+            seen.add(n.name)
+            names.append(n.name)
+            frontier.extend(n.output)
+    return names
+
+
+def ensure_node_names(model: onnx.ModelProto):
+    used = {n.name for n in model.graph.node if n.name}
+    k = 0
+    for n in model.graph.node:
+        if not n.name:
+            while f"{n.op_type}_auto_{k}" in used:
+                k += 1
+            n.name = f"{n.op_type}_auto_{k}"
+            used.add(n.name)
+
+
+def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: str, d_ff: int | None) -> tuple[onnx.ModelProto, dict]:
+    """float32 graph -> fp16/bf16 graph (inputs and outputs too, except the transformer's `timestep`)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    ensure_node_names(model)
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    op_block = list(DEFAULT_OP_BLOCK_LIST)
+    node_block: list[str] = []
+    keep_io: list[str] = []
+    info = {}
+    if component == "transformer":
+        keep_io = ["timestep"]
+        node_block = time_projection_nodes(model)
+        info["fp32_nodes"] = len(node_block)
+    if component == "text_encoder_3" and t5_precision == "mixed":
+        nodes, ops = t5_fp32_nodes(model, d_ff)
+        if not nodes:
+            raise SystemExit("T5 mixed precision: found no feed-forward output MatMul (weight [d_ff, d_model]); "
+                             "use --t5-precision fp32")
+        node_block += nodes
+        op_block += ops
+        info["fp32_nodes"] = len(nodes) + sum(1 for n in model.graph.node if n.op_type in ops)
+    m = OnnxModel(model)
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.convert_float_to_float16(keep_io_types=keep_io, op_block_list=op_block, node_block_list=node_block,
+                                   use_symbolic_shape_infer=True)
+    out = m.model
+    if dtype == "bf16":
+        retype_fp16_to_bf16(out, originals)
+    return out, info
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(a.astype(np.float32))
+    bits = rounded.astype(np.uint16)
+    bits[nan] = 0x7FC0
+    return bits
+
+
+def _bf16_tensor(name: str, a: np.ndarray) -> TensorProto:
+    t = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(a.shape))
+    t.raw_data = _bf16_bits(a).tobytes()
+    return t
+
+
+def retype_fp16_to_bf16(model: onnx.ModelProto, originals: dict):
+    """Every float16 in a converted graph becomes bfloat16; initializers are re-rounded from their float32 values
+    (not from the fp16 ones, which were clipped to +-65504)."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    for i, t in enumerate(list(g.initializer)):
+        if t.data_type == TensorProto.FLOAT16:
+            src = originals.get(t.name)
+            a = src if src is not None and src.shape == tuple(t.dims) else numpy_helper.to_array(t).astype(np.float32)
+            g.initializer[i].CopyFrom(_bf16_tensor(t.name, a))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT16:
+                a.i = TensorProto.BFLOAT16
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
+                a.t.CopyFrom(_bf16_tensor(a.t.name, numpy_helper.to_array(a.t).astype(np.float32)))
+    for n in g.node:  # the converter names its Casts *_cast_to_fp32; their `to` is FLOAT already
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving, manifest
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def weights_size(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, force_external: bool | None = None) -> list[Path]:
+    """model.onnx alone, or model.onnx + model.onnx.data (one file) when the weights exceed ~1.8 GB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    external = weights_size(model) > EXTERNAL_DATA_THRESHOLD if force_external is None else force_external
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=False)
+        # onnx.save_model with external data moves the tensors out of `model`: load them back for later use
+        onnx.load_external_data_for_model(model, str(path.parent))
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "diffusers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
+                "onnx-ir", "numpy"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return v
+
+
+def signature(model: onnx.ModelProto) -> dict:
+    def port(vi):
+        t = vi.type.tensor_type
+        return dict(name=vi.name, dtype=TensorProto.DataType.Name(t.elem_type).lower(),
+                    shape=[d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim])
+
+    return dict(inputs=[port(i) for i in model.graph.input], outputs=[port(o) for o in model.graph.output])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One component
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_opset(exporter: str, attention: str) -> int:
+    if exporter == "dynamo":
+        return 23 if attention == "fused" else 18
+    return 16 if attention == "fused" else 17
+
+
+def export_component(component: str, module, out_dir: Path, *, exporter: str, attention: str, dtype: str,
+                     opset: int | None, t5_precision: str, external: bool | None = None) -> dict:
+    """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry."""
+    t0 = time.time()
+    opset = opset or default_opset(exporter, attention)
+    spec = export_spec(component, module)
+    info: dict = dict(exporter=exporter, opset=opset, attention=attention, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix=f"export-{component}-") as tmp:
+        work = Path(tmp)
+        if exporter == "dynamo":
+            model = export_dynamo(spec, component, module, opset, work)
+        else:
+            model = export_torchscript(spec, opset, work)
+        info["nodes_exported"] = op_counts(model)
+        if attention == "fused":
+            if exporter == "torchscript":
+                model = ort_optimize(model, spec["model_type"], work)
+            else:
+                model = fuse_bias_gelu_only(model)
+            if component == "transformer":
+                info["adaln_folded"] = fold_adaln_into_layernorm(model)
+        info["nodes_optimized"] = op_counts(model)
+        if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
+            d_ff = getattr(getattr(module, "config", None), "d_ff", None)
+            model, extra = to_half(model, component, dtype, t5_precision, d_ff)
+            info.update(extra)
+        if component == "text_encoder_3":
+            info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
+        model.producer_name = "sd3-onnx models/export/export_sd3.py"
+        files = save_onnx(model, out_dir / component / "model.onnx", external)
+        info["nodes_final"] = op_counts(model)
+        info["node_count"] = len(model.graph.node)
+        info["signature"] = signature(model)
+        info["files"] = [str(f.relative_to(out_dir)) for f in files]
+    info["seconds"] = round(time.time() - t0, 1)
+    return info
+
+
+def write_component_config(component: str, module, out_dir: Path):
+    d = out_dir / component
+    d.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "save_config"):  # diffusers models
+        module.save_config(d)
+    else:  # transformers
+        module.config.save_pretrained(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def copy_tokenizers(src: Path, out: Path, components: list[str]):
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if sub == "tokenizer_3" and "text_encoder_3" not in components and not (out / "text_encoder_3").exists():
+            continue
+        s = src / sub
+        if s.is_dir():
+            shutil.rmtree(out / sub, ignore_errors=True)
+            shutil.copytree(s, out / sub)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="diffusers SD3/SD3.5 folder (model_index.json, transformer/, vae/, ...)")
+    src.add_argument("--random", choices=sorted(RANDOM_VARIANTS), help="random weights with the real configs of a variant")
+    ap.add_argument("--tokenizers-from", type=Path,
+                    help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ (required with --random; default: --model)")
+    ap.add_argument("--out", type=Path, required=True, help="output model folder")
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--attention", choices=["fused", "plain"], default="fused")
+    ap.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    ap.add_argument("--opset", type=int, default=None,
+                    help="default: 16 (torchscript fused), 17 (torchscript plain), 23 (dynamo fused), 18 (dynamo plain)")
+    ap.add_argument("--components", default=",".join(ALL_COMPONENTS),
+                    help="comma-separated subset of: " + ",".join(ALL_COMPONENTS))
+    ap.add_argument("--t5-precision", choices=["mixed", "fp32", "fp16"], default="mixed",
+                    help="with --dtype fp16/bf16: mixed = fp32 FFN output, residual and RMSNorm (default); fp32 = "
+                         "whole T5 in float32; fp16 = naive conversion (overflows with real T5-XXL weights)")
+    ap.add_argument("--fp32-components", default="",
+                    help="comma-separated components kept in float32 whatever --dtype says (e.g. vae_decoder)")
+    ap.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                    help="auto: model.onnx.data for graphs over ~1.8 GB")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (--random)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    components = [c for c in args.components.split(",") if c]
+    for c in components:
+        if c not in ALL_COMPONENTS:
+            raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS}")
+    fp32_components = {c for c in args.fp32_components.split(",") if c}
+    source = Source(args.model, args.random, args.tokenizers_from, args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    warnings.filterwarnings("ignore")
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"components": {}}
+    for component in components:
+        log(f"[{component}] loading")
+        module = source.load(component)
+        dtype = "fp32" if component in fp32_components else args.dtype
+        log(f"[{component}] exporting ({args.exporter}, attention {args.attention}, {dtype})")
+        info = export_component(component, module, out, exporter=args.exporter, attention=args.attention, dtype=dtype,
+                                opset=args.opset, t5_precision=args.t5_precision, external=external)
+        write_component_config(component, module, out)
+        manifest["components"][component] = info
+        log(f"[{component}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
+        del module
+        gc.collect()
+    sched = out / "scheduler" / "scheduler_config.json"
+    sched.parent.mkdir(parents=True, exist_ok=True)
+    sched.write_text(json.dumps(source.scheduler_config(), indent=2) + "\n")
+    copy_tokenizers(source.tokenizers_from, out, components)
+    index = source.model_index()
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    manifest.update(
+        tool="models/export/export_sd3.py",
+        source=str(args.model) if args.model else f"random:{args.random} (seed {args.seed})",
+        options=dict(dtype=args.dtype, attention=args.attention, exporter=args.exporter, opset=args.opset,
+                     t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
+                     external_data=args.external_data,
+                     tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),
+        versions=tool_versions(),
+    )
+    files = {}
+    for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        files[str(f.relative_to(out))] = dict(size=f.stat().st_size, sha256=sha256_file(f))
+    manifest["files"] = files
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"wrote {out} ({len(files)} files)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Writes the small graphs that tests/export_parity.rs overlays onto a copy of models/fixtures/tiny-sd3:
+
+    models/fixtures/export-tiny/transformer/model.onnx        fused attention (MultiHeadAttention), float32
+    models/fixtures/export-tiny-fp16/transformer/model.onnx   the same, float16 (timestep input stays float32)
+
+Both come from the SAME weights as models/fixtures/tiny-sd3/transformer/model.onnx: the diffusers transformer is
+rebuilt by models/make_fixtures.py's own deterministic construction (build_pipeline: seeded init + informative
+gains), then exported by export_sd3.py. Before writing anything, the rebuilt module is checked against the
+committed optimum graph of tiny-sd3 on random inputs (they must agree to float32 noise), so a change of
+make_fixtures.py that changes the weights is caught here instead of producing a silently different fixture.
+
+    /work/pyenv/bin/python models/export/make_export_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(MODELS))
+
+# make_fixtures.py keeps its intermediate files in a build folder; use a private one (nothing is written there by
+# the parts used here, but keep out of the way of a concurrent fixture build).
+os.environ["SD3_FIXTURE_BUILD"] = tempfile.mkdtemp(prefix="sd3-export-fixture-")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+import export_sd3 as ex  # noqa: E402
+
+
+def rebuild_tiny_sd3_transformer():
+    import make_fixtures as mf
+
+    # build_pipeline ends by loading the tokenizers from the build folder; the transformer does not need them.
+    mf.load_layout_tokenizers = lambda layout: (None, None, None)
+    pipe = mf.build_pipeline(mf.SPECS["tiny-sd3"])
+    return pipe.transformer.eval()
+
+
+def transformer_inputs(cfg, seed=0, batch=2, h=8, w=12, seq=29):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, h, w, generator=g),
+        encoder_hidden_states=torch.randn(batch, seq, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([981.5, 3.25][:batch], dtype=torch.float32),
+    )
+
+
+def run_onnx(path: Path, feeds: dict) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    arrays = {}
+    for k, v in feeds.items():
+        a = v.numpy()
+        arrays[k] = a.astype(np.float16) if types[k] == "tensor(float16)" else a.astype(np.float32)
+    return sess.run(None, arrays)[0].astype(np.float32)
+
+
+def main():
+    torch.set_num_threads(1)
+    fixture = MODELS / "fixtures" / "tiny-sd3" / "transformer" / "model.onnx"
+    module = rebuild_tiny_sd3_transformer()
+    feeds = transformer_inputs(module.config)
+    with torch.no_grad():
+        ref = module(**feeds, return_dict=False)[0].numpy()
+    err = float(np.abs(run_onnx(fixture, feeds) - ref).max())
+    print(f"rebuilt transformer vs committed {fixture.relative_to(MODELS.parent)}: max abs {err:.3g}")
+    if err > 1e-4:
+        raise SystemExit("the rebuilt transformer does not reproduce the committed tiny-sd3 transformer; "
+                         "make_fixtures.py and models/fixtures/tiny-sd3 are out of sync")
+    for name, dtype, tol in (("export-tiny", "fp32", 1e-4), ("export-tiny-fp16", "fp16", 5e-2)):
+        out = MODELS / "fixtures" / name
+        info = ex.export_component("transformer", module, out, exporter="torchscript", attention="fused",
+                                   dtype=dtype, opset=None, t5_precision="mixed", external=False)
+        got = run_onnx(out / "transformer" / "model.onnx", feeds)
+        e = float(np.abs(got - ref).max())
+        print(f"{name}: {info['node_count']} nodes, max abs vs torch fp32 {e:.3g} (tolerance {tol})")
+        if not e <= tol:
+            raise SystemExit(f"{name}: error {e} above {tol}")
+        path = out / "transformer" / "model.onnx"
+        manifest = dict(
+            tool="models/export/make_export_fixtures.py -> export_sd3.export_component",
+            weights="models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
+            options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"]),
+            nodes=info["nodes_final"],
+            max_abs_vs_torch_fp32=e,
+            versions=ex.tool_versions(),
+            files={"transformer/model.onnx": dict(size=path.stat().st_size, sha256=ex.sha256_file(path))},
+        )
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
