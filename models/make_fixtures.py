@@ -6,7 +6,8 @@ Run it from anywhere:
 
     bash models/setup-python.sh && .venv-tools/bin/python models/make_fixtures.py
 
-or a subset while iterating (stages run in this order, each reads what the earlier ones wrote):
+or a subset while iterating (stages run in this order, each reads what the earlier ones wrote; the build folder,
+$SD3_FIXTURE_BUILD or <tmp>/sd3-onnx-fixture-build, keeps the uncommitted intermediates between runs):
 
     python models/make_fixtures.py --stages tokenizers,models,goldens,fp16,scheduler,tokjson,broken,readme
 
@@ -20,7 +21,8 @@ Stages
               SD3.5-medium), saved to the build folder (not committed) and exported with
               `optimum-cli export onnx --task text-to-image` into models/fixtures/<name>/.
   goldens     for each fixture and case: latents.npy, diffusers.png (PyTorch), optimum.png (ONNX Runtime via
-              optimum), debug tensors for `cfg_negative`, summary.json, and the sensitivity table (sensitivity.json).
+              optimum), debug tensors for `cfg_negative`, and summary.json (pixel differences, the sensitivity
+              table). Needs the diffusers checkpoints that `models` left in the build folder.
   fp16        models/fixtures/tiny-sd3-fp16/{transformer,vae_decoder} converted to float16 (fp16 inputs/outputs)
               and its golden (goldens/tiny-sd3-fp16/cfg_negative).
   scheduler   models/goldens/scheduler.json (FlowMatchEulerDiscreteScheduler sigmas/timesteps).
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -91,7 +92,6 @@ diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 
 MODELS = Path(__file__).resolve().parent  # <repo>/models
-REPO = MODELS.parent
 FIXTURES = MODELS / "fixtures"
 GOLDENS = MODELS / "goldens"
 # Build folder for everything that is NOT committed (diffusers checkpoints, raw optimum exports, tokenizer work).
@@ -120,10 +120,6 @@ def write_json(path: Path, obj, compact=False):
 def read_json(path: Path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def f32list(t) -> list[float]:
@@ -539,6 +535,7 @@ def informative_init(spec: Spec, te1, te2, te3, transformer, vae):
     vae_out_gain         VAE decoder conv_out weights * gain (pixel contrast; too much saturates at 0/255)
     """
     g = spec.init
+    torch.manual_seed(spec.seed * 100 + 6)  # own seed: the re-drawn embeddings do not depend on the other inits
     for te in (te1, te2):
         emb = te.text_model.embeddings
         emb.token_embedding.weight.normal_(0.0, g["clip_embed_std"])
@@ -642,6 +639,8 @@ def load_diffusers_pipeline(name: str) -> StableDiffusion3Pipeline:
     """The PyTorch reference: weights from the (uncommitted) diffusers checkpoint, tokenizers loaded from the
     committed fixture folder with the classes its model_index.json names (as diffusers would)."""
     fixture = FIXTURES / name
+    if not (diffusers_dir(name) / "model_index.json").is_file():
+        raise SystemExit(f"{diffusers_dir(name)} is missing: run the `models` stage first (same SD3_FIXTURE_BUILD)")
     index = read_json(fixture / "model_index.json")
     import transformers
 
@@ -649,7 +648,7 @@ def load_diffusers_pipeline(name: str) -> StableDiffusion3Pipeline:
     for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         cls = getattr(transformers, index[sub][1])
         toks[sub] = cls.from_pretrained(fixture / sub)
-    pipe = StableDiffusion3Pipeline.from_pretrained(diffusers_dir(name), torch_dtype=torch.float32, **toks)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(diffusers_dir(name)), torch_dtype=torch.float32, **toks)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -760,6 +759,11 @@ def stage_goldens(names):
                 f"{diff_stats(c, b)}; pixels {pixel_stats(a)}")
             if case.name == "cfg_negative":
                 save_debug_tensors(pipe, case, latents, out)
+                # optimum's final latents: the numpy-ORT reference reproduces them bit for bit (asserted), so an
+                # ORT-based implementation can be checked against this file at zero tolerance.
+                final_o = opipe(**pipe_kwargs(case, latents), output_type="latent").images.float().numpy()
+                np.save(out / "optimum_final_latents.npy", final_o)
+                assert np.array_equal(ref.final_latents(case, latents.numpy()), final_o), "reference != optimum"
         summary["sensitivity"] = sensitivity_table(pipe)
         write_json(gdir / "summary.json", summary)
 
@@ -969,6 +973,13 @@ class OrtReference:
         return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
 
     def generate(self, case: Case, latents: np.ndarray) -> np.ndarray:
+        x = self.final_latents(case, latents)
+        z = x / np.float32(self.scaling) + np.float32(self.shift_factor)
+        img = self.run(self.vae, {"latent_sample": z})["sample"]
+        img = np.clip(img / np.float32(2) + np.float32(0.5), 0, 1)  # VaeImageProcessor.denormalize
+        return (img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)  # numpy_to_pil: round half to even
+
+    def final_latents(self, case: Case, latents: np.ndarray) -> np.ndarray:
         pe, ppe = self.encode(case.prompt, case.max_sequence_length)
         cfg = case.guidance > 1
         if cfg:
@@ -984,11 +995,8 @@ class OrtReference:
             if cfg:
                 vu, vc = v[:1], v[1:]
                 v = vu + g * (vc - vu)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-        z = x / np.float32(self.scaling) + np.float32(self.shift_factor)
-        img = self.run(self.vae, {"latent_sample": z})["sample"]
-        img = np.clip(img / np.float32(2) + np.float32(0.5), 0, 1)  # VaeImageProcessor.denormalize
-        return (img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)  # numpy_to_pil: round half to even
+            x = x + (sigmas[i + 1] - sigmas[i]) * v  # Euler step in float32
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1435,8 +1443,8 @@ def signature_lines(path: Path) -> list[str]:
         return f"`{v.name}` {TensorProto.DataType.Name(t.elem_type).lower()} [{dims}]"
 
     opset = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in m.opset_import)
-    lines = [f"- inputs: " + "; ".join(fmt(v) for v in m.graph.input)]
-    lines.append(f"- outputs: " + "; ".join(fmt(v) for v in m.graph.output))
+    lines = ["- inputs: " + "; ".join(fmt(v) for v in m.graph.input)]
+    lines.append("- outputs: " + "; ".join(fmt(v) for v in m.graph.output))
     lines.append(f"- opset {opset}, IR {m.ir_version}, {len(m.graph.node)} nodes, {path.stat().st_size:,} bytes")
     return lines
 
@@ -1478,6 +1486,7 @@ def stage_readme():
     add("| `fixtures/tiny-sd35/` | SD3.5-medium-like pipeline (qk RMS-norm, dual attention in blocks 0-1), the real stabilityai SD3 repo tokenizer layout: `tokenizer/`, `tokenizer_2/` = `vocab.json` + `merges.txt` + configs only (slow `CLIPTokenizer`), `tokenizer_3/` = `spiece.model` + `tokenizer.json` + configs; other VAE factors and scheduler shift than tiny-sd3 |")
     add("| `fixtures/tiny-sd3-fp16/` | only `transformer/` and `vae_decoder/` of tiny-sd3 converted to float16, float16 inputs and outputs (the timestep too); overlay it onto a copy of tiny-sd3 |")
     add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
+    add("| `fixtures/export-tiny*/` | not written by this script: made by `models/export/make_export_fixtures.py` from tiny-sd3's transformer weights (via `make_fixtures.build_pipeline`) |")
     add("| `goldens/<fixture>/<case>/` | `request.json`, `latents.npy` (initial noise), `diffusers.png`, `optimum.png`; for `cfg_negative` also the debug tensors |")
     add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
     add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
@@ -1553,7 +1562,9 @@ def stage_readme():
         "latents. Debug tensors (cfg_negative only, float32): `prompt_embeds` / `negative_prompt_embeds` "
         "[1, 77+max_sequence_length, T5 width], `pooled_prompt_embeds` / `negative_pooled_prompt_embeds` "
         "[1, pooled], `final_latents` [1, 16, h, w] (after the last step, before `/ scaling_factor + "
-        "shift_factor`), `sigmas` [steps+1], `timesteps` [steps] (what the transformer is fed).")
+        "shift_factor`), `sigmas` [steps+1], `timesteps` [steps] (what the transformer is fed), and "
+        "`optimum_final_latents.npy`, optimum's final latents, which the numpy-ORT reference below reproduces bit "
+        "for bit. ORT vs PyTorch on these: prompt embeddings differ by up to ~2e-5, final latents by up to ~3e-5.")
     add("")
     add("Pixel differences (0..255) per case: diffusers vs optimum, and a plain numpy + ONNX Runtime "
         "re-implementation of the pipeline (`OrtReference` in make_fixtures.py, f32 host math as docs/design.md "
@@ -1662,7 +1673,7 @@ def stage_readme():
     rows = [[f"`{p.relative_to(MODELS)}`", f"{folder_size(p) / 1e6:.2f} MB"] for p in sorted(list(FIXTURES.iterdir()) + list(GOLDENS.iterdir())) if p.is_dir()]
     rows.append(["`goldens/*.json`", f"{sum(f.stat().st_size for f in GOLDENS.glob('*.json')) / 1e6:.2f} MB"])
     total = folder_size(MODELS)
-    rows.append(["**all of models/** (files, without this README)", f"**{total / 1e6:.2f} MB**"])
+    rows.append(["**all of models/** (every file, models/export included, without this README)", f"**{total / 1e6:.2f} MB**"])
     L.extend(md_table(["path", "size"], rows))
     add("")
     add("The CLIP token embedding tables (49408 rows) dominate: keep CLIP widths tiny.")
@@ -1692,6 +1703,8 @@ QUIRKS = [
     "The exported CLIP graphs pool at the first position where `input_ids == 49407` (because the configs say "
     "eos_token_id 49407); the real SD3 configs say 2, for which transformers pools at `argmax(input_ids)` - the same "
     "position for every tokenizer output.",
+    "A literal `<|endoftext|>` in a prompt is an added special token for every CLIP flavour: it becomes 49407 "
+    "mid-sequence, and the CLIP graphs then pool at that first occurrence.",
     "The T5 tokenizer has no `<s>`; `</s>` (1) is appended by the post-processor; pad is 0. The T5 graph takes no "
     "attention mask (pads are attended to), so the padding length changes the result.",
     "transformers 4.57 converts a fresh spiece.model to tokenizer.json with `Metaspace(prepend_scheme=\"never\")` "
