@@ -1471,7 +1471,8 @@ def stage_readme():
         "way real checkpoints are (`optimum-cli export onnx --task text-to-image`), plus the outputs of Hugging Face "
         "diffusers (PyTorch) and optimum (ONNX Runtime) on them. No real SD3 weights are involved.")
     add("")
-    add("Regenerate (deterministic, about a minute on 2 cores after the venv exists):")
+    add("Regenerate (deterministic, about 30 s on 2 cores once the venv exists; intermediates go to "
+        "`$SD3_FIXTURE_BUILD`, default `<tmp>/sd3-onnx-fixture-build`):")
     add("")
     add("```")
     add("bash models/setup-python.sh && .venv-tools/bin/python models/make_fixtures.py")
@@ -1719,7 +1720,8 @@ DETERMINISM_NOTE = (
     "Every random draw is seeded: each network is created right after `torch.manual_seed(seed*100 + k)`, the T5 "
     "training text comes from `random.Random(1234)`, latents from `torch.Generator('cpu').manual_seed(case seed)`. "
     "PyTorch and ONNX Runtime run single-threaded, sentencepiece trains with one thread. Running the generator twice "
-    "on the same machine gives byte-identical files (checked with sha256 over models/). The ONNX files come from "
+    "on the same machine, with different build folders and in a fresh `.venv-tools` from `setup-python.sh`, gave "
+    "byte-identical files (sha256 over every generated file). The ONNX files come from "
     "torch.onnx (TorchScript exporter) via optimum and contain no timestamps or paths; `_name_or_path` in the configs "
     "is rewritten to a build-folder-independent value. Other CPUs or library versions may change the float results "
     "in the last bits, which can move a golden pixel by 1."
