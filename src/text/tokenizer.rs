@@ -31,6 +31,11 @@ pub struct PromptTokenizer {
     inner: Tokenizer,
     pad_id: u32,
     model_max_length: Option<usize>,
+    /// CLIP's BPE marks word ends with `</w>`; decoded text turns it into spaces, as transformers'
+    /// `CLIPTokenizerFast._wrap_decode_method_backend_tokenizer` does.
+    word_suffix: Option<String>,
+    /// transformers' `clean_up_tokenization_spaces` (from tokenizer_config.json), applied to decoded text.
+    clean_up_spaces: bool,
 }
 
 /// Special-token settings read from `special_tokens_map.json` and `tokenizer_config.json`.
@@ -57,6 +62,14 @@ impl SpecialTokens {
             Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
             _ => None,
         })
+    }
+
+    fn clean_up_spaces(&self) -> bool {
+        self.config
+            .as_ref()
+            .and_then(|c| c.get("clean_up_tokenization_spaces"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     fn model_max_length(&self) -> Option<usize> {
@@ -103,7 +116,10 @@ impl PromptTokenizer {
             (clip_from_vocab_merges(component, &vocab, &merges, &special)?, vocab)
         };
         let pad = special.token("pad_token").unwrap_or_else(|| "<|endoftext|>".to_string());
-        Self::finish(component, path, inner, &pad, special.model_max_length())
+        let mut tok = Self::finish(component, path, inner, &pad, special.model_max_length())?;
+        tok.word_suffix = Some("</w>".to_string());
+        tok.clean_up_spaces = special.clean_up_spaces();
+        Ok(tok)
     }
 
     /// Loads the T5 tokenizer folder (`tokenizer_3/`), which must hold `tokenizer.json`.
@@ -121,7 +137,9 @@ impl PromptTokenizer {
         }
         let inner = load_tokenizer_json(component, &json_path)?;
         let pad = special.token("pad_token").unwrap_or_else(|| "<pad>".to_string());
-        Self::finish(component, json_path, inner, &pad, special.model_max_length())
+        let mut tok = Self::finish(component, json_path, inner, &pad, special.model_max_length())?;
+        tok.clean_up_spaces = special.clean_up_spaces();
+        Ok(tok)
     }
 
     fn finish(
@@ -143,7 +161,15 @@ impl PromptTokenizer {
             path: path.clone(),
             message: format!("the padding token {pad:?} named by the tokenizer config is not in the vocabulary"),
         })?;
-        Ok(PromptTokenizer { component, path, inner, pad_id, model_max_length })
+        Ok(PromptTokenizer {
+            component,
+            path,
+            inner,
+            pad_id,
+            model_max_length,
+            word_suffix: None,
+            clean_up_spaces: false,
+        })
     }
 
     /// The id used for padding.
@@ -159,6 +185,32 @@ impl PromptTokenizer {
     /// The file the tokenizer was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Decodes ids to text as transformers' `decode(ids, skip_special_tokens=False)` does.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let mut text = self.inner.decode(ids, false).map_err(|e| self.err(e))?;
+        if let Some(suffix) = &self.word_suffix {
+            text = text.replace(suffix.as_str(), " ").trim().to_string();
+        }
+        if self.clean_up_spaces {
+            // transformers `PreTrainedTokenizerBase.clean_up_tokenization`.
+            for (from, to) in [
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ] {
+                text = text.replace(from, to);
+            }
+        }
+        Ok(text)
     }
 
     fn err(&self, message: impl ToString) -> Error {
@@ -182,7 +234,7 @@ impl PromptTokenizer {
             // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
             let start = max_len - added;
             let cut: Vec<u32> = content.get_ids()[start..].to_vec();
-            Some(self.inner.decode(&cut, false).map_err(|e| self.err(e))?)
+            Some(self.decode(&cut)?)
         } else {
             None
         };
