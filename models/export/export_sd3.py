@@ -311,12 +311,12 @@ def export_spec(component: str, module) -> dict:
         c = module.config
         dyn = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
                "sample": {0: "batch_size", 2: "height", 3: "width"}}
-        return dict(wrapper=VaeDecoderWrapper(module), args=(torch.randn(1, c.latent_channels, 8, 8),),
+        return dict(wrapper=VaeDecoderWrapper(module), args=(torch.randn(2, c.latent_channels, 8, 12),),
                     inputs=["latent_sample"], outputs=["sample"], dynamic_axes=dyn, model_type="vae")
     if component == "vae_encoder":
         dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"},
                "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
-        return dict(wrapper=VaeEncoderWrapper(module), args=(torch.randn(1, 3, 64, 64),), inputs=["sample"],
+        return dict(wrapper=VaeEncoderWrapper(module), args=(torch.randn(2, 3, 64, 96),), inputs=["sample"],
                     outputs=["latent_parameters"], dynamic_axes=dyn, model_type="vae")
     raise ValueError(component)
 
@@ -343,33 +343,21 @@ def export_torchscript(spec: dict, opset: int, work: Path) -> onnx.ModelProto:
 
 
 def _dynamo_shapes(spec: dict, component: str, module) -> dict:
-    """torch.export Dims for the same dynamic axes. The transformer's height/width must be multiples of the patch
-    size and at most pos_embed_max_size patches: say so, else torch.export refuses to keep them symbolic."""
+    """torch.export dims for the same dynamic axes (Dim.DYNAMIC: torch infers the constraints between them). The
+    transformer's height/width are multiples of the patch size (derived dims), the VAE encoder's of 8."""
     Dim = torch.export.Dim
-    dims: dict[str, object] = {}
-
-    def dim(name, **kw):
-        if name not in dims:
-            dims[name] = Dim(name, **kw)
-        return dims[name]
-
     shapes = {}
     for name in spec["inputs"]:
-        axes = spec["dynamic_axes"].get(name, {})
         entry = {}
-        for ax, label in axes.items():
+        for ax, label in spec["dynamic_axes"].get(name, {}).items():
             if component == "transformer" and name == "hidden_states" and ax in (2, 3):
                 p = module.config.patch_size
                 mx = module.config.pos_embed_max_size or 4096
-                entry[ax] = p * dim(label + "_patches", min=1, max=mx)
-            elif label == "batch_size":
-                entry[ax] = dim("batch_size", min=1, max=1024)
-            elif component in ("text_encoder", "text_encoder_2") and label == "sequence_length":
-                entry[ax] = dim(label, min=1, max=module.config.max_position_embeddings)
-            elif component.startswith("vae") and label in ("height", "width", "latent_height", "latent_width"):
-                entry[ax] = 8 * dim(label + "_8", min=1, max=1024) if component == "vae_encoder" else dim(label, min=1, max=1024)
+                entry[ax] = p * Dim(label + "_patches", min=1, max=mx)
+            elif component == "vae_encoder" and ax in (2, 3):
+                entry[ax] = 8 * Dim(label + "_8", min=1, max=1024)
             else:
-                entry[ax] = dim(label, min=1, max=8192)
+                entry[ax] = Dim.DYNAMIC
         shapes[name] = entry
     return shapes
 
@@ -548,7 +536,8 @@ def t5_fp32_nodes(model: onnx.ModelProto, d_ff: int) -> tuple[list[str], list[st
             dims = list(inits[n.input[1]].dims)
             if len(dims) == 2 and dims[0] == d_ff:
                 nodes.append(n.name)
-    ops = ["SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "Add", "Pow", "ReduceMean", "Sqrt",
+    ops = ["SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Add", "Pow",
+           "ReduceMean", "Sqrt",
            "Div", "Reciprocal"]
     return nodes, ops
 
@@ -570,6 +559,68 @@ def time_projection_nodes(model: onnx.ModelProto) -> list[str]:
             names.append(n.name)
             frontier.extend(n.output)
     return names
+
+
+INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8,
+             TensorProto.BOOL}
+
+
+def index_math_nodes(model: onnx.ModelProto) -> list[str]:
+    """Float arithmetic that computes integer indices: every node on a path from a Cast int->float to a Cast
+    float->int. T5's relative-position buckets are `long(max_exact + log(rel / max_exact) / log(...) * ...)`;
+    transformers computes that in float32 whatever the model dtype, and in float16 buckets at the boundaries move,
+    which changes the position bias (an error of ~0.1 on the tiny test T5). Such nodes stay float32."""
+    g = model.graph
+    consumers: dict[str, list] = {}
+    producers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+        for o in n.output:
+            producers[o] = n
+
+    def cast_to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None)
+
+    starts = [n for n in g.node if n.op_type == "Cast" and cast_to(n) in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+    ends = [n for n in g.node if n.op_type == "Cast" and cast_to(n) in INT_TYPES]
+    fwd, stack = set(), list(starts)
+    while stack:
+        n = stack.pop()
+        if n.name in fwd:
+            continue
+        fwd.add(n.name)
+        if n in ends:
+            continue
+        for o in n.output:
+            stack.extend(consumers.get(o, []))
+    bwd, stack = set(), list(ends)
+    while stack:
+        n = stack.pop()
+        if n.name in bwd:
+            continue
+        bwd.add(n.name)
+        for i in n.input:
+            if i in producers:
+                stack.append(producers[i])
+    return sorted(fwd & bwd)
+
+
+def constants_feeding(model: onnx.ModelProto, blocked: set, blocked_ops: set) -> list[str]:
+    """Constant nodes whose every consumer stays float32: they must stay float32 too, else their value is rounded
+    to float16 before the consumer casts it back (e.g. T5's 1/log(max_distance/max_exact) bucket factor)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Constant" or n.name in blocked:
+            continue
+        users = consumers.get(n.output[0], [])
+        if users and all(u.name in blocked or u.op_type in blocked_ops for u in users):
+            out.append(n.name)
+    return out
 
 
 def ensure_node_names(model: onnx.ModelProto):
@@ -594,10 +645,10 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
     node_block: list[str] = []
     keep_io: list[str] = []
     info = {}
+    node_block += index_math_nodes(model)
     if component == "transformer":
         keep_io = ["timestep"]
-        node_block = time_projection_nodes(model)
-        info["fp32_nodes"] = len(node_block)
+        node_block += time_projection_nodes(model)
     if component == "text_encoder_3" and t5_precision == "mixed":
         nodes, ops = t5_fp32_nodes(model, d_ff)
         if not nodes:
@@ -605,16 +656,86 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
                              "use --t5-precision fp32")
         node_block += nodes
         op_block += ops
-        info["fp32_nodes"] = len(nodes) + sum(1 for n in model.graph.node if n.op_type in ops)
+    node_block += constants_feeding(model, set(node_block), set(op_block))
+    info["fp32_nodes"] = len(set(node_block)) + sum(1 for n in model.graph.node if n.op_type in op_block
+                                                    and n.name not in set(node_block))
     m = OnnxModel(model)
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.convert_float_to_float16(keep_io_types=keep_io, op_block_list=op_block, node_block_list=node_block,
                                    use_symbolic_shape_infer=True)
     out = m.model
+    drop_duplicate_nodes(out)
+    topological_sort(out)
     if dtype == "bf16":
         retype_fp16_to_bf16(out, originals)
     return out, info
+
+
+def drop_duplicate_nodes(model: onnx.ModelProto):
+    """float16.convert_float_to_float16 adds one `<x>_cast_to_fp32` Cast per blocked consumer of x, all with the same
+    node and output name when x feeds several blocked nodes; keep the first (they are identical)."""
+    g = model.graph
+    seen, keep = set(), []
+    for n in g.node:
+        key = (n.op_type, n.domain, tuple(n.input), tuple(n.output), n.SerializeToString(deterministic=True))
+        out_key = tuple(n.output)
+        if key in seen or (n.op_type == "Cast" and ("cast", out_key) in seen):
+            continue
+        seen.add(key)
+        if n.op_type == "Cast":
+            seen.add(("cast", out_key))
+        keep.append(n)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+    names = set()
+    vis = []
+    for vi in g.value_info:
+        if vi.name not in names:
+            names.add(vi.name)
+            vis.append(vi)
+    del g.value_info[:]
+    g.value_info.extend(vis)
+
+
+def topological_sort(model: onnx.ModelProto):
+    """Nodes in an order where every input is produced before use (the fp16 converter appends some Casts after
+    their consumers; ONNX Runtime accepts that, onnx.checker does not)."""
+    g = model.graph
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    producers = {}
+    for idx, n in enumerate(g.node):
+        for o in n.output:
+            producers[o] = idx
+    order, placed = [], [False] * len(g.node)
+    import collections
+
+    deps = []
+    for n in g.node:
+        deps.append({producers[i] for i in n.input if i not in available and i in producers})
+    users = collections.defaultdict(list)
+    missing = [len(d) for d in deps]
+    for idx, d in enumerate(deps):
+        for p in d:
+            users[p].append(idx)
+    queue = collections.deque(i for i, m in enumerate(missing) if m == 0)
+    while queue:
+        i = queue.popleft()
+        if placed[i]:
+            continue
+        placed[i] = True
+        order.append(g.node[i])
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                queue.append(u)
+    if len(order) == len(g.node):
+        nodes = [onnx.NodeProto() for _ in order]
+        for dst, src in zip(nodes, order):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(nodes)
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
