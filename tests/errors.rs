@@ -210,3 +210,12 @@ fn cpu_fallback_is_opt_in_and_reported() {
     assert!(fallbacks[0].to_string().contains("CUDA"), "{}", fallbacks[0]);
     assert_eq!(out.placements, placements);
 }
+
+#[test]
+fn pipeline_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Sd3Pipeline>();
+    let mut p = pipe();
+    let handle = std::thread::spawn(move || p.generate(&base().steps(1)).map(|o| o.images.len()));
+    assert_eq!(handle.join().expect("thread").expect("generate"), 1);
+}
