@@ -146,7 +146,9 @@ def tokenizer_vocab_size(tok_dir: Path) -> int:
 class Source:
     """Where the PyTorch modules, configs and tokenizers come from: a diffusers folder or random weights."""
 
-    def __init__(self, model: Path | None, random_variant: str | None, tokenizers_from: Path | None, seed: int):
+    def __init__(self, model: Path | None, random_variant: str | None, tokenizers_from: Path | None, seed: int,
+                 layers: int | None = None):
+        self.layers = layers
         self.model = model
         self.variant = random_variant
         self.tokenizers_from = tokenizers_from if tokenizers_from else model
@@ -191,7 +193,12 @@ class Source:
             return T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=1, **spec["t5"])).eval()
         if component == "transformer":
             self._seeded(4)
-            return SD3Transformer2DModel(**spec["transformer"]).eval()
+            cfg = dict(spec["transformer"])
+            if self.layers:
+                cfg["num_layers"] = self.layers
+                if "dual_attention_layers" in cfg:
+                    cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < self.layers - 1]
+            return SD3Transformer2DModel(**cfg).eval()
         self._seeded(5)
         return AutoencoderKL(**spec["vae"]).eval()
 
@@ -330,16 +337,15 @@ def _load_with_data(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def export_torchscript(spec: dict, opset: int, work: Path) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=False). Large models get their weights written next to the graph by torch; they
-    are loaded back into memory here."""
+def export_torchscript(spec: dict, opset: int, work: Path) -> Path:
+    """torch.onnx.export(dynamo=False) into work/ (large models get their weights written next to the graph)."""
     path = work / "torchscript.onnx"
     kwargs = dict(input_names=spec["inputs"], output_names=spec["outputs"], dynamic_axes=spec["dynamic_axes"],
                   opset_version=opset, do_constant_folding=True, dynamo=False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(spec["wrapper"], spec["args"], str(path), **kwargs)
-    return _load_with_data(path)
+    return path
 
 
 def _dynamo_shapes(spec: dict, component: str, module) -> dict:
@@ -362,7 +368,7 @@ def _dynamo_shapes(spec: dict, component: str, module) -> dict:
     return shapes
 
 
-def export_dynamo(spec: dict, component: str, module, opset: int, work: Path) -> onnx.ModelProto:
+def export_dynamo(spec: dict, component: str, module, opset: int, work: Path) -> Path:
     """torch.onnx.export(dynamo=True): torch.export + onnxscript. Opset >= 23 emits SDPA as the ONNX `Attention`
     op; below that as MatMul/Softmax."""
     path = work / "dynamo.onnx"
@@ -372,15 +378,18 @@ def export_dynamo(spec: dict, component: str, module, opset: int, work: Path) ->
                                  output_names=spec["outputs"], dynamic_shapes=_dynamo_shapes(spec, component, module),
                                  opset_version=opset, dynamo=True, optimize=True, verbose=False)
         prog.save(str(path), external_data=True)
-    model = _load_with_data(path)
-    # torch names the dynamic dims after its symbols (s0, 2*s1, ...); give them the optimum-style names.
+    del prog
+    return path
+
+
+def name_dynamic_dims(model: onnx.ModelProto, spec: dict):
+    """torch.export names the dynamic dims after its symbols (s0, 2*s1, ...); use the optimum-style names."""
     for vi in list(model.graph.input) + list(model.graph.output):
         axes = spec["dynamic_axes"].get(vi.name, {})
         for ax, label in axes.items():
             d = vi.type.tensor_type.shape.dim[ax]
             if not d.HasField("dim_value"):
                 d.dim_param = label
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,14 +464,12 @@ def fold_adaln_into_layernorm(model: onnx.ModelProto) -> int:
     return folded
 
 
-def ort_optimize(model: onnx.ModelProto, model_type: str, work: Path) -> onnx.ModelProto:
+def ort_optimize(src: Path, model_type: str) -> onnx.ModelProto:
     """onnxruntime.transformers.optimizer with the python fusions only (opt_level=0), as Microsoft's
     models/stable_diffusion/optimize_pipeline.py does for SD3 before the fp16 conversion."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    if model_type == "t5":
-        return t5_fusions(model)
     opts = FusionOptions(model_type)
     if model_type == "vae":
         # GroupNorm / NHWC Conv fusions are CUDA-only contrib ops (no CPU kernel); keep the graph portable.
@@ -470,8 +477,6 @@ def ort_optimize(model: onnx.ModelProto, model_type: str, work: Path) -> onnx.Mo
                   "enable_bias_add"):
             if hasattr(opts, k):
                 setattr(opts, k, False)
-    src = work / "pre_opt.onnx"
-    save_onnx(model, src)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -501,6 +506,19 @@ def t5_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
         m.prune_graph()
         m.remove_unused_constant()
     return m.model
+
+
+def raise_opset_for_layernorm(model: onnx.ModelProto):
+    """The fused LayerNormalization nodes are ONNX ops only from opset 17 (ONNX Runtime also runs them at 16, other
+    runtimes and onnx.checker do not). Opset 17 only added operators to 16, so declaring 17 changes nothing else."""
+    if any(n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < 17:
+                o.version = 17
+    # The fusions add com.microsoft nodes without always declaring the domain.
+    declared = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")} - declared):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def fuse_bias_gelu_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -640,7 +658,8 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     ensure_node_names(model)
-    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                 if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}
     op_block = list(DEFAULT_OP_BLOCK_LIST)
     node_block: list[str] = []
     keep_io: list[str] = []
@@ -656,6 +675,9 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
                              "use --t5-precision fp32")
         node_block += nodes
         op_block += ops
+    if dtype == "bf16":
+        op_block += ops_without_bf16(model)
+        info["bf16_blocked_ops"] = ops_without_bf16(model)
     node_block += constants_feeding(model, set(node_block), set(op_block))
     info["fp32_nodes"] = len(set(node_block)) + sum(1 for n in model.graph.node if n.op_type in op_block
                                                     and n.name not in set(node_block))
@@ -670,6 +692,34 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
     if dtype == "bf16":
         retype_fp16_to_bf16(out, originals)
     return out, info
+
+
+def ops_without_bf16(model: onnx.ModelProto) -> list[str]:
+    """Op types of the graph whose schema (at the graph's opset, as ONNX Runtime registers it, contrib ops included)
+    has no bfloat16 type: they stay float32 in a bf16 export (e.g. Conv, Sin, Cos, InstanceNormalization)."""
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        schemas = [(s.domain or "", s.name, s.since_version, [t.allowed_type_strs for t in s.type_constraints])
+                   for s in C.get_all_operator_schema()]
+    except Exception:  # noqa: BLE001
+        schemas = [(s.domain or "", s.name, s.since_version, [t.allowed_type_strs for t in s.type_constraints])
+                   for s in onnx.defs.get_all_schemas_with_history()]
+    best: dict = {}
+    for domain, name, since, types in schemas:
+        domain = "" if domain == "ai.onnx" else domain
+        if since <= opsets.get(domain, 1) and since >= best.get((domain, name), (-1, None))[0]:
+            best[(domain, name)] = (since, types)
+    out = set()
+    for n in model.graph.node:
+        key = ("" if n.domain in ("", "ai.onnx") else n.domain, n.op_type)
+        if key not in best:
+            continue
+        types = best[key][1]
+        if types and not any("tensor(bfloat16)" in t for t in types):
+            out.add(n.op_type)
+    return sorted(out)
 
 
 def drop_duplicate_nodes(model: onnx.ModelProto):
@@ -849,9 +899,18 @@ def default_opset(exporter: str, attention: str) -> int:
     return 16 if attention == "fused" else 17
 
 
+def release_weights(module: torch.nn.Module):
+    """Frees a module's parameters and buffers (the export of a big model then holds one copy of the weights)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        t.data = torch.empty(0, dtype=t.dtype)
+    gc.collect()
+
+
 def export_component(component: str, module, out_dir: Path, *, exporter: str, attention: str, dtype: str,
-                     opset: int | None, t5_precision: str, external: bool | None = None) -> dict:
-    """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry."""
+                     opset: int | None, t5_precision: str, external: bool | None = None,
+                     release_torch: bool = False) -> dict:
+    """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
+    release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after)."""
     t0 = time.time()
     opset = opset or default_opset(exporter, attention)
     spec = export_spec(component, module)
@@ -859,20 +918,33 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
     with tempfile.TemporaryDirectory(prefix=f"export-{component}-") as tmp:
         work = Path(tmp)
         if exporter == "dynamo":
-            model = export_dynamo(spec, component, module, opset, work)
+            exported = export_dynamo(spec, component, module, opset, work)
         else:
-            model = export_torchscript(spec, opset, work)
-        info["nodes_exported"] = op_counts(model)
+            exported = export_torchscript(spec, opset, work)
+        d_ff = getattr(getattr(module, "config", None), "d_ff", None)
+        axes = {"dynamic_axes": spec["dynamic_axes"]}
+        del spec
+        if release_torch:
+            release_weights(module)
+        info["nodes_exported"] = op_counts(onnx.load(str(exported), load_external_data=False))
+        if attention == "fused" and exporter == "torchscript" and component != "text_encoder_3":
+            model = ort_optimize(exported, export_spec_model_type(component))
+        else:
+            model = _load_with_data(exported)
+        for f in work.iterdir():  # the weights are in memory now: free the disk
+            f.unlink()
+        if exporter == "dynamo":
+            name_dynamic_dims(model, axes)
         if attention == "fused":
-            if exporter == "torchscript":
-                model = ort_optimize(model, spec["model_type"], work)
-            else:
+            if component == "text_encoder_3":
+                model = t5_fusions(model)
+            elif exporter == "dynamo":
                 model = fuse_bias_gelu_only(model)
+            raise_opset_for_layernorm(model)
             if component == "transformer":
                 info["adaln_folded"] = fold_adaln_into_layernorm(model)
         info["nodes_optimized"] = op_counts(model)
         if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
-            d_ff = getattr(getattr(module, "config", None), "d_ff", None)
             model, extra = to_half(model, component, dtype, t5_precision, d_ff)
             info.update(extra)
         if component == "text_encoder_3":
@@ -885,6 +957,11 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         info["files"] = [str(f.relative_to(out_dir)) for f in files]
     info["seconds"] = round(time.time() - t0, 1)
     return info
+
+
+def export_spec_model_type(component: str) -> str:
+    return {"text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5", "transformer": "mmdit",
+            "vae_decoder": "vae", "vae_encoder": "vae"}[component]
 
 
 def write_component_config(component: str, module, out_dir: Path):
@@ -934,6 +1011,8 @@ def parse_args(argv=None):
     ap.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                     help="auto: model.onnx.data for graphs over ~1.8 GB")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (--random)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     return ap.parse_args(argv)
 
 
@@ -944,7 +1023,9 @@ def main(argv=None):
         if c not in ALL_COMPONENTS:
             raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS}")
     fp32_components = {c for c in args.fp32_components.split(",") if c}
-    source = Source(args.model, args.random, args.tokenizers_from, args.seed)
+    if args.layers and not args.random:
+        raise SystemExit("--layers is for --random only")
+    source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
@@ -956,9 +1037,10 @@ def main(argv=None):
         module = source.load(component)
         dtype = "fp32" if component in fp32_components else args.dtype
         log(f"[{component}] exporting ({args.exporter}, attention {args.attention}, {dtype})")
-        info = export_component(component, module, out, exporter=args.exporter, attention=args.attention, dtype=dtype,
-                                opset=args.opset, t5_precision=args.t5_precision, external=external)
         write_component_config(component, module, out)
+        info = export_component(component, module, out, exporter=args.exporter, attention=args.attention, dtype=dtype,
+                                opset=args.opset, t5_precision=args.t5_precision, external=external,
+                                release_torch=True)
         manifest["components"][component] = info
         log(f"[{component}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
@@ -971,7 +1053,8 @@ def main(argv=None):
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     manifest.update(
         tool="models/export/export_sd3.py",
-        source=str(args.model) if args.model else f"random:{args.random} (seed {args.seed})",
+        source=str(args.model) if args.model else f"random:{args.random} (seed {args.seed}"
+        + (f", {args.layers} MMDiT blocks)" if args.layers else ")"),
         options=dict(dtype=args.dtype, attention=args.attention, exporter=args.exporter, opset=args.opset,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data,

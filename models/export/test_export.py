@@ -293,6 +293,36 @@ def test_cli():
               f"{names}; versions {manifest['versions']}  {'ok' if ok else 'FAIL ' + str(missing)}")
         if not ok:
             FAILURES.append(f"cli: missing {missing} or wrong signature {types} {names}")
+        # --model: a diffusers folder saved from the same random modules exports to the same graphs.
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+        from transformers import AutoTokenizer
+
+        src = ex.Source(None, "tiny", TOKENIZERS, seed=0)
+        mods = {c: src.load(c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer")}
+        pipe = StableDiffusion3Pipeline(
+            transformer=mods["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=src.load("vae_decoder"), text_encoder=mods["text_encoder"], text_encoder_2=mods["text_encoder_2"],
+            text_encoder_3=mods["text_encoder_3"], tokenizer=AutoTokenizer.from_pretrained(TOKENIZERS / "tokenizer"),
+            tokenizer_2=AutoTokenizer.from_pretrained(TOKENIZERS / "tokenizer_2"),
+            tokenizer_3=AutoTokenizer.from_pretrained(TOKENIZERS / "tokenizer_3"))
+        pipe.save_pretrained(Path(tmp) / "diffusers")
+        out_m = Path(tmp) / "from-model"
+        res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--model", str(Path(tmp) / "diffusers"),
+                              "--out", str(out_m)], capture_output=True, text=True)
+        if res.returncode != 0:
+            FAILURES.append("cli --model: " + res.stderr[-2000:])
+            print(res.stderr[-2000:])
+        else:
+            for c in ("text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"):
+                module = mods.get(c) or src.load(c)
+                feeds = component_inputs(c, module)
+                ref = torch_outputs(c, module, feeds)
+                got = run(out_m / c / "model.onnx", feeds)
+                err = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
+                check(f"--model {c} vs the module it was saved from", err, 1e-4)
+            toks = sorted(p.name for p in (out_m / "tokenizer_3").iterdir())
+            print(f"  --model folder: tokenizer_3 {toks}, model_index {sorted(json.loads((out_m / 'model_index.json').read_text()))[:6]}...")
+
         # A bf16 export is well-formed (ONNX Runtime has no CPU kernels for most bf16 ops, so it is not run here).
         out_bf = Path(tmp) / "tiny-bf16"
         res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--random", "tiny", "--tokenizers-from",
