@@ -147,8 +147,9 @@ class Source:
     """Where the PyTorch modules, configs and tokenizers come from: a diffusers folder or random weights."""
 
     def __init__(self, model: Path | None, random_variant: str | None, tokenizers_from: Path | None, seed: int,
-                 layers: int | None = None):
+                 layers: int | None = None, text_layers: int | None = None):
         self.layers = layers
+        self.text_layers = text_layers
         self.model = model
         self.variant = random_variant
         self.tokenizers_from = tokenizers_from if tokenizers_from else model
@@ -180,7 +181,9 @@ class Source:
         spec = RANDOM_VARIANTS[self.variant]
         if component in ("text_encoder", "text_encoder_2"):
             tok = "tokenizer" if component == "text_encoder" else "tokenizer_2"
-            c = spec["clip_l" if component == "text_encoder" else "clip_g"]
+            c = dict(spec["clip_l" if component == "text_encoder" else "clip_g"])
+            if self.text_layers:
+                c["num_hidden_layers"] = self.text_layers
             self._seeded(1 if component == "text_encoder" else 2)
             # eos_token_id 49407: pool at the first <|endoftext|> (CLIP's vocabulary, as the tokenizers here).
             cfg = CLIPTextConfig(vocab_size=tokenizer_vocab_size(self.tokenizers_from / tok), bos_token_id=49406,
@@ -190,7 +193,10 @@ class Source:
             self._seeded(3)
             vocab = tokenizer_vocab_size(self.tokenizers_from / "tokenizer_3")
             vocab = (vocab + 127) // 128 * 128  # padded like T5's 32128 >= 32100 ids
-            return T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=1, **spec["t5"])).eval()
+            t5 = dict(spec["t5"])
+            if self.text_layers:
+                t5["num_layers"] = self.text_layers
+            return T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=1, **t5)).eval()
         if component == "transformer":
             self._seeded(4)
             cfg = dict(spec["transformer"])
@@ -464,7 +470,7 @@ def fold_adaln_into_layernorm(model: onnx.ModelProto) -> int:
     return folded
 
 
-def ort_optimize(src: Path, model_type: str) -> onnx.ModelProto:
+def ort_optimize(src: onnx.ModelProto, model_type: str) -> onnx.ModelProto:
     """onnxruntime.transformers.optimizer with the python fusions only (opt_level=0), as Microsoft's
     models/stable_diffusion/optimize_pipeline.py does for SD3 before the fp16 conversion."""
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -480,7 +486,7 @@ def ort_optimize(src: Path, model_type: str) -> onnx.ModelProto:
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+        m = optimize_model(src, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                            optimization_options=opts, use_gpu=True)
         if model_type == "mmdit":
             m.fuse_bias_gelu(is_fastgelu=True)   # FastGelu(x + b) -> FastGelu(x, bias)
@@ -659,7 +665,7 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
 
     ensure_node_names(model)
     originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-                 if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}
+                 if t.data_type == TensorProto.FLOAT and not _is_stub(t)} if dtype == "bf16" else {}
     op_block = list(DEFAULT_OP_BLOCK_LIST)
     node_block: list[str] = []
     keep_io: list[str] = []
@@ -681,6 +687,9 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
     node_block += constants_feeding(model, set(node_block), set(op_block))
     info["fp32_nodes"] = len(set(node_block)) + sum(1 for n in model.graph.node if n.op_type in op_block
                                                     and n.name not in set(node_block))
+    # The converter reads every initializer's values only to get its shape: use the dims (stubs have no values).
+    for mod in {sys.modules.get("float16"), sys.modules.get("onnxruntime.transformers.float16")} - {None}:
+        mod.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
     m = OnnxModel(model)
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -812,6 +821,9 @@ def retype_fp16_to_bf16(model: onnx.ModelProto, originals: dict):
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
             vi.type.tensor_type.elem_type = TensorProto.BFLOAT16
     for i, t in enumerate(list(g.initializer)):
+        if t.data_type == TensorProto.FLOAT16 and _is_stub(t):
+            t.data_type = TensorProto.BFLOAT16  # save_streaming rounds its float32 bytes to bf16
+            continue
         if t.data_type == TensorProto.FLOAT16:
             src = originals.get(t.name)
             a = src if src is not None and src.shape == tuple(t.dims) else numpy_helper.to_array(t).astype(np.float32)
@@ -831,31 +843,131 @@ def retype_fp16_to_bf16(model: onnx.ModelProto, originals: dict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def weights_size(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
-        else:
-            total += t.ByteSize()
-    return total
+# Big graphs are processed without their weights in memory: after the export, every initializer over 1 KiB is
+# moved to work/weights.bin and the graph keeps "stubs" (external-data references, float32 bytes). The optimizer,
+# the passes and the float16 converter only look at the graph (the few small tensors they read, e.g. LayerNorm
+# weights, are read from the file: the working directory is work/ meanwhile); the converter retypes stubs without
+# touching their bytes. save_streaming then converts each stub's float32 bytes to its final type, one tensor at a
+# time, while writing the output. Peak memory: about one copy of the weights (during the torch export).
+WEIGHTS_FILE = "weights.bin"
+NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+            TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.INT8: np.int8,
+            TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, force_external: bool | None = None) -> list[Path]:
-    """model.onnx alone, or model.onnx + model.onnx.data (one file) when the weights exceed ~1.8 GB."""
+def _is_stub(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL and not t.raw_data
+
+
+def _ext(t: TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+@contextlib.contextmanager
+def working_dir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def externalize(exported: Path, work: Path) -> tuple[onnx.ModelProto, dict]:
+    """Loads the exported graph (and its weights) once, writes every initializer over 1 KiB to work/weights.bin and
+    returns the graph with stubs, plus {offset: original data type} of the stubs."""
+    model = onnx.load(str(exported), load_external_data=True)
+    for f in list(work.iterdir()):  # the exporter's files: in memory now
+        f.unlink()
+    onnx.save_model(model, str(work / "stub.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=WEIGHTS_FILE, size_threshold=1024, convert_attribute=False)
+    del model
+    gc.collect()
+    model = onnx.load(str(work / "stub.onnx"), load_external_data=False)
+    types = {int(_ext(t).get("offset", 0)): t.data_type for t in model.graph.initializer if _is_stub(t)}
+    return model, types
+
+
+def _fp16_like_converter(a: np.ndarray, min_positive=5.96e-08, max_finite=65504.0) -> np.ndarray:
+    """float32 -> float16 exactly as onnxruntime.transformers.float16.convert_np_to_float16 (tiny values to
+    +-min_positive, finite values beyond the range to +-max_finite, inf and nan unchanged)."""
+    x = np.array(a, dtype=np.float32)
+    x[(x > 0) & (x < min_positive)] = min_positive
+    x[(x < 0) & (x > -min_positive)] = -min_positive
+    finite = np.isfinite(x)
+    x[finite] = np.clip(x[finite], -max_finite, max_finite)
+    return x.astype(np.float16)
+
+
+def _stub_bytes(t: TensorProto, src_types: dict, work: Path) -> bytes:
+    e = _ext(t)
+    offset, length = int(e.get("offset", 0)), int(e["length"])
+    src_type = src_types.get(offset, t.data_type)
+    src = np.memmap(work / e["location"], dtype=NP_TYPES[src_type], mode="r", offset=offset,
+                    shape=(length // np.dtype(NP_TYPES[src_type]).itemsize,))
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if src.size != n:
+        raise RuntimeError(f"initializer {t.name}: {src.size} stored values for dims {list(t.dims)}")
+    if t.data_type == src_type:
+        return np.asarray(src).tobytes()
+    if src_type == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16:
+        return _fp16_like_converter(src).tobytes()
+    if src_type == TensorProto.FLOAT and t.data_type == TensorProto.BFLOAT16:
+        return _bf16_bits(np.asarray(src)).tobytes()
+    raise RuntimeError(f"initializer {t.name}: cannot convert {src_type} to {t.data_type}")
+
+
+def _tensor_nbytes(t: TensorProto) -> int:
+    if _is_stub(t):
+        item = {TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}.get(t.data_type)
+        item = item or np.dtype(NP_TYPES.get(t.data_type, np.float32)).itemsize
+        return int(np.prod(t.dims)) * item if len(t.dims) else item
+    return len(t.raw_data) if t.raw_data else t.ByteSize()
+
+
+def save_streaming(model: onnx.ModelProto, path: Path, force_external: bool | None, src_types: dict,
+                   work: Path | None) -> list[Path]:
+    """Writes model.onnx (and model.onnx.data when the weights exceed ~1.8 GB or force_external), materializing
+    stubs tensor by tensor."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    external = weights_size(model) > EXTERNAL_DATA_THRESHOLD if force_external is None else force_external
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024, convert_attribute=False)
-        # onnx.save_model with external data moves the tensors out of `model`: load them back for later use
-        onnx.load_external_data_for_model(model, str(path.parent))
-        return [path, data]
+    total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    external = total > EXTERNAL_DATA_THRESHOLD if force_external is None else force_external
+    f = open(data, "wb") if external else None
+    try:
+        for t in model.graph.initializer:
+            if _is_stub(t):
+                raw = _stub_bytes(t, src_types, work)
+            elif external and t.data_location != TensorProto.EXTERNAL and _tensor_nbytes(t) >= 1024:
+                raw = numpy_helper.to_array(t).tobytes() if not t.raw_data else t.raw_data
+            else:
+                if t.data_location == TensorProto.EXTERNAL:  # read by a fusion: its bytes are in raw_data
+                    t.data_location = TensorProto.DEFAULT
+                    del t.external_data[:]
+                continue
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            if f is not None and len(raw) >= 1024:
+                pad = (-f.tell()) % 64
+                f.write(b"\0" * pad)
+                offset = f.tell()
+                f.write(raw)
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+            else:
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = raw
+    finally:
+        if f is not None:
+            f.close()
     onnx.save_model(model, str(path))
-    return [path]
+    return [path, data] if external else [path]
 
 
 def sha256_file(path: Path) -> str:
@@ -927,34 +1039,32 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         if release_torch:
             release_weights(module)
         info["nodes_exported"] = op_counts(onnx.load(str(exported), load_external_data=False))
-        if attention == "fused" and exporter == "torchscript" and component != "text_encoder_3":
-            model = ort_optimize(exported, export_spec_model_type(component))
-        else:
-            model = _load_with_data(exported)
-        for f in work.iterdir():  # the weights are in memory now: free the disk
-            f.unlink()
-        if exporter == "dynamo":
-            name_dynamic_dims(model, axes)
-        if attention == "fused":
+        model, src_types = externalize(exported, work)
+        with working_dir(work):
+            if attention == "fused" and exporter == "torchscript" and component != "text_encoder_3":
+                model = ort_optimize(model, export_spec_model_type(component))
+            if exporter == "dynamo":
+                name_dynamic_dims(model, axes)
+            if attention == "fused":
+                if component == "text_encoder_3":
+                    model = t5_fusions(model)
+                elif exporter == "dynamo":
+                    model = fuse_bias_gelu_only(model)
+                raise_opset_for_layernorm(model)
+                if component == "transformer":
+                    info["adaln_folded"] = fold_adaln_into_layernorm(model)
+            info["nodes_optimized"] = op_counts(model)
+            if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
+                model, extra = to_half(model, component, dtype, t5_precision, d_ff)
+                info.update(extra)
             if component == "text_encoder_3":
-                model = t5_fusions(model)
-            elif exporter == "dynamo":
-                model = fuse_bias_gelu_only(model)
-            raise_opset_for_layernorm(model)
-            if component == "transformer":
-                info["adaln_folded"] = fold_adaln_into_layernorm(model)
-        info["nodes_optimized"] = op_counts(model)
-        if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
-            model, extra = to_half(model, component, dtype, t5_precision, d_ff)
-            info.update(extra)
-        if component == "text_encoder_3":
-            info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
-        model.producer_name = "sd3-onnx models/export/export_sd3.py"
-        files = save_onnx(model, out_dir / component / "model.onnx", external)
+                info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
+            model.producer_name = "sd3-onnx models/export/export_sd3.py"
+            files = save_streaming(model, (out_dir / component / "model.onnx").resolve(), external, src_types, work)
         info["nodes_final"] = op_counts(model)
         info["node_count"] = len(model.graph.node)
         info["signature"] = signature(model)
-        info["files"] = [str(f.relative_to(out_dir)) for f in files]
+        info["files"] = [str(f.relative_to(out_dir.resolve())) for f in files]
     info["seconds"] = round(time.time() - t0, 1)
     return info
 
@@ -1013,6 +1123,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (--random)")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="--random only: number of layers of CLIP-L, CLIP-G and T5 (real widths, so the transformer "
+                         "gets the real context shape; for transformer benchmarks, where encoder depth is irrelevant)")
     return ap.parse_args(argv)
 
 
@@ -1023,9 +1136,9 @@ def main(argv=None):
         if c not in ALL_COMPONENTS:
             raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS}")
     fp32_components = {c for c in args.fp32_components.split(",") if c}
-    if args.layers and not args.random:
-        raise SystemExit("--layers is for --random only")
-    source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers)
+    if (args.layers or args.text_layers) and not args.random:
+        raise SystemExit("--layers and --text-layers are for --random only")
+    source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers, args.text_layers)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
@@ -1054,7 +1167,8 @@ def main(argv=None):
     manifest.update(
         tool="models/export/export_sd3.py",
         source=str(args.model) if args.model else f"random:{args.random} (seed {args.seed}"
-        + (f", {args.layers} MMDiT blocks)" if args.layers else ")"),
+        + (f", {args.layers} MMDiT blocks" if args.layers else "")
+        + (f", {args.text_layers} text encoder layers" if args.text_layers else "") + ")",
         options=dict(dtype=args.dtype, attention=args.attention, exporter=args.exporter, opset=args.opset,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data,
