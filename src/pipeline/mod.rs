@@ -7,7 +7,7 @@ mod request;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
+use ndarray::{concatenate, Array1, Array4, ArrayD, Axis, Ix4};
 
 pub use builder::Sd3PipelineBuilder;
 pub use output::{GenerationOutput, Timings, Warning};
@@ -18,7 +18,7 @@ use crate::image::batch_to_rgb;
 use crate::latents::NoiseGenerator;
 use crate::progress::{ControlFlow, StepProgress};
 use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
-use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Schedule};
+use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
 /// The largest `max_sequence_length` diffusers accepts (`StableDiffusion3Pipeline.check_inputs`).
@@ -250,11 +250,17 @@ impl Sd3Pipeline {
         for i in 0..plan.schedule.len() {
             let step_start = Instant::now();
             let timestep = plan.schedule.timesteps[i];
-            let velocity = self.velocity(&mut bound, &latents, batch.batch(), timestep, request.guidance)?;
+            let velocity = self.velocity(&mut bound, &latents, batch.batch(), timestep)?;
             let (sigma, next) = (plan.schedule.sigmas[i], plan.schedule.sigmas[i + 1]);
             let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
             let v = velocity.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
-            euler_step(x, v, sigma, next);
+            if batch.batch() == 2 {
+                // [uncond, cond] halves of the transformer output: guidance and the Euler step in one pass.
+                let (uncond, cond) = v.split_at(x.len());
+                guided_euler_step(x, uncond, cond, request.guidance, sigma, next);
+            } else {
+                euler_step(x, v, sigma, next);
+            }
             steps.push(step_start.elapsed());
             let report = StepProgress { step: i, steps: plan.schedule.len(), sigma, elapsed: t.elapsed() };
             if progress(&report).is_break() {
@@ -283,49 +289,32 @@ impl Sd3Pipeline {
         batch_to_rgb(sample.view())
     }
 
-    /// One transformer evaluation, with classifier-free guidance when the batch holds [uncond, cond].
+    /// One transformer evaluation on `batch` copies of the latents: `[batch, C, h, w]` velocities.
     fn velocity(
         &mut self,
         bound: &mut Binding,
         latents: &Array4<f32>,
         batch: usize,
         timestep: f32,
-        guidance: f32,
-    ) -> Result<Array4<f32>> {
-        let hidden = if batch == 2 {
-            concatenate(Axis(0), &[latents.view(), latents.view()]).map_err(|e| internal(e.to_string()))?
-        } else {
-            latents.clone()
-        };
+    ) -> Result<ArrayD<f32>> {
+        let one = latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
+        let mut shape = latents.shape().to_vec();
+        shape[0] = batch;
+        let hidden = ArrayD::from_shape_vec(shape, one.repeat(batch)).map_err(|e| internal(e.to_string()))?;
         let t = Array1::from_elem(batch, timestep).into_dyn();
-        let hidden = hidden.into_dyn();
         let mut out = self.transformer.run_bound(
             bound,
             &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
             &["out_hidden_states"],
         )?;
-        let v = to4(Component::Transformer, out.pop().ok_or_else(|| internal("transformer returned nothing"))?)?;
-        if v.shape()[0] != batch || v.shape()[1..] != latents.shape()[1..] {
+        let v = out.pop().ok_or_else(|| internal("transformer returned nothing"))?;
+        if v.shape() != hidden.shape() {
             return Err(Error::Inference {
                 component: Component::Transformer,
-                message: format!(
-                    "out_hidden_states has shape {:?}, expected {:?} with batch {batch}",
-                    v.shape(),
-                    latents.shape()
-                ),
+                message: format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
             });
         }
-        if batch == 1 {
-            return Ok(v);
-        }
-        let uncond = v.slice(s![0..1, .., .., ..]).to_owned();
-        let mut guided = v.slice(s![1..2, .., .., ..]).to_owned();
-        let (g, u) = (
-            guided.as_slice_mut().ok_or_else(|| internal("velocity is not contiguous"))?,
-            uncond.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?,
-        );
-        apply_guidance(g, u, guidance);
-        Ok(guided)
+        Ok(v.as_standard_layout().into_owned())
     }
 
     /// Checks a request against the model and resolves size, latents and schedule.

@@ -145,6 +145,16 @@ pub fn apply_guidance(cond: &mut [f32], uncond: &[f32], guidance: f32) {
     }
 }
 
+/// Guidance and the Euler step fused: `x += (sigma_next - sigma) * (u + g * (c - u))`, with the same `f32`
+/// operations in the same order as [`apply_guidance`] followed by [`euler_step`], so the results are identical.
+pub fn guided_euler_step(sample: &mut [f32], uncond: &[f32], cond: &[f32], guidance: f32, sigma: f32, sigma_next: f32) {
+    let dt = sigma_next - sigma;
+    for ((x, u), c) in sample.iter_mut().zip(uncond).zip(cond) {
+        let v = u + guidance * (c - u);
+        *x += dt * v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +182,18 @@ mod tests {
             assert_eq!(*t, sg * 1000.0);
         }
         assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn fused_step_equals_guidance_then_euler() {
+        let (u, c): (Vec<f32>, Vec<f32>) = (0..64).map(|i| ((i as f32).sin(), (i as f32 * 0.7).cos())).unzip();
+        let mut a: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+        let mut b = a.clone();
+        let mut v = c.clone();
+        apply_guidance(&mut v, &u, 4.5);
+        euler_step(&mut a, &v, 0.83, 0.61);
+        guided_euler_step(&mut b, &u, &c, 4.5, 0.83, 0.61);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine, after build_sd3m.sh: our pipeline (CUDA EP) and diffusers (eager, torch.compile) on the same
+# card, same random weights, one 1024x1024 image, 28 steps, CFG 7. Results go to $OUT (json + logs) and a table
+# is printed. Binaries come from .device-bin/ (cargo build --release --features cuda --example benchmark).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PYTHONPATH=/tmp/site
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+ARGS="--width 1024 --height 1024 --steps 28 --guidance 7 --runs ${RUNS:-3} --warmup 1"
+variants=${VARIANTS:-sd3m}
+for v in $variants; do
+  dir=/tmp/$v
+  if [ "$v" = sd3m-dyn ]; then   # the dynamo transformer with the other components of /tmp/sd3m
+    for c in /tmp/sd3m/*; do [ -e "$dir/$(basename "$c")" ] || ln -s "$c" "$dir/"; done
+  fi
+  echo "== ours: $v"
+  timeout ${OURS_TIMEOUT:-300} ./.device-bin/benchmark --model "$dir" --ep cuda $ARGS --json "$OUT/ours-$v.json" \
+    --output "$OUT/ours-$v.png" 2>&1 | tail -16 | tee "$OUT/ours-$v.log"
+done
+if [ "${TORCH:-1}" = 1 ]; then
+  echo "== diffusers (PyTorch)"
+  timeout ${TORCH_TIMEOUT:-400} python3 scripts/gpu/bench_torch.py --variant sd3-medium \
+    --tokenizers-from models/fixtures/tiny-sd3 --runs ${RUNS:-3} --json "$OUT/torch.json" 2>&1 | tail -30 | tee "$OUT/torch.log"
+fi

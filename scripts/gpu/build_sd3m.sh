@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine: builds SD3-medium-shaped ONNX graphs with random weights (models/export/export_sd3.py) in
+# /tmp/sd3m (TorchScript + ORT fusions, fp16, T5 mixed precision) and a dynamo-exported transformer variant in
+# /tmp/sd3m-dyn, as background jobs logging to /tmp/build-*.log. Wait for them with scripts/gpu/wait.sh.
+# Needs diffusers: carry .whl/ (pip download --no-deps diffusers==0.42.1 -d .whl).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+mkdir -p /tmp/site
+[ -d /tmp/site/diffusers ] || pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl
+export PYTHONPATH=/tmp/site
+python3 -c "import torch, transformers, diffusers, onnx, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
+E="python3 models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16"
+# Smoke test the tool on this machine's library versions first (seconds).
+python3 models/export/export_sd3.py --random tiny --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 --out /tmp/tiny-smoke > /tmp/build-smoke.log 2>&1 || { tail -30 /tmp/build-smoke.log; exit 1; }
+echo "smoke export ok"
+start() { # name, command...
+  local name=$1; shift
+  ( t=$(date +%s); "$@" > "/tmp/build-$name.log" 2>&1; rc=$?
+    echo "exit $rc after $(( $(date +%s) - t )) s" >> "/tmp/build-$name.log"; touch "/tmp/build-$name.done" ) &
+}
+rm -f /tmp/build-*.done
+start t5 $E --components text_encoder_3 --out /tmp/sd3m
+start transformer bash -c "$E --components transformer --out /tmp/sd3m && $E --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m"
+start dynamo $E --exporter dynamo --components transformer --out /tmp/sd3m-dyn
+echo "started: t5, transformer (+clip, vae), dynamo transformer"
