@@ -18,10 +18,11 @@ Unlike optimum's export, the graphs are prepared for ONNX Runtime's CUDA provide
 
   --attention fused --exporter torchscript  (default)
       TorchScript exporter at opset 16, then ONNX Runtime's transformer optimizer (onnxruntime.transformers,
-      model_type "mmdit"/"clip"/"t5"/"vae"): attention -> com.microsoft MultiHeadAttention / Attention, LayerNorm
-      (the adaLN modulation `LN(x) * (1 + scale) + shift` is folded into LayerNormalization with broadcast scale and
+      model_type "mmdit"/"clip"/"vae", T5 fusions by hand): MMDiT attention -> com.microsoft MultiHeadAttention,
+      LayerNorm (the adaLN modulation `LN(x) * (1 + scale) + shift` is folded into LayerNormalization with broadcast scale and
       bias, which is why the opset stays below 17: at 17 the exporter emits LayerNormalization itself and the
-      modulation cannot be folded), tanh-GELU + bias -> FastGelu, T5 RMSNorm + residual -> SkipSimplifiedLayerNorm.
+      modulation cannot be folded; the result declares opset 17), tanh-GELU + bias -> FastGelu, T5 RMSNorm +
+      residual -> SkipSimplifiedLayerNorm, CLIP residual + LayerNorm -> SkipLayerNorm.
   --attention fused --exporter dynamo
       torch.export-based exporter at opset 23: attention -> ONNX `Attention`, LayerNormalization, Gelu; then the
       same adaLN folding (our own pass) and Gelu + bias -> BiasGelu.
@@ -50,7 +51,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +70,6 @@ import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 ALL_COMPONENTS = ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder"]
-TWO_GB = 2**31 - 1
 # Graphs whose weights exceed this are saved as model.onnx + model.onnx.data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -143,6 +142,14 @@ def tokenizer_vocab_size(tok_dir: Path) -> int:
     return len(AutoTokenizer.from_pretrained(str(tok_dir)))
 
 
+def _from_pretrained(cls, path: Path):
+    """transformers >= 4.56 calls the argument `dtype` (5.x dropped `torch_dtype`)."""
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32).eval()
+    except TypeError:
+        return cls.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
 class Source:
     """Where the PyTorch modules, configs and tokenizers come from: a diffusers folder or random weights."""
 
@@ -171,9 +178,9 @@ class Source:
             sub = {"vae_decoder": "vae", "vae_encoder": "vae"}.get(component, component)
             path = self.model / sub
             if component in ("text_encoder", "text_encoder_2"):
-                return CLIPTextModelWithProjection.from_pretrained(path, torch_dtype=torch.float32).eval()
+                return _from_pretrained(CLIPTextModelWithProjection, path)
             if component == "text_encoder_3":
-                return T5EncoderModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+                return _from_pretrained(T5EncoderModel, path)
             if component == "transformer":
                 return SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
             return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
@@ -337,10 +344,6 @@ def export_spec(component: str, module) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Exporters
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _load_with_data(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
 
 
 def export_torchscript(spec: dict, opset: int, work: Path) -> Path:
@@ -834,8 +837,6 @@ def retype_fp16_to_bf16(model: onnx.ModelProto, originals: dict):
                 a.i = TensorProto.BFLOAT16
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
                 a.t.CopyFrom(_bf16_tensor(a.t.name, numpy_helper.to_array(a.t).astype(np.float32)))
-    for n in g.node:  # the converter names its Casts *_cast_to_fp32; their `to` is FLOAT already
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
