@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
+//!     [--output FILE.png] [--profile DIR]
 //! ```
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ struct Args {
     warmup: usize,
     json: Option<PathBuf>,
     output: Option<PathBuf>,
+    profile: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -33,6 +35,7 @@ fn parse() -> Result<Args, String> {
         warmup: 1,
         json: None,
         output: None,
+        profile: None,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
@@ -51,6 +54,7 @@ fn parse() -> Result<Args, String> {
             "--warmup" => a.warmup = num(&v)? as usize,
             "--json" => a.json = Some(PathBuf::from(v)),
             "--output" => a.output = Some(PathBuf::from(v)),
+            "--profile" => a.profile = Some(PathBuf::from(v)),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -127,6 +131,21 @@ fn run(a: Args) -> Result<(), String> {
     println!("| stage | ms |\n|---|---:|");
     for (name, v) in &rows {
         println!("| {name} | {v:.2} |");
+    }
+    if let Some(dir) = &a.profile {
+        // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
+        drop(pipe);
+        let mut profiled = Sd3Pipeline::builder(&a.model)
+            .execution_provider(a.ep.clone())
+            .profiling(dir)
+            .build()
+            .map_err(|e| e.to_string())?;
+        for _ in 0..2 {
+            profiled.generate(&a.request).map_err(|e| e.to_string())?;
+        }
+        for f in profiled.end_profiling().map_err(|e| e.to_string())? {
+            eprintln!("profile: {}", f.display());
+        }
     }
     if let Some(path) = a.json {
         let obj: serde_json::Map<String, serde_json::Value> =

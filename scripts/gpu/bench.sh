@@ -15,8 +15,16 @@ for v in $variants; do
     for c in /tmp/sd3m/*; do [ -e "$dir/$(basename "$c")" ] || ln -s "$c" "$dir/"; done
   fi
   echo "== ours: $v"
+  prof=""; [ "${PROFILE:-0}" = 1 ] && prof="--profile /tmp/prof-$v"
   timeout ${OURS_TIMEOUT:-300} ./.device-bin/benchmark --model "$dir" --ep cuda $ARGS --json "$OUT/ours-$v.json" \
-    --output "$OUT/ours-$v.png" 2>&1 | tail -16 | tee "$OUT/ours-$v.log"
+    --output "$OUT/ours-$v.png" $prof 2>&1 | grep -v "^profile:" | tail -16 | tee "$OUT/ours-$v.log"
+  if [ -n "$prof" ]; then
+    for c in transformer vae_decoder text_encoder_3; do
+      f=$(ls /tmp/prof-$v/${c}_*.json 2>/dev/null | head -1)
+      [ -n "$f" ] && python3 scripts/gpu/profile_summary.py "$f" --top 15
+    done > "$OUT/profile-$v.md" 2>&1
+    head -25 "$OUT/profile-$v.md"
+  fi
 done
 if [ "${TORCH:-1}" = 1 ]; then
   echo "== diffusers (PyTorch)"

@@ -22,6 +22,7 @@ pub struct Sd3PipelineBuilder {
     intra_threads: Option<usize>,
     use_t5: bool,
     cpu_fallback: bool,
+    profile_dir: Option<PathBuf>,
 }
 
 impl Sd3PipelineBuilder {
@@ -34,6 +35,7 @@ impl Sd3PipelineBuilder {
             intra_threads: None,
             use_t5: true,
             cpu_fallback: false,
+            profile_dir: None,
         }
     }
 
@@ -66,6 +68,13 @@ impl Sd3PipelineBuilder {
     /// [`Warning::ExecutionProviderFallback`](crate::Warning) in every output.
     pub fn cpu_fallback(mut self, allow: bool) -> Self {
         self.cpu_fallback = allow;
+        self
+    }
+
+    /// Records ONNX Runtime's per-node profile of every session into `dir` (one json file per component,
+    /// written by [`Sd3Pipeline::end_profiling`]). For finding where time goes; it slows runs down.
+    pub fn profiling(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.profile_dir = Some(dir.into());
         self
     }
 
@@ -105,7 +114,11 @@ impl Sd3PipelineBuilder {
         };
 
         let env = runtime::environment(self.library.as_deref())?;
-        let session = SessionConfig { intra_threads: self.intra_threads, cpu_fallback: self.cpu_fallback };
+        let session = SessionConfig {
+            intra_threads: self.intra_threads,
+            cpu_fallback: self.cpu_fallback,
+            profile_dir: self.profile_dir.clone(),
+        };
         let load = |component: Component| -> Result<Graph> {
             Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)
         };

@@ -131,6 +131,25 @@ impl Sd3Pipeline {
         v
     }
 
+    /// Ends ONNX Runtime profiling (see [`Sd3PipelineBuilder::profiling`]) and returns the profile files.
+    pub fn end_profiling(&mut self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for g in self.graphs_mut() {
+            files.push(g.end_profiling()?);
+        }
+        Ok(files)
+    }
+
+    fn graphs_mut(&mut self) -> Vec<&mut Graph> {
+        let mut v = vec![self.text.clip_l.graph_mut(), self.text.clip_g.graph_mut()];
+        if let Some(t5) = &mut self.text.t5 {
+            v.push(t5.graph_mut());
+        }
+        v.push(&mut self.transformer);
+        v.push(&mut self.vae_decoder);
+        v
+    }
+
     /// Components that run on the CPU because their provider was unavailable (with `cpu_fallback`).
     pub fn fallback_warnings(&self) -> Vec<Warning> {
         self.graphs()

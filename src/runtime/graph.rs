@@ -148,6 +148,8 @@ pub(crate) struct SessionConfig {
     pub intra_threads: Option<usize>,
     /// Run on the CPU when the requested provider cannot be registered (recorded in `Graph::fallback`).
     pub cpu_fallback: bool,
+    /// Write ONNX Runtime's per-node profile of each session into this folder.
+    pub profile_dir: Option<PathBuf>,
 }
 
 impl Graph {
@@ -174,6 +176,11 @@ impl Graph {
             let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
             if let Some(n) = config.intra_threads {
                 builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
+            }
+            if let Some(dir) = &config.profile_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let prefix = dir.join(component.folder());
+                builder = builder.with_profiling(&prefix).map_err(|e| load_err(e.to_string()))?;
             }
             Ok(builder)
         };
@@ -206,6 +213,15 @@ impl Graph {
 
     fn list(ports: &[Port]) -> String {
         ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Stops profiling (when enabled) and returns the profile file ONNX Runtime wrote.
+    pub fn end_profiling(&mut self) -> Result<PathBuf> {
+        let component = self.component;
+        self.session
+            .end_profiling()
+            .map(PathBuf::from)
+            .map_err(|e| Error::Inference { component, message: format!("profiling: {e}") })
     }
 
     /// Finds input `name` and checks its rank and element type.

@@ -90,6 +90,10 @@ impl ClipEncoder {
         &self.graph
     }
 
+    pub fn graph_mut(&mut self) -> &mut Graph {
+        &mut self.graph
+    }
+
     /// Number of transformer layers (`hidden_states` has one more entry: the embeddings).
     pub fn num_layers(&self) -> usize {
         self.hidden_names.len() - 1
@@ -142,6 +146,10 @@ impl T5Encoder {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    pub fn graph_mut(&mut self) -> &mut Graph {
+        &mut self.graph
     }
 
     /// `last_hidden_state` as `[S, D]` (diffusers `_get_t5_prompt_embeds`; no attention mask).
