@@ -23,7 +23,7 @@ start t5 $E --components text_encoder_3 --out /tmp/sd3m
 # Transformer: TorchScript + ORT fusions (round 1 on an H200: 49.7 ms/step vs 55.1 for the dynamo export).
 # CLIPs and VAE: dynamo, whose ONNX Attention fuses their attention (the TorchScript path leaves the VAE's
 # 16384-token attention unfused at 1024 px).
-start transformer bash -c "$E --components transformer --out /tmp/sd3m && $E --exporter dynamo --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m"
+start transformer bash -c "$E --components transformer --out /tmp/sd3m && { $E --exporter dynamo --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $E --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m; }; }"
 if [ "${DYNAMO_TRANSFORMER:-0}" = 1 ]; then
   start dynamo $E --exporter dynamo --components transformer --out /tmp/sd3m-dyn
 else
