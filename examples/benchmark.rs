@@ -4,14 +4,14 @@
 //! ```text
 //! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
-//!     [--output FILE.png] [--profile DIR]
+//!     [--output FILE.png] [--profile DIR] [--static]
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use sd3_onnx::{Component, ExecutionProvider, GenerationRequest, Sd3Pipeline, Timings};
+use sd3_onnx::{Component, ExecutionProvider, GenerationRequest, Sd3Pipeline, StaticShape, Timings};
 
 struct Args {
     model: PathBuf,
@@ -22,6 +22,7 @@ struct Args {
     json: Option<PathBuf>,
     output: Option<PathBuf>,
     profile: Option<PathBuf>,
+    static_shape: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -36,10 +37,15 @@ fn parse() -> Result<Args, String> {
         json: None,
         output: None,
         profile: None,
+        static_shape: false,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
     while let Some(flag) = it.next() {
+        if flag == "--static" {
+            a.static_shape = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: {v:?} is not a number"));
         match flag.as_str() {
@@ -83,10 +89,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
+    let mut b = Sd3Pipeline::builder(&a.model).execution_provider(a.ep.clone());
+    if a.static_shape {
+        let (w, h) = match (a.request.width, a.request.height) {
+            (Some(w), Some(h)) => (w, h),
+            _ => return Err("--static needs --width and --height".into()),
+        };
+        b = b.static_shape(
+            StaticShape::new(w, h)
+                .with_guidance(a.request.uses_guidance())
+                .with_max_sequence_length(a.request.max_sequence_length),
+        );
+    }
+    Ok(b)
+}
+
 fn run(a: Args) -> Result<(), String> {
     let t = Instant::now();
-    let mut pipe =
-        Sd3Pipeline::builder(&a.model).execution_provider(a.ep.clone()).build().map_err(|e| e.to_string())?;
+    let mut pipe = builder(&a)?.build().map_err(|e| e.to_string())?;
     let load = t.elapsed();
     let info = pipe.info().clone();
     let mut all: Vec<Timings> = Vec::new();
@@ -120,8 +141,9 @@ fn run(a: Args) -> Result<(), String> {
         a.request.height.map_or(info.default_size as u32, |v| v)
     );
     println!(
-        "\nsd3-onnx on {} | {} | {size}, {} steps, guidance {} | load {:.0} ms | median of {} runs\n",
+        "\nsd3-onnx on {} | {}{} | {size}, {} steps, guidance {} | load {:.0} ms | median of {} runs\n",
         a.ep,
+        if a.static_shape { "static shape | " } else { "" },
         a.model.display(),
         a.request.steps,
         a.request.guidance,
@@ -135,11 +157,7 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(dir) = &a.profile {
         // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
         drop(pipe);
-        let mut profiled = Sd3Pipeline::builder(&a.model)
-            .execution_provider(a.ep.clone())
-            .profiling(dir)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let mut profiled = builder(&a)?.profiling(dir).build().map_err(|e| e.to_string())?;
         for _ in 0..2 {
             profiled.generate(&a.request).map_err(|e| e.to_string())?;
         }

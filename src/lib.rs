@@ -57,7 +57,7 @@ pub mod text;
 
 pub use error::{Component, Error, Result};
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, Timings, Warning,
+    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, StaticShape, Timings, Warning,
     MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{ControlFlow, StepProgress};

@@ -10,13 +10,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 ARGS="--width 1024 --height 1024 --steps 28 --guidance 7 --runs ${RUNS:-3} --warmup 1"
 variants=${VARIANTS:-sd3m}
 for v in $variants; do
-  dir=/tmp/$v
+  extra=""
+  case "$v" in *-static) extra="--static"; dir=/tmp/${v%-static};; *) dir=/tmp/$v;; esac
   if [ "$v" = sd3m-dyn ]; then   # the dynamo transformer with the other components of /tmp/sd3m
     for c in /tmp/sd3m/*; do [ -e "$dir/$(basename "$c")" ] || ln -s "$c" "$dir/"; done
   fi
   echo "== ours: $v"
   prof=""; [ "${PROFILE:-0}" = 1 ] && prof="--profile /tmp/prof-$v"
-  timeout ${OURS_TIMEOUT:-300} ./.device-bin/benchmark --model "$dir" --ep cuda $ARGS --json "$OUT/ours-$v.json" \
+  timeout ${OURS_TIMEOUT:-300} ./.device-bin/benchmark --model "$dir" --ep cuda $ARGS $extra --json "$OUT/ours-$v.json" \
     --output "$OUT/ours-$v.png" $prof 2>&1 | grep -v "^profile:" | tail -16 | tee "$OUT/ours-$v.log"
   if [ -n "$prof" ]; then
     for c in transformer vae_decoder text_encoder_3; do

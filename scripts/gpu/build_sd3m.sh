@@ -10,6 +10,8 @@ mkdir -p /tmp/site
 export PYTHONPATH=/tmp/site
 python3 -c "import torch, transformers, diffusers, onnx, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
 E="python3 models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16"
+# TEXT_LAYERS=N: text encoders at full width but N layers (quick builds for transformer-only measurements).
+ET="$E ${TEXT_LAYERS:+--text-layers $TEXT_LAYERS}"
 # Smoke test the tool on this machine's library versions first (seconds).
 python3 models/export/export_sd3.py --random tiny --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 --out /tmp/tiny-smoke > /tmp/build-smoke.log 2>&1 || { tail -30 /tmp/build-smoke.log; exit 1; }
 echo "smoke export ok"
@@ -19,11 +21,11 @@ start() { # name, command...
     echo "exit $rc after $(( $(date +%s) - t )) s" >> "/tmp/build-$name.log"; touch "/tmp/build-$name.done" ) &
 }
 rm -f /tmp/build-*.done
-start t5 $E --components text_encoder_3 --out /tmp/sd3m
+start t5 $ET --components text_encoder_3 --out /tmp/sd3m
 # Transformer: TorchScript + ORT fusions (round 1 on an H200: 49.7 ms/step vs 55.1 for the dynamo export).
 # CLIPs and VAE: dynamo, whose ONNX Attention fuses their attention (the TorchScript path leaves the VAE's
 # 16384-token attention unfused at 1024 px).
-start transformer bash -c "$E --components transformer --out /tmp/sd3m && { $E --exporter dynamo --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $E --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m; }; }"
+start transformer bash -c "$E --components transformer --out /tmp/sd3m && { $ET --exporter dynamo --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $ET --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m; }; }"
 if [ "${DYNAMO_TRANSFORMER:-0}" = 1 ]; then
   start dynamo $E --exporter dynamo --components transformer --out /tmp/sd3m-dyn
 else

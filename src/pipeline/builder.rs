@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{ModelInfo, Sd3Pipeline};
+use super::{ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
 use crate::model_config::{TransformerConfig, VaeConfig};
 use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
@@ -23,6 +23,7 @@ pub struct Sd3PipelineBuilder {
     use_t5: bool,
     cpu_fallback: bool,
     profile_dir: Option<PathBuf>,
+    static_shape: Option<StaticShape>,
 }
 
 impl Sd3PipelineBuilder {
@@ -36,6 +37,7 @@ impl Sd3PipelineBuilder {
             use_t5: true,
             cpu_fallback: false,
             profile_dir: None,
+            static_shape: None,
         }
     }
 
@@ -75,6 +77,16 @@ impl Sd3PipelineBuilder {
     /// written by [`Sd3Pipeline::end_profiling`]). For finding where time goes; it slows runs down.
     pub fn profiling(mut self, dir: impl Into<PathBuf>) -> Self {
         self.profile_dir = Some(dir.into());
+        self
+    }
+
+    /// Specialises the transformer for one request shape: ONNX Runtime then knows every dimension when it
+    /// optimises the graph and folds its shape arithmetic away (thousands of small nodes in a TorchScript
+    /// export, several of them on the CPU). Requests of another shape are refused with
+    /// [`Error::InvalidRequest`]. The transformer graph is loaded twice while building (once to read its
+    /// dimension names).
+    pub fn static_shape(mut self, shape: StaticShape) -> Self {
+        self.static_shape = Some(shape);
         self
     }
 
@@ -118,6 +130,7 @@ impl Sd3PipelineBuilder {
             intra_threads: self.intra_threads,
             cpu_fallback: self.cpu_fallback,
             profile_dir: self.profile_dir.clone(),
+            dimension_overrides: Vec::new(),
         };
         let load = |component: Component| -> Result<Graph> {
             Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)
@@ -129,8 +142,18 @@ impl Sd3PipelineBuilder {
             Some(tok) => Some(T5Encoder::new(tok, load(Component::TextEncoderT5)?)?),
             None => None,
         };
-        let transformer = load(Component::Transformer)?;
+        let mut transformer = load(Component::Transformer)?;
         let vae_decoder = load(Component::VaeDecoder)?;
+        if let Some(shape) = &self.static_shape {
+            let clip_len = clip_l.tokenizer.model_max_length().unwrap_or(77);
+            let text_len = clip_len + if t5.is_some() { shape.max_sequence_length } else { clip_len };
+            let overrides = static_overrides(&transformer, shape, vae_config.scale_factor, text_len)?;
+            let config = SessionConfig { dimension_overrides: overrides, ..session.clone() };
+            let path = graph_path(&dir, Component::Transformer);
+            drop(transformer);
+            transformer =
+                Graph::load(&env, Component::Transformer, &path, self.provider_for(Component::Transformer), &config)?;
+        }
 
         let info = check_graphs(
             &dir,
@@ -154,8 +177,64 @@ impl Sd3PipelineBuilder {
             }
         }
         let text = TextEncoders { clip_l, clip_g, t5, joint_dim: info.joint_attention_dim, clip_len };
-        Ok(Sd3Pipeline { model_dir: self.model_dir, text, transformer, vae_decoder, scheduler, info })
+        Ok(Sd3Pipeline {
+            model_dir: self.model_dir,
+            text,
+            transformer,
+            vae_decoder,
+            scheduler,
+            info,
+            static_shape: self.static_shape,
+        })
     }
+}
+
+/// Sizes for the transformer's symbolic dimensions under `shape`.
+fn static_overrides(
+    transformer: &Graph,
+    shape: &StaticShape,
+    vae: usize,
+    text_len: usize,
+) -> Result<Vec<(String, i64)>> {
+    let batch = if shape.guidance { 2 } else { 1 };
+    let (w, h) = (shape.width as usize, shape.height as usize);
+    if w % vae != 0 || h % vae != 0 || w == 0 || h == 0 {
+        return Err(Error::request(
+            "static_shape",
+            format!("{w}x{h}"),
+            format!("width and height must be multiples of {vae}"),
+        ));
+    }
+    let wanted: [(&str, &[usize]); 4] = [
+        ("hidden_states", &[batch, 0, h / vae, w / vae]),
+        ("encoder_hidden_states", &[batch, text_len, 0]),
+        ("pooled_projections", &[batch, 0]),
+        ("timestep", &[batch]),
+    ];
+    let mut overrides: Vec<(String, i64)> = Vec::new();
+    for (input, sizes) in wanted {
+        let Some(port) = transformer.inputs.iter().find(|p| p.name == input) else { continue };
+        for (symbol, size) in port.symbols.iter().zip(sizes) {
+            if symbol.is_empty() || *size == 0 {
+                continue;
+            }
+            let size = *size as i64;
+            match overrides.iter().find(|(s, _)| s == symbol) {
+                Some((_, existing)) if *existing != size => {
+                    return Err(Error::mismatch(
+                        Component::Transformer,
+                        &transformer.path,
+                        format!(
+                            "dimension `{symbol}` would need both {existing} and {size}; static_shape cannot be used"
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => overrides.push((symbol.clone(), size)),
+            }
+        }
+    }
+    Ok(overrides)
 }
 
 #[allow(clippy::too_many_arguments)]

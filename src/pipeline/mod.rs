@@ -63,6 +63,41 @@ impl ModelInfo {
     }
 }
 
+/// The one request shape a pipeline built with [`Sd3PipelineBuilder::static_shape`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StaticShape {
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// Whether requests use classifier-free guidance (guidance > 1: the transformer sees a batch of 2).
+    pub guidance: bool,
+    /// The T5 sequence length of requests.
+    pub max_sequence_length: usize,
+}
+
+impl StaticShape {
+    /// `width` x `height` with guidance and the default 256 T5 tokens.
+    pub fn new(width: u32, height: u32) -> Self {
+        StaticShape { width, height, guidance: true, max_sequence_length: 256 }
+    }
+
+    /// Sets whether requests use guidance.
+    #[must_use]
+    pub fn with_guidance(mut self, guidance: bool) -> Self {
+        self.guidance = guidance;
+        self
+    }
+
+    /// Sets the T5 sequence length.
+    #[must_use]
+    pub fn with_max_sequence_length(mut self, tokens: usize) -> Self {
+        self.max_sequence_length = tokens;
+        self
+    }
+}
+
 /// A loaded SD3 / SD3.5 pipeline. Build one with [`Sd3Pipeline::builder`], then call
 /// [`generate`](Sd3Pipeline::generate) as often as you like.
 #[derive(Debug)]
@@ -73,6 +108,7 @@ pub struct Sd3Pipeline {
     vae_decoder: Graph,
     scheduler: FlowMatchConfig,
     info: ModelInfo,
+    static_shape: Option<StaticShape>,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -363,6 +399,23 @@ impl Sd3Pipeline {
         let width = req.width.map(|w| w as usize).or(implied.map(|s| s.0)).unwrap_or(info.default_size);
         let height = req.height.map(|h| h as usize).or(implied.map(|s| s.1)).unwrap_or(info.default_size);
         self.check_size(width, height)?;
+        if let Some(fixed) = &self.static_shape {
+            let wanted = StaticShape {
+                width: width as u32,
+                height: height as u32,
+                guidance: req.uses_guidance(),
+                max_sequence_length: req.max_sequence_length,
+            };
+            if wanted != *fixed {
+                return Err(Error::request(
+                    "static_shape",
+                    format!("{wanted:?}"),
+                    format!(
+                        "this pipeline's transformer is specialised for {fixed:?} (Sd3PipelineBuilder::static_shape)"
+                    ),
+                ));
+            }
+        }
         let shape = [1, c, height / f, width / f];
         let (latents, seed) = match &req.latents {
             Some(l) => {

@@ -73,6 +73,8 @@ pub(crate) struct Port {
     pub dtype: ElementType,
     /// `None` when the port is not a tensor.
     pub shape: Option<Vec<i64>>,
+    /// Names of the symbolic dimensions (empty strings for fixed ones).
+    pub symbols: Vec<String>,
 }
 
 impl Port {
@@ -132,12 +134,13 @@ fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
     outlets
         .iter()
         .map(|o| match o.dtype() {
-            ValueType::Tensor { ty, shape, .. } => Port {
+            ValueType::Tensor { ty, shape, dimension_symbols } => Port {
                 name: o.name().to_string(),
                 dtype: ElementType::from_ort(*ty),
                 shape: Some(shape.iter().copied().collect()),
+                symbols: dimension_symbols.iter().map(|s| s.to_string()).collect(),
             },
-            _ => Port { name: o.name().to_string(), dtype: ElementType::Other, shape: None },
+            _ => Port { name: o.name().to_string(), dtype: ElementType::Other, shape: None, symbols: Vec::new() },
         })
         .collect()
 }
@@ -150,6 +153,8 @@ pub(crate) struct SessionConfig {
     pub cpu_fallback: bool,
     /// Write ONNX Runtime's per-node profile of each session into this folder.
     pub profile_dir: Option<PathBuf>,
+    /// Fixed sizes for symbolic dimensions (ONNX Runtime then folds the shape arithmetic at load time).
+    pub dimension_overrides: Vec<(String, i64)>,
 }
 
 impl Graph {
@@ -176,6 +181,9 @@ impl Graph {
             let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
             if let Some(n) = config.intra_threads {
                 builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
+            }
+            for (name, size) in &config.dimension_overrides {
+                builder = builder.with_dimension_override(name, *size).map_err(|e| load_err(e.to_string()))?;
             }
             if let Some(dir) = &config.profile_dir {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
