@@ -32,3 +32,4 @@ if [ "${TORCH:-1}" = 1 ]; then
   timeout ${TORCH_TIMEOUT:-400} python3 scripts/gpu/bench_torch.py --variant sd3-medium \
     --tokenizers-from models/fixtures/tiny-sd3 --runs ${RUNS:-3} --json "$OUT/torch.json" 2>&1 | tail -30 | tee "$OUT/torch.log"
 fi
+python3 scripts/gpu/table.py "$OUT" | tee "$OUT/table.md"

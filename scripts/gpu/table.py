@@ -1,0 +1,29 @@
+"""One table from a bench.sh output folder: our pipeline (each variant) beside diffusers eager and torch.compile,
+measured in the same call on the same card. Usage: python3 scripts/gpu/table.py OUT_DIR"""
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+card = (out / "card.txt").read_text().split(",")[0].strip() if (out / "card.txt").exists() else "?"
+rows = []
+for f in sorted(out.glob("ours-*.json")):
+    j = json.loads(f.read_text())
+    m = j["medians_ms"]
+    variant = f.stem[len("ours-"):]
+    notes = {"sd3m": "", "sd3m-static": " (static shape)", "sd3m-dyn": " (dynamo-exported transformer)"}
+    name = "sd3-onnx, ORT CUDA" + notes.get(variant, f" ({variant})")
+    rows.append((name, m["transformer Session::run per step"], m["per step (whole loop / steps)"], m["end to end"],
+                 m["text encoding"], m["VAE decode"], m["outside ONNX Runtime (our code)"]))
+t = out / "torch.json"
+if t.exists():
+    j = json.loads(t.read_text())
+    for mode, label in [("eager", "diffusers, PyTorch eager"), ("compile", "diffusers, torch.compile")]:
+        if mode in j:
+            rows.append((label, j[mode]["transformer_ms_per_step"], None, j[mode]["end_to_end_ms"], None, None, None))
+print(f"{card}: SD3-medium shapes, random weights, fp16, 1024x1024, 28 steps, CFG (batch 2); medians")
+print("| pipeline | transformer ms/step | loop ms/step | end to end ms | text enc. ms | VAE ms | our code ms |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+fmt = lambda v: "" if v is None else f"{v:.1f}"
+for r in rows:
+    print("| " + " | ".join([r[0]] + [fmt(v) for v in r[1:]]) + " |")
