@@ -6,3 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-ort.sh
 cargo test "$@"
+# The execution-provider code paths compile behind their features (their libraries are not needed to build).
+cargo check --quiet --features cuda,tensorrt,directml --all-targets
