@@ -313,14 +313,7 @@ impl Graph {
         let started = Instant::now();
         let outputs = self.session.run(values).map_err(infer)?;
         self.run_time += started.elapsed();
-        let mut result = Vec::with_capacity(wanted.len());
-        for (name, dtype) in wanted.iter().zip(output_types) {
-            let value = outputs
-                .get(*name)
-                .ok_or_else(|| Error::Inference { component, message: format!("output `{name}` was not produced") })?;
-            result.push(to_f32(value, dtype).map_err(infer)?);
-        }
-        Ok(result)
+        collect_outputs(component, &outputs, wanted, &output_types)
     }
 }
 
@@ -409,15 +402,27 @@ impl Graph {
         let started = Instant::now();
         let outputs = self.session.run_binding(&binding.inner).map_err(infer)?;
         self.run_time += started.elapsed();
-        let mut result = Vec::with_capacity(wanted.len());
-        for (name, dtype) in wanted.iter().zip(output_types) {
+        collect_outputs(component, &outputs, wanted, &output_types)
+    }
+}
+
+/// The `wanted` outputs of a run, converted to `f32`.
+fn collect_outputs(
+    component: Component,
+    outputs: &ort::session::SessionOutputs<'_>,
+    wanted: &[&str],
+    types: &[ElementType],
+) -> Result<Vec<ArrayD<f32>>> {
+    wanted
+        .iter()
+        .zip(types)
+        .map(|(name, dtype)| {
             let value = outputs
                 .get(*name)
                 .ok_or_else(|| Error::Inference { component, message: format!("output `{name}` was not produced") })?;
-            result.push(to_f32(value, dtype).map_err(infer)?);
-        }
-        Ok(result)
-    }
+            to_f32(value, *dtype).map_err(|e| Error::Inference { component, message: e.to_string() })
+        })
+        .collect()
 }
 
 /// Converts floats to a 16-bit type with `half`'s slice conversion (F16C where the CPU has it): this runs on
