@@ -230,10 +230,10 @@ pub enum Error {
         message: String,
     },
 
-    /// The run was stopped by a progress callback.
-    #[error("generation cancelled at step {step}")]
+    /// The run was stopped by a progress callback or a [`CancellationToken`](crate::CancellationToken).
+    #[error("generation cancelled after {step} denoising steps")]
     Cancelled {
-        /// The step (0-based) after which the run stopped.
+        /// How many denoising steps had finished.
         step: usize,
     },
 

@@ -60,6 +60,6 @@ pub use pipeline::{
     GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, StaticShape, Timings, Warning,
     MAX_T5_SEQUENCE_LENGTH,
 };
-pub use progress::{ControlFlow, StepProgress};
+pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{ElementType, ExecutionProvider, TensorRtOptions};
 pub use scheduler::{FlowMatchConfig, Schedule};

@@ -1,5 +1,8 @@
-//! Per-step progress reports and stopping a run from a callback.
+//! Per-step progress reports, and stopping a run: from the progress callback or from another thread through a
+//! [`CancellationToken`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use std::ops::ControlFlow;
@@ -22,3 +25,41 @@ pub struct StepProgress {
 /// with [`Error::Cancelled`](crate::Error::Cancelled).
 pub trait ProgressCallback: FnMut(&StepProgress) -> ControlFlow<()> {}
 impl<F: FnMut(&StepProgress) -> ControlFlow<()>> ProgressCallback for F {}
+
+/// Stops a running generation from any thread: the run checks it before every denoising step (and before
+/// decoding) and returns [`Error::Cancelled`](crate::Error::Cancelled), so it stops within one step. Clones share
+/// the same flag. A pipeline stays usable after a cancelled run.
+///
+/// ```
+/// use sd3_onnx::{CancellationToken, GenerationRequest};
+/// let token = CancellationToken::new();
+/// let request = GenerationRequest::new("a red cube").cancellation(token.clone());
+/// std::thread::spawn(move || token.cancel()); // e.g. from a UI thread
+/// # let _ = request;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CancellationToken(Arc<AtomicBool>);
+
+impl CancellationToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every run holding this token to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl PartialEq for CancellationToken {
+    /// Two tokens are equal when they share one flag.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}

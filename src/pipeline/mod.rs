@@ -16,7 +16,7 @@ pub use request::GenerationRequest;
 use crate::error::{Component, Error, Result};
 use crate::image::batch_to_rgb;
 use crate::latents::NoiseGenerator;
-use crate::progress::{ControlFlow, StepProgress};
+use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
@@ -302,7 +302,11 @@ impl Sd3Pipeline {
         ])?;
         let mut latents = plan.latents;
         let mut steps = Vec::with_capacity(plan.schedule.len());
+        let cancelled = || request.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled);
         for i in 0..plan.schedule.len() {
+            if cancelled() {
+                return Err(Error::Cancelled { step: i });
+            }
             let step_start = Instant::now();
             let timestep = plan.schedule.timesteps[i];
             let velocity = self.velocity(&mut bound, &latents, batch.batch(), timestep)?;
@@ -319,8 +323,11 @@ impl Sd3Pipeline {
             steps.push(step_start.elapsed());
             let report = StepProgress { step: i, steps: plan.schedule.len(), sigma, elapsed: t.elapsed() };
             if progress(&report).is_break() {
-                return Err(Error::Cancelled { step: i });
+                return Err(Error::Cancelled { step: i + 1 });
             }
+        }
+        if cancelled() {
+            return Err(Error::Cancelled { step: plan.schedule.len() });
         }
         Ok(Denoised {
             latents,

@@ -2,6 +2,8 @@
 
 use ndarray::Array4;
 
+use crate::progress::CancellationToken;
+
 /// One text-to-image request. Build it with [`GenerationRequest::new`] and the setters; every field has the
 /// default diffusers' `StableDiffusion3Pipeline.__call__` uses.
 ///
@@ -40,6 +42,8 @@ pub struct GenerationRequest {
     pub max_sequence_length: usize,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
     pub clip_skip: Option<usize>,
+    /// Stops the run from another thread when cancelled.
+    pub cancellation: Option<CancellationToken>,
 }
 
 impl Default for GenerationRequest {
@@ -55,6 +59,7 @@ impl Default for GenerationRequest {
             latents: None,
             max_sequence_length: 256,
             clip_skip: None,
+            cancellation: None,
         }
     }
 }
@@ -119,6 +124,13 @@ impl GenerationRequest {
     #[must_use]
     pub fn clip_skip(mut self, layers: usize) -> Self {
         self.clip_skip = Some(layers);
+        self
+    }
+
+    /// Lets `token` stop the run (from any thread) between denoising steps.
+    #[must_use]
+    pub fn cancellation(mut self, token: CancellationToken) -> Self {
+        self.cancellation = Some(token);
         self
     }
 
