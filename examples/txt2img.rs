@@ -98,7 +98,8 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("warning: {w}");
     }
     let image = out.images.first().ok_or("the pipeline returned no image")?;
-    image.save(&output).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    // PNG with the generation parameters in a `parameters` text chunk (AUTOMATIC1111's convention).
+    sd3_onnx::image::save_png(&output, image, Some(&out.parameters)).map_err(|e| e.to_string())?;
     let t = &out.timings;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!("timings:");

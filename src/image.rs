@@ -1,5 +1,7 @@
 //! Tensors to pictures and back.
 
+use std::path::Path;
+
 use image::RgbImage;
 use ndarray::{ArrayView3, ArrayView4};
 
@@ -37,6 +39,48 @@ pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
 /// Converts a batch `[B, 3, H, W]` in `[-1, 1]` to images.
 pub fn batch_to_rgb(nchw: ArrayView4<'_, f32>) -> Result<Vec<RgbImage>> {
     nchw.outer_iter().map(tensor_to_rgb).collect()
+}
+
+/// The PNG text keyword under which AUTOMATIC1111's web UI (and tools that read its images) keep the
+/// generation parameters.
+pub const PARAMETERS_KEYWORD: &str = "parameters";
+
+/// Writes `image` as PNG, with `parameters` (if any) in a `parameters` text chunk: `tEXt` when the text is
+/// Latin-1, `iTXt` (UTF-8) otherwise.
+pub fn save_png(path: &Path, image: &RgbImage, parameters: Option<&str>) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if let Some(text) = parameters {
+        if text.chars().all(|c| (c as u32) < 256) {
+            encoder.add_text_chunk(PARAMETERS_KEYWORD.to_string(), text.to_string()).map_err(png_err)?;
+        } else {
+            encoder.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), text.to_string()).map_err(png_err)?;
+        }
+    }
+    let mut writer = encoder.write_header().map_err(png_err)?;
+    writer.write_image_data(image.as_raw()).map_err(png_err)?;
+    writer.finish().map_err(png_err)
+}
+
+/// Reads the `parameters` text chunk of a PNG file, if it has one.
+pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    let info = reader.info();
+    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
+        return Ok(Some(t.text.clone()));
+    }
+    for t in info.utf8_text.iter().filter(|t| t.keyword == PARAMETERS_KEYWORD) {
+        return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+    }
+    for t in info.compressed_latin1_text.iter().filter(|t| t.keyword == PARAMETERS_KEYWORD) {
+        return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -255,6 +255,8 @@ impl Sd3Pipeline {
         }
         let mut warnings = self.fallback_warnings();
         warnings.extend(run.warnings);
+        let model = self.model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let parameters = output::a1111_parameters(request, run.seed, run.size, &model, self.scheduler.shift);
         Ok(GenerationOutput {
             images,
             seed: run.seed,
@@ -262,6 +264,7 @@ impl Sd3Pipeline {
             timings,
             warnings,
             placements: self.placements(),
+            parameters,
         })
     }
 

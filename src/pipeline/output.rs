@@ -7,6 +7,7 @@ use image::RgbImage;
 
 use crate::error::Component;
 use crate::runtime::ExecutionProvider;
+use crate::GenerationRequest;
 
 /// Something the caller should know that did not stop the run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,4 +124,35 @@ pub struct GenerationOutput {
     pub warnings: Vec<Warning>,
     /// Where each component ran.
     pub placements: Vec<(Component, ExecutionProvider)>,
+    /// The generation parameters in AUTOMATIC1111's `parameters` text convention, for
+    /// [`save_png`](crate::image::save_png).
+    pub parameters: String,
+}
+
+/// Formats generation parameters the way AUTOMATIC1111's web UI stores them in a PNG's `parameters` chunk:
+/// the prompt, a `Negative prompt:` line, then `Key: value` pairs.
+pub(crate) fn a1111_parameters(
+    request: &GenerationRequest,
+    seed: Option<u64>,
+    size: (u32, u32),
+    model: &str,
+    shift: f64,
+) -> String {
+    let mut text = request.prompt.clone();
+    if !request.negative_prompt.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
+    }
+    let seed = match seed {
+        Some(s) => format!("Seed: {s}"),
+        None => "Seed: explicit latents".to_string(),
+    };
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: FlowMatch Euler, Shift: {shift}, CFG scale: {}, {seed}, Size: {}x{}, Model: {model}, \
+         T5 tokens: {}",
+        request.steps, request.guidance, size.0, size.1, request.max_sequence_length
+    ));
+    if let Some(k) = request.clip_skip {
+        text.push_str(&format!(", Clip skip: {k}"));
+    }
+    text
 }
