@@ -74,11 +74,12 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
         return Ok(Some(t.text.clone()));
     }
-    for t in info.utf8_text.iter().filter(|t| t.keyword == PARAMETERS_KEYWORD) {
-        return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+    let text_err = |e: png::DecodingError| Error::io(path, std::io::Error::other(e.to_string()));
+    if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
+        return t.get_text().map(Some).map_err(text_err);
     }
-    for t in info.compressed_latin1_text.iter().filter(|t| t.keyword == PARAMETERS_KEYWORD) {
-        return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+    if let Some(t) = info.compressed_latin1_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
+        return t.get_text().map(Some).map_err(text_err);
     }
     Ok(None)
 }
