@@ -99,7 +99,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let image = out.images.first().ok_or("the pipeline returned no image")?;
     // PNG with the generation parameters in a `parameters` text chunk (AUTOMATIC1111's convention).
-    sd3_onnx::image::save_png(&output, image, Some(&out.parameters)).map_err(|e| e.to_string())?;
+    sd3_onnx::image::save_png(&output, image, out.parameters.first().map(String::as_str)).map_err(|e| e.to_string())?;
     let t = &out.timings;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!("timings:");

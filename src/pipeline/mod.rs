@@ -21,6 +21,9 @@ use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
+/// The most images one request may ask for (`GenerationRequest::images_per_prompt`).
+pub const MAX_IMAGES_PER_PROMPT: usize = 64;
+
 /// The largest `max_sequence_length` diffusers accepts (`StableDiffusion3Pipeline.check_inputs`).
 pub const MAX_T5_SEQUENCE_LENGTH: usize = 512;
 
@@ -114,7 +117,9 @@ pub struct Sd3Pipeline {
 /// What the denoising loop hands to the decoder.
 struct Denoised {
     latents: Array4<f32>,
-    seed: Option<u64>,
+    /// Per image: its noise seed, and the index of the request it belongs to.
+    seeds: Vec<Option<u64>>,
+    owners: Vec<usize>,
     size: (u32, u32),
     warnings: Vec<Warning>,
     text_encoding: Duration,
@@ -127,7 +132,7 @@ struct Plan {
     width: usize,
     height: usize,
     latents: Array4<f32>,
-    seed: Option<u64>,
+    seeds: Vec<Option<u64>>,
     schedule: Schedule,
 }
 
@@ -232,13 +237,34 @@ impl Sd3Pipeline {
         request: &GenerationRequest,
         progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<GenerationOutput> {
+        self.generate_batch_with_progress(std::slice::from_ref(request), progress)
+    }
+
+    /// Generates the images of several requests in one denoising loop: the transformer sees every image (and,
+    /// with guidance, every negative prompt) in one batch. The requests must agree on size, steps, guidance,
+    /// T5 length and clip skip; prompts, negative prompts, seeds and latents may differ. Each image equals the
+    /// one its request would give alone (up to the float noise of batched matrix products).
+    pub fn generate_batch(&mut self, requests: &[GenerationRequest]) -> Result<GenerationOutput> {
+        self.generate_batch_with_progress(requests, |_| ControlFlow::Continue(()))
+    }
+
+    /// [`generate_batch`](Self::generate_batch) with a progress callback.
+    pub fn generate_batch_with_progress(
+        &mut self,
+        requests: &[GenerationRequest],
+        progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
+    ) -> Result<GenerationOutput> {
         let started = Instant::now();
         let before: Vec<Duration> = self.graphs().iter().map(|g| g.run_time).collect();
-        let run = self.run_denoise(request, progress)?;
+        let run = self.run_denoise(requests, progress)?;
         let t = Instant::now();
-        let images = self.decode(run.latents)?;
+        // One image at a time through the VAE: the same numbers as a single request, and bounded memory.
+        let mut images = Vec::with_capacity(run.latents.shape()[0]);
+        for one in run.latents.outer_iter() {
+            images.extend(self.decode(one.insert_axis(Axis(0)).to_owned())?);
+        }
         let vae_decode = t.elapsed();
-        let timings = Timings {
+        let mut timings = Timings {
             text_encoding: run.text_encoding,
             denoising: run.denoising,
             steps: run.steps,
@@ -247,7 +273,6 @@ impl Sd3Pipeline {
             onnx_runtime: Duration::ZERO,
             components: Vec::new(),
         };
-        let mut timings = timings;
         for (g, b) in self.graphs().iter().zip(before) {
             let spent = g.run_time.saturating_sub(b);
             timings.onnx_runtime += spent;
@@ -256,10 +281,20 @@ impl Sd3Pipeline {
         let mut warnings = self.fallback_warnings();
         warnings.extend(run.warnings);
         let model = self.model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let parameters = output::a1111_parameters(request, run.seed, run.size, &model, self.scheduler.shift);
+        let mut parameters = Vec::with_capacity(images.len());
+        for (request, seed) in run.owners.iter().zip(&run.seeds) {
+            parameters.push(output::a1111_parameters(
+                &requests[*request],
+                *seed,
+                run.size,
+                &model,
+                self.scheduler.shift,
+            ));
+        }
         Ok(GenerationOutput {
             images,
-            seed: run.seed,
+            seed: run.seeds.first().copied().flatten(),
+            seeds: run.seeds,
             size: run.size,
             timings,
             warnings,
@@ -271,30 +306,65 @@ impl Sd3Pipeline {
     /// Runs text encoding and the denoising loop and returns the final latents `[1, C, h, w]`, before the
     /// VAE (diffusers' `output_type="latent"`).
     pub fn denoise(&mut self, request: &GenerationRequest) -> Result<Array4<f32>> {
-        Ok(self.run_denoise(request, |_| ControlFlow::Continue(()))?.latents)
+        Ok(self.run_denoise(std::slice::from_ref(request), |_| ControlFlow::Continue(()))?.latents)
     }
 
     fn run_denoise(
         &mut self,
-        request: &GenerationRequest,
+        requests: &[GenerationRequest],
         mut progress: impl FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Denoised> {
-        let plan = self.plan(request)?;
-        let cfg = request.uses_guidance();
+        let Some(first) = requests.first() else {
+            return Err(Error::request("requests", 0, "at least one request is needed"));
+        };
+        for r in &requests[1..] {
+            let same = r.width == first.width
+                && r.height == first.height
+                && r.steps == first.steps
+                && r.guidance.to_bits() == first.guidance.to_bits()
+                && r.max_sequence_length == first.max_sequence_length
+                && r.clip_skip == first.clip_skip;
+            if !same {
+                return Err(Error::request(
+                    "requests",
+                    requests.len(),
+                    "batched requests must share width, height, steps, guidance, max_sequence_length and clip_skip",
+                ));
+            }
+        }
+        let plans: Vec<Plan> = requests.iter().map(|r| self.plan(r)).collect::<Result<_>>()?;
+        let images: usize = plans.iter().map(|p| p.seeds.len()).sum();
+        if self.static_shape.is_some() && images > 1 {
+            return Err(Error::request(
+                "images_per_prompt",
+                images,
+                "a pipeline built with static_shape generates one image per call",
+            ));
+        }
+        let (width, height) = (plans[0].width, plans[0].height);
+        let schedule = plans[0].schedule.clone();
+        let cfg = first.uses_guidance();
         let mut warnings = Vec::new();
 
         let t = Instant::now();
-        let cond = self.text.encode(&request.prompt, request.max_sequence_length, request.clip_skip, &mut warnings)?;
-        // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
-        let batch = if cfg {
-            let mut neg_warnings = Vec::new();
-            let neg =
-                self.text.encode(&request.negative_prompt, request.max_sequence_length, None, &mut neg_warnings)?;
-            warnings.extend(neg_warnings.into_iter().map(Warning::for_negative_prompt));
-            Conditioning::guided(&neg, &cond)?
-        } else {
-            Conditioning::single(cond)
-        };
+        let (mut conds, mut negs) = (Vec::new(), Vec::new());
+        for (r, plan) in requests.iter().zip(&plans) {
+            let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut warnings)?;
+            // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
+            let neg = if cfg {
+                let mut neg_warnings = Vec::new();
+                let neg = self.text.encode(&r.negative_prompt, r.max_sequence_length, None, &mut neg_warnings)?;
+                warnings.extend(neg_warnings.into_iter().map(Warning::for_negative_prompt));
+                Some(neg)
+            } else {
+                None
+            };
+            for _ in 0..plan.latents.shape()[0] {
+                conds.push(cond.clone());
+                negs.extend(neg.clone());
+            }
+        }
+        let batch = Conditioning::stack(&negs, &conds)?;
         let text_encoding = t.elapsed();
 
         let t = Instant::now();
@@ -303,39 +373,48 @@ impl Sd3Pipeline {
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
         ])?;
-        let mut latents = plan.latents;
-        let mut steps = Vec::with_capacity(plan.schedule.len());
-        let cancelled = || request.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled);
-        for i in 0..plan.schedule.len() {
+        let views: Vec<_> = plans.iter().map(|p| p.latents.view()).collect();
+        let mut latents = concatenate(Axis(0), &views).map_err(|e| internal(e.to_string()))?;
+        let mut owners = Vec::new();
+        let mut seeds = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            owners.extend(std::iter::repeat_n(i, plan.seeds.len()));
+            seeds.extend(plan.seeds.iter().copied());
+        }
+        let mut steps = Vec::with_capacity(schedule.len());
+        let cancelled =
+            || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
+        for i in 0..schedule.len() {
             if cancelled() {
                 return Err(Error::Cancelled { step: i });
             }
             let step_start = Instant::now();
-            let timestep = plan.schedule.timesteps[i];
-            let velocity = self.velocity(&mut bound, &latents, batch.batch(), timestep)?;
-            let (sigma, next) = (plan.schedule.sigmas[i], plan.schedule.sigmas[i + 1]);
+            let velocity = self.velocity(&mut bound, &latents, batch.batch(), schedule.timesteps[i])?;
+            let (sigma, next) = (schedule.sigmas[i], schedule.sigmas[i + 1]);
             let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
             let v = velocity.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
-            if batch.batch() == 2 {
-                // [uncond, cond] halves of the transformer output: guidance and the Euler step in one pass.
+            if cfg {
+                // [uncond..., cond...] halves of the transformer output, each aligned with the latents: guidance
+                // and the Euler step in one pass.
                 let (uncond, cond) = v.split_at(x.len());
-                guided_euler_step(x, uncond, cond, request.guidance, sigma, next);
+                guided_euler_step(x, uncond, cond, first.guidance, sigma, next);
             } else {
                 euler_step(x, v, sigma, next);
             }
             steps.push(step_start.elapsed());
-            let report = StepProgress { step: i, steps: plan.schedule.len(), sigma, elapsed: t.elapsed() };
+            let report = StepProgress { step: i, steps: schedule.len(), sigma, elapsed: t.elapsed() };
             if progress(&report).is_break() {
                 return Err(Error::Cancelled { step: i + 1 });
             }
         }
         if cancelled() {
-            return Err(Error::Cancelled { step: plan.schedule.len() });
+            return Err(Error::Cancelled { step: schedule.len() });
         }
         Ok(Denoised {
             latents,
-            seed: plan.seed,
-            size: (plan.width as u32, plan.height as u32),
+            seeds,
+            owners,
+            size: (width as u32, height as u32),
             warnings,
             text_encoding,
             denoising: t.elapsed(),
@@ -362,10 +441,12 @@ impl Sd3Pipeline {
         batch: usize,
         timestep: f32,
     ) -> Result<ArrayD<f32>> {
-        let one = latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
+        let all = latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
         let mut shape = latents.shape().to_vec();
+        let copies = batch / shape[0].max(1);
         shape[0] = batch;
-        let hidden = ArrayD::from_shape_vec(shape, one.repeat(batch)).map_err(|e| internal(e.to_string()))?;
+        // With guidance the batch is [latents..., latents...]: the unconditional then the conditional half.
+        let hidden = ArrayD::from_shape_vec(shape, all.repeat(copies)).map_err(|e| internal(e.to_string()))?;
         let t = Array1::from_elem(batch, timestep).into_dyn();
         let mut out = self.transformer.run_bound(
             bound,
@@ -426,14 +507,22 @@ impl Sd3Pipeline {
                 ));
             }
         }
-        let shape = [1, c, height / f, width / f];
-        let (latents, seed) = match &req.latents {
+        let n = req.images_per_prompt;
+        if n == 0 || n > MAX_IMAGES_PER_PROMPT {
+            return Err(Error::request(
+                "images_per_prompt",
+                n,
+                format!("between 1 and {MAX_IMAGES_PER_PROMPT} images per prompt"),
+            ));
+        }
+        let shape = [n, c, height / f, width / f];
+        let (latents, seeds) = match &req.latents {
             Some(l) => {
                 if l.shape() != shape {
                     return Err(Error::InvalidLatents {
                         message: format!(
-                            "latents have shape {:?}; a {width}x{height} image with this model needs {shape:?} \
-                             ([1, latent channels, height / {f}, width / {f}])",
+                            "latents have shape {:?}; {n} image(s) of {width}x{height} with this model need {shape:?} \
+                             ([images_per_prompt, latent channels, height / {f}, width / {f}])",
                             l.shape()
                         ),
                     });
@@ -441,15 +530,21 @@ impl Sd3Pipeline {
                 if l.iter().any(|v| !v.is_finite()) {
                     return Err(Error::InvalidLatents { message: "latents contain NaN or infinite values".into() });
                 }
-                (l.as_standard_layout().into_owned(), None)
+                (l.as_standard_layout().into_owned(), vec![None; n])
             }
             None => {
-                let seed = req.seed.unwrap_or_else(random_seed);
-                (NoiseGenerator::new(seed).latents(shape), Some(seed))
+                // Image k gets seed + k: the noise a single request with that seed would use.
+                let base = req.seed.unwrap_or_else(random_seed);
+                let seeds: Vec<u64> = (0..n as u64).map(|k| base.wrapping_add(k)).collect();
+                let one = [1, c, height / f, width / f];
+                let views: Vec<Array4<f32>> = seeds.iter().map(|s| NoiseGenerator::new(*s).latents(one)).collect();
+                let views: Vec<_> = views.iter().map(|a| a.view()).collect();
+                let latents = concatenate(Axis(0), &views).map_err(|e| internal(e.to_string()))?;
+                (latents, seeds.into_iter().map(Some).collect())
             }
         };
         let schedule = self.schedule(req.steps, width, height)?;
-        Ok(Plan { width, height, latents, seed, schedule })
+        Ok(Plan { width, height, latents, seeds, schedule })
     }
 
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
@@ -510,16 +605,13 @@ struct Conditioning {
 }
 
 impl Conditioning {
-    fn single(c: TextConditioning) -> Self {
-        Conditioning { context: c.context.into_dyn(), pooled: c.pooled.into_dyn() }
-    }
-
-    /// diffusers batches `[negative, positive]` in that order.
-    fn guided(neg: &TextConditioning, pos: &TextConditioning) -> Result<Self> {
-        let context =
-            concatenate(Axis(0), &[neg.context.view(), pos.context.view()]).map_err(|e| internal(e.to_string()))?;
-        let pooled =
-            concatenate(Axis(0), &[neg.pooled.view(), pos.pooled.view()]).map_err(|e| internal(e.to_string()))?;
+    /// diffusers batches `[negatives..., positives...]`; without guidance `negatives` is empty.
+    fn stack(negatives: &[TextConditioning], positives: &[TextConditioning]) -> Result<Self> {
+        let all: Vec<&TextConditioning> = negatives.iter().chain(positives).collect();
+        let contexts: Vec<_> = all.iter().map(|c| c.context.view()).collect();
+        let pooled: Vec<_> = all.iter().map(|c| c.pooled.view()).collect();
+        let context = concatenate(Axis(0), &contexts).map_err(|e| internal(e.to_string()))?;
+        let pooled = concatenate(Axis(0), &pooled).map_err(|e| internal(e.to_string()))?;
         Ok(Conditioning { context: context.into_dyn(), pooled: pooled.into_dyn() })
     }
 

@@ -112,10 +112,12 @@ impl fmt::Display for Timings {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct GenerationOutput {
-    /// The images (one per request for now).
+    /// The images: for each request in order, its `images_per_prompt` images.
     pub images: Vec<RgbImage>,
-    /// The seed the initial noise came from; `None` when explicit latents were given.
+    /// The seed of the first image's noise; `None` when explicit latents were given.
     pub seed: Option<u64>,
+    /// The seed of each image's noise (`None` for explicit latents), aligned with `images`.
+    pub seeds: Vec<Option<u64>>,
     /// Width and height of the images.
     pub size: (u32, u32),
     /// Stage timings.
@@ -124,9 +126,9 @@ pub struct GenerationOutput {
     pub warnings: Vec<Warning>,
     /// Where each component ran.
     pub placements: Vec<(Component, ExecutionProvider)>,
-    /// The generation parameters in AUTOMATIC1111's `parameters` text convention, for
-    /// [`save_png`](crate::image::save_png).
-    pub parameters: String,
+    /// Each image's generation parameters in AUTOMATIC1111's `parameters` text convention, for
+    /// [`save_png`](crate::image::save_png), aligned with `images`.
+    pub parameters: Vec<String>,
 }
 
 /// Formats generation parameters the way AUTOMATIC1111's web UI stores them in a PNG's `parameters` chunk:

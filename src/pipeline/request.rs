@@ -36,8 +36,11 @@ pub struct GenerationRequest {
     pub guidance: f32,
     /// Seed for the initial noise. `None` (and no latents) picks a random seed, reported in the output.
     pub seed: Option<u64>,
-    /// Explicit initial latents `[1, C, H / f, W / f]`; they take precedence over `seed`.
+    /// Explicit initial latents `[images_per_prompt, C, H / f, W / f]`; they take precedence over `seed`.
     pub latents: Option<Array4<f32>>,
+    /// Images generated for this prompt (default 1). Image `k` starts from the noise of `seed + k`, so it is
+    /// the image a request with that seed alone would give.
+    pub images_per_prompt: usize,
     /// T5 token count (default 256, at most 512).
     pub max_sequence_length: usize,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
@@ -57,6 +60,7 @@ impl Default for GenerationRequest {
             guidance: 7.0,
             seed: None,
             latents: None,
+            images_per_prompt: 1,
             max_sequence_length: 256,
             clip_skip: None,
             cancellation: None,
@@ -110,6 +114,13 @@ impl GenerationRequest {
     #[must_use]
     pub fn latents(mut self, latents: Array4<f32>) -> Self {
         self.latents = Some(latents);
+        self
+    }
+
+    /// Generates `n` images for this prompt.
+    #[must_use]
+    pub fn images_per_prompt(mut self, n: usize) -> Self {
+        self.images_per_prompt = n;
         self
     }
 
