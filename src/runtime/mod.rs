@@ -1,7 +1,7 @@
 //! Everything that touches ONNX Runtime: loading the library, execution providers, sessions and the
 //! conversion of our `f32` arrays to and from the element types a graph declares.
 //!
-//! The rest of the crate asks this module for a [`Graph`] and runs it with [`Graph::run`]; no `ort` type leaves
+//! The rest of the crate asks this module for a `Graph` and runs it with `Graph::run`; no `ort` type leaves
 //! this module.
 
 pub(crate) mod discovery;
