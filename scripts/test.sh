@@ -8,3 +8,8 @@ bash scripts/setup-ort.sh
 cargo test "$@"
 # The execution-provider code paths compile behind their features (their libraries are not needed to build).
 cargo check --quiet --features cuda,tensorrt,directml --all-targets
+# Lints and docs: warnings are errors (skipped where the toolchain has no clippy).
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --quiet --all-targets -- -D warnings
+fi
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps
