@@ -9,7 +9,7 @@ Run it from anywhere:
 or a subset while iterating (stages run in this order, each reads what the earlier ones wrote; the build folder,
 $SD3_FIXTURE_BUILD or <tmp>/sd3-onnx-fixture-build, keeps the uncommitted intermediates between runs):
 
-    python models/make_fixtures.py --stages tokenizers,models,goldens,fp16,scheduler,tokjson,broken,readme
+    python models/make_fixtures.py --stages tokenizers,models,goldens,options,fp16,scheduler,tokjson,broken,readme
 
 Nothing is downloaded: the CLIP BPE vocabulary comes from the open_clip wheel, the T5 sentencepiece model is
 trained here on generated text, and every network has random (seeded) weights.
@@ -23,6 +23,11 @@ Stages
   goldens     for each fixture and case: latents.npy, diffusers.png (PyTorch), optimum.png (ONNX Runtime via
               optimum), debug tensors for `cfg_negative`, and summary.json (pixel differences, the sensitivity
               table). Needs the diffusers checkpoints that `models` left in the build folder.
+  options     goldens for pipeline options, in goldens/<fixture>/<case>/ next to the `goldens` cases: `no_t5`
+              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states) and `clip_skip_1`
+              (diffusers' clip_skip=1 on the positive prompt); request.json says `"t5": false` / `"clip_skip": 1`,
+              and summary.json in the case folder holds the pixel differences, including to the same request
+              without the option (which must exceed 3 levels). Needs the `models` checkpoints.
   fp16        models/fixtures/tiny-sd3-fp16/{transformer,vae_decoder} converted to float16 (fp16 inputs/outputs)
               and its golden (goldens/tiny-sd3-fp16/cfg_negative).
   scheduler   models/goldens/scheduler.json (FlowMatchEulerDiscreteScheduler sigmas/timesteps).
@@ -735,7 +740,10 @@ def stage_goldens(names):
         opipe.set_progress_bar_config(disable=True)
         ref = OrtReference(FIXTURES / name)
         gdir = GOLDENS / name
-        shutil.rmtree(gdir, ignore_errors=True)
+        # Start clean, except for the case folders the `options` stage writes (it runs after this one).
+        for old in (gdir.iterdir() if gdir.is_dir() else []):
+            if old.name not in {c.name for c, _ in OPTION_CASES}:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
         summary = {"fixture": f"models/fixtures/{name}", "cases": {}}
         for case in CASES:
             out = gdir / case.name
@@ -766,6 +774,93 @@ def stage_goldens(names):
                 assert np.array_equal(ref.final_latents(case, latents.numpy()), final_o), "reference != optimum"
         summary["sensitivity"] = sensitivity_table(pipe)
         write_json(gdir / "summary.json", summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: options (goldens for pipeline options)
+# ----------------------------------------------------------------------------------------------------------------
+
+# (case, options). Options are what request.json records besides the plain request: "t5": False means the
+# pipeline runs without T5 (diffusers: text_encoder_3=None, tokenizer_3=None, so _get_t5_prompt_embeds returns
+# zeros [batch, tokenizer_max_length = 77, joint_attention_dim] whatever max_sequence_length is); "clip_skip": n is
+# StableDiffusion3Pipeline's clip_skip (hidden_states[-(n + 2)] of both CLIP encoders). In diffusers 0.35.2,
+# encode_prompt passes clip_skip for the prompt only: the negative prompt is always encoded with clip_skip=None.
+# Both tiny fixtures have CLIP encoders of 2 and 3 layers, so hidden_states has 3 and 4 entries and clip_skip 1
+# (hidden_states[-3] = the embeddings output for CLIP-L) is valid for both.
+OPTION_CASES = [
+    (Case("no_t5", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
+     {"t5": False}),
+    (Case("clip_skip_1", "a bowl of ripe oranges on a marble counter", "blurry, low quality", 64, 64, 4, 5.0, 256,
+          12), {"clip_skip": 1}),
+]
+
+
+def without_t5_folder(name: str) -> Path:
+    """A copy of the committed fixture without text_encoder_3/ and tokenizer_3/ (model_index.json says
+    [null, null] for them, as diffusers writes for a missing component), in the build folder."""
+    out = BUILD / f"{name}-onnx-no-t5"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(FIXTURES / name, out, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = read_json(out / "model_index.json")
+    index["text_encoder_3"] = [None, None]
+    index["tokenizer_3"] = [None, None]
+    write_json(out / "model_index.json", index)
+    return out
+
+
+@torch.no_grad()
+def stage_options(names):
+    for name in names:
+        log(f"[options] {name}")
+        pipe = load_diffusers_pipeline(name)
+        pipe_no_t5 = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+        pipe_no_t5.set_progress_bar_config(disable=True)
+        opipe = load_ort_pipeline(FIXTURES / name)
+        opipe.set_progress_bar_config(disable=True)
+        opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
+        opipe_no_t5.set_progress_bar_config(disable=True)
+        assert opipe_no_t5.text_encoder_3 is None
+        for case, options in OPTION_CASES:
+            out = GOLDENS / name / case.name
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            latents = initial_latents(case)
+            np.save(out / "latents.npy", latents.numpy())
+            req = request_json(case)
+            req["latents"] = "latents.npy"
+            req["latent_seed"] = case.latent_seed
+            req.update(options)
+            write_json(out / "request.json", req)
+            t5 = options.get("t5", True)
+            extra = {"clip_skip": options["clip_skip"]} if "clip_skip" in options else {}
+            d_pipe, o_pipe = (pipe, opipe) if t5 else (pipe_no_t5, opipe_no_t5)
+            img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+            img_d.save(out / "diffusers.png")
+            img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+            img_o.save(out / "optimum.png")
+            # The same request without the option: the golden must differ from it clearly, else a test could
+            # not tell an ignored option from a working one.
+            plain = to_uint8(pipe(**pipe_kwargs(case, latents), output_type="pil").images[0])
+            a, b = to_uint8(img_d), to_uint8(img_o)
+            summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
+                           diffusers_vs_diffusers_without_option=diff_stats(a, plain),
+                           diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
+            if "clip_skip" in options:
+                # Informative: the mistake of applying clip_skip to the negative prompt too.
+                enc = dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                           max_sequence_length=case.max_sequence_length, clip_skip=options["clip_skip"])
+                pe, _, ppe, _ = pipe.encode_prompt(prompt=case.prompt, **enc)
+                npe, _, nppe, _ = pipe.encode_prompt(prompt=case.negative_prompt, **enc)
+                kw = pipe_kwargs(case, latents)
+                del kw["prompt"], kw["negative_prompt"]
+                both = to_uint8(pipe(**kw, prompt_embeds=pe, pooled_prompt_embeds=ppe, negative_prompt_embeds=npe,
+                                     negative_pooled_prompt_embeds=nppe, output_type="pil").images[0])
+                summary["diffusers_vs_clip_skip_on_negative_too"] = diff_stats(a, both)
+            write_json(out / "summary.json", summary)
+            log(f"  {case.name:13s} {options} diffusers vs optimum {diff_stats(a, b)}; vs without the option "
+                f"{diff_stats(a, plain)}")
+            if diff_stats(a, plain)["max_abs"] <= 3:
+                raise SystemExit(f"{name}/{case.name}: the option moves the image by 3 levels or less")
 
 
 def save_debug_tensors(pipe, case: Case, latents, out: Path):
@@ -1489,6 +1584,7 @@ def stage_readme():
     add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
     add("| `fixtures/export-tiny*/` | not written by this script: made by `models/export/make_export_fixtures.py` from tiny-sd3's transformer weights (via `make_fixtures.build_pipeline`) |")
     add("| `goldens/<fixture>/<case>/` | `request.json`, `latents.npy` (initial noise), `diffusers.png`, `optimum.png`; for `cfg_negative` also the debug tensors |")
+    add("| `goldens/<fixture>/{no_t5,clip_skip_1}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1`, `latents.npy`, `diffusers.png`, `optimum.png`, `summary.json` |")
     add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
     add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
     add("| `goldens/tokenizers.json` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
@@ -1580,6 +1676,24 @@ def stage_readme():
                          f"{r['max_abs']} / {r['mean_abs']}",
                          f"mean {px['mean']}, std {px['std']}, {px['frac_0'] * 100:.1f}% at 0, {px['frac_255'] * 100:.1f}% at 255"])
     L.extend(md_table(["fixture", "case", "diffusers vs optimum max / mean", "numpy-ORT ref vs optimum max / mean", "diffusers image"], rows))
+    add("")
+    add("Option cases (stage `options`; request.json records the option, tests/golden_options.rs runs them): "
+        "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, 77, joint_attention_dim] "
+        "replace the T5 states, whatever max_sequence_length is) and optimum on a copy of the fixture without "
+        "`text_encoder_3/` and `tokenizer_3/`; `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
+        "encoders), which diffusers 0.35.2 applies to the positive prompt only. Max / mean pixel differences:")
+    add("")
+    rows = []
+    for name in SPECS:
+        for c, options in OPTION_CASES:
+            sm = read_json(GOLDENS / name / c.name / "summary.json")
+            d, w = sm["diffusers_vs_optimum"], sm["diffusers_vs_diffusers_without_option"]
+            n = sm.get("diffusers_vs_clip_skip_on_negative_too")
+            rows.append([name, c.name, json.dumps(options), c.prompt, c.negative_prompt, c.latent_seed,
+                         f"{d['max_abs']} / {d['mean_abs']}", f"{w['max_abs']} / {w['mean_abs']}",
+                         f"{n['max_abs']} / {n['mean_abs']}" if n else "-"])
+    L.extend(md_table(["fixture", "case", "options", "prompt", "negative", "latent seed", "diffusers vs optimum",
+                       "diffusers vs same request without the option", "clip_skip on the negative prompt too"], rows))
     add("")
     fp = read_json(GOLDENS / "tiny-sd3-fp16" / "summary.json")["cases"]["cfg_negative"]
     add("tiny-sd3-fp16 (`goldens/tiny-sd3-fp16/cfg_negative/`): `optimum.png` is optimum's pipeline on the overlay "
@@ -1732,7 +1846,7 @@ DETERMINISM_NOTE = (
 # main
 # ----------------------------------------------------------------------------------------------------------------
 
-ALL_STAGES = ["tokenizers", "models", "goldens", "fp16", "scheduler", "tokjson", "broken", "readme"]
+ALL_STAGES = ["tokenizers", "models", "goldens", "options", "fp16", "scheduler", "tokjson", "broken", "readme"]
 
 
 def main():
@@ -1754,6 +1868,8 @@ def main():
         stage_models(names)
     if "goldens" in stages:
         stage_goldens(names)
+    if "options" in stages:
+        stage_options(names)
     for s, fn in (("fp16", stage_fp16), ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
                   ("broken", stage_broken), ("readme", stage_readme)):
         if s in stages:

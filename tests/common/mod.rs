@@ -20,8 +20,18 @@ pub fn golden_dir(fixture: &str) -> PathBuf {
     repo().join("models/goldens").join(fixture)
 }
 
-/// The golden cases of a fixture, sorted by name.
+/// The golden cases of a fixture made with the default pipeline options, sorted by name. Cases whose request.json
+/// sets a pipeline option (`"t5": false`, `"clip_skip"`) are listed by [`option_cases`] instead.
 pub fn cases(fixture: &str) -> Vec<PathBuf> {
+    all_cases(fixture).into_iter().filter(|p| !has_options(p)).collect()
+}
+
+/// The golden cases of a fixture made with pipeline options (models/make_fixtures.py, stage `options`).
+pub fn option_cases(fixture: &str) -> Vec<PathBuf> {
+    all_cases(fixture).into_iter().filter(|p| has_options(p)).collect()
+}
+
+fn all_cases(fixture: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(golden_dir(fixture))
         .unwrap_or_else(|e| panic!("goldens for {fixture}: {e}"))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -29,6 +39,16 @@ pub fn cases(fixture: &str) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+fn has_options(case: &Path) -> bool {
+    let j = read_json(&case.join("request.json"));
+    j.get("t5").is_some() || j.get("clip_skip").is_some()
+}
+
+/// Whether a golden case was made with T5 (request.json `"t5"`, default true).
+pub fn golden_uses_t5(case: &Path) -> bool {
+    read_json(&case.join("request.json"))["t5"].as_bool().unwrap_or(true)
 }
 
 pub fn read_json(path: &Path) -> Value {
@@ -40,19 +60,24 @@ pub fn npy(path: &Path) -> ArrayD<f32> {
     read_npy_f32(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The request a golden case was made with, explicit latents included.
+/// The request a golden case was made with, explicit latents and `clip_skip` included (whether T5 was used is a
+/// pipeline option: [`golden_uses_t5`]).
 pub fn golden_request(case: &Path) -> GenerationRequest {
     let j = read_json(&case.join("request.json"));
     let latents = npy(&case.join(j["latents"].as_str().unwrap_or("latents.npy")))
         .into_dimensionality::<Ix4>()
         .expect("latents are rank 4");
-    GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
+    let req = GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
         .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
         .size(j["width"].as_u64().expect("width") as u32, j["height"].as_u64().expect("height") as u32)
         .steps(j["steps"].as_u64().expect("steps") as usize)
         .guidance(j["guidance"].as_f64().expect("guidance") as f32)
         .max_sequence_length(j["max_sequence_length"].as_u64().unwrap_or(256) as usize)
-        .latents(latents)
+        .latents(latents);
+    match j["clip_skip"].as_u64() {
+        Some(n) => req.clip_skip(n as usize),
+        None => req,
+    }
 }
 
 /// (max, mean) absolute difference in 8-bit levels between two images of the same size.
