@@ -58,7 +58,7 @@ pub mod text;
 pub use error::{Component, Error, Result};
 pub use pipeline::{
     GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, StaticShape, Timings, Warning,
-    MAX_IMAGES_PER_PROMPT, MAX_T5_SEQUENCE_LENGTH,
+    MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{ElementType, ExecutionProvider, TensorRtOptions};

@@ -34,6 +34,9 @@ fn sizes_that_are_not_multiples_name_the_nearest_valid_sizes() {
     let err = p.generate(&base().size(too_big, 64)).unwrap_err();
     assert!(matches!(err, Error::InvalidSize { .. }), "{err:?}");
     assert!(err.to_string().contains("position embedding"), "{err}");
+    // Absurd sizes are refused before anything is allocated.
+    let err = p.generate(&base().size(u32::MAX - 15, 64)).unwrap_err();
+    assert!(matches!(err, Error::InvalidSize { .. }), "{err:?}");
 }
 
 #[test]
@@ -240,4 +243,18 @@ fn png_carries_the_generation_parameters() {
     sd3_onnx::image::save_png(&path, &out.images[0], None).unwrap();
     assert_eq!(sd3_onnx::image::read_png_parameters(&path).unwrap(), None);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sizes_are_capped_even_without_a_position_embedding_limit() {
+    let m = ScratchModel::new("tiny-sd3", "nopos");
+    let cfg_path = m.path("transformer/config.json");
+    let mut cfg = read_json(&cfg_path);
+    cfg.as_object_mut().unwrap().remove("pos_embed_max_size");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut p = Sd3Pipeline::builder(&m.dir).build().unwrap();
+    assert_eq!(p.info().pos_embed_max_size, None);
+    let side = sd3_onnx::MAX_IMAGE_SIDE as u32 + 16;
+    let e = p.generate(&base().size(side, 64)).unwrap_err();
+    assert!(matches!(e, Error::InvalidSize { .. }), "{e:?}");
 }

@@ -21,6 +21,9 @@ use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
+/// The largest width or height accepted (16384 pixels), whatever the model's position embedding allows.
+pub const MAX_IMAGE_SIDE: usize = 16384;
+
 /// The most images one request may ask for (`GenerationRequest::images_per_prompt`).
 pub const MAX_IMAGES_PER_PROMPT: usize = 64;
 
@@ -549,7 +552,9 @@ impl Sd3Pipeline {
 
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let m = self.info.size_multiple();
-        let limit = self.info.pos_embed_max_size.map(|p| p * m);
+        // Without a position-embedding limit in the config, cap sides at MAX_IMAGE_SIDE so an absurd request is
+        // refused before any allocation instead of exhausting memory.
+        let limit = Some(self.info.pos_embed_max_size.map_or(MAX_IMAGE_SIDE, |p| (p * m).min(MAX_IMAGE_SIDE)));
         let ok = |v: usize| v > 0 && v.is_multiple_of(m) && limit.is_none_or(|l| v <= l);
         if ok(width) && ok(height) {
             return Ok(());
@@ -574,7 +579,8 @@ impl Sd3Pipeline {
         }
         let mut suggestion = options.join(", ");
         if let Some(l) = limit {
-            suggestion.push_str(&format!(" (the position embedding allows at most {l} pixels per side)"));
+            suggestion
+                .push_str(&format!(" (the position embedding and MAX_IMAGE_SIDE allow at most {l} pixels per side)"));
         }
         Err(Error::InvalidSize {
             width: u32::try_from(width).unwrap_or(u32::MAX),
