@@ -24,10 +24,13 @@ Stages
               optimum), debug tensors for `cfg_negative`, and summary.json (pixel differences, the sensitivity
               table). Needs the diffusers checkpoints that `models` left in the build folder.
   options     goldens for pipeline options, in goldens/<fixture>/<case>/ next to the `goldens` cases: `no_t5`
-              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states) and `clip_skip_1`
-              (diffusers' clip_skip=1 on the positive prompt); request.json says `"t5": false` / `"clip_skip": 1`,
-              and summary.json in the case folder holds the pixel differences, including to the same request
-              without the option (which must exceed 3 levels). Needs the `models` checkpoints.
+              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states), `clip_skip_1`
+              (diffusers' clip_skip=1 on the positive prompt), `dynamic_shift` (a scheduler config with
+              use_dynamic_shifting, 96x64) and `t5_512` (max_sequence_length=512, a prompt of 256-512 T5 tokens);
+              request.json says `"t5": false` / `"clip_skip": 1` / `"scheduler_config": "scheduler_config.json"`
+              (a file in the case folder) / `"max_sequence_length": 512`, and summary.json in the case folder
+              holds the pixel differences, including to the same request without the option (which must exceed
+              3 levels). `--option-cases a,b` regenerates only those cases. Needs the `models` checkpoints.
   fp16        models/fixtures/tiny-sd3-fp16/{transformer,vae_decoder} converted to float16 (fp16 inputs/outputs)
               and its golden (goldens/tiny-sd3-fp16/cfg_negative).
   scheduler   models/goldens/scheduler.json (FlowMatchEulerDiscreteScheduler sigmas/timesteps).
@@ -787,11 +790,33 @@ def stage_goldens(names):
 # encode_prompt passes clip_skip for the prompt only: the negative prompt is always encoded with clip_skip=None.
 # Both tiny fixtures have CLIP encoders of 2 and 3 layers, so hidden_states has 3 and 4 entries and clip_skip 1
 # (hidden_states[-3] = the embeddings output for CLIP-L) is valid for both.
+#
+# "scheduler_config": file means the model folder's scheduler/scheduler_config.json is replaced by that file (in the
+# case folder): for `dynamic_shift`, the fixture's config with DYNAMIC_SHIFT (use_dynamic_shifting). The pipeline
+# then computes mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)
+# with image_seq_len = (height // 8 // patch) * (width // 8 // patch) = 6 * 4 = 24 at 96x64, so mu = 1.5 + 8 * 3/48
+# = 2.0: an effective shift e^2 = 7.39 instead of the static 3.0 (tiny-sd3) / 2.5 (tiny-sd35); at 64x64 mu would be
+# 1.5, at 96x96 2.75, so the image size matters. With dynamic shifting the static `shift` is not used.
+# `t5_512` is max_sequence_length=512 (a plain request field, above diffusers' default 256) with a prompt of 256 to
+# 512 T5 tokens (asserted), so 256 truncates it and 512 does not.
+DYNAMIC_SHIFT = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=64, base_shift=1.5,
+                     max_shift=4.5)
+T5_512_PROMPT = (
+    "A vast, sunlit harbour town at midday seen from a hill above the bay, white houses with terracotta roofs "
+    "stacked along narrow winding streets, laundry hanging between balconies, a bell tower with a green copper dome, "
+    "dozens of small boats painted blue, yellow and red rocking in the turquoise water, a busy fish market on the "
+    "quay with merchants shouting and cats waiting for scraps, an old lighthouse at the end of a long stone pier, "
+    "olive trees and lemon groves on the terraced slopes behind the town, fluffy white clouds drifting over distant "
+    "blue mountains, watercolor illustration with soft washes, fine ink outlines, warm summer palette"
+)
 OPTION_CASES = [
     (Case("no_t5", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
      {"t5": False}),
     (Case("clip_skip_1", "a bowl of ripe oranges on a marble counter", "blurry, low quality", 64, 64, 4, 5.0, 256,
           12), {"clip_skip": 1}),
+    (Case("dynamic_shift", "a red fox running through a snowy pine forest", "blurry, low quality", 96, 64, 4, 4.5,
+          256, 13), {"scheduler_config": "scheduler_config.json"}),
+    (Case("t5_512", T5_512_PROMPT, "blurry, low quality", 64, 64, 4, 5.0, 512, 14), {"max_sequence_length": 512}),
 ]
 
 
@@ -808,8 +833,32 @@ def without_t5_folder(name: str) -> Path:
     return out
 
 
+def dynamic_shift_config(name: str) -> dict:
+    """The fixture's scheduler config with DYNAMIC_SHIFT applied."""
+    cfg = read_json(FIXTURES / name / "scheduler" / "scheduler_config.json")
+    assert not cfg["use_dynamic_shifting"]
+    cfg.update(DYNAMIC_SHIFT)
+    return cfg
+
+
+def with_scheduler_folder(name: str, cfg: dict, tag: str) -> Path:
+    """A copy of the committed fixture whose scheduler/scheduler_config.json is `cfg`, in the build folder."""
+    out = BUILD / f"{name}-onnx-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(FIXTURES / name, out)
+    write_json(out / "scheduler" / "scheduler_config.json", cfg)
+    return out
+
+
 @torch.no_grad()
-def stage_options(names):
+def stage_options(names, only=None):
+    """`only`: the option case names to (re)generate (default all); other case folders are left as they are."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    unknown = set(only or []) - {c.name for c, _ in OPTION_CASES}
+    if unknown:
+        raise SystemExit(f"unknown option cases {sorted(unknown)}")
     for name in names:
         log(f"[options] {name}")
         pipe = load_diffusers_pipeline(name)
@@ -820,7 +869,16 @@ def stage_options(names):
         opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
         opipe_no_t5.set_progress_bar_config(disable=True)
         assert opipe_no_t5.text_encoder_3 is None
+        dyn_cfg = dynamic_shift_config(name)
+        pipe_dyn = StableDiffusion3Pipeline(
+            **{**pipe.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dyn_cfg)})
+        pipe_dyn.set_progress_bar_config(disable=True)
+        opipe_dyn = load_ort_pipeline(with_scheduler_folder(name, dyn_cfg, "dynamic-shift"))
+        opipe_dyn.set_progress_bar_config(disable=True)
+        assert opipe_dyn.scheduler.config.use_dynamic_shifting
         for case, options in OPTION_CASES:
+            if only and case.name not in only:
+                continue
             out = GOLDENS / name / case.name
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
@@ -834,17 +892,39 @@ def stage_options(names):
             t5 = options.get("t5", True)
             extra = {"clip_skip": options["clip_skip"]} if "clip_skip" in options else {}
             d_pipe, o_pipe = (pipe, opipe) if t5 else (pipe_no_t5, opipe_no_t5)
+            plain_kw = pipe_kwargs(case, latents)
+            if "scheduler_config" in options:
+                write_json(out / options["scheduler_config"], dyn_cfg)
+                d_pipe, o_pipe = pipe_dyn, opipe_dyn
+            if "max_sequence_length" in options:
+                n = len(pipe.tokenizer_3(case.prompt).input_ids)
+                assert 256 < n < options["max_sequence_length"], f"{case.name}: {n} T5 tokens"
+                plain_kw["max_sequence_length"] = 256
             img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
             img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
             img_o.save(out / "optimum.png")
-            # The same request without the option: the golden must differ from it clearly, else a test could
-            # not tell an ignored option from a working one.
-            plain = to_uint8(pipe(**pipe_kwargs(case, latents), output_type="pil").images[0])
+            # The same request without the option (static scheduler config, max_sequence_length 256): the golden
+            # must differ from it clearly, else a test could not tell an ignored option from a working one.
+            plain = to_uint8(pipe(**plain_kw, output_type="pil").images[0])
             a, b = to_uint8(img_d), to_uint8(img_o)
             summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
                            diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                            diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
+            if "scheduler_config" in options:
+                # Informative: mu and the schedules with and without dynamic shifting.
+                p = pipe.transformer.config.patch_size
+                seq = (case.height // pipe.vae_scale_factor // p) * (case.width // pipe.vae_scale_factor // p)
+                mu = calculate_shift(seq, dyn_cfg["base_image_seq_len"], dyn_cfg["max_image_seq_len"],
+                                     dyn_cfg["base_shift"], dyn_cfg["max_shift"])
+                s_dyn = FlowMatchEulerDiscreteScheduler.from_config(dyn_cfg)
+                s_dyn.set_timesteps(case.steps, mu=mu)
+                s_static = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+                s_static.set_timesteps(case.steps)
+                summary["dynamic_shift"] = dict(image_seq_len=seq, mu=mu, sigmas=f32list(s_dyn.sigmas),
+                                                static_sigmas=f32list(s_static.sigmas))
+            if "max_sequence_length" in options:
+                summary["t5_tokens"] = len(pipe.tokenizer_3(case.prompt).input_ids)
             if "clip_skip" in options:
                 # Informative: the mistake of applying clip_skip to the negative prompt too.
                 enc = dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
@@ -1584,7 +1664,7 @@ def stage_readme():
     add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
     add("| `fixtures/export-tiny*/` | not written by this script: made by `models/export/make_export_fixtures.py` from tiny-sd3's transformer weights (via `make_fixtures.build_pipeline`) |")
     add("| `goldens/<fixture>/<case>/` | `request.json`, `latents.npy` (initial noise), `diffusers.png`, `optimum.png`; for `cfg_negative` also the debug tensors |")
-    add("| `goldens/<fixture>/{no_t5,clip_skip_1}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1`, `latents.npy`, `diffusers.png`, `optimum.png`, `summary.json` |")
+    add("| `goldens/<fixture>/{no_t5,clip_skip_1,dynamic_shift,t5_512}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1` / `\"scheduler_config\": \"scheduler_config.json\"` (+ that file) / `\"max_sequence_length\": 512`, `latents.npy`, `diffusers.png`, `optimum.png`, `summary.json` |")
     add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
     add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
     add("| `goldens/tokenizers.json` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
@@ -1681,7 +1761,11 @@ def stage_readme():
         "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, 77, joint_attention_dim] "
         "replace the T5 states, whatever max_sequence_length is) and optimum on a copy of the fixture without "
         "`text_encoder_3/` and `tokenizer_3/`; `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
-        "encoders), which diffusers 0.35.2 applies to the positive prompt only. Max / mean pixel differences:")
+        "encoders), which diffusers 0.35.2 applies to the positive prompt only; `dynamic_shift` is the fixture's "
+        "scheduler config with `use_dynamic_shifting: true` (and base/max image_seq_len 16/64, base/max shift "
+        "1.5/4.5: mu = 2.0 at 96x64, 24 image tokens) in diffusers' scheduler and in optimum's copy of the "
+        "fixture; `t5_512` is `max_sequence_length=512` with a prompt of 370 T5 tokens (256 would truncate it). "
+        "Max / mean pixel differences:")
     add("")
     rows = []
     for name in SPECS:
@@ -1689,7 +1773,8 @@ def stage_readme():
             sm = read_json(GOLDENS / name / c.name / "summary.json")
             d, w = sm["diffusers_vs_optimum"], sm["diffusers_vs_diffusers_without_option"]
             n = sm.get("diffusers_vs_clip_skip_on_negative_too")
-            rows.append([name, c.name, json.dumps(options), c.prompt, c.negative_prompt, c.latent_seed,
+            prompt = c.prompt if len(c.prompt) <= 80 else f"{c.prompt[:60]}... ({len(c.prompt)} characters)"
+            rows.append([name, c.name, json.dumps(options), prompt, c.negative_prompt, c.latent_seed,
                          f"{d['max_abs']} / {d['mean_abs']}", f"{w['max_abs']} / {w['mean_abs']}",
                          f"{n['max_abs']} / {n['mean_abs']}" if n else "-"])
     L.extend(md_table(["fixture", "case", "options", "prompt", "negative", "latent seed", "diffusers vs optimum",
@@ -1853,6 +1938,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default=",".join(ALL_STAGES), help="comma-separated subset of: " + ",".join(ALL_STAGES))
     ap.add_argument("--fixtures", default=",".join(SPECS), help="comma-separated subset of: " + ",".join(SPECS))
+    ap.add_argument("--option-cases", default="", help="options stage: comma-separated subset of: "
+                    + ",".join(c.name for c, _ in OPTION_CASES) + " (default all)")
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     names = [n for n in args.fixtures.split(",") if n]
@@ -1869,7 +1956,7 @@ def main():
     if "goldens" in stages:
         stage_goldens(names)
     if "options" in stages:
-        stage_options(names)
+        stage_options(names, [c for c in args.option_cases.split(",") if c] or None)
     for s, fn in (("fp16", stage_fp16), ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
                   ("broken", stage_broken), ("readme", stage_readme)):
         if s in stages:

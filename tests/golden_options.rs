@@ -1,11 +1,16 @@
 //! Pixel parity with diffusers (PyTorch) and optimum's ORT pipeline for the pipeline options: no T5
-//! (`Sd3PipelineBuilder::without_t5`, diffusers' `text_encoder_3=None`) and `GenerationRequest::clip_skip`
-//! (diffusers' `clip_skip`, applied to the positive prompt only).
+//! (`Sd3PipelineBuilder::without_t5`, diffusers' `text_encoder_3=None`), `GenerationRequest::clip_skip`
+//! (diffusers' `clip_skip`, applied to the positive prompt only), a scheduler config with `use_dynamic_shifting`
+//! (mu from the image size, as StableDiffusion3Pipeline computes it) and `max_sequence_length` 512 with a prompt
+//! of more than 256 T5 tokens.
 //!
-//! The cases are the folders of models/goldens/<fixture>/ whose request.json sets `"t5": false` or `"clip_skip"`
-//! (models/make_fixtures.py, stage `options`). Tolerance as in golden_images.rs: 1 level per 8-bit channel.
-//! Each case is also generated without its option, and that image must differ from the golden by more than
-//! 1 level, so an ignored option fails the test (the generator checks diffusers moves by more than 3).
+//! The cases are the folders of models/goldens/<fixture>/ whose request.json sets `"t5": false`, `"clip_skip"`,
+//! `"scheduler_config"` or a `"max_sequence_length"` above 256 (models/make_fixtures.py, stage `options`). A
+//! `"scheduler_config"` file replaces `scheduler/scheduler_config.json` in a scratch copy of the fixture.
+//! Tolerance as in golden_images.rs: 1 level per 8-bit channel. Each case is also generated without its option
+//! (T5 on, no clip_skip, the fixture's own scheduler config, max_sequence_length 256), and that image must differ
+//! from the golden by more than 1 level, so an ignored option fails the test (the generator checks diffusers
+//! moves by more than 3).
 
 mod common;
 
@@ -21,12 +26,35 @@ fn check_fixture(fixture: &str) {
     assert!(with_t5.info().has_t5 && !no_t5.info().has_t5);
     let cases = option_cases(fixture);
     let names: Vec<String> = cases.iter().map(|c| c.file_name().unwrap().to_string_lossy().to_string()).collect();
-    assert_eq!(names, ["clip_skip_1", "no_t5"], "{fixture}: option cases");
+    assert_eq!(names, ["clip_skip_1", "dynamic_shift", "no_t5", "t5_512"], "{fixture}: option cases");
     let mut report = Vec::new();
     for (case, name) in cases.iter().zip(&names) {
         let req = golden_request(case);
         let uses_t5 = golden_uses_t5(case);
-        let pipe = if uses_t5 { &mut with_t5 } else { &mut no_t5 };
+        let scheduler_config = golden_scheduler_config(case);
+        let long_t5 = req.max_sequence_length > 256;
+        assert!(
+            !uses_t5 || req.clip_skip.is_some() || scheduler_config.is_some() || long_t5,
+            "{fixture}/{name}: the case sets no option"
+        );
+        // A scratch copy of the fixture with the case's scheduler config, kept until the end of the iteration.
+        let scratch = scheduler_config.as_ref().map(|cfg| {
+            let scratch = ScratchModel::new(fixture, &format!("option-{name}"));
+            std::fs::copy(cfg, scratch.path("scheduler/scheduler_config.json")).unwrap();
+            scratch
+        });
+        let mut own = scratch
+            .as_ref()
+            .map(|s| Sd3Pipeline::builder(&s.dir).build().unwrap_or_else(|e| panic!("{fixture}/{name}: {e}")));
+        if let Some(p) = &own {
+            assert!(p.scheduler_config().use_dynamic_shifting, "{fixture}/{name}: scheduler config not read");
+            assert!(!with_t5.scheduler_config().use_dynamic_shifting);
+        }
+        let pipe = match (&mut own, uses_t5) {
+            (Some(p), _) => p,
+            (None, true) => &mut with_t5,
+            (None, false) => &mut no_t5,
+        };
         let out = pipe.generate(&req).unwrap_or_else(|e| panic!("{fixture}/{name}: {e}"));
         let ours = &out.images[0];
         let diffusers = load_png(&case.join("diffusers.png"));
@@ -43,10 +71,12 @@ fn check_fixture(fixture: &str) {
         // The same request without the option must not match the golden.
         let mut plain_req = req.clone();
         plain_req.clip_skip = None;
+        if long_t5 {
+            plain_req.max_sequence_length = 256;
+        }
         let plain = with_t5.generate(&plain_req).unwrap_or_else(|e| panic!("{fixture}/{name} without option: {e}"));
         let (max, mean) = pixel_diff(&plain.images[0], &diffusers);
         report.push(format!("{fixture}/{name}: without the option vs diffusers: max {max}, mean {mean:.4}"));
-        assert!(!uses_t5 || req.clip_skip.is_some(), "{fixture}/{name}: the case sets no option");
         assert!(
             max > TOLERANCE,
             "{fixture}/{name}: the image without the option is within {TOLERANCE} level(s) of the golden (max {max})"

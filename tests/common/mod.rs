@@ -21,7 +21,8 @@ pub fn golden_dir(fixture: &str) -> PathBuf {
 }
 
 /// The golden cases of a fixture made with the default pipeline options, sorted by name. Cases whose request.json
-/// sets a pipeline option (`"t5": false`, `"clip_skip"`) are listed by [`option_cases`] instead.
+/// sets a pipeline option (`"t5": false`, `"clip_skip"`, `"scheduler_config"`, or `"max_sequence_length"` above
+/// diffusers' default 256) are listed by [`option_cases`] instead.
 pub fn cases(fixture: &str) -> Vec<PathBuf> {
     all_cases(fixture).into_iter().filter(|p| !has_options(p)).collect()
 }
@@ -43,7 +44,16 @@ fn all_cases(fixture: &str) -> Vec<PathBuf> {
 
 fn has_options(case: &Path) -> bool {
     let j = read_json(&case.join("request.json"));
-    j.get("t5").is_some() || j.get("clip_skip").is_some()
+    j.get("t5").is_some()
+        || j.get("clip_skip").is_some()
+        || j.get("scheduler_config").is_some()
+        || j["max_sequence_length"].as_u64().is_some_and(|n| n > 256)
+}
+
+/// The scheduler config a golden case was made with, if not the fixture's own (request.json `"scheduler_config"`,
+/// a file in the case folder that replaces the model folder's `scheduler/scheduler_config.json`).
+pub fn golden_scheduler_config(case: &Path) -> Option<PathBuf> {
+    read_json(&case.join("request.json"))["scheduler_config"].as_str().map(|f| case.join(f))
 }
 
 /// Whether a golden case was made with T5 (request.json `"t5"`, default true).
