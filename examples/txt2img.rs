@@ -23,6 +23,9 @@ const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt
 struct Args {
     model: PathBuf,
     request: GenerationRequest,
+    /// Steps and guidance given on the command line; otherwise the model's defaults (`Sd3Pipeline::request`).
+    steps: Option<usize>,
+    guidance: Option<f32>,
     latents: Option<PathBuf>,
     ep: ExecutionProvider,
     output: PathBuf,
@@ -35,6 +38,7 @@ fn parse() -> Result<Args, String> {
     let mut req = GenerationRequest::default();
     let (mut width, mut height) = (None, None);
     let mut latents = None;
+    let (mut steps, mut guidance) = (None, None);
     let mut ep = ExecutionProvider::Cpu;
     let mut output = PathBuf::from("output.png");
     fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
@@ -51,8 +55,8 @@ fn parse() -> Result<Args, String> {
             "--negative-prompt" => req.negative_prompt = value,
             "--width" => width = Some(num::<u32>(&flag, value)?),
             "--height" => height = Some(num::<u32>(&flag, value)?),
-            "--steps" => req.steps = num(&flag, value)?,
-            "--guidance" => req.guidance = num(&flag, value)?,
+            "--steps" => steps = Some(num(&flag, value)?),
+            "--guidance" => guidance = Some(num(&flag, value)?),
             "--seed" => req.seed = Some(num(&flag, value)?),
             "--latents" => latents = Some(PathBuf::from(value)),
             "--max-sequence-length" => req.max_sequence_length = num(&flag, value)?,
@@ -68,11 +72,11 @@ fn parse() -> Result<Args, String> {
     req.width = width;
     req.height = height;
     let model = model.ok_or_else(|| format!("--model is required\n{USAGE}"))?;
-    Ok(Args { model, request: req, latents, ep, output })
+    Ok(Args { model, request: req, steps, guidance, latents, ep, output })
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let Args { model, mut request, latents, ep, output } = args;
+    let Args { model, mut request, steps, guidance, latents, ep, output } = args;
     if let Some(path) = latents {
         let array = read_npy_f32(&path).map_err(|e| e.to_string())?;
         let shape = array.shape().to_vec();
@@ -84,7 +88,17 @@ fn run(args: Args) -> Result<(), String> {
     let t = Instant::now();
     let mut pipe = Sd3Pipeline::builder(&model).execution_provider(ep).build().map_err(|e| e.to_string())?;
     let load = t.elapsed();
-    eprintln!("loaded {} in {:.1} ms", model.display(), load.as_secs_f64() * 1e3);
+    let defaults = pipe.request("");
+    request.steps = steps.unwrap_or(defaults.steps);
+    request.guidance = guidance.unwrap_or(defaults.guidance);
+    eprintln!(
+        "loaded {} ({:?}) in {:.1} ms; {} steps, guidance {}",
+        model.display(),
+        pipe.info().variant,
+        load.as_secs_f64() * 1e3,
+        request.steps,
+        request.guidance
+    );
     for (component, provider) in pipe.placements() {
         eprintln!("  {component}: {provider}");
     }

@@ -56,6 +56,7 @@ pub mod scheduler;
 pub mod text;
 
 pub use error::{Component, Error, Result};
+pub use model_config::Variant;
 pub use pipeline::{
     GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, StaticShape, Timings, Warning,
     MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,

@@ -49,6 +49,12 @@ pub struct TransformerConfig {
     pub sample_size: usize,
     /// Largest latent grid (in patches) the position embedding covers.
     pub pos_embed_max_size: Option<usize>,
+    /// Transformer blocks.
+    pub num_layers: Option<usize>,
+    /// `qk_norm` (`"rms_norm"` in SD3.5), if any.
+    pub qk_norm: Option<String>,
+    /// Number of MMDiT-X blocks with the extra self-attention (SD3.5-medium).
+    pub dual_attention_layers: usize,
 }
 
 impl TransformerConfig {
@@ -65,6 +71,9 @@ impl TransformerConfig {
             pooled_projection_dim: positive_int(c, path, &v, "pooled_projection_dim", None)?,
             sample_size: positive_int(c, path, &v, "sample_size", Some(128))?.unwrap_or(128),
             pos_embed_max_size: positive_int(c, path, &v, "pos_embed_max_size", None)?,
+            num_layers: positive_int(c, path, &v, "num_layers", None)?,
+            qk_norm: v.get("qk_norm").and_then(Value::as_str).map(str::to_string),
+            dual_attention_layers: v.get("dual_attention_layers").and_then(Value::as_array).map_or(0, Vec::len),
         })
     }
 }
@@ -110,5 +119,48 @@ impl VaeConfig {
             scaling_factor: float("scaling_factor", true)?,
             shift_factor: float("shift_factor", false)?,
         })
+    }
+}
+
+/// The SD3-family model a folder holds, detected from the transformer's config, with the defaults its model card
+/// uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Variant {
+    /// Stable Diffusion 3 medium: no qk-norm.
+    Sd3Medium,
+    /// Stable Diffusion 3.5 medium: qk RMS-norm and MMDiT-X dual-attention blocks.
+    Sd35Medium,
+    /// Stable Diffusion 3.5 large: qk RMS-norm, no dual attention.
+    Sd35Large,
+    /// Stable Diffusion 3.5 large turbo: the large architecture, distilled for few steps without guidance
+    /// (told apart from large only by its name, e.g. `_name_or_path` in model_index.json or the folder name).
+    Sd35LargeTurbo,
+}
+
+impl Variant {
+    /// Detects the variant from the transformer config and a name (model_index `_name_or_path`, folder name).
+    pub fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
+        if transformer.qk_norm.is_none() {
+            Variant::Sd3Medium
+        } else if transformer.dual_attention_layers > 0 {
+            Variant::Sd35Medium
+        } else if name.to_ascii_lowercase().contains("turbo") {
+            Variant::Sd35LargeTurbo
+        } else {
+            Variant::Sd35Large
+        }
+    }
+
+    /// Default denoising steps and guidance scale, from the diffusers examples of stabilityai's model cards
+    /// (stable-diffusion-3-medium-diffusers: 28 / 7.0; stable-diffusion-3.5-medium: 40 / 4.5;
+    /// stable-diffusion-3.5-large: 28 / 3.5; stable-diffusion-3.5-large-turbo: 4 / 0.0).
+    pub fn defaults(self) -> (usize, f32) {
+        match self {
+            Variant::Sd3Medium => (28, 7.0),
+            Variant::Sd35Medium => (40, 4.5),
+            Variant::Sd35Large => (28, 3.5),
+            Variant::Sd35LargeTurbo => (4, 0.0),
+        }
     }
 }

@@ -258,3 +258,32 @@ fn sizes_are_capped_even_without_a_position_embedding_limit() {
     let e = p.generate(&base().size(side, 64)).unwrap_err();
     assert!(matches!(e, Error::InvalidSize { .. }), "{e:?}");
 }
+
+#[test]
+fn variant_is_detected_and_gives_the_default_request() {
+    use sd3_onnx::Variant;
+    let p = pipe();
+    assert_eq!(p.info().variant, Variant::Sd3Medium);
+    let r = p.request("x");
+    assert_eq!((r.steps, r.guidance), (28, 7.0));
+    let p35 = Sd3Pipeline::builder(fixture("tiny-sd35")).build().unwrap();
+    assert_eq!(p35.info().variant, Variant::Sd35Medium);
+    assert_eq!((p35.request("x").steps, p35.request("x").guidance), (40, 4.5));
+    // Overridable like any request.
+    assert_eq!(p35.request("x").steps(3).steps, 3);
+    // SD3.5-large-shaped config (qk norm, no dual attention), named turbo or not.
+    for (name, want) in [("sd35-large", Variant::Sd35Large), ("sd35-large-turbo", Variant::Sd35LargeTurbo)] {
+        let m = ScratchModel::new("tiny-sd35", name);
+        let cfg_path = m.path("transformer/config.json");
+        let mut cfg = read_json(&cfg_path);
+        cfg["dual_attention_layers"] = serde_json::json!([]);
+        std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let idx = m.path("model_index.json");
+        let mut index = read_json(&idx);
+        index["_name_or_path"] = serde_json::json!(name);
+        std::fs::write(&idx, serde_json::to_string(&index).unwrap()).unwrap();
+        let p = Sd3Pipeline::builder(&m.dir).build().unwrap();
+        assert_eq!(p.info().variant, want, "{name}");
+    }
+    assert_eq!(Variant::Sd35LargeTurbo.defaults(), (4, 0.0));
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::{ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
-use crate::model_config::{TransformerConfig, VaeConfig};
+use crate::model_config::{TransformerConfig, VaeConfig, Variant};
 use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
 use crate::scheduler::FlowMatchConfig;
 use crate::text::encoders::{graph_path, ClipEncoder, T5Encoder};
@@ -189,6 +189,16 @@ impl Sd3PipelineBuilder {
     }
 }
 
+/// The model's name: `_name_or_path` of model_index.json, else the folder name.
+fn model_name(dir: &Path) -> String {
+    let from_index = std::fs::read_to_string(dir.join("model_index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(str::to_string));
+    let folder = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    format!("{} {folder}", from_index.unwrap_or_default())
+}
+
 /// Sizes for the transformer's symbolic dimensions under `shape`.
 fn static_overrides(
     transformer: &Graph,
@@ -327,5 +337,6 @@ fn check_graphs(
         clip_l_layers: clip_l.num_layers(),
         clip_g_layers: clip_g.num_layers(),
         has_t5: t5.is_some(),
+        variant: Variant::detect(tcfg, &model_name(dir)),
     })
 }

@@ -16,6 +16,7 @@ pub use request::GenerationRequest;
 use crate::error::{Component, Error, Result};
 use crate::image::batch_to_rgb;
 use crate::latents::NoiseGenerator;
+use crate::model_config::Variant;
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
@@ -60,6 +61,8 @@ pub struct ModelInfo {
     pub clip_g_layers: usize,
     /// Whether the T5 encoder is loaded.
     pub has_t5: bool,
+    /// The model family, detected from the transformer config and the folder's name.
+    pub variant: Variant,
 }
 
 impl ModelInfo {
@@ -153,6 +156,13 @@ impl Sd3Pipeline {
     /// Dimensions and factors read from the model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// A request for `prompt` with this model's default steps and guidance ([`Variant::defaults`]); override
+    /// them with the request's setters.
+    pub fn request(&self, prompt: impl Into<String>) -> GenerationRequest {
+        let (steps, guidance) = self.info.variant.defaults();
+        GenerationRequest::new(prompt).steps(steps).guidance(guidance)
     }
 
     /// The scheduler configuration read from `scheduler/scheduler_config.json`.
