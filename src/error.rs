@@ -165,6 +165,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A file the pipeline would read resolves (through a symbolic link) to a place outside the model folder.
+    #[error("{path} resolves to {target}, outside the model folder {folder}; copy the file into the folder instead")]
+    OutsideModelFolder {
+        /// The path inside the model folder.
+        path: PathBuf,
+        /// Where it really points.
+        target: PathBuf,
+        /// The model folder.
+        folder: PathBuf,
+    },
+
     /// Components of one folder disagree with each other (e.g. the CLIP widths exceed the T5 width).
     #[error("model folder {path}: components disagree: {message}")]
     IncompatibleComponents {

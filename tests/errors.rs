@@ -287,3 +287,50 @@ fn variant_is_detected_and_gives_the_default_request() {
     }
     assert_eq!(Variant::Sd35LargeTurbo.defaults(), (4, 0.0));
 }
+
+#[cfg(unix)]
+#[test]
+fn symlinks_out_of_the_model_folder_are_refused() {
+    for (tag, rel) in [("link-file", "transformer/model.onnx"), ("link-dir", "tokenizer_2")] {
+        let m = ScratchModel::new("tiny-sd3", tag);
+        let outside = std::env::temp_dir().join(format!("sd3-onnx-outside-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&outside);
+        let target = m.path(rel);
+        // Move the real file or folder out of the model folder and link to it.
+        if target.is_dir() {
+            copy_dir(&target, &outside);
+            std::fs::remove_dir_all(&target).unwrap();
+        } else {
+            std::fs::copy(&target, &outside).unwrap();
+            std::fs::remove_file(&target).unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, &target).unwrap();
+        let e = Sd3Pipeline::builder(&m.dir).build().unwrap_err();
+        assert!(matches!(e, Error::OutsideModelFolder { .. }), "{tag}: {e:?}");
+        assert!(e.to_string().contains("outside the model folder"), "{e}");
+        if outside.is_dir() {
+            let _ = std::fs::remove_dir_all(&outside);
+        } else {
+            let _ = std::fs::remove_file(&outside);
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn hugging_face_cache_links_into_blobs_are_allowed() {
+    // models--org--name/snapshots/<rev>/<files> -> ../../blobs/<hash>, as the hub client lays them out.
+    let root = std::env::temp_dir().join(format!("sd3-onnx-hfcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let repo_dir = root.join("models--org--tiny-sd3");
+    let snapshot = repo_dir.join("snapshots").join("0123abcd");
+    copy_dir(&fixture("tiny-sd3"), &snapshot);
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let file = snapshot.join("transformer/model.onnx");
+    std::fs::rename(&file, blobs.join("deadbeef")).unwrap();
+    std::os::unix::fs::symlink("../../../blobs/deadbeef", &file).unwrap();
+    let mut p = Sd3Pipeline::builder(&snapshot).build().expect("cache layout loads");
+    p.generate(&base().steps(1)).unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -111,6 +111,7 @@ impl Sd3PipelineBuilder {
                 hint: "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote".into(),
             });
         }
+        check_contained(&dir)?;
         let scheduler = FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
         let transformer_config = TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
         let vae_config = VaeConfig::from_file(Component::VaeDecoder, &dir.join("vae_decoder").join("config.json"))?;
@@ -187,6 +188,50 @@ impl Sd3PipelineBuilder {
             static_shape: self.static_shape,
         })
     }
+}
+
+/// Everything the pipeline reads lives in these sub-folders (and `model_index.json`).
+const READ_FOLDERS: &[&str] = &[
+    "scheduler",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "transformer",
+    "vae_decoder",
+];
+
+/// Refuses symbolic links that lead out of the model folder: nothing outside it is read. The one exception is
+/// the Hugging Face cache layout, where `models--org--name/snapshots/<rev>/...` files link to
+/// `models--org--name/blobs/`. (External-data locations inside ONNX files are ONNX Runtime's to check.)
+fn check_contained(dir: &Path) -> Result<()> {
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let blobs = root
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .filter(|repo| repo.file_name().is_some_and(|n| n.to_string_lossy().starts_with("models--")))
+        .map(|repo| repo.join("blobs"));
+    let check = |path: &Path| -> Result<()> {
+        let Ok(target) = std::fs::canonicalize(path) else { return Ok(()) }; // missing: reported where it is read
+        if target.starts_with(&root) || blobs.as_ref().is_some_and(|b| target.starts_with(b)) {
+            Ok(())
+        } else {
+            Err(Error::OutsideModelFolder { path: path.to_path_buf(), target, folder: dir.to_path_buf() })
+        }
+    };
+    check(&dir.join("model_index.json"))?;
+    for folder in READ_FOLDERS {
+        let sub = dir.join(folder);
+        check(&sub)?;
+        let Ok(entries) = std::fs::read_dir(&sub) else { continue };
+        for entry in entries.flatten() {
+            check(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The model's name: `_name_or_path` of model_index.json, else the folder name.
