@@ -26,11 +26,12 @@ Stages
   options     goldens for pipeline options, in goldens/<fixture>/<case>/ next to the `goldens` cases: `no_t5`
               (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states), `clip_skip_1`
               (diffusers' clip_skip=1 on the positive prompt), `dynamic_shift` (a scheduler config with
-              use_dynamic_shifting, 96x64) and `t5_512` (max_sequence_length=512, a prompt of 256-512 T5 tokens);
-              request.json says `"t5": false` / `"clip_skip": 1` / `"scheduler_config": "scheduler_config.json"`
-              (a file in the case folder) / `"max_sequence_length": 512`, and summary.json in the case folder
-              holds the pixel differences, including to the same request without the option (which must exceed
-              3 levels). `--option-cases a,b` regenerates only those cases. Needs the `models` checkpoints.
+              use_dynamic_shifting, 96x64), `t5_512` (max_sequence_length=512, a prompt of 256-512 T5 tokens)
+              and `vae_tiling` (diffusers' vae.enable_tiling(), 128x96, tiled both ways; no optimum.png since
+              optimum has no VAE tiling, untiled.png instead); request.json says `"t5": false` / `"clip_skip": 1`
+              / `"scheduler_config": "scheduler_config.json"` (a file in the case folder) /
+              `"max_sequence_length": 512` / `"vae_tiling": true`, and summary.json in the case folder holds the
+              pixel differences, including to the same request without the option (which must exceed 3 levels). `--option-cases a,b` regenerates only those cases. Needs the `models` checkpoints.
   fp16        models/fixtures/tiny-sd3-fp16/{transformer,vae_decoder} converted to float16 (fp16 inputs/outputs)
               and its golden (goldens/tiny-sd3-fp16/cfg_negative).
   scheduler   models/goldens/scheduler.json (FlowMatchEulerDiscreteScheduler sigmas/timesteps).
@@ -817,7 +818,14 @@ OPTION_CASES = [
     (Case("dynamic_shift", "a red fox running through a snowy pine forest", "blurry, low quality", 96, 64, 4, 4.5,
           256, 13), {"scheduler_config": "scheduler_config.json"}),
     (Case("t5_512", T5_512_PROMPT, "blurry, low quality", 64, 64, 4, 5.0, 512, 14), {"max_sequence_length": 512}),
+    (Case("vae_tiling", "a stone bridge over a river in autumn", "blurry, low quality", 128, 96, 4, 5.0, 256, 15),
+     {"vae_tiling": True}),
 ]
+# `vae_tiling` is diffusers with pipe.vae.enable_tiling() (AutoencoderKL.tiled_decode): the tiny VAE has
+# sample_size 64, so tile_latent_min_size 8, tile_sample_min_size 64, overlap 25% (tiles every 6 latents, blend
+# 16 px); 128x96 (latents 16x12) is tiled in both directions. optimum's ORT pipeline has no VAE tiling, so the case
+# has diffusers.png only, plus untiled.png (the same request decoded without tiling, what an ignored option gives).
+NO_OPTIMUM = {"vae_tiling"}
 
 
 def without_t5_folder(name: str) -> Path:
@@ -900,17 +908,46 @@ def stage_options(names, only=None):
                 n = len(pipe.tokenizer_3(case.prompt).input_ids)
                 assert 256 < n < options["max_sequence_length"], f"{case.name}: {n} T5 tokens"
                 plain_kw["max_sequence_length"] = 256
-            img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+            if options.get("vae_tiling"):
+                vae = pipe.vae
+                assert vae.tile_latent_min_size < max(case.width, case.height) // pipe.vae_scale_factor
+                assert vae.tile_sample_min_size < min(case.width, case.height), "tiling must happen both ways"
+                vae.enable_tiling()
+                try:
+                    img_d = pipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
+                finally:
+                    vae.disable_tiling()
+            else:
+                img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
-            img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
-            img_o.save(out / "optimum.png")
+            img_o = None
+            if case.name not in NO_OPTIMUM:
+                img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+                img_o.save(out / "optimum.png")
             # The same request without the option (static scheduler config, max_sequence_length 256): the golden
             # must differ from it clearly, else a test could not tell an ignored option from a working one.
-            plain = to_uint8(pipe(**plain_kw, output_type="pil").images[0])
-            a, b = to_uint8(img_d), to_uint8(img_o)
-            summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
-                           diffusers_vs_diffusers_without_option=diff_stats(a, plain),
-                           diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
+            plain_img = pipe(**plain_kw, output_type="pil").images[0]
+            plain = to_uint8(plain_img)
+            a = to_uint8(img_d)
+            if img_o is not None:
+                b = to_uint8(img_o)
+                summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
+                               diffusers_vs_diffusers_without_option=diff_stats(a, plain),
+                               diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
+            else:
+                plain_img.save(out / "untiled.png")
+                summary = dict(options=options,
+                               optimum="none: optimum's ORT pipeline has no VAE tiling; untiled.png is the same "
+                                       "request decoded without tiling (diffusers)",
+                               diffusers_vs_diffusers_without_option=diff_stats(a, plain),
+                               diffusers_pixels=pixel_stats(a), untiled_pixels=pixel_stats(plain))
+            if options.get("vae_tiling"):
+                v = pipe.vae
+                summary["vae_tiling"] = dict(tile_sample_min_size=v.tile_sample_min_size,
+                                             tile_latent_min_size=v.tile_latent_min_size,
+                                             tile_overlap_factor=v.tile_overlap_factor,
+                                             latent_size=[case.height // pipe.vae_scale_factor,
+                                                          case.width // pipe.vae_scale_factor])
             if "scheduler_config" in options:
                 # Informative: mu and the schedules with and without dynamic shifting.
                 p = pipe.transformer.config.patch_size
@@ -937,7 +974,8 @@ def stage_options(names, only=None):
                                      negative_pooled_prompt_embeds=nppe, output_type="pil").images[0])
                 summary["diffusers_vs_clip_skip_on_negative_too"] = diff_stats(a, both)
             write_json(out / "summary.json", summary)
-            log(f"  {case.name:13s} {options} diffusers vs optimum {diff_stats(a, b)}; vs without the option "
+            vs_o = diff_stats(a, b) if img_o is not None else "n/a (no optimum)"
+            log(f"  {case.name:13s} {options} diffusers vs optimum {vs_o}; vs without the option "
                 f"{diff_stats(a, plain)}")
             if diff_stats(a, plain)["max_abs"] <= 3:
                 raise SystemExit(f"{name}/{case.name}: the option moves the image by 3 levels or less")
@@ -1664,7 +1702,7 @@ def stage_readme():
     add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
     add("| `fixtures/export-tiny*/` | not written by this script: made by `models/export/make_export_fixtures.py` from tiny-sd3's transformer weights (via `make_fixtures.build_pipeline`) |")
     add("| `goldens/<fixture>/<case>/` | `request.json`, `latents.npy` (initial noise), `diffusers.png`, `optimum.png`; for `cfg_negative` also the debug tensors |")
-    add("| `goldens/<fixture>/{no_t5,clip_skip_1,dynamic_shift,t5_512}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1` / `\"scheduler_config\": \"scheduler_config.json\"` (+ that file) / `\"max_sequence_length\": 512`, `latents.npy`, `diffusers.png`, `optimum.png`, `summary.json` |")
+    add("| `goldens/<fixture>/{no_t5,clip_skip_1,dynamic_shift,t5_512,vae_tiling}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1` / `\"scheduler_config\": \"scheduler_config.json\"` (+ that file) / `\"max_sequence_length\": 512` / `\"vae_tiling\": true`, `latents.npy`, `diffusers.png`, `optimum.png` (not for `vae_tiling`: `untiled.png` instead), `summary.json` |")
     add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
     add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
     add("| `goldens/tokenizers.json` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
@@ -1764,18 +1802,21 @@ def stage_readme():
         "encoders), which diffusers 0.35.2 applies to the positive prompt only; `dynamic_shift` is the fixture's "
         "scheduler config with `use_dynamic_shifting: true` (and base/max image_seq_len 16/64, base/max shift "
         "1.5/4.5: mu = 2.0 at 96x64, 24 image tokens) in diffusers' scheduler and in optimum's copy of the "
-        "fixture; `t5_512` is `max_sequence_length=512` with a prompt of 370 T5 tokens (256 would truncate it). "
-        "Max / mean pixel differences:")
+        "fixture; `t5_512` is `max_sequence_length=512` with a prompt of 370 T5 tokens (256 would truncate it); "
+        "`vae_tiling` is diffusers with `pipe.vae.enable_tiling()` at 128x96 (tiles of 64 px / 8 latents, 25% "
+        "overlap, tiled both ways; optimum has no VAE tiling, so no optimum.png, and `untiled.png` is the same "
+        "request without tiling). Max / mean pixel differences:")
     add("")
     rows = []
     for name in SPECS:
         for c, options in OPTION_CASES:
             sm = read_json(GOLDENS / name / c.name / "summary.json")
-            d, w = sm["diffusers_vs_optimum"], sm["diffusers_vs_diffusers_without_option"]
+            d, w = sm.get("diffusers_vs_optimum"), sm["diffusers_vs_diffusers_without_option"]
             n = sm.get("diffusers_vs_clip_skip_on_negative_too")
             prompt = c.prompt if len(c.prompt) <= 80 else f"{c.prompt[:60]}... ({len(c.prompt)} characters)"
             rows.append([name, c.name, json.dumps(options), prompt, c.negative_prompt, c.latent_seed,
-                         f"{d['max_abs']} / {d['mean_abs']}", f"{w['max_abs']} / {w['mean_abs']}",
+                         f"{d['max_abs']} / {d['mean_abs']}" if d else "- (no optimum)",
+                         f"{w['max_abs']} / {w['mean_abs']}",
                          f"{n['max_abs']} / {n['mean_abs']}" if n else "-"])
     L.extend(md_table(["fixture", "case", "options", "prompt", "negative", "latent seed", "diffusers vs optimum",
                        "diffusers vs same request without the option", "clip_skip on the negative prompt too"], rows))
