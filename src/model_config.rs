@@ -90,6 +90,8 @@ pub struct VaeConfig {
     pub scaling_factor: f32,
     /// ... and then this is added (0.0609 for SD3).
     pub shift_factor: f32,
+    /// `sample_size`: the pixel tile size of tiled decoding (1024 for SD3; `AutoencoderKL`'s default is 32).
+    pub sample_size: usize,
 }
 
 impl VaeConfig {
@@ -118,6 +120,7 @@ impl VaeConfig {
             latent_channels: positive_int(component, path, &v, "latent_channels", None)?,
             scaling_factor: float("scaling_factor", true)?,
             shift_factor: float("shift_factor", false)?,
+            sample_size: positive_int(component, path, &v, "sample_size", Some(32))?.unwrap_or(32),
         })
     }
 }

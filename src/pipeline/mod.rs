@@ -7,7 +7,7 @@ mod request;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ndarray::{concatenate, Array1, Array4, ArrayD, Axis, Ix4};
+use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
 
 pub use builder::Sd3PipelineBuilder;
 pub use output::{GenerationOutput, Timings, Warning};
@@ -63,6 +63,8 @@ pub struct ModelInfo {
     pub has_t5: bool,
     /// The model family, detected from the transformer config and the folder's name.
     pub variant: Variant,
+    /// VAE `sample_size`: the pixel tile size of tiled decoding.
+    pub vae_tile_size: usize,
 }
 
 impl ModelInfo {
@@ -118,6 +120,7 @@ pub struct Sd3Pipeline {
     scheduler: FlowMatchConfig,
     info: ModelInfo,
     static_shape: Option<StaticShape>,
+    vae_tiling: bool,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -439,11 +442,67 @@ impl Sd3Pipeline {
     /// (diffusers `StableDiffusion3Pipeline.__call__`).
     pub fn decode(&mut self, latents: Array4<f32>) -> Result<Vec<image::RgbImage>> {
         let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
-        let z = latents.mapv(|v| v / sf + shift).into_dyn();
+        let z = latents.mapv(|v| v / sf + shift);
+        let tile = self.info.vae_tile_size / self.info.vae_scale_factor;
+        let sample = if self.vae_tiling && tile > 0 && (z.shape()[2] > tile || z.shape()[3] > tile) {
+            self.tiled_decode(&z)?
+        } else {
+            self.decode_raw(z)?
+        };
+        batch_to_rgb(sample.view())
+    }
+
+    fn decode_raw(&mut self, z: Array4<f32>) -> Result<Array4<f32>> {
+        let z = z.into_dyn();
         let mut out = self.vae_decoder.run(&[("latent_sample", Input::Float(z.view()))], &["sample"])?;
         let sample = out.pop().ok_or_else(|| internal("VAE decoder returned nothing"))?;
-        let sample = to4(Component::VaeDecoder, sample)?;
-        batch_to_rgb(sample.view())
+        to4(Component::VaeDecoder, sample)
+    }
+
+    /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2, `models/autoencoders/autoencoder_kl.py`): latent tiles
+    /// of `sample_size / vae_scale_factor` with an overlap factor of 0.25, each decoded on its own, blended
+    /// linearly into the tile above and the tile to the left (in place, in that order), then cropped and joined.
+    fn tiled_decode(&mut self, z: &Array4<f32>) -> Result<Array4<f32>> {
+        const OVERLAP_FACTOR: f64 = 0.25; // AutoencoderKL.tile_overlap_factor
+        let tile_latent = self.info.vae_tile_size / self.info.vae_scale_factor;
+        let tile_sample = self.info.vae_tile_size;
+        let overlap = (tile_latent as f64 * (1.0 - OVERLAP_FACTOR)) as usize;
+        let blend = (tile_sample as f64 * OVERLAP_FACTOR) as usize;
+        let row_limit = tile_sample - blend;
+        if overlap == 0 {
+            return self.decode_raw(z.clone());
+        }
+        let (h, w) = (z.shape()[2], z.shape()[3]);
+        let mut rows: Vec<Vec<Array4<f32>>> = Vec::new();
+        for i in (0..h).step_by(overlap) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap) {
+                let part = z.slice(s![.., .., i..(i + tile_latent).min(h), j..(j + tile_latent).min(w)]);
+                row.push(self.decode_raw(part.to_owned())?);
+            }
+            rows.push(row);
+        }
+        let mut joined_rows = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let (above, current) = rows.split_at_mut(i);
+            let row = &mut current[0];
+            for j in 0..row.len() {
+                if let Some(prev) = above.last() {
+                    blend_v(&prev[j], &mut row[j], blend);
+                }
+                if j > 0 {
+                    let (left, rest) = row.split_at_mut(j);
+                    blend_h(&left[j - 1], &mut rest[0], blend);
+                }
+            }
+            let crops: Vec<_> = row
+                .iter()
+                .map(|t| t.slice(s![.., .., ..row_limit.min(t.shape()[2]), ..row_limit.min(t.shape()[3])]))
+                .collect();
+            joined_rows.push(concatenate(Axis(3), &crops).map_err(|e| internal(e.to_string()))?);
+        }
+        let views: Vec<_> = joined_rows.iter().map(|r| r.view()).collect();
+        concatenate(Axis(2), &views).map_err(|e| internal(e.to_string()))
     }
 
     /// One transformer evaluation on `batch` copies of the latents: `[batch, C, h, w]` velocities.
@@ -633,6 +692,43 @@ impl Conditioning {
 
     fn batch(&self) -> usize {
         self.context.shape()[0]
+    }
+}
+
+/// Linear blend of the bottom of `a` into the top of `b` over `extent` rows (`AutoencoderKL.blend_v`): weights
+/// computed in f64 and rounded to f32 as torch does for Python scalars.
+fn blend_v(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
+    let extent = extent.min(a.shape()[2]).min(b.shape()[2]);
+    let (ah, width) = (a.shape()[2], a.shape()[3].min(b.shape()[3]));
+    for y in 0..extent {
+        let wb = (y as f64 / extent as f64) as f32;
+        let wa = (1.0 - y as f64 / extent as f64) as f32;
+        for n in 0..b.shape()[0] {
+            for c in 0..b.shape()[1] {
+                for x in 0..width {
+                    let v = a[[n, c, ah - extent + y, x]] * wa + b[[n, c, y, x]] * wb;
+                    b[[n, c, y, x]] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Linear blend of the right of `a` into the left of `b` over `extent` columns (`AutoencoderKL.blend_h`).
+fn blend_h(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
+    let extent = extent.min(a.shape()[3]).min(b.shape()[3]);
+    let (aw, height) = (a.shape()[3], a.shape()[2].min(b.shape()[2]));
+    for x in 0..extent {
+        let wb = (x as f64 / extent as f64) as f32;
+        let wa = (1.0 - x as f64 / extent as f64) as f32;
+        for n in 0..b.shape()[0] {
+            for c in 0..b.shape()[1] {
+                for y in 0..height {
+                    let v = a[[n, c, y, aw - extent + x]] * wa + b[[n, c, y, x]] * wb;
+                    b[[n, c, y, x]] = v;
+                }
+            }
+        }
     }
 }
 
