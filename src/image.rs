@@ -85,29 +85,4 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ndarray::Array3;
-
-    #[test]
-    fn maps_range_and_rounds_half_to_even() {
-        let mut t = Array3::<f32>::zeros((3, 1, 4));
-        t[[0, 0, 0]] = -1.0; // -> 0
-        t[[0, 0, 1]] = 1.0; // -> 255
-        t[[0, 0, 2]] = 5.0; // clamped -> 255
-                            // 0.5/255 above 0 maps to x*255 = 0.5 -> ties to even -> 0
-        t[[0, 0, 3]] = (0.5 / 255.0 - 0.5) * 2.0;
-        let img = tensor_to_rgb(t.view()).unwrap();
-        assert_eq!(img.get_pixel(0, 0)[0], 0);
-        assert_eq!(img.get_pixel(1, 0)[0], 255);
-        assert_eq!(img.get_pixel(2, 0)[0], 255);
-        assert!(img.get_pixel(3, 0)[0] <= 1);
-        assert_eq!(img.get_pixel(0, 0)[1], 128); // 0.0 -> 127.5 -> 128 (ties to even)
-    }
-
-    #[test]
-    fn wrong_channel_count_is_an_error() {
-        let t = Array3::<f32>::zeros((4, 2, 2));
-        assert!(tensor_to_rgb(t.view()).is_err());
-    }
-}
+mod tests;

@@ -20,7 +20,8 @@
 //!         .guidance(7.0)
 //!         .seed(42),
 //! )?;
-//! out.images[0].save("astronaut.png").expect("write png");
+//! // PNG with the generation parameters in its text chunk, errors typed like the rest.
+//! sd3_onnx::image::save_png("astronaut.png".as_ref(), &out.images[0], Some(&out.parameters[0]))?;
 //! for w in &out.warnings {
 //!     eprintln!("warning: {w}");
 //! }

@@ -467,8 +467,8 @@ impl Sd3Pipeline {
         let tile_latent = self.info.vae_tile_size / self.info.vae_scale_factor;
         let tile_sample = self.info.vae_tile_size;
         let overlap = (tile_latent as f64 * (1.0 - OVERLAP_FACTOR)) as usize;
-        let blend = (tile_sample as f64 * OVERLAP_FACTOR) as usize;
-        let row_limit = tile_sample - blend;
+        let blend_extent = (tile_sample as f64 * OVERLAP_FACTOR) as usize;
+        let row_limit = tile_sample - blend_extent;
         if overlap == 0 {
             return self.decode_raw(z.clone());
         }
@@ -488,11 +488,11 @@ impl Sd3Pipeline {
             let row = &mut current[0];
             for j in 0..row.len() {
                 if let Some(prev) = above.last() {
-                    blend_v(&prev[j], &mut row[j], blend);
+                    blend(&prev[j], &mut row[j], blend_extent, 2);
                 }
                 if j > 0 {
                     let (left, rest) = row.split_at_mut(j);
-                    blend_h(&left[j - 1], &mut rest[0], blend);
+                    blend(&left[j - 1], &mut rest[0], blend_extent, 3);
                 }
             }
             let crops: Vec<_> = row
@@ -695,40 +695,18 @@ impl Conditioning {
     }
 }
 
-/// Linear blend of the bottom of `a` into the top of `b` over `extent` rows (`AutoencoderKL.blend_v`): weights
-/// computed in f64 and rounded to f32 as torch does for Python scalars.
-fn blend_v(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
-    let extent = extent.min(a.shape()[2]).min(b.shape()[2]);
-    let (ah, width) = (a.shape()[2], a.shape()[3].min(b.shape()[3]));
-    for y in 0..extent {
-        let wb = (y as f64 / extent as f64) as f32;
-        let wa = (1.0 - y as f64 / extent as f64) as f32;
-        for n in 0..b.shape()[0] {
-            for c in 0..b.shape()[1] {
-                for x in 0..width {
-                    let v = a[[n, c, ah - extent + y, x]] * wa + b[[n, c, y, x]] * wb;
-                    b[[n, c, y, x]] = v;
-                }
-            }
-        }
-    }
-}
-
-/// Linear blend of the right of `a` into the left of `b` over `extent` columns (`AutoencoderKL.blend_h`).
-fn blend_h(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
-    let extent = extent.min(a.shape()[3]).min(b.shape()[3]);
-    let (aw, height) = (a.shape()[3], a.shape()[2].min(b.shape()[2]));
-    for x in 0..extent {
-        let wb = (x as f64 / extent as f64) as f32;
-        let wa = (1.0 - x as f64 / extent as f64) as f32;
-        for n in 0..b.shape()[0] {
-            for c in 0..b.shape()[1] {
-                for y in 0..height {
-                    let v = a[[n, c, y, aw - extent + x]] * wa + b[[n, c, y, x]] * wb;
-                    b[[n, c, y, x]] = v;
-                }
-            }
-        }
+/// Linear blend of the last `extent` rows (axis 2, `AutoencoderKL.blend_v`) or columns (axis 3, `blend_h`) of
+/// `a` into the first ones of `b`, in place: `b[k] = a[len - extent + k] * (1 - k / extent) + b[k] * (k / extent)`,
+/// with the weights computed in f64 and rounded to f32 as torch does for Python scalars.
+fn blend(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize, axis: usize) {
+    let extent = extent.min(a.shape()[axis]).min(b.shape()[axis]);
+    let a_len = a.shape()[axis];
+    for k in 0..extent {
+        let wb = (k as f64 / extent as f64) as f32;
+        let wa = (1.0 - k as f64 / extent as f64) as f32;
+        let from = a.index_axis(Axis(axis), a_len - extent + k);
+        let mut to = b.index_axis_mut(Axis(axis), k);
+        to.zip_mut_with(&from, |t, f| *t = f * wa + *t * wb);
     }
 }
 

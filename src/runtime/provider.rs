@@ -216,18 +216,4 @@ fn register_directml(_builder: SessionBuilder, _device_id: i32) -> std::result::
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_cli_names() {
-        assert_eq!("cpu".parse::<ExecutionProvider>().unwrap(), ExecutionProvider::Cpu);
-        assert_eq!("cuda:1".parse::<ExecutionProvider>().unwrap(), ExecutionProvider::Cuda { device_id: 1 });
-        assert_eq!(
-            "tensorrt".parse::<ExecutionProvider>().unwrap(),
-            ExecutionProvider::TensorRt(TensorRtOptions::new(0))
-        );
-        assert!(matches!("vulkan".parse::<ExecutionProvider>(), Err(Error::InvalidRequest { .. })));
-        assert!(matches!("cuda:-1".parse::<ExecutionProvider>(), Err(Error::InvalidRequest { .. })));
-    }
-}
+mod tests;

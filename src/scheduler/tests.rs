@@ -1,0 +1,48 @@
+use super::*;
+
+#[test]
+fn linspace_matches_numpy_endpoints() {
+    let v = linspace(1000.0, 1.0, 4);
+    assert_eq!(v, vec![1000.0, 667.0, 334.0, 1.0]);
+    assert_eq!(linspace(3.0, 5.0, 1), vec![3.0]);
+}
+
+#[test]
+fn zero_steps_is_an_error() {
+    assert!(FlowMatchConfig::default().schedule(0, None).is_err());
+}
+
+#[test]
+fn sigmas_end_at_zero_and_timesteps_scale() {
+    let c = FlowMatchConfig { shift: 3.0, ..Default::default() };
+    let s = c.schedule(28, None).unwrap();
+    assert_eq!(s.sigmas.len(), 29);
+    assert_eq!(s.sigmas[0], 1.0);
+    assert_eq!(*s.sigmas.last().unwrap(), 0.0);
+    for (t, sg) in s.timesteps.iter().zip(&s.sigmas) {
+        assert_eq!(*t, sg * 1000.0);
+    }
+    assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
+}
+
+#[test]
+fn fused_step_equals_guidance_then_euler() {
+    let (u, c): (Vec<f32>, Vec<f32>) = (0..64).map(|i| ((i as f32).sin(), (i as f32 * 0.7).cos())).unzip();
+    let mut a: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+    let mut b = a.clone();
+    let mut v = c.clone();
+    apply_guidance(&mut v, &u, 4.5);
+    euler_step(&mut a, &v, 0.83, 0.61);
+    guided_euler_step(&mut b, &u, &c, 4.5, 0.83, 0.61);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn euler_and_guidance_formulas() {
+    let mut x = vec![1.0f32, 2.0];
+    euler_step(&mut x, &[0.5, -1.0], 0.75, 0.25);
+    assert_eq!(x, vec![0.75, 2.5]);
+    let mut c = vec![2.0f32];
+    apply_guidance(&mut c, &[1.0], 7.0);
+    assert_eq!(c, vec![8.0]);
+}
