@@ -29,6 +29,8 @@ pub enum Component {
     TextEncoderT5,
     /// `transformer/`: the MMDiT denoiser.
     Transformer,
+    /// `transformer/model_skip_layers.onnx`: the MMDiT with some blocks skipped, for skip-layer guidance.
+    TransformerSkipLayers,
     /// `vae_decoder/`: latents to pixels.
     VaeDecoder,
     /// `vae_encoder/`: pixels to latents.
@@ -48,7 +50,7 @@ impl Component {
             Component::TextEncoderClipL => "text_encoder",
             Component::TextEncoderClipG => "text_encoder_2",
             Component::TextEncoderT5 => "text_encoder_3",
-            Component::Transformer => "transformer",
+            Component::Transformer | Component::TransformerSkipLayers => "transformer",
             Component::VaeDecoder => "vae_decoder",
             Component::VaeEncoder => "vae_encoder",
             Component::Scheduler => "scheduler",
@@ -67,6 +69,7 @@ impl fmt::Display for Component {
             Component::TextEncoderClipG => "CLIP-G text encoder (text_encoder_2/)",
             Component::TextEncoderT5 => "T5 text encoder (text_encoder_3/)",
             Component::Transformer => "MMDiT transformer (transformer/)",
+            Component::TransformerSkipLayers => "skip-layer MMDiT (transformer/model_skip_layers.onnx)",
             Component::VaeDecoder => "VAE decoder (vae_decoder/)",
             Component::VaeEncoder => "VAE encoder (vae_encoder/)",
             Component::Scheduler => "scheduler (scheduler/)",

@@ -51,6 +51,7 @@ pub mod image;
 pub mod latents;
 pub mod model_config;
 mod pipeline;
+pub mod preview;
 pub mod progress;
 pub mod runtime;
 pub mod scheduler;
@@ -59,7 +60,8 @@ pub mod text;
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, StaticShape, Timings, Warning,
+    GenerationOutput, GenerationRequest, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance, StaticShape,
+    Timings, Warning,
     MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};

@@ -8,7 +8,7 @@ use std::time::Duration;
 pub use std::ops::ControlFlow;
 
 /// Sent to the progress callback after each denoising step.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct StepProgress {
     /// The step just finished, 0-based.
@@ -19,6 +19,10 @@ pub struct StepProgress {
     pub sigma: f32,
     /// Time since the denoising loop began.
     pub elapsed: Duration,
+    /// On steps chosen by [`GenerationRequest::preview_every`](crate::GenerationRequest::preview_every): one
+    /// preview per image of the run (the predicted clean image through [`latents_to_rgb`](crate::preview::latents_to_rgb),
+    /// at latent resolution); empty on other steps.
+    pub previews: Vec<image::RgbImage>,
 }
 
 /// A progress callback: return [`ControlFlow::Continue`] to go on or [`ControlFlow::Break`] to stop the run

@@ -25,6 +25,7 @@ pub struct Sd3PipelineBuilder {
     profile_dir: Option<PathBuf>,
     static_shape: Option<StaticShape>,
     vae_tiling: bool,
+    low_memory: bool,
 }
 
 impl Sd3PipelineBuilder {
@@ -40,6 +41,7 @@ impl Sd3PipelineBuilder {
             profile_dir: None,
             static_shape: None,
             vae_tiling: false,
+            low_memory: false,
         }
     }
 
@@ -100,6 +102,15 @@ impl Sd3PipelineBuilder {
         self
     }
 
+    /// Low-memory mode: every graph is loaded only while its stage runs and freed after it (text encoders, then
+    /// the VAE encoder, the transformer, the VAE decoder), so the peak is the largest stage instead of the sum of
+    /// all. Each generation then pays the load times again (reported in [`Timings::load`](crate::Timings)).
+    /// `build()` still opens every graph once, one at a time, to check it.
+    pub fn low_memory(mut self, enable: bool) -> Self {
+        self.low_memory = enable;
+        self
+    }
+
     /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
     /// Folders without `text_encoder_3/` load in this mode automatically.
     pub fn without_t5(mut self) -> Self {
@@ -147,14 +158,35 @@ impl Sd3PipelineBuilder {
             Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)
         };
 
-        let clip_l = ClipEncoder::new(tok_l, load(Component::TextEncoderClipL)?)?;
-        let clip_g = ClipEncoder::new(tok_g, load(Component::TextEncoderClipG)?)?;
+        // In low-memory mode each graph is freed right after its checks, so building never holds two at once.
+        let low = self.low_memory;
+        let settle = |mut g: Graph| {
+            if low {
+                g.unload();
+            }
+            g
+        };
+        let mut clip_l = ClipEncoder::new(tok_l, load(Component::TextEncoderClipL)?)?;
+        clip_l.graph_mut().unload_if(low);
+        let mut clip_g = ClipEncoder::new(tok_g, load(Component::TextEncoderClipG)?)?;
+        clip_g.graph_mut().unload_if(low);
         let t5 = match tok_t5 {
-            Some(tok) => Some(T5Encoder::new(tok, load(Component::TextEncoderT5)?)?),
+            Some(tok) => {
+                let mut t5 = T5Encoder::new(tok, load(Component::TextEncoderT5)?)?;
+                t5.graph_mut().unload_if(low);
+                Some(t5)
+            }
             None => None,
         };
         let mut transformer = load(Component::Transformer)?;
-        let vae_decoder = load(Component::VaeDecoder)?;
+        let vae_decoder = settle(load(Component::VaeDecoder)?);
+        let vae_encoder = if graph_path(&dir, Component::VaeEncoder).is_file() {
+            let g = load(Component::VaeEncoder)?;
+            check_vae_encoder(&g, &vae_decoder)?;
+            Some(settle(g))
+        } else {
+            None
+        };
         if let Some(shape) = &self.static_shape {
             let clip_len = clip_l.tokenizer.model_max_length().unwrap_or(77);
             let text_len = clip_len + if t5.is_some() { shape.max_sequence_length } else { clip_len };
@@ -165,6 +197,13 @@ impl Sd3PipelineBuilder {
             transformer =
                 Graph::load(&env, Component::Transformer, &path, self.provider_for(Component::Transformer), &config)?;
         }
+        let transformer_skip = if graph_path(&dir, Component::TransformerSkipLayers).is_file() {
+            let mut g = load(Component::TransformerSkipLayers)?;
+            let layers = check_skip_graph(&mut g, &transformer, transformer_config.num_layers)?;
+            Some((settle(g), layers))
+        } else {
+            None
+        };
 
         let info = check_graphs(
             &dir,
@@ -191,12 +230,15 @@ impl Sd3PipelineBuilder {
         Ok(Sd3Pipeline {
             model_dir: self.model_dir,
             text,
-            transformer,
+            transformer: settle(transformer),
+            transformer_skip,
             vae_decoder,
+            vae_encoder,
             scheduler,
             info,
             static_shape: self.static_shape,
             vae_tiling: self.vae_tiling,
+            low_memory: self.low_memory,
         })
     }
 }
@@ -212,6 +254,7 @@ const READ_FOLDERS: &[&str] = &[
     "text_encoder_3",
     "transformer",
     "vae_decoder",
+    "vae_encoder",
 ];
 
 /// Refuses symbolic links that lead out of the model folder: nothing outside it is read. The one exception is
@@ -301,6 +344,59 @@ fn static_overrides(
         }
     }
     Ok(overrides)
+}
+
+/// The VAE encoder must take `sample` `[B, 3, H, W]` and give `latent_parameters` `[B, 2C, h, w]`.
+fn check_vae_encoder(encoder: &Graph, decoder: &Graph) -> Result<()> {
+    let input = encoder.require_input("sample", 4, ElementType::FLOATS)?;
+    if let Some(c) = input.fixed_dim(1).filter(|c| *c != 3) {
+        return Err(Error::mismatch(
+            Component::VaeEncoder,
+            &encoder.path,
+            format!("input `sample` has {c} channels, expected 3"),
+        ));
+    }
+    encoder.reject_extra_inputs(&["sample"])?;
+    let params = encoder.require_output("latent_parameters", 4, ElementType::FLOATS)?;
+    let latent = decoder.inputs.iter().find(|p| p.name == "latent_sample").and_then(|p| p.fixed_dim(1));
+    if let (Some(p), Some(c)) = (params.fixed_dim(1), latent) {
+        if p != 2 * c {
+            return Err(Error::mismatch(
+                Component::VaeEncoder,
+                &encoder.path,
+                format!("`latent_parameters` has {p} channels; the decoder's {c} latent channels need {}", 2 * c),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The skip-layer graph must have the transformer's signature and say which blocks it skips in its metadata
+/// (`skip_layers`, a JSON list, written by `models/export/export_sd3.py --skip-layers`).
+fn check_skip_graph(skip: &mut Graph, transformer: &Graph, num_layers: Option<usize>) -> Result<Vec<usize>> {
+    let differs = |a: &[crate::runtime::Port], b: &[crate::runtime::Port]| {
+        a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.name != y.name || x.dtype != y.dtype)
+    };
+    if differs(&skip.inputs, &transformer.inputs) || differs(&skip.outputs, &transformer.outputs) {
+        return Err(Error::mismatch(
+            Component::TransformerSkipLayers,
+            &skip.path,
+            "its inputs and outputs differ from transformer/model.onnx; export both with the same options",
+        ));
+    }
+    let path = skip.path.clone();
+    let bad = |message: String| Error::mismatch(Component::TransformerSkipLayers, &path, message);
+    let raw = skip
+        .custom_metadata("skip_layers")?
+        .ok_or_else(|| bad("no `skip_layers` metadata entry (export it with models/export/export_sd3.py)".into()))?;
+    let mut layers: Vec<usize> =
+        serde_json::from_str(&raw).map_err(|e| bad(format!("`skip_layers` metadata {raw:?} is not a list: {e}")))?;
+    layers.sort_unstable();
+    layers.dedup();
+    if layers.is_empty() || num_layers.is_some_and(|n| layers.iter().any(|l| *l >= n)) {
+        return Err(bad(format!("`skip_layers` {raw} names no block or a block the transformer lacks")));
+    }
+    Ok(layers)
 }
 
 #[allow(clippy::too_many_arguments)]

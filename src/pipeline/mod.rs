@@ -1,6 +1,7 @@
 //! The pipeline: loaded components and the text -> conditioning -> schedule -> denoise -> decode run.
 
 mod builder;
+mod init_image;
 mod output;
 mod request;
 
@@ -11,7 +12,7 @@ use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
 
 pub use builder::Sd3PipelineBuilder;
 pub use output::{GenerationOutput, Timings, Warning};
-pub use request::GenerationRequest;
+pub use request::{GenerationRequest, SkipLayerGuidance};
 
 use crate::error::{Component, Error, Result};
 use crate::image::batch_to_rgb;
@@ -19,7 +20,7 @@ use crate::latents::NoiseGenerator;
 use crate::model_config::Variant;
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
-use crate::scheduler::{calculate_shift, euler_step, guided_euler_step, FlowMatchConfig, Schedule};
+use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
 /// The largest width or height accepted (16384 pixels), whatever the model's position embedding allows.
@@ -116,11 +117,16 @@ pub struct Sd3Pipeline {
     model_dir: PathBuf,
     text: TextEncoders,
     transformer: Graph,
+    /// `transformer/model_skip_layers.onnx` and the blocks it skips, when the folder has it.
+    transformer_skip: Option<(Graph, Vec<usize>)>,
     vae_decoder: Graph,
+    /// `vae_encoder/model.onnx`, when the folder has it (img2img and inpainting need it).
+    vae_encoder: Option<Graph>,
     scheduler: FlowMatchConfig,
     info: ModelInfo,
     static_shape: Option<StaticShape>,
     vae_tiling: bool,
+    low_memory: bool,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -140,9 +146,30 @@ struct Denoised {
 struct Plan {
     width: usize,
     height: usize,
-    latents: Array4<f32>,
+    /// Per image: the seed of its random draws (`None` for explicit latents without an init image).
     seeds: Vec<Option<u64>>,
+    /// Explicit latents `[n, C, h, w]` (the noise, with an init image).
+    explicit: Option<Array4<f32>>,
+    /// The steps that run (img2img and inpainting skip the first ones).
     schedule: Schedule,
+    /// img2img / inpainting inputs.
+    init: Option<InitInputs>,
+}
+
+/// The init image `[1, 3, H, W]` in [-1, 1] and, for inpainting, the mask on the latent grid `[1, 1, h, w]`.
+struct InitInputs {
+    image: Array4<f32>,
+    mask: Option<Array4<f32>>,
+    /// diffusers' `is_strength_max` (inpainting starts from pure noise then).
+    full_strength: bool,
+}
+
+/// Inpainting state of one image: what the unmasked region is pulled back to after every step.
+struct Inpaint {
+    image_latents: Array4<f32>,
+    noise: Array4<f32>,
+    /// `[h * w]` of 0 / 1.
+    mask: Vec<f32>,
 }
 
 impl Sd3Pipeline {
@@ -184,8 +211,30 @@ impl Sd3Pipeline {
             v.push(t5.graph());
         }
         v.push(&self.transformer);
+        if let Some((g, _)) = &self.transformer_skip {
+            v.push(g);
+        }
         v.push(&self.vae_decoder);
+        if let Some(g) = &self.vae_encoder {
+            v.push(g);
+        }
         v
+    }
+
+    /// The blocks the skip-layer graph skips (`transformer/model_skip_layers.onnx`), when the folder has one.
+    pub fn skip_layers(&self) -> Option<&[usize]> {
+        self.transformer_skip.as_ref().map(|(_, l)| l.as_slice())
+    }
+
+    /// The components whose ONNX Runtime sessions are in memory now. All of them, except in low-memory mode
+    /// ([`Sd3PipelineBuilder::low_memory`]), where none is between generations.
+    pub fn loaded_components(&self) -> Vec<Component> {
+        self.graphs().into_iter().filter(|g| g.is_loaded()).map(|g| g.component).collect()
+    }
+
+    /// Whether the folder has a VAE encoder (needed for img2img and inpainting).
+    pub fn has_vae_encoder(&self) -> bool {
+        self.vae_encoder.is_some()
     }
 
     /// Ends ONNX Runtime profiling (see [`Sd3PipelineBuilder::profiling`]) and returns the profile files.
@@ -203,8 +252,26 @@ impl Sd3Pipeline {
             v.push(t5.graph_mut());
         }
         v.push(&mut self.transformer);
+        if let Some((g, _)) = &mut self.transformer_skip {
+            v.push(g);
+        }
         v.push(&mut self.vae_decoder);
+        if let Some(g) = &mut self.vae_encoder {
+            v.push(g);
+        }
         v
+    }
+
+    /// Low-memory mode: frees the sessions of one stage once it is done.
+    fn release(&mut self, components: &[Component]) {
+        if !self.low_memory {
+            return;
+        }
+        for g in self.graphs_mut() {
+            if components.contains(&g.component) {
+                g.unload();
+            }
+        }
     }
 
     /// Components that run on the CPU because their provider was unavailable (with `cpu_fallback`).
@@ -272,6 +339,7 @@ impl Sd3Pipeline {
     ) -> Result<GenerationOutput> {
         let started = Instant::now();
         let before: Vec<Duration> = self.graphs().iter().map(|g| g.run_time).collect();
+        let loads_before: Duration = self.graphs().iter().map(|g| g.reload_time).sum();
         let run = self.run_denoise(requests, progress)?;
         let t = Instant::now();
         // One image at a time through the VAE: the same numbers as a single request, and bounded memory.
@@ -279,6 +347,7 @@ impl Sd3Pipeline {
         for one in run.latents.outer_iter() {
             images.extend(self.decode(one.insert_axis(Axis(0)).to_owned())?);
         }
+        self.release(&[Component::VaeDecoder]);
         let vae_decode = t.elapsed();
         let mut timings = Timings {
             text_encoding: run.text_encoding,
@@ -288,6 +357,7 @@ impl Sd3Pipeline {
             total: started.elapsed(),
             onnx_runtime: Duration::ZERO,
             components: Vec::new(),
+            load: self.graphs().iter().map(|g| g.reload_time).sum::<Duration>().saturating_sub(loads_before),
         };
         for (g, b) in self.graphs().iter().zip(before) {
             let spent = g.run_time.saturating_sub(b);
@@ -339,16 +409,23 @@ impl Sd3Pipeline {
                 && r.steps == first.steps
                 && r.guidance.to_bits() == first.guidance.to_bits()
                 && r.max_sequence_length == first.max_sequence_length
-                && r.clip_skip == first.clip_skip;
+                && r.clip_skip == first.clip_skip
+                && r.strength.to_bits() == first.strength.to_bits()
+                && r.init_image.is_some() == first.init_image.is_some()
+                && r.mask.is_some() == first.mask.is_some()
+                && r.skip_layer_guidance == first.skip_layer_guidance
+                && r.preview_every == first.preview_every;
             if !same {
                 return Err(Error::request(
                     "requests",
                     requests.len(),
-                    "batched requests must share width, height, steps, guidance, max_sequence_length and clip_skip",
+                    "batched requests must share width, height, steps, guidance, max_sequence_length, clip_skip, \
+                     strength, whether they have an init image and a mask, skip-layer guidance and previews",
                 ));
             }
         }
-        let plans: Vec<Plan> = requests.iter().map(|r| self.plan(r)).collect::<Result<_>>()?;
+        let mut warnings = Vec::new();
+        let plans: Vec<Plan> = requests.iter().map(|r| self.plan(r, &mut warnings)).collect::<Result<_>>()?;
         let images: usize = plans.iter().map(|p| p.seeds.len()).sum();
         if self.static_shape.is_some() && images > 1 {
             return Err(Error::request(
@@ -360,7 +437,7 @@ impl Sd3Pipeline {
         let (width, height) = (plans[0].width, plans[0].height);
         let schedule = plans[0].schedule.clone();
         let cfg = first.uses_guidance();
-        let mut warnings = Vec::new();
+        let slg = first.skip_layer_guidance.clone();
 
         let t = Instant::now();
         let (mut conds, mut negs) = (Vec::new(), Vec::new());
@@ -375,28 +452,46 @@ impl Sd3Pipeline {
             } else {
                 None
             };
-            for _ in 0..plan.latents.shape()[0] {
+            for _ in 0..plan.seeds.len() {
                 conds.push(cond.clone());
                 negs.extend(neg.clone());
             }
         }
         let batch = Conditioning::stack(&negs, &conds)?;
+        let positives = if slg.is_some() { Some(Conditioning::stack(&[], &conds)?) } else { None };
+        self.release(&[Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]);
         let text_encoding = t.elapsed();
 
         let t = Instant::now();
+        let mut starts = Vec::with_capacity(images);
+        let mut inpaints = Vec::with_capacity(images);
+        let mut seeds = Vec::with_capacity(images);
+        let mut owners = Vec::with_capacity(images);
+        for (i, plan) in plans.into_iter().enumerate() {
+            let (start, inpaint) = self.initial_latents(&plan)?;
+            starts.extend(start);
+            inpaints.extend(inpaint);
+            seeds.extend(plan.seeds.iter().copied());
+            owners.extend(std::iter::repeat_n(i, plan.seeds.len()));
+        }
+        self.release(&[Component::VaeEncoder]);
+        let views: Vec<_> = starts.iter().map(|a| a.view()).collect();
+        let mut latents = concatenate(Axis(0), &views).map_err(|e| internal(e.to_string()))?;
+        drop(starts);
+
         // The text conditioning is the same at every step: bind it once (on a GPU: upload it once).
         let mut bound = self.transformer.bind(&[
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
         ])?;
-        let views: Vec<_> = plans.iter().map(|p| p.latents.view()).collect();
-        let mut latents = concatenate(Axis(0), &views).map_err(|e| internal(e.to_string()))?;
-        let mut owners = Vec::new();
-        let mut seeds = Vec::new();
-        for (i, plan) in plans.iter().enumerate() {
-            owners.extend(std::iter::repeat_n(i, plan.seeds.len()));
-            seeds.extend(plan.seeds.iter().copied());
-        }
+        let mut skip_bound = match (&mut self.transformer_skip, &positives) {
+            (Some((graph, _)), Some(p)) => Some(graph.bind(&[
+                ("encoder_hidden_states", Input::Float(p.context.view())),
+                ("pooled_projections", Input::Float(p.pooled.view())),
+            ])?),
+            _ => None,
+        };
+        let per_image = latents.len() / images.max(1);
         let mut steps = Vec::with_capacity(schedule.len());
         let cancelled =
             || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
@@ -405,24 +500,60 @@ impl Sd3Pipeline {
                 return Err(Error::Cancelled { step: i });
             }
             let step_start = Instant::now();
-            let velocity = self.velocity(&mut bound, &latents, batch.batch(), schedule.timesteps[i])?;
+            let timestep = schedule.timesteps[i];
+            let output = velocity(&mut self.transformer, &mut bound, &latents, batch.batch(), timestep)?;
             let (sigma, next) = (schedule.sigmas[i], schedule.sigmas[i + 1]);
-            let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
-            let v = velocity.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
-            if cfg {
-                // [uncond..., cond...] halves of the transformer output, each aligned with the latents: guidance
-                // and the Euler step in one pass.
-                let (uncond, cond) = v.split_at(x.len());
-                guided_euler_step(x, uncond, cond, first.guidance, sigma, next);
+            let v = output.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
+            // With guidance the output is [uncond..., cond...], each half aligned with the latents.
+            let mut guided = if cfg {
+                let (uncond, cond) = v.split_at(latents.len());
+                let mut g = cond.to_vec();
+                apply_guidance(&mut g, uncond, first.guidance);
+                g
             } else {
-                euler_step(x, v, sigma, next);
+                v.to_vec()
+            };
+            if let (Some(slg), Some((graph, _)), Some(sb)) = (&slg, &mut self.transformer_skip, &mut skip_bound) {
+                if slg.applies(i, first.steps) {
+                    let skipped = velocity(graph, sb, &latents, images, timestep)?;
+                    let s = skipped.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
+                    let cond = &v[v.len() - latents.len()..];
+                    // diffusers: noise_pred + (noise_pred_text - noise_pred_skip_layers) * scale, in f32.
+                    for ((g, c), s) in guided.iter_mut().zip(cond).zip(s) {
+                        *g += (c - s) * slg.scale;
+                    }
+                }
+            }
+            let previews = match first.preview_every {
+                Some(k) if (i + 1) % k == 0 || i + 1 == schedule.len() => {
+                    previews(&latents, &guided, sigma, images)?
+                }
+                _ => Vec::new(),
+            };
+            let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
+            euler_step(x, &guided, sigma, next);
+            for (k, inpaint) in inpaints.iter().enumerate() {
+                let Some(inp) = inpaint else { continue };
+                let x = &mut x[k * per_image..(k + 1) * per_image];
+                let image = inp.image_latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
+                let reference = if i + 1 < schedule.len() {
+                    let noise = inp.noise.as_slice().ok_or_else(|| internal("noise is not contiguous"))?;
+                    let mut r = vec![0.0; per_image];
+                    init_image::scale_noise(image, noise, next, &mut r);
+                    r
+                } else {
+                    image.to_vec()
+                };
+                init_image::blend_known(x, &reference, &inp.mask);
             }
             steps.push(step_start.elapsed());
-            let report = StepProgress { step: i, steps: schedule.len(), sigma, elapsed: t.elapsed() };
+            let report = StepProgress { step: i, steps: schedule.len(), sigma, elapsed: t.elapsed(), previews };
             if progress(&report).is_break() {
                 return Err(Error::Cancelled { step: i + 1 });
             }
         }
+        drop((bound, skip_bound));
+        self.release(&[Component::Transformer, Component::TransformerSkipLayers]);
         if cancelled() {
             return Err(Error::Cancelled { step: schedule.len() });
         }
@@ -436,6 +567,68 @@ impl Sd3Pipeline {
             denoising: t.elapsed(),
             steps,
         })
+    }
+
+    /// The starting latents of a plan's images `[1, C, h, w]` each and, for inpainting, what each image's
+    /// unmasked region is pulled back to. Random draws per image, from its own seed, in diffusers' order: the
+    /// VAE posterior sample of the init image first, then the noise.
+    fn initial_latents(&mut self, plan: &Plan) -> Result<(Vec<Array4<f32>>, Vec<Option<Inpaint>>)> {
+        let f = self.info.vae_scale_factor;
+        let shape = [1, self.info.latent_channels, plan.height / f, plan.width / f];
+        let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
+        let encoded = match &plan.init {
+            Some(init) => {
+                let Some(encoder) = self.vae_encoder.as_mut() else {
+                    return Err(missing_vae_encoder(&self.model_dir));
+                };
+                let mut out = encoder.run(&[("sample", Input::Float(init.image.view().into_dyn()))], &["latent_parameters"])?;
+                let params = out.pop().ok_or_else(|| internal("VAE encoder returned nothing"))?;
+                Some(to4(Component::VaeEncoder, params)?)
+            }
+            None => None,
+        };
+        let mut starts = Vec::with_capacity(plan.seeds.len());
+        let mut inpaints = Vec::with_capacity(plan.seeds.len());
+        for (k, seed) in plan.seeds.iter().enumerate() {
+            let mut generator = seed.map(NoiseGenerator::new);
+            let mut draw = || -> Result<Array4<f32>> {
+                generator.as_mut().map(|g| g.latents(shape)).ok_or_else(|| internal("no seed for a random draw"))
+            };
+            let image_latents = match &encoded {
+                Some(params) => {
+                    let eps = draw()?;
+                    let sample = init_image::sample_posterior(params.view(), &eps)?;
+                    Some(sample.mapv(|v| (v - shift) * sf))
+                }
+                None => None,
+            };
+            let noise = match &plan.explicit {
+                Some(l) => l.slice(s![k..k + 1, .., .., ..]).to_owned(),
+                None => draw()?,
+            };
+            let (Some(image_latents), Some(init)) = (image_latents, &plan.init) else {
+                starts.push(noise);
+                inpaints.push(None);
+                continue;
+            };
+            let start = if init.mask.is_some() && init.full_strength {
+                noise.clone()
+            } else {
+                let mut out = Array4::zeros(noise.raw_dim());
+                let (x, n) = (image_latents.as_slice(), noise.as_slice());
+                let (Some(x), Some(n), Some(o)) = (x, n, out.as_slice_mut()) else {
+                    return Err(internal("latents are not contiguous"));
+                };
+                init_image::scale_noise(x, n, plan.schedule.sigmas[0], o);
+                out
+            };
+            starts.push(start);
+            inpaints.push(match &init.mask {
+                Some(mask) => Some(Inpaint { image_latents, noise, mask: mask.iter().copied().collect() }),
+                None => None,
+            });
+        }
+        Ok((starts, inpaints))
     }
 
     /// Decodes latents `[B, C, h, w]` to images: `z / scaling_factor + shift_factor` through the VAE decoder
@@ -505,38 +698,8 @@ impl Sd3Pipeline {
         concatenate(Axis(2), &views).map_err(|e| internal(e.to_string()))
     }
 
-    /// One transformer evaluation on `batch` copies of the latents: `[batch, C, h, w]` velocities.
-    fn velocity(
-        &mut self,
-        bound: &mut Binding,
-        latents: &Array4<f32>,
-        batch: usize,
-        timestep: f32,
-    ) -> Result<ArrayD<f32>> {
-        let all = latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
-        let mut shape = latents.shape().to_vec();
-        let copies = batch / shape[0].max(1);
-        shape[0] = batch;
-        // With guidance the batch is [latents..., latents...]: the unconditional then the conditional half.
-        let hidden = ArrayD::from_shape_vec(shape, all.repeat(copies)).map_err(|e| internal(e.to_string()))?;
-        let t = Array1::from_elem(batch, timestep).into_dyn();
-        let mut out = self.transformer.run_bound(
-            bound,
-            &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
-            &["out_hidden_states"],
-        )?;
-        let v = out.pop().ok_or_else(|| internal("transformer returned nothing"))?;
-        if v.shape() != hidden.shape() {
-            return Err(Error::Inference {
-                component: Component::Transformer,
-                message: format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
-            });
-        }
-        Ok(v.as_standard_layout().into_owned())
-    }
-
     /// Checks a request against the model and resolves size, latents and schedule.
-    fn plan(&self, req: &GenerationRequest) -> Result<Plan> {
+    fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
         check_sequence_length(req.max_sequence_length)?;
         if req.steps == 0 {
             return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
@@ -588,35 +751,139 @@ impl Sd3Pipeline {
             ));
         }
         let shape = [n, c, height / f, width / f];
-        let (latents, seeds) = match &req.latents {
-            Some(l) => {
-                if l.shape() != shape {
-                    return Err(Error::InvalidLatents {
-                        message: format!(
-                            "latents have shape {:?}; {n} image(s) of {width}x{height} with this model need {shape:?} \
-                             ([images_per_prompt, latent channels, height / {f}, width / {f}])",
-                            l.shape()
+        if let Some(l) = &req.latents {
+            if l.shape() != shape {
+                return Err(Error::InvalidLatents {
+                    message: format!(
+                        "latents have shape {:?}; {n} image(s) of {width}x{height} with this model need {shape:?} \
+                         ([images_per_prompt, latent channels, height / {f}, width / {f}])",
+                        l.shape()
+                    ),
+                });
+            }
+            if l.iter().any(|v| !v.is_finite()) {
+                return Err(Error::InvalidLatents { message: "latents contain NaN or infinite values".into() });
+            }
+        }
+        self.check_guidance_options(req)?;
+        let full = self.schedule(req.steps, width, height)?;
+        let init = self.init_inputs(req, width, height, warnings)?;
+        let schedule = match &init {
+            Some(_) => {
+                let start = init_image::start_step(req.steps, req.strength);
+                if start >= full.len() {
+                    return Err(Error::request(
+                        "strength",
+                        req.strength,
+                        format!(
+                            "with {} steps, strength {} leaves no step to run (int(steps - steps * strength) = {start}); \
+                             raise strength or steps",
+                            req.steps, req.strength
                         ),
-                    });
+                    ));
                 }
-                if l.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::InvalidLatents { message: "latents contain NaN or infinite values".into() });
-                }
-                (l.as_standard_layout().into_owned(), vec![None; n])
+                full.skip(start)
             }
-            None => {
-                // Image k gets seed + k: the noise a single request with that seed would use.
-                let base = req.seed.unwrap_or_else(random_seed);
-                let seeds: Vec<u64> = (0..n as u64).map(|k| base.wrapping_add(k)).collect();
-                let one = [1, c, height / f, width / f];
-                let views: Vec<Array4<f32>> = seeds.iter().map(|s| NoiseGenerator::new(*s).latents(one)).collect();
-                let views: Vec<_> = views.iter().map(|a| a.view()).collect();
-                let latents = concatenate(Axis(0), &views).map_err(|e| internal(e.to_string()))?;
-                (latents, seeds.into_iter().map(Some).collect())
-            }
+            None => full,
         };
-        let schedule = self.schedule(req.steps, width, height)?;
-        Ok(Plan { width, height, latents, seeds, schedule })
+        // Image k draws from seed + k: what a single request with that seed would draw. Explicit latents need
+        // no seed, except for the VAE posterior sample of an init image.
+        let seeds = if req.latents.is_some() && init.is_none() {
+            vec![None; n]
+        } else {
+            let base = req.seed.unwrap_or_else(random_seed);
+            (0..n as u64).map(|k| Some(base.wrapping_add(k))).collect()
+        };
+        let explicit = req.latents.as_ref().map(|l| l.as_standard_layout().into_owned());
+        Ok(Plan { width, height, seeds, explicit, schedule, init })
+    }
+
+    /// Checks img2img / inpainting settings and prepares the init image and mask.
+    fn init_inputs(
+        &self,
+        req: &GenerationRequest,
+        width: usize,
+        height: usize,
+        warnings: &mut Vec<Warning>,
+    ) -> Result<Option<InitInputs>> {
+        if !req.strength.is_finite() || !(0.0..=1.0).contains(&req.strength) {
+            return Err(Error::request("strength", req.strength, "strength must be between 0 and 1"));
+        }
+        let Some(image) = &req.init_image else {
+            if req.mask.is_some() {
+                return Err(Error::request("mask", "set", "a mask needs an init image to inpaint (init_image)"));
+            }
+            return Ok(None);
+        };
+        if self.vae_encoder.is_none() {
+            return Err(missing_vae_encoder(&self.model_dir));
+        }
+        if image.width() == 0 || image.height() == 0 {
+            return Err(Error::request("init_image", "0 pixels", "the init image is empty"));
+        }
+        let f = self.info.vae_scale_factor;
+        let mask = match &req.mask {
+            Some(m) if m.width() == 0 || m.height() == 0 => {
+                return Err(Error::request("mask", "0 pixels", "the mask is empty"))
+            }
+            Some(m) => Some(init_image::mask_tensor(m, width, height, f, warnings)),
+            None => None,
+        };
+        Ok(Some(InitInputs {
+            image: init_image::image_tensor(image, width, height, warnings),
+            mask,
+            full_strength: req.strength == 1.0,
+        }))
+    }
+
+    /// Checks skip-layer guidance and previews.
+    fn check_guidance_options(&self, req: &GenerationRequest) -> Result<()> {
+        if let Some(k) = req.preview_every {
+            if k == 0 {
+                return Err(Error::request("preview_every", 0, "previews need a step interval of at least 1"));
+            }
+            crate::preview::check_channels(self.info.latent_channels)?;
+        }
+        let Some(slg) = &req.skip_layer_guidance else { return Ok(()) };
+        if !slg.scale.is_finite() || !slg.start.is_finite() || !slg.stop.is_finite() {
+            return Err(Error::request(
+                "skip_layer_guidance",
+                format!("{slg:?}"),
+                "scale, start and stop must be finite numbers",
+            ));
+        }
+        if !req.uses_guidance() {
+            return Err(Error::request(
+                "skip_layer_guidance",
+                format!("guidance {}", req.guidance),
+                "skip-layer guidance adds to classifier-free guidance (as in diffusers): set guidance above 1",
+            ));
+        }
+        let Some((_, layers)) = &self.transformer_skip else {
+            return Err(Error::MissingFile {
+                component: Component::TransformerSkipLayers,
+                path: self.model_dir.join("transformer").join("model_skip_layers.onnx"),
+                hint: "skip-layer guidance needs a transformer graph with the skipped blocks baked out: \
+                       models/export/export_sd3.py --skip-layers 7,8,9"
+                    .into(),
+            });
+        };
+        if let Some(wanted) = &slg.layers {
+            let mut sorted = wanted.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if &sorted != layers {
+                return Err(Error::request(
+                    "skip_layer_guidance.layers",
+                    format!("{wanted:?}"),
+                    format!(
+                        "transformer/model_skip_layers.onnx skips blocks {layers:?}; export another graph for other \
+                         layers (models/export/export_sd3.py --skip-layers)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
@@ -707,6 +974,56 @@ fn blend(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize, axis: usize) {
         let from = a.index_axis(Axis(axis), a_len - extent + k);
         let mut to = b.index_axis_mut(Axis(axis), k);
         to.zip_mut_with(&from, |t, f| *t = f * wa + *t * wb);
+    }
+}
+
+/// One transformer evaluation on `batch` copies of the latents: `[batch, C, h, w]` velocities.
+fn velocity(
+    graph: &mut Graph,
+    bound: &mut Binding,
+    latents: &Array4<f32>,
+    batch: usize,
+    timestep: f32,
+) -> Result<ArrayD<f32>> {
+    let all = latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
+    let mut shape = latents.shape().to_vec();
+    let copies = batch / shape[0].max(1);
+    shape[0] = batch;
+    // With guidance the batch is [latents..., latents...]: the unconditional then the conditional half.
+    let hidden = ArrayD::from_shape_vec(shape, all.repeat(copies)).map_err(|e| internal(e.to_string()))?;
+    let t = Array1::from_elem(batch, timestep).into_dyn();
+    let mut out = graph.run_bound(
+        bound,
+        &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
+        &["out_hidden_states"],
+    )?;
+    let v = out.pop().ok_or_else(|| internal("transformer returned nothing"))?;
+    if v.shape() != hidden.shape() {
+        return Err(Error::Inference {
+            component: graph.component,
+            message: format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
+        });
+    }
+    Ok(v.as_standard_layout().into_owned())
+}
+
+/// Previews of every image: the predicted clean latents `x - sigma * v` through [`crate::preview::latents_to_rgb`].
+fn previews(latents: &Array4<f32>, velocity: &[f32], sigma: f32, images: usize) -> Result<Vec<image::RgbImage>> {
+    let mut x0 = latents.clone();
+    for (x, v) in x0.iter_mut().zip(velocity) {
+        *x -= sigma * v;
+    }
+    (0..images).map(|k| crate::preview::latents_to_rgb(x0.index_axis(Axis(0), k))).collect()
+}
+
+/// The error for img2img / inpainting without `vae_encoder/`.
+fn missing_vae_encoder(dir: &Path) -> Error {
+    Error::MissingFile {
+        component: Component::VaeEncoder,
+        path: dir.join("vae_encoder").join("model.onnx"),
+        hint: "img2img and inpainting encode the init image with the VAE encoder; export it too (optimum-cli \
+               exports vae_encoder/ by default; models/export/export_sd3.py --components vae_encoder)"
+            .into(),
     }
 }
 

@@ -30,6 +30,17 @@ pub enum Warning {
         /// Why the provider could not be used.
         reason: String,
     },
+    /// The init image or mask had another size than the request and was resized (Lanczos). diffusers resizes
+    /// with PIL, whose Lanczos filter rounds differently: pass pictures of the request's size for identical
+    /// results.
+    InputResized {
+        /// `"init_image"` or `"mask"`.
+        input: &'static str,
+        /// Its size, width x height.
+        from: (u32, u32),
+        /// The request's size.
+        to: (u32, u32),
+    },
 }
 
 impl Warning {
@@ -53,6 +64,11 @@ impl fmt::Display for Warning {
                 write!(f, "prompt truncated to {max_tokens} tokens for the {encoder}; dropped: {removed_text:?}")
             }
             Warning::ExecutionProviderFallback { component, reason } => write!(f, "{component}: {reason}"),
+            Warning::InputResized { input, from, to } => write!(
+                f,
+                "{input} resized from {}x{} to {}x{} (Lanczos; not bit-identical to diffusers' PIL resize)",
+                from.0, from.1, to.0, to.1
+            ),
         }
     }
 }
@@ -74,6 +90,9 @@ pub struct Timings {
     pub onnx_runtime: Duration,
     /// Time inside `Session::run` per component (the transformer's share is the denoiser's own cost).
     pub components: Vec<(Component, Duration)>,
+    /// Time spent loading graphs again during this run (low-memory mode; zero otherwise). Included in the
+    /// stage times.
+    pub load: Duration,
 }
 
 impl Timings {

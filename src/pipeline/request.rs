@@ -1,8 +1,65 @@
 //! What to generate: a request value with documented defaults and `with`-style setters.
 
+use image::{GrayImage, RgbImage};
 use ndarray::Array4;
 
 use crate::progress::CancellationToken;
+
+/// Skip-layer guidance (SLG, diffusers' `skip_guidance_layers`): on the steps inside `[start, stop)` of the
+/// schedule, one more conditional transformer pass with some blocks skipped pushes the prediction away from it:
+/// `v += scale * (v_cond - v_skip)`. It needs a transformer graph exported with those blocks skipped
+/// (`transformer/model_skip_layers.onnx`, made by `models/export/export_sd3.py --skip-layers`), and guidance
+/// above 1, as in diffusers.
+///
+/// ```
+/// use sd3_onnx::{GenerationRequest, SkipLayerGuidance};
+/// let slg = SkipLayerGuidance::new(2.8).window(0.01, 0.2).layers(vec![7, 8, 9]);
+/// let request = GenerationRequest::new("a red cube").skip_layer_guidance(slg);
+/// assert_eq!(request.skip_layer_guidance.unwrap().scale, 2.8);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct SkipLayerGuidance {
+    /// `skip_layer_guidance_scale` (diffusers' default 2.8).
+    pub scale: f32,
+    /// `skip_layer_guidance_start`, a fraction of the steps (default 0.01): SLG runs on step `i` when
+    /// `i > steps * start` and `i < steps * stop`.
+    pub start: f64,
+    /// `skip_layer_guidance_stop`, a fraction of the steps (default 0.2).
+    pub stop: f64,
+    /// The skipped blocks (0-based). `None` uses the layers the skip-layer graph was exported with; a list that
+    /// differs from the graph's is refused, since a graph has its layers baked in.
+    pub layers: Option<Vec<usize>>,
+}
+
+impl SkipLayerGuidance {
+    /// SLG with `scale` and diffusers' default window (0.01 to 0.2 of the steps).
+    pub fn new(scale: f32) -> Self {
+        SkipLayerGuidance { scale, start: 0.01, stop: 0.2, layers: None }
+    }
+
+    /// Sets the window: fractions of the steps where SLG applies.
+    #[must_use]
+    pub fn window(mut self, start: f64, stop: f64) -> Self {
+        self.start = start;
+        self.stop = stop;
+        self
+    }
+
+    /// Names the skipped blocks (checked against the skip-layer graph).
+    #[must_use]
+    pub fn layers(mut self, layers: Vec<usize>) -> Self {
+        self.layers = Some(layers);
+        self
+    }
+
+    /// Whether SLG applies at step `i` of `steps` (diffusers `StableDiffusion3Pipeline.__call__`:
+    /// `i > num_inference_steps * start and i < num_inference_steps * stop`, in Python floats).
+    pub fn applies(&self, i: usize, steps: usize) -> bool {
+        let (i, n) = (i as f64, steps as f64);
+        i > n * self.start && i < n * self.stop
+    }
+}
 
 /// One text-to-image request. Build it with [`GenerationRequest::new`] and the setters; every field has the
 /// default diffusers' `StableDiffusion3Pipeline.__call__` uses.
@@ -47,6 +104,20 @@ pub struct GenerationRequest {
     pub clip_skip: Option<usize>,
     /// Stops the run from another thread when cancelled.
     pub cancellation: Option<CancellationToken>,
+    /// img2img / inpainting: the picture to start from (diffusers' `image`). It is resized to the request's
+    /// size when it differs (the model's default size when none is set, as diffusers does).
+    pub init_image: Option<RgbImage>,
+    /// Inpainting: white (>= 128 of 255) marks what to repaint, black what to keep (diffusers' `mask_image`).
+    /// Needs `init_image`.
+    pub mask: Option<GrayImage>,
+    /// img2img / inpainting: how much of the schedule runs, from 0 (keep the picture) to 1 (repaint fully);
+    /// default 0.6 as diffusers. The first `int(steps - steps * strength)` steps are skipped.
+    pub strength: f64,
+    /// Skip-layer guidance (see [`SkipLayerGuidance`]); off by default.
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
+    /// Every this many steps, the progress callback receives a preview image (see
+    /// [`StepProgress::preview`](crate::StepProgress::preview)); `None` (default) makes none.
+    pub preview_every: Option<usize>,
 }
 
 impl Default for GenerationRequest {
@@ -64,6 +135,11 @@ impl Default for GenerationRequest {
             max_sequence_length: 256,
             clip_skip: None,
             cancellation: None,
+            init_image: None,
+            mask: None,
+            strength: 0.6,
+            skip_layer_guidance: None,
+            preview_every: None,
         }
     }
 }
@@ -142,6 +218,41 @@ impl GenerationRequest {
     #[must_use]
     pub fn cancellation(mut self, token: CancellationToken) -> Self {
         self.cancellation = Some(token);
+        self
+    }
+
+    /// Starts from `image` instead of pure noise (img2img); see [`strength`](Self::strength).
+    #[must_use]
+    pub fn init_image(mut self, image: RgbImage) -> Self {
+        self.init_image = Some(image);
+        self
+    }
+
+    /// Repaints only where `mask` is white (inpainting); needs [`init_image`](Self::init_image).
+    #[must_use]
+    pub fn mask(mut self, mask: GrayImage) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// Sets the img2img / inpainting strength (0 to 1).
+    #[must_use]
+    pub fn strength(mut self, strength: f64) -> Self {
+        self.strength = strength;
+        self
+    }
+
+    /// Turns on skip-layer guidance.
+    #[must_use]
+    pub fn skip_layer_guidance(mut self, slg: SkipLayerGuidance) -> Self {
+        self.skip_layer_guidance = Some(slg);
+        self
+    }
+
+    /// Asks for a preview image every `steps` steps (a cheap linear map of the predicted clean latents to RGB).
+    #[must_use]
+    pub fn preview_every(mut self, steps: usize) -> Self {
+        self.preview_every = Some(steps);
         self
     }
 

@@ -111,11 +111,24 @@ pub(crate) struct Graph {
     pub provider: ExecutionProvider,
     /// Why it runs on the CPU instead of the provider asked for, when it fell back.
     pub fallback: Option<String>,
-    session: Session,
+    /// `None` after [`Graph::unload`]; the next run loads it again.
+    session: Option<Session>,
+    /// What is needed to load the session again.
+    source: Source,
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     /// Total time spent in `Session::run`.
     pub run_time: Duration,
+    /// Total time spent loading the session again after [`Graph::unload`].
+    pub reload_time: Duration,
+}
+
+/// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
+#[derive(Clone)]
+struct Source {
+    env: ort::environment::Environment,
+    requested: ExecutionProvider,
+    config: SessionConfig,
 }
 
 impl fmt::Debug for Graph {
@@ -145,6 +158,43 @@ fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
         .collect()
 }
 
+/// Opens a session for `path` on `provider` (or on the CPU, when `config.cpu_fallback` allows and the provider
+/// is unavailable): the session, where it runs, and why it fell back.
+fn open_session(
+    env: &ort::environment::Environment,
+    component: Component,
+    path: &Path,
+    provider: &ExecutionProvider,
+    config: &SessionConfig,
+) -> Result<(Session, ExecutionProvider, Option<String>)> {
+    let load_err = |message: String| Error::GraphLoad { component, path: path.to_path_buf(), message };
+    let new_builder = || -> Result<ort::session::builder::SessionBuilder> {
+        let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        if let Some(n) = config.intra_threads {
+            builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
+        }
+        for (name, size) in &config.dimension_overrides {
+            builder = builder.with_dimension_override(name, *size).map_err(|e| load_err(e.to_string()))?;
+        }
+        if let Some(dir) = &config.profile_dir {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let prefix = dir.join(component.folder());
+            builder = builder.with_profiling(&prefix).map_err(|e| load_err(e.to_string()))?;
+        }
+        Ok(builder)
+    };
+    let (mut builder, provider, fallback) = match provider.register(new_builder()?, component) {
+        Ok(b) => (b, provider.clone(), None),
+        Err(Error::ExecutionProviderUnavailable { reason, .. }) if config.cpu_fallback => {
+            let note = format!("{provider} unavailable ({reason}); running on the CPU as allowed by cpu_fallback");
+            (new_builder()?, ExecutionProvider::Cpu, Some(note))
+        }
+        Err(e) => return Err(e),
+    };
+    let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+    Ok((session, provider, fallback))
+}
+
 /// Session options shared by every graph we load.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SessionConfig {
@@ -163,7 +213,7 @@ impl Graph {
         env: &ort::environment::Environment,
         component: Component,
         path: &Path,
-        provider: &ExecutionProvider,
+        requested: &ExecutionProvider,
         config: &SessionConfig,
     ) -> Result<Graph> {
         if !path.is_file() {
@@ -176,43 +226,64 @@ impl Graph {
                 ),
             });
         }
-        let load_err = |message: String| Error::GraphLoad { component, path: path.to_path_buf(), message };
-        let new_builder = || -> Result<ort::session::builder::SessionBuilder> {
-            let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
-            if let Some(n) = config.intra_threads {
-                builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
-            }
-            for (name, size) in &config.dimension_overrides {
-                builder = builder.with_dimension_override(name, *size).map_err(|e| load_err(e.to_string()))?;
-            }
-            if let Some(dir) = &config.profile_dir {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let prefix = dir.join(component.folder());
-                builder = builder.with_profiling(&prefix).map_err(|e| load_err(e.to_string()))?;
-            }
-            Ok(builder)
-        };
-        let (mut builder, provider, fallback) = match provider.register(new_builder()?, component) {
-            Ok(b) => (b, provider.clone(), None),
-            Err(Error::ExecutionProviderUnavailable { reason, .. }) if config.cpu_fallback => {
-                let note = format!("{provider} unavailable ({reason}); running on the CPU as allowed by cpu_fallback");
-                (new_builder()?, ExecutionProvider::Cpu, Some(note))
-            }
-            Err(e) => return Err(e),
-        };
-        let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+        let (session, provider, fallback) = open_session(env, component, path, requested, config)?;
         let inputs = ports(session.inputs());
         let outputs = ports(session.outputs());
+        let source = Source { env: env.clone(), requested: requested.clone(), config: config.clone() };
         Ok(Graph {
             component,
             path: path.to_path_buf(),
             provider,
             fallback,
-            session,
+            session: Some(session),
+            source,
             inputs,
             outputs,
             run_time: Duration::ZERO,
+            reload_time: Duration::ZERO,
         })
+    }
+
+    /// Frees the session (its weights and memory arenas) while keeping what is known about the graph; the next
+    /// run loads it again with the same settings. Used by low-memory mode between stages.
+    pub fn unload(&mut self) {
+        self.session = None;
+    }
+
+    /// A custom metadata entry of the model file (`metadata_props` in the ONNX file).
+    pub fn custom_metadata(&mut self, key: &str) -> Result<Option<String>> {
+        let component = self.component;
+        self.ensure_loaded()?;
+        let session = live(&mut self.session, component)?;
+        let metadata = session.metadata().map_err(|e| Error::Inference { component, message: e.to_string() })?;
+        Ok(metadata.custom(key))
+    }
+
+    /// [`unload`](Self::unload)s when `condition` holds.
+    pub fn unload_if(&mut self, condition: bool) {
+        if condition {
+            self.unload();
+        }
+    }
+
+    /// Whether the session is in memory.
+    pub fn is_loaded(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Loads the session again if [`unload`](Self::unload) freed it.
+    fn ensure_loaded(&mut self) -> Result<()> {
+        if self.session.is_none() {
+            let started = Instant::now();
+            let Source { env, requested, config } = &self.source;
+            let (session, _, _) = open_session(env, self.component, &self.path, requested, config)?;
+            if ports(session.inputs()) != self.inputs || ports(session.outputs()) != self.outputs {
+                return Err(self.mismatch("the graph file changed on disk since the pipeline was built".into()));
+            }
+            self.reload_time += started.elapsed();
+            self.session = Some(session);
+        }
+        Ok(())
     }
 
     fn mismatch(&self, message: String) -> Error {
@@ -226,7 +297,10 @@ impl Graph {
     /// Stops profiling (when enabled) and returns the profile file ONNX Runtime wrote.
     pub fn end_profiling(&mut self) -> Result<PathBuf> {
         let component = self.component;
-        self.session
+        let Some(session) = self.session.as_mut() else {
+            return Err(Error::Inference { component, message: "profiling: the session was unloaded".into() });
+        };
+        session
             .end_profiling()
             .map(PathBuf::from)
             .map_err(|e| Error::Inference { component, message: format!("profiling: {e}") })
@@ -310,8 +384,10 @@ impl Graph {
             values.push((name.to_string(), value));
         }
         let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
+        self.ensure_loaded()?;
+        let session = live(&mut self.session, component)?;
         let started = Instant::now();
-        let outputs = self.session.run(values).map_err(infer)?;
+        let outputs = session.run(values).map_err(infer)?;
         self.run_time += started.elapsed();
         collect_outputs(component, &outputs, wanted, &output_types)
     }
@@ -365,7 +441,8 @@ impl Graph {
     pub fn bind(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Binding> {
         let component = self.component;
         let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
-        let mut binding = self.session.create_binding().map_err(infer)?;
+        self.ensure_loaded()?;
+        let mut binding = live(&mut self.session, component)?.create_binding().map_err(infer)?;
         for (name, input) in inputs {
             let value = self.value(name, input)?;
             match self.device() {
@@ -400,10 +477,16 @@ impl Graph {
             binding.inner.bind_output_to_device(*name, &host).map_err(infer)?;
         }
         let started = Instant::now();
-        let outputs = self.session.run_binding(&binding.inner).map_err(infer)?;
+        self.ensure_loaded()?;
+        let outputs = live(&mut self.session, component)?.run_binding(&binding.inner).map_err(infer)?;
         self.run_time += started.elapsed();
         collect_outputs(component, &outputs, wanted, &output_types)
     }
+}
+
+/// The loaded session (callers load it first with `Graph::ensure_loaded`).
+fn live(session: &mut Option<Session>, component: Component) -> Result<&mut Session> {
+    session.as_mut().ok_or_else(|| Error::Inference { component, message: "the session is not loaded".into() })
 }
 
 /// The `wanted` outputs of a run, converted to `f32`.

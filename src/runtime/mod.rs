@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use graph::ElementType;
-pub(crate) use graph::{Binding, Graph, Input, SessionConfig};
+pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
 pub use provider::{ExecutionProvider, TensorRtOptions};
 
 use crate::error::{Error, Result};

@@ -164,5 +164,9 @@ impl T5Encoder {
 
 /// Loads a graph file path for a component folder.
 pub(crate) fn graph_path(model_dir: &Path, component: Component) -> std::path::PathBuf {
-    model_dir.join(component.folder()).join("model.onnx")
+    let file = match component {
+        Component::TransformerSkipLayers => "model_skip_layers.onnx",
+        _ => "model.onnx",
+    };
+    model_dir.join(component.folder()).join(file)
 }
