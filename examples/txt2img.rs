@@ -7,6 +7,11 @@
 //! Flags: --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] [--steps N]
 //! [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] [--ep cpu|cuda|tensorrt|directml]
 //! [--output FILE.png]
+//!
+//! img2img and inpainting: [--init-image FILE.png --strength S [--mask FILE.png]] (mask: white = repaint).
+//! Skip-layer guidance: [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] (needs
+//! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
+//! [--vae-tiling].
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -14,11 +19,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use sd3_onnx::latents::read_npy_f32;
-use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, StepProgress};
+use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, SkipLayerGuidance, StepProgress};
 
 const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
 [--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
-[--ep cpu|cuda|tensorrt|directml] [--output FILE.png]";
+[--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
+[--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] [--preview-every K --preview-dir DIR] \
+[--low-memory] [--vae-tiling]";
 
 struct Args {
     model: PathBuf,
@@ -29,6 +36,11 @@ struct Args {
     latents: Option<PathBuf>,
     ep: ExecutionProvider,
     output: PathBuf,
+    init_image: Option<PathBuf>,
+    mask: Option<PathBuf>,
+    preview_dir: Option<PathBuf>,
+    low_memory: bool,
+    vae_tiling: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -41,12 +53,27 @@ fn parse() -> Result<Args, String> {
     let (mut steps, mut guidance) = (None, None);
     let mut ep = ExecutionProvider::Cpu;
     let mut output = PathBuf::from("output.png");
+    let (mut init_image, mut mask, mut preview_dir) = (None, None, None);
+    let (mut low_memory, mut vae_tiling) = (false, false);
+    let mut slg: Option<SkipLayerGuidance> = None;
+    let mut slg_parts: Vec<String> = Vec::new();
     fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
         v.parse::<T>().map_err(|_| format!("{flag}: {v:?} is not a valid number"))
     }
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Err(USAGE.to_string());
+        }
+        match flag.as_str() {
+            "--low-memory" => {
+                low_memory = true;
+                continue;
+            }
+            "--vae-tiling" => {
+                vae_tiling = true;
+                continue;
+            }
+            _ => {}
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
@@ -62,21 +89,85 @@ fn parse() -> Result<Args, String> {
             "--max-sequence-length" => req.max_sequence_length = num(&flag, value)?,
             "--ep" => ep = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--output" => output = PathBuf::from(value),
+            "--init-image" => init_image = Some(PathBuf::from(value)),
+            "--mask" => mask = Some(PathBuf::from(value)),
+            "--strength" => req.strength = num(&flag, value)?,
+            "--preview-every" => req.preview_every = Some(num(&flag, value)?),
+            "--preview-dir" => preview_dir = Some(PathBuf::from(value)),
+            "--slg-scale" => slg = Some(SkipLayerGuidance::new(num(&flag, value)?)),
+            "--slg-layers" | "--slg-start" | "--slg-stop" => slg_parts.extend([flag.clone(), value]),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
     if req.seed.is_some() && latents.is_some() {
         return Err("--seed and --latents exclude each other: the latents are the noise".into());
     }
+    for pair in slg_parts.chunks(2) {
+        let (flag, value) = (pair[0].as_str(), pair[1].clone());
+        let Some(g) = slg.as_mut() else {
+            return Err(format!("{flag} needs --slg-scale (skip-layer guidance is off without it)"));
+        };
+        match flag {
+            "--slg-start" => g.start = num(flag, value)?,
+            "--slg-stop" => g.stop = num(flag, value)?,
+            _ => {
+                let layers: Result<Vec<usize>, String> =
+                    value.split(',').map(|v| num(flag, v.trim().to_string())).collect();
+                g.layers = Some(layers?);
+            }
+        }
+    }
+    req.skip_layer_guidance = slg;
+    if req.preview_every.is_some() != preview_dir.is_some() {
+        return Err("--preview-every and --preview-dir go together".into());
+    }
+    if mask.is_some() && init_image.is_none() {
+        return Err("--mask needs --init-image (inpainting repaints the white part of the init image)".into());
+    }
     req.prompt = prompt.ok_or_else(|| format!("--prompt is required\n{USAGE}"))?;
     req.width = width;
     req.height = height;
     let model = model.ok_or_else(|| format!("--model is required\n{USAGE}"))?;
-    Ok(Args { model, request: req, steps, guidance, latents, ep, output })
+    Ok(Args {
+        model,
+        request: req,
+        steps,
+        guidance,
+        latents,
+        ep,
+        output,
+        init_image,
+        mask,
+        preview_dir,
+        low_memory,
+        vae_tiling,
+    })
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let Args { model, mut request, steps, guidance, latents, ep, output } = args;
+    let Args {
+        model,
+        mut request,
+        steps,
+        guidance,
+        latents,
+        ep,
+        output,
+        init_image,
+        mask,
+        preview_dir,
+        low_memory,
+        vae_tiling,
+    } = args;
+    if let Some(path) = &init_image {
+        request.init_image = Some(sd3_onnx::image::load_rgb(path).map_err(|e| e.to_string())?);
+    }
+    if let Some(path) = &mask {
+        request.mask = Some(sd3_onnx::image::load_mask(path).map_err(|e| e.to_string())?);
+    }
+    if let Some(dir) = &preview_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     if let Some(path) = latents {
         let array = read_npy_f32(&path).map_err(|e| e.to_string())?;
         let shape = array.shape().to_vec();
@@ -86,7 +177,12 @@ fn run(args: Args) -> Result<(), String> {
         request.latents = Some(array);
     }
     let t = Instant::now();
-    let mut pipe = Sd3Pipeline::builder(&model).execution_provider(ep).build().map_err(|e| e.to_string())?;
+    let mut pipe = Sd3Pipeline::builder(&model)
+        .execution_provider(ep)
+        .low_memory(low_memory)
+        .vae_tiling(vae_tiling)
+        .build()
+        .map_err(|e| e.to_string())?;
     let load = t.elapsed();
     let defaults = pipe.request("");
     request.steps = steps.unwrap_or(defaults.steps);
@@ -102,12 +198,20 @@ fn run(args: Args) -> Result<(), String> {
     for (component, provider) in pipe.placements() {
         eprintln!("  {component}: {provider}");
     }
+    let mut preview_error = None;
     let out = pipe
         .generate_with_progress(&request, |p: &StepProgress| {
             eprintln!("step {}/{}  sigma {:.4}  {:.1} ms", p.step + 1, p.steps, p.sigma, p.elapsed.as_secs_f64() * 1e3);
+            if let (Some(dir), Some(preview)) = (&preview_dir, p.previews.first()) {
+                let path = dir.join(format!("step-{:03}.png", p.step + 1));
+                if let Err(e) = preview.save(&path) {
+                    preview_error = Some(format!("{}: {e}", path.display()));
+                    return ControlFlow::Break(());
+                }
+            }
             ControlFlow::Continue(())
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| preview_error.take().unwrap_or_else(|| e.to_string()))?;
     for w in &out.warnings {
         eprintln!("warning: {w}");
     }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use image::RgbImage;
+use image::{DynamicImage, GrayImage, RgbImage};
 use ndarray::{ArrayView3, ArrayView4};
 
 use crate::error::{Component, Error, Result};
@@ -82,6 +82,39 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
         return t.get_text().map(Some).map_err(text_err);
     }
     Ok(None)
+}
+
+/// Reads a PNG picture for img2img / inpainting as 8-bit RGB (alpha dropped; 16-bit samples scaled to 8).
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(decode(path)?.to_rgb8())
+}
+
+/// Reads a PNG inpainting mask as 8-bit gray. Colour pictures become gray as PIL's `convert("L")` does
+/// (what diffusers' mask processor calls): `(R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16`, alpha ignored.
+pub fn load_mask(path: &Path) -> Result<GrayImage> {
+    Ok(match decode(path)? {
+        DynamicImage::ImageLuma8(g) => g,
+        DynamicImage::ImageLumaA8(g) => {
+            GrayImage::from_fn(g.width(), g.height(), |x, y| image::Luma([g.get_pixel(x, y).0[0]]))
+        }
+        other if other.color().has_color() => pil_gray(&other.to_rgb8()),
+        other => other.to_luma8(),
+    })
+}
+
+/// PIL's RGB -> L conversion (`Convert.c`, `rgb2l`: ITU-R 601-2 luma in 16-bit fixed point, rounded).
+pub fn pil_gray(rgb: &RgbImage) -> GrayImage {
+    GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0;
+        let l = (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
+        image::Luma([l as u8])
+    })
+}
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::io(path, std::io::Error::other(format!("not a PNG picture this crate can read: {e}"))))
 }
 
 #[cfg(test)]

@@ -525,9 +525,7 @@ impl Sd3Pipeline {
                 }
             }
             let previews = match first.preview_every {
-                Some(k) if (i + 1) % k == 0 || i + 1 == schedule.len() => {
-                    previews(&latents, &guided, sigma, images)?
-                }
+                Some(k) if (i + 1) % k == 0 || i + 1 == schedule.len() => previews(&latents, &guided, sigma, images)?,
                 _ => Vec::new(),
             };
             let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
@@ -581,7 +579,8 @@ impl Sd3Pipeline {
                 let Some(encoder) = self.vae_encoder.as_mut() else {
                     return Err(missing_vae_encoder(&self.model_dir));
                 };
-                let mut out = encoder.run(&[("sample", Input::Float(init.image.view().into_dyn()))], &["latent_parameters"])?;
+                let mut out =
+                    encoder.run(&[("sample", Input::Float(init.image.view().into_dyn()))], &["latent_parameters"])?;
                 let params = out.pop().ok_or_else(|| internal("VAE encoder returned nothing"))?;
                 Some(to4(Component::VaeEncoder, params)?)
             }

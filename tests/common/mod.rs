@@ -24,7 +24,21 @@ pub fn golden_dir(fixture: &str) -> PathBuf {
 /// sets a pipeline option (`"t5": false`, `"clip_skip"`, `"scheduler_config"`, or `"max_sequence_length"` above
 /// diffusers' default 256) are listed by [`option_cases`] instead.
 pub fn cases(fixture: &str) -> Vec<PathBuf> {
-    all_cases(fixture).into_iter().filter(|p| !has_options(p) && !uses_vae_tiling(p)).collect()
+    all_cases(fixture).into_iter().filter(|p| !has_options(p) && !uses_vae_tiling(p) && !is_feature_case(p)).collect()
+}
+
+/// Cases of models/make_feature_goldens.py (img2img, inpainting, samplers, skip-layer guidance), tested in their
+/// own test files.
+fn is_feature_case(case: &Path) -> bool {
+    let j = read_json(&case.join("request.json"));
+    ["init_image", "sampler", "skip_layer_guidance"].iter().any(|k| j.get(*k).is_some())
+}
+
+/// A feature case folder (models/make_feature_goldens.py), e.g. `feature_case("tiny-sd3", "img2img")`.
+pub fn feature_case(fixture: &str, name: &str) -> PathBuf {
+    let dir = golden_dir(fixture).join(name);
+    assert!(dir.join("request.json").is_file(), "{}: missing golden case", dir.display());
+    dir
 }
 
 /// Cases decoded with diffusers' `vae.enable_tiling()` (tested in tests/vae_tiling.rs).
@@ -34,7 +48,7 @@ fn uses_vae_tiling(case: &Path) -> bool {
 
 /// The golden cases of a fixture made with pipeline options (models/make_fixtures.py, stage `options`).
 pub fn option_cases(fixture: &str) -> Vec<PathBuf> {
-    all_cases(fixture).into_iter().filter(|p| has_options(p) && !uses_vae_tiling(p)).collect()
+    all_cases(fixture).into_iter().filter(|p| has_options(p) && !uses_vae_tiling(p) && !is_feature_case(p)).collect()
 }
 
 fn all_cases(fixture: &str) -> Vec<PathBuf> {
