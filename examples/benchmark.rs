@@ -4,8 +4,10 @@
 //! ```text
 //! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
-//!     [--output FILE.png] [--profile DIR] [--static]
+//!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
 //! ```
+//!
+//! Prints the process's peak resident memory (Linux `VmHWM`) at the end, for comparing memory modes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,8 @@ struct Args {
     output: Option<PathBuf>,
     profile: Option<PathBuf>,
     static_shape: bool,
+    low_memory: bool,
+    vae_tiling: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -38,12 +42,19 @@ fn parse() -> Result<Args, String> {
         output: None,
         profile: None,
         static_shape: false,
+        low_memory: false,
+        vae_tiling: false,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
     while let Some(flag) = it.next() {
-        if flag == "--static" {
-            a.static_shape = true;
+        match flag.as_str() {
+            "--static" => a.static_shape = true,
+            "--low-memory" => a.low_memory = true,
+            "--vae-tiling" => a.vae_tiling = true,
+            _ => {}
+        }
+        if ["--static", "--low-memory", "--vae-tiling"].contains(&flag.as_str()) {
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -90,7 +101,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
-    let mut b = Sd3Pipeline::builder(&a.model).execution_provider(a.ep.clone());
+    let mut b = Sd3Pipeline::builder(&a.model)
+        .execution_provider(a.ep.clone())
+        .low_memory(a.low_memory)
+        .vae_tiling(a.vae_tiling);
     if a.static_shape {
         let (w, h) = match (a.request.width, a.request.height) {
             (Some(w), Some(h)) => (w, h),
@@ -132,6 +146,7 @@ fn run(a: Args) -> Result<(), String> {
         ("  per step (whole loop / steps)", col(&|t| ms(t.denoising) / steps)),
         ("  transformer Session::run per step", col(&|t| ms(t.component(Component::Transformer)) / steps)),
         ("VAE decode", col(&|t| ms(t.vae_decode))),
+        ("graph loads during the run (low-memory mode)", col(&|t| ms(t.load))),
         ("inside ONNX Runtime", col(&|t| ms(t.onnx_runtime))),
         ("outside ONNX Runtime (our code)", col(&|t| ms(t.outside_onnx_runtime()))),
     ];
@@ -143,7 +158,11 @@ fn run(a: Args) -> Result<(), String> {
     println!(
         "\nsd3-onnx on {} | {}{} | {size}, {} steps, guidance {} | load {:.0} ms | median of {} runs\n",
         a.ep,
-        if a.static_shape { "static shape | " } else { "" },
+        [(a.static_shape, "static shape | "), (a.low_memory, "low memory | "), (a.vae_tiling, "VAE tiling | ")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, s)| *s)
+            .collect::<String>(),
         a.model.display(),
         a.request.steps,
         a.request.guidance,
@@ -153,6 +172,9 @@ fn run(a: Args) -> Result<(), String> {
     println!("| stage | ms |\n|---|---:|");
     for (name, v) in &rows {
         println!("| {name} | {v:.2} |");
+    }
+    if let Some(kib) = peak_rss_kib() {
+        println!("\npeak host memory (VmHWM): {:.1} MiB", kib as f64 / 1024.0);
     }
     if let Some(dir) = &a.profile {
         // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
@@ -177,6 +199,13 @@ fn run(a: Args) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// The process's peak resident set size in KiB (`VmHWM` in /proc/self/status; Linux only).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn main() -> ExitCode {

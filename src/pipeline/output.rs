@@ -96,9 +96,10 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// Time spent outside ONNX Runtime (our own code: tokenization, conversions, scheduler, guidance, images).
+    /// Time spent outside ONNX Runtime (our own code: tokenization, conversions, scheduler, guidance, images),
+    /// graph loads in low-memory mode excluded.
     pub fn outside_onnx_runtime(&self) -> Duration {
-        self.total.saturating_sub(self.onnx_runtime)
+        self.total.saturating_sub(self.onnx_runtime).saturating_sub(self.load)
     }
 
     /// Time inside `Session::run` for one component.
