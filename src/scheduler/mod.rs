@@ -8,10 +8,15 @@
 //! Float widths follow the reference exactly, because a sigma that is off in its last bit changes the image:
 //! the training sigma range is computed in `f32` (torch), the inference grid in `f64` (numpy), and the result
 //! is rounded to `f32` once.
+//!
+//! The other samplers (Heun, DPM-Solver++ 2M), which carry state from one model evaluation to the next, are a
+//! [`Sampler`] value chosen by [`SamplerKind`]; its Euler is this module's schedule and step.
 
 mod config;
+mod samplers;
 
 pub use config::{FlowMatchConfig, TimeShiftType};
+pub use samplers::{Sampler, SamplerKind};
 
 use crate::error::{Error, Result};
 
