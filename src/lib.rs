@@ -65,4 +65,4 @@ pub use pipeline::{
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{ElementType, ExecutionProvider, TensorRtOptions};
-pub use scheduler::{FlowMatchConfig, Schedule};
+pub use scheduler::{FlowMatchConfig, Sampler, SamplerKind, Schedule};

@@ -8,10 +8,15 @@
 //! Float widths follow the reference exactly, because a sigma that is off in its last bit changes the image:
 //! the training sigma range is computed in `f32` (torch), the inference grid in `f64` (numpy), and the result
 //! is rounded to `f32` once.
+//!
+//! The other samplers (Heun, DPM-Solver++ 2M), which carry state from one model evaluation to the next, are a
+//! [`Sampler`] value chosen by [`SamplerKind`]; its Euler is this module's schedule and step.
 
 mod config;
+mod samplers;
 
 pub use config::{FlowMatchConfig, TimeShiftType};
+pub use samplers::{Sampler, SamplerKind};
 
 use crate::error::{Error, Result};
 
@@ -51,9 +56,13 @@ pub fn calculate_shift(image_seq_len: usize, config: &FlowMatchConfig) -> f64 {
     image_seq_len as f64 * m + b
 }
 
-/// `shift * s / (1 + (shift - 1) * s)`, in `f32` as torch computes it for the training sigmas.
-fn shift_f32(shift: f32, s: f32) -> f32 {
-    shift * s / (1.0 + (shift - 1.0) * s)
+/// `shift * s / (1 + (shift - 1) * s)`, in `f32` as torch computes it for the training sigmas
+/// (`FlowMatchEulerDiscreteScheduler.__init__`: `shift * sigmas / (1 + (shift - 1) * sigmas)` on a float32
+/// tensor). `shift` and `shift - 1` are Python floats, each rounded to `f32` where it meets the tensor, so
+/// `shift - 1` is taken in `f64` first: for shifts such as 2.07, `f32(shift - 1)` differs from `f32(shift) - 1`
+/// and torch's `sigma_max` is then 0.9999999 (1 - 2^-23), not 1.
+fn shift_f32(shift: f64, s: f32) -> f32 {
+    (shift as f32) * s / (1.0 + ((shift - 1.0) as f32) * s)
 }
 
 impl FlowMatchConfig {
@@ -71,8 +80,7 @@ impl FlowMatchConfig {
             if self.use_dynamic_shifting {
                 (f64::from(s_max), f64::from(s_min))
             } else {
-                let k = self.shift as f32;
-                (f64::from(shift_f32(k, s_max)), f64::from(shift_f32(k, s_min)))
+                (f64::from(shift_f32(self.shift, s_max)), f64::from(shift_f32(self.shift, s_min)))
             }
         };
         // set_timesteps: np.linspace(sigma_max * T, sigma_min * T, steps) / T, in f64.

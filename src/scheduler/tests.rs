@@ -46,3 +46,14 @@ fn euler_and_guidance_formulas() {
     apply_guidance(&mut c, &[1.0], 7.0);
     assert_eq!(c, vec![8.0]);
 }
+
+#[test]
+fn training_shift_rounds_shift_minus_one_from_f64_like_torch() {
+    // torch (FlowMatchEulerDiscreteScheduler.__init__) rounds the Python floats `shift` and `shift - 1` to f32
+    // separately: for 2.07, f32(1.07) + 1 is not f32(2.07), so sigma_max is 0.9999999 (1 - 2^-23) and the first
+    // timestep 999.99994 (models/goldens/samplers.json, euler shift 2.07).
+    assert_eq!(shift_f32(2.07, 1.0), 0.999_999_9); // 1 - 2^-23
+    assert_eq!(shift_f32(3.0, 1.0), 1.0);
+    let c = FlowMatchConfig { shift: 2.07, ..Default::default() };
+    assert_eq!(c.schedule(4, None).unwrap().timesteps[0], 999.999_94);
+}
