@@ -9,6 +9,8 @@ The output has optimum's layout and graph names (what `optimum-cli export onnx -
     text_encoder_3/model.onnx   input_ids i64 [B,S] -> last_hidden_state [B,S,D]                       (T5)
     transformer/model.onnx      hidden_states [B,C,h,w], encoder_hidden_states [B,S,D], pooled_projections [B,P],
                                 timestep [B] (float32) -> out_hidden_states [B,C,h,w]
+    transformer/model_skip_layers.onnx   with --skip-layers I,J,..: the same graph with those MMDiT blocks skipped
+                                (skip-layer guidance), same inputs/outputs; ONNX metadata "skip_layers": "[I, J]"
     vae_decoder/model.onnx      latent_sample -> sample
     vae_encoder/model.onnx      sample -> latent_parameters (mean ++ logvar)
     */config.json               each component's diffusers/transformers config
@@ -215,6 +217,21 @@ class Source:
         self._seeded(5)
         return AutoencoderKL(**spec["vae"]).eval()
 
+    def transformer_num_layers(self) -> int:
+        """Number of MMDiT blocks, from the config (without building the model)."""
+        if self.model is not None:
+            cfg = self.model / "transformer" / "config.json"
+            if not cfg.is_file():
+                raise SystemExit(f"{cfg} does not exist")
+            return int(json.loads(cfg.read_text())["num_layers"])
+        return int(self.layers or RANDOM_VARIANTS[self.variant]["transformer"]["num_layers"])
+
+    def describe(self) -> str:
+        if self.model is not None:
+            return str(self.model)
+        return (f"random:{self.variant} (seed {self.seed}" + (f", {self.layers} MMDiT blocks" if self.layers else "")
+                + (f", {self.text_layers} text encoder layers" if self.text_layers else "") + ")")
+
     def scheduler_config(self) -> dict:
         if self.model is not None:
             return json.loads((self.model / "scheduler" / "scheduler_config.json").read_text())
@@ -273,6 +290,64 @@ class TransformerWrapper(torch.nn.Module):
                       pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
+class SkipLayersTransformerWrapper(torch.nn.Module):
+    """The transformer with diffusers' `skip_layers` fixed (skip-layer guidance, SD3.5: the listed MMDiT blocks are
+    not run at all; `SD3Transformer2DModel.forward(..., skip_layers=[...])`). The list is a Python constant, so
+    the export traces the blocks that run and the skipped blocks' weights do not enter the graph."""
+
+    def __init__(self, m, skip_layers: list[int]):
+        super().__init__()
+        self.m = m
+        self.skip_layers = list(skip_layers)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, timestep=timestep, return_dict=False,
+                      skip_layers=self.skip_layers)[0]
+
+
+# Skip-layer guidance graph: transformer/model_skip_layers.onnx, same signature as transformer/model.onnx, with the
+# skipped block indices (sorted, 0-based as diffusers counts) as JSON in the ONNX metadata key `skip_layers`.
+SKIP_COMPONENT = "transformer_skip_layers"
+SKIP_FILE = "model_skip_layers.onnx"
+SKIP_METADATA_KEY = "skip_layers"
+
+
+def parse_skip_layers(text: str) -> list[int]:
+    """"7,8,9" -> [7, 8, 9]. Syntax and duplicates only; the range is checked by validate_skip_layers."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not text or not str(text).strip() or any(t == "" for t in items):
+        raise ValueError(f"--skip-layers {text!r}: expected comma-separated block indices, e.g. 7,8,9")
+    out = []
+    for t in items:
+        try:
+            out.append(int(t, 10))
+        except ValueError:
+            raise ValueError(f"--skip-layers {text!r}: {t!r} is not an integer block index") from None
+    return out
+
+
+def validate_skip_layers(layers, num_layers: int) -> list[int]:
+    """The skipped MMDiT block indices, sorted: integers in 0..num_layers-1, no duplicates, not empty, not every
+    block. Raises ValueError with the reason."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("skip layers: the list is empty (give at least one block index)")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"skip layers {layers}: {i!r} is not an integer block index")
+    bad = [int(i) for i in layers if not 0 <= int(i) < num_layers]
+    if bad:
+        raise ValueError(f"skip layers {layers}: {bad} outside 0..{num_layers - 1} (the transformer has "
+                         f"{num_layers} MMDiT blocks, counted from 0 as diffusers does)")
+    dup = sorted({int(i) for i in layers if layers.count(i) > 1})
+    if dup:
+        raise ValueError(f"skip layers {layers}: {dup} listed more than once")
+    if len(layers) >= num_layers:
+        raise ValueError(f"skip layers {layers}: every one of the {num_layers} blocks would be skipped")
+    return sorted(int(i) for i in layers)
+
+
 class VaeDecoderWrapper(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -296,9 +371,12 @@ class VaeEncoderWrapper(torch.nn.Module):
         return h
 
 
-def export_spec(component: str, module) -> dict:
+def export_spec(component: str, module, skip_layers: list[int] | None = None) -> dict:
     """Wrapper, example inputs, names and dynamic axes of one component. Example inputs are small: every axis that
-    varies in use is dynamic, so the example size does not matter."""
+    varies in use is dynamic, so the example size does not matter. skip_layers (transformer only): the
+    skip-layer-guidance graph, same inputs and outputs."""
+    if skip_layers is not None and component != "transformer":
+        raise ValueError("skip_layers is for the transformer only")
     if component in ("text_encoder", "text_encoder_2"):
         n_states = module.config.num_hidden_layers + 1
         seq = module.config.max_position_embeddings
@@ -324,7 +402,9 @@ def export_spec(component: str, module) -> dict:
                "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
                "pooled_projections": {0: "batch_size"}, "timestep": {0: "batch_size"},
                "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
-        return dict(wrapper=TransformerWrapper(module), args=args,
+        wrapper = TransformerWrapper(module) if skip_layers is None else SkipLayersTransformerWrapper(module,
+                                                                                                    skip_layers)
+        return dict(wrapper=wrapper, args=args,
                     inputs=["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
                     outputs=["out_hidden_states"], dynamic_axes=dyn, model_type="mmdit")
     if component == "vae_decoder":
@@ -1021,13 +1101,26 @@ def release_weights(module: torch.nn.Module):
 
 def export_component(component: str, module, out_dir: Path, *, exporter: str, attention: str, dtype: str,
                      opset: int | None, t5_precision: str, external: bool | None = None,
-                     release_torch: bool = False) -> dict:
+                     release_torch: bool = False, skip_layers: list[int] | None = None) -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
-    release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after)."""
+    release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
+
+    skip_layers (component "transformer" only): the skip-layer-guidance graph instead, out_dir/transformer/
+    model_skip_layers.onnx: the same export, rewrites and precision conversion as model.onnx, of a wrapper that
+    calls the transformer with `skip_layers=[...]` fixed; the sorted list is stored as JSON in the ONNX metadata
+    key `skip_layers`."""
     t0 = time.time()
     opset = opset or default_opset(exporter, attention)
-    spec = export_spec(component, module)
+    filename = "model.onnx"
+    if skip_layers is not None:
+        if component != "transformer":
+            raise ValueError("skip_layers is for the transformer only")
+        skip_layers = validate_skip_layers(skip_layers, module.config.num_layers)
+        filename = SKIP_FILE
+    spec = export_spec(component, module, skip_layers)
     info: dict = dict(exporter=exporter, opset=opset, attention=attention, dtype=dtype)
+    if skip_layers is not None:
+        info["skip_layers"] = skip_layers
     with tempfile.TemporaryDirectory(prefix=f"export-{component}-") as tmp:
         work = Path(tmp)
         if exporter == "dynamo":
@@ -1061,13 +1154,24 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
             if component == "text_encoder_3":
                 info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
             model.producer_name = "sd3-onnx models/export/export_sd3.py"
-            files = save_streaming(model, (out_dir / component / "model.onnx").resolve(), external, src_types, work)
+            if skip_layers is not None:
+                set_metadata(model, SKIP_METADATA_KEY, json.dumps(skip_layers))
+            files = save_streaming(model, (out_dir / component / filename).resolve(), external, src_types, work)
         info["nodes_final"] = op_counts(model)
         info["node_count"] = len(model.graph.node)
         info["signature"] = signature(model)
         info["files"] = [str(f.relative_to(out_dir.resolve())) for f in files]
     info["seconds"] = round(time.time() - t0, 1)
     return info
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str):
+    """model.metadata_props[key] = value (ONNX Runtime: ModelMetadata custom_metadata_map)."""
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
 
 
 def export_spec_model_type(component: str) -> str:
@@ -1113,7 +1217,14 @@ def parse_args(argv=None):
     ap.add_argument("--opset", type=int, default=None,
                     help="default: 16 (torchscript fused), 17 (torchscript plain), 23 (dynamo fused), 18 (dynamo plain)")
     ap.add_argument("--components", default=",".join(ALL_COMPONENTS),
-                    help="comma-separated subset of: " + ",".join(ALL_COMPONENTS))
+                    help="comma-separated subset of: " + ",".join(ALL_COMPONENTS) + f" (default: all), or "
+                         f"{SKIP_COMPONENT}: only transformer/{SKIP_FILE} (needs --skip-layers), e.g. into a folder "
+                         "exported before from the same weights")
+    ap.add_argument("--skip-layers", default=None, metavar="I,J,...",
+                    help="skip-layer guidance (SD3.5-medium: 7,8,9): also export transformer/" + SKIP_FILE + ", the "
+                         "transformer with these MMDiT blocks (0-based) skipped, as diffusers' "
+                         "transformer(..., skip_layers=[...]); same inputs/outputs as transformer/model.onnx, the "
+                         "list in its ONNX metadata key 'skip_layers'")
     ap.add_argument("--t5-precision", choices=["mixed", "fp32", "fp16"], default="mixed",
                     help="with --dtype fp16/bf16: mixed = fp32 FFN output, residual and RMSNorm (default); fp32 = "
                          "whole T5 in float32; fp16 = naive conversion (overflows with real T5-XXL weights)")
@@ -1130,35 +1241,85 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _io_signature(path: Path) -> list:
+    m = onnx.load(str(path), load_external_data=False)
+    sig = signature(m)
+    return sig["inputs"] + sig["outputs"]
+
+
+def _remove_graph(path: Path):
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.exists():
+            f.unlink()
+
+
 def main(argv=None):
     args = parse_args(argv)
     components = [c for c in args.components.split(",") if c]
     for c in components:
-        if c not in ALL_COMPONENTS:
-            raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS}")
+        if c not in ALL_COMPONENTS + [SKIP_COMPONENT]:
+            raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS + [SKIP_COMPONENT]}")
     fp32_components = {c for c in args.fp32_components.split(",") if c}
     if (args.layers or args.text_layers) and not args.random:
         raise SystemExit("--layers and --text-layers are for --random only")
     source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers, args.text_layers)
+    skip_layers = None
+    if args.skip_layers is not None:
+        try:
+            skip_layers = validate_skip_layers(parse_skip_layers(args.skip_layers), source.transformer_num_layers())
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if "transformer" not in components and SKIP_COMPONENT not in components:
+            raise SystemExit(f"error: --skip-layers needs transformer or {SKIP_COMPONENT} in --components")
+    elif SKIP_COMPONENT in components:
+        raise SystemExit(f"error: --components {SKIP_COMPONENT} needs --skip-layers (e.g. --skip-layers 7,8,9)")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     warnings.filterwarnings("ignore")
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"components": {}}
+    skip_path = out / "transformer" / SKIP_FILE
+    if "transformer" in components and skip_layers is None and skip_path.exists():
+        # It was exported from the previous transformer (maybe other weights or dtype): it would not match.
+        log(f"[transformer] removing {skip_path} (from an earlier export; pass --skip-layers to export it again)")
+        _remove_graph(skip_path)
+        manifest["components"].pop(SKIP_COMPONENT, None)
+    if SKIP_COMPONENT in components and "transformer" not in components:
+        if manifest.get("source") not in (None, source.describe()):
+            log(f"[{SKIP_COMPONENT}] warning: {out} was exported from {manifest['source']}, the skip graph comes "
+                f"from {source.describe()}: they must be the same weights")
     for component in components:
+        if component == SKIP_COMPONENT and "transformer" in components:
+            continue  # exported with the transformer (one load of its weights)
+        graphs = [component]
+        if component == "transformer" and skip_layers is not None:
+            graphs = [SKIP_COMPONENT, "transformer"]  # the skip graph first: the main export frees the weights
+        kind = "transformer" if component == SKIP_COMPONENT else component
         log(f"[{component}] loading")
-        module = source.load(component)
-        dtype = "fp32" if component in fp32_components else args.dtype
-        log(f"[{component}] exporting ({args.exporter}, attention {args.attention}, {dtype})")
-        write_component_config(component, module, out)
-        info = export_component(component, module, out, exporter=args.exporter, attention=args.attention, dtype=dtype,
-                                opset=args.opset, t5_precision=args.t5_precision, external=external,
-                                release_torch=True)
-        manifest["components"][component] = info
-        log(f"[{component}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
+        module = source.load(kind)
+        fp32 = kind in fp32_components or (kind == "transformer" and SKIP_COMPONENT in fp32_components)
+        dtype = "fp32" if fp32 else args.dtype
+        if component != SKIP_COMPONENT or not (out / "transformer" / "config.json").is_file():
+            write_component_config(kind, module, out)
+        for i, graph in enumerate(graphs):
+            skip = skip_layers if graph == SKIP_COMPONENT else None
+            log(f"[{graph}] exporting ({args.exporter}, attention {args.attention}, {dtype}"
+                + (f", skip_layers {skip}" if skip else "") + ")")
+            info = export_component(kind, module, out, exporter=args.exporter, attention=args.attention,
+                                    dtype=dtype, opset=args.opset, t5_precision=args.t5_precision, external=external,
+                                    release_torch=i == len(graphs) - 1, skip_layers=skip)
+            manifest["components"][graph] = info
+            log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
         gc.collect()
+    main_path = out / "transformer" / "model.onnx"
+    if SKIP_COMPONENT in components and main_path.is_file():
+        a, b = _io_signature(main_path), _io_signature(skip_path)
+        if a != b:
+            _remove_graph(skip_path)
+            raise SystemExit(f"error: {skip_path} would not have the inputs/outputs of {main_path} (other --dtype, "
+                             f"--fp32-components or model?): {b} vs {a}; removed it")
     sched = out / "scheduler" / "scheduler_config.json"
     sched.parent.mkdir(parents=True, exist_ok=True)
     sched.write_text(json.dumps(source.scheduler_config(), indent=2) + "\n")
@@ -1167,10 +1328,9 @@ def main(argv=None):
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     manifest.update(
         tool="models/export/export_sd3.py",
-        source=str(args.model) if args.model else f"random:{args.random} (seed {args.seed}"
-        + (f", {args.layers} MMDiT blocks" if args.layers else "")
-        + (f", {args.text_layers} text encoder layers" if args.text_layers else "") + ")",
+        source=source.describe(),
         options=dict(dtype=args.dtype, attention=args.attention, exporter=args.exporter, opset=args.opset,
+                     skip_layers=skip_layers,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data,
                      tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),

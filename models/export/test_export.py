@@ -2,7 +2,7 @@
 """Checks of models/export/export_sd3.py (needs torch; not part of CI, which has none):
 
     /work/pyenv/bin/python models/export/test_export.py            # everything (~2 minutes on 2 cores)
-    /work/pyenv/bin/python models/export/test_export.py t5 parity  # a subset: t5, parity, nodes, cli
+    /work/pyenv/bin/python models/export/test_export.py t5 parity  # a subset: t5, parity, nodes, slg, cli
 
 t5      T5 float16 overflow: a tiny T5 whose feed-forward output exceeds 65504, exported naive fp16 (inf/nan) and
         with the mixed precision of --t5-precision mixed (close to torch fp32); plus T5-XXL size arithmetic.
@@ -10,6 +10,10 @@ parity  every component of `--random tiny`, exported fp32 and fp16 with fused at
         plain opset 17 for reference), run with onnxruntime CPU against the diffusers/transformers torch module
         (float32) on the same inputs: max abs errors against stated tolerances.
 nodes   node counts by op type for the tiny transformer before/after the rewrites (the table in README.md).
+slg     skip-layer guidance graph (--skip-layers): transformer/model_skip_layers.onnx of two 3-block transformers
+        (SD3-like, SD3.5-medium-like) vs diffusers' transformer(..., skip_layers=[1]) for every exporter/precision,
+        that it differs from the unskipped output, metadata/manifest/signature, --components transformer_skip_layers,
+        and the refusal of invalid layer lists.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -258,6 +262,236 @@ def test_nodes():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Skip-layer guidance graph (transformer/model_skip_layers.onnx)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_sd35_transformer(seed=7):
+    """SD3.5-medium-like tiny MMDiT (3 blocks, qk RMS-norm, dual attention in blocks 0 and 1; the shapes of
+    models/fixtures/tiny-sd35), random weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=3, joint_attention_dim=40, caption_projection_dim=24,
+                                 pooled_projection_dim=22, out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm",
+                                 dual_attention_layers=[0, 1]).eval()
+
+
+def onnx_meta(path: Path) -> dict:
+    return dict(session(path).get_modelmeta().custom_metadata_map)
+
+
+def io_of(path: Path) -> list:
+    sess = session(path)
+    return [(p.name, p.type, list(p.shape)) for p in sess.get_inputs() + sess.get_outputs()]
+
+
+# (exporter, attention, dtype, relative tolerance vs diffusers' transformer(..., skip_layers=[1]) in float32)
+SLG_VARIANTS = [
+    ("torchscript", "fused", "fp32", 1e-4),
+    ("torchscript", "fused", "fp16", 5e-3),
+    ("dynamo", "fused", "fp32", 1e-4),
+    ("dynamo", "fused", "fp16", 5e-3),
+    ("torchscript", "plain", "fp32", 1e-4),
+]
+# The tolerances are well below what skipping block 1 changes (~0.08 of the output scale on both test models), and
+# the skip graph must be more than 10x its tolerance away from the unskipped output: a graph that ignores the skip
+# (or skips another block) fails.
+
+
+def test_slg():
+    print("[slg] skip-layer guidance graph (skip_layers [1], 3-block transformers) vs diffusers "
+          "transformer(..., skip_layers=[1]); errors relative to max(1, max|ref|)", flush=True)
+    src = ex.Source(None, "tiny", TOKENIZERS, seed=0, layers=3)
+    modules = {"tiny (SD3-like)": src.load("transformer"), "tiny-sd35-like": tiny_sd35_transformer()}
+    skip = [1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for mname, module in modules.items():
+            feeds = component_inputs("transformer", module)
+            with torch.no_grad():
+                full = module(**feeds, return_dict=False)[0].numpy()
+                ref = module(**feeds, return_dict=False, skip_layers=skip)[0].numpy()
+            scale = max(1.0, float(np.abs(ref).max()))
+            effect = float(np.abs(ref - full).max()) / scale
+            print(f" {mname}: torch skip [1] vs no skip {effect:.3g} (what a graph ignoring the skip would be off)")
+            for exporter, attention, dtype, tol in SLG_VARIANTS:
+                out = Path(tmp) / f"{mname}-{exporter}-{attention}-{dtype}"
+                try:
+                    ex.export_component("transformer", module, out, exporter=exporter, attention=attention,
+                                        dtype=dtype, opset=None, t5_precision="mixed", external=False)
+                    info = ex.export_component("transformer", module, out, exporter=exporter, attention=attention,
+                                               dtype=dtype, opset=None, t5_precision="mixed", external=False,
+                                               skip_layers=skip)
+                    path = out / "transformer" / ex.SKIP_FILE
+                    got = run(path, feeds)["out_hidden_states"]
+                    main_got = run(out / "transformer" / "model.onnx", feeds)["out_hidden_states"]
+                except Exception as e:  # noqa: BLE001
+                    FAILURES.append(f"slg {mname} {exporter}/{attention}/{dtype}: {type(e).__name__}: {e}")
+                    print(f"  {exporter} {attention} {dtype}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                label = f"{exporter} {attention} {dtype} skip graph vs torch skip [1]"
+                check(label, float(np.abs(got - ref).max()) / scale, tol)
+                # (b) the skip must be visible: far from the unskipped output, and the main graph far from the skip one
+                off = float(np.abs(got - full).max()) / scale
+                apart = float(np.abs(got - main_got).max()) / scale
+                ok = off > 10 * tol and off > 0.5 * effect and apart > 10 * tol
+                print(f"    vs unskipped torch {off:.3g}, vs model.onnx {apart:.3g} (must exceed {10 * tol:.2g})  "
+                      f"{'ok' if ok else 'FAIL'}")
+                if not ok:
+                    FAILURES.append(f"slg {mname} {label}: the skip graph is not different from the full transformer")
+                # (c) metadata, signature equal to model.onnx, skipped block's weights not in the graph
+                meta = onnx_meta(path)
+                same_io = io_of(path) == io_of(out / "transformer" / "model.onnx")
+                import onnx
+
+                inits = [t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer]
+                leaked = [n for n in inits if "transformer_blocks.1." in n]
+                ok = meta.get("skip_layers") == "[1]" and json.loads(meta["skip_layers"]) == skip and same_io and \
+                    not leaked and info.get("skip_layers") == skip
+                print(f"    metadata {meta}, same inputs/outputs as model.onnx {same_io}, block-1 weights in graph "
+                      f"{len(leaked)}, {path.stat().st_size / 1024:.0f} KiB vs model.onnx "
+                      f"{(out / 'transformer' / 'model.onnx').stat().st_size / 1024:.0f} KiB  {'ok' if ok else 'FAIL'}")
+                if not ok:
+                    FAILURES.append(f"slg {mname} {exporter}/{attention}/{dtype}: metadata {meta}, same io {same_io}, "
+                                    f"leaked {leaked[:3]}")
+            del module
+    test_slg_cli()
+    test_slg_invalid()
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "export_sd3.py"), *args], capture_output=True, text=True)
+
+
+def test_slg_cli():
+    print("[slg cli] --random tiny --layers 3 --components transformer --skip-layers 1 --dtype fp16", flush=True)
+    base = ["--random", "tiny", "--layers", "3", "--tokenizers-from", str(TOKENIZERS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "slg"
+        res = _cli(base + ["--components", "transformer", "--skip-layers", "1", "--dtype", "fp16", "--out", str(out)])
+        if res.returncode != 0:
+            FAILURES.append("slg cli: " + res.stderr[-2000:])
+            print(res.stderr[-2000:])
+            return
+        t = out / "transformer"
+        manifest = json.loads((out / "manifest.json").read_text())
+        problems = []
+        for f in ("transformer/model.onnx", "transformer/" + ex.SKIP_FILE):
+            meta = manifest["files"].get(f)
+            if meta is None or meta["sha256"] != ex.sha256_file(out / f) or meta["size"] != (out / f).stat().st_size:
+                problems.append(f"manifest entry of {f}: {meta}")
+        entry = manifest["components"].get(ex.SKIP_COMPONENT, {})
+        if entry.get("skip_layers") != [1] or entry.get("files") != ["transformer/" + ex.SKIP_FILE] or \
+                entry.get("signature") != manifest["components"]["transformer"]["signature"]:
+            problems.append(f"manifest component entry {ex.SKIP_COMPONENT}: {str(entry)[:300]}")
+        if manifest["options"].get("skip_layers") != [1]:
+            problems.append(f"options {manifest['options']}")
+        if onnx_meta(t / ex.SKIP_FILE).get("skip_layers") != "[1]":
+            problems.append(f"metadata {onnx_meta(t / ex.SKIP_FILE)}")
+        io_main, io_skip = io_of(t / "model.onnx"), io_of(t / ex.SKIP_FILE)
+        types = {n: ty for n, ty, _ in io_skip}
+        if io_main != io_skip or types != {"hidden_states": "tensor(float16)", "encoder_hidden_states": "tensor(float16)",
+                                           "pooled_projections": "tensor(float16)", "timestep": "tensor(float)",
+                                           "out_hidden_states": "tensor(float16)"}:
+            problems.append(f"io {io_skip} vs model.onnx {io_main}")
+        print(f"  fp16: manifest entries, metadata, io {types}  {'ok' if not problems else 'FAIL ' + str(problems)}")
+
+        # --components transformer_skip_layers: only the skip graph, into the existing folder (unsorted list given).
+        main_sha = ex.sha256_file(t / "model.onnx")
+        res = _cli(base + ["--components", ex.SKIP_COMPONENT, "--skip-layers", "2,0", "--dtype", "fp16",
+                           "--out", str(out)])
+        manifest = json.loads((out / "manifest.json").read_text())
+        p2 = []
+        if res.returncode != 0:
+            p2.append(res.stderr[-1000:])
+        else:
+            if ex.sha256_file(t / "model.onnx") != main_sha:
+                p2.append("model.onnx changed")
+            if onnx_meta(t / ex.SKIP_FILE).get("skip_layers") != "[0, 2]":
+                p2.append(f"metadata {onnx_meta(t / ex.SKIP_FILE)}")
+            if manifest["files"]["transformer/" + ex.SKIP_FILE]["sha256"] != ex.sha256_file(t / ex.SKIP_FILE):
+                p2.append("manifest hash of the new skip graph")
+            if manifest["components"][ex.SKIP_COMPONENT]["skip_layers"] != [0, 2]:
+                p2.append("manifest component entry")
+        print(f"  --components {ex.SKIP_COMPONENT} --skip-layers 2,0 into the folder: model.onnx unchanged, metadata "
+              f"[0, 2]  {'ok' if not p2 else 'FAIL ' + str(p2)}")
+        # A skip graph of another dtype than model.onnx is refused (and not left behind).
+        res = _cli(base + ["--components", ex.SKIP_COMPONENT, "--skip-layers", "1", "--dtype", "fp32",
+                           "--out", str(out)])
+        p3 = [] if res.returncode != 0 and "inputs/outputs" in res.stderr and not (t / ex.SKIP_FILE).exists() \
+            else [f"rc {res.returncode}: {res.stderr[-500:]}"]
+        print(f"  fp32 skip graph next to an fp16 model.onnx refused: {res.stderr.strip().splitlines()[-1][:150] if res.stderr.strip() else ''}"
+              f"  {'ok' if not p3 else 'FAIL ' + str(p3)}")
+        # Re-exporting the transformer without --skip-layers drops the stale skip graph.
+        _cli(base + ["--components", ex.SKIP_COMPONENT, "--skip-layers", "1", "--dtype", "fp16", "--out", str(out)])
+        res = _cli(base + ["--components", "transformer", "--dtype", "fp16", "--out", str(out)])
+        manifest = json.loads((out / "manifest.json").read_text())
+        p4 = [] if res.returncode == 0 and not (t / ex.SKIP_FILE).exists() and \
+            ex.SKIP_COMPONENT not in manifest["components"] and "transformer/" + ex.SKIP_FILE not in manifest["files"] \
+            else [f"rc {res.returncode}, exists {(t / ex.SKIP_FILE).exists()}"]
+        print(f"  transformer re-exported without --skip-layers: stale skip graph removed  {'ok' if not p4 else 'FAIL ' + str(p4)}")
+        # --external-data always: the weights go to model_skip_layers.onnx.data, listed in the manifest too.
+        out_x = Path(tmp) / "slg-external"
+        res = _cli(base + ["--components", "transformer", "--skip-layers", "1", "--external-data", "always",
+                           "--out", str(out_x)])
+        p5 = []
+        if res.returncode != 0:
+            p5.append(res.stderr[-500:])
+        else:
+            files = json.loads((out_x / "manifest.json").read_text())["files"]
+            for f in ("transformer/" + ex.SKIP_FILE, "transformer/" + ex.SKIP_FILE + ".data"):
+                if f not in files or files[f]["sha256"] != ex.sha256_file(out_x / f):
+                    p5.append(f"manifest {f}")
+            if onnx_meta(out_x / "transformer" / ex.SKIP_FILE).get("skip_layers") != "[1]":
+                p5.append("metadata")
+        print(f"  --external-data always: {ex.SKIP_FILE} + {ex.SKIP_FILE}.data in the manifest, loads  "
+              f"{'ok' if not p5 else 'FAIL ' + str(p5)}")
+        problems += p2 + p3 + p4 + p5
+        if problems:
+            FAILURES.append(f"slg cli: {problems}")
+
+
+def test_slg_invalid():
+    print("[slg invalid] layer lists refused (3-block transformer)", flush=True)
+    base = ["--random", "tiny", "--layers", "3", "--tokenizers-from", str(TOKENIZERS)]
+    cases = [("3", "outside 0..2"), ("-1", "outside 0..2"), ("1,1", "more than once"), ("0,1,2", "every one of the 3"),
+             ("2,0,1", "every one of the 3"), ("a", "not an integer"), ("1.5", "not an integer"), ("", "expected"),
+             ("1,,2", "expected")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (value, why) in enumerate(cases):
+            out = Path(tmp) / f"bad{k}"
+            try:
+                ex.main(base + ["--components", "transformer", f"--skip-layers={value}", "--out", str(out)])
+                msg, ok = "accepted", False
+            except SystemExit as e:
+                msg = str(e.code)
+                ok = why in msg and not out.exists()
+            print(f"  --skip-layers={value!r:9s} -> {msg[:110]}  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"slg invalid {value!r}: {msg}")
+        for argv, why in ((["--components", ex.SKIP_COMPONENT], "needs --skip-layers"),
+                          (["--components", "vae_decoder", "--skip-layers", "1"], "needs transformer")):
+            try:
+                ex.main(base + argv + ["--out", str(Path(tmp) / "other")])
+                msg, ok = "accepted", False
+            except SystemExit as e:
+                msg = str(e.code)
+                ok = why in msg
+            print(f"  {' '.join(argv):60s} -> {msg[:80]}  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"slg invalid {argv}: {msg}")
+    for layers, n in (([], 3), ([3], 3), ([0, 0], 3), ([0, 1, 2], 3), ([True], 3)):
+        try:
+            ex.validate_skip_layers(layers, n)
+            FAILURES.append(f"validate_skip_layers({layers}, {n}) accepted")
+        except ValueError:
+            pass
+    if ex.validate_skip_layers([9, 7, 8], 24) != [7, 8, 9]:
+        FAILURES.append("validate_skip_layers does not sort")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI end to end
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -308,7 +542,7 @@ def test_cli():
         pipe.save_pretrained(Path(tmp) / "diffusers")
         out_m = Path(tmp) / "from-model"
         res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--model", str(Path(tmp) / "diffusers"),
-                              "--out", str(out_m)], capture_output=True, text=True)
+                              "--skip-layers", "1", "--out", str(out_m)], capture_output=True, text=True)
         if res.returncode != 0:
             FAILURES.append("cli --model: " + res.stderr[-2000:])
             print(res.stderr[-2000:])
@@ -320,13 +554,20 @@ def test_cli():
                 got = run(out_m / c / "model.onnx", feeds)
                 err = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
                 check(f"--model {c} vs the module it was saved from", err, 1e-4)
+            feeds = component_inputs("transformer", mods["transformer"])
+            with torch.no_grad():
+                ref = mods["transformer"](**feeds, return_dict=False, skip_layers=[1])[0].numpy()
+            got = run(out_m / "transformer" / ex.SKIP_FILE, feeds)["out_hidden_states"]
+            check("--model --skip-layers 1: skip graph vs transformer(skip_layers=[1])",
+                  float(np.abs(got - ref).max()), 1e-4)
             toks = sorted(p.name for p in (out_m / "tokenizer_3").iterdir())
             print(f"  --model folder: tokenizer_3 {toks}, model_index {sorted(json.loads((out_m / 'model_index.json').read_text()))[:6]}...")
 
         # A bf16 export is well-formed (ONNX Runtime has no CPU kernels for most bf16 ops, so it is not run here).
         out_bf = Path(tmp) / "tiny-bf16"
         res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--random", "tiny", "--tokenizers-from",
-                              str(TOKENIZERS), "--dtype", "bf16", "--components", "transformer", "--out", str(out_bf)],
+                              str(TOKENIZERS), "--dtype", "bf16", "--components", "transformer", "--skip-layers", "0",
+                              "--out", str(out_bf)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             FAILURES.append("cli bf16: " + res.stderr[-2000:])
@@ -338,13 +579,20 @@ def test_cli():
         inits = {onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer}
         print(f"  bf16 transformer: checker ok, initializer types {sorted(inits)}, inputs "
               f"{[(i.name, onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)) for i in m.graph.input]}")
+        ms = onnx.load(str(out_bf / "transformer" / ex.SKIP_FILE))
+        onnx.checker.check_model(ms)
+        meta = {p.key: p.value for p in ms.metadata_props}
+        same = ex.signature(ms) == ex.signature(m)
+        print(f"  bf16 skip graph: checker ok, metadata {meta}, same signature as model.onnx {same}")
+        if meta.get("skip_layers") != "[0]" or not same:
+            FAILURES.append(f"cli bf16 skip graph: metadata {meta}, same signature {same}")
 
 
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "cli"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli"]
     for name in wanted:
-        {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "cli": test_cli}[name]()
+        {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)
