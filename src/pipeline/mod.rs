@@ -20,7 +20,7 @@ use crate::latents::NoiseGenerator;
 use crate::model_config::Variant;
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ElementType, ExecutionProvider, Graph, Input};
-use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Schedule};
+use crate::scheduler::{apply_guidance, calculate_shift, euler_step, FlowMatchConfig, Sampler, SamplerKind, Schedule};
 use crate::text::{TextConditioning, TextEncoders};
 
 /// The largest width or height accepted (16384 pixels), whatever the model's position embedding allows.
@@ -151,7 +151,7 @@ struct Plan {
     /// Explicit latents `[n, C, h, w]` (the noise, with an init image).
     explicit: Option<Array4<f32>>,
     /// The steps that run (img2img and inpainting skip the first ones).
-    schedule: Schedule,
+    stepper: Stepper,
     /// img2img / inpainting inputs.
     init: Option<InitInputs>,
 }
@@ -162,6 +162,49 @@ struct InitInputs {
     mask: Option<Array4<f32>>,
     /// diffusers' `is_strength_max` (inpainting starts from pure noise then).
     full_strength: bool,
+}
+
+/// Advances the latents: the Euler schedule (possibly truncated by img2img's strength) or another sampler.
+#[derive(Clone)]
+enum Stepper {
+    Euler(Schedule),
+    Other(Sampler),
+}
+
+impl Stepper {
+    /// Transformer evaluations.
+    fn len(&self) -> usize {
+        match self {
+            Stepper::Euler(s) => s.len(),
+            Stepper::Other(s) => s.len(),
+        }
+    }
+
+    fn timestep(&self, i: usize) -> f32 {
+        match self {
+            Stepper::Euler(s) => s.timesteps[i],
+            Stepper::Other(s) => s.timesteps()[i],
+        }
+    }
+
+    /// The sigma of evaluation `i` (`len()` gives the final one).
+    fn sigma(&self, i: usize) -> f32 {
+        match self {
+            Stepper::Euler(s) => s.sigmas[i.min(s.sigmas.len() - 1)],
+            Stepper::Other(s) => s.sigma(i),
+        }
+    }
+
+    /// Updates `sample` from the (guided) velocity of evaluation `i`.
+    fn step(&mut self, i: usize, velocity: &[f32], sample: &mut [f32]) -> Result<()> {
+        match self {
+            Stepper::Euler(s) => {
+                euler_step(sample, velocity, s.sigmas[i], s.sigmas[i + 1]);
+                Ok(())
+            }
+            Stepper::Other(s) => s.step(velocity, sample),
+        }
+    }
 }
 
 /// Inpainting state of one image: what the unmasked region is pulled back to after every step.
@@ -414,13 +457,14 @@ impl Sd3Pipeline {
                 && r.init_image.is_some() == first.init_image.is_some()
                 && r.mask.is_some() == first.mask.is_some()
                 && r.skip_layer_guidance == first.skip_layer_guidance
-                && r.preview_every == first.preview_every;
+                && r.preview_every == first.preview_every
+                && r.sampler == first.sampler;
             if !same {
                 return Err(Error::request(
                     "requests",
                     requests.len(),
                     "batched requests must share width, height, steps, guidance, max_sequence_length, clip_skip, \
-                     strength, whether they have an init image and a mask, skip-layer guidance and previews",
+                     strength, whether they have an init image and a mask, skip-layer guidance, previews and the sampler",
                 ));
             }
         }
@@ -435,7 +479,7 @@ impl Sd3Pipeline {
             ));
         }
         let (width, height) = (plans[0].width, plans[0].height);
-        let schedule = plans[0].schedule.clone();
+        let mut stepper = plans[0].stepper.clone();
         let cfg = first.uses_guidance();
         let slg = first.skip_layer_guidance.clone();
 
@@ -492,17 +536,18 @@ impl Sd3Pipeline {
             _ => None,
         };
         let per_image = latents.len() / images.max(1);
-        let mut steps = Vec::with_capacity(schedule.len());
+        let evaluations = stepper.len();
+        let mut steps = Vec::with_capacity(evaluations);
         let cancelled =
             || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
-        for i in 0..schedule.len() {
+        for i in 0..evaluations {
             if cancelled() {
                 return Err(Error::Cancelled { step: i });
             }
             let step_start = Instant::now();
-            let timestep = schedule.timesteps[i];
+            let timestep = stepper.timestep(i);
             let output = velocity(&mut self.transformer, &mut bound, &latents, batch.batch(), timestep)?;
-            let (sigma, next) = (schedule.sigmas[i], schedule.sigmas[i + 1]);
+            let (sigma, next) = (stepper.sigma(i), stepper.sigma(i + 1));
             let v = output.as_slice().ok_or_else(|| internal("velocity is not contiguous"))?;
             // With guidance the output is [uncond..., cond...], each half aligned with the latents.
             let mut guided = if cfg {
@@ -525,16 +570,16 @@ impl Sd3Pipeline {
                 }
             }
             let previews = match first.preview_every {
-                Some(k) if (i + 1) % k == 0 || i + 1 == schedule.len() => previews(&latents, &guided, sigma, images)?,
+                Some(k) if (i + 1) % k == 0 || i + 1 == evaluations => previews(&latents, &guided, sigma, images)?,
                 _ => Vec::new(),
             };
             let x = latents.as_slice_mut().ok_or_else(|| internal("latents are not contiguous"))?;
-            euler_step(x, &guided, sigma, next);
+            stepper.step(i, &guided, x)?;
             for (k, inpaint) in inpaints.iter().enumerate() {
                 let Some(inp) = inpaint else { continue };
                 let x = &mut x[k * per_image..(k + 1) * per_image];
                 let image = inp.image_latents.as_slice().ok_or_else(|| internal("latents are not contiguous"))?;
-                let reference = if i + 1 < schedule.len() {
+                let reference = if i + 1 < evaluations {
                     let noise = inp.noise.as_slice().ok_or_else(|| internal("noise is not contiguous"))?;
                     let mut r = vec![0.0; per_image];
                     init_image::scale_noise(image, noise, next, &mut r);
@@ -545,7 +590,7 @@ impl Sd3Pipeline {
                 init_image::blend_known(x, &reference, &inp.mask);
             }
             steps.push(step_start.elapsed());
-            let report = StepProgress { step: i, steps: schedule.len(), sigma, elapsed: t.elapsed(), previews };
+            let report = StepProgress { step: i, steps: evaluations, sigma, elapsed: t.elapsed(), previews };
             if progress(&report).is_break() {
                 return Err(Error::Cancelled { step: i + 1 });
             }
@@ -553,7 +598,7 @@ impl Sd3Pipeline {
         drop((bound, skip_bound));
         self.release(&[Component::Transformer, Component::TransformerSkipLayers]);
         if cancelled() {
-            return Err(Error::Cancelled { step: schedule.len() });
+            return Err(Error::Cancelled { step: evaluations });
         }
         Ok(Denoised {
             latents,
@@ -618,7 +663,7 @@ impl Sd3Pipeline {
                 let (Some(x), Some(n), Some(o)) = (x, n, out.as_slice_mut()) else {
                     return Err(internal("latents are not contiguous"));
                 };
-                init_image::scale_noise(x, n, plan.schedule.sigmas[0], o);
+                init_image::scale_noise(x, n, plan.stepper.sigma(0), o);
                 out
             };
             starts.push(start);
@@ -765,8 +810,32 @@ impl Sd3Pipeline {
             }
         }
         self.check_guidance_options(req)?;
-        let full = self.schedule(req.steps, width, height)?;
         let init = self.init_inputs(req, width, height, warnings)?;
+        if req.sampler != SamplerKind::Euler {
+            if init.is_some() {
+                return Err(Error::request(
+                    "sampler",
+                    req.sampler,
+                    "img2img and inpainting run with the Euler sampler (diffusers' pipelines use its scale_noise)",
+                ));
+            }
+            let p = self.info.patch_size * self.info.vae_scale_factor;
+            let mu = self
+                .scheduler
+                .use_dynamic_shifting
+                .then(|| calculate_shift((height / p) * (width / p), &self.scheduler));
+            let sampler = Sampler::new(req.sampler, &self.scheduler, req.steps, mu)?;
+            let seeds = match &req.latents {
+                Some(_) => vec![None; n],
+                None => {
+                    let base = req.seed.unwrap_or_else(random_seed);
+                    (0..n as u64).map(|k| Some(base.wrapping_add(k))).collect()
+                }
+            };
+            let explicit = req.latents.as_ref().map(|l| l.as_standard_layout().into_owned());
+            return Ok(Plan { width, height, seeds, explicit, stepper: Stepper::Other(sampler), init: None });
+        }
+        let full = self.schedule(req.steps, width, height)?;
         let schedule = match &init {
             Some(_) => {
                 let start = init_image::start_step(req.steps, req.strength);
@@ -794,7 +863,7 @@ impl Sd3Pipeline {
             (0..n as u64).map(|k| Some(base.wrapping_add(k))).collect()
         };
         let explicit = req.latents.as_ref().map(|l| l.as_standard_layout().into_owned());
-        Ok(Plan { width, height, seeds, explicit, schedule, init })
+        Ok(Plan { width, height, seeds, explicit, stepper: Stepper::Euler(schedule), init })
     }
 
     /// Checks img2img / inpainting settings and prepares the init image and mask.

@@ -7,6 +7,7 @@ use image::RgbImage;
 
 use crate::error::Component;
 use crate::runtime::ExecutionProvider;
+use crate::scheduler::SamplerKind;
 use crate::GenerationRequest;
 
 /// Something the caller should know that did not stop the run.
@@ -153,6 +154,15 @@ pub struct GenerationOutput {
 
 /// Formats generation parameters the way AUTOMATIC1111's web UI stores them in a PNG's `parameters` chunk:
 /// the prompt, a `Negative prompt:` line, then `Key: value` pairs.
+/// The sampler as the A1111 `parameters` text names it.
+fn sampler_label(kind: SamplerKind) -> &'static str {
+    match kind {
+        SamplerKind::Heun => "FlowMatch Heun",
+        SamplerKind::DpmSolverPlusPlus2M => "DPM++ 2M (flow)",
+        _ => "FlowMatch Euler",
+    }
+}
+
 pub(crate) fn a1111_parameters(
     request: &GenerationRequest,
     seed: Option<u64>,
@@ -169,12 +179,28 @@ pub(crate) fn a1111_parameters(
         None => "Seed: explicit latents".to_string(),
     };
     text.push_str(&format!(
-        "\nSteps: {}, Sampler: FlowMatch Euler, Shift: {shift}, CFG scale: {}, {seed}, Size: {}x{}, Model: {model}, \
+        "\nSteps: {}, Sampler: {}, Shift: {shift}, CFG scale: {}, {seed}, Size: {}x{}, Model: {model}, \
          T5 tokens: {}",
-        request.steps, request.guidance, size.0, size.1, request.max_sequence_length
+        request.steps,
+        sampler_label(request.sampler),
+        request.guidance,
+        size.0,
+        size.1,
+        request.max_sequence_length
     ));
     if let Some(k) = request.clip_skip {
         text.push_str(&format!(", Clip skip: {k}"));
+    }
+    if request.init_image.is_some() {
+        let mode = if request.mask.is_some() { "Inpainting" } else { "img2img" };
+        text.push_str(&format!(", Mode: {mode}, Denoising strength: {}", request.strength));
+    }
+    if let Some(slg) = &request.skip_layer_guidance {
+        text.push_str(&format!(", SLG scale: {}, SLG window: {}-{}", slg.scale, slg.start, slg.stop));
+        if let Some(layers) = &slg.layers {
+            let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+            text.push_str(&format!(", SLG layers: {}", names.join(" ")));
+        }
     }
     text
 }

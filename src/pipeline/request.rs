@@ -4,6 +4,7 @@ use image::{GrayImage, RgbImage};
 use ndarray::Array4;
 
 use crate::progress::CancellationToken;
+use crate::scheduler::SamplerKind;
 
 /// Skip-layer guidance (SLG, diffusers' `skip_guidance_layers`): on the steps inside `[start, stop)` of the
 /// schedule, one more conditional transformer pass with some blocks skipped pushes the prediction away from it:
@@ -115,6 +116,10 @@ pub struct GenerationRequest {
     pub strength: f64,
     /// Skip-layer guidance (see [`SkipLayerGuidance`]); off by default.
     pub skip_layer_guidance: Option<SkipLayerGuidance>,
+    /// The sampler (default: FlowMatch Euler, the scheduler SD3 ships with). Heun and DPM-Solver++ (2M) read the
+    /// same `scheduler_config.json`; img2img and inpainting need Euler (diffusers' pipelines call its
+    /// `scale_noise`).
+    pub sampler: SamplerKind,
     /// Every this many steps, the progress callback receives a preview image (see
     /// [`StepProgress::preview`](crate::StepProgress::preview)); `None` (default) makes none.
     pub preview_every: Option<usize>,
@@ -140,6 +145,7 @@ impl Default for GenerationRequest {
             strength: 0.6,
             skip_layer_guidance: None,
             preview_every: None,
+            sampler: SamplerKind::Euler,
         }
     }
 }
@@ -246,6 +252,13 @@ impl GenerationRequest {
     #[must_use]
     pub fn skip_layer_guidance(mut self, slg: SkipLayerGuidance) -> Self {
         self.skip_layer_guidance = Some(slg);
+        self
+    }
+
+    /// Chooses the sampler.
+    #[must_use]
+    pub fn sampler(mut self, kind: SamplerKind) -> Self {
+        self.sampler = kind;
         self
     }
 
