@@ -8,7 +8,7 @@
 //! [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] [--ep cpu|cuda|tensorrt|directml]
 //! [--output FILE.png]
 //!
-//! img2img and inpainting: [--init-image FILE.png --strength S [--mask FILE.png]] (mask: white = repaint).
+//! Samplers: [--sampler euler|heun|dpmpp_2m]. img2img and inpainting: [--init-image FILE.png --strength S [--mask FILE.png]] (mask: white = repaint).
 //! Skip-layer guidance: [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] (needs
 //! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
 //! [--vae-tiling].
@@ -23,7 +23,7 @@ use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, SkipLayerGuida
 
 const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
 [--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
-[--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
+[--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--sampler euler|heun|dpmpp_2m] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
 [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] [--preview-every K --preview-dir DIR] \
 [--low-memory] [--vae-tiling]";
 
@@ -92,6 +92,7 @@ fn parse() -> Result<Args, String> {
             "--init-image" => init_image = Some(PathBuf::from(value)),
             "--mask" => mask = Some(PathBuf::from(value)),
             "--strength" => req.strength = num(&flag, value)?,
+            "--sampler" => req.sampler = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--preview-every" => req.preview_every = Some(num(&flag, value)?),
             "--preview-dir" => preview_dir = Some(PathBuf::from(value)),
             "--slg-scale" => slg = Some(SkipLayerGuidance::new(num(&flag, value)?)),

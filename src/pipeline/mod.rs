@@ -207,6 +207,9 @@ impl Stepper {
     }
 }
 
+/// Per image of a plan: the starting latents, and the inpainting state where there is a mask.
+type Starts = (Vec<Array4<f32>>, Vec<Option<Inpaint>>);
+
 /// Inpainting state of one image: what the unmasked region is pulled back to after every step.
 struct Inpaint {
     image_latents: Array4<f32>,
@@ -615,7 +618,7 @@ impl Sd3Pipeline {
     /// The starting latents of a plan's images `[1, C, h, w]` each and, for inpainting, what each image's
     /// unmasked region is pulled back to. Random draws per image, from its own seed, in diffusers' order: the
     /// VAE posterior sample of the init image first, then the noise.
-    fn initial_latents(&mut self, plan: &Plan) -> Result<(Vec<Array4<f32>>, Vec<Option<Inpaint>>)> {
+    fn initial_latents(&mut self, plan: &Plan) -> Result<Starts> {
         let f = self.info.vae_scale_factor;
         let shape = [1, self.info.latent_channels, plan.height / f, plan.width / f];
         let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
@@ -667,10 +670,11 @@ impl Sd3Pipeline {
                 out
             };
             starts.push(start);
-            inpaints.push(match &init.mask {
-                Some(mask) => Some(Inpaint { image_latents, noise, mask: mask.iter().copied().collect() }),
-                None => None,
-            });
+            inpaints.push(init.mask.as_ref().map(|mask| Inpaint {
+                image_latents,
+                noise,
+                mask: mask.iter().copied().collect(),
+            }));
         }
         Ok((starts, inpaints))
     }

@@ -121,7 +121,7 @@ pub struct GenerationRequest {
     /// `scale_noise`).
     pub sampler: SamplerKind,
     /// Every this many steps, the progress callback receives a preview image (see
-    /// [`StepProgress::preview`](crate::StepProgress::preview)); `None` (default) makes none.
+    /// [`StepProgress::previews`](crate::StepProgress::previews)); `None` (default) makes none.
     pub preview_every: Option<usize>,
 }
 
