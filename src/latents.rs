@@ -6,20 +6,24 @@ use ndarray::{Array4, ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 
-/// Seeded Gaussian noise drawn the way PyTorch's CPU generator draws it, so `seed` gives (within float
-/// rounding of `log`/`cos`/`sin`, about 1 ulp) the latents diffusers makes with
-/// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`.
+/// Seeded Gaussian noise drawn the way PyTorch's CPU generator draws it, so `seed` gives bit for bit the latents
+/// diffusers makes with `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`, and further
+/// draws from the same generator continue as torch's do.
 ///
 /// Reference (PyTorch): `at::mt19937` (`ATen/core/MT19937RNGEngine.h`: MT19937 seeded with the low 32 bits),
 /// `uniform_real_distribution<float>` (`ATen/core/TransformationHelper.h`: the low 24 bits of one 32-bit draw
 /// times 2^-24), and `normal_fill` (`ATen/native/cpu/DistributionTemplates.h`: all uniforms drawn first, then
 /// Box-Muller on blocks of 16, `u1 = 1 - data[j]`, `u2 = data[j + 8]`; a size that is not a multiple of 16
-/// redraws the last 16). torch's vectorised (AVX2/AVX-512) `log`/`cos`/`sin` can differ from ours in the last
-/// bit, which does not show in an 8-bit image.
+/// redraws the last 16). Box-Muller uses the Cephes `log`/`sincos` polynomials of `ATen/native/cpu/avx_mathfun.h`
+/// that torch's kernel calls (not libm), with the fused multiply-adds of the compiled kernel. Checked bit for bit
+/// against torch 2.8.0 on an AVX-512 CPU (tests/seeds.rs, models/goldens/torch_randn). Other torch builds (e.g.
+/// ones that route `randn` through MKL on Intel CPUs) may draw differently.
 #[derive(Debug, Clone)]
 pub struct NoiseGenerator {
     mt: Box<[u32; 624]>,
     index: usize,
+    /// torch's cached second Box-Muller value of the scalar path (`next_double_normal_sample`).
+    cached_normal: Option<f64>,
 }
 
 impl NoiseGenerator {
@@ -30,7 +34,7 @@ impl NoiseGenerator {
         for i in 1..624 {
             mt[i] = 1_812_433_253u32.wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_add(i as u32);
         }
-        NoiseGenerator { mt, index: 624 }
+        NoiseGenerator { mt, index: 624, cached_normal: None }
     }
 
     fn next_u32(&mut self) -> u32 {
@@ -58,46 +62,71 @@ impl NoiseGenerator {
         (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)
     }
 
-    /// Box-Muller on one block of 16 uniforms, in place (torch's `normal_fill_16`).
+    /// Box-Muller on one block of 16 uniforms, in place: torch's `normal_fill_16_AVX2`
+    /// (`ATen/native/cpu/DistributionTemplates.h`) with `log256_ps` / `sincos256_ps` from
+    /// `ATen/native/cpu/avx_mathfun.h`, lane by lane.
     fn normal_16(data: &mut [f32]) {
+        // _mm256_set1_ps(2.0f * c10::pi<double>)
+        let two_pi = (2.0 * std::f64::consts::PI) as f32;
         for j in 0..8 {
             let u1 = 1.0 - data[j];
             let u2 = data[j + 8];
-            let radius = (-2.0 * u1.ln()).sqrt();
-            let theta = 2.0 * std::f32::consts::PI * u2;
-            data[j] = radius * theta.cos();
-            data[j + 8] = radius * theta.sin();
+            let radius = (-2.0 * cephes_log(u1)).sqrt();
+            let (sin, cos) = cephes_sincos(two_pi * u2);
+            // _mm256_fmadd_ps(n, std = 1, mean = 0) == n exactly.
+            data[j] = radius * cos;
+            data[j + 8] = radius * sin;
         }
     }
 
-    /// Fills `out` with standard normal values, as `torch.randn` fills a float32 tensor of that many elements
-    /// (at least 16; smaller tensors use another torch code path and are drawn here the same way).
+    /// Fills `out` with standard normal values, as `torch.randn` fills a contiguous float32 tensor of that many
+    /// elements: from 16 values on, all uniforms first and then Box-Muller on blocks of 16 (a remainder redraws
+    /// the last 16); below 16, torch's scalar path (`at::normal_distribution<double>`, with its cached value).
     pub fn fill_normal(&mut self, out: &mut [f32]) {
+        let n = out.len();
+        if n < 16 {
+            for v in out.iter_mut() {
+                *v = self.normal_f64() as f32;
+            }
+            return;
+        }
         for v in out.iter_mut() {
             *v = self.uniform();
         }
-        let n = out.len();
         let mut i = 0;
         while i + 16 <= n {
             Self::normal_16(&mut out[i..i + 16]);
             i += 16;
         }
-        if !n.is_multiple_of(16) && n >= 16 {
+        if !n.is_multiple_of(16) {
             let tail = &mut out[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform();
             }
             Self::normal_16(tail);
-        } else if !n.is_multiple_of(16) {
-            // Fewer than 16 values: pad a block of 16 and keep the first n.
-            let mut block = [0f32; 16];
-            block[..n].copy_from_slice(out);
-            for v in block[n..].iter_mut() {
-                *v = self.uniform();
-            }
-            Self::normal_16(&mut block);
-            out.copy_from_slice(&block[..n]);
         }
+    }
+
+    /// torch's `at::normal_distribution<double>` (`ATen/core/DistributionsHelper.h`): a cached value if one is
+    /// left, else Box-Muller in f64 on two 53-bit uniforms (`random64`: two draws, the first the high word),
+    /// keeping `r * sin(theta)` for the next call.
+    fn normal_f64(&mut self) -> f64 {
+        if let Some(v) = self.cached_normal.take() {
+            return v;
+        }
+        let u1 = self.uniform_f64();
+        let u2 = self.uniform_f64();
+        let r = (-2.0 * (-u2).ln_1p()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u1;
+        self.cached_normal = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    /// torch's `uniform_real_distribution<double>(0, 1)`: the low 53 bits of `random64()` times 2^-53.
+    fn uniform_f64(&mut self) -> f64 {
+        let hi = u64::from(self.next_u32());
+        let lo = u64::from(self.next_u32());
+        (((hi << 32) | lo) & ((1u64 << 53) - 1)) as f64 * (1.0 / 9_007_199_254_740_992.0)
     }
 
     /// Standard normal latents of the given shape.
@@ -108,6 +137,88 @@ impl NoiseGenerator {
         }
         a
     }
+}
+
+// The constants are avx_mathfun.h's decimal literals as written there: rounding a shorter decimal to f32 can
+// land on the neighbouring float and change the last bit of some draws.
+/// `log256_ps` of avx_mathfun.h (Julien Pommier's AVX port of the Cephes `logf`), one lane, in the order of
+/// operations torch's compiled kernel performs: GCC contracts each multiply that feeds an add into one fused
+/// multiply-add (`-ffp-contract=fast`), so the polynomial and the final corrections use `mul_add` exactly where
+/// the kernel has an FMA. Valid for the arguments Box-Muller gives it, `(0, 1]`.
+#[allow(clippy::excessive_precision)]
+fn cephes_log(x: f32) -> f32 {
+    const SQRTHF: f32 = 0.707106781186547524; // cephes_SQRTHF
+    const P: [f32; 9] = [
+        7.0376836292E-2,  // cephes_log_p0
+        -1.1514610310E-1, // p1
+        1.1676998740E-1,  // p2
+        -1.2420140846E-1, // p3
+        1.4249322787E-1,  // p4
+        -1.6668057665E-1, // p5
+        2.0000714765E-1,  // p6
+        -2.4999993993E-1, // p7
+        3.3333331174E-1,  // p8
+    ];
+    const Q1: f32 = -2.12194440e-4; // cephes_log_q1
+    const Q2: f32 = 0.693359375; // cephes_log_q2
+    let x = x.max(f32::from_bits(0x0080_0000)); // min_norm_pos
+    let bits = x.to_bits();
+    let exponent = (bits >> 23) as i32 - 0x7f;
+    let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
+    let mut e = exponent as f32 + 1.0;
+    let below = x < SQRTHF;
+    let tmp = if below { x } else { 0.0 };
+    x -= 1.0;
+    if below {
+        e -= 1.0;
+    }
+    x += tmp;
+    let z = x * x;
+    let mut y = P[0];
+    for p in &P[1..] {
+        y = y.mul_add(x, *p);
+    }
+    y *= x;
+    y = y.mul_add(z, e * Q1);
+    y = z.mul_add(-0.5, y);
+    x += y;
+    e.mul_add(Q2, x)
+}
+
+/// `sincos256_ps` of avx_mathfun.h (Cephes `sinf`/`cosf`), one lane, with the compiled kernel's fused
+/// multiply-adds (see [`cephes_log`]). Returns `(sin, cos)`.
+#[allow(clippy::excessive_precision)]
+fn cephes_sincos(theta: f32) -> (f32, f32) {
+    const FOPI: f32 = 1.27323954473516; // cephes_FOPI (4 / pi)
+    const DP1: f32 = -0.785_156_25; // minus_cephes_DP1
+    const DP2: f32 = -2.4187564849853515625e-4; // minus_cephes_DP2
+    const DP3: f32 = -3.77489497744594108e-8; // minus_cephes_DP3
+    const SINCOF: [f32; 3] = [-1.9515295891E-4, 8.3321608736E-3, -1.6666654611E-1]; // sincof_p0..p2
+    const COSCOF: [f32; 3] = [2.443315711809948E-005, -1.388731625493765E-003, 4.166664568298827E-002]; // coscof_p0..p2
+    let mut sign_sin = theta.to_bits() & 0x8000_0000;
+    let mut x = theta.abs();
+    // cvttps: truncation toward zero; then to the next even integer.
+    let j = (((x * FOPI) as i32) + 1) & !1;
+    let y = j as f32;
+    sign_sin ^= ((j & 4) as u32) << 29;
+    let poly = (j & 2) == 0;
+    let sign_cos = ((!(j - 2) & 4) as u32) << 29;
+    x = y.mul_add(DP1, x);
+    x = y.mul_add(DP2, x);
+    x = y.mul_add(DP3, x);
+    let z = x * x;
+    let mut c = COSCOF[0].mul_add(z, COSCOF[1]);
+    c = c.mul_add(z, COSCOF[2]);
+    c *= z;
+    // The kernel's FMA takes the second multiply by z into the subtraction (fmsub), not `z * 0.5`.
+    c = c.mul_add(z, -(z * 0.5));
+    c += 1.0;
+    let mut s = SINCOF[0].mul_add(z, SINCOF[1]);
+    s = s.mul_add(z, SINCOF[2]);
+    s *= z;
+    s = s.mul_add(x, x);
+    let (sin, cos) = if poly { (s, c) } else { (c, s) };
+    (f32::from_bits(sin.to_bits() ^ sign_sin), f32::from_bits(cos.to_bits() ^ sign_cos))
 }
 
 /// Reads a little-endian float32 `.npy` file (C order) of any rank.

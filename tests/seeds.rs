@@ -1,7 +1,8 @@
 //! `seed` alone reproduces diffusers' images: our noise equals
-//! `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`, which is how every golden's
-//! latents.npy was drawn (models/make_fixtures.py), within 1e-6 (torch's vectorised log/cos/sin may differ in the
-//! last bit), and the images generated from the seed equal diffusers' within 1 level.
+//! `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))` bit for bit, which is how every
+//! golden's latents.npy was drawn (models/make_fixtures.py), consecutive draws from one generator continue as
+//! torch's do (models/goldens/torch_randn, models/make_rng_goldens.py), and the images generated from the seed
+//! equal diffusers' within 1 level.
 
 mod common;
 
@@ -20,10 +21,8 @@ fn seeds_reproduce_the_golden_latents_and_images() {
             let want = npy(&case.join("latents.npy"));
             let s = want.shape();
             let ours = NoiseGenerator::new(seed).latents([s[0], s[1], s[2], s[3]]).into_dyn();
-            let d = max_abs_diff(&ours, &want);
-            let exact = ours.iter().zip(want.iter()).filter(|(a, b)| a == b).count() as f64 / want.len() as f64;
-            assert!(d <= 1e-6, "{}: latents differ from torch by {d}", case.display());
-            assert!(exact > 0.5, "{}: only {exact:.2} of the values are bit-identical", case.display());
+            let differing = ours.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differing, 0, "{}: {differing} values differ from torch's draws", case.display());
 
             let mut req = golden_request(&case);
             req.latents = None;
@@ -34,4 +33,45 @@ fn seeds_reproduce_the_golden_latents_and_images() {
         }
     }
     assert!(checked >= 8, "checked {checked} seeded cases");
+}
+
+#[test]
+fn draws_equal_torch_bit_for_bit() {
+    let dir = repo().join("models/goldens/torch_randn");
+    let index = read_json(&dir.join("index.json"));
+    let files = index["files"].as_array().expect("files");
+    assert!(files.len() >= 7);
+    for f in files {
+        let want = npy(&dir.join(f["file"].as_str().unwrap()));
+        let mut g = NoiseGenerator::new(f["seed"].as_u64().unwrap());
+        let mut ours = Vec::new();
+        for n in f["sizes"].as_array().unwrap() {
+            let mut chunk = vec![0f32; n.as_u64().unwrap() as usize];
+            g.fill_normal(&mut chunk);
+            ours.extend(chunk);
+        }
+        assert_eq!(ours.len(), want.len());
+        let differing = ours.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{}: {differing} of {} draws differ from torch", f["file"], want.len());
+    }
+}
+
+/// img2img's two draws (VAE posterior sample, then noise) come from one generator: the golden's `noise.npy` is
+/// our second draw, bit for bit.
+#[test]
+fn img2img_noise_is_the_second_draw() {
+    for fixture_name in ["tiny-sd3", "tiny-sd35"] {
+        for case in ["img2img", "inpaint"] {
+            let dir = feature_case(fixture_name, case);
+            let seed = read_json(&dir.join("request.json"))["seed"].as_u64().unwrap();
+            let want = npy(&dir.join("noise.npy"));
+            let s = want.shape();
+            let shape = [s[0], s[1], s[2], s[3]];
+            let mut g = NoiseGenerator::new(seed);
+            let _posterior = g.latents(shape);
+            let noise = g.latents(shape).into_dyn();
+            let differing = noise.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differing, 0, "{fixture_name}/{case}: noise differs from diffusers' second draw");
+        }
+    }
 }
