@@ -145,7 +145,7 @@ impl NoiseGenerator {
 /// operations torch's compiled kernel performs: GCC contracts each multiply that feeds an add into one fused
 /// multiply-add (`-ffp-contract=fast`), so the polynomial and the final corrections use `mul_add` exactly where
 /// the kernel has an FMA. Valid for the arguments Box-Muller gives it, `(0, 1]`.
-#[allow(clippy::excessive_precision)]
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
 fn cephes_log(x: f32) -> f32 {
     const SQRTHF: f32 = 0.707106781186547524; // cephes_SQRTHF
     const P: [f32; 9] = [
