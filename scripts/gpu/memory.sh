@@ -2,7 +2,8 @@
 # On the GPU machine, after build_sd3m.sh: peak memory of the memory modes, one fresh process per mode.
 # GPU memory: nvidia-smi polled every 20 ms during the run (peak minus the idle reading before it); host memory:
 # the process's VmHWM, printed by the benchmark. 2 steps are enough: memory does not grow with the step count.
-# Modes: default and --low-memory at 1024x1024; default (untiled VAE) and --vae-tiling at 2048x2048.
+# Modes: default and --low-memory at 1024x1024; default (untiled VAE), --vae-tiling and both at 2048x2048.
+# Single cold runs (no warm-up): the times include first-run costs and are not benchmarks.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,5 +33,6 @@ run default 1024
 run low-memory 1024 --low-memory
 run default-2048 2048
 run vae-tiling-2048 2048 --vae-tiling
+run low-memory+vae-tiling-2048 2048 --low-memory --vae-tiling
 echo "$card" | tee -a "$OUT/memory.md"
 cat "$OUT/memory.md"
