@@ -1897,6 +1897,23 @@ def stage_readme():
     add("The three graphs are valid ONNX (opset 18, IR 8) that ORT loads and runs; only their signature is wrong.")
     add("")
 
+    # ---- other generators
+    add("## Files from the other generators")
+    add("")
+    add("| files | generator | what |")
+    add("|---|---|---|")
+    add("| `goldens/<fixture>/{img2img,inpaint,sampler_heun,sampler_dpmpp_2m}`, `goldens/tiny-sd35/slg` | "
+        "`models/make_feature_goldens.py` | diffusers' img2img and inpaint pipelines from a seed alone (every draw), "
+        "Heun and DPM-Solver++ (2M) schedulers, skip-layer guidance; debug tensors and a sensitivity table in each "
+        "summary.json |")
+    add("| `goldens/samplers.json` | `models/make_sampler_goldens.py` | Heun / DPM++ 2M timesteps, sigmas and "
+        "step-by-step trajectories on a closed-form fake model |")
+    add("| `goldens/torch_randn/` | `models/make_rng_goldens.py` | `torch.randn` draws from seeded CPU generators, "
+        "for the bit-exact noise test |")
+    add("| `fixtures/tiny-sd35/transformer/model_skip_layers.onnx` | `models/export/make_skip_fixture.py` | the "
+        "fixture's transformer with block 1 skipped (`skip_layers` metadata `[1]`), for skip-layer guidance |")
+    add("")
+
     # ---- numerics/quirks
     add("## Behaviour worth knowing (diffusers 0.35.2, optimum 2.1.0 / optimum-onnx 0.1.0, ORT 1.31.1)")
     add("")
