@@ -11,7 +11,8 @@
 //! Samplers: [--sampler euler|heun|dpmpp_2m]. img2img and inpainting: [--init-image FILE.png --strength S [--mask FILE.png]] (mask: white = repaint).
 //! Skip-layer guidance: [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] (needs
 //! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
-//! [--vae-tiling].
+//! [--vae-tiling] [--no-t5]. Also [--images N] (written as FILE-k.png), [--clip-skip N], [--shift X] (overrides
+//! the scheduler config's shift).
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt
 [--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
 [--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--sampler euler|heun|dpmpp_2m] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
 [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] [--preview-every K --preview-dir DIR] \
-[--low-memory] [--vae-tiling]";
+[--low-memory] [--vae-tiling] [--images N] [--clip-skip N] [--no-t5] [--shift X]";
 
 struct Args {
     model: PathBuf,
@@ -41,6 +42,8 @@ struct Args {
     preview_dir: Option<PathBuf>,
     low_memory: bool,
     vae_tiling: bool,
+    no_t5: bool,
+    shift: Option<f64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -54,7 +57,8 @@ fn parse() -> Result<Args, String> {
     let mut ep = ExecutionProvider::Cpu;
     let mut output = PathBuf::from("output.png");
     let (mut init_image, mut mask, mut preview_dir) = (None, None, None);
-    let (mut low_memory, mut vae_tiling) = (false, false);
+    let (mut low_memory, mut vae_tiling, mut no_t5) = (false, false, false);
+    let mut shift = None;
     let mut slg: Option<SkipLayerGuidance> = None;
     let mut slg_parts: Vec<String> = Vec::new();
     fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
@@ -71,6 +75,10 @@ fn parse() -> Result<Args, String> {
             }
             "--vae-tiling" => {
                 vae_tiling = true;
+                continue;
+            }
+            "--no-t5" => {
+                no_t5 = true;
                 continue;
             }
             _ => {}
@@ -92,6 +100,9 @@ fn parse() -> Result<Args, String> {
             "--init-image" => init_image = Some(PathBuf::from(value)),
             "--mask" => mask = Some(PathBuf::from(value)),
             "--strength" => req.strength = num(&flag, value)?,
+            "--clip-skip" => req.clip_skip = Some(num(&flag, value)?),
+            "--images" => req.images_per_prompt = num(&flag, value)?,
+            "--shift" => shift = Some(num(&flag, value)?),
             "--sampler" => req.sampler = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--preview-every" => req.preview_every = Some(num(&flag, value)?),
             "--preview-dir" => preview_dir = Some(PathBuf::from(value)),
@@ -142,6 +153,8 @@ fn parse() -> Result<Args, String> {
         preview_dir,
         low_memory,
         vae_tiling,
+        no_t5,
+        shift,
     })
 }
 
@@ -159,6 +172,8 @@ fn run(args: Args) -> Result<(), String> {
         preview_dir,
         low_memory,
         vae_tiling,
+        no_t5,
+        shift,
     } = args;
     if let Some(path) = &init_image {
         request.init_image = Some(sd3_onnx::image::load_rgb(path).map_err(|e| e.to_string())?);
@@ -178,12 +193,14 @@ fn run(args: Args) -> Result<(), String> {
         request.latents = Some(array);
     }
     let t = Instant::now();
-    let mut pipe = Sd3Pipeline::builder(&model)
-        .execution_provider(ep)
-        .low_memory(low_memory)
-        .vae_tiling(vae_tiling)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut builder = Sd3Pipeline::builder(&model).execution_provider(ep).low_memory(low_memory).vae_tiling(vae_tiling);
+    if no_t5 {
+        builder = builder.without_t5();
+    }
+    if let Some(shift) = shift {
+        builder = builder.shift(shift);
+    }
+    let mut pipe = builder.build().map_err(|e| e.to_string())?;
     let load = t.elapsed();
     let defaults = pipe.request("");
     request.steps = steps.unwrap_or(defaults.steps);
@@ -216,9 +233,17 @@ fn run(args: Args) -> Result<(), String> {
     for w in &out.warnings {
         eprintln!("warning: {w}");
     }
-    let image = out.images.first().ok_or("the pipeline returned no image")?;
-    // PNG with the generation parameters in a `parameters` text chunk (AUTOMATIC1111's convention).
-    sd3_onnx::image::save_png(&output, image, out.parameters.first().map(String::as_str)).map_err(|e| e.to_string())?;
+    if out.images.is_empty() {
+        return Err("the pipeline returned no image".into());
+    }
+    // PNGs with the generation parameters in a `parameters` text chunk (AUTOMATIC1111's convention); with
+    // --images N > 1, image k goes to <output>-k.png.
+    let mut written = Vec::new();
+    for (k, (image, parameters)) in out.images.iter().zip(&out.parameters).enumerate() {
+        let path = if out.images.len() == 1 { output.clone() } else { numbered(&output, k) };
+        sd3_onnx::image::save_png(&path, image, Some(parameters)).map_err(|e| e.to_string())?;
+        written.push(path);
+    }
     let t = &out.timings;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     eprintln!("timings:");
@@ -227,11 +252,20 @@ fn run(args: Args) -> Result<(), String> {
     eprintln!("  denoising        {:>9.1} ms ({} steps)", ms(t.denoising), t.steps.len());
     eprintln!("  VAE decode       {:>9.1} ms", ms(t.vae_decode));
     eprintln!("  total            {:>9.1} ms (ONNX Runtime {:.1} ms)", ms(t.total), ms(t.onnx_runtime));
-    match out.seed {
-        Some(seed) => println!("wrote {} ({}x{}, seed {seed})", output.display(), out.size.0, out.size.1),
-        None => println!("wrote {} ({}x{}, explicit latents)", output.display(), out.size.0, out.size.1),
+    for (path, seed) in written.iter().zip(&out.seeds) {
+        match seed {
+            Some(seed) => println!("wrote {} ({}x{}, seed {seed})", path.display(), out.size.0, out.size.1),
+            None => println!("wrote {} ({}x{}, explicit latents)", path.display(), out.size.0, out.size.1),
+        }
     }
     Ok(())
+}
+
+/// `out.png` -> `out-3.png`.
+fn numbered(path: &std::path::Path, k: usize) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "output".into());
+    let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
+    path.with_file_name(format!("{stem}-{k}.{ext}"))
 }
 
 fn main() -> ExitCode {

@@ -63,3 +63,24 @@ fn samplers_refuse_what_diffusers_cannot_do() {
     let err = dynamic.generate(&req).unwrap_err().to_string();
     assert!(err.contains("dynamic"), "{err}");
 }
+
+/// `Sd3PipelineBuilder::shift` overrides scheduler_config.json's shift: the same value gives the golden, another
+/// moves the image, and a bad value is refused at build.
+#[test]
+fn the_shift_can_be_overridden() {
+    let case = golden_dir("tiny-sd3").join("cfg_negative");
+    let golden = load_png(&case.join("diffusers.png"));
+    let own = Sd3Pipeline::builder(common::fixture("tiny-sd3")).build().unwrap();
+    let shift = own.scheduler_config().shift;
+    let mut same = Sd3Pipeline::builder(common::fixture("tiny-sd3")).shift(shift).build().unwrap();
+    let (max, _) = pixel_diff(&same.generate(&golden_request(&case)).unwrap().images[0], &golden);
+    assert!(max <= TOLERANCE);
+    let mut other = Sd3Pipeline::builder(common::fixture("tiny-sd3")).shift(shift + 2.0).build().unwrap();
+    assert_eq!(other.scheduler_config().shift, shift + 2.0);
+    let (apart, _) = pixel_diff(&other.generate(&golden_request(&case)).unwrap().images[0], &golden);
+    assert!(apart > 3, "shift {} only moved the image by {apart}", shift + 2.0);
+    for bad in [0.0, -1.0, f64::NAN] {
+        let err = Sd3Pipeline::builder(common::fixture("tiny-sd3")).shift(bad).build().unwrap_err().to_string();
+        assert!(err.contains("shift"), "{err}");
+    }
+}

@@ -26,6 +26,7 @@ pub struct Sd3PipelineBuilder {
     static_shape: Option<StaticShape>,
     vae_tiling: bool,
     low_memory: bool,
+    shift: Option<f64>,
 }
 
 impl Sd3PipelineBuilder {
@@ -42,6 +43,7 @@ impl Sd3PipelineBuilder {
             static_shape: None,
             vae_tiling: false,
             low_memory: false,
+            shift: None,
         }
     }
 
@@ -111,6 +113,13 @@ impl Sd3PipelineBuilder {
         self
     }
 
+    /// Overrides the scheduler's `shift` from `scheduler/scheduler_config.json` (3.0 for the SD3 and SD3.5
+    /// checkpoints). Ignored by the schedule when the config uses dynamic shifting, as in diffusers.
+    pub fn shift(mut self, shift: f64) -> Self {
+        self.shift = Some(shift);
+        self
+    }
+
     /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
     /// Folders without `text_encoder_3/` load in this mode automatically.
     pub fn without_t5(mut self) -> Self {
@@ -133,7 +142,13 @@ impl Sd3PipelineBuilder {
             });
         }
         check_contained(&dir)?;
-        let scheduler = FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let mut scheduler = FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        if let Some(shift) = self.shift {
+            if !shift.is_finite() || shift <= 0.0 {
+                return Err(Error::request("shift", shift, "the scheduler shift must be a positive number"));
+            }
+            scheduler.shift = shift;
+        }
         let transformer_config = TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
         let vae_config = VaeConfig::from_file(Component::VaeDecoder, &dir.join("vae_decoder").join("config.json"))?;
 
