@@ -5,6 +5,7 @@
 //! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
+//!     [--attention auto|flash|efficient|cudnn|math]
 //! ```
 //!
 //! Prints the process's peak resident memory (Linux `VmHWM`) at the end, for comparing memory modes.
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use sd3_onnx::{Component, ExecutionProvider, GenerationRequest, Sd3Pipeline, StaticShape, Timings};
+use sd3_onnx::{Component, CudaAttention, ExecutionProvider, GenerationRequest, Sd3Pipeline, StaticShape, Timings};
 
 struct Args {
     model: PathBuf,
@@ -27,6 +28,7 @@ struct Args {
     static_shape: bool,
     low_memory: bool,
     vae_tiling: bool,
+    attention: CudaAttention,
 }
 
 fn parse() -> Result<Args, String> {
@@ -44,6 +46,7 @@ fn parse() -> Result<Args, String> {
         static_shape: false,
         low_memory: false,
         vae_tiling: false,
+        attention: CudaAttention::Auto,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
@@ -72,6 +75,7 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = Some(PathBuf::from(v)),
             "--output" => a.output = Some(PathBuf::from(v)),
             "--profile" => a.profile = Some(PathBuf::from(v)),
+            "--attention" => a.attention = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -104,7 +108,8 @@ fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
     let mut b = Sd3Pipeline::builder(&a.model)
         .execution_provider(a.ep.clone())
         .low_memory(a.low_memory)
-        .vae_tiling(a.vae_tiling);
+        .vae_tiling(a.vae_tiling)
+        .cuda_attention(a.attention);
     if a.static_shape {
         let (w, h) = match (a.request.width, a.request.height) {
             (Some(w), Some(h)) => (w, h),
@@ -162,7 +167,12 @@ fn run(a: Args) -> Result<(), String> {
             .iter()
             .filter(|(on, _)| *on)
             .map(|(_, s)| *s)
-            .collect::<String>(),
+            .collect::<String>()
+            + &if a.attention == CudaAttention::Auto {
+                String::new()
+            } else {
+                format!("attention {:?} | ", a.attention)
+            },
         a.model.display(),
         a.request.steps,
         a.request.guidance,

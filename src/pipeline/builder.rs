@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::{ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
 use crate::model_config::{TransformerConfig, VaeConfig, Variant};
-use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
+use crate::runtime::{self, CudaAttention, ElementType, ExecutionProvider, Graph, SessionConfig};
 use crate::scheduler::FlowMatchConfig;
 use crate::text::encoders::{graph_path, ClipEncoder, T5Encoder};
 use crate::text::{PromptTokenizer, TextEncoders};
@@ -27,6 +27,7 @@ pub struct Sd3PipelineBuilder {
     vae_tiling: bool,
     low_memory: bool,
     shift: Option<f64>,
+    cuda_attention: CudaAttention,
 }
 
 impl Sd3PipelineBuilder {
@@ -44,6 +45,7 @@ impl Sd3PipelineBuilder {
             vae_tiling: false,
             low_memory: false,
             shift: None,
+            cuda_attention: CudaAttention::Auto,
         }
     }
 
@@ -113,6 +115,13 @@ impl Sd3PipelineBuilder {
         self
     }
 
+    /// Restricts the attention kernels of ONNX Runtime's CUDA provider (its `sdpa_kernel` option) for graphs with
+    /// fused attention; default [`CudaAttention::Auto`]. For measuring which kernel is fastest on a card.
+    pub fn cuda_attention(mut self, attention: CudaAttention) -> Self {
+        self.cuda_attention = attention;
+        self
+    }
+
     /// Overrides the scheduler's `shift` from `scheduler/scheduler_config.json` (3.0 for the SD3 and SD3.5
     /// checkpoints). Ignored by the schedule when the config uses dynamic shifting, as in diffusers.
     pub fn shift(mut self, shift: f64) -> Self {
@@ -168,6 +177,7 @@ impl Sd3PipelineBuilder {
             cpu_fallback: self.cpu_fallback,
             profile_dir: self.profile_dir.clone(),
             dimension_overrides: Vec::new(),
+            cuda_attention: self.cuda_attention,
         };
         let load = |component: Component| -> Result<Graph> {
             Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)

@@ -183,7 +183,7 @@ fn open_session(
         }
         Ok(builder)
     };
-    let (mut builder, provider, fallback) = match provider.register(new_builder()?, component) {
+    let (mut builder, provider, fallback) = match provider.register(new_builder()?, component, config.cuda_attention) {
         Ok(b) => (b, provider.clone(), None),
         Err(Error::ExecutionProviderUnavailable { reason, .. }) if config.cpu_fallback => {
             let note = format!("{provider} unavailable ({reason}); running on the CPU as allowed by cpu_fallback");
@@ -205,6 +205,8 @@ pub(crate) struct SessionConfig {
     pub profile_dir: Option<PathBuf>,
     /// Fixed sizes for symbolic dimensions (ONNX Runtime then folds the shape arithmetic at load time).
     pub dimension_overrides: Vec<(String, i64)>,
+    /// Attention kernels the CUDA provider may use.
+    pub cuda_attention: super::CudaAttention,
 }
 
 impl Graph {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 pub use graph::ElementType;
 pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
-pub use provider::{ExecutionProvider, TensorRtOptions};
+pub use provider::{CudaAttention, ExecutionProvider, TensorRtOptions};
 
 use crate::error::{Error, Result};
 

@@ -84,12 +84,17 @@ impl ExecutionProvider {
     }
 
     /// Registers the provider on a session builder, or explains why it cannot be.
-    pub(crate) fn register(&self, builder: SessionBuilder, component: Component) -> Result<SessionBuilder> {
+    pub(crate) fn register(
+        &self,
+        builder: SessionBuilder,
+        component: Component,
+        attention: CudaAttention,
+    ) -> Result<SessionBuilder> {
         let unavailable =
             |reason: String| Error::ExecutionProviderUnavailable { provider: self.to_string(), component, reason };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
-            ExecutionProvider::Cuda { device_id } => register_cuda(builder, *device_id).map_err(unavailable),
+            ExecutionProvider::Cuda { device_id } => register_cuda(builder, *device_id, attention).map_err(unavailable),
             ExecutionProvider::TensorRt(options) => register_tensorrt(builder, options).map_err(unavailable),
             ExecutionProvider::DirectMl { device_id } => register_directml(builder, *device_id).map_err(unavailable),
         }
@@ -144,20 +149,75 @@ fn ensure_in_build(available: ort::Result<bool>, name: &str, hint: &str) -> std:
     }
 }
 
+/// The attention kernels ONNX Runtime's CUDA provider may pick for fused attention operators (its `sdpa_kernel`
+/// option). `Auto` (default) leaves the choice to ONNX Runtime; the others restrict it, for measuring which is
+/// fastest on a card. Other providers ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CudaAttention {
+    /// ONNX Runtime's own choice (flash attention where it applies).
+    #[default]
+    Auto,
+    /// Flash attention (ONNX Runtime's FlashAttention-2 kernels).
+    Flash,
+    /// Memory-efficient attention (CUTLASS).
+    MemoryEfficient,
+    /// cuDNN's fused flash attention (cuDNN 9).
+    CudnnFlash,
+    /// Unfused matrix products and softmax.
+    Math,
+}
+
+impl FromStr for CudaAttention {
+    type Err = Error;
+
+    /// Parses `auto`, `flash`, `efficient`, `cudnn`, `math`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => CudaAttention::Auto,
+            "flash" => CudaAttention::Flash,
+            "efficient" | "memory-efficient" => CudaAttention::MemoryEfficient,
+            "cudnn" | "cudnn-flash" => CudaAttention::CudnnFlash,
+            "math" => CudaAttention::Math,
+            _ => return Err(Error::request("cuda_attention", s, "expected auto, flash, efficient, cudnn or math")),
+        })
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn register_cuda(builder: SessionBuilder, device_id: i32) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(
+    builder: SessionBuilder,
+    device_id: i32,
+    attention: CudaAttention,
+) -> std::result::Result<SessionBuilder, String> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::CUDA::is_available(),
         "CUDAExecutionProvider",
         "Install the onnxruntime-gpu build (CUDA 13) and point ORT_DYLIB_PATH at its libonnxruntime.",
     )?;
-    let ep = ort::ep::CUDA::default().with_device_id(device_id).build().error_on_failure();
+    use ort::ep::cuda::AttentionBackend as B;
+    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id);
+    let backend = match attention {
+        CudaAttention::Auto => None,
+        CudaAttention::Flash => Some(B::FLASH_ATTENTION),
+        CudaAttention::MemoryEfficient => Some(B::EFFICIENT_ATTENTION),
+        CudaAttention::CudnnFlash => Some(B::CUDNN_FLASH_ATTENTION),
+        CudaAttention::Math => Some(B::MATH),
+    };
+    if let Some(b) = backend {
+        cuda = cuda.with_attention_backend(b);
+    }
+    let ep = cuda.build().error_on_failure();
     builder.with_execution_providers([ep]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn register_cuda(_builder: SessionBuilder, _device_id: i32) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(
+    _builder: SessionBuilder,
+    _device_id: i32,
+    _attention: CudaAttention,
+) -> std::result::Result<SessionBuilder, String> {
     Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
 }
 
