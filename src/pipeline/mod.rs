@@ -354,6 +354,15 @@ impl Sd3Pipeline {
         self.scheduler.schedule(steps, mu)
     }
 
+    /// Checks a request against this model without running anything (sizes, steps, guidance, latents, init image,
+    /// mask, sampler, skip-layer guidance, previews, limits) and returns the warnings a run would start with (e.g.
+    /// a resized init image). Every [`generate`](Self::generate) runs the same checks first.
+    pub fn validate(&self, request: &GenerationRequest) -> Result<Vec<Warning>> {
+        let mut warnings = Vec::new();
+        self.plan(request, &mut warnings)?;
+        Ok(warnings)
+    }
+
     /// Generates an image.
     pub fn generate(&mut self, request: &GenerationRequest) -> Result<GenerationOutput> {
         self.generate_with_progress(request, |_| ControlFlow::Continue(()))
