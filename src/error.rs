@@ -251,6 +251,16 @@ pub enum Error {
         step: usize,
     },
 
+    /// The progress callback panicked. The panic is caught so that it never unwinds through the pipeline (which
+    /// stays usable, and a `Mutex` around it is not poisoned); the run stops at that step.
+    #[error("the progress callback panicked at step {step}: {message}")]
+    CallbackPanicked {
+        /// The step whose report the callback was handling (0-based).
+        step: usize,
+        /// The panic's message, when it was a string.
+        message: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{ModelInfo, Sd3Pipeline, StaticShape};
+use super::{Limits, ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
 use crate::model_config::{TransformerConfig, VaeConfig, Variant};
 use crate::runtime::{self, CudaAttention, ElementType, ExecutionProvider, Graph, SessionConfig};
@@ -28,6 +28,7 @@ pub struct Sd3PipelineBuilder {
     low_memory: bool,
     shift: Option<f64>,
     cuda_attention: CudaAttention,
+    limits: Limits,
 }
 
 impl Sd3PipelineBuilder {
@@ -46,6 +47,7 @@ impl Sd3PipelineBuilder {
             low_memory: false,
             shift: None,
             cuda_attention: CudaAttention::Auto,
+            limits: Limits::default(),
         }
     }
 
@@ -112,6 +114,13 @@ impl Sd3PipelineBuilder {
     /// `build()` still opens every graph once, one at a time, to check it.
     pub fn low_memory(mut self, enable: bool) -> Self {
         self.low_memory = enable;
+        self
+    }
+
+    /// Bounds on what requests may ask for (sizes, pixels, images per call, steps, prompt length), checked before
+    /// anything is allocated; default [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -264,6 +273,7 @@ impl Sd3PipelineBuilder {
             static_shape: self.static_shape,
             vae_tiling: self.vae_tiling,
             low_memory: self.low_memory,
+            limits: self.limits,
         })
     }
 }

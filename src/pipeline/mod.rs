@@ -29,6 +29,81 @@ pub const MAX_IMAGE_SIDE: usize = 16384;
 /// The most images one request may ask for (`GenerationRequest::images_per_prompt`).
 pub const MAX_IMAGES_PER_PROMPT: usize = 64;
 
+/// Bounds on what one call may ask for, checked before anything is allocated, so that a hostile or mistaken
+/// request is refused with [`Error::InvalidRequest`] / [`Error::InvalidSize`] instead of exhausting memory. Set
+/// them with [`Sd3PipelineBuilder::limits`]; the defaults fit SD3 at any size its position embedding covers.
+///
+/// ```
+/// use sd3_onnx::Limits;
+/// let strict = Limits::default().max_pixels(1024 * 1024).max_images(4);
+/// assert_eq!(strict.max_side, sd3_onnx::MAX_IMAGE_SIDE);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest width or height in pixels (default [`MAX_IMAGE_SIDE`]).
+    pub max_side: usize,
+    /// Largest width x height of one image (default 16384 x 16384: the side limit alone).
+    pub max_pixels: usize,
+    /// Most images in one call, all requests and `images_per_prompt` together (default
+    /// [`MAX_IMAGES_PER_PROMPT`]).
+    pub max_images: usize,
+    /// Most denoising steps (default 1000; the scheduler's `num_train_timesteps` also bounds them).
+    pub max_steps: usize,
+    /// Longest prompt or negative prompt in bytes (default 1 MiB). Longer prompts are truncated by the
+    /// tokenizers anyway; this bounds the tokenizers' work and memory.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_side: MAX_IMAGE_SIDE,
+            max_pixels: MAX_IMAGE_SIDE * MAX_IMAGE_SIDE,
+            max_images: MAX_IMAGES_PER_PROMPT,
+            max_steps: 1000,
+            max_prompt_bytes: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Sets [`max_side`](Self::max_side).
+    #[must_use]
+    pub fn max_side(mut self, pixels: usize) -> Self {
+        self.max_side = pixels;
+        self
+    }
+
+    /// Sets [`max_pixels`](Self::max_pixels).
+    #[must_use]
+    pub fn max_pixels(mut self, pixels: usize) -> Self {
+        self.max_pixels = pixels;
+        self
+    }
+
+    /// Sets [`max_images`](Self::max_images).
+    #[must_use]
+    pub fn max_images(mut self, images: usize) -> Self {
+        self.max_images = images;
+        self
+    }
+
+    /// Sets [`max_steps`](Self::max_steps).
+    #[must_use]
+    pub fn max_steps(mut self, steps: usize) -> Self {
+        self.max_steps = steps;
+        self
+    }
+
+    /// Sets [`max_prompt_bytes`](Self::max_prompt_bytes).
+    #[must_use]
+    pub fn max_prompt_bytes(mut self, bytes: usize) -> Self {
+        self.max_prompt_bytes = bytes;
+        self
+    }
+}
+
 /// The largest `max_sequence_length` diffusers accepts (`StableDiffusion3Pipeline.check_inputs`).
 pub const MAX_T5_SEQUENCE_LENGTH: usize = 512;
 
@@ -127,6 +202,7 @@ pub struct Sd3Pipeline {
     static_shape: Option<StaticShape>,
     vae_tiling: bool,
     low_memory: bool,
+    limits: Limits,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -239,6 +315,11 @@ impl Sd3Pipeline {
     pub fn request(&self, prompt: impl Into<String>) -> GenerationRequest {
         let (steps, guidance) = self.info.variant.defaults();
         GenerationRequest::new(prompt).steps(steps).guidance(guidance)
+    }
+
+    /// The limits requests are checked against ([`Sd3PipelineBuilder::limits`]).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The scheduler configuration read from `scheduler/scheduler_config.json`.
@@ -483,6 +564,13 @@ impl Sd3Pipeline {
         let mut warnings = Vec::new();
         let plans: Vec<Plan> = requests.iter().map(|r| self.plan(r, &mut warnings)).collect::<Result<_>>()?;
         let images: usize = plans.iter().map(|p| p.seeds.len()).sum();
+        if images > self.limits.max_images {
+            return Err(Error::request(
+                "requests",
+                images,
+                format!("at most {} images per call (Limits::max_images)", self.limits.max_images),
+            ));
+        }
         if self.static_shape.is_some() && images > 1 {
             return Err(Error::request(
                 "images_per_prompt",
@@ -603,7 +691,10 @@ impl Sd3Pipeline {
             }
             steps.push(step_start.elapsed());
             let report = StepProgress { step: i, steps: evaluations, sigma, elapsed: t.elapsed(), previews };
-            if progress(&report).is_break() {
+            // A panicking callback must not unwind through the pipeline: catch it and stop with a typed error.
+            let flow = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| progress(&report)))
+                .map_err(|payload| Error::CallbackPanicked { step: i, message: panic_message(payload.as_ref()) })?;
+            if flow.is_break() {
                 return Err(Error::Cancelled { step: i + 1 });
             }
         }
@@ -761,12 +852,29 @@ impl Sd3Pipeline {
         if req.steps == 0 {
             return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
         }
-        if req.steps > self.scheduler.num_train_timesteps {
+        let max_steps = self.scheduler.num_train_timesteps.min(self.limits.max_steps);
+        if req.steps > max_steps {
             return Err(Error::request(
                 "steps",
                 req.steps,
-                format!("at most num_train_timesteps = {} steps", self.scheduler.num_train_timesteps),
+                format!(
+                    "at most {max_steps} steps (num_train_timesteps = {}, Limits::max_steps = {})",
+                    self.scheduler.num_train_timesteps, self.limits.max_steps
+                ),
             ));
+        }
+        for (name, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
+            if text.len() > self.limits.max_prompt_bytes {
+                return Err(Error::request(
+                    name,
+                    format!("{} bytes", text.len()),
+                    format!(
+                        "longer than this pipeline's limit of {} bytes (Limits::max_prompt_bytes); the encoders read \
+                         only the first 77 (CLIP) and max_sequence_length (T5) tokens anyway",
+                        self.limits.max_prompt_bytes
+                    ),
+                ));
+            }
         }
         if !req.guidance.is_finite() || req.guidance < 0.0 {
             return Err(Error::request(
@@ -800,11 +908,11 @@ impl Sd3Pipeline {
             }
         }
         let n = req.images_per_prompt;
-        if n == 0 || n > MAX_IMAGES_PER_PROMPT {
+        if n == 0 || n > self.limits.max_images {
             return Err(Error::request(
                 "images_per_prompt",
                 n,
-                format!("between 1 and {MAX_IMAGES_PER_PROMPT} images per prompt"),
+                format!("between 1 and {} images per call (Limits::max_images)", self.limits.max_images),
             ));
         }
         let shape = [n, c, height / f, width / f];
@@ -969,11 +1077,23 @@ impl Sd3Pipeline {
 
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let m = self.info.size_multiple();
-        // Without a position-embedding limit in the config, cap sides at MAX_IMAGE_SIDE so an absurd request is
+        // Without a position-embedding limit in the config, cap sides at Limits::max_side so an absurd request is
         // refused before any allocation instead of exhausting memory.
-        let limit = Some(self.info.pos_embed_max_size.map_or(MAX_IMAGE_SIDE, |p| (p * m).min(MAX_IMAGE_SIDE)));
+        let max_side = self.limits.max_side;
+        let limit = Some(self.info.pos_embed_max_size.map_or(max_side, |p| p.saturating_mul(m).min(max_side)));
         let ok = |v: usize| v > 0 && v.is_multiple_of(m) && limit.is_none_or(|l| v <= l);
         if ok(width) && ok(height) {
+            if width.saturating_mul(height) > self.limits.max_pixels {
+                return Err(Error::request(
+                    "size",
+                    format!("{width}x{height}"),
+                    format!(
+                        "{} pixels exceed this pipeline's limit of {} (Limits::max_pixels)",
+                        width * height,
+                        self.limits.max_pixels
+                    ),
+                ));
+            }
             return Ok(());
         }
         let near = |v: usize| -> Vec<usize> {
@@ -997,7 +1117,7 @@ impl Sd3Pipeline {
         let mut suggestion = options.join(", ");
         if let Some(l) = limit {
             suggestion
-                .push_str(&format!(" (the position embedding and MAX_IMAGE_SIDE allow at most {l} pixels per side)"));
+                .push_str(&format!(" (the position embedding and Limits::max_side allow at most {l} pixels per side)"));
         }
         Err(Error::InvalidSize {
             width: u32::try_from(width).unwrap_or(u32::MAX),
@@ -1116,6 +1236,15 @@ fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
 
 fn internal(message: impl Into<String>) -> Error {
     Error::Inference { component: Component::Model, message: message.into() }
+}
+
+/// The text of a caught panic (`panic!("...")` payloads are `&str` or `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".into())
 }
 
 /// A seed from the OS-seeded hasher std uses for HashMap: random enough for "surprise me".
