@@ -103,7 +103,13 @@ impl VaeConfig {
             .get("block_out_channels")
             .and_then(Value::as_array)
             .filter(|a| !a.is_empty() && a.len() <= 16)
-            .ok_or_else(|| Error::config(component, path, "`block_out_channels` must be a non-empty list"))?;
+            .ok_or_else(|| {
+            Error::config(
+                component,
+                path,
+                "`block_out_channels` must be a list of 1 to 16 channel counts (the VAE factor is 2^(len - 1))",
+            )
+        })?;
         let float = |key: &str, required: bool| -> Result<f32> {
             match v.get(key) {
                 None | Some(Value::Null) if !required => Ok(0.0),

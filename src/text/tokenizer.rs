@@ -79,6 +79,17 @@ impl SpecialTokens {
     }
 }
 
+/// Reads a tokenizer text file; bytes that are not UTF-8 are a tokenizer error naming the file, other failures
+/// I/O errors.
+fn read_text(component: Component, path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| Error::Tokenizer {
+        component,
+        path: path.to_path_buf(),
+        message: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+    })
+}
+
 fn read_json_opt(component: Component, path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -266,13 +277,13 @@ fn clip_from_vocab_merges(
     merges_path: &Path,
     special: &SpecialTokens,
 ) -> Result<Tokenizer> {
-    let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
+    let vocab_text = read_text(component, vocab_path)?;
     let vocab: serde_json::Map<String, Value> = serde_json::from_str(&vocab_text).map_err(|e| Error::Tokenizer {
         component,
         path: vocab_path.to_path_buf(),
         message: format!("vocab.json is not a json object of token -> id: {e}"),
     })?;
-    let merges_text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+    let merges_text = read_text(component, merges_path)?;
     let mut merges = Vec::new();
     for (n, line) in merges_text.lines().enumerate() {
         if line.starts_with("#version") || line.trim().is_empty() {
