@@ -67,3 +67,30 @@ fn token_cancelled_from_another_thread_stops_within_one_step_and_pipeline_still_
     let (max, _) = pixel_diff(&out.images[0], &load_png(&case.join("optimum.png")));
     assert!(max <= 1, "after a cancelled run: {max}");
 }
+
+/// Cancelling at an arbitrary moment (a timer, not a step boundary) stops the run no later than the end of the
+/// step in progress: the time from `cancel()` to the return is at most one step plus a margin.
+#[test]
+fn cancellation_at_a_random_moment_returns_within_a_step() {
+    let mut pipe = Sd3Pipeline::builder(fixture("tiny-sd35")).build().unwrap();
+    let request = GenerationRequest::new("a red cube").size(128, 128).steps(200).seed(3);
+    // One uncancelled run to know the step time on this machine.
+    let steps = pipe.generate(&request.clone().steps(10)).unwrap().timings.steps;
+    let slowest = steps.iter().max().copied().unwrap();
+    for delay_ms in [7u64, 23, 61] {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let cancelled_at = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            t.cancel();
+            std::time::Instant::now()
+        });
+        let e = pipe.generate(&request.clone().cancellation(token)).unwrap_err();
+        let returned = std::time::Instant::now();
+        let cancelled_at = cancelled_at.join().unwrap();
+        let latency = returned.saturating_duration_since(cancelled_at);
+        assert!(matches!(e, Error::Cancelled { .. }), "{e:?}");
+        eprintln!("cancel after {delay_ms} ms: returned {latency:?} later (slowest step {slowest:?})");
+        assert!(latency <= slowest * 2 + std::time::Duration::from_millis(50), "{latency:?} vs step {slowest:?}");
+    }
+}

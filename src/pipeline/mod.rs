@@ -585,7 +585,13 @@ impl Sd3Pipeline {
 
         let t = Instant::now();
         let (mut conds, mut negs) = (Vec::new(), Vec::new());
+        let cancelled =
+            || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
         for (r, plan) in requests.iter().zip(&plans) {
+            // Text encoding can take longer than a step (T5-XXL): look at the token between prompts too.
+            if cancelled() {
+                return Err(Error::Cancelled { step: 0 });
+            }
             let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut warnings)?;
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
@@ -638,8 +644,6 @@ impl Sd3Pipeline {
         let per_image = latents.len() / images.max(1);
         let evaluations = stepper.len();
         let mut steps = Vec::with_capacity(evaluations);
-        let cancelled =
-            || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
         for i in 0..evaluations {
             if cancelled() {
                 return Err(Error::Cancelled { step: i });
