@@ -13,7 +13,8 @@ pub use std::ops::ControlFlow;
 pub struct StepProgress {
     /// The step just finished, 0-based.
     pub step: usize,
-    /// Total steps.
+    /// Total steps of this run: one per transformer evaluation, so `2 * steps - 1` with the Heun sampler and
+    /// fewer than the request's `steps` for img2img and inpainting (which skip the start of the schedule).
     pub steps: usize,
     /// The sigma the step started from.
     pub sigma: f32,
