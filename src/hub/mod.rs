@@ -14,6 +14,9 @@
 //!   against the hash the hub announces (sha256 for LFS files, the git blob sha1 for small files) before it gets
 //!   its name in `blobs/`, so a crash or a corrupt transfer never leaves a file that a later run would load.
 //!
+//! Downloads are blocking (reqwest's blocking client, one file at a time); from async code, run them on a blocking
+//! thread (e.g. tokio's `spawn_blocking`).
+//!
 //! ```no_run
 //! use sd3_onnx::hub::{self, DownloadOptions, HubRepo};
 //! use sd3_onnx::Sd3Pipeline;
