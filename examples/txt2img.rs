@@ -4,7 +4,7 @@
 //! cargo run --release --example txt2img -- --model models/fixtures/tiny-sd3 --prompt "a red cube" --output out.png
 //! ```
 //!
-//! Flags: --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] [--steps N]
+//! Flags: --model DIR|hf:org/name[@revision] --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] [--steps N]
 //! [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] [--ep cpu|cuda|tensorrt|directml]
 //! [--output FILE.png]
 //!
@@ -13,6 +13,12 @@
 //! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
 //! [--vae-tiling] [--no-t5]. Also [--images N] (written as FILE-k.png), [--clip-skip N], [--shift X] (overrides
 //! the scheduler config's shift).
+//!
+//! `--model hf:org/name[@revision]` downloads the model's files from the Hugging Face Hub into the Hugging Face
+//! cache (or finds them there) and loads the snapshot; it needs the `download` feature
+//! (`cargo run --release --features download --example txt2img -- --model hf:org/name ...`). HF_HOME,
+//! HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply as in Python. With --no-t5 T5 is not downloaded;
+//! --init-image adds the VAE encoder and --slg-scale the skip-layer graph.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -22,14 +28,15 @@ use std::time::Instant;
 use sd3_onnx::latents::read_npy_f32;
 use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, SkipLayerGuidance, StepProgress};
 
-const USAGE: &str = "usage: txt2img --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
+const USAGE: &str = "usage: txt2img --model DIR|hf:org/name[@revision] --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
 [--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
 [--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--sampler euler|heun|dpmpp_2m] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
 [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] [--preview-every K --preview-dir DIR] \
 [--low-memory] [--vae-tiling] [--images N] [--clip-skip N] [--no-t5] [--shift X]";
 
 struct Args {
-    model: PathBuf,
+    /// A folder, or `hf:org/name[@revision]`.
+    model: String,
     request: GenerationRequest,
     /// Steps and guidance given on the command line; otherwise the model's defaults (`Sd3Pipeline::request`).
     steps: Option<usize>,
@@ -85,7 +92,7 @@ fn parse() -> Result<Args, String> {
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(value)),
+            "--model" => model = Some(value),
             "--prompt" => prompt = Some(value),
             "--negative-prompt" => req.negative_prompt = value,
             "--width" => width = Some(num::<u32>(&flag, value)?),
@@ -192,6 +199,17 @@ fn run(args: Args) -> Result<(), String> {
         })?;
         request.latents = Some(array);
     }
+    let model = match model.strip_prefix("hf:") {
+        Some(spec) => {
+            let needs = Needs {
+                t5: !no_t5,
+                vae_encoder: init_image.is_some(),
+                skip_layers: request.skip_layer_guidance.is_some(),
+            };
+            hub_model(spec, needs)?
+        }
+        None => PathBuf::from(model),
+    };
     let t = Instant::now();
     let mut builder = Sd3Pipeline::builder(&model).execution_provider(ep).low_memory(low_memory).vae_tiling(vae_tiling);
     if no_t5 {
@@ -259,6 +277,68 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Which optional parts of a hub model this run loads.
+#[cfg_attr(not(feature = "download"), allow(dead_code))]
+struct Needs {
+    t5: bool,
+    vae_encoder: bool,
+    skip_layers: bool,
+}
+
+/// `hf:org/name[@revision]`: the snapshot folder in the Hugging Face cache, downloaded first where needed.
+#[cfg(feature = "download")]
+fn hub_model(spec: &str, needs: Needs) -> Result<PathBuf, String> {
+    use sd3_onnx::hub::{self, DownloadOptions, DownloadProgress, HubRepo};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let repo = HubRepo::parse(spec).map_err(|e| e.to_string())?;
+    let mut options = DownloadOptions::new();
+    if !needs.t5 {
+        options = options.without_t5();
+    }
+    if needs.vae_encoder {
+        options = options.with_vae_encoder();
+    }
+    if needs.skip_layers {
+        options = options.with_skip_layers();
+    }
+    // One line per file when it is complete, and one per 64 MB while a large file arrives.
+    let printed = AtomicU64::new(0);
+    let options = options.progress(move |p: &DownloadProgress| {
+        let mb = |b: u64| b as f64 / 1e6;
+        let total = p.total.unwrap_or(0);
+        let step = p.done >> 26;
+        if p.done == total || printed.swap(step, Ordering::Relaxed) != step {
+            let state = if p.cached {
+                "cached"
+            } else if p.done == total {
+                "done"
+            } else {
+                "..."
+            };
+            eprintln!("[{}/{}] {} {:.1}/{:.1} MB {state}", p.index + 1, p.count, p.file, mb(p.done), mb(total));
+        }
+    });
+    eprintln!("{repo}: fetching into the Hugging Face cache");
+    let snapshot = hub::download(&repo, &options).map_err(|e| e.to_string())?;
+    let how = if snapshot.offline { " (offline: from the cache only)" } else { "" };
+    eprintln!(
+        "{repo} = commit {}: {} files, {:.1} MB downloaded{how}",
+        snapshot.commit,
+        snapshot.files.len(),
+        snapshot.downloaded_bytes as f64 / 1e6
+    );
+    Ok(snapshot.dir)
+}
+
+#[cfg(not(feature = "download"))]
+fn hub_model(spec: &str, _needs: Needs) -> Result<PathBuf, String> {
+    Err(format!(
+        "--model hf:{spec} downloads from the Hugging Face Hub, which needs the `download` feature: \
+         cargo run --release --features download --example txt2img -- --model hf:{spec} ..."
+    ))
 }
 
 /// `out.png` -> `out-3.png`.

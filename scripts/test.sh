@@ -6,10 +6,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-ort.sh
 cargo test "$@"
+# Hub downloads (feature `download`): the hub module's unit tests and tests/hub.rs, which serves the tiny fixture
+# from a local hub on 127.0.0.1 (no network needed).
+cargo test --features download --lib --test hub
+cargo test --quiet --features download --doc hub
 # The execution-provider code paths compile behind their features (their libraries are not needed to build).
-cargo check --quiet --features cuda,tensorrt,directml --all-targets
-# Lints and docs: warnings are errors (skipped where the toolchain has no clippy).
+cargo check --quiet --features cuda,tensorrt,directml,download --all-targets
+# Lints and docs: warnings are errors (skipped where the toolchain has no clippy). Clippy runs with and without
+# `download`, since the example has code for both.
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --quiet --all-targets -- -D warnings
+  cargo clippy --quiet --all-targets --features download -- -D warnings
 fi
-RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --features download

@@ -261,6 +261,157 @@ pub enum Error {
         message: String,
     },
 
+    /// The hub has no such repository, or it is private and the request had no token that may read it.
+    #[cfg(feature = "download")]
+    #[error(
+        "repository {repo} not found on {endpoint}{}; check the name (org/name), or if it is private give a token \
+         (HF_TOKEN, `hf auth login`, or DownloadOptions::token)",
+        if *.authenticated { "" } else { " (no token was sent)" }
+    )]
+    HubRepoNotFound {
+        /// The repository, `org/name`.
+        repo: String,
+        /// The hub it was looked up on.
+        endpoint: String,
+        /// Whether a token was sent.
+        authenticated: bool,
+    },
+
+    /// The repository exists but has no such branch, tag or commit.
+    #[cfg(feature = "download")]
+    #[error("repository {repo} has no revision {revision:?}; use a branch, a tag or a commit hash that exists")]
+    HubRevisionNotFound {
+        /// The repository.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+    },
+
+    /// The repository is gated: its licence must be accepted on the hub, and the request must carry a token of an
+    /// account that did so.
+    #[cfg(feature = "download")]
+    #[error(
+        "repository {repo} is gated{}: accept its licence at {endpoint}/{repo}, then give a token of that account \
+         (HF_TOKEN, `hf auth login`, or DownloadOptions::token)",
+        if *.authenticated { " and the token's account has no access" } else { " and no token was sent" }
+    )]
+    HubGatedRepo {
+        /// The repository.
+        repo: String,
+        /// The hub.
+        endpoint: String,
+        /// Whether a token was sent.
+        authenticated: bool,
+    },
+
+    /// A file the pipeline needs is not in the repository at that revision.
+    #[cfg(feature = "download")]
+    #[error("{repo}@{revision} has no {file}, which the pipeline needs; {hint}")]
+    HubFileNotFound {
+        /// The repository.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The file, relative to the repository root.
+        file: String,
+        /// What the repository should hold.
+        hint: String,
+    },
+
+    /// Offline (`HF_HUB_OFFLINE`, or the hub unreachable) and the cache lacks something the pipeline needs.
+    #[cfg(feature = "download")]
+    #[error(
+        "offline: {repo}@{revision} is not (completely) in the Hugging Face cache {cache_dir}: {missing}. Run once \
+         with network access (unset HF_HUB_OFFLINE), or point HF_HUB_CACHE / HF_HOME at the cache that holds it"
+    )]
+    HubNotCached {
+        /// The repository.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The cache folder that was looked in.
+        cache_dir: PathBuf,
+        /// What is missing: the ref, the snapshot or a file.
+        missing: String,
+    },
+
+    /// A downloaded file does not have the hash the hub announced. The partial file was deleted; nothing was
+    /// placed in the cache.
+    #[cfg(feature = "download")]
+    #[error(
+        "{file} of {repo} is corrupt: the hub announced {algorithm} {expected}, the downloaded bytes hash to \
+         {actual}. The bad download was deleted; run again (a proxy or disk that alters data would fail again)"
+    )]
+    HubHashMismatch {
+        /// The repository.
+        repo: String,
+        /// The file, relative to the repository root.
+        file: String,
+        /// `sha256` (LFS files) or `git-sha1` (small files in git).
+        algorithm: &'static str,
+        /// The hash announced by the hub (its ETag).
+        expected: String,
+        /// The hash of what arrived.
+        actual: String,
+    },
+
+    /// The disk of the Hugging Face cache is full.
+    #[cfg(feature = "download")]
+    #[error(
+        "no space left in the Hugging Face cache {cache_dir} while writing {file} ({size} bytes); free space or set \
+         HF_HUB_CACHE (or HF_HOME) to a bigger disk. The partial download is kept and resumes on the next run"
+    )]
+    HubDiskFull {
+        /// The cache folder.
+        cache_dir: PathBuf,
+        /// The file being written, relative to the repository root.
+        file: String,
+        /// Its full size.
+        size: u64,
+    },
+
+    /// The hub could not be reached (connection refused, DNS, TLS, timeout).
+    #[cfg(feature = "download")]
+    #[error(
+        "cannot reach {url}: {message}. Check the network and proxy settings and HF_ENDPOINT; set HF_HUB_OFFLINE=1 \
+         to use only what is already in the cache"
+    )]
+    HubUnreachable {
+        /// The URL that was requested.
+        url: String,
+        /// The client's message.
+        message: String,
+    },
+
+    /// A transfer broke off. What arrived is kept in the cache as `blobs/<hash>.incomplete`; the next run resumes it.
+    #[cfg(feature = "download")]
+    #[error(
+        "download of {file} from {repo} broke off after {done} of {size} bytes: {message}. Run again: the transfer \
+         resumes where it stopped"
+    )]
+    HubInterrupted {
+        /// The repository.
+        repo: String,
+        /// The file, relative to the repository root.
+        file: String,
+        /// Bytes on disk.
+        done: u64,
+        /// The file's size.
+        size: u64,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// The hub answered with an unexpected status or a response this client cannot use.
+    #[cfg(feature = "download")]
+    #[error("{url}: {message}")]
+    HubResponse {
+        /// The URL that was requested.
+        url: String,
+        /// The status and what was wrong.
+        message: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {

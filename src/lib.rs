@@ -43,10 +43,13 @@
 //!
 //! Modules follow the data: [`text`] (tokenizers, encoders, conditioning) -> [`scheduler`] (sigmas, Euler
 //! step, guidance) -> the denoising loop in [`Sd3Pipeline`] -> [`image`] (decoded tensor to RGB). [`runtime`]
-//! owns everything that touches ONNX Runtime.
+//! owns everything that touches ONNX Runtime. With the `download` feature, `hub` fetches a model folder from the
+//! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
 
 pub mod error;
+#[cfg(feature = "download")]
+pub mod hub;
 pub mod image;
 pub mod latents;
 pub mod model_config;

@@ -1,0 +1,112 @@
+//! Which files of a repository the pipeline loads (the folder contract of docs/models.md), so a download skips
+//! everything else: PyTorch weights, T5 in no-T5 mode, the VAE encoder unless img2img is wanted, and so on.
+
+use std::collections::BTreeSet;
+
+use super::DownloadOptions;
+
+/// A required file the listing lacks, with what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Missing {
+    pub file: String,
+    pub hint: String,
+}
+
+/// The pipeline's files among `files` (repository paths), sorted. T5 (`text_encoder_3/`, `tokenizer_3/`) is taken
+/// when the repository has it and `options` want it; a repository without it loads in no-T5 mode.
+pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Result<Vec<String>, Missing> {
+    let mut picked = BTreeSet::new();
+    let has = |f: &str| files.iter().any(|x| x == f);
+    let missing = |file: &str, hint: String| Missing { file: file.to_string(), hint };
+    let not_onnx = || {
+        if files.iter().any(|f| f.ends_with(".safetensors") || f.ends_with(".bin")) {
+            "the repository holds PyTorch weights, not an ONNX export: export it first (docs/models.md, \
+             `optimum-cli export onnx --task text-to-image`) or pick an ONNX repository"
+                .to_string()
+        } else {
+            "an SD3 ONNX export (`optimum-cli export onnx --task text-to-image`) has this file".to_string()
+        }
+    };
+
+    if has("model_index.json") {
+        picked.insert("model_index.json".to_string());
+    }
+    for file in ["scheduler/scheduler_config.json", "transformer/config.json", "vae_decoder/config.json"] {
+        if !has(file) {
+            return Err(missing(file, not_onnx()));
+        }
+        picked.insert(file.to_string());
+    }
+
+    let use_t5 = options.t5 && has("text_encoder_3/model.onnx");
+    let mut graphs = vec!["text_encoder", "text_encoder_2", "transformer", "vae_decoder"];
+    let mut tokenizers = vec!["tokenizer", "tokenizer_2"];
+    if use_t5 {
+        graphs.push("text_encoder_3");
+        tokenizers.push("tokenizer_3");
+    }
+    if options.vae_encoder {
+        graphs.push("vae_encoder");
+    }
+    for folder in graphs {
+        let hint = if folder == "vae_encoder" {
+            "img2img and inpainting need the VAE encoder graph; download without the VAE encoder for text-to-image"
+                .to_string()
+        } else {
+            not_onnx()
+        };
+        graph(files, folder, "model.onnx", &mut picked).map_err(|f| missing(&f, hint))?;
+        let config = format!("{folder}/config.json");
+        if has(&config) {
+            picked.insert(config);
+        }
+    }
+    if options.skip_layers {
+        graph(files, "transformer", "model_skip_layers.onnx", &mut picked).map_err(|f| {
+            missing(
+                &f,
+                "skip-layer guidance needs a skip-layer graph (models/export/export_sd3.py --skip-layers); \
+                 download without skip layers otherwise"
+                    .to_string(),
+            )
+        })?;
+    }
+    for folder in tokenizers {
+        let before = picked.len();
+        // Every file of a tokenizer folder: the tokenizer itself in either layout and its small configs.
+        picked.extend(files.iter().filter(|f| in_folder(f, folder).is_some()).cloned());
+        if picked.len() == before {
+            return Err(missing(&format!("{folder}/tokenizer.json"), not_onnx()));
+        }
+    }
+    Ok(picked.into_iter().collect())
+}
+
+/// `folder/name` and its external-data files next to it (`model.onnx_data` from optimum, `model.onnx.data` from
+/// torch's exporter and models/export, any other `model.onnx*`). Err: the graph's path.
+fn graph(files: &[String], folder: &str, name: &str, picked: &mut BTreeSet<String>) -> Result<(), String> {
+    let path = format!("{folder}/{name}");
+    if !files.contains(&path) {
+        return Err(path);
+    }
+    for file in files {
+        if in_folder(file, folder).is_some_and(|n| n.starts_with(name)) {
+            picked.insert(file.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The file name when `file` sits directly in `folder`.
+fn in_folder<'a>(file: &'a str, folder: &str) -> Option<&'a str> {
+    file.strip_prefix(folder)?.strip_prefix('/').filter(|name| !name.is_empty() && !name.contains('/'))
+}
+
+/// Whether a repository path is safe to place under a snapshot folder: relative, `/`-separated, no `.` or `..`
+/// parts, no backslashes or control characters. The hub's listing is trusted for names, not for paths.
+pub(crate) fn safe_path(file: &str) -> bool {
+    !file.is_empty()
+        && !file.contains('\\')
+        && !file.chars().any(char::is_control)
+        && file.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+}
