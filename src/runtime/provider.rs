@@ -263,11 +263,9 @@ fn register_directml(builder: SessionBuilder, device_id: i32) -> std::result::Re
     )?;
     let ep = ort::ep::DirectML::default().with_device_id(device_id).build().error_on_failure();
     // DirectML requires sequential execution and no memory pattern (ONNX Runtime's documented constraints).
-    builder
-        .with_parallel_execution(false)
-        .and_then(|b| b.with_memory_pattern(false))
-        .and_then(|b| b.with_execution_providers([ep]))
-        .map_err(|e| e.to_string())
+    let builder = builder.with_parallel_execution(false).map_err(|e| e.to_string())?;
+    let builder = builder.with_memory_pattern(false).map_err(|e| e.to_string())?;
+    builder.with_execution_providers([ep]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "directml"))]
