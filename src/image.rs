@@ -86,13 +86,33 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
 
 /// Reads a PNG picture for img2img / inpainting as 8-bit RGB (alpha dropped; 16-bit samples scaled to 8).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    Ok(decode(path)?.to_rgb8())
+    decode_rgb(&read(path)?).map_err(|m| unreadable(path, m))
 }
 
 /// Reads a PNG inpainting mask as 8-bit gray. Colour pictures become gray as PIL's `convert("L")` does
 /// (what diffusers' mask processor calls): `(R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16`, alpha ignored.
 pub fn load_mask(path: &Path) -> Result<GrayImage> {
-    Ok(match decode(path)? {
+    decode_mask(&read(path)?).map_err(|m| unreadable(path, m))
+}
+
+/// Decodes the bytes of a PNG file as [`load_rgb`] reads it: 8-bit RGB, alpha dropped, 16-bit samples scaled to 8.
+/// Pictures wider or taller than [`MAX_IMAGE_SIDE`](crate::MAX_IMAGE_SIDE), or whose decoded pixels would take
+/// more than 512 MiB, are refused before their pixels are allocated. The error says what is wrong.
+///
+/// ```
+/// let mut png = Vec::new();
+/// image::RgbImage::new(4, 2).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+/// assert_eq!(sd3_onnx::image::decode_rgb(&png).unwrap().dimensions(), (4, 2));
+/// assert!(sd3_onnx::image::decode_rgb(b"not a png").is_err());
+/// ```
+pub fn decode_rgb(png: &[u8]) -> std::result::Result<RgbImage, String> {
+    Ok(decode(png)?.to_rgb8())
+}
+
+/// Decodes the bytes of a PNG file as [`load_mask`] reads it: 8-bit gray, colour converted as PIL's
+/// `convert("L")`, alpha ignored. The same size limits as [`decode_rgb`] apply.
+pub fn decode_mask(png: &[u8]) -> std::result::Result<GrayImage, String> {
+    Ok(match decode(png)? {
         DynamicImage::ImageLuma8(g) => g,
         DynamicImage::ImageLumaA8(g) => {
             GrayImage::from_fn(g.width(), g.height(), |x, y| image::Luma([g.get_pixel(x, y).0[0]]))
@@ -111,10 +131,26 @@ pub fn pil_gray(rgb: &RgbImage) -> GrayImage {
     })
 }
 
-fn decode(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
-        .map_err(|e| Error::io(path, std::io::Error::other(format!("not a PNG picture this crate can read: {e}"))))
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+fn unreadable(path: &Path, message: String) -> Error {
+    Error::io(path, std::io::Error::other(message))
+}
+
+/// The largest decoded picture accepted, in bytes (the `image` crate's default allocation limit, made explicit).
+const MAX_DECODED_BYTES: u64 = 512 << 20;
+
+fn decode(png: &[u8]) -> std::result::Result<DynamicImage, String> {
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(png), image::ImageFormat::Png);
+    let side = crate::MAX_IMAGE_SIDE as u32;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    reader.decode().map_err(|e| format!("not a PNG picture this crate can read: {e}"))
 }
 
 #[cfg(test)]

@@ -6,30 +6,36 @@ use serde_json::Value;
 
 use crate::error::{Component, Error, Result};
 
-pub(crate) fn read_json(component: Component, path: &Path, hint: &str) -> Result<Value> {
+/// Reads a json config file and parses it with `parse`; a parse failure becomes [`Error::InvalidConfig`] naming
+/// the file.
+fn read_config<T>(
+    component: Component,
+    path: &Path,
+    hint: &str,
+    parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+) -> Result<T> {
     if !path.is_file() {
         return Err(Error::MissingFile { component, path: path.to_path_buf(), hint: hint.to_string() });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
+    parse(&text).map_err(|m| Error::config(component, path, m))
+}
+
+/// Parses json text that must hold an object.
+fn parse_object(text: &str) -> std::result::Result<Value, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if !v.is_object() {
-        return Err(Error::config(component, path, "expected a json object"));
+        return Err("expected a json object".into());
     }
     Ok(v)
 }
 
-fn positive_int(
-    component: Component,
-    path: &Path,
-    v: &Value,
-    key: &str,
-    default: Option<u64>,
-) -> Result<Option<usize>> {
+fn positive_int(v: &Value, key: &str, default: Option<u64>) -> std::result::Result<Option<usize>, String> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default.map(|d| d as usize)),
         Some(x) => match x.as_u64().filter(|n| (1..=1 << 20).contains(n)) {
             Some(n) => Ok(Some(n as usize)),
-            None => Err(Error::config(component, path, format!("`{key}` must be a positive integer, got {x}"))),
+            None => Err(format!("`{key}` must be a positive integer, got {x}")),
         },
     }
 }
@@ -61,17 +67,26 @@ impl TransformerConfig {
     /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
     /// `models/transformers/transformer_sd3.py`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let c = Component::Transformer;
-        let v =
-            read_json(c, path, "optimum-cli export writes transformer/config.json; copy it from the diffusers repo")?;
+        let hint = "optimum-cli export writes transformer/config.json; copy it from the diffusers repo";
+        read_config(Component::Transformer, path, hint, Self::from_json_str)
+    }
+
+    /// Parses the text of `transformer/config.json` (what [`from_file`](Self::from_file) reads). The error says
+    /// what is wrong, without a file name.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        Self::from_json(&parse_object(text)?)
+    }
+
+    /// Reads the config from parsed json.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
         Ok(TransformerConfig {
-            patch_size: positive_int(c, path, &v, "patch_size", Some(2))?.unwrap_or(2),
-            in_channels: positive_int(c, path, &v, "in_channels", None)?,
-            joint_attention_dim: positive_int(c, path, &v, "joint_attention_dim", None)?,
-            pooled_projection_dim: positive_int(c, path, &v, "pooled_projection_dim", None)?,
-            sample_size: positive_int(c, path, &v, "sample_size", Some(128))?.unwrap_or(128),
-            pos_embed_max_size: positive_int(c, path, &v, "pos_embed_max_size", None)?,
-            num_layers: positive_int(c, path, &v, "num_layers", None)?,
+            patch_size: positive_int(v, "patch_size", Some(2))?.unwrap_or(2),
+            in_channels: positive_int(v, "in_channels", None)?,
+            joint_attention_dim: positive_int(v, "joint_attention_dim", None)?,
+            pooled_projection_dim: positive_int(v, "pooled_projection_dim", None)?,
+            sample_size: positive_int(v, "sample_size", Some(128))?.unwrap_or(128),
+            pos_embed_max_size: positive_int(v, "pos_embed_max_size", None)?,
+            num_layers: positive_int(v, "num_layers", None)?,
             qk_norm: v.get("qk_norm").and_then(Value::as_str).map(str::to_string),
             dual_attention_layers: v.get("dual_attention_layers").and_then(Value::as_array).map_or(0, Vec::len),
         })
@@ -98,35 +113,39 @@ impl VaeConfig {
     /// Reads the VAE config. `scaling_factor` and `block_out_channels` are required: a wrong default would
     /// silently change every image.
     pub fn from_file(component: Component, path: &Path) -> Result<Self> {
-        let v = read_json(component, path, "optimum-cli export writes the VAE config next to the VAE graphs")?;
-        let blocks = v
-            .get("block_out_channels")
-            .and_then(Value::as_array)
-            .filter(|a| !a.is_empty() && a.len() <= 16)
-            .ok_or_else(|| {
-            Error::config(
-                component,
-                path,
+        let hint = "optimum-cli export writes the VAE config next to the VAE graphs";
+        read_config(component, path, hint, Self::from_json_str)
+    }
+
+    /// Parses the text of a VAE `config.json` (what [`from_file`](Self::from_file) reads). The error says what is
+    /// wrong, without a file name.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        Self::from_json(&parse_object(text)?)
+    }
+
+    /// Reads the config from parsed json.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+        let blocks =
+            v.get("block_out_channels").and_then(Value::as_array).filter(|a| !a.is_empty() && a.len() <= 16).ok_or(
                 "`block_out_channels` must be a list of 1 to 16 channel counts (the VAE factor is 2^(len - 1))",
-            )
-        })?;
-        let float = |key: &str, required: bool| -> Result<f32> {
+            )?;
+        let float = |key: &str, required: bool| -> std::result::Result<f32, String> {
             match v.get(key) {
                 None | Some(Value::Null) if !required => Ok(0.0),
                 Some(x) => x
                     .as_f64()
                     .filter(|f| f.is_finite() && *f != 0.0 || key == "shift_factor")
                     .map(|f| f as f32)
-                    .ok_or_else(|| Error::config(component, path, format!("`{key}` must be a finite number, got {x}"))),
-                None => Err(Error::config(component, path, format!("`{key}` is missing"))),
+                    .ok_or_else(|| format!("`{key}` must be a finite number, got {x}")),
+                None => Err(format!("`{key}` is missing")),
             }
         };
         Ok(VaeConfig {
             scale_factor: 1usize << (blocks.len() - 1),
-            latent_channels: positive_int(component, path, &v, "latent_channels", None)?,
+            latent_channels: positive_int(v, "latent_channels", None)?,
             scaling_factor: float("scaling_factor", true)?,
             shift_factor: float("shift_factor", false)?,
-            sample_size: positive_int(component, path, &v, "sample_size", Some(32))?.unwrap_or(32),
+            sample_size: positive_int(v, "sample_size", Some(32))?.unwrap_or(32),
         })
     }
 }

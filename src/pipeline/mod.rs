@@ -890,7 +890,8 @@ impl Sd3Pipeline {
         let info = &self.info;
         let f = info.vae_scale_factor;
         let c = info.latent_channels;
-        let implied = req.latents.as_ref().map(|l| (l.shape()[3] * f, l.shape()[2] * f));
+        // Saturating: latents with a zero side may have any other side; an absurd size is refused by check_size.
+        let implied = req.latents.as_ref().map(|l| (l.shape()[3].saturating_mul(f), l.shape()[2].saturating_mul(f)));
         let width = req.width.map(|w| w as usize).or(implied.map(|s| s.0)).unwrap_or(info.default_size);
         let height = req.height.map(|h| h as usize).or(implied.map(|s| s.1)).unwrap_or(info.default_size);
         self.check_size(width, height)?;
@@ -1102,7 +1103,7 @@ impl Sd3Pipeline {
         }
         let near = |v: usize| -> Vec<usize> {
             let down = (v / m) * m;
-            let mut c = vec![down.max(m), down + m];
+            let mut c = vec![down.max(m), down.saturating_add(m)];
             if let Some(l) = limit {
                 c.retain(|x| *x <= l);
                 if c.is_empty() {

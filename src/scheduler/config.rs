@@ -73,12 +73,28 @@ impl FlowMatchConfig {
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(component, path, e.to_string()))?;
-        Self::from_json(&v).map_err(|m| Error::config(component, path, m))
+        Self::from_json_str(&text).map_err(|m| Error::config(component, path, m))
+    }
+
+    /// Parses the text of `scheduler_config.json` (what [`from_file`](Self::from_file) reads). The error says
+    /// what is wrong, without a file name.
+    ///
+    /// ```
+    /// use sd3_onnx::FlowMatchConfig;
+    /// let cfg = FlowMatchConfig::from_json_str(r#"{"shift": 3.0}"#).unwrap();
+    /// assert_eq!(cfg.shift, 3.0);
+    /// assert!(FlowMatchConfig::from_json_str(r#"{"use_karras_sigmas": true}"#).is_err());
+    /// ```
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Self::from_json(&v)
     }
 
     /// Reads the config from parsed json.
     pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+        if !v.is_object() {
+            return Err("expected a json object".into());
+        }
         let d = FlowMatchConfig::default();
         if let Some(class) = v.get("_class_name").and_then(Value::as_str) {
             if class != "FlowMatchEulerDiscreteScheduler" {
