@@ -1,0 +1,675 @@
+"""Synthetic captioned scenes for the nano SD3 model (issue 6).
+
+Everything here is deterministic: all randomness comes from ``numpy.random.default_rng`` and rendering uses only
+numpy and Pillow (built-in FreeType font from ``ImageFont.load_default(size=N)``, no system fonts). With the same
+numpy / Pillow versions (models/requirements.txt) the same seed gives bit-identical images on any machine.
+
+Scene kinds
+  object  one shape with a color, a size (small / large) and a position (3x3 grid)
+  count   N (1-4) shapes of one shape and one color at random non-overlapping places
+  word    a short upper-case word in big letters in one color (center, top or bottom)
+
+Held-out combinations (``HELDOUT``) never appear in a "train" scene (whatever the caption says); every single
+color, shape, size, position, count and word does appear in training. ``sample_scene(rng, "heldout")`` always
+contains at least one held-out combination; ``eval_prompts()`` builds the balanced evaluation set from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (250, 140, 0),
+    "yellow": (245, 220, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "purple": (140, 40, 190),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+SIZES: tuple[str, ...] = ("small", "large")
+# 3x3 grid, row-major; the name is also the cell the checker expects the centroid in (thirds of the image)
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+POSITION_CELLS = {p: (i // 3, i % 3) for i, p in enumerate(POSITIONS)}  # (row, col)
+COUNTS: dict[str, int] = {"one": 1, "two": 2, "three": 3, "four": 4}
+COUNT_NAMES = {v: k for k, v in COUNTS.items()}
+WORDS: tuple[str, ...] = (
+    "CAT", "DOG", "SUN", "SKY", "BOX", "CUP", "KEY",
+    "FISH", "BIRD", "TREE", "MOON", "BOAT", "FROG", "LAMP",
+)
+WORD_POSITIONS: tuple[str, ...] = ("center", "top", "bottom")
+
+# muted background colors: every object color is >= ~90 (RGB euclidean) away from all of them and from any mix of two
+BG_COLORS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "beige": (205, 190, 160),
+    "sand": (180, 165, 125),
+    "slate": (105, 120, 135),
+    "sage": (135, 155, 125),
+    "pink": (190, 150, 150),
+    "blue gray": (160, 175, 190),
+    "taupe": (145, 130, 115),
+}
+# background styles: solid color, two-color gradients, and a light low-frequency texture with pixel noise
+BACKGROUNDS: tuple[str, ...] = ("solid", "vertical gradient", "horizontal gradient", "texture")
+
+KINDS: tuple[str, ...] = ("object", "count", "word")
+KIND_WEIGHTS = (0.45, 0.3, 0.25)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out combinations (deterministic, a fixed rule over the vocabulary order)
+
+_C = list(COLORS)
+HELDOUT: dict[str, frozenset] = {
+    # each color is held out with exactly one shape (shape index 2i+1 mod 5); each shape stays with >= 6 colors
+    "color_shape": frozenset((c, SHAPES[(2 * i + 1) % 5]) for i, c in enumerate(_C)),
+    # large stars and small triangles / small crosses are never seen (stars only small, triangles/crosses only large)
+    "size_shape": frozenset({("large", "star"), ("small", "triangle"), ("small", "cross")}),
+    # one shape per grid position (shape index 2j mod 5)
+    "shape_position": frozenset((SHAPES[(2 * j) % 5], p) for j, p in enumerate(POSITIONS)),
+    # counts 2-4 with some shapes
+    "count_shape": frozenset({(2, "triangle"), (2, "star"), (3, "circle"), (3, "cross"), (4, "square")}),
+    # each word is held out with one color (color index 3i mod 8)
+    "word_color": frozenset((w, _C[(3 * i) % 8]) for i, w in enumerate(WORDS)),
+}
+# evaluation category -> held-out family and the attributes its prompts state (the checker checks exactly these)
+CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "color": ("color_shape", ("color", "shape")),
+    "shape": ("size_shape", ("size", "shape", "color")),
+    "position": ("shape_position", ("shape", "position", "color")),
+    "count": ("count_shape", ("count", "shape", "color")),
+    "word": ("word_color", ("word", "color")),
+}
+
+
+def heldout_combos(scene: "Scene | dict") -> list[str]:
+    """Names of the held-out families a scene falls into (empty list: allowed in training)."""
+    d = scene.to_dict() if isinstance(scene, Scene) else scene
+    out = []
+    k = d["kind"]
+    if k in ("object", "count") and (d["color"], d["shape"]) in HELDOUT["color_shape"]:
+        out.append("color_shape")
+    if k == "object":
+        if (d["size"], d["shape"]) in HELDOUT["size_shape"]:
+            out.append("size_shape")
+        if (d["shape"], d["position"]) in HELDOUT["shape_position"]:
+            out.append("shape_position")
+    if k == "count" and (d["count"], d["shape"]) in HELDOUT["count_shape"]:
+        out.append("count_shape")
+    if k == "word" and (d["word"], d["color"]) in HELDOUT["word_color"]:
+        out.append("word_color")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scene
+
+
+@dataclasses.dataclass
+class Scene:
+    kind: str  # "object" | "count" | "word"
+    color: str
+    background: dict  # {"style": one of BACKGROUNDS, "colors": [bg color name(s)], "seed": int}
+    shape: str | None = None
+    size: str | None = None  # object only
+    position: str | None = None  # object (POSITIONS) and word (WORD_POSITIONS)
+    count: int | None = None  # count only
+    word: str | None = None  # word only
+    # geometry, as fractions of the image side: object/count: [cx, cy, half_size] per item; word: [[cx, cy, font]]
+    items: list = dataclasses.field(default_factory=list)
+    # attributes the caption states (None: decided by caption()); eval prompts set it, the checker checks it
+    stated: list | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls(**{f.name: d.get(f.name, None if f.name != "items" else []) for f in dataclasses.fields(cls)})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry shared with the checker
+
+
+def shape_polygon(shape: str, cx: float, cy: float, s: float) -> list[tuple[float, float]] | None:
+    """Polygon of a shape filling the box [cx-s, cx+s] x [cy-s, cy+s] (None for circle/square: drawn as primitives)."""
+    if shape == "triangle":
+        return [(cx, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            r = 1.0 if k % 2 == 0 else 0.5
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a)))
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        return [(cx - s + 2 * s * (x - x0) / (x1 - x0), cy - s + 2 * s * (y - y0) / (y1 - y0)) for x, y in pts]
+    if shape == "cross":
+        w = 0.36 * s
+        return [
+            (cx - w, cy - s), (cx + w, cy - s), (cx + w, cy - w), (cx + s, cy - w), (cx + s, cy + w), (cx + w, cy + w),
+            (cx + w, cy + s), (cx - w, cy + s), (cx - w, cy + w), (cx - s, cy + w), (cx - s, cy - w), (cx - w, cy - w),
+        ]
+    return None
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float, fill=255) -> None:
+    box = [cx - s, cy - s, cx + s, cy + s]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(shape_polygon(shape, cx, cy, s), fill=fill)
+
+
+@functools.lru_cache(maxsize=256)
+def font(px: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in (FreeType) font at ``px`` pixels; no system fonts."""
+    return ImageFont.load_default(size=px)
+
+
+def stroke_for(px: int) -> int:
+    """Extra stroke (bold) used for words, as a function of the font size in pixels."""
+    return max(1, round(px * 0.05))
+
+
+@functools.lru_cache(maxsize=4096)
+def text_ink_bbox(word: str, px: int) -> tuple[int, int, int, int]:
+    """Ink bbox (x0, y0, x1, y1) of ``word`` drawn at origin with font size ``px`` (and the bold stroke)."""
+    return font(px).getbbox(word, stroke_width=stroke_for(px))
+
+
+def draw_word(draw: ImageDraw.ImageDraw, word: str, cx: float, cy: float, px: int, fill=255) -> None:
+    x0, y0, x1, y1 = text_ink_bbox(word, px)
+    ox = cx - (x0 + x1) / 2
+    oy = cy - (y0 + y1) / 2
+    draw.text((round(ox), round(oy)), word, font=font(px), fill=fill, stroke_width=stroke_for(px), stroke_fill=fill)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+_SMALL = (0.085, 0.115)  # half-size as a fraction of the side: 2s = 22-29 px at 128
+_LARGE = (0.2, 0.25)  # 2s = 51-64 px at 128
+_COUNT_S = (0.08, 0.11)  # 2s = 20-28 px
+_MARGIN = 0.03
+_WORD_FONT = (0.22, 0.36)  # font size as fraction of side: 28-46 px at 128 -> cap height ~20-33 px
+_WORD_MAX_W = 0.92
+
+
+def _sample_background(rng: np.random.Generator) -> dict:
+    style = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    names = list(BG_COLORS)
+    if "gradient" in style:
+        i, j = rng.choice(len(names), size=2, replace=False)
+        colors = [names[int(i)], names[int(j)]]
+    else:
+        colors = [names[int(rng.integers(len(names)))]]
+    return {"style": style, "colors": colors, "seed": int(rng.integers(2**31))}
+
+
+def _position_center(pos: str, s: float, rng: np.random.Generator) -> tuple[float, float]:
+    row, col = POSITION_CELLS[pos]
+    lo, hi = _MARGIN + s, 1 - _MARGIN - s
+    centers = []
+    for k in (col, row):
+        if k == 0:
+            c = min(1 / 6, 1 / 3 - 0.04) if s < 1 / 6 else lo
+            c = max(c, lo)
+        elif k == 2:
+            c = max(5 / 6, 2 / 3 + 0.04) if s < 1 / 6 else hi
+            c = min(c, hi)
+        else:
+            c = 0.5
+        # jitter that keeps the centroid inside its third of the image (and the shape inside the frame)
+        j = float(rng.uniform(-0.03, 0.03))
+        c = c + j
+        third_lo, third_hi = k / 3 + 0.02, (k + 1) / 3 - 0.02
+        c = min(max(c, third_lo, lo), third_hi, hi)
+        centers.append(c)
+    return centers[0], centers[1]
+
+
+def _place_count(n: int, rng: np.random.Generator) -> list[list[float]]:
+    for _ in range(1000):
+        items = []
+        ok = True
+        for _k in range(n):
+            s = float(rng.uniform(*_COUNT_S))
+            for _t in range(200):
+                cx = float(rng.uniform(_MARGIN + s, 1 - _MARGIN - s))
+                cy = float(rng.uniform(_MARGIN + s, 1 - _MARGIN - s))
+                # boxes separated by a gap of >= 0.05 (6 px at 128) so components stay apart after blur
+                if all(max(abs(cx - x) - s - t, abs(cy - y) - s - t) >= 0.05 for x, y, t in items):
+                    items.append([cx, cy, s])
+                    break
+            else:
+                ok = False
+                break
+        if ok:
+            return items
+    raise RuntimeError("could not place objects")
+
+
+def _make_scene(rng: np.random.Generator, kind: str, **kw) -> Scene:
+    sc = _make_scene_raw(rng, kind, **kw)
+    sc.items = [[round(float(v), 4) for v in it] for it in sc.items]  # short, exact JSON
+    return sc
+
+
+def _make_scene_raw(rng: np.random.Generator, kind: str, *, color=None, shape=None, size=None, position=None,
+                    count=None, word=None) -> Scene:
+    color = color or _C[int(rng.integers(len(_C)))]
+    bg = _sample_background(rng)
+    if kind == "object":
+        shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
+        size = size or SIZES[int(rng.integers(len(SIZES)))]
+        position = position or POSITIONS[int(rng.integers(len(POSITIONS)))]
+        s = float(rng.uniform(*(_SMALL if size == "small" else _LARGE)))
+        cx, cy = _position_center(position, s, rng)
+        return Scene("object", color, bg, shape=shape, size=size, position=position, items=[[cx, cy, s]])
+    if kind == "count":
+        shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
+        count = count or int(rng.integers(1, 5))
+        return Scene("count", color, bg, shape=shape, count=count, items=_place_count(count, rng))
+    if kind == "word":
+        word = word or WORDS[int(rng.integers(len(WORDS)))]
+        position = position or WORD_POSITIONS[int(rng.integers(len(WORD_POSITIONS)))]
+        f = float(rng.uniform(*_WORD_FONT))
+        # shrink until the word fits (measured at 128 px, the training resolution)
+        while True:
+            px = max(8, round(f * 128))
+            x0, y0, x1, y1 = text_ink_bbox(word, px)
+            if (x1 - x0) <= _WORD_MAX_W * 128 or f < 0.1:
+                break
+            f *= 0.95
+        w, h = (x1 - x0) / 128, (y1 - y0) / 128
+        cx = 0.5 + float(rng.uniform(-1, 1)) * max(0.0, (1 - 2 * _MARGIN - w) / 2) * 0.5
+        if position == "center":
+            cy = 0.5 + float(rng.uniform(-0.03, 0.03))
+        else:
+            cy = _MARGIN + h / 2 + 0.02 + float(rng.uniform(0, 0.04))
+            cy = min(cy, 1 / 3 - 0.02)  # keep the center in the top third
+            cy = max(cy, _MARGIN + h / 2)
+            if position == "bottom":
+                cy = 1 - cy
+        return Scene("word", color, bg, position=position, word=word, items=[[cx, cy, f]])
+    raise ValueError(kind)
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+    """One random scene. "train": never a held-out combination. "heldout": always at least one."""
+    if split == "train":
+        while True:
+            kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
+            sc = _make_scene(rng, kind)
+            if not heldout_combos(sc):
+                return sc
+    if split == "heldout":
+        cat = list(CATEGORIES)[int(rng.integers(len(CATEGORIES)))]
+        return _heldout_scene(rng, cat)
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+
+
+def _heldout_scene(rng: np.random.Generator, category: str) -> Scene:
+    fam, stated = CATEGORIES[category]
+    combos = sorted(HELDOUT[fam])
+    combo = combos[int(rng.integers(len(combos)))]
+    if fam == "color_shape":
+        sc = _make_scene(rng, "object", color=combo[0], shape=combo[1])
+    elif fam == "size_shape":
+        sc = _make_scene(rng, "object", size=combo[0], shape=combo[1])
+    elif fam == "shape_position":
+        sc = _make_scene(rng, "object", shape=combo[0], position=combo[1])
+    elif fam == "count_shape":
+        sc = _make_scene(rng, "count", count=combo[0], shape=combo[1])
+    else:
+        sc = _make_scene(rng, "word", word=combo[0], color=combo[1])
+    sc.stated = list(stated)
+    assert fam in heldout_combos(sc)
+    return sc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions
+
+_POS_PHRASES = {
+    "top left": ["in the top left corner", "at the top left", "in the upper left corner", "in the top left"],
+    "top": ["at the top", "near the top", "at the top of the image", "in the top middle"],
+    "top right": ["in the top right corner", "at the top right", "in the upper right corner", "in the top right"],
+    "left": ["on the left", "on the left side", "at the left", "in the middle on the left"],
+    "center": ["in the center", "in the middle", "in the center of the image", "centered"],
+    "right": ["on the right", "on the right side", "at the right", "in the middle on the right"],
+    "bottom left": ["in the bottom left corner", "at the bottom left", "in the lower left corner",
+                    "in the bottom left"],
+    "bottom": ["at the bottom", "near the bottom", "at the bottom of the image", "in the bottom middle"],
+    "bottom right": ["in the bottom right corner", "at the bottom right", "in the lower right corner",
+                     "in the bottom right"],
+}
+_SHAPE_SYN = {"circle": ["circle", "circle", "disc"], "square": ["square"], "triangle": ["triangle"],
+              "star": ["star"], "cross": ["cross", "cross", "plus sign"]}
+_SHAPE_SYN_PL = {"circle": ["circles", "circles", "discs"], "square": ["squares"], "triangle": ["triangles"],
+                 "star": ["stars"], "cross": ["crosses", "crosses", "plus signs"]}
+_SIZE_SYN = {"small": ["small", "small", "little", "tiny"], "large": ["large", "large", "big", "huge"]}
+
+
+def _pick(rng: np.random.Generator, xs):
+    return xs[int(rng.integers(len(xs)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def background_phrase(bg: dict, rng: np.random.Generator) -> str:
+    st, cs = bg["style"], bg["colors"]
+    if st == "solid":
+        d = f"{cs[0]} background"
+    elif st == "texture":
+        d = f"textured {cs[0]} background"
+    elif st == "vertical gradient":
+        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient background", f"background fading from {cs[0]} at the top to "
+                        f"{cs[1]} at the bottom"])
+    else:
+        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient background", f"background fading from {cs[0]} on the left to "
+                        f"{cs[1]} on the right"])
+    if d.startswith("background"):
+        return "on a " + d
+    return _pick(rng, ["on " + _article(d) + " " + d, "against " + _article(d) + " " + d])
+
+
+def _stated_for(scene: Scene, rng: np.random.Generator) -> list[str]:
+    if scene.stated is not None:
+        return list(scene.stated)
+    if scene.kind == "object":
+        st = ["shape"] + [a for a, p in (("color", 0.85), ("size", 0.6), ("position", 0.7)) if rng.random() < p]
+    elif scene.kind == "count":
+        st = ["count", "shape"] + (["color"] if rng.random() < 0.85 else [])
+    else:
+        st = ["word"] + [a for a, p in (("color", 0.8), ("position", 0.3)) if rng.random() < p]
+    return st
+
+
+def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
+    """A plain-English caption from varied templates; states ``scene.stated`` when set, else a random subset
+    (always the shape / count / word itself). Background mentioned about 35% of the time."""
+    if isinstance(scene, dict):
+        scene = Scene.from_dict(scene)
+    st = _stated_for(scene, rng)
+    bg = (" " + background_phrase(scene.background, rng)) if rng.random() < 0.35 else ""
+    col = scene.color if "color" in st else None
+    if scene.kind == "object":
+        noun = _pick(rng, _SHAPE_SYN[scene.shape])
+        adjs = []
+        if "size" in st:
+            adjs.append(_pick(rng, _SIZE_SYN[scene.size]))
+        if col:
+            adjs.append(col)
+        np_ = " ".join(adjs + [noun])
+        pos = (" " + _pick(rng, _POS_PHRASES[scene.position])) if "position" in st else ""
+        t = int(rng.integers(5))
+        if t == 0:
+            s = f"{_article(np_)} {np_}{pos}{bg}"
+        elif t == 1:
+            s = f"{_pick(rng, ['a picture of', 'an image of', 'a drawing of'])} {_article(np_)} {np_}{pos}{bg}"
+        elif t == 2:
+            s = f"{np_}{pos}{bg}"
+        elif t == 3 and pos:
+            s = f"there is {_article(np_)} {np_}{pos}{bg}"
+        else:
+            s = f"{_article(np_)} {np_}{pos}{bg}"
+    elif scene.kind == "count":
+        n = scene.count
+        noun = _pick(rng, _SHAPE_SYN[scene.shape] if n == 1 else _SHAPE_SYN_PL[scene.shape])
+        num = COUNT_NAMES[n] if (n > 1 or rng.random() < 0.6) else "a single"
+        np_ = " ".join([num] + ([col] if col else []) + [noun])
+        t = int(rng.integers(4))
+        if t == 0:
+            s = f"{np_}{bg}"
+        elif t == 1:
+            s = f"{_pick(rng, ['a picture of', 'an image with', 'a drawing of'])} {np_}{bg}"
+        elif t == 2:
+            s = f"{'there is' if n == 1 else 'there are'} {np_}{bg}"
+        else:
+            s = f"exactly {np_}{bg}"
+    else:
+        w = scene.word
+        pos = (" " + _pick(rng, _POS_PHRASES[scene.position])) if "position" in st else ""
+        if col:
+            t = int(rng.integers(5))
+            s = [f'the word "{w}" written in {col} letters{pos}',
+                 f'{col} text that says "{w}"{pos}',
+                 f'the word {w} in {col}{pos}',
+                 f'"{w}" written in {col}{pos}',
+                 f'a sign that says {w} in {col} letters{pos}'][t]
+        else:
+            t = int(rng.integers(4))
+            s = [f'the word "{w}"{pos}', f'a sign that says {w}{pos}', f'text that says "{w}"{pos}',
+                 f'"{w}" written in big letters{pos}'][t]
+        s += bg
+    return " ".join(s.split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render_background(bg: dict, size: int = 128) -> np.ndarray:
+    """float32 [size, size, 3] background in 0..255."""
+    st = bg["style"]
+    c0 = np.array(BG_COLORS[bg["colors"][0]], np.float32)
+    if st == "solid":
+        return np.broadcast_to(c0, (size, size, 3)).astype(np.float32)
+    if "gradient" in st:
+        c1 = np.array(BG_COLORS[bg["colors"][1]], np.float32)
+        t = (np.arange(size, dtype=np.float32) + 0.5) / size
+        ramp = c0[None, :] * (1 - t[:, None]) + c1[None, :] * t[:, None]  # [size, 3]
+        if st == "vertical gradient":
+            return np.broadcast_to(ramp[:, None, :], (size, size, 3)).astype(np.float32)
+        return np.broadcast_to(ramp[None, :, :], (size, size, 3)).astype(np.float32)
+    # texture: low-frequency luminance blotches (+-~12) plus fine pixel noise, from the scene's own seed
+    rng = np.random.default_rng(bg["seed"])
+    low = rng.normal(0.0, 7.0, size=(6, 6)).astype(np.float32)
+    up = np.asarray(Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC), np.float32)
+    fine = rng.normal(0.0, 3.0, size=(size, size)).astype(np.float32)
+    return c0[None, None, :] + (up + fine)[:, :, None]
+
+
+def render_mask(scene: Scene | dict, size: int = 128) -> np.ndarray:
+    """float32 [size, size] coverage (0..1) of the scene's foreground, drawn at 2x and box-downsampled."""
+    if isinstance(scene, dict):
+        scene = Scene.from_dict(scene)
+    S = 2 * size
+    m = Image.new("L", (S, S), 0)
+    d = ImageDraw.Draw(m)
+    if scene.kind in ("object", "count"):
+        for cx, cy, s in scene.items:
+            draw_shape(d, scene.shape, cx * S, cy * S, s * S)
+    else:
+        cx, cy, f = scene.items[0]
+        draw_word(d, scene.word, cx * S, cy * S, max(8, round(f * S)))
+    m = m.reduce(2)
+    return np.asarray(m, np.float32) * (1.0 / 255.0)
+
+
+def render(scene: Scene | dict, size: int = 128) -> np.ndarray:
+    """uint8 [size, size, 3] image of the scene (deterministic)."""
+    if isinstance(scene, dict):
+        scene = Scene.from_dict(scene)
+    bg = render_background(scene.background, size)
+    a = render_mask(scene, size)[:, :, None]
+    col = np.array(COLORS[scene.color], np.float32)
+    out = bg * (1.0 - a) + col * a
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+CHUNK = 512
+_SPLIT_ID = {"train": 0, "heldout": 1}
+
+
+def _chunk_rng(seed: int, split: str, chunk: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _SPLIT_ID[split], int(chunk)])
+
+
+def _gen_chunk(args) -> tuple[int, np.ndarray, list[str], list[dict]]:
+    seed, split, chunk, n, size = args
+    rng = _chunk_rng(seed, split, chunk)
+    imgs = np.empty((n, size, size, 3), np.uint8)
+    caps, scenes = [], []
+    for i in range(n):
+        sc = sample_scene(rng, split)
+        caps.append(caption(sc, rng))
+        imgs[i] = render(sc, size)
+        scenes.append(sc.to_dict())
+    return chunk, imgs, caps, scenes
+
+
+def make_dataset(n: int, seed: int, split: str = "train", workers: int | None = None, size: int = 128
+                 ) -> tuple[np.ndarray, list[str], list[dict]]:
+    """``n`` images uint8 [n, size, size, 3], their captions and scene dicts.
+
+    Chunks of ``CHUNK`` scenes, each with its own generator seeded by (seed, split, chunk index), so the output is
+    identical for any ``workers`` (default: all CPUs; 1 = no subprocesses)."""
+    if split not in _SPLIT_ID:
+        raise ValueError(split)
+    jobs = [(seed, split, c, min(CHUNK, n - c * CHUNK), size) for c in range((n + CHUNK - 1) // CHUNK)]
+    images = np.empty((n, size, size, 3), np.uint8)
+    captions: list[str] = [""] * n
+    scenes: list[dict] = [{}] * n
+
+    def put(res):
+        c, im, cp, sc = res
+        images[c * CHUNK:c * CHUNK + len(im)] = im
+        captions[c * CHUNK:c * CHUNK + len(im)] = cp
+        scenes[c * CHUNK:c * CHUNK + len(im)] = sc
+
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            put(_gen_chunk(j))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(min(workers, len(jobs))) as pool:
+            for res in pool.imap_unordered(_gen_chunk, jobs):
+                put(res)
+    return images, captions, scenes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation prompts
+
+EVAL_PROMPTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompts.json")
+
+
+def eval_prompts(n: int = 240, seed: int = 0) -> list[dict]:
+    """``n`` held-out prompts balanced over CATEGORIES (n // 5 each, round robin), each
+    {"prompt", "category", "scene"}; scene["stated"] lists the attributes the prompt states (and the checker checks).
+    Within a category the held-out combinations are cycled so every one is covered."""
+    cats = list(CATEGORIES)
+    out = []
+    per_cat = {c: 0 for c in cats}
+    rng = np.random.default_rng([int(seed), 6, 6])
+    for i in range(n):
+        cat = cats[i % len(cats)]
+        fam, stated = CATEGORIES[cat]
+        combos = sorted(HELDOUT[fam])
+        combo = combos[per_cat[cat] % len(combos)]
+        per_cat[cat] += 1
+        if fam == "color_shape":
+            sc = _make_scene(rng, "object", color=combo[0], shape=combo[1])
+        elif fam == "size_shape":
+            sc = _make_scene(rng, "object", size=combo[0], shape=combo[1])
+        elif fam == "shape_position":
+            sc = _make_scene(rng, "object", shape=combo[0], position=combo[1])
+        elif fam == "count_shape":
+            sc = _make_scene(rng, "count", count=combo[0], shape=combo[1])
+        else:
+            sc = _make_scene(rng, "word", word=combo[0], color=combo[1])
+        sc.stated = list(stated)
+        out.append({"prompt": caption(sc, rng), "category": cat, "scene": sc.to_dict()})
+    return out
+
+
+def write_eval_prompts(path: str = EVAL_PROMPTS_PATH, n: int = 240, seed: int = 0) -> None:
+    ps = eval_prompts(n, seed)
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(p, sort_keys=True) for p in ps) + "\n]\n")
+
+
+def contact_sheet(path: str, n: int = 32, seed: int = 1, cols: int = 8) -> None:
+    """Grid of train images with their captions below (for the README)."""
+    imgs, caps, _ = make_dataset(n, seed, "train", workers=1)
+    cell_w, cell_h, pad = 128, 128 + 40, 4
+    rows = (n + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    f = font(10)
+    for i in range(n):
+        x = pad + (i % cols) * (cell_w + pad)
+        y = pad + (i // cols) * (cell_h + pad)
+        sheet.paste(Image.fromarray(imgs[i]), (x, y))
+        # wrap the caption to the cell width
+        words, lines, cur = caps[i].split(), [], ""
+        for w in words:
+            t = (cur + " " + w).strip()
+            if f.getlength(t) > cell_w and cur:
+                lines.append(cur)
+                cur = w
+            else:
+                cur = t
+        lines.append(cur)
+        for k, ln in enumerate(lines[:3]):
+            d.text((x, y + 130 + 12 * k), ln, font=f, fill=(0, 0, 0))
+    sheet.save(path, optimize=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write-eval", action="store_true", help="write models/nano/eval_prompts.json")
+    ap.add_argument("--sheet", help="write a contact sheet of train images to this PNG")
+    ap.add_argument("--bench", type=int, default=0, help="time make_dataset(N)")
+    ap.add_argument("--workers", type=int, default=None)
+    a = ap.parse_args()
+    if a.write_eval:
+        write_eval_prompts()
+        print("wrote", EVAL_PROMPTS_PATH)
+    if a.sheet:
+        contact_sheet(a.sheet)
+        print("wrote", a.sheet)
+    if a.bench:
+        t = time.perf_counter()
+        im, cp, sc = make_dataset(a.bench, 0, "train", workers=a.workers)
+        dt = time.perf_counter() - t
+        print(f"{a.bench} images in {dt:.2f} s ({a.bench / dt:.0f} img/s, workers={a.workers or os.cpu_count()})")
