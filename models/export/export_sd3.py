@@ -1101,7 +1101,8 @@ def release_weights(module: torch.nn.Module):
 
 def export_component(component: str, module, out_dir: Path, *, exporter: str, attention: str, dtype: str,
                      opset: int | None, t5_precision: str, external: bool | None = None,
-                     release_torch: bool = False, skip_layers: list[int] | None = None) -> dict:
+                     release_torch: bool = False, skip_layers: list[int] | None = None,
+                     keep_token_ids: list[int] | None = None, weights_fp16: bool = False) -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
@@ -1128,6 +1129,7 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         else:
             exported = export_torchscript(spec, opset, work)
         d_ff = getattr(getattr(module, "config", None), "d_ff", None)
+        module_vocab = getattr(getattr(module, "config", None), "vocab_size", None)
         axes = {"dynamic_axes": spec["dynamic_axes"]}
         del spec
         if release_torch:
@@ -1153,6 +1155,11 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                 info.update(extra)
             if component == "text_encoder_3":
                 info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
+            if keep_token_ids is not None and component in ("text_encoder", "text_encoder_2"):
+                info["pruned_vocabulary"] = prune_token_embedding(
+                    model, module_vocab, keep_token_ids, lambda t: _read_initializer(t, src_types, work))
+            if weights_fp16 and dtype == "fp32":
+                info["weight_storage"] = store_weights_fp16(model, lambda t: _read_initializer(t, src_types, work))
             model.producer_name = "sd3-onnx models/export/export_sd3.py"
             if skip_layers is not None:
                 set_metadata(model, SKIP_METADATA_KEY, json.dumps(skip_layers))
@@ -1163,6 +1170,81 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         info["files"] = [str(f.relative_to(out_dir.resolve())) for f in files]
     info["seconds"] = round(time.time() - t0, 1)
     return info
+
+
+def _read_initializer(t: TensorProto, src_types: dict, work: Path) -> np.ndarray:
+    """An initializer's values, whether in memory or a stub of externalize()."""
+    if _is_stub(t):
+        raw = _stub_bytes(t, src_types, work)
+        return np.frombuffer(raw, dtype=NP_TYPES[t.data_type]).reshape(tuple(t.dims)).copy()
+    return numpy_helper.to_array(t)
+
+
+def prune_token_embedding(model: onnx.ModelProto, vocab_size: int, keep: list[int], read) -> dict:
+    """Keeps only the listed rows of the token-embedding table (the Gather whose data is a [vocab_size, D]
+    initializer): the table becomes [len(keep) + 1, D] and a uint16 id map (cast to int32 in the graph; ONNX Runtime
+    folds the cast when it loads the graph) sends every other id to the last row, the mean of the dropped rows.
+
+    Exact for prompts whose tokens are all kept; for a model trained only on captions whose tokens are the kept
+    ones (models/nano), every other row was never updated from its random initialisation anyway."""
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = sorted(set(int(i) for i in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= vocab_size or len(keep) + 1 >= 65536:
+        raise ValueError(f"token ids to keep must be within 0..{vocab_size - 1} and fewer than 65535")
+    hits = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+            and list(inits[n.input[0]].dims)[:1] == [vocab_size] and len(inits[n.input[0]].dims) == 2]
+    if len(hits) != 1:
+        raise ValueError(f"expected one token-embedding Gather over a [{vocab_size}, D] table, found {len(hits)}")
+    node = hits[0]
+    table = read(inits[node.input[0]])
+    mask = np.ones(vocab_size, dtype=bool)
+    mask[keep] = False
+    rest = table[mask].mean(axis=0, keepdims=True) if mask.any() else np.zeros((1, table.shape[1]), table.dtype)
+    small = np.concatenate([table[keep], rest]).astype(table.dtype)
+    id_map = np.full(vocab_size, len(keep), dtype=np.uint16)
+    id_map[keep] = np.arange(len(keep), dtype=np.uint16)
+    base = node.input[0]
+    model.graph.initializer.remove(inits[base])
+    model.graph.initializer.extend([numpy_helper.from_array(small, base + ".kept"),
+                                    numpy_helper.from_array(id_map, base + ".id_map_u16")])
+    ids = node.input[1]
+    cast_map = onnx.helper.make_node("Cast", [base + ".id_map_u16"], [base + ".id_map"], to=TensorProto.INT32,
+                                     name=base + ".id_map.cast")
+    remap = onnx.helper.make_node("Gather", [base + ".id_map", ids], [base + ".ids_kept"], axis=0,
+                                  name=base + ".remap")
+    node.input[0] = base + ".kept"
+    node.input[1] = base + ".ids_kept"
+    at = list(model.graph.node).index(node)
+    model.graph.node.insert(at, remap)
+    model.graph.node.insert(at, cast_map)
+    return dict(vocab=vocab_size, kept=len(keep))
+
+
+def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256) -> dict:
+    """Weight-only float16 storage for a float32 graph: every float32 initializer with at least min_elements
+    values is stored as float16 and cast back to float32 in the graph, so the file is half as big while the
+    arithmetic stays float32 (ONNX Runtime folds these casts into float32 constants when it loads the graph).
+    The weights become their float16 roundings; values beyond float16's range are refused."""
+    count, saved = 0, 0
+    new_nodes = []
+    for t in list(model.graph.initializer):
+        if t.data_type != TensorProto.FLOAT:
+            continue
+        a = read(t)
+        if a.size < min_elements:
+            continue
+        if np.abs(a).max(initial=0.0) > 65504.0:
+            raise ValueError(f"initializer {t.name} exceeds float16's range; cannot store it as float16")
+        name = t.name
+        model.graph.initializer.remove(t)
+        model.graph.initializer.append(numpy_helper.from_array(a.astype(np.float16), name + ".fp16"))
+        new_nodes.append(onnx.helper.make_node("Cast", [name + ".fp16"], [name], to=TensorProto.FLOAT,
+                                               name=name + ".cast_fp32"))
+        count += 1
+        saved += a.size * 2
+    for n in reversed(new_nodes):
+        model.graph.node.insert(0, n)
+    return dict(weights_fp16=count, bytes_saved=saved)
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str):
@@ -1233,6 +1315,13 @@ def parse_args(argv=None):
     ap.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                     help="auto: model.onnx.data for graphs over ~1.8 GB")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (--random)")
+    ap.add_argument("--keep-token-ids", type=Path, default=None,
+                    help="json list of CLIP token ids: text_encoder and text_encoder_2 keep only these rows of their "
+                         "token-embedding table, every other id maps to one shared row (for models trained on a "
+                         "small caption vocabulary, e.g. models/nano; exact for prompts made of kept tokens)")
+    ap.add_argument("--weights-fp16", action="store_true",
+                    help="with --dtype fp32 (or --fp32-components): store weights as float16 and cast them to "
+                         "float32 in the graph (half the file size, float32 arithmetic)")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,
@@ -1260,6 +1349,7 @@ def main(argv=None):
         if c not in ALL_COMPONENTS + [SKIP_COMPONENT]:
             raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS + [SKIP_COMPONENT]}")
     fp32_components = {c for c in args.fp32_components.split(",") if c}
+    keep_ids = json.loads(args.keep_token_ids.read_text()) if args.keep_token_ids else None
     if (args.layers or args.text_layers) and not args.random:
         raise SystemExit("--layers and --text-layers are for --random only")
     source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers, args.text_layers)
@@ -1308,7 +1398,8 @@ def main(argv=None):
                 + (f", skip_layers {skip}" if skip else "") + ")")
             info = export_component(kind, module, out, exporter=args.exporter, attention=args.attention,
                                     dtype=dtype, opset=args.opset, t5_precision=args.t5_precision, external=external,
-                                    release_torch=i == len(graphs) - 1, skip_layers=skip)
+                                    release_torch=i == len(graphs) - 1, skip_layers=skip,
+                                    keep_token_ids=keep_ids, weights_fp16=args.weights_fp16)
             manifest["components"][graph] = info
             log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
@@ -1332,7 +1423,8 @@ def main(argv=None):
         options=dict(dtype=args.dtype, attention=args.attention, exporter=args.exporter, opset=args.opset,
                      skip_layers=skip_layers,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
-                     external_data=args.external_data,
+                     external_data=args.external_data, weights_fp16=args.weights_fp16,
+                     keep_token_ids=len(keep_ids) if keep_ids else None,
                      tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),
         versions=tool_versions(),
     )

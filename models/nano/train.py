@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""Trains the nano SD3: a 16-channel VAE, CLIP-L-, CLIP-G- and T5-shaped text encoders and an MMDiT, on the synthetic
+captioned images of `scenes.py`, with the SD3 paper's recipe scaled down (Esser et al. 2024, "Scaling Rectified Flow
+Transformers for High-Resolution Image Synthesis"):
+
+- rectified flow: x_t = (1 - t) x0 + t eps, the transformer predicts v = eps - x0 (diffusers'
+  `FlowMatchEulerDiscreteScheduler` samples the same ODE; training_utils.compute_density_for_timestep_sampling
+  "logit_normal" draws t the same way);
+- timesteps from a logit-normal distribution, t = sigmoid(n), n ~ N(m, s) (paper sec. 3.1, eq. 19; m = 0, s = 1);
+- the transformer gets `timestep = 1000 t` (`FlowMatchEulerDiscreteScheduler.timesteps = sigmas * 1000`);
+- conditioning exactly as `StableDiffusion3Pipeline.encode_prompt`: CLIP-L and CLIP-G penultimate hidden states
+  concatenated on the feature axis and zero-padded to T5's width, then T5's last hidden state appended on the sequence
+  axis; pooled = CLIP-L text_embeds ++ CLIP-G text_embeds;
+- caption dropout: the caption is replaced by "" (what the pipeline encodes as the negative prompt) with probability
+  `--caption-dropout` (0.1), which trains the unconditional branch of classifier-free guidance;
+- text encoders trained jointly with the transformer from random initialisation (the real CLIP BPE vocabulary and the
+  fixtures' T5 sentencepiece vocabulary);
+- VAE first (L1 + L2 reconstruction + a small KL term), then latents cached; `shift_factor` / `scaling_factor` are the
+  mean and 1/std of the cached latents (SD3's VAE config holds the same two numbers, 0.0609 / 1.5305, for its data);
+- an EMA of the transformer and text encoder weights is what gets saved.
+
+Everything runs on one GPU in a few minutes. Seeded (`--seed`); GPU kernels are not bitwise deterministic.
+Writes a diffusers StableDiffusion3Pipeline folder (`--out`) that `models/export/export_sd3.py --model` exports, plus
+`train_log.json` (losses, timings, the card) and, with `--eval`, images of the held-out prompts drawn by the PyTorch
+model with a plain Euler sampler and their adherence (models/nano/checker.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import scenes  # noqa: E402
+
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model configurations (all widths here; nothing else in this file names a size)
+# ---------------------------------------------------------------------------------------------------------------
+
+def configs(args):
+    clip_common = dict(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        num_hidden_layers=args.clip_layers, num_attention_heads=2, attention_dropout=0.0, layer_norm_eps=1e-5,
+    )
+    clip_l = dict(clip_common, hidden_size=args.clip_width, intermediate_size=4 * args.clip_width,
+                  projection_dim=args.clip_width, hidden_act="quick_gelu")  # CLIP-L uses quick_gelu
+    clip_g = dict(clip_common, hidden_size=args.clip_width, intermediate_size=4 * args.clip_width,
+                  projection_dim=args.clip_width, hidden_act="gelu")  # OpenCLIP bigG uses gelu
+    t5 = dict(vocab_size=1152, d_model=args.t5_width, d_kv=args.t5_width // 4, num_heads=4, d_ff=2 * args.t5_width,
+              num_layers=args.t5_layers, feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, is_encoder_decoder=False,
+              use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    joint = args.t5_width
+    assert 2 * args.clip_width <= joint, "CLIP-L + CLIP-G widths must fit in T5's width (they are zero-padded to it)"
+    dit = dict(sample_size=args.image_size // 8, patch_size=2, in_channels=16, out_channels=16,
+               num_layers=args.dit_layers, attention_head_dim=args.dit_head_dim, num_attention_heads=args.dit_heads,
+               joint_attention_dim=joint, caption_projection_dim=args.dit_heads * args.dit_head_dim,
+               pooled_projection_dim=2 * args.clip_width, pos_embed_max_size=args.image_size // 8,
+               qk_norm="rms_norm", dual_attention_layers=())
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               block_out_channels=tuple(int(c) for c in args.vae_channels.split(",")), layers_per_block=1,
+               norm_num_groups=8, sample_size=args.image_size, use_quant_conv=False, use_post_quant_conv=False,
+               scaling_factor=1.0, shift_factor=0.0)
+    return clip_l, clip_g, t5, dit, vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_tokenizers(tok_dir: Path):
+    from transformers import CLIPTokenizerFast, T5TokenizerFast
+
+    # The fast tokenizers give the slow CLIPTokenizer's ids on these ASCII captions (the Rust tests check our
+    # tokenizer against transformers'); they are ~20x faster on 10^5 captions.
+    tl = CLIPTokenizerFast.from_pretrained(tok_dir / "tokenizer")
+    tg = CLIPTokenizerFast.from_pretrained(tok_dir / "tokenizer_2")
+    t5 = T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_3")
+    return tl, tg, t5
+
+
+def tokenize(toks, texts, t5_len):
+    """Token ids as StableDiffusion3Pipeline._get_clip_prompt_embeds / _get_t5_prompt_embeds make them."""
+    tl, tg, t5 = toks
+    kw = dict(padding="max_length", truncation=True, return_tensors="pt")
+    ids_l = tl(texts, max_length=77, **kw).input_ids
+    ids_g = tg(texts, max_length=77, **kw).input_ids
+    ids_t = t5(texts, max_length=t5_len, add_special_tokens=True, **kw).input_ids
+    return ids_l, ids_g, ids_t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text conditioning (StableDiffusion3Pipeline.encode_prompt, diffusers 0.35.2 pipeline_stable_diffusion_3.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+class TextStack(torch.nn.Module):
+    def __init__(self, te1, te2, te3):
+        super().__init__()
+        self.te1, self.te2, self.te3 = te1, te2, te3
+
+    def forward(self, ids_l, ids_g, ids_t):
+        o1 = self.te1(ids_l, output_hidden_states=True)
+        o2 = self.te2(ids_g, output_hidden_states=True)
+        h = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)  # clip_skip=None -> hidden_states[-2]
+        t5 = self.te3(ids_t)[0]
+        h = F.pad(h, (0, t5.shape[-1] - h.shape[-1]))
+        ctx = torch.cat([h, t5], dim=-2)
+        pooled = torch.cat([o1.text_embeds, o2.text_embeds], dim=-1)
+        return ctx, pooled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------------------------
+
+def lr_at(progress, step, base, warmup):
+    """Linear warm-up over `warmup` steps, then cosine from base to base/10 over the run's progress (0..1: the
+    larger of steps done / step budget and seconds spent / time budget, so a time-limited run still anneals)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_vae(vae, images, args, dev, logs):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator(device=dev).manual_seed(args.seed + 1)
+    n = images.shape[0]
+    t_start = time.time()
+    step = 0
+    hist = []
+    while step < args.vae_steps and time.time() - t_start < args.vae_seconds:
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(max(step / args.vae_steps, (time.time() - t_start) / args.vae_seconds), step,
+                             args.vae_lr, 200)
+        idx = torch.randint(0, n, (args.vae_batch,), device=dev, generator=g)
+        x = images[idx].float() / 127.5 - 1.0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, device=dev, generator=g)
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        l2 = ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = l1 + l2 + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            hist.append(dict(step=step, t=round(time.time() - t_start, 1), l1=l1.item(), l2=l2.item(), kl=kl.item()))
+            log(f"vae step {step} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/elt {kl.item():.3f}")
+        step += 1
+    logs["vae"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=args.vae_batch, history=hist)
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images, dev, bs=512):
+    means, stds = [], []
+    for i in range(0, images.shape[0], bs):
+        x = images[i:i + bs].float() / 127.5 - 1.0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale, args, dev, logs):
+    params = [
+        {"params": [p for n_, p in text.named_parameters() if "embed" in n_ or "shared" in n_], "weight_decay": 0.0},
+        {"params": [p for n_, p in text.named_parameters() if not ("embed" in n_ or "shared" in n_)]},
+        {"params": list(transformer.parameters())},
+    ]
+    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    ema_t = copy.deepcopy(transformer).eval().requires_grad_(False)
+    ema_x = copy.deepcopy(text).eval().requires_grad_(False)
+    g = torch.Generator(device=dev).manual_seed(args.seed + 2)
+    n = lat_mean.shape[0]
+    ids_l, ids_g, ids_t = ids
+    e_l, e_g, e_t = empty_ids
+    t_start = time.time()
+    hist = []
+    step = 0
+    run_loss = None
+    while step < args.dit_steps and time.time() - t_start < args.dit_seconds:
+        lr = lr_at(max(step / args.dit_steps, (time.time() - t_start) / args.dit_seconds), step, args.dit_lr,
+                   args.warmup)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, n, (args.dit_batch,), device=dev, generator=g)
+        drop = torch.rand(args.dit_batch, device=dev, generator=g) < args.caption_dropout
+        bl = torch.where(drop[:, None], e_l, ids_l[idx])
+        bg = torch.where(drop[:, None], e_g, ids_g[idx])
+        bt = torch.where(drop[:, None], e_t, ids_t[idx])
+        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, device=dev, generator=g)
+        x0 = (z - shift) * scale
+        eps = torch.randn(x0.shape, device=dev, generator=g)
+        t = torch.sigmoid(torch.randn(args.dit_batch, device=dev, generator=g) * args.logit_std + args.logit_mean)
+        if args.train_shift != 1.0:
+            t = args.train_shift * t / (1 + (args.train_shift - 1) * t)
+        tb = t[:, None, None, None]
+        xt = (1 - tb) * x0 + tb * eps
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            ctx, pooled = text(bl, bg, bt)
+            v = transformer(hidden_states=xt, encoder_hidden_states=ctx, pooled_projections=pooled,
+                            timestep=t * 1000, return_dict=False)[0]
+        loss = F.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g_ in params for p in g_["params"]], 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_t, transformer, decay)
+        ema_update(ema_x, text, decay)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if step % 250 == 0:
+            hist.append(dict(step=step, t=round(time.time() - t_start, 1), loss=loss.item(), smoothed=run_loss, lr=lr))
+            log(f"dit step {step} loss {loss.item():.4f} smoothed {run_loss:.4f} lr {lr:.2e}")
+        step += 1
+    logs["dit"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=args.dit_batch,
+                       final_smoothed_loss=run_loss, history=hist)
+    return ema_t, ema_x
+
+
+@torch.no_grad()
+def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shift, scale, infer_shift, steps):
+    """Plain flow-matching Euler with CFG, as StableDiffusion3Pipeline (sigmas = linspace(1, 1/N, N), shifted)."""
+    out = []
+    ids = tokenize(toks, list(prompts), args.t5_len)
+    neg = tokenize(toks, [""] * len(prompts), args.t5_len)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    side = args.image_size // 8
+    for i in range(0, len(prompts), 64):
+        sl = slice(i, i + 64)
+        b = len(prompts[sl])
+        ctx, pooled = text(*(x[sl].to(dev) for x in ids))
+        nctx, npooled = text(*(x[sl].to(dev) for x in neg))
+        x = torch.randn((b, 16, side, side), generator=g).to(dev)
+        s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+        s = infer_shift * s / (1 + (infer_shift - 1) * s)
+        sig = torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+        for k in range(steps):
+            tt = torch.full((b,), float(sig[k] * 1000), device=dev)
+            if guidance > 1.0:
+                v = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([nctx, ctx]),
+                                pooled_projections=torch.cat([npooled, pooled]), timestep=torch.cat([tt, tt]),
+                                return_dict=False)[0]
+                vu, vc = v.chunk(2)
+                v = vu + guidance * (vc - vu)
+            else:
+                v = transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=tt,
+                                return_dict=False)[0]
+            x = x + (sig[k + 1] - sig[k]) * v
+        img = vae.decode(x / scale + shift).sample
+        out.append(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Path, logs):
+    import checker
+    from PIL import Image
+
+    prompts = json.loads((HERE / "eval_prompts.json").read_text())
+    res = {}
+    for name, guidance in (("cfg", args.eval_guidance), ("nocfg", 1.0)):
+        imgs = sample(transformer, text, vae, toks, [p["prompt"] for p in prompts], args, dev, guidance, 0, shift,
+                      scale, args.infer_shift, args.eval_steps)
+        a = checker.adherence(list(imgs), prompts)
+        res[name] = {c: round(100.0 * k / n_, 1) for c, (k, n_) in a["per_category"].items()}
+        res[name]["overall"] = round(100.0 * a["overall"][0] / a["overall"][1], 1)
+        log(f"eval {name} (guidance {guidance}):", res[name])
+        grid = np.concatenate([np.concatenate(list(imgs[r * 16:(r + 1) * 16]), axis=1) for r in range(4)], axis=0)
+        Image.fromarray(grid).save(out_dir / f"eval_{name}.png")
+    logs["eval_torch"] = res
+
+
+def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, cfgs, args, shift, scale):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    transformer.to(torch.float32).save_pretrained(out / "transformer")
+    vae.register_to_config(shift_factor=float(shift), scaling_factor=float(scale))
+    vae.to(torch.float32).save_pretrained(out / "vae")
+    text.te1.to(torch.float32).save_pretrained(out / "text_encoder")
+    text.te2.to(torch.float32).save_pretrained(out / "text_encoder_2")
+    text.te3.to(torch.float32).save_pretrained(out / "text_encoder_3")
+    for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if (out / t).exists():
+            shutil.rmtree(out / t)
+        shutil.copytree(tok_dir / t, out / t, symlinks=False)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.infer_shift).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.35.2", "_name_or_path": "sd3-nano",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=120_000)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--t5-len", type=int, default=256, help="T5 tokens, the pipeline's default max_sequence_length")
+    # widths
+    ap.add_argument("--clip-width", type=int, default=32)
+    ap.add_argument("--clip-layers", type=int, default=2)
+    ap.add_argument("--t5-width", type=int, default=64)
+    ap.add_argument("--t5-layers", type=int, default=2)
+    ap.add_argument("--dit-layers", type=int, default=5)
+    ap.add_argument("--dit-heads", type=int, default=3)
+    ap.add_argument("--dit-head-dim", type=int, default=32)
+    ap.add_argument("--vae-channels", default="16,32,64,64")
+    # VAE
+    ap.add_argument("--vae-steps", type=int, default=6000)
+    ap.add_argument("--vae-seconds", type=float, default=150)
+    ap.add_argument("--vae-batch", type=int, default=64)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-4)
+    # transformer + text encoders
+    ap.add_argument("--dit-steps", type=int, default=20000)
+    ap.add_argument("--dit-seconds", type=float, default=300)
+    ap.add_argument("--dit-batch", type=int, default=256)
+    ap.add_argument("--dit-lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--logit-mean", type=float, default=0.0)
+    ap.add_argument("--logit-std", type=float, default=1.0)
+    ap.add_argument("--train-shift", type=float, default=1.0)
+    ap.add_argument("--infer-shift", type=float, default=1.0, help="written to scheduler_config.json")
+    # evaluation with the PyTorch model
+    ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--eval-steps", type=int, default=28)
+    ap.add_argument("--eval-guidance", type=float, default=5.0)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a pipeline folder saved by an earlier run: its VAE is kept (no VAE training), its "
+                         "transformer and text encoders are trained further")
+    args = ap.parse_args()
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    logs = dict(args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+                torch=torch.__version__)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    clip_l, clip_g, t5c, ditc, vaec = configs(args)
+    if args.resume is None:
+        torch.manual_seed(args.seed + 10)
+        te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_l))
+        torch.manual_seed(args.seed + 11)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))
+        torch.manual_seed(args.seed + 12)
+        te3 = T5EncoderModel(T5Config(**t5c))
+        torch.manual_seed(args.seed + 13)
+        transformer = SD3Transformer2DModel(**ditc)
+        torch.manual_seed(args.seed + 14)
+        vae = AutoencoderKL(**vaec)
+    else:
+        te1 = CLIPTextModelWithProjection.from_pretrained(args.resume / "text_encoder")
+        te2 = CLIPTextModelWithProjection.from_pretrained(args.resume / "text_encoder_2")
+        te3 = T5EncoderModel.from_pretrained(args.resume / "text_encoder_3")
+        transformer = SD3Transformer2DModel.from_pretrained(args.resume / "transformer")
+        vae = AutoencoderKL.from_pretrained(args.resume / "vae")
+    text = TextStack(te1, te2, te3).to(dev)
+    transformer.to(dev)
+    vae.to(dev)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    logs["parameters"] = dict(transformer=count(transformer), vae_decoder=count(vae.decoder),
+                              vae_encoder=count(vae.encoder), clip_l=count(te1), clip_g=count(te2), t5=count(te3))
+    log("parameters", logs["parameters"])
+
+    log("rendering", args.n_train, "training images")
+    images, captions, _ = scenes.make_dataset(args.n_train, seed=args.seed, split="train", workers=args.workers)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+    log("images", tuple(images.shape), "distinct captions", len(set(captions)))
+    logs["data"] = dict(n=args.n_train, distinct_captions=len(set(captions)), seconds=round(time.time() - T0, 1))
+
+    toks = load_tokenizers(args.tokenizers_from)
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    rows = torch.tensor([where[c] for c in captions])
+    ids = tuple(x[rows].to(dev) for x in tokenize(toks, distinct, args.t5_len))
+    log("tokenized")
+    empty = tuple(x.to(dev) for x in tokenize(toks, [""], args.t5_len))
+    used = sorted(set(ids[0].unique().tolist()) | set(ids[1].unique().tolist()) | set(empty[0].unique().tolist())
+                  | set(empty[1].unique().tolist()))
+    (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
+    log("CLIP token ids used by the captions:", len(used))
+
+    if args.resume is None:
+        vae.train()
+        train_vae(vae, images, args, dev, logs)
+    vae.eval()
+    lat_mean, lat_std = encode_latents(vae, images, dev)
+    shift = lat_mean.mean().item()
+    scale = 1.0 / lat_mean.sub(shift).pow(2).mean().add(lat_std.pow(2).mean()).sqrt().item()
+    logs["latents"] = dict(shift_factor=shift, scaling_factor=scale)
+    log(f"latents shift_factor {shift:.4f} scaling_factor {scale:.4f}")
+    with torch.no_grad():  # reconstruction quality on held-out scenes
+        him, _, _ = scenes.make_dataset(256, seed=args.seed + 999, split="heldout", workers=args.workers)
+        x = torch.from_numpy(him).permute(0, 3, 1, 2).to(dev).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        logs["vae_heldout_psnr"] = (10 * torch.log10(4.0 / ((rec - x) ** 2).mean())).item()
+        log("VAE held-out PSNR", logs["vae_heldout_psnr"])
+    del images
+
+    transformer.train()
+    text.train()
+    ema_t, ema_x = train_dit(transformer, text, lat_mean, lat_std, ids, empty, shift, scale, args, dev, logs)
+
+    if args.eval:
+        evaluate(ema_t, ema_x, vae, toks, args, dev, shift, scale, args.out, logs)
+    save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, None, args, shift, scale)
+    logs["total_seconds"] = round(time.time() - T0, 1)
+    (args.out / "train_log.json").write_text(json.dumps(logs, indent=1) + "\n")
+    log("done", args.out)
+
+
+if __name__ == "__main__":
+    main()
