@@ -4,24 +4,27 @@ check(image, scene) -> {attribute: bool} for every attribute the prompt states (
 attributes of the scene kind), computed as follows on the image resized to 128x128:
 
   background   a quadratic surface per RGB channel (1, x, y, xy, x^2, y^2), fit by least squares first to a 6 px border
-               ring and then to all pixels, 4 rounds of trimming pixels whose residual is large (robust to objects,
+               ring and then to all pixels, up to 4 rounds of trimming pixels whose residual is large (robust to objects,
                handles solid colors, gradients; light texture stays in the residual).
   foreground   residual distance |image - background| > T, T = clip(0.5 * 99.7th percentile residual, 35, 75) (the
                half-contrast level, so blurred edges do not grow or shrink shapes).
   components   8-connected labeling (numpy min-label propagation with pointer jumping). Significant components:
                area >= 25 px and >= 20% of the largest (drops specks).
   color        median RGB of the strongest half of a component's pixels -> nearest of the 8 palette colors; passes if
-               it is the stated color and within 130 of it; for counts/words: every significant component.
-  shape        the component mask cropped to its bbox against each shape template drawn into the same bbox
-               (IoU); passes if the stated shape has the best IoU, IoU >= 0.6 and bbox aspect <= 1.5.
+               it is the stated color and within 130 of it; counts: every significant component; words: all word
+               pixels together.
+  shape        the component mask cropped to its bbox against each shape template resized to that bbox (IoU; per
+               shape the best of the sharp template and the template blurred by 3.5/7/10% of its side and cut at
+               half height, which is what a blurred shape looks like at T); passes if the stated shape has the best
+               IoU, IoU >= 0.6 and bbox aspect <= 1.5.
                For counts every significant component must pass.
   size         bbox long side of the main component: small < 40 px <= large.
   position     bbox center of the main component (of all word pixels for words) in the 3x3 grid of image thirds.
   count        number of significant components == stated count.
   single       (object prompts, implicit "a ...") exactly one significant component.
-  word         all significant foreground pixels cropped to their bbox vs every word of WORDS rendered with the same
-               font/stroke and resized to that bbox (IoU); passes if the stated word is best, IoU >= 0.45 and beats
-               the runner-up by >= 0.03.
+  word         the union of foreground components of >= 8 px and >= 10% of the largest, cropped to its bbox, vs
+               every word of WORDS rendered with the same font/stroke and resized to that bbox (IoU); passes if the
+               stated word is best, IoU >= 0.45 and beats the runner-up by >= 0.03.
 
 A prompt passes (``prompt_pass``) iff every checked attribute passes; ``category_pass`` is the same rule, kept for
 callers that name the category.
@@ -53,6 +56,7 @@ SHAPE_IOU = 0.6
 SHAPE_ASPECT = 1.5
 SIZE_SPLIT = 40
 WORD_IOU = 0.45
+WORD_REL_AREA = 0.1
 WORD_MARGIN = 0.03
 COLOR_MAX_DIST = 130.0
 
@@ -187,7 +191,8 @@ class Analysis:
         return best, sc[best]
 
     def word_mask(self) -> np.ndarray | None:
-        keep = [c for c in self.comps if c["area"] >= 6]
+        big = self.comps[0]["area"] if self.comps else 0
+        keep = [c for c in self.comps if c["area"] >= max(8, WORD_REL_AREA * big)]
         if not keep:
             return None
         m = np.zeros((N, N), bool)

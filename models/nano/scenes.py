@@ -102,7 +102,7 @@ CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def heldout_combos(scene: "Scene | dict") -> list[str]:
     """Names of the held-out families a scene falls into (empty list: allowed in training)."""
-    d = scene.to_dict() if isinstance(scene, Scene) else scene
+    d = scene.__dict__ if isinstance(scene, Scene) else scene
     out = []
     k = d["kind"]
     if k in ("object", "count") and (d["color"], d["shape"]) in HELDOUT["color_shape"]:
@@ -139,7 +139,11 @@ class Scene:
     stated: list | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {f: getattr(self, f) for f in _FIELDS}
+        d["background"] = dict(self.background, colors=list(self.background["colors"]))
+        d["items"] = [list(it) for it in self.items]
+        d["stated"] = None if self.stated is None else list(self.stated)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scene":
@@ -147,6 +151,9 @@ class Scene:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Scene))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,9 +368,9 @@ _POS_PHRASES = {
     "top left": ["in the top left corner", "at the top left", "in the upper left corner", "in the top left"],
     "top": ["at the top", "near the top", "at the top of the image", "in the top middle"],
     "top right": ["in the top right corner", "at the top right", "in the upper right corner", "in the top right"],
-    "left": ["on the left", "on the left side", "at the left", "in the middle on the left"],
+    "left": ["on the left", "on the left side", "at the left"],
     "center": ["in the center", "in the middle", "in the center of the image", "centered"],
-    "right": ["on the right", "on the right side", "at the right", "in the middle on the right"],
+    "right": ["on the right", "on the right side", "at the right"],
     "bottom left": ["in the bottom left corner", "at the bottom left", "in the lower left corner",
                     "in the bottom left"],
     "bottom": ["at the bottom", "near the bottom", "at the bottom of the image", "in the bottom middle"],
@@ -392,11 +399,9 @@ def background_phrase(bg: dict, rng: np.random.Generator) -> str:
     elif st == "texture":
         d = f"textured {cs[0]} background"
     elif st == "vertical gradient":
-        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient background", f"background fading from {cs[0]} at the top to "
-                        f"{cs[1]} at the bottom"])
+        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient background", f"background fading from {cs[0]} to {cs[1]}"])
     else:
-        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient background", f"background fading from {cs[0]} on the left to "
-                        f"{cs[1]} on the right"])
+        d = _pick(rng, [f"{cs[0]} to {cs[1]} gradient", f"{cs[0]} to {cs[1]} gradient background"])
     if d.startswith("background"):
         return "on a " + d
     return _pick(rng, ["on " + _article(d) + " " + d, "against " + _article(d) + " " + d])
@@ -433,15 +438,15 @@ def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
         pos = (" " + _pick(rng, _POS_PHRASES[scene.position])) if "position" in st else ""
         t = int(rng.integers(5))
         if t == 0:
-            s = f"{_article(np_)} {np_}{pos}{bg}"
+            s = f"{_article(np_)} {np_}{pos}"
         elif t == 1:
-            s = f"{_pick(rng, ['a picture of', 'an image of', 'a drawing of'])} {_article(np_)} {np_}{pos}{bg}"
+            s = f"{_pick(rng, ['a picture of', 'an image of', 'a drawing of'])} {_article(np_)} {np_}{pos}"
         elif t == 2:
-            s = f"{np_}{pos}{bg}"
+            s = f"{np_}{pos}"
         elif t == 3 and pos:
-            s = f"there is {_article(np_)} {np_}{pos}{bg}"
+            s = f"there is {_article(np_)} {np_}{pos}"
         else:
-            s = f"{_article(np_)} {np_}{pos}{bg}"
+            s = f"{_article(np_)} {np_}{pos}"
     elif scene.kind == "count":
         n = scene.count
         noun = _pick(rng, _SHAPE_SYN[scene.shape] if n == 1 else _SHAPE_SYN_PL[scene.shape])
@@ -449,13 +454,13 @@ def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
         np_ = " ".join([num] + ([col] if col else []) + [noun])
         t = int(rng.integers(4))
         if t == 0:
-            s = f"{np_}{bg}"
+            s = f"{np_}"
         elif t == 1:
-            s = f"{_pick(rng, ['a picture of', 'an image with', 'a drawing of'])} {np_}{bg}"
+            s = f"{_pick(rng, ['a picture of', 'an image with', 'a drawing of'])} {np_}"
         elif t == 2:
-            s = f"{'there is' if n == 1 else 'there are'} {np_}{bg}"
+            s = f"{'there is' if n == 1 else 'there are'} {np_}"
         else:
-            s = f"exactly {np_}{bg}"
+            s = f"exactly {np_}"
     else:
         w = scene.word
         pos = (" " + _pick(rng, _POS_PHRASES[scene.position])) if "position" in st else ""
@@ -470,8 +475,10 @@ def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
             t = int(rng.integers(4))
             s = [f'the word "{w}"{pos}', f'a sign that says {w}{pos}', f'text that says "{w}"{pos}',
                  f'"{w}" written in big letters{pos}'][t]
+    s = " ".join(s.split())
+    if bg and len(s.split()) + len(bg.split()) <= 20:  # captions stay <= 20 words
         s += bg
-    return " ".join(s.split())
+    return s
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Tests for scenes.py and checker.py (plain asserts; run: python models/nano/test_checker.py, or with pytest)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checker as C  # noqa: E402
+import scenes as S  # noqa: E402
+
+# sha256 of make_dataset(64, seed=0) images + captions: pins bit-identical data (numpy 2.2.6, Pillow 13.0.0)
+DATA_SHA256 = "b0f4f35c657d3fde77511e758bbd5d459eab7ae25da025dc2d62f493037241ee"
+
+_PROMPTS = None
+_RENDERS = None
+
+
+def prompts():
+    global _PROMPTS, _RENDERS
+    if _PROMPTS is None:
+        _PROMPTS = S.eval_prompts()
+        _RENDERS = [S.render(p["scene"]) for p in _PROMPTS]
+    return _PROMPTS, _RENDERS
+
+
+def test_dataset_deterministic():
+    a = S.make_dataset(1100, 3, workers=1)
+    b = S.make_dataset(1100, 3, workers=2)
+    assert a[0].shape == (1100, 128, 128, 3) and a[0].dtype == np.uint8
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    im, caps, _ = S.make_dataset(64, 0, workers=1)
+    h = hashlib.sha256(im.tobytes())
+    h.update("\n".join(caps).encode())
+    assert h.hexdigest() == DATA_SHA256, h.hexdigest()
+    # render is a pure function of the scene dict (JSON round trip included)
+    sc = json.loads(json.dumps(a[2][5]))
+    assert np.array_equal(S.render(sc), a[0][5])
+
+
+def test_heldout_rule():
+    rng = np.random.default_rng(0)
+    seen = collections.defaultdict(set)
+    for _ in range(20000):
+        sc = S.sample_scene(rng, "train")
+        assert not S.heldout_combos(sc), sc
+        seen["color"].add(sc.color)
+        seen["kind"].add(sc.kind)
+        if sc.kind != "word":
+            seen["shape"].add(sc.shape)
+        if sc.kind == "object":
+            seen["size"].add(sc.size)
+            seen["position"].add(sc.position)
+            seen["size_shape"].add((sc.size, sc.shape))
+        if sc.kind == "count":
+            seen["count"].add(sc.count)
+        if sc.kind == "word":
+            seen["word"].add(sc.word)
+    assert seen["color"] == set(S.COLORS) and seen["shape"] == set(S.SHAPES) and seen["size"] == set(S.SIZES)
+    assert seen["position"] == set(S.POSITIONS) and seen["count"] == set(S.COUNTS.values())
+    assert seen["word"] == set(S.WORDS)
+    for _ in range(2000):
+        assert S.heldout_combos(S.sample_scene(rng, "heldout"))
+    # held-out combos are real combos of the vocabulary
+    for fam, combos in S.HELDOUT.items():
+        assert combos, fam
+
+
+def test_captions():
+    rng = np.random.default_rng(1)
+    for split in ("train", "heldout"):
+        for _ in range(5000):
+            sc = S.sample_scene(rng, split)
+            c = S.caption(sc, rng)
+            assert c.isascii() and 1 <= len(c.split()) <= 20, c
+            if sc.kind == "word":
+                assert sc.word in c
+            elif sc.kind == "count" and sc.count > 1:
+                assert [k for k, v in S.COUNTS.items() if v == sc.count][0] in c
+
+
+def test_eval_prompts():
+    ps, _ = prompts()
+    assert len(ps) >= 200
+    cnt = collections.Counter(p["category"] for p in ps)
+    assert set(cnt) == set(S.CATEGORIES) and min(cnt.values()) >= 40, cnt
+    for p in ps:
+        fam = S.CATEGORIES[p["category"]][0]
+        assert fam in S.heldout_combos(p["scene"]), p
+        assert p["scene"]["stated"]
+    with open(S.EVAL_PROMPTS_PATH) as f:
+        assert json.load(f) == ps, "eval_prompts.json is stale: python models/nano/scenes.py --write-eval"
+
+
+def test_label():
+    m = np.zeros((128, 128), bool)
+    m[10:20, 10:20] = True
+    m[30:40, 30:35] = True
+    m[40, 35] = True  # diagonal neighbor: same component (8-connected)
+    m[100:110, 5:125] = True
+    m[5, 120] = True
+    lab = C.label(m)
+    assert len(np.unique(lab[lab >= 0])) == 4
+    assert lab[40, 35] == lab[30, 30]
+    # a long snake is one component
+    s = np.zeros((128, 128), bool)
+    s[::4, 2:126] = True
+    s[:, 2] = True
+    assert len(np.unique(C.label(s)[s])) == 1
+
+
+def test_selftest_figures():
+    ps, _ = prompts()
+    rep = C.selftest(ps, verbose=False)
+    t = rep["table"]
+    ok, tot = t["clean"]["overall"]
+    assert ok == tot, t["clean"]
+    for cat, (ok, tot) in t["clean"]["per_category"].items():
+        assert ok / tot >= 0.98, (cat, ok, tot)
+    ok, tot = t["degraded"]["overall"]
+    assert ok / tot >= 0.95, t["degraded"]
+    ok, tot = t["other prompt"]["overall"]
+    assert ok / tot <= 0.05, t["other prompt"]
+    ok, tot = t["background only"]["overall"]
+    assert ok == 0, t["background only"]
+    for k, (ok, tot) in rep["swap"].items():
+        assert ok / tot <= 0.02, (k, ok, tot)
+
+
+def _scene(kind, **kw):
+    rng = np.random.default_rng(kw.pop("seed", 0))
+    sc = S._make_scene(rng, kind, **kw)
+    sc.background = {"style": "solid", "colors": ["gray"], "seed": 0}
+    return sc
+
+
+def test_specific_negatives():
+    # an extra object breaks "a red circle"; two circles are not three
+    sc = _scene("object", color="red", shape="circle", size="small", position="left")
+    img = S.render(sc)
+    r = C.check(img, sc)
+    assert C.prompt_pass(r), r
+    other = _scene("object", color="blue", shape="square", size="small", position="right")
+    both = np.where(S.render_mask(other)[:, :, None] > 0.5, np.array(S.COLORS["blue"], np.uint8), img)
+    r = C.check(both, sc)
+    assert not r["single"] and not C.prompt_pass(r), r
+    cs = _scene("count", color="green", shape="circle", count=2)
+    img = S.render(cs)
+    assert C.prompt_pass(C.check(img, cs))
+    cs3 = S.Scene.from_dict(dict(cs.to_dict(), count=3))
+    assert not C.check(img, cs3)["count"]
+    # a squashed circle (ellipse) is not a circle
+    el = np.full((128, 128, 3), 128, np.uint8)
+    yy, xx = np.mgrid[0:128, 0:128]
+    el[((xx - 64) / 30.0) ** 2 + ((yy - 64) / 12.0) ** 2 <= 1] = S.COLORS["red"]
+    sc = _scene("object", color="red", shape="circle", size="large", position="center")
+    r = C.check(el, sc)
+    assert r["color"] and not r["shape"], r
+    # a word scene with a different word, and a scene with scrambled letters
+    w = _scene("word", word="FISH", color="white", position="center")
+    img = S.render(w)
+    assert C.prompt_pass(C.check(img, w))
+    for other in ("BIRD", "FROG", "LAMP", "BOAT", "TREE", "MOON"):
+        assert not C.check(img, S.Scene.from_dict(dict(w.to_dict(), word=other)))["word"], other
+    scr = _scene("word", word="FISH", color="white", position="center")
+    scr.word = "HSIF"  # not in WORDS: rendered, then checked as FISH
+    r = C.check(S.render(scr), w)
+    assert not r["word"], r
+
+
+def test_check_dir():
+    ps, ims = prompts()
+    with tempfile.TemporaryDirectory() as d:
+        sub = ps[:10]
+        for i in range(10):
+            Image.fromarray(ims[i]).save(os.path.join(d, f"{i:03d}_cfg.png"))
+        pp = os.path.join(d, "p.json")
+        with open(pp, "w") as f:
+            json.dump(sub, f)
+        rep = C.check_dir(d, pp, "{i:03d}_cfg.png")
+        assert rep["overall"] == (10, 10), rep["overall"]
+        # other sizes are resized to 128
+        big = np.asarray(Image.fromarray(ims[0]).resize((256, 256), Image.Resampling.BICUBIC))
+        assert C.prompt_pass(C.check(big, ps[0]["scene"]))
+
+
+if __name__ == "__main__":
+    import time
+
+    for name, fn in list(globals().items()):
+        if name.startswith("test_") and callable(fn):
+            t = time.perf_counter()
+            fn()
+            print(f"ok  {name}  ({time.perf_counter() - t:.1f} s)")
+    print("all passed")
