@@ -610,12 +610,54 @@ def install_fixture(spec: Spec, exported: Path):
         index["tokenizer"] = index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
     write_json(dst / "model_index.json", index)
+    link_shared_tokenizer_files(dst, index["tokenizer_2"][1])
     # Per-component configs as optimum wrote them, except the build-folder dependent `_name_or_path`.
     for cfg in dst.glob("*/config.json"):
         c = read_json(cfg)
         if "_name_or_path" in c:
             c["_name_or_path"] = f"{spec.name}/{cfg.parent.name}"
             write_json(cfg, c)
+
+
+SHARED_TOKENIZER_PROBES = ["a photo of a cat!!! <|endoftext|> 日本", "hello!", "!!!", "!", "a ! b", "wow!!x", "",
+                           "héllo! ünïcode! 🎉!", "!<|startoftext|>!", "long prompt with bangs! " * 20]
+
+
+def link_shared_tokenizer_files(dst: Path, cls_name: str):
+    """Replaces tokenizer_2/'s copies of CLIP-L's files by relative symlinks to ../tokenizer/ (git stores them as
+    links; they stay inside the model folder, as the crate's loader requires): vocab.json and merges.txt when
+    byte-identical, tokenizer.json when it differs only by added tokens that tokenizer_2/tokenizer_config.json's
+    `added_tokens_decoder` lists with the same flags (CLIP-G's pad `!`), which transformers registers from the
+    config on load (PreTrainedTokenizerFast.__init__; the crate's load_clip does the same). Checked: the folder
+    loads to the same tokenizer (class from model_index.json, and CLIPTokenizerFast) before and after."""
+    import transformers
+
+    t1, t2 = dst / "tokenizer", dst / "tokenizer_2"
+    classes = [getattr(transformers, cls_name), CLIPTokenizerFast]
+    before = [c.from_pretrained(t2) for c in classes]
+    listed = [{"id": int(i), **t} for i, t in read_json(t2 / "tokenizer_config.json").get("added_tokens_decoder", {}).items()]
+    linked = []
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        a, b = t1 / name, t2 / name
+        if not (a.is_file() and b.is_file()) or b.is_symlink():
+            continue
+        same = a.read_bytes() == b.read_bytes()
+        if not same and name == "tokenizer.json":
+            ja, jb = read_json(a), read_json(b)
+            jb["added_tokens"] = [t for t in jb["added_tokens"] if t not in listed or t in ja["added_tokens"]]
+            same = ja == jb
+        if same:
+            b.unlink()
+            b.symlink_to(Path("..") / "tokenizer" / name)
+            linked.append(name)
+    after = [c.from_pretrained(t2) for c in classes]
+    for x, y in zip(before, after):
+        if x.is_fast:
+            assert x.backend_tokenizer.to_str() == y.backend_tokenizer.to_str(), f"{t2}: {type(x).__name__} changed"
+        assert x.pad_token_id == y.pad_token_id and len(x) == len(y), f"{t2}: {type(x).__name__} changed"
+        for p in SHARED_TOKENIZER_PROBES:
+            assert x(p).input_ids == y(p).input_ids, f"{t2}: {type(x).__name__} on {p!r} changed"
+    log(f"  {dst.name}/tokenizer_2: {', '.join(linked) or 'nothing'} linked to ../tokenizer/")
 
 
 def load_ort_pipeline(folder: Path):
@@ -1663,9 +1705,10 @@ def signature_lines(path: Path) -> list[str]:
 
 
 def folder_size(p: Path) -> int:
-    """Bytes of the files under p (not this README, which is being written, nor Python caches)."""
-    return sum(f.stat().st_size for f in p.rglob("*")
-               if f.is_file() and f != FIXTURES / "README.md" and "__pycache__" not in f.parts)
+    """Bytes of the files under p (not this README, which is being written, nor Python caches); a symlink counts
+    as itself (its target path, as git stores it), not as the file it points to."""
+    return sum(f.lstat().st_size for f in p.rglob("*")
+               if (f.is_symlink() or f.is_file()) and f != FIXTURES / "README.md" and "__pycache__" not in f.parts)
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -1696,8 +1739,8 @@ def stage_readme():
     add("")
     add("| folder | what |")
     add("|---|---|")
-    add("| `fixtures/tiny-sd3/` | SD3-medium-like pipeline (no qk-norm, no dual attention), optimum layout: tokenizers as `tokenizer.json` only (`model_index.json` names `CLIPTokenizerFast`), `tokenizer_3/` without `spiece.model` |")
-    add("| `fixtures/tiny-sd35/` | SD3.5-medium-like pipeline (qk RMS-norm, dual attention in blocks 0-1), the real stabilityai SD3 repo tokenizer layout: `tokenizer/`, `tokenizer_2/` = `vocab.json` + `merges.txt` + configs only (slow `CLIPTokenizer`), `tokenizer_3/` = `spiece.model` + `tokenizer.json` + configs; other VAE factors and scheduler shift than tiny-sd3 |")
+    add("| `fixtures/tiny-sd3/` | SD3-medium-like pipeline (no qk-norm, no dual attention), optimum layout: tokenizers as `tokenizer.json` only (`model_index.json` names `CLIPTokenizerFast`), `tokenizer_2/tokenizer.json` a symlink to CLIP-L's `../tokenizer/tokenizer.json` (CLIP-G's pad `!` is an added special token through `tokenizer_2/tokenizer_config.json` alone), `tokenizer_3/` without `spiece.model` |")
+    add("| `fixtures/tiny-sd35/` | SD3.5-medium-like pipeline (qk RMS-norm, dual attention in blocks 0-1), the real stabilityai SD3 repo tokenizer layout: `tokenizer/`, `tokenizer_2/` = `vocab.json` + `merges.txt` + configs only (slow `CLIPTokenizer`; `tokenizer_2/`'s `vocab.json` and `merges.txt` are symlinks to the identical files in `../tokenizer/`), `tokenizer_3/` = `spiece.model` + `tokenizer.json` + configs; other VAE factors and scheduler shift than tiny-sd3 |")
     add("| `fixtures/tiny-sd3-fp16/` | only `transformer/` and `vae_decoder/` of tiny-sd3 converted to float16, float16 inputs and outputs (the timestep too); overlay it onto a copy of tiny-sd3 |")
     add("| `fixtures/broken/` | hand-built invalid graphs for error tests (see below) |")
     add("| `fixtures/export-tiny*/` | not written by this script: made by `models/export/make_export_fixtures.py` from tiny-sd3's transformer weights (via `make_fixtures.build_pipeline`) |")

@@ -138,3 +138,93 @@ fn any_text_tokenizes_without_panicking() {
     }
     assert!(t.t5.encode("x", 1).is_err(), "no room for text after </s> is an error, not a panic");
 }
+
+/// tiny-sd3's `tokenizer_2/tokenizer.json` is a symlink to CLIP-L's `../tokenizer/tokenizer.json`, which does not
+/// list CLIP-G's pad token `!` as an added token; `tokenizer_2/tokenizer_config.json` does (and names it
+/// `pad_token`), and transformers' `CLIPTokenizerFast.from_pretrained` registers it from there. The folder must
+/// encode exactly as one whose tokenizer.json lists `!` itself (the file the fixture had before), also with the
+/// configs' legacy form (no `added_tokens_decoder`: special_tokens_map.json's `pad_token` alone).
+#[test]
+fn clip_g_sharing_clip_l_tokenizer_json_equals_one_that_lists_the_pad_token() {
+    let src = fixture("tiny-sd3");
+    let shared = src.join("tokenizer_2/tokenizer.json");
+    assert_eq!(std::fs::read_link(&shared).unwrap(), std::path::Path::new("../tokenizer/tokenizer.json"));
+    let mut json = read_json(&src.join("tokenizer/tokenizer.json"));
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    assert!(added.iter().all(|t| t["content"] != "!"), "CLIP-L's tokenizer.json lists `!`");
+    added.insert(
+        0,
+        serde_json::json!({"id": 0, "content": "!", "single_word": false, "lstrip": false, "rstrip": false,
+                           "normalized": false, "special": true}),
+    );
+    let dir = std::env::temp_dir().join(format!("sd3-onnx-test-{}-clip-g-bang", std::process::id()));
+    let (listed, legacy) = (dir.join("listed"), dir.join("legacy"));
+    for d in [&listed, &legacy] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::copy(src.join("tokenizer_2/special_tokens_map.json"), d.join("special_tokens_map.json")).unwrap();
+    }
+    std::fs::write(listed.join("tokenizer.json"), serde_json::to_vec(&json).unwrap()).unwrap();
+    std::fs::copy(src.join("tokenizer_2/tokenizer_config.json"), listed.join("tokenizer_config.json")).unwrap();
+    std::fs::copy(&shared, legacy.join("tokenizer.json")).unwrap();
+    let mut config = read_json(&src.join("tokenizer_2/tokenizer_config.json"));
+    config.as_object_mut().unwrap().remove("added_tokens_decoder");
+    config["pad_token"] = "<|endoftext|>".into(); // special_tokens_map.json's "!" overrides it in this form
+    std::fs::write(legacy.join("tokenizer_config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+
+    let load = |d: &std::path::Path| PromptTokenizer::load_clip(Component::TokenizerClipG, d).unwrap();
+    let (ours, reference, legacy_tok) = (load(&src.join("tokenizer_2")), load(&listed), load(&legacy));
+    let mut prompts: Vec<String> = [
+        "",
+        "!",
+        "!!!",
+        "hello!",
+        "a ! b",
+        "wow!!x",
+        "!start",
+        "end!",
+        " ! ",
+        "x!y!z",
+        "!!a!!b!!",
+        "héllo! ünïcode!",
+        "日本語！と!",
+        "emoji 🎉! ok",
+        "don't!",
+        "&amp;!",
+        "<|endoftext|>!",
+        "!<|startoftext|>",
+        "!\n!\t!",
+        "a cat",
+    ]
+    .map(String::from)
+    .to_vec();
+    prompts.push("a!".repeat(100));
+    prompts.push("long prompt with bangs! ".repeat(20));
+    prompts.push("!".repeat(100));
+    let pieces = ["a", "b", " ", "!", "!!", "?", ".", "'", "é", "日", "🎉", "\n", "hello", "<|endoftext|>"];
+    let mut state = 0x2545_f491_u32;
+    for _ in 0..300 {
+        let mut p = String::new();
+        for _ in 0..1 + state % 40 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            p.push_str(pieces[state as usize % pieces.len()]);
+        }
+        prompts.push(p);
+    }
+    let mut bangs = 0;
+    for p in &prompts {
+        let want = reference.encode(p, 77).unwrap();
+        assert_eq!(ours.encode(p, 77).unwrap(), want, "{p:?}");
+        assert_eq!(legacy_tok.encode(p, 77).unwrap(), want, "{p:?} (legacy configs)");
+        let end = want.ids.iter().rposition(|&i| i == 49407).unwrap();
+        bangs += usize::from(want.ids[1..end].contains(&0));
+    }
+    assert!(bangs > 10, "typed `!` (id 0 mid-prompt) in {bangs} prompts only");
+    assert_eq!(ours.encode("hello!", 77).unwrap().ids[..4], [49406, 3306, 0, 49407]);
+    assert_eq!(
+        (ours.pad_id(), ours.decode(&[49406, 3306, 0, 49407]).unwrap()),
+        (0, reference.decode(&[49406, 3306, 0, 49407]).unwrap())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -107,7 +107,9 @@ impl PromptTokenizer {
         let special = SpecialTokens::read(component, dir)?;
         let json_path = dir.join("tokenizer.json");
         let (inner, path) = if json_path.is_file() {
-            (load_tokenizer_json(component, &json_path)?, json_path)
+            let mut inner = load_tokenizer_json(component, &json_path)?;
+            register_config_tokens(component, &mut inner, &special)?;
+            (inner, json_path)
         } else {
             let vocab = dir.join("vocab.json");
             let merges = dir.join("merges.txt");
@@ -267,6 +269,119 @@ fn load_tokenizer_json(component: Component, path: &Path) -> Result<Tokenizer> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// Registers the added and special tokens that `tokenizer_config.json` / `special_tokens_map.json` name but
+/// `tokenizer.json` lacks, as transformers' `PreTrainedTokenizerFast.from_pretrained` does (transformers 4.57.1):
+///
+/// - `tokenization_utils_base.PreTrainedTokenizerBase._from_pretrained` builds `added_tokens_decoder` from
+///   tokenizer_config.json's `added_tokens_decoder` and takes the special-token attributes (`bos_token`, ...,
+///   `pad_token`, `additional_special_tokens`) from tokenizer_config.json; only when that file has no
+///   `added_tokens_decoder` (the "legacy" branch) do the values of special_tokens_map.json override them.
+/// - `tokenization_utils_fast.PreTrainedTokenizerFast.__init__` then adds, in this order, the `added_tokens_decoder`
+///   entries (sorted by id) whose `repr` (content and all flags) is not among the backend's added tokens, and the
+///   special tokens (`all_special_tokens_extended`, deduplicated by text) whose text is neither an added token of
+///   the backend nor one of those entries; every token whose text is a special token is marked special; a string
+///   becomes `AddedToken(text, special=True)` (so not normalized). It adds them with `add_tokens`, which reuses the
+///   vocabulary id of a text that the model already has.
+///
+/// This is what lets an SD3 `tokenizer_2/` hold CLIP-L's `tokenizer.json` (e.g. a symlink to
+/// `../tokenizer/tokenizer.json`, as the tiny-sd3 fixture does): its config still makes the pad token `!` (id 0) an
+/// added special token, so a typed `!` is split off before BPE and becomes id 0, exactly as with a tokenizer.json
+/// that lists `!` itself. For a tokenizer.json that already has every such token this changes nothing.
+fn register_config_tokens(component: Component, inner: &mut Tokenizer, special: &SpecialTokens) -> Result<()> {
+    use tokenizers::AddedToken;
+    const ATTRIBUTES: [&str; 8] = [
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+        "additional_special_tokens",
+    ];
+    let bad = |message: String| Error::Tokenizer { component, path: special.config_path.clone(), message };
+    // An AddedToken from its serialized form; Python's defaults for missing flags (normalized = not special).
+    let from_object = |o: &serde_json::Map<String, Value>, force_special: bool| -> Option<AddedToken> {
+        let flag = |k: &str| o.get(k).and_then(Value::as_bool);
+        let is_special = force_special || flag("special").unwrap_or(false);
+        Some(
+            AddedToken::from(o.get("content")?.as_str()?, is_special)
+                .single_word(flag("single_word").unwrap_or(false))
+                .lstrip(flag("lstrip").unwrap_or(false))
+                .rstrip(flag("rstrip").unwrap_or(false))
+                .normalized(flag("normalized").unwrap_or(!is_special)),
+        )
+    };
+    let config_decoder = special.config.as_ref().and_then(|c| c.get("added_tokens_decoder"));
+    // Special-token attributes: tokenizer_config.json, overridden by special_tokens_map.json in the legacy branch.
+    let attribute = |key: &str| -> Option<&Value> {
+        let from_config = special.config.as_ref().and_then(|c| c.get(key));
+        if config_decoder.is_some() {
+            from_config
+        } else {
+            special.map.as_ref().and_then(|m| m.get(key)).or(from_config)
+        }
+    };
+    let mut special_tokens: Vec<AddedToken> = Vec::new();
+    for key in ATTRIBUTES {
+        let values: Vec<&Value> = match attribute(key) {
+            Some(Value::Array(list)) if key == "additional_special_tokens" => list.iter().collect(),
+            Some(v) => vec![v],
+            None => Vec::new(),
+        };
+        for v in values {
+            let token = match v {
+                Value::String(s) if !s.is_empty() => AddedToken::from(s.as_str(), true),
+                Value::Object(o) => from_object(o, true).ok_or_else(|| bad(format!("{key} has no `content`")))?,
+                _ => continue, // null, "" and other values are unset attributes
+            };
+            if !special_tokens.iter().any(|t| t.content == token.content) {
+                special_tokens.push(token);
+            }
+        }
+    }
+    let backend = inner.get_added_tokens_decoder();
+    let same = |a: &AddedToken, b: &AddedToken| {
+        (&a.content, a.single_word, a.lstrip, a.rstrip, a.normalized, a.special)
+            == (&b.content, b.single_word, b.lstrip, b.rstrip, b.normalized, b.special)
+    };
+    let mut to_add: Vec<AddedToken> = Vec::new();
+    if let Some(decoder) = config_decoder {
+        let Value::Object(decoder) = decoder else {
+            return Err(bad("added_tokens_decoder is not an object of id -> token".to_string()));
+        };
+        let mut entries: Vec<(u64, &Value)> = Vec::new();
+        for (id, v) in decoder {
+            let id = id.parse::<u64>().map_err(|_| bad(format!("added_tokens_decoder key {id:?} is not an id")))?;
+            entries.push((id, v));
+        }
+        entries.sort_by_key(|(id, _)| *id);
+        for (id, v) in entries {
+            let token = v
+                .as_object()
+                .and_then(|o| from_object(o, false))
+                .ok_or_else(|| bad(format!("added_tokens_decoder entry {id} has no `content`")))?;
+            if !backend.values().any(|b| same(b, &token)) {
+                to_add.push(token);
+            }
+        }
+    }
+    for token in &special_tokens {
+        let known = backend.values().any(|b| b.content == token.content);
+        if !known && !to_add.iter().any(|t| t.content == token.content) {
+            to_add.push(token.clone());
+        }
+    }
+    if to_add.is_empty() {
+        return Ok(());
+    }
+    for token in &mut to_add {
+        token.special = token.special || special_tokens.iter().any(|s| s.content == token.content);
+    }
+    inner.add_tokens(&to_add);
+    Ok(())
 }
 
 /// Builds a CLIP BPE tokenizer from `vocab.json` + `merges.txt`, with the normalizer, pre-tokenizer,

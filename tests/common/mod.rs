@@ -156,6 +156,9 @@ impl Drop for ScratchModel {
     }
 }
 
+/// Copies a folder; `std::fs::copy` follows symlinks, so the copy holds regular files where the fixture has links
+/// (tiny-sd3's and tiny-sd35's `tokenizer_2/` files that point into `../tokenizer/`), and damaging one of them in a
+/// scratch copy leaves the file it was linked to intact.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
