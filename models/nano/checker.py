@@ -11,8 +11,8 @@ attributes of the scene kind), computed as follows on the image resized to 128x1
   components   8-connected labeling (numpy min-label propagation with pointer jumping). Significant components:
                area >= 25 px and >= 20% of the largest (drops specks).
   color        median RGB of the strongest half of a component's pixels -> nearest of the 8 palette colors; passes if
-               it is the stated color and within 130 of it; counts: every significant component; words: all word
-               pixels together.
+               it is the stated color, within 130 of it and closer to it than to the background there; counts:
+               every significant component; words: all word pixels together.
   shape        the component mask cropped to its bbox against each shape template resized to that bbox (IoU; per
                shape the best of the sharp template and the template blurred by 3.5/7/10% of its side and cut at
                half height, which is what a blurred shape looks like at T); passes if the stated shape has the best
@@ -156,13 +156,16 @@ class Analysis:
         self.sig = [c for c in self.comps if c["area"] >= max(MIN_AREA, REL_AREA * big)]
 
     # -- features
-    def color_of(self, m: np.ndarray) -> tuple[str, float]:
+    def color_of(self, m: np.ndarray) -> tuple[str, float, float]:
+        """(nearest palette color, its distance, distance to the background there) of the median RGB of the
+        strongest half of the pixels of mask ``m``."""
         rv = self.r[m]
         core = m & (self.r >= np.median(rv))
         med = np.median(self.img[core], axis=0)
+        bgc = np.median(self.bg[core], axis=0)
         d = np.linalg.norm(_PALETTE - med[None], axis=1)
         k = int(np.argmin(d))
-        return _PALETTE_NAMES[k], float(d[k])
+        return _PALETTE_NAMES[k], float(d[k]), float(np.linalg.norm(med - bgc))
 
     def shape_scores(self, c: dict) -> dict[str, float]:
         """IoU of the component mask (cropped to its bbox) with each shape template resized to that bbox; per shape
@@ -290,7 +293,8 @@ def check(image: np.ndarray, scene: dict, detail: bool = False) -> dict:
             if attr == "color":
                 cols = [a.color_of(c["mask"]) for c in comps]
                 info["colors"] = cols
-                res["color"] = bool(cols) and all(n == scene["color"] and d <= COLOR_MAX_DIST for n, d in cols)
+                res["color"] = bool(cols) and all(n == scene["color"] and d <= COLOR_MAX_DIST and d < dbg
+                                                  for n, d, dbg in cols)
             elif attr == "shape":
                 shs = [a.shape_of(c) for c in comps]
                 info["shapes"] = shs
@@ -324,9 +328,9 @@ def check(image: np.ndarray, scene: dict, detail: bool = False) -> dict:
                 best, second = ranked[0], ranked[1]
                 res["word"] = best == scene["word"] and sc[best] >= WORD_IOU and sc[best] - sc[second] >= WORD_MARGIN
             elif attr == "color":
-                n, d = a.color_of(m)
-                info["color"] = (n, d)
-                res["color"] = n == scene["color"] and d <= COLOR_MAX_DIST
+                n, d, dbg = a.color_of(m)
+                info["color"] = (n, d, dbg)
+                res["color"] = n == scene["color"] and d <= COLOR_MAX_DIST and d < dbg
             elif attr == "position":
                 ys, xs = np.nonzero(m)
                 row, _ = _cell(64, (ys.min() + ys.max() + 1) / 2)
@@ -378,6 +382,13 @@ def degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
+def down_up(img: np.ndarray, f: int = 4) -> np.ndarray:
+    """Box-downsample by ``f`` and bicubic-upsample back (detail lost like a coarse latent grid)."""
+    n = img.shape[0]
+    im = Image.fromarray(img).resize((n // f, n // f), Image.Resampling.BOX)
+    return np.asarray(im.resize((n, n), Image.Resampling.BICUBIC))
+
+
 def _stated_values(sc: dict) -> tuple:
     return tuple(sc.get(k) for k in sc["stated"])
 
@@ -399,6 +410,7 @@ def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
     clean = [S.render(p["scene"]) for p in prompts]
     rng = np.random.default_rng(1234)
     degraded = [degrade(im, rng) for im in clean]
+    coarse = [down_up(im) for im in clean]
     # negative 1: the render of the next prompt of the same category whose stated values differ
     neg = []
     for i, p in enumerate(prompts):
@@ -412,11 +424,12 @@ def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
     # negative 2: pure backgrounds (the scene's own background, nothing drawn)
     bgs = [np.clip(np.rint(S.render_background(p["scene"]["background"])), 0, 255).astype(np.uint8) for p in prompts]
     table = {}
-    for name, ims in (("clean", clean), ("degraded", degraded), ("other prompt", neg), ("background only", bgs)):
+    for name, ims in (("clean", clean), ("degraded", degraded), ("4x down/up", coarse), ("other prompt", neg),
+                      ("background only", bgs)):
         table[name] = adherence(ims, prompts)
     # negative 3: one stated attribute swapped, checked on the clean and degraded renders of the original
     swap: dict[str, list[int]] = {}
-    for im_set, tag in ((clean, "clean"), (degraded, "degraded")):
+    for im_set, tag in ((clean, "clean"), (degraded, "degraded"), (coarse, "4x down/up")):
         srng = np.random.default_rng(99)
         for im, p in zip(im_set, prompts):
             for attr in p["scene"]["stated"]:
@@ -437,7 +450,7 @@ def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
               "changed):")
         for k in sorted(swap):
             ps, t = swap[k]
-            print(f"  {k:<22} {ps:>4}/{t:<4} {100 * ps / t:5.1f}%")
+            print(f"  {k:<24} {ps:>4}/{t:<4} {100 * ps / t:5.1f}%")
     return {"table": {n: {"per_category": v["per_category"], "overall": v["overall"]} for n, v in table.items()},
             "swap": {k: tuple(v) for k, v in swap.items()}}
 

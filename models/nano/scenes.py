@@ -635,11 +635,11 @@ def write_eval_prompts(path: str = EVAL_PROMPTS_PATH, n: int = 240, seed: int = 
 def contact_sheet(path: str, n: int = 32, seed: int = 1, cols: int = 8) -> None:
     """Grid of train images with their captions below (for the README)."""
     imgs, caps, _ = make_dataset(n, seed, "train", workers=1)
-    cell_w, cell_h, pad = 128, 128 + 40, 4
+    cell_w, cell_h, pad = 128, 128 + 50, 4
     rows = (n + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
-    f = font(10)
+    f = font(11)
     for i in range(n):
         x = pad + (i % cols) * (cell_w + pad)
         y = pad + (i // cols) * (cell_h + pad)
@@ -654,9 +654,11 @@ def contact_sheet(path: str, n: int = 32, seed: int = 1, cols: int = 8) -> None:
             else:
                 cur = t
         lines.append(cur)
-        for k, ln in enumerate(lines[:3]):
+        for k, ln in enumerate(lines[:4]):
             d.text((x, y + 130 + 12 * k), ln, font=f, fill=(0, 0, 0))
-    sheet.save(path, optimize=True)
+    # 128-color palette (dithered) keeps the PNG small (< 150 KB); the dataset itself is full RGB
+    q = sheet.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+    q.save(path, optimize=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,8 @@ def test_selftest_figures():
         assert ok / tot >= 0.98, (cat, ok, tot)
     ok, tot = t["degraded"]["overall"]
     assert ok / tot >= 0.95, t["degraded"]
+    ok, tot = t["4x down/up"]["overall"]
+    assert ok / tot >= 0.95, t["4x down/up"]
     ok, tot = t["other prompt"]["overall"]
     assert ok / tot <= 0.05, t["other prompt"]
     ok, tot = t["background only"]["overall"]
