@@ -189,8 +189,7 @@ def encode_latents(vae, images, dev, bs=512):
 
 def ema_update(ema, model, decay):
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale, args, dev, logs):
@@ -199,9 +198,25 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
         {"params": [p for n_, p in text.named_parameters() if not ("embed" in n_ or "shared" in n_)]},
         {"params": list(transformer.parameters())},
     ]
-    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                            fused=dev.type == "cuda")
     ema_t = copy.deepcopy(transformer).eval().requires_grad_(False)
     ema_x = copy.deepcopy(text).eval().requires_grad_(False)
+    fwd_t, fwd_x = transformer, text
+    if args.compile:
+        fwd_t, fwd_x = torch.compile(transformer), torch.compile(text)
+        try:  # compile now (fwd + bwd on a small batch); fall back to eager if this torch cannot
+            b = 8
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                ctx, pooled = fwd_x(ids[0][:b], ids[1][:b], ids[2][:b])
+                v = fwd_t(hidden_states=lat_mean[:b], encoder_hidden_states=ctx, pooled_projections=pooled,
+                          timestep=torch.full((b,), 500.0, device=dev), return_dict=False)[0]
+            v.float().square().mean().backward()
+            opt.zero_grad(set_to_none=True)
+            log("compiled")
+        except Exception as e:  # noqa: BLE001
+            log(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+            fwd_t, fwd_x = transformer, text
     g = torch.Generator(device=dev).manual_seed(args.seed + 2)
     n = lat_mean.shape[0]
     ids_l, ids_g, ids_t = ids
@@ -229,8 +244,8 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
         tb = t[:, None, None, None]
         xt = (1 - tb) * x0 + tb * eps
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            ctx, pooled = text(bl, bg, bt)
-            v = transformer(hidden_states=xt, encoder_hidden_states=ctx, pooled_projections=pooled,
+            ctx, pooled = fwd_x(bl, bg, bt)
+            v = fwd_t(hidden_states=xt, encoder_hidden_states=ctx, pooled_projections=pooled,
                             timestep=t * 1000, return_dict=False)[0]
         loss = F.mse_loss(v.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
@@ -372,6 +387,7 @@ def main():
     ap.add_argument("--eval-steps", type=int, default=28)
     ap.add_argument("--eval-guidance", type=float, default=5.0)
     ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer and text encoders")
     ap.add_argument("--resume", type=Path, default=None,
                     help="a pipeline folder saved by an earlier run: its VAE is kept (no VAE training), its "
                          "transformer and text encoders are trained further")
@@ -408,6 +424,8 @@ def main():
         te3 = T5EncoderModel.from_pretrained(args.resume / "text_encoder_3")
         transformer = SD3Transformer2DModel.from_pretrained(args.resume / "transformer")
         vae = AutoencoderKL.from_pretrained(args.resume / "vae")
+        for m in (te1, te2, te3, transformer, vae):
+            m.float()
     text = TextStack(te1, te2, te3).to(dev)
     transformer.to(dev)
     vae.to(dev)
@@ -439,8 +457,11 @@ def main():
         train_vae(vae, images, args, dev, logs)
     vae.eval()
     lat_mean, lat_std = encode_latents(vae, images, dev)
-    shift = lat_mean.mean().item()
-    scale = 1.0 / lat_mean.sub(shift).pow(2).mean().add(lat_std.pow(2).mean()).sqrt().item()
+    if args.resume is None:
+        shift = lat_mean.mean().item()
+        scale = 1.0 / lat_mean.sub(shift).pow(2).mean().add(lat_std.pow(2).mean()).sqrt().item()
+    else:  # the transformer was trained in this latent scale: keep it
+        shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
     logs["latents"] = dict(shift_factor=shift, scaling_factor=scale)
     log(f"latents shift_factor {shift:.4f} scaling_factor {scale:.4f}")
     with torch.no_grad():  # reconstruction quality on held-out scenes
