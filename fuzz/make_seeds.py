@@ -8,6 +8,7 @@ replayed by tests/fuzz_corpus.rs with the corpus). The fuzzers start from both; 
 adds coverage in fuzz/corpus/<target>/ (see README.md).
 """
 
+import gzip
 import json
 import os
 import random
@@ -35,7 +36,7 @@ def read(rel):
 # tokenize: [t5_len_lo, t5_len_hi, flags, prompt...]; flags & 0xf0 == 0x80 also runs the text encoders, flags & 7 picks
 # clip_skip (0 = none, k = k - 1).
 def tokenize():
-    golden = json.loads(read("models/goldens/tokenizers.json"))
+    golden = json.loads(gzip.decompress(read("models/goldens/tokenizers.json.gz")))
     prompts = sorted({c["prompt"] for c in golden["cases"]})
     lengths = [256, 77, 512, 1, 0, 513]
     for i, p in enumerate(prompts):

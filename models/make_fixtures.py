@@ -35,7 +35,7 @@ Stages
   fp16        models/fixtures/tiny-sd3-fp16/{transformer,vae_decoder} converted to float16 (fp16 inputs/outputs)
               and its golden (goldens/tiny-sd3-fp16/cfg_negative).
   scheduler   models/goldens/scheduler.json (FlowMatchEulerDiscreteScheduler sigmas/timesteps).
-  tokjson     models/goldens/tokenizers.json (input ids for a prompt corpus, as diffusers tokenizes them).
+  tokjson     models/goldens/tokenizers.json.gz (input ids for a prompt corpus, as diffusers tokenizes them).
   broken      models/fixtures/broken/*.onnx (hand-built invalid graphs for error tests).
   readme      models/fixtures/README.md (signatures, dimensions, tables, sizes: all generated from the files).
 
@@ -127,8 +127,22 @@ def write_json(path: Path, obj, compact=False):
 
 
 def read_json(path: Path):
+    """Reads a .json file, or a gzipped one (.json.gz)."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def gzip_file(path: Path) -> Path:
+    """Compresses `path` to `path`.gz (level 9, deterministic: mtime 0, no file name in the header) and removes
+    `path`. Returns the .gz path."""
+    gz = path.with_name(path.name + ".gz")
+    with open(gz, "wb") as raw, gzip.GzipFile(filename="", mtime=0, mode="wb", compresslevel=9, fileobj=raw) as f:
+        f.write(path.read_bytes())
+    path.unlink()
+    return gz
 
 
 def f32list(t) -> list[float]:
@@ -1564,6 +1578,7 @@ def stage_tokjson():
     }
     write_json(GOLDENS / "tokenizers.json", doc, compact=False)
     compact_lists(GOLDENS / "tokenizers.json")
+    gzip_file(GOLDENS / "tokenizers.json")  # committed as tokenizers.json.gz (repo size); the plain file is removed
     log(f"  {len(cases)} prompts, {len(disagreements)} slow/fast disagreements:")
     for d in disagreements:
         log(f"    {d['tokenizer']}: {d['prompt'][:60]!r}")
@@ -1748,7 +1763,7 @@ def stage_readme():
     add("| `goldens/<fixture>/{no_t5,clip_skip_1,dynamic_shift,t5_512,vae_tiling}/` | option cases (stage `options`): `request.json` with `\"t5\": false` / `\"clip_skip\": 1` / `\"scheduler_config\": \"scheduler_config.json\"` (+ that file) / `\"max_sequence_length\": 512` / `\"vae_tiling\": true`, `latents.npy`, `diffusers.png`, `optimum.png` (not for `vae_tiling`: `untiled.png` instead), `summary.json` |")
     add("| `goldens/<fixture>/summary.json` | diffusers vs optimum pixel differences, pixel statistics, sensitivity table |")
     add("| `goldens/scheduler.json` | FlowMatchEulerDiscreteScheduler sigmas/timesteps for many configs |")
-    add("| `goldens/tokenizers.json` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
+    add("| `goldens/tokenizers.json.gz` | input ids for a corpus of prompts, as diffusers tokenizes them, for every tokenizer flavour |")
     add("")
 
     # ---- dimensions
@@ -1894,7 +1909,7 @@ def stage_readme():
     add("")
 
     # ---- scheduler/tokenizers
-    add("## scheduler.json and tokenizers.json")
+    add("## scheduler.json and tokenizers.json.gz")
     add("")
     sj = read_json(GOLDENS / "scheduler.json")
     add(f"`scheduler.json`: {len(sj['cases'])} cases (steps 1, 2, 4, 8, 28, 50 x shift 1.0, 3.0, 2.5, 5.0, plus "
@@ -1903,8 +1918,8 @@ def stage_readme():
     for n in sj["notes"]:
         add(f"- {n}")
     add("")
-    tj = read_json(GOLDENS / "tokenizers.json")
-    add(f"`tokenizers.json`: {len(tj['cases'])} prompts. For each: CLIP-L/CLIP-G ids (77, padded), untruncated ids and "
+    tj = read_json(GOLDENS / "tokenizers.json.gz")
+    add(f"`tokenizers.json.gz` (gzipped JSON): {len(tj['cases'])} prompts. For each: CLIP-L/CLIP-G ids (77, padded), untruncated ids and "
         "the text diffusers logs as removed; T5 ids for max_sequence_length 256 and 77. Flavours: `tiny-sd3` (fast, "
         "tokenizer.json), `tiny-sd35` (slow CLIPTokenizer from vocab/merges - what diffusers loads for the real SD3 "
         "repo), `tiny-sd35-fast` (CLIPTokenizerFast converted from the same vocab/merges; equals tiny-sd3). "
@@ -1992,7 +2007,7 @@ QUIRKS = [
     "A missing negative prompt is the empty string `\"\"`, which is still encoded (CLIP: `<|startoftext|> "
     "<|endoftext|>` + pads, T5: `</s>` + pads).",
     "diffusers logs the T5 'removed text' with the CLIP length: `untruncated_ids[:, 77 - 1 : -1]`, whatever "
-    "max_sequence_length is (tokenizers.json has it verbatim plus the really truncated text).",
+    "max_sequence_length is (tokenizers.json.gz has it verbatim plus the really truncated text).",
     "FlowMatchEulerDiscreteScheduler computes sigma_min in float32 but the timestep linspace and the shift in float64, "
     "then casts to float32; timesteps = sigmas_f32 * 1000 (float32). The Euler step upcasts the sample to float32 and "
     "casts the result back to the model output's dtype (so with a float16 transformer optimum keeps float16 latents).",

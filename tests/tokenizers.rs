@@ -1,5 +1,5 @@
 //! Token ids, padding and truncation equal the Hugging Face tokenizers' on a corpus of prompts
-//! (models/goldens/tokenizers.json: empty, unicode, emoji, punctuation, `!`, whitespace runs, special tokens
+//! (models/goldens/tokenizers.json.gz: empty, unicode, emoji, punctuation, `!`, whitespace runs, special tokens
 //! typed as text, prompts over 77 CLIP and over 256 T5 tokens, ...), for CLIP-L, CLIP-G and T5, in both
 //! layouts: tokenizer.json (tiny-sd3) and vocab.json + merges.txt (tiny-sd35, the real SD3 repo layout).
 //!
@@ -12,11 +12,21 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::Read;
+use std::path::Path;
 
 use common::*;
 use sd3_onnx::text::PromptTokenizer;
 use sd3_onnx::Component;
 use serde_json::Value;
+
+/// Reads a gzipped JSON file (the golden is committed compressed to keep the repository small).
+fn read_json_gz(path: &Path) -> Value {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
 fn ids(v: &Value) -> Vec<i64> {
     v.as_array().expect("id list").iter().map(|x| x.as_i64().expect("id")).collect()
@@ -62,7 +72,7 @@ fn check(tok: &PromptTokenizer, prompt: &str, max_len: usize, want: &Value, remo
 
 #[test]
 fn token_ids_match_hugging_face_on_the_corpus() {
-    let golden = read_json(&repo().join("models/goldens/tokenizers.json"));
+    let golden = read_json_gz(&repo().join("models/goldens/tokenizers.json.gz"));
     let cases = golden["cases"].as_array().expect("cases");
     assert!(cases.len() >= 50, "corpus has {} prompts", cases.len());
     let pads = &golden["pad_ids"];
