@@ -164,12 +164,17 @@ pub enum Variant {
     /// Stable Diffusion 3.5 large turbo: the large architecture, distilled for few steps without guidance
     /// (told apart from large only by its name, e.g. `_name_or_path` in model_index.json or the folder name).
     Sd35LargeTurbo,
+    /// This repository's nano SD3 (`models/sd3-nano`, trained by `models/nano/train.py`): SD3.5's block layout at
+    /// tiny widths, told apart by its name (`sd3-nano` in model_index.json's `_name_or_path` or the folder name).
+    Sd3Nano,
 }
 
 impl Variant {
     /// Detects the variant from the transformer config and a name (model_index `_name_or_path`, folder name).
     pub fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
-        if transformer.qk_norm.is_none() {
+        if name.to_ascii_lowercase().contains("sd3-nano") {
+            Variant::Sd3Nano
+        } else if transformer.qk_norm.is_none() {
             Variant::Sd3Medium
         } else if transformer.dual_attention_layers > 0 {
             Variant::Sd35Medium
@@ -182,13 +187,15 @@ impl Variant {
 
     /// Default denoising steps and guidance scale, from the diffusers examples of stabilityai's model cards
     /// (stable-diffusion-3-medium-diffusers: 28 / 7.0; stable-diffusion-3.5-medium: 40 / 4.5;
-    /// stable-diffusion-3.5-large: 28 / 3.5; stable-diffusion-3.5-large-turbo: 4 / 0.0).
+    /// stable-diffusion-3.5-large: 28 / 3.5; stable-diffusion-3.5-large-turbo: 4 / 0.0; the nano model: 28 / 5.0,
+    /// the setting models/nano/eval_rust.sh measures).
     pub fn defaults(self) -> (usize, f32) {
         match self {
             Variant::Sd3Medium => (28, 7.0),
             Variant::Sd35Medium => (40, 4.5),
             Variant::Sd35Large => (28, 3.5),
             Variant::Sd35LargeTurbo => (4, 0.0),
+            Variant::Sd3Nano => (28, 5.0),
         }
     }
 }

@@ -1182,15 +1182,15 @@ def _read_initializer(t: TensorProto, src_types: dict, work: Path) -> np.ndarray
 
 def prune_token_embedding(model: onnx.ModelProto, vocab_size: int, keep: list[int], read) -> dict:
     """Keeps only the listed rows of the token-embedding table (the Gather whose data is a [vocab_size, D]
-    initializer): the table becomes [len(keep) + 1, D] and a uint16 id map (cast to int32 in the graph; ONNX Runtime
-    folds the cast when it loads the graph) sends every other id to the last row, the mean of the dropped rows.
+    initializer): the table becomes [len(keep) + 1, D] and an id map sends every other id to the last row, the
+    mean of the dropped rows.
 
     Exact for prompts whose tokens are all kept; for a model trained only on captions whose tokens are the kept
     ones (models/nano), every other row was never updated from its random initialisation anyway."""
     inits = {t.name: t for t in model.graph.initializer}
     keep = sorted(set(int(i) for i in keep))
-    if not keep or keep[0] < 0 or keep[-1] >= vocab_size or len(keep) + 1 >= 65536:
-        raise ValueError(f"token ids to keep must be within 0..{vocab_size - 1} and fewer than 65535")
+    if not keep or keep[0] < 0 or keep[-1] >= vocab_size:
+        raise ValueError(f"token ids to keep must be within 0..{vocab_size - 1}")
     hits = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
             and list(inits[n.input[0]].dims)[:1] == [vocab_size] and len(inits[n.input[0]].dims) == 2]
     if len(hits) != 1:
@@ -1201,22 +1201,31 @@ def prune_token_embedding(model: onnx.ModelProto, vocab_size: int, keep: list[in
     mask[keep] = False
     rest = table[mask].mean(axis=0, keepdims=True) if mask.any() else np.zeros((1, table.shape[1]), table.dtype)
     small = np.concatenate([table[keep], rest]).astype(table.dtype)
-    id_map = np.full(vocab_size, len(keep), dtype=np.uint16)
-    id_map[keep] = np.arange(len(keep), dtype=np.uint16)
+    # The id map (every id -> its row) is built in the graph from the kept ids alone, so the file does not hold a
+    # [vocab_size] table: ScatterElements(fill = len(keep), at kept ids, values 0..len(keep)-1); ONNX Runtime folds
+    # it to a constant when it loads the graph.
     base = node.input[0]
     model.graph.initializer.remove(inits[base])
-    model.graph.initializer.extend([numpy_helper.from_array(small, base + ".kept"),
-                                    numpy_helper.from_array(id_map, base + ".id_map_u16")])
+    model.graph.initializer.extend([
+        numpy_helper.from_array(small, base + ".kept"),
+        numpy_helper.from_array(np.array(keep, dtype=np.int64), base + ".kept_ids"),
+        numpy_helper.from_array(np.arange(len(keep), dtype=np.int32), base + ".kept_rows"),
+        numpy_helper.from_array(np.array([vocab_size], dtype=np.int64), base + ".vocab_size"),
+    ])
     ids = node.input[1]
-    cast_map = onnx.helper.make_node("Cast", [base + ".id_map_u16"], [base + ".id_map"], to=TensorProto.INT32,
-                                     name=base + ".id_map.cast")
+    fill = onnx.helper.make_node("ConstantOfShape", [base + ".vocab_size"], [base + ".id_map_fill"],
+                                 value=numpy_helper.from_array(np.array([len(keep)], dtype=np.int32)),
+                                 name=base + ".id_map_fill")
+    scatter = onnx.helper.make_node("ScatterElements", [base + ".id_map_fill", base + ".kept_ids", base + ".kept_rows"],
+                                    [base + ".id_map"], axis=0, name=base + ".id_map")
     remap = onnx.helper.make_node("Gather", [base + ".id_map", ids], [base + ".ids_kept"], axis=0,
                                   name=base + ".remap")
     node.input[0] = base + ".kept"
     node.input[1] = base + ".ids_kept"
     at = list(model.graph.node).index(node)
     model.graph.node.insert(at, remap)
-    model.graph.node.insert(at, cast_map)
+    model.graph.node.insert(at, scatter)
+    model.graph.node.insert(at, fill)
     return dict(vocab=vocab_size, kept=len(keep))
 
 
@@ -1363,7 +1372,7 @@ def main(argv=None):
             raise SystemExit(f"error: --skip-layers needs transformer or {SKIP_COMPONENT} in --components")
     elif SKIP_COMPONENT in components:
         raise SystemExit(f"error: --components {SKIP_COMPONENT} needs --skip-layers (e.g. --skip-layers 7,8,9)")
-    out: Path = args.out
+    out: Path = args.out.resolve()  # graphs are written from inside a temporary working directory
     out.mkdir(parents=True, exist_ok=True)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     warnings.filterwarnings("ignore")

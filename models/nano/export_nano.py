@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Exports a trained nano pipeline (train.py's `pipeline/` folder) into the repository's default model folder with
+the project's export tool, then makes the folder small:
+
+- float32 graphs whose weights are stored as float16 (`--weights-fp16`: half the bytes, float32 arithmetic, which
+  ONNX Runtime's CPU provider runs fastest);
+- CLIP token-embedding tables cut to the token ids of the training captions (`--keep-token-ids`, train.py writes
+  them to clip_token_ids.json; every other id maps to one shared row: the model never saw those tokens);
+- `tokenizer_2/vocab.json` and `merges.txt` as relative symlinks to `tokenizer/` (same bytes; CLIP-G's pad token
+  "!" lives in tokenizer_2's own configs); `tokenizer_3/spiece.model` dropped (our T5 loader reads tokenizer.json);
+- the VAE encoder is not exported (img2img is not offered for the nano model);
+- tensor names shortened and node names dropped (the exporter's long names are ~10% of a small graph).
+
+    python models/nano/export_nano.py --pipeline RUN/pipeline --token-ids RUN/clip_token_ids.json --out models/sd3-nano
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "export"))
+
+import export_sd3  # noqa: E402
+
+COMPONENTS = "text_encoder,text_encoder_2,text_encoder_3,transformer,vae_decoder"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def short_names(path: Path) -> int:
+    """Renames every tensor that is not a graph input or output to a short id and drops node names: the
+    exporter's names ("/transformer_blocks.0/attn/Reshape_3_output_0") are about a tenth of a small graph's bytes.
+    The computation is unchanged. Returns the bytes saved."""
+    import onnx
+
+    before = path.stat().st_size
+    m = onnx.load(str(path))
+    keep = {v.name for v in list(m.graph.input) + list(m.graph.output)}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            n, s = len(names), ""
+            while True:
+                s = "0123456789abcdefghijklmnopqrstuvwxyz"[n % 36] + s
+                n //= 36
+                if n == 0:
+                    break
+            names[name] = "t" + s
+        return names[name]
+
+    for t in m.graph.initializer:
+        t.name = short(t.name)
+    for node in m.graph.node:
+        node.name = ""
+        for i, x in enumerate(node.input):
+            node.input[i] = short(x)
+        for i, x in enumerate(node.output):
+            node.output[i] = short(x)
+    del m.graph.value_info[:]
+    export_sd3.topological_sort(m)
+    onnx.save(m, str(path))
+    return before - path.stat().st_size
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", type=Path, required=True, help="train.py's pipeline/ folder (diffusers layout)")
+    ap.add_argument("--token-ids", type=Path, required=True, help="train.py's clip_token_ids.json")
+    ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35",
+                    help="tokenizer folders to use when the pipeline folder has none (train.py's tar leaves them out)")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    src = a.pipeline
+    if not (src / "tokenizer").is_dir():
+        for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            shutil.copytree(a.tokenizers_from / t, src / t, symlinks=True)
+    if a.out.exists():
+        shutil.rmtree(a.out)
+    export_sd3.main(["--model", str(src), "--dtype", "fp32", "--weights-fp16", "--keep-token-ids", str(a.token_ids),
+                     "--components", COMPONENTS, "--out", str(a.out)])
+    out = a.out
+    for name in ("vocab.json", "merges.txt"):
+        one, two = out / "tokenizer" / name, out / "tokenizer_2" / name
+        if one.is_file() and two.is_file() and one.read_bytes() == two.read_bytes():
+            two.unlink()
+            os.symlink(f"../tokenizer/{name}", two)
+    (out / "tokenizer_3" / "spiece.model").unlink(missing_ok=True)
+    for graph in sorted(out.glob("*/model.onnx")):
+        print(f"{graph}: short names saved {short_names(graph)} bytes")
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = str(p.relative_to(out))
+        if rel == "manifest.json" or p.is_dir():
+            continue
+        if p.is_symlink():
+            files[rel] = dict(symlink=os.readlink(p))
+        else:
+            files[rel] = dict(size=p.stat().st_size, sha256=sha256(p))
+    manifest["files"] = files
+    manifest["nano"] = dict(note="models/nano/export_nano.py: tokenizer_2 vocab/merges are symlinks to tokenizer/, "
+                                 "tokenizer_3/spiece.model removed")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    total = sum(v.get("size", 0) for v in files.values())
+    print(f"{out}: {len(files)} files, {total} bytes")
+
+
+if __name__ == "__main__":
+    main()

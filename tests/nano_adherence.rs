@@ -1,0 +1,252 @@
+//! The default model (models/sd3-nano, trained by models/nano/train.py) must keep drawing what a handful of
+//! held-out prompts ask for, so that a pipeline bug fails CI even though no golden image exists for it.
+//!
+//! The prompts come from models/nano/eval_prompts.json (combinations of color, shape and position never seen in
+//! training). This file's checker is a small Rust port of the colour and position rules of models/nano/checker.py
+//! (the full checker, which also judges shapes, counts and words, is Python and runs in models/nano/eval_rust.sh):
+//! background from the image border (row-wise or column-wise, whichever explains the border better), foreground =
+//! pixels more than 60 (RGB distance) from it, the largest 4-connected foreground component, its median colour ->
+//! nearest colour of scenes.py's palette, its centroid -> a cell of the 3x3 grid.
+//!
+//! Tolerance: at least `MIN_PASS` of the prompts must pass (a different CPU may round differently and move a
+//! borderline image). The negative controls show the test can fail: the checker rejects every image for a wrong
+//! colour, and conditioning bugs (wrong CLIP layer, wrong T5 length, T5 lost) drop adherence below `MIN_PASS`.
+
+mod common;
+
+use common::*;
+use image::RgbImage;
+use sd3_onnx::{GenerationRequest, Sd3Pipeline, Variant};
+
+/// scenes.py COLORS
+const PALETTE: [(&str, [f32; 3]); 8] = [
+    ("red", [220.0, 30.0, 30.0]),
+    ("orange", [250.0, 140.0, 0.0]),
+    ("yellow", [245.0, 220.0, 30.0]),
+    ("green", [30.0, 160.0, 50.0]),
+    ("blue", [30.0, 70.0, 220.0]),
+    ("purple", [140.0, 40.0, 190.0]),
+    ("white", [250.0, 250.0, 250.0]),
+    ("black", [20.0, 20.0, 20.0]),
+];
+
+/// scenes.py POSITIONS, row-major over the 3x3 grid.
+const POSITIONS: [&str; 9] =
+    ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"];
+
+/// (index into eval_prompts.json, check position too). Seed = index, 28 steps, guidance 5 (eval_rust.sh's settings).
+/// The first four color prompts and the first four position prompts of the file whose colour (and position) the
+/// Python checker accepted in eval_rust.sh's run of the committed model (models/nano/README.md).
+const PROMPTS: [(usize, bool); 8] =
+    [(0, false), (5, false), (10, false), (15, false), (2, true), (7, true), (12, true), (17, true)];
+const MIN_PASS: usize = 7;
+
+fn dist(a: [f32; 3], b: [f32; 3]) -> f32 {
+    ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
+}
+
+fn px(img: &RgbImage, x: u32, y: u32) -> [f32; 3] {
+    let p = img.get_pixel(x, y).0;
+    [f32::from(p[0]), f32::from(p[1]), f32::from(p[2])]
+}
+
+fn mean(v: &[[f32; 3]]) -> [f32; 3] {
+    let n = v.len().max(1) as f32;
+    let s = v.iter().fold([0.0; 3], |a, p| [a[0] + p[0], a[1] + p[1], a[2] + p[2]]);
+    [s[0] / n, s[1] / n, s[2] / n]
+}
+
+/// Per-pixel background: the border's rows or columns, whichever fits the border better.
+fn background(img: &RgbImage) -> Vec<[f32; 3]> {
+    let (w, h) = img.dimensions();
+    let row: Vec<[f32; 3]> =
+        (0..h).map(|y| mean(&[px(img, 0, y), px(img, 1, y), px(img, w - 1, y), px(img, w - 2, y)])).collect();
+    let col: Vec<[f32; 3]> =
+        (0..w).map(|x| mean(&[px(img, x, 0), px(img, x, 1), px(img, x, h - 1), px(img, x, h - 2)])).collect();
+    let mut err_row = 0.0;
+    let mut err_col = 0.0;
+    for x in 0..w {
+        for y in [0, h - 1] {
+            err_row += dist(px(img, x, y), row[y as usize]);
+            err_col += dist(px(img, x, y), col[x as usize]);
+        }
+    }
+    for y in 0..h {
+        for x in [0, w - 1] {
+            err_row += dist(px(img, x, y), row[y as usize]);
+            err_col += dist(px(img, x, y), col[x as usize]);
+        }
+    }
+    let mut bg = Vec::with_capacity((w * h) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            bg.push(if err_row <= err_col { row[y as usize] } else { col[x as usize] });
+        }
+    }
+    bg
+}
+
+/// (colour name, position name) of the largest foreground component, or None for an empty image.
+fn judge(img: &RgbImage) -> Option<(&'static str, &'static str)> {
+    let (w, h) = img.dimensions();
+    let bg = background(img);
+    let fg: Vec<bool> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .map(|(x, y)| dist(px(img, x, y), bg[(y * w + x) as usize]) > 60.0)
+        .collect();
+    let mut seen = vec![false; fg.len()];
+    let mut best: Vec<usize> = Vec::new();
+    for start in 0..fg.len() {
+        if !fg[start] || seen[start] {
+            continue;
+        }
+        let mut comp = vec![start];
+        seen[start] = true;
+        let mut i = 0;
+        while i < comp.len() {
+            let p = comp[i];
+            i += 1;
+            let (x, y) = ((p as u32) % w, (p as u32) / w);
+            let mut visit = |q: usize| {
+                if fg[q] && !seen[q] {
+                    seen[q] = true;
+                    comp.push(q);
+                }
+            };
+            if x > 0 {
+                visit(p - 1);
+            }
+            if x + 1 < w {
+                visit(p + 1);
+            }
+            if y > 0 {
+                visit(p - w as usize);
+            }
+            if y + 1 < h {
+                visit(p + w as usize);
+            }
+        }
+        if comp.len() > best.len() {
+            best = comp;
+        }
+    }
+    if best.len() < 12 {
+        return None;
+    }
+    let mut channels: [Vec<f32>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let (mut sx, mut sy) = (0.0f64, 0.0f64);
+    for &p in &best {
+        let (x, y) = ((p as u32) % w, (p as u32) / w);
+        let c = px(img, x, y);
+        for k in 0..3 {
+            channels[k].push(c[k]);
+        }
+        sx += f64::from(x) + 0.5;
+        sy += f64::from(y) + 0.5;
+    }
+    let median = |v: &mut Vec<f32>| {
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    };
+    let c = [median(&mut channels[0]), median(&mut channels[1]), median(&mut channels[2])];
+    let color = PALETTE.iter().min_by(|a, b| dist(a.1, c).total_cmp(&dist(b.1, c))).unwrap().0;
+    let n = best.len() as f64;
+    let col = ((sx / n) / (f64::from(w) / 3.0)).floor().clamp(0.0, 2.0) as usize;
+    let row = ((sy / n) / (f64::from(h) / 3.0)).floor().clamp(0.0, 2.0) as usize;
+    Some((color, POSITIONS[row * 3 + col]))
+}
+
+struct Case {
+    prompt: String,
+    color: String,
+    position: Option<String>,
+    seed: u64,
+}
+
+fn cases() -> Vec<Case> {
+    let prompts = read_json(&repo().join("models/nano/eval_prompts.json"));
+    PROMPTS
+        .iter()
+        .map(|&(i, with_position)| {
+            let p = &prompts[i];
+            let scene = &p["scene"];
+            Case {
+                prompt: p["prompt"].as_str().unwrap().to_string(),
+                color: scene["color"].as_str().unwrap().to_string(),
+                position: with_position.then(|| scene["position"].as_str().unwrap().to_string()),
+                seed: i as u64,
+            }
+        })
+        .collect()
+}
+
+fn passes(img: &RgbImage, case: &Case) -> bool {
+    match judge(img) {
+        Some((color, position)) => color == case.color && case.position.as_deref().is_none_or(|p| p == position),
+        None => false,
+    }
+}
+
+fn draw(pipe: &mut Sd3Pipeline, case: &Case) -> RgbImage {
+    let req = GenerationRequest::new(case.prompt.clone()).steps(28).guidance(5.0).seed(case.seed);
+    pipe.generate(&req).unwrap().images.remove(0)
+}
+
+fn nano() -> std::path::PathBuf {
+    repo().join("models/sd3-nano")
+}
+
+#[test]
+fn the_default_model_draws_held_out_prompts() {
+    let mut pipe = Sd3Pipeline::builder(nano()).build().unwrap();
+    assert_eq!(pipe.info().variant, Variant::Sd3Nano);
+    assert_eq!(pipe.request("x").steps, 28);
+    let cases = cases();
+    let mut passed = 0;
+    let mut report = Vec::new();
+    for case in &cases {
+        let img = draw(&mut pipe, case);
+        let ok = passes(&img, case);
+        passed += usize::from(ok);
+        report.push(format!("{:?} -> {:?} {}", case.prompt, judge(&img), if ok { "ok" } else { "FAIL" }));
+        // Negative control: the same image judged against every other colour fails.
+        for (other, _) in PALETTE.iter().filter(|(c, _)| *c != case.color) {
+            let wrong = Case { prompt: case.prompt.clone(), color: (*other).to_string(), position: None, seed: 0 };
+            assert!(!passes(&img, &wrong), "{:?}: the checker accepted colour {other}", case.prompt);
+        }
+    }
+    assert!(
+        passed >= MIN_PASS,
+        "{passed}/{} held-out prompts drawn as asked (need {MIN_PASS}):\n{}",
+        cases.len(),
+        report.join("\n")
+    );
+}
+
+/// How many prompts pass when the request is changed by `alter` (a simulated pipeline bug).
+fn passing_with(pipe: &mut Sd3Pipeline, alter: impl Fn(GenerationRequest) -> GenerationRequest) -> usize {
+    cases()
+        .iter()
+        .filter(|c| {
+            let req = alter(GenerationRequest::new(c.prompt.clone()).steps(28).guidance(5.0).seed(c.seed));
+            passes(&pipe.generate(&req).unwrap().images.remove(0), c)
+        })
+        .count()
+}
+
+#[test]
+fn conditioning_bugs_break_adherence() {
+    // Each stands for a bug in our conditioning code: the wrong CLIP hidden layer (SD3 takes the penultimate one,
+    // `clip_skip` 1 takes the one before), T5 padded to the wrong length (77 instead of diffusers' 256) and the T5
+    // embeddings lost. Measured on this machine: 1, 4 and 3 of 8 prompts pass (8 with the right settings).
+    // Not caught here (the model is robust to them) but by the golden-image tests on the fixtures: a wrong sigma
+    // shift (shift 20: 8 of 8 still pass), CLIP-G's pad token and the guidance formula.
+    let mut pipe = Sd3Pipeline::builder(nano()).build().unwrap();
+    let wrong_layer = passing_with(&mut pipe, |r| r.clip_skip(1));
+    assert!(wrong_layer < MIN_PASS, "with the wrong CLIP layer {wrong_layer} prompts still pass");
+    let wrong_length = passing_with(&mut pipe, |r| r.max_sequence_length(77));
+    assert!(wrong_length < MIN_PASS, "with T5 padded to 77 tokens {wrong_length} prompts still pass");
+    let mut no_t5 = Sd3Pipeline::builder(nano()).without_t5().build().unwrap();
+    let without_t5 = passing_with(&mut no_t5, |r| r);
+    assert!(without_t5 < MIN_PASS, "without T5 {without_t5} prompts still pass");
+}
