@@ -14,6 +14,8 @@ slg     skip-layer guidance graph (--skip-layers): transformer/model_skip_layers
         (SD3-like, SD3.5-medium-like) vs diffusers' transformer(..., skip_layers=[1]) for every exporter/precision,
         that it differs from the unskipped output, metadata/manifest/signature, --components transformer_skip_layers,
         and the refusal of invalid layer lists.
+small   --weights-fp16 and --keep-token-ids (models/nano's size options): outputs vs torch, unkept ids share one
+        row, files smaller, a relative --out.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -588,11 +590,77 @@ def test_cli():
             FAILURES.append(f"cli bf16 skip graph: metadata {meta}, same signature {same}")
 
 
+def test_small():
+    """--weights-fp16 and --keep-token-ids (the nano model's size options), with a relative --out."""
+    print("[small] --dtype fp32 --weights-fp16 --keep-token-ids, relative --out", flush=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "tokenizer")
+    kept_text = "a red cat on a blue mat"
+    keep = sorted(set(tok(kept_text, padding="max_length", max_length=77).input_ids) | {tok.pad_token_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "keep.json").write_text(json.dumps(keep))
+        res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--random", "tiny", "--tokenizers-from",
+                              str(TOKENIZERS), "--dtype", "fp32", "--weights-fp16", "--keep-token-ids", "keep.json",
+                              "--components", "text_encoder,transformer", "--out", "small"],
+                             capture_output=True, text=True, cwd=tmp)
+        res_full = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--random", "tiny",
+                                   "--tokenizers-from", str(TOKENIZERS), "--dtype", "fp32",
+                                   "--components", "text_encoder,transformer", "--out", "full"],
+                                  capture_output=True, text=True, cwd=tmp)
+        if res.returncode or res_full.returncode:
+            FAILURES.append("small: " + (res.stderr or res_full.stderr)[-2000:])
+            print((res.stderr or res_full.stderr)[-2000:])
+            return
+        small, full = Path(tmp) / "small", Path(tmp) / "full"
+        src = ex.Source(None, "tiny", TOKENIZERS, seed=0)
+        te = src.load("text_encoder")
+        ids_kept = torch.tensor([tok(kept_text, padding="max_length", max_length=77).input_ids])
+        with torch.no_grad():
+            ref = te(ids_kept, output_hidden_states=True)
+        got = run(small / "text_encoder" / "model.onnx", {"input_ids": ids_kept.numpy()})
+        scale = float(ref.last_hidden_state.abs().max())
+        check("pruned+fp16 CLIP, kept tokens: last_hidden_state vs torch (rel.)",
+              float(np.abs(got["last_hidden_state"] - ref.last_hidden_state.numpy()).max()) / scale, 2e-3)
+        # Two prompts that differ only in tokens outside the kept set give the same output (one shared row) ...
+        other = [i for i in range(1000, 49000) if i not in keep][:2]
+        a, b = ids_kept.clone(), ids_kept.clone()
+        a[0, 3], b[0, 3] = other[0], other[1]
+        ga = run(small / "text_encoder" / "model.onnx", {"input_ids": a.numpy()})["last_hidden_state"]
+        gb = run(small / "text_encoder" / "model.onnx", {"input_ids": b.numpy()})["last_hidden_state"]
+        check("pruned CLIP: two unkept ids give the same output", float(np.abs(ga - gb).max()), 0.0)
+        # ... while the full export tells them apart.
+        fa = run(full / "text_encoder" / "model.onnx", {"input_ids": a.numpy()})["last_hidden_state"]
+        fb = run(full / "text_encoder" / "model.onnx", {"input_ids": b.numpy()})["last_hidden_state"]
+        ok = float(np.abs(fa - fb).max()) > 1e-4
+        print(f"  full CLIP: the two unkept ids differ  {'ok' if ok else 'FAIL'}")
+        if not ok:
+            FAILURES.append("small: the full export gives the same output for different ids (vacuous check)")
+        tr = src.load("transformer")
+        feeds = component_inputs("transformer", tr)
+        reft = torch_outputs("transformer", tr, feeds)
+        gott = run(small / "transformer" / "model.onnx", feeds)
+        k = next(iter(reft))
+        check("fp16-stored transformer vs torch fp32 (rel.)",
+              float(np.abs(gott[k] - reft[k]).max()) / float(np.abs(reft[k]).max()), 3e-3)
+        sizes = {c: ((small / c / "model.onnx").stat().st_size, (full / c / "model.onnx").stat().st_size)
+                 for c in ("text_encoder", "transformer")}
+        # tiny graphs: small initializers (< 256 values) stay float32 and the graph itself is a quarter of the file
+        ok = sizes["text_encoder"][0] < 0.1 * sizes["text_encoder"][1] and sizes["transformer"][0] < 0.8 * sizes["transformer"][1]
+        print(f"  sizes (small, full) {sizes}  {'ok' if ok else 'FAIL'}")
+        if not ok:
+            FAILURES.append(f"small: files not smaller {sizes}")
+        man = json.loads((small / "manifest.json").read_text())
+        if man["components"]["text_encoder"].get("pruned_vocabulary", {}).get("kept") != len(keep):
+            FAILURES.append(f"small: manifest lacks pruned_vocabulary: {man['components']['text_encoder']}")
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small"]
     for name in wanted:
-        {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli}[name]()
+        {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
+         "small": test_small}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)
