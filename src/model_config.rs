@@ -132,11 +132,12 @@ impl VaeConfig {
         let float = |key: &str, required: bool| -> std::result::Result<f32, String> {
             match v.get(key) {
                 None | Some(Value::Null) if !required => Ok(0.0),
+                // Checked as f32 (what is stored): 1e39 is a finite f64 but an infinite f32, 1e-50 an f32 zero.
                 Some(x) => x
                     .as_f64()
-                    .filter(|f| f.is_finite() && *f != 0.0 || key == "shift_factor")
                     .map(|f| f as f32)
-                    .ok_or_else(|| format!("`{key}` must be a finite number, got {x}")),
+                    .filter(|f| f.is_finite() && (*f != 0.0 || key == "shift_factor"))
+                    .ok_or_else(|| format!("`{key}` must be a finite number within float32's range, got {x}")),
                 None => Err(format!("`{key}` is missing")),
             }
         };

@@ -80,3 +80,26 @@ fn empty_latents_with_a_huge_side_are_an_invalid_size() {
         assert!(matches!(e, sd3_onnx::Error::InvalidSize { .. }), "{e}");
     }
 }
+
+/// `configs` (found by a longer run after the 1M-execution one): a VAE `scaling_factor` that is a finite f64 but
+/// overflows f32 (1e39) was accepted and stored as an infinite f32; it is now refused, as is one that rounds to an
+/// f32 zero.
+#[test]
+fn vae_factors_beyond_f32_are_refused() {
+    for (key, value) in
+        [("scaling_factor", "1e39"), ("scaling_factor", "-1e39"), ("scaling_factor", "1e-50"), ("shift_factor", "1e39")]
+    {
+        let scaling = if key == "scaling_factor" { value } else { "1.5" };
+        let mut text = format!(r#"{{"block_out_channels": [8], "scaling_factor": {scaling}"#);
+        if key == "shift_factor" {
+            text.push_str(&format!(r#", "shift_factor": {value}"#));
+        }
+        text.push('}');
+        let e = sd3_onnx::model_config::VaeConfig::from_json_str(&text).unwrap_err();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+    assert!(sd3_onnx::model_config::VaeConfig::from_json_str(
+        r#"{"block_out_channels": [8], "scaling_factor": 1.5, "shift_factor": 0}"#
+    )
+    .is_ok());
+}
