@@ -16,7 +16,6 @@ the project's export tool, then makes the folder small:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,14 +28,6 @@ sys.path.insert(0, str(HERE.parent / "export"))
 import export_sd3  # noqa: E402
 
 COMPONENTS = "text_encoder,text_encoder_2,text_encoder_3,transformer,vae_decoder"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def short_names(path: Path) -> int:
@@ -111,7 +102,7 @@ def main():
         if p.is_symlink():
             files[rel] = dict(symlink=os.readlink(p))
         else:
-            files[rel] = dict(size=p.stat().st_size, sha256=sha256(p))
+            files[rel] = dict(size=p.stat().st_size, sha256=export_sd3.sha256_file(p))
     manifest["files"] = files
     manifest["nano"] = dict(note="models/nano/export_nano.py: tokenizer_2 vocab/merges are symlinks to tokenizer/, "
                                  "tokenizer_3/spiece.model removed")

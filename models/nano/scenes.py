@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

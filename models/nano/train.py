@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -317,7 +316,7 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
     logs["eval_torch"] = res
 
 
-def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, cfgs, args, shift, scale):
+def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift, scale):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +477,7 @@ def main():
 
     if args.eval:
         evaluate(ema_t, ema_x, vae, toks, args, dev, shift, scale, args.out, logs)
-    save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, None, args, shift, scale)
+    save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, args, shift, scale)
     logs["total_seconds"] = round(time.time() - T0, 1)
     (args.out / "train_log.json").write_text(json.dumps(logs, indent=1) + "\n")
     log("done", args.out)
