@@ -70,7 +70,7 @@ def configs(args):
               use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     joint = args.t5_width
     assert 2 * args.clip_width <= joint, "CLIP-L + CLIP-G widths must fit in T5's width (they are zero-padded to it)"
-    dit = dict(sample_size=args.image_size // 8, patch_size=2, in_channels=16, out_channels=16,
+    dit = dict(sample_size=args.image_size // 8, patch_size=args.patch_size, in_channels=16, out_channels=16,
                num_layers=args.dit_layers, attention_head_dim=args.dit_head_dim, num_attention_heads=args.dit_heads,
                joint_attention_dim=joint, caption_projection_dim=args.dit_heads * args.dit_head_dim,
                pooled_projection_dim=2 * args.clip_width, pos_embed_max_size=args.image_size // 8,
@@ -204,14 +204,15 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     fwd_t, fwd_x = transformer, text
     if args.compile:
         fwd_t, fwd_x = torch.compile(transformer), torch.compile(text)
-        try:  # compile now (fwd + bwd on a small batch); fall back to eager if this torch cannot
-            b = 8
+        try:  # compile now (fwd + bwd at the training batch size, so nothing recompiles); else train eagerly
+            b = args.dit_batch
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 ctx, pooled = fwd_x(ids[0][:b], ids[1][:b], ids[2][:b])
                 v = fwd_t(hidden_states=lat_mean[:b], encoder_hidden_states=ctx, pooled_projections=pooled,
                           timestep=torch.full((b,), 500.0, device=dev), return_dict=False)[0]
             v.float().square().mean().backward()
             opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
             log("compiled")
         except Exception as e:  # noqa: BLE001
             log(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly")
@@ -225,8 +226,9 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     step = 0
     run_loss = None
     while step < args.dit_steps and time.time() - t_start < args.dit_seconds:
-        lr = lr_at(max(step / args.dit_steps, (time.time() - t_start) / args.dit_seconds), step, args.dit_lr,
-                   args.warmup)
+        # the cosine spans --schedule-seconds of training over all calls (--seconds-before of them done earlier)
+        lr = lr_at(max(step / args.dit_steps, (args.seconds_before + time.time() - t_start) / args.schedule_seconds),
+                   step, args.dit_lr, args.warmup)
         for pg in opt.param_groups:
             pg["lr"] = lr
         idx = torch.randint(0, n, (args.dit_batch,), device=dev, generator=g)
@@ -316,16 +318,26 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
     logs["eval_torch"] = res
 
 
-def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift, scale):
+def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift, scale, used_ids):
+    """Saves the weights as float16 (what the export stores; the export tool and --resume load them as float32),
+    with the CLIP token-embedding rows of ids no caption uses set to zero (they never change from their random
+    initialisation, and zeros compress: the folder travels between device calls)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out.mkdir(parents=True, exist_ok=True)
-    transformer.to(torch.float32).save_pretrained(out / "transformer")
+    with torch.no_grad():
+        for te in (text.te1, text.te2):
+            table = te.text_model.embeddings.token_embedding.weight
+            unused = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+            unused[torch.tensor(used_ids, device=table.device)] = False
+            table[unused] = 0.0
+    half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731  (the models stay float32 for --eval)
+    half(transformer).save_pretrained(out / "transformer")
     vae.register_to_config(shift_factor=float(shift), scaling_factor=float(scale))
-    vae.to(torch.float32).save_pretrained(out / "vae")
-    text.te1.to(torch.float32).save_pretrained(out / "text_encoder")
-    text.te2.to(torch.float32).save_pretrained(out / "text_encoder_2")
-    text.te3.to(torch.float32).save_pretrained(out / "text_encoder_3")
+    half(vae).save_pretrained(out / "vae")
+    half(text.te1).save_pretrained(out / "text_encoder")
+    half(text.te2).save_pretrained(out / "text_encoder_2")
+    half(text.te3).save_pretrained(out / "text_encoder_3")
     for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         if (out / t).exists():
             shutil.rmtree(out / t)
@@ -386,11 +398,21 @@ def main():
     ap.add_argument("--eval-steps", type=int, default=28)
     ap.add_argument("--eval-guidance", type=float, default=5.0)
     ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--schedule-seconds", type=float, default=None,
+                    help="training seconds the learning-rate cosine spans over all calls (default --dit-seconds)")
+    ap.add_argument("--seconds-before", type=float, default=0.0,
+                    help="training seconds done by earlier calls (with --resume)")
+    ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="a pipeline folder whose VAE (and latent scale) and text encoders start this run; the "
+                         "transformer starts from random weights")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer and text encoders")
     ap.add_argument("--resume", type=Path, default=None,
                     help="a pipeline folder saved by an earlier run: its VAE is kept (no VAE training), its "
                          "transformer and text encoders are trained further")
     args = ap.parse_args()
+    if args.schedule_seconds is None:
+        args.schedule_seconds = args.dit_seconds
 
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -406,7 +428,16 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
 
     clip_l, clip_g, t5c, ditc, vaec = configs(args)
-    if args.resume is None:
+    if args.init_from is not None:
+        te1 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder")
+        te2 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder_2")
+        te3 = T5EncoderModel.from_pretrained(args.init_from / "text_encoder_3")
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
+        torch.manual_seed(args.seed + 13)
+        transformer = SD3Transformer2DModel(**ditc)
+        for m in (te1, te2, te3, transformer, vae):
+            m.float()
+    elif args.resume is None:
         torch.manual_seed(args.seed + 10)
         te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_l))
         torch.manual_seed(args.seed + 11)
@@ -451,12 +482,13 @@ def main():
     (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
     log("CLIP token ids used by the captions:", len(used))
 
-    if args.resume is None:
+    fresh_vae = args.resume is None and args.init_from is None
+    if fresh_vae:
         vae.train()
         train_vae(vae, images, args, dev, logs)
     vae.eval()
     lat_mean, lat_std = encode_latents(vae, images, dev)
-    if args.resume is None:
+    if fresh_vae:
         shift = lat_mean.mean().item()
         scale = 1.0 / lat_mean.sub(shift).pow(2).mean().add(lat_std.pow(2).mean()).sqrt().item()
     else:  # the transformer was trained in this latent scale: keep it
@@ -475,11 +507,15 @@ def main():
     text.train()
     ema_t, ema_x = train_dit(transformer, text, lat_mean, lat_std, ids, empty, shift, scale, args, dev, logs)
 
-    if args.eval:
-        evaluate(ema_t, ema_x, vae, toks, args, dev, shift, scale, args.out, logs)
-    save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, args, shift, scale)
+    # saved before the evaluation, so that a call cut short by its time limit still brings the weights back
+    save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, args, shift, scale, used)
     logs["total_seconds"] = round(time.time() - T0, 1)
     (args.out / "train_log.json").write_text(json.dumps(logs, indent=1) + "\n")
+    log("saved", args.out / "pipeline")
+    if args.eval:
+        evaluate(ema_t, ema_x, vae, toks, args, dev, shift, scale, args.out, logs)
+        logs["total_seconds"] = round(time.time() - T0, 1)
+        (args.out / "train_log.json").write_text(json.dumps(logs, indent=1) + "\n")
     log("done", args.out)
 
 
