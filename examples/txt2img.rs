@@ -12,7 +12,8 @@
 //! Skip-layer guidance: [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] (needs
 //! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
 //! [--vae-tiling] [--no-t5]. Also [--images N] (written as FILE-k.png), [--clip-skip N], [--shift X] (overrides
-//! the scheduler config's shift).
+//! the scheduler config's shift). --steps, --guidance and --max-sequence-length default to the model's own
+//! (`Sd3Pipeline::request`: 28 / 7 / 256 for SD3 medium, 28 / 5 / 77 for models/sd3-nano).
 //!
 //! `--model hf:org/name[@revision]` downloads the model's files from the Hugging Face Hub into the Hugging Face
 //! cache (or finds them there) and loads the snapshot; it needs the `download` feature
@@ -38,9 +39,11 @@ struct Args {
     /// A folder, or `hf:org/name[@revision]`.
     model: String,
     request: GenerationRequest,
-    /// Steps and guidance given on the command line; otherwise the model's defaults (`Sd3Pipeline::request`).
+    /// Steps, guidance and T5 token count given on the command line; otherwise the model's defaults
+    /// (`Sd3Pipeline::request`).
     steps: Option<usize>,
     guidance: Option<f32>,
+    max_sequence_length: Option<usize>,
     latents: Option<PathBuf>,
     ep: ExecutionProvider,
     output: PathBuf,
@@ -60,7 +63,7 @@ fn parse() -> Result<Args, String> {
     let mut req = GenerationRequest::default();
     let (mut width, mut height) = (None, None);
     let mut latents = None;
-    let (mut steps, mut guidance) = (None, None);
+    let (mut steps, mut guidance, mut max_sequence_length) = (None, None, None);
     let mut ep = ExecutionProvider::Cpu;
     let mut output = PathBuf::from("output.png");
     let (mut init_image, mut mask, mut preview_dir) = (None, None, None);
@@ -101,7 +104,7 @@ fn parse() -> Result<Args, String> {
             "--guidance" => guidance = Some(num(&flag, value)?),
             "--seed" => req.seed = Some(num(&flag, value)?),
             "--latents" => latents = Some(PathBuf::from(value)),
-            "--max-sequence-length" => req.max_sequence_length = num(&flag, value)?,
+            "--max-sequence-length" => max_sequence_length = Some(num(&flag, value)?),
             "--ep" => ep = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--output" => output = PathBuf::from(value),
             "--init-image" => init_image = Some(PathBuf::from(value)),
@@ -152,6 +155,7 @@ fn parse() -> Result<Args, String> {
         request: req,
         steps,
         guidance,
+        max_sequence_length,
         latents,
         ep,
         output,
@@ -171,6 +175,7 @@ fn run(args: Args) -> Result<(), String> {
         mut request,
         steps,
         guidance,
+        max_sequence_length,
         latents,
         ep,
         output,
@@ -223,13 +228,15 @@ fn run(args: Args) -> Result<(), String> {
     let defaults = pipe.request("");
     request.steps = steps.unwrap_or(defaults.steps);
     request.guidance = guidance.unwrap_or(defaults.guidance);
+    request.max_sequence_length = max_sequence_length.unwrap_or(defaults.max_sequence_length);
     eprintln!(
-        "loaded {} ({:?}) in {:.1} ms; {} steps, guidance {}",
+        "loaded {} ({:?}) in {:.1} ms; {} steps, guidance {}, {} T5 tokens",
         model.display(),
         pipe.info().variant,
         load.as_secs_f64() * 1e3,
         request.steps,
-        request.guidance
+        request.guidance,
+        request.max_sequence_length
     );
     for (component, provider) in pipe.placements() {
         eprintln!("  {component}: {provider}");

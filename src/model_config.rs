@@ -199,4 +199,15 @@ impl Variant {
             Variant::Sd3Nano => (28, 5.0),
         }
     }
+
+    /// Default T5 token count (`max_sequence_length`): 256 for stabilityai's models (the default of diffusers'
+    /// `StableDiffusion3Pipeline.__call__`), 77 for the nano model, which was trained with 77 T5 tokens as the
+    /// SD3 paper's models were (Esser et al. 2024, sec. 5.2; `models/nano/train.py --t5-len 77`): more padding
+    /// tokens than it was trained with shift its attention and lower its adherence.
+    pub fn default_max_sequence_length(self) -> usize {
+        match self {
+            Variant::Sd3Nano => 77,
+            _ => 256,
+        }
+    }
 }

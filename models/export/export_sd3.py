@@ -1102,7 +1102,8 @@ def release_weights(module: torch.nn.Module):
 def export_component(component: str, module, out_dir: Path, *, exporter: str, attention: str, dtype: str,
                      opset: int | None, t5_precision: str, external: bool | None = None,
                      release_torch: bool = False, skip_layers: list[int] | None = None,
-                     keep_token_ids: list[int] | None = None, weights_fp16: bool = False) -> dict:
+                     keep_token_ids: list[int] | None = None, weights_fp16: bool = False,
+                     weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None) -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
@@ -1158,7 +1159,14 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
             if keep_token_ids is not None and component in ("text_encoder", "text_encoder_2"):
                 info["pruned_vocabulary"] = prune_token_embedding(
                     model, module_vocab, keep_token_ids, lambda t: _read_initializer(t, src_types, work))
-            if weights_fp16 and dtype == "fp32":
+            if keep_t5_token_ids is not None and component == "text_encoder_3":
+                info["pruned_vocabulary"] = prune_token_embedding(
+                    model, module_vocab, keep_t5_token_ids, lambda t: _read_initializer(t, src_types, work))
+            if weights_int8 and dtype == "fp32":
+                q = store_weights_int8(model, lambda t: _read_initializer(t, src_types, work))
+                q.pop("scales")  # float16 values (quantize_int8): stored as float16 below like any weight
+                info["weight_storage_int8"] = q
+            if (weights_fp16 or weights_int8) and dtype == "fp32":
                 info["weight_storage"] = store_weights_fp16(model, lambda t: _read_initializer(t, src_types, work))
             model.producer_name = "sd3-onnx models/export/export_sd3.py"
             if skip_layers is not None:
@@ -1229,7 +1237,73 @@ def prune_token_embedding(model: onnx.ModelProto, vocab_size: int, keep: list[in
     return dict(vocab=vocab_size, kept=len(keep))
 
 
-def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256) -> dict:
+def quantize_int8(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 of a float32 weight along `axis` (the output channels): scale = max|w| / 127
+    over the other axes (1 for an all-zero channel) rounded to the nearest float16, q = round(w / scale), half to
+    even, clipped to -127..127.
+    DequantizeLinear(q, scale, axis) gives back q * scale. models/nano/parity_diffusers.py applies the same
+    rounding to the PyTorch weights (`dequantize_int8_like_export`)."""
+    a = np.asarray(a, dtype=np.float32)
+    other = tuple(i for i in range(a.ndim) if i != axis)
+    amax = np.abs(a).max(axis=other, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    # rounded to float16 values, so store_weights_fp16 can store the scales too without changing them
+    scale = scale.astype(np.float16).astype(np.float32)
+    q = np.clip(np.round(a / scale), -127, 127).astype(np.int8)
+    return q, scale.reshape(-1)
+
+
+def store_weights_int8(model: onnx.ModelProto, read, min_elements: int = 256) -> dict:
+    """Weight-only int8 storage for a float32 graph: every float32 weight of at least min_elements values that
+    only feeds MatMul (input B, [K, N]: per column), Gemm (input B: per output row or column, by transB) or Conv
+    (input W, [O, I, ...]: per output channel) becomes int8 with one float32 scale per output channel, and a
+    DequantizeLinear (opset 13, per axis) gives the float32 weight back in the graph: a quarter of the bytes,
+    float32 arithmetic. Other initializers are left alone (store_weights_fp16 can take them after this).
+    Returns counts and the names of the scale tensors."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i, x in enumerate(n.input):
+            consumers.setdefault(x, []).append((n, i))
+    count, saved, scales = 0, 0, []
+    new_nodes = []
+    for t in list(model.graph.initializer):
+        if t.data_type != TensorProto.FLOAT or t.name not in consumers:
+            continue
+        axes = set()
+        for n, i in consumers[t.name]:
+            if n.op_type == "MatMul" and i == 1 and len(t.dims) == 2:
+                axes.add(1)
+            elif n.op_type == "Gemm" and i == 1 and len(t.dims) == 2:
+                trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+                axes.add(0 if trans_b else 1)
+            elif n.op_type == "Conv" and i == 1 and len(t.dims) >= 3:
+                axes.add(0)
+            else:
+                axes.add(None)
+        if len(axes) != 1 or None in axes:
+            continue
+        a = read(t)
+        if a.size < min_elements:
+            continue
+        axis = axes.pop()
+        q, scale = quantize_int8(a, axis)
+        name = t.name
+        model.graph.initializer.remove(t)
+        model.graph.initializer.extend([numpy_helper.from_array(q, name + ".int8"),
+                                        numpy_helper.from_array(scale, name + ".scale")])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [name + ".int8", name + ".scale"], [name],
+                                               axis=axis, name=name + ".dequantize"))
+        scales.append(name + ".scale")
+        count += 1
+        saved += a.size * 3 - scale.size * 4
+    for n in reversed(new_nodes):
+        model.graph.node.insert(0, n)
+    if count and not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
+        raise ValueError("int8 weights need opset >= 13 (DequantizeLinear per axis)")
+    return dict(weights_int8=count, bytes_saved=saved, scales=scales)
+
+
+def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256, skip: frozenset = frozenset()) -> dict:
     """Weight-only float16 storage for a float32 graph: every float32 initializer with at least min_elements
     values is stored as float16 and cast back to float32 in the graph, so the file is half as big while the
     arithmetic stays float32 (ONNX Runtime folds these casts into float32 constants when it loads the graph).
@@ -1237,7 +1311,7 @@ def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256) ->
     count, saved = 0, 0
     new_nodes = []
     for t in list(model.graph.initializer):
-        if t.data_type != TensorProto.FLOAT:
+        if t.data_type != TensorProto.FLOAT or t.name in skip:
             continue
         a = read(t)
         if a.size < min_elements:
@@ -1331,6 +1405,13 @@ def parse_args(argv=None):
     ap.add_argument("--weights-fp16", action="store_true",
                     help="with --dtype fp32 (or --fp32-components): store weights as float16 and cast them to "
                          "float32 in the graph (half the file size, float32 arithmetic)")
+    ap.add_argument("--keep-t5-token-ids", type=Path, default=None,
+                    help="json list of T5 token ids: text_encoder_3 keeps only these rows of its embedding table "
+                         "(as --keep-token-ids does for the CLIPs)")
+    ap.add_argument("--weights-int8", action="store_true",
+                    help="with --dtype fp32 (or --fp32-components): store MatMul/Gemm/Conv weights as int8 with a "
+                         "float32 scale per output channel (DequantizeLinear in the graph) and the other weights as "
+                         "float16 (about a quarter of the file size, float32 arithmetic; for models/nano)")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,
@@ -1359,6 +1440,7 @@ def main(argv=None):
             raise SystemExit(f"unknown component {c}; choose from {ALL_COMPONENTS + [SKIP_COMPONENT]}")
     fp32_components = {c for c in args.fp32_components.split(",") if c}
     keep_ids = json.loads(args.keep_token_ids.read_text()) if args.keep_token_ids else None
+    keep_t5_ids = json.loads(args.keep_t5_token_ids.read_text()) if args.keep_t5_token_ids else None
     if (args.layers or args.text_layers) and not args.random:
         raise SystemExit("--layers and --text-layers are for --random only")
     source = Source(args.model, args.random, args.tokenizers_from, args.seed, args.layers, args.text_layers)
@@ -1408,7 +1490,8 @@ def main(argv=None):
             info = export_component(kind, module, out, exporter=args.exporter, attention=args.attention,
                                     dtype=dtype, opset=args.opset, t5_precision=args.t5_precision, external=external,
                                     release_torch=i == len(graphs) - 1, skip_layers=skip,
-                                    keep_token_ids=keep_ids, weights_fp16=args.weights_fp16)
+                                    keep_token_ids=keep_ids, weights_fp16=args.weights_fp16,
+                                    weights_int8=args.weights_int8, keep_t5_token_ids=keep_t5_ids)
             manifest["components"][graph] = info
             log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
@@ -1433,7 +1516,9 @@ def main(argv=None):
                      skip_layers=skip_layers,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data, weights_fp16=args.weights_fp16,
+                     weights_int8=args.weights_int8,
                      keep_token_ids=len(keep_ids) if keep_ids else None,
+                     keep_t5_token_ids=len(keep_t5_ids) if keep_t5_ids else None,
                      tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),
         versions=tool_versions(),
     )

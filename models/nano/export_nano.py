@@ -2,16 +2,20 @@
 """Exports a trained nano pipeline (train.py's `pipeline/` folder) into the repository's default model folder with
 the project's export tool, then makes the folder small:
 
-- float32 graphs whose weights are stored as float16 (`--weights-fp16`: half the bytes, float32 arithmetic, which
-  ONNX Runtime's CPU provider runs fastest);
-- CLIP token-embedding tables cut to the token ids of the training captions (`--keep-token-ids`, train.py writes
-  them to clip_token_ids.json; every other id maps to one shared row: the model never saw those tokens);
+- float32 graphs whose MatMul/Gemm/Conv weights are stored as int8 with a float16-valued scale per output
+  channel (`--weights-int8`: DequantizeLinear in the graph, float32 arithmetic) and every other weight as float16;
+- CLIP and T5 token-embedding tables cut to the token ids of the training captions (`--keep-token-ids`,
+  `--keep-t5-token-ids`; token_ids.py lists them; every other id maps to one shared row: the model never saw
+  those tokens);
 - `tokenizer_2/vocab.json` and `merges.txt` as relative symlinks to `tokenizer/` (same bytes; CLIP-G's pad token
   "!" lives in tokenizer_2's own configs); `tokenizer_3/spiece.model` dropped (our T5 loader reads tokenizer.json);
 - the VAE encoder is not exported (img2img is not offered for the nano model);
 - tensor names shortened and node names dropped (the exporter's long names are ~10% of a small graph).
 
-    python models/nano/export_nano.py --pipeline RUN/pipeline --token-ids RUN/clip_token_ids.json --out models/sd3-nano
+    python models/nano/token_ids.py --runs 0:200000 1:200000 2:200000 --clip runs/clip_token_ids.json \
+        --t5 runs/t5_token_ids.json
+    python models/nano/export_nano.py --pipeline RUN/pipeline --token-ids runs/clip_token_ids.json \
+        --t5-token-ids runs/t5_token_ids.json --out models/sd3-nano
 """
 from __future__ import annotations
 
@@ -71,7 +75,8 @@ def short_names(path: Path) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", type=Path, required=True, help="train.py's pipeline/ folder (diffusers layout)")
-    ap.add_argument("--token-ids", type=Path, required=True, help="train.py's clip_token_ids.json")
+    ap.add_argument("--token-ids", type=Path, required=True, help="CLIP token ids (token_ids.py --clip)")
+    ap.add_argument("--t5-token-ids", type=Path, required=True, help="T5 token ids (token_ids.py --t5)")
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35",
                     help="tokenizer folders to use when the pipeline folder has none (train.py's tar leaves them out)")
     ap.add_argument("--out", type=Path, required=True)
@@ -82,8 +87,8 @@ def main():
             shutil.copytree(a.tokenizers_from / t, src / t, symlinks=True)
     if a.out.exists():
         shutil.rmtree(a.out)
-    export_sd3.main(["--model", str(src), "--dtype", "fp32", "--weights-fp16", "--keep-token-ids", str(a.token_ids),
-                     "--components", COMPONENTS, "--out", str(a.out)])
+    export_sd3.main(["--model", str(src), "--dtype", "fp32", "--weights-int8", "--keep-token-ids", str(a.token_ids),
+                     "--keep-t5-token-ids", str(a.t5_token_ids), "--components", COMPONENTS, "--out", str(a.out)])
     out = a.out
     for name in ("vocab.json", "merges.txt"):
         one, two = out / "tokenizer" / name, out / "tokenizer_2" / name

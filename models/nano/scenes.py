@@ -557,6 +557,18 @@ def _gen_chunk(args) -> tuple[int, np.ndarray, list[str], list[dict]]:
     return chunk, imgs, caps, scenes
 
 
+def make_captions(n: int, seed: int, split: str = "train") -> list[str]:
+    """The captions ``make_dataset(n, seed, split)`` gives, without rendering (rendering draws no random numbers)."""
+    if split not in _SPLIT_ID:
+        raise ValueError(split)
+    out: list[str] = []
+    for c in range((n + CHUNK - 1) // CHUNK):
+        rng = _chunk_rng(seed, split, c)
+        for _ in range(min(CHUNK, n - c * CHUNK)):
+            out.append(caption(sample_scene(rng, split), rng))
+    return out
+
+
 def make_dataset(n: int, seed: int, split: str = "train", workers: int | None = None, size: int = 128
                  ) -> tuple[np.ndarray, list[str], list[dict]]:
     """``n`` images uint8 [n, size, size, 3], their captions and scene dicts.

@@ -310,11 +310,14 @@ impl Sd3Pipeline {
         &self.info
     }
 
-    /// A request for `prompt` with this model's default steps and guidance ([`Variant::defaults`]); override
-    /// them with the request's setters.
+    /// A request for `prompt` with this model's default steps, guidance ([`Variant::defaults`]) and T5 token
+    /// count ([`Variant::default_max_sequence_length`]); override them with the request's setters.
     pub fn request(&self, prompt: impl Into<String>) -> GenerationRequest {
         let (steps, guidance) = self.info.variant.defaults();
-        GenerationRequest::new(prompt).steps(steps).guidance(guidance)
+        GenerationRequest::new(prompt)
+            .steps(steps)
+            .guidance(guidance)
+            .max_sequence_length(self.info.variant.default_max_sequence_length())
     }
 
     /// The limits requests are checked against ([`Sd3PipelineBuilder::limits`]).

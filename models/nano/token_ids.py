@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""The CLIP and T5 token ids of the nano model's training captions (scenes.make_captions for the given seeds and
+sizes, plus the empty caption that caption dropout trains), for export_nano.py's embedding-table pruning. Checks
+that every prompt of eval_prompts.json is made of these ids only (exits 1 otherwise).
+
+    python models/nano/token_ids.py --runs 0:200000 1:200000 2:200000 --clip OUT/clip.json --t5 OUT/t5.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import scenes  # noqa: E402
+from train import load_tokenizers, tokenize  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="SEED:N of each training call's --seed and --n-train")
+    ap.add_argument("--t5-len", type=int, default=77)
+    ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
+    ap.add_argument("--clip", type=Path, required=True)
+    ap.add_argument("--t5", type=Path, required=True)
+    a = ap.parse_args()
+    caps = {""}
+    for r in a.runs:
+        seed, n = (int(x) for x in r.split(":"))
+        caps.update(scenes.make_captions(n, seed, "train"))
+    toks = load_tokenizers(a.tokenizers_from)
+    ids_l, ids_g, ids_t = tokenize(toks, sorted(caps), a.t5_len)
+    clip = sorted(set(ids_l.unique().tolist()) | set(ids_g.unique().tolist()))
+    t5 = sorted(set(ids_t.unique().tolist()))
+    prompts = [p["prompt"] for p in json.loads((HERE / "eval_prompts.json").read_text())]
+    el, eg, et = tokenize(toks, prompts, a.t5_len)
+    missing_clip = (set(el.unique().tolist()) | set(eg.unique().tolist())) - set(clip)
+    missing_t5 = set(et.unique().tolist()) - set(t5)
+    a.clip.write_text(json.dumps(clip) + "\n")
+    a.t5.write_text(json.dumps(t5) + "\n")
+    print(f"{len(caps)} distinct captions: {len(clip)} CLIP ids, {len(t5)} T5 ids; eval prompts' ids missing: "
+          f"CLIP {sorted(missing_clip)}, T5 {sorted(missing_t5)}")
+    sys.exit(1 if missing_clip or missing_t5 else 0)
+
+
+if __name__ == "__main__":
+    main()
