@@ -1167,7 +1167,11 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                 q.pop("scales")  # float16 values (quantize_int8): stored as float16 below like any weight
                 info["weight_storage_int8"] = q
             if (weights_fp16 or weights_int8) and dtype == "fp32":
-                info["weight_storage"] = store_weights_fp16(model, lambda t: _read_initializer(t, src_types, work))
+                # with int8 weights, vectors (biases, norm weights) stay float32: some are not the module's own
+                # values but sums made by the graph rewrites (the adaLN fold adds 1 to the scale biases), whose
+                # float16 rounding no PyTorch-side emulation would reproduce (models/nano/parity_diffusers.py)
+                info["weight_storage"] = store_weights_fp16(model, lambda t: _read_initializer(t, src_types, work),
+                                                            min_ndim=2 if weights_int8 else 1)
             model.producer_name = "sd3-onnx models/export/export_sd3.py"
             if skip_layers is not None:
                 set_metadata(model, SKIP_METADATA_KEY, json.dumps(skip_layers))
@@ -1303,7 +1307,7 @@ def store_weights_int8(model: onnx.ModelProto, read, min_elements: int = 256) ->
     return dict(weights_int8=count, bytes_saved=saved, scales=scales)
 
 
-def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256, skip: frozenset = frozenset()) -> dict:
+def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256, min_ndim: int = 1) -> dict:
     """Weight-only float16 storage for a float32 graph: every float32 initializer with at least min_elements
     values is stored as float16 and cast back to float32 in the graph, so the file is half as big while the
     arithmetic stays float32 (ONNX Runtime folds these casts into float32 constants when it loads the graph).
@@ -1311,7 +1315,7 @@ def store_weights_fp16(model: onnx.ModelProto, read, min_elements: int = 256, sk
     count, saved = 0, 0
     new_nodes = []
     for t in list(model.graph.initializer):
-        if t.data_type != TensorProto.FLOAT or t.name in skip:
+        if t.data_type != TensorProto.FLOAT or len(t.dims) < min_ndim:
             continue
         a = read(t)
         if a.size < min_elements:

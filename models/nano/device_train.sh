@@ -6,8 +6,9 @@
 #   TRAIN_LIMIT=seconds bash models/nano/device_train.sh [train.py options]
 # The device image's own torch is used (its version is recorded in train_log.json); diffusers, transformers,
 # tokenizers, huggingface_hub and Pillow come from the carried wheels, pinned as here. train.py runs under
-# `timeout $TRAIN_LIMIT` (default 540 s): it saves the pipeline before its evaluation, so a run cut short there
-# still brings the weights back.
+# `timeout $TRAIN_LIMIT` (default 540 s) and ends its training 30 s before that (--stop-by; a fresh machine's first
+# torch.compile took 70 s where a warm one took 8 s, and a run that timed out in training lost everything); it saves
+# the pipeline before its evaluation, so a run cut short there still brings the weights back.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-nano/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
@@ -18,7 +19,8 @@ mkdir -p "$OUT" "$RUN"
 if [ -f .nano-resume.tgz ]; then mkdir -p /tmp/resume && tar -C /tmp/resume -xzf .nano-resume.tgz; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, diffusers, transformers, PIL, numpy; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__, "numpy", numpy.__version__)' | tee -a "$OUT/gpu.txt"
-timeout --signal=INT "${TRAIN_LIMIT:-540}" python3 models/nano/train.py --out "$RUN" --workers 16 "$@" 2>&1 \
+LIMIT=${TRAIN_LIMIT:-540}
+timeout --signal=INT "$LIMIT" python3 models/nano/train.py --out "$RUN" --workers 16 --stop-by $((LIMIT - 30)) "$@" 2>&1 \
   | grep -v -i warn | tee "$OUT/train.log"
 cp "$RUN"/train_log.json "$RUN"/clip_token_ids.json "$RUN"/eval_*.png "$OUT"/ 2>/dev/null
 # the float16 pipeline without its tokenizers (they come from the repository), in pieces under 16 MiB

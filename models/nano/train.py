@@ -225,7 +225,8 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     hist = []
     step = 0
     run_loss = None
-    while step < args.dit_steps and time.time() - t_start < args.dit_seconds:
+    while (step < args.dit_steps and time.time() - t_start < args.dit_seconds
+           and (args.stop_by is None or time.time() - T0 < args.stop_by)):
         # the cosine spans --schedule-seconds of training over all calls (--seconds-before of them done earlier)
         lr = lr_at(max(step / args.dit_steps, (args.seconds_before + time.time() - t_start) / args.schedule_seconds),
                    step, args.dit_lr, args.warmup)
@@ -403,6 +404,10 @@ def main():
     ap.add_argument("--seconds-before", type=float, default=0.0,
                     help="training seconds done by earlier calls (with --resume)")
     ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--stop-by", type=float, default=None,
+                    help="end the transformer training this many seconds after the start of the script whatever "
+                         "--dit-seconds says (so a device call's time limit leaves time to save; device_train.sh "
+                         "sets it to TRAIN_LIMIT - 30)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a pipeline folder whose VAE (and latent scale) and text encoders start this run; the "
                          "transformer starts from random weights")
