@@ -16,6 +16,9 @@ slg     skip-layer guidance graph (--skip-layers): transformer/model_skip_layers
         and the refusal of invalid layer lists.
 small   --weights-fp16 and --keep-token-ids (models/nano's size options): outputs vs torch, unkept ids share one
         row, files smaller, a relative --out.
+int8    quantize_int8 (per-channel scales, float16-valued, zero channels) and --weights-int8 --keep-t5-token-ids:
+        transformer, VAE decoder and T5 vs torch with the same dequantized weights (tight), DequantizeLinear nodes,
+        files smaller than --weights-fp16.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -56,6 +59,8 @@ def check(label: str, err: float, tol: float):
 def session(path: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # what the crate sets (src/runtime/graph.rs): float32 activations for int8-stored weights
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -655,12 +660,85 @@ def test_small():
             FAILURES.append(f"small: manifest lacks pruned_vocabulary: {man['components']['text_encoder']}")
 
 
+def test_int8():
+    """--weights-int8 and --keep-t5-token-ids (the nano model's storage since its second version)."""
+    print("[int8] quantize_int8; --dtype fp32 --weights-int8 --keep-t5-token-ids", flush=True)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 7)).astype(np.float32)
+    w[2] = 0.0
+    q, scale = ex.quantize_int8(w, axis=0)
+    deq = q.astype(np.float32) * scale[:, None]
+    check("quantize_int8: |w - q*scale| beyond scale/2, per channel",
+          max(0.0, float((np.abs(w - deq) - scale[:, None] / 2).max())), 1e-7)
+    check("quantize_int8: each channel's largest |w| maps to 127 (or 126/127 after float16 rounding)",
+          float(np.abs(np.abs(q[[0, 1, 3, 4]]).max(axis=1) - 127).max()), 1.0)
+    check("quantize_int8: scales are float16 values", float(np.abs(scale - scale.astype(np.float16)).max()), 0.0)
+    check("quantize_int8: an all-zero channel has scale 1 and zeros", float(abs(scale[2] - 1) + np.abs(q[2]).max()), 0.0)
+    from transformers import AutoTokenizer
+
+    tok3 = AutoTokenizer.from_pretrained(TOKENIZERS / "tokenizer_3")
+    text = "a red cat on a blue mat"
+    ids = tok3(text, padding="max_length", max_length=16, truncation=True).input_ids
+    keep = sorted(set(ids) | {tok3.pad_token_id})
+    comps = "text_encoder_3,transformer,vae_decoder"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "keep_t5.json").write_text(json.dumps(keep))
+        outs = {}
+        for name, flags in (("int8", ["--weights-int8", "--keep-t5-token-ids", "keep_t5.json"]),
+                            ("fp16", ["--weights-fp16"])):
+            res = subprocess.run([sys.executable, str(HERE / "export_sd3.py"), "--random", "tiny", "--tokenizers-from",
+                                  str(TOKENIZERS), "--dtype", "fp32", *flags, "--components", comps, "--out", name],
+                                 capture_output=True, text=True, cwd=tmp)
+            if res.returncode:
+                FAILURES.append("int8: " + res.stderr[-2000:])
+                print(res.stderr[-2000:])
+                return
+            outs[name] = Path(tmp) / name
+        src = ex.Source(None, "tiny", TOKENIZERS, seed=0)
+        for comp in ("transformer", "vae_decoder", "text_encoder_3"):
+            mod = src.load(comp)
+            with torch.no_grad():  # the weights the int8 graph holds (models/nano/parity_diffusers.py does the same)
+                for m in mod.modules():
+                    for pname, prm in m.named_parameters(recurse=False):
+                        if prm.numel() < 256:
+                            continue
+                        if pname == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                            qq, sc = ex.quantize_int8(prm.float().numpy(), axis=0)
+                            prm.copy_(torch.from_numpy(qq.astype(np.float32) * sc.reshape((-1,) + (1,) * (prm.dim() - 1))))
+                        elif prm.dim() >= 2:
+                            prm.copy_(prm.half().float())
+                    for b in m.buffers(recurse=False):
+                        if b.is_floating_point() and b.numel() >= 256 and b.dim() >= 2:
+                            b.copy_(b.half().float())
+            if comp == "text_encoder_3":
+                feeds = {"input_ids": torch.tensor([ids])}
+            else:
+                feeds = component_inputs(comp, mod)
+            ref = torch_outputs(comp, mod, feeds)
+            got = run(outs["int8"] / comp / "model.onnx", feeds)
+            k = next(iter(ref))
+            check(f"int8-stored {comp} vs torch with the same weights (rel.)",
+                  float(np.abs(got[k] - ref[k]).max()) / float(np.abs(ref[k]).max()), 1e-4)
+            import onnx
+
+            graph = onnx.load(str(outs["int8"] / comp / "model.onnx"))
+            n_dq = sum(n.op_type == "DequantizeLinear" for n in graph.graph.node)
+            a, b = ((outs[x] / comp / "model.onnx").stat().st_size for x in ("int8", "fp16"))
+            ok = n_dq > 0 and a < b
+            print(f"  {comp}: {n_dq} DequantizeLinear, {a} bytes (fp16-stored {b})  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"int8: {comp} has {n_dq} DequantizeLinear, {a} vs {b} bytes")
+        man = json.loads((outs["int8"] / "manifest.json").read_text())
+        if man["components"]["text_encoder_3"].get("pruned_vocabulary", {}).get("kept") != len(keep):
+            FAILURES.append(f"int8: manifest lacks the T5 pruned_vocabulary: {man['components']['text_encoder_3']}")
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
-         "small": test_small}[name]()
+         "small": test_small, "int8": test_int8}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)
