@@ -36,6 +36,9 @@ def test_dataset_deterministic():
     b = S.make_dataset(1100, 3, workers=2)
     assert a[0].shape == (1100, 128, 128, 3) and a[0].dtype == np.uint8
     assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    # make_captions (token_ids.py) gives make_dataset's captions without rendering, across chunk boundaries
+    assert S.make_captions(1100, 3) == a[1]
+    assert S.make_captions(1100, 4) != a[1]
     im, caps, _ = S.make_dataset(64, 0, workers=1)
     h = hashlib.sha256(im.tobytes())
     h.update("\n".join(caps).encode())
