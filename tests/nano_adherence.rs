@@ -192,6 +192,7 @@ fn judge(img: &RgbImage) -> Option<Seen> {
     Some(Seen { color, position: POSITIONS[row * 3 + col], count })
 }
 
+#[derive(Clone)]
 struct Case {
     prompt: String,
     color: String,
@@ -253,11 +254,11 @@ fn the_default_model_draws_held_out_prompts() {
         report.push(format!("{:?} -> {:?} {}", case.prompt, judge(&img), if ok { "ok" } else { "FAIL" }));
         // Negative controls: the same image judged against every other colour, or another count, fails.
         for (other, _) in PALETTE.iter().filter(|(c, _)| *c != case.color) {
-            let wrong = Case { color: (*other).to_string(), position: None, count: None, ..request_case(case) };
+            let wrong = Case { color: (*other).to_string(), position: None, count: None, ..case.clone() };
             assert!(!passes(&img, &wrong), "{:?}: the checker accepted colour {other}", case.prompt);
         }
         if let Some(n) = case.count {
-            let wrong = Case { count: Some(n + 1), ..request_case(case) };
+            let wrong = Case { count: Some(n + 1), ..case.clone() };
             assert!(!passes(&img, &wrong), "{:?}: the checker accepted count {}", case.prompt, n + 1);
         }
     }
@@ -268,16 +269,6 @@ fn the_default_model_draws_held_out_prompts() {
         cases.len(),
         report.join("\n")
     );
-}
-
-fn request_case(case: &Case) -> Case {
-    Case {
-        prompt: case.prompt.clone(),
-        color: case.color.clone(),
-        position: case.position.clone(),
-        count: case.count,
-        seed: case.seed,
-    }
 }
 
 /// How many prompts pass when the request is changed by `alter` (a simulated pipeline bug).

@@ -1257,6 +1257,28 @@ def quantize_int8(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.reshape(-1)
 
 
+def weights_as_stored_int8(module: torch.nn.Module, min_elements: int = 256):
+    """Sets a PyTorch module's weights, in place, to the values a `--dtype fp32 --weights-int8` export of it holds:
+    Linear/Conv weights of at least min_elements values through quantize_int8 (per output channel) and back, other
+    parameters and floating-point buffers of at least min_elements values and two or more dimensions rounded to
+    float16 and back, vectors unchanged (what store_weights_int8 + store_weights_fp16(min_ndim=2) store). Used as the
+    reference for such exports (test_export.py int8, models/nano/parity_diffusers.py)."""
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if p.numel() < min_elements:
+                    continue
+                if name == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    q, scale = quantize_int8(p.detach().float().numpy(), axis=0)
+                    deq = q.astype(np.float32) * scale.reshape((-1,) + (1,) * (p.dim() - 1))
+                    p.copy_(torch.from_numpy(deq))
+                elif p.dim() >= 2:
+                    p.copy_(p.half().float())
+            for b in m.buffers(recurse=False):  # e.g. the transformer's positional embedding table
+                if b.is_floating_point() and b.numel() >= min_elements and b.dim() >= 2:
+                    b.copy_(b.half().float())
+
+
 def store_weights_int8(model: onnx.ModelProto, read, min_elements: int = 256) -> dict:
     """Weight-only int8 storage for a float32 graph: every float32 weight of at least min_elements values that
     only feeds MatMul (input B, [K, N]: per column), Gemm (input B: per output row or column, by transB) or Conv

@@ -697,19 +697,7 @@ def test_int8():
         src = ex.Source(None, "tiny", TOKENIZERS, seed=0)
         for comp in ("transformer", "vae_decoder", "text_encoder_3"):
             mod = src.load(comp)
-            with torch.no_grad():  # the weights the int8 graph holds (models/nano/parity_diffusers.py does the same)
-                for m in mod.modules():
-                    for pname, prm in m.named_parameters(recurse=False):
-                        if prm.numel() < 256:
-                            continue
-                        if pname == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                            qq, sc = ex.quantize_int8(prm.float().numpy(), axis=0)
-                            prm.copy_(torch.from_numpy(qq.astype(np.float32) * sc.reshape((-1,) + (1,) * (prm.dim() - 1))))
-                        elif prm.dim() >= 2:
-                            prm.copy_(prm.half().float())
-                    for b in m.buffers(recurse=False):
-                        if b.is_floating_point() and b.numel() >= 256 and b.dim() >= 2:
-                            b.copy_(b.half().float())
+            ex.weights_as_stored_int8(mod)  # the weights the int8 graph holds
             if comp == "text_encoder_3":
                 feeds = {"input_ids": torch.tensor([ids])}
             else:

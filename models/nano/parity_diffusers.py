@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Our Rust pipeline vs diffusers' StableDiffusion3Pipeline on the nano model, same explicit latents.
 
-diffusers runs train.py's saved pipeline with the weights the ONNX graphs hold: every Linear/Conv weight of at least
-256 values through the export tool's own int8 quantizer (export_sd3.quantize_int8, per output channel) and back,
-every other parameter or floating-point buffer of at least 256 values and two or more dimensions rounded to
-float16 and back (the graphs compute in float32), vectors as saved. Both sides use the model's 77 T5 tokens. The latents are torch.randn(seed i), which our pipeline's seed i
-also draws (bit-exact generator). Prints per prompt the max / mean difference in 8-bit levels.
+diffusers runs train.py's saved pipeline with the weights the ONNX graphs hold (export_sd3.weights_as_stored_int8:
+Linear/Conv weights through the export tool's own int8 quantizer, other matrices and tables rounded to float16,
+vectors as saved; the graphs compute in float32). Both sides use the model's 77 T5 tokens. The latents are
+torch.randn(seed i), which our pipeline's seed i also draws (bit-exact generator). Prints per prompt the max / mean
+difference in 8-bit levels.
 
     python models/nano/parity_diffusers.py PIPELINE_DIR [--model models/sd3-nano] [--prompts 0,2,100,200]
 (PIPELINE_DIR needs tokenizer folders; export_nano.py copies them in.)
@@ -25,26 +25,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "models" / "export"))
 
-from export_sd3 import quantize_int8  # noqa: E402
-
-
-def as_exported(module: torch.nn.Module):
-    """The module's weights as export_nano.py stores them (see the docstring)."""
-    with torch.no_grad():
-        for m in module.modules():
-            own = dict(m.named_parameters(recurse=False))
-            for name, p in own.items():
-                if p.numel() < 256:
-                    continue
-                if name == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                    q, scale = quantize_int8(p.detach().float().numpy(), axis=0)
-                    deq = q.astype(np.float32) * scale.reshape((-1,) + (1,) * (p.dim() - 1))
-                    p.copy_(torch.from_numpy(deq))
-                elif p.dim() >= 2:
-                    p.copy_(p.half().float())
-            for b in m.buffers(recurse=False):  # e.g. the transformer's positional embedding table
-                if b.is_floating_point() and b.numel() >= 256 and b.dim() >= 2:
-                    b.copy_(b.half().float())
+from export_sd3 import weights_as_stored_int8  # noqa: E402
 
 
 def main():
@@ -62,7 +43,7 @@ def main():
 
     pipe = StableDiffusion3Pipeline.from_pretrained(a.pipeline, torch_dtype=torch.float32)
     for m in (pipe.transformer, pipe.vae.decoder, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        as_exported(m)
+        weights_as_stored_int8(m)
     prompts = json.loads((REPO / "models" / "nano" / "eval_prompts.json").read_text())
     binary = os.environ.get("TXT2IMG", str(REPO / "target" / "release" / "examples" / "txt2img"))
     side = pipe.transformer.config.sample_size

@@ -544,29 +544,31 @@ def _chunk_rng(seed: int, split: str, chunk: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SPLIT_ID[split], int(chunk)])
 
 
+def _chunk_scenes(seed: int, split: str, chunk: int, n: int):
+    """The (scene, caption) pairs of one chunk; rendering draws no random numbers, so captions need no images."""
+    rng = _chunk_rng(seed, split, chunk)
+    for _ in range(n):
+        sc = sample_scene(rng, split)
+        yield sc, caption(sc, rng)
+
+
 def _gen_chunk(args) -> tuple[int, np.ndarray, list[str], list[dict]]:
     seed, split, chunk, n, size = args
-    rng = _chunk_rng(seed, split, chunk)
     imgs = np.empty((n, size, size, 3), np.uint8)
     caps, scenes = [], []
-    for i in range(n):
-        sc = sample_scene(rng, split)
-        caps.append(caption(sc, rng))
+    for i, (sc, cap) in enumerate(_chunk_scenes(seed, split, chunk, n)):
+        caps.append(cap)
         imgs[i] = render(sc, size)
         scenes.append(sc.to_dict())
     return chunk, imgs, caps, scenes
 
 
 def make_captions(n: int, seed: int, split: str = "train") -> list[str]:
-    """The captions ``make_dataset(n, seed, split)`` gives, without rendering (rendering draws no random numbers)."""
+    """The captions ``make_dataset(n, seed, split)`` gives, without rendering."""
     if split not in _SPLIT_ID:
         raise ValueError(split)
-    out: list[str] = []
-    for c in range((n + CHUNK - 1) // CHUNK):
-        rng = _chunk_rng(seed, split, c)
-        for _ in range(min(CHUNK, n - c * CHUNK)):
-            out.append(caption(sample_scene(rng, split), rng))
-    return out
+    return [cap for c in range((n + CHUNK - 1) // CHUNK)
+            for _, cap in _chunk_scenes(seed, split, c, min(CHUNK, n - c * CHUNK))]
 
 
 def make_dataset(n: int, seed: int, split: str = "train", workers: int | None = None, size: int = 128
