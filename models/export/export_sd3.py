@@ -1103,7 +1103,8 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                      opset: int | None, t5_precision: str, external: bool | None = None,
                      release_torch: bool = False, skip_layers: list[int] | None = None,
                      keep_token_ids: list[int] | None = None, weights_fp16: bool = False,
-                     weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None) -> dict:
+                     weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None,
+                     fused_kernels: bool = False) -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
@@ -1121,6 +1122,12 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         filename = SKIP_FILE
     spec = export_spec(component, module, skip_layers)
     info: dict = dict(exporter=exporter, opset=opset, attention=attention, dtype=dtype)
+    fuse = None
+    if fused_kernels and component == "transformer" and skip_layers is None:
+        if dtype != "fp16" or exporter != "torchscript":
+            raise SystemExit("error: --fused-kernels needs --dtype fp16 and the torchscript exporter")
+        cfg = module.config
+        fuse = (cfg.num_layers, cfg.num_attention_heads, cfg.num_attention_heads * cfg.attention_head_dim)
     if skip_layers is not None:
         info["skip_layers"] = skip_layers
     with tempfile.TemporaryDirectory(prefix=f"export-{component}-") as tmp:
@@ -1154,6 +1161,12 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
             if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
                 model, extra = to_half(model, component, dtype, t5_precision, d_ff)
                 info.update(extra)
+            if fuse is not None:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from fused_kernels import fuse_mmdit
+
+                info["fused_kernels"] = fuse_mmdit(model, *fuse)
+                topological_sort(model)
             if component == "text_encoder_3":
                 info["t5_precision"] = t5_precision if dtype != "fp32" else "fp32"
             if keep_token_ids is not None and component in ("text_encoder", "text_encoder_2"):
@@ -1438,6 +1451,11 @@ def parse_args(argv=None):
                     help="with --dtype fp32 (or --fp32-components): store MatMul/Gemm/Conv weights as int8 with a "
                          "float32 scale per output channel (DequantizeLinear in the graph) and the other weights as "
                          "float16 (about a quarter of the file size, float32 arithmetic; for models/nano)")
+    ap.add_argument("--fused-kernels", action="store_true",
+                    help="with --dtype fp16: rewrite the transformer to the crate's fused operators (domain sd3onnx: "
+                         "cuBLASLt bias/GELU epilogues, one gate+residual+adaLN-LayerNorm kernel, no attention "
+                         "transposes; models/export/fused_kernels.py). For the CUDA provider; the CPU runs them "
+                         "too, slowly. Not applied to the --skip-layers graph")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,
@@ -1517,7 +1535,8 @@ def main(argv=None):
                                     dtype=dtype, opset=args.opset, t5_precision=args.t5_precision, external=external,
                                     release_torch=i == len(graphs) - 1, skip_layers=skip,
                                     keep_token_ids=keep_ids, weights_fp16=args.weights_fp16,
-                                    weights_int8=args.weights_int8, keep_t5_token_ids=keep_t5_ids)
+                                    weights_int8=args.weights_int8, keep_t5_token_ids=keep_t5_ids,
+                                    fused_kernels=args.fused_kernels)
             manifest["components"][graph] = info
             log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
@@ -1542,7 +1561,7 @@ def main(argv=None):
                      skip_layers=skip_layers,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data, weights_fp16=args.weights_fp16,
-                     weights_int8=args.weights_int8,
+                     weights_int8=args.weights_int8, fused_kernels=args.fused_kernels,
                      keep_token_ids=len(keep_ids) if keep_ids else None,
                      keep_t5_token_ids=len(keep_t5_ids) if keep_t5_ids else None,
                      tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),

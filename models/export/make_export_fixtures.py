@@ -3,6 +3,9 @@
 
     models/fixtures/export-tiny/transformer/model.onnx        fused attention (MultiHeadAttention), float32
     models/fixtures/export-tiny-fp16/transformer/model.onnx   the same, float16 (timestep input stays float32)
+    models/fixtures/export-tiny-fp16-fused/transformer/model.onnx  the float16 graph rewritten to the crate's fused
+                                                               operators (--fused-kernels; only the Rust crate
+                                                               runs them, so tests/export_parity.rs checks it)
 
 Both come from the SAME weights as models/fixtures/tiny-sd3/transformer/model.onnx: the diffusers transformer is
 rebuilt by models/make_fixtures.py's own deterministic construction (build_pipeline: seeded init + informative
@@ -80,20 +83,27 @@ def main():
     if err > 1e-4:
         raise SystemExit("the rebuilt transformer does not reproduce the committed tiny-sd3 transformer; "
                          "make_fixtures.py and models/fixtures/tiny-sd3 are out of sync")
-    for name, dtype, tol in (("export-tiny", "fp32", 1e-4), ("export-tiny-fp16", "fp16", 5e-2)):
+    for name, dtype, tol, fused in (("export-tiny", "fp32", 1e-4, False), ("export-tiny-fp16", "fp16", 5e-2, False),
+                                    ("export-tiny-fp16-fused", "fp16", None, True)):
         out = MODELS / "fixtures" / name
         info = ex.export_component("transformer", module, out, exporter="torchscript", attention="fused",
-                                   dtype=dtype, opset=None, t5_precision="mixed", external=False)
-        got = run_onnx(out / "transformer" / "model.onnx", feeds)
-        e = float(np.abs(got - ref).max())
-        print(f"{name}: {info['node_count']} nodes, max abs vs torch fp32 {e:.3g} (tolerance {tol})")
-        if not e <= tol:
-            raise SystemExit(f"{name}: error {e} above {tol}")
+                                   dtype=dtype, opset=None, t5_precision="mixed", external=False,
+                                   fused_kernels=fused)
+        e = None
+        if not fused:  # Python's onnxruntime has no sd3onnx operators: tests/export_parity.rs checks that one
+            got = run_onnx(out / "transformer" / "model.onnx", feeds)
+            e = float(np.abs(got - ref).max())
+            print(f"{name}: {info['node_count']} nodes, max abs vs torch fp32 {e:.3g} (tolerance {tol})")
+            if not e <= tol:
+                raise SystemExit(f"{name}: error {e} above {tol}")
+        else:
+            print(f"{name}: {info['node_count']} nodes, {info['fused_kernels']}")
         path = out / "transformer" / "model.onnx"
         manifest = dict(
             tool="models/export/make_export_fixtures.py -> export_sd3.export_component",
             weights="models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
-            options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"]),
+            options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"],
+                         fused_kernels=fused),
             nodes=info["nodes_final"],
             max_abs_vs_torch_fp32=e,
             versions=ex.tool_versions(),

@@ -179,6 +179,10 @@ fn open_session(
         builder = builder
             .with_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
             .map_err(|e| load_err(e.to_string()))?;
+        // Our fused operators (domain `sd3onnx`, src/runtime/kernels): graphs exported with
+        // `--fused-kernels` use them; registering them changes nothing for other graphs.
+        let ops = super::kernels::domain().map_err(|e| load_err(format!("registering the sd3onnx operators: {e}")))?;
+        builder = builder.with_operators(ops).map_err(|e| load_err(e.to_string()))?;
         if let Some(n) = config.intra_threads {
             builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
         }

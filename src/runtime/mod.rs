@@ -6,6 +6,7 @@
 
 pub(crate) mod discovery;
 mod graph;
+pub(crate) mod kernels;
 mod provider;
 
 use std::path::{Path, PathBuf};

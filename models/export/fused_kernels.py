@@ -1,0 +1,212 @@
+"""Rewrites an exported SD3 MMDiT graph (TorchScript names, float16) to the crate's fused operators (ONNX domain
+`sd3onnx`, src/runtime/kernels/mod.rs):
+
+- `LinearConcat` computes the joint attention's q, k and v for both streams straight into the concatenated
+  [B, S_img + S_ctx, D] tensors (bias in the cuBLASLt epilogue): no bias Add, Reshape, Transpose or Concat passes.
+- `com.microsoft::MultiHeadAttention` takes those three [B, S, D] tensors as they are.
+- `LinearSplit` applies to_out / to_add_out to the two row ranges of the attention output: no Slice copies.
+- `ModNorm` does gate * y + residual and the next adaLN-modulated LayerNorm in one pass, reading gate, shift and
+  scale at offsets of the adaLN linear outputs: no Mul/Add/Slice/Unsqueeze for the modulation.
+- `Linear` (activation 1) is the feed-forward's first layer with bias and tanh-GELU in the epilogue.
+
+SD3 numerics the rewrite relies on (diffusers 0.35.2):
+- AdaLayerNormZero.forward (models/normalization.py): emb.chunk(6) = shift_msa, scale_msa, gate_msa, shift_mlp,
+  scale_mlp, gate_mlp; norm(x) * (1 + scale) + shift; LayerNorm eps 1e-6 without affine (read from the graph).
+- AdaLayerNormContinuous.forward (norm_out and the last block's norm1_context): chunk(2) = scale, shift.
+- JointTransformerBlock.forward (models/attention.py): h += gate_msa * attn; norm2 + (scale_mlp, shift_mlp);
+  h += gate_mlp * ff(...); the same for the context stream unless context_pre_only.
+- JointAttnProcessor2_0 (models/attention_processor.py): q/k/v = cat([image, context], dim=seq); the output splits
+  at the image length, image first.
+
+Blocks with q/k RMS-norm (SD3.5) or a second attention (SD3.5 medium's MMDiT-X) are not handled yet: the rewrite
+refuses them with an error rather than write a wrong graph."""
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+DOMAIN = "sd3onnx"
+
+
+class FusedKernelsError(ValueError):
+    pass
+
+
+def _index(model: onnx.ModelProto):
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    inits = {t.name: t for t in g.initializer}
+    return nodes, inits
+
+
+def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int) -> dict:
+    """Rewrites `model` in place; returns counts for the export manifest."""
+    g = model.graph
+    nodes, inits = _index(model)
+
+    def node(name: str) -> onnx.NodeProto:
+        n = nodes.get(name)
+        if n is None:
+            raise FusedKernelsError(f"--fused-kernels: node {name} not found; the rewrite needs a TorchScript export "
+                                    "of diffusers' SD3Transformer2DModel")
+        return n
+
+    def weight(prefix: str, module: str) -> tuple[str, str]:
+        """(MatMul weight, bias) of submodule `module` ("ff", "net.0.proj") under `prefix`: TorchScript names
+        nodes by module path with list indices attached to their list ("/ff/net.0/proj/MatMul")."""
+        parts: list[str] = []
+        for s in module.split("."):
+            if s.isdigit() and parts:
+                parts[-1] += "." + s
+            else:
+                parts.append(s)
+        mm = node(f"{prefix}/{'/'.join(parts)}/MatMul")
+        bias = f"{prefix.strip('/').replace('/', '.')}.{module}.bias"
+        if bias not in inits:
+            raise FusedKernelsError(f"--fused-kernels: bias {bias} not found")
+        return mm.input[1], bias
+
+    eps = {a.f for n in g.node if n.op_type == "LayerNormalization" for a in n.attribute if a.name == "epsilon"}
+    if len(eps) > 1:
+        raise FusedKernelsError(f"--fused-kernels: LayerNorms with different epsilons {sorted(eps)}")
+    epsilon = eps.pop() if eps else 1e-6  # diffusers AdaLayerNormZero / norm2: eps=1e-6 (models/attention.py)
+    for n in g.node:
+        if "/attn/norm_q/" in n.name or "/attn2/" in n.name:
+            raise FusedKernelsError("--fused-kernels: q/k RMS-norm or dual attention (SD3.5) is not supported yet")
+
+    # The exporter wraps the model (export_sd3.py: self.m), so names start with a root like "/m".
+    roots = [n.name[: -len("/transformer_blocks.0/norm1/linear/Gemm")] for n in g.node
+             if n.name.endswith("/transformer_blocks.0/norm1/linear/Gemm")]
+    if len(roots) != 1:
+        raise FusedKernelsError("--fused-kernels: cannot find block 0's adaLN linear layer; the rewrite needs a "
+                                "TorchScript export of diffusers' SD3Transformer2DModel")
+    R = roots[0]
+    new: list = []
+    D = hidden
+
+    def mk(op, inputs, outputs, name, domain=DOMAIN, **attrs):
+        new.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def pre_only(i: int) -> bool:
+        return f"{R}/transformer_blocks.{i}/attn/to_add_out/MatMul" not in nodes
+
+    def residual_input(add_name: str, mul_name: str) -> str:
+        add = node(add_name)
+        mul_out = node(mul_name).output[0]
+        others = [x for x in add.input if x != mul_out]
+        if len(others) != 1:
+            raise FusedKernelsError(f"--fused-kernels: unexpected inputs of {add_name}")
+        return others[0]
+
+    if num_layers < 2 or pre_only(0):
+        raise FusedKernelsError("--fused-kernels: needs at least two joint blocks")
+    h = residual_input(f"{R}/transformer_blocks.0/Add", f"{R}/transformer_blocks.0/Mul")
+    c = residual_input(f"{R}/transformer_blocks.0/Add_4", f"{R}/transformer_blocks.0/Mul_3")
+    mods = [node(f"{R}/transformer_blocks.{i}/norm1/linear/Gemm").output[0] for i in range(num_layers)]
+    cmods = [node(f"{R}/transformer_blocks.{i}/norm1_context/linear/Gemm").output[0] for i in range(num_layers)]
+    out_mod = node(f"{R}/norm_out/linear/Gemm").output[0]
+
+    # norm1 of block 0 (later blocks get theirs from the previous block's last ModNorm)
+    n_img = mk("ModNorm", [h, "", "", mods[0]], ["/fk/0/n_img"], "/fk/0/norm1",
+               shift_offset=0, scale_offset=D, epsilon=epsilon)[0]
+    n_ctx = mk("ModNorm", [c, "", "", cmods[0]], ["/fk/0/n_ctx"], "/fk/0/norm1_context",
+               shift_offset=0, scale_offset=D, epsilon=epsilon)[0]
+    counts = {"blocks": num_layers}
+    for i in range(num_layers):
+        p = f"{R}/transformer_blocks.{i}"
+        f = f"/fk/{i}"
+        last = i == num_layers - 1
+        ctx_out = not pre_only(i)
+        qkv = []
+        for a, b in (("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")):
+            wa, ba = weight(f"{p}/attn", a)
+            wb, bb = weight(f"{p}/attn", b)
+            qkv += mk("LinearConcat", [n_img, wa, ba, n_ctx, wb, bb], [f"{f}/{a}"], f"{f}/attn/{a}")
+        attn = mk("MultiHeadAttention", qkv, [f"{f}/attn"], f"{f}/attn/mha", domain="com.microsoft",
+                  num_heads=heads)[0]
+        wo, bo = weight(f"{p}/attn", "to_out.0")
+        if ctx_out:
+            wao, bao = weight(f"{p}/attn", "to_add_out")
+            o_img, o_ctx = mk("LinearSplit", [attn, wo, bo, wao, bao, h], [f"{f}/o_img", f"{f}/o_ctx"], f"{f}/attn/out")
+        else:
+            o_img = mk("LinearSplit", [attn, wo, bo, "", "", h], [f"{f}/o_img"], f"{f}/attn/out")[0]
+        # image stream: h += gate_msa * attn; norm2 with (shift_mlp, scale_mlp); ff; h += gate_mlp * ff
+        n2, h1 = mk("ModNorm", [h, o_img, mods[i], mods[i]], [f"{f}/n2_img", f"{f}/h1_img"], f"{f}/norm2",
+                    gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D, epsilon=epsilon)
+        w1, b1 = weight(f"{p}/ff", "net.0.proj")
+        w2, b2 = weight(f"{p}/ff", "net.2")
+        ff1 = mk("Linear", [n2, w1, b1], [f"{f}/ff1_img"], f"{f}/ff/net.0", activation=1)[0]
+        ff2 = mk("Linear", [ff1, w2, b2], [f"{f}/ff2_img"], f"{f}/ff/net.2", activation=0)[0]
+        if last:  # norm_out: AdaLayerNormContinuous, chunk(2) = scale, shift
+            nmod, so, co = out_mod, D, 0
+        else:  # next block's norm1: AdaLayerNormZero, shift_msa 0, scale_msa D
+            nmod, so, co = mods[i + 1], 0, D
+        n_img, h = mk("ModNorm", [h1, ff2, mods[i], nmod], [f"{f}/n_next_img", f"{f}/h2_img"], f"{f}/ff_residual",
+                      gate_offset=5 * D, shift_offset=so, scale_offset=co, epsilon=epsilon)
+        if ctx_out:
+            n2c, c1 = mk("ModNorm", [c, o_ctx, cmods[i], cmods[i]], [f"{f}/n2_ctx", f"{f}/h1_ctx"],
+                         f"{f}/norm2_context", gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D,
+                         epsilon=epsilon)
+            w1, b1 = weight(f"{p}/ff_context", "net.0.proj")
+            w2, b2 = weight(f"{p}/ff_context", "net.2")
+            ff1 = mk("Linear", [n2c, w1, b1], [f"{f}/ff1_ctx"], f"{f}/ff_context/net.0", activation=1)[0]
+            ff2 = mk("Linear", [ff1, w2, b2], [f"{f}/ff2_ctx"], f"{f}/ff_context/net.2", activation=0)[0]
+            if last:
+                raise FusedKernelsError("--fused-kernels: the last block must be context_pre_only (SD3)")
+            # next block's norm1_context: AdaLayerNormContinuous if that block is context_pre_only
+            so, co = (D, 0) if pre_only(i + 1) else (0, D)
+            n_ctx, c = mk("ModNorm", [c1, ff2, cmods[i], cmods[i + 1]], [f"{f}/n_next_ctx", f"{f}/h2_ctx"],
+                          f"{f}/ff_context_residual", gate_offset=5 * D, shift_offset=so, scale_offset=co,
+                          epsilon=epsilon)
+    proj = node(f"{R}/proj_out/MatMul")
+    proj.input[0] = n_img
+    g.node.extend(new)
+    removed = dead_code_elimination(model)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    counts.update(nodes_added=len(new), nodes_removed=removed)
+    return counts
+
+
+def dead_code_elimination(model: onnx.ModelProto) -> int:
+    """Drops nodes whose outputs reach no graph output, and initializers nothing reads; returns the node count."""
+    g = model.graph
+    producer = {}
+    for n in g.node:
+        for o in n.output:
+            producer[o] = n
+    live, stack = set(), [o.name for o in g.output]
+    seen = set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        n = producer.get(t)
+        if n is None or id(n) in live:
+            continue
+        live.add(id(n))
+        stack.extend(i for i in n.input if i)
+    keep = [n for n in g.node if id(n) in live]
+    removed = len(g.node) - len(keep)
+    used = {i for n in keep for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    nodes = [onnx.NodeProto() for _ in keep]
+    for dst, src in zip(nodes, keep):
+        dst.CopyFrom(src)
+    del g.node[:]
+    g.node.extend(nodes)
+    if len(inits) != len(g.initializer):
+        kept = [onnx.TensorProto() for _ in inits]
+        for dst, src in zip(kept, inits):
+            dst.CopyFrom(src)
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    names = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    vis = [v for v in g.value_info if v.name in names]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    return removed

@@ -1,0 +1,263 @@
+//! CPU kernels of the fused operators: float16 tensors, float32 arithmetic. They exist so a fused graph runs on
+//! every execution provider and so that the tests can check the graph rewrite on this machine; the speed that
+//! matters is the CUDA one (`cuda.rs`).
+
+use half::f16;
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
+use ort::value::TensorElementType;
+
+use super::shapes;
+
+const F16: TensorElementType = TensorElementType::Float16;
+
+fn input(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<(Vec<i64>, Vec<f32>)>> {
+    let Some(v) = ctx.input(i)? else { return Ok(None) };
+    let (shape, data) = v.try_extract_tensor::<f16>().map_err(|e| shapes::err(op, format!("input {i}: {e}")))?;
+    Ok(Some((shape.to_vec(), data.iter().map(|x| x.to_f32()).collect())))
+}
+
+fn required(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<(Vec<i64>, Vec<f32>)> {
+    input(ctx, op, i)?.ok_or_else(|| shapes::err(op, format!("input {i} is missing")))
+}
+
+fn write(ctx: &ComputeContext, op: &str, i: usize, shape: Vec<i64>, data: &[f32]) -> ort::Result<()> {
+    let Some(mut out) = ctx.output(i, shape)? else { return Ok(()) };
+    let (_, dst) = out.try_extract_tensor_mut::<f16>().map_err(|e| shapes::err(op, format!("output {i}: {e}")))?;
+    for (d, s) in dst.iter_mut().zip(data) {
+        *d = f16::from_f32(*s);
+    }
+    Ok(())
+}
+
+/// tanh-approximated GELU (`gelu(approximate="tanh")`, what SD3's feed-forward uses: diffusers
+/// `FeedForward(activation_fn="gelu-approximate")`, attention.py).
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// `rows` rows of `x` (`[rows, k]`) times `w` (`[k, n]`) plus `b`, rounded to float16 as the graph would store it.
+fn matmul_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize, act: i64, out: &mut Vec<f32>) {
+    for row in x.chunks_exact(k) {
+        let start = out.len();
+        out.extend_from_slice(b);
+        let acc = &mut out[start..];
+        for (xi, wrow) in row.iter().zip(w.chunks_exact(n)) {
+            for (a, wv) in acc.iter_mut().zip(wrow) {
+                *a += xi * wv;
+            }
+        }
+        if act == 1 {
+            for a in acc.iter_mut() {
+                *a = gelu_tanh(*a);
+            }
+        }
+    }
+}
+
+macro_rules! cpu_op {
+    ($ty:ident, $name:literal, [$($inp:expr),*], [$($out:expr),*], $kernel:ident) => {
+        pub(crate) struct $ty;
+        impl Operator for $ty {
+            type Kernel<'a> = $kernel;
+            fn name(&self) -> &str {
+                $name
+            }
+            fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+                [$($inp),*]
+            }
+            fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+                [$($out),*]
+            }
+            fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<Self::Kernel<'a>> {
+                $kernel::new(kctx)
+            }
+        }
+    };
+}
+
+const REQ: OperatorInput = OperatorInput::required(F16);
+const OPT: OperatorInput = OperatorInput::optional(F16);
+const OUT: OperatorOutput = OperatorOutput::required(F16);
+const OUT_OPT: OperatorOutput = OperatorOutput::optional(F16);
+
+cpu_op!(LinearOp, "Linear", [REQ, REQ, REQ], [OUT], LinearCpu);
+cpu_op!(LinearConcatOp, "LinearConcat", [REQ, REQ, REQ, REQ, REQ, REQ], [OUT], LinearConcatCpu);
+cpu_op!(LinearSplitOp, "LinearSplit", [REQ, REQ, REQ, OPT, OPT, REQ], [OUT, OUT_OPT], LinearSplitCpu);
+cpu_op!(ModNormOp, "ModNorm", [REQ, OPT, OPT, REQ], [OUT, OUT_OPT], ModNormCpu);
+
+pub(crate) struct LinearCpu {
+    activation: i64,
+}
+impl LinearCpu {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let activation = k.get::<i64>("activation").unwrap_or(0);
+        if !(0..=1).contains(&activation) {
+            return Err(shapes::err("Linear", format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
+        }
+        Ok(Self { activation })
+    }
+}
+impl Kernel for LinearCpu {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "Linear";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (ws, w) = required(ctx, op, 1)?;
+        let (bs, b) = required(ctx, op, 2)?;
+        let (rows, k, n) = shapes::linear(op, &xs, &ws, &bs)?;
+        let mut y = Vec::with_capacity(rows * n);
+        matmul_rows(&x, &w, &b, k, n, self.activation, &mut y);
+        let mut shape = xs.clone();
+        *shape.last_mut().unwrap_or(&mut 0) = n as i64;
+        write(ctx, op, 0, shape, &y)
+    }
+}
+
+pub(crate) struct LinearConcatCpu;
+impl LinearConcatCpu {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self)
+    }
+}
+impl Kernel for LinearConcatCpu {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearConcat";
+        let (xas, xa) = required(ctx, op, 0)?;
+        let (was, wa) = required(ctx, op, 1)?;
+        let (bas, ba) = required(ctx, op, 2)?;
+        let (xbs, xb) = required(ctx, op, 3)?;
+        let (wbs, wb) = required(ctx, op, 4)?;
+        let (bbs, bb) = required(ctx, op, 5)?;
+        let (batch, sa, k) = shapes::bsk(op, "xa", &xas)?;
+        let (batch_b, sb, _) = shapes::bsk(op, "xb", &xbs)?;
+        let (_, _, n) = shapes::linear(op, &xas, &was, &bas)?;
+        let (_, _, nb) = shapes::linear(op, &xbs, &wbs, &bbs)?;
+        if batch_b != batch || nb != n {
+            return Err(shapes::err(
+                op,
+                format!("xa {xas:?} / wa {was:?} and xb {xbs:?} / wb {wbs:?} do not concatenate"),
+            ));
+        }
+        let kb = xbs[2] as usize;
+        let mut y = Vec::with_capacity(batch * (sa + sb) * n);
+        for bi in 0..batch {
+            matmul_rows(&xa[bi * sa * k..(bi + 1) * sa * k], &wa, &ba, k, n, 0, &mut y);
+            matmul_rows(&xb[bi * sb * kb..(bi + 1) * sb * kb], &wb, &bb, kb, n, 0, &mut y);
+        }
+        write(ctx, op, 0, vec![batch as i64, (sa + sb) as i64, n as i64], &y)
+    }
+}
+
+pub(crate) struct LinearSplitCpu;
+impl LinearSplitCpu {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self)
+    }
+}
+impl Kernel for LinearSplitCpu {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearSplit";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (was, wa) = required(ctx, op, 1)?;
+        let (bas, ba) = required(ctx, op, 2)?;
+        let wb = input(ctx, op, 3)?;
+        let bb = input(ctx, op, 4)?;
+        let like = ctx.input(5)?.ok_or_else(|| shapes::err(op, "input 5 (like_a) is missing"))?;
+        let like_shape = like.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let (batch, s, k) = shapes::bsk(op, "x", &xs)?;
+        let (_, sa, _) = shapes::bsk(op, "like_a", &like_shape)?;
+        if sa > s {
+            return Err(shapes::err(op, format!("like_a has {sa} rows, x only {s}")));
+        }
+        let sb = s - sa;
+        let (_, _, na) = shapes::linear(op, &xs, &was, &bas)?;
+        let mut ya = Vec::with_capacity(batch * sa * na);
+        for bi in 0..batch {
+            let base = bi * s * k;
+            matmul_rows(&x[base..base + sa * k], &wa, &ba, k, na, 0, &mut ya);
+        }
+        write(ctx, op, 0, vec![batch as i64, sa as i64, na as i64], &ya)?;
+        if let (Some((wbs, wb)), Some((bbs, bb))) = (wb, bb) {
+            let (_, _, nb) = shapes::linear(op, &xs, &wbs, &bbs)?;
+            let mut yb = Vec::with_capacity(batch * sb * nb);
+            for bi in 0..batch {
+                let base = bi * s * k + sa * k;
+                matmul_rows(&x[base..base + sb * k], &wb, &bb, k, nb, 0, &mut yb);
+            }
+            write(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64], &yb)?;
+        }
+        Ok(())
+    }
+}
+
+/// Attributes of `ModNorm`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModNormAttrs {
+    pub gate_offset: i64,
+    pub shift_offset: i64,
+    pub scale_offset: i64,
+    pub epsilon: f32,
+}
+impl ModNormAttrs {
+    pub fn read(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let need = |name: &str| {
+            k.get::<i64>(name).ok_or_else(|| shapes::err("ModNorm", format!("attribute {name} is missing")))
+        };
+        Ok(Self {
+            gate_offset: k.get::<i64>("gate_offset").unwrap_or(0),
+            shift_offset: need("shift_offset")?,
+            scale_offset: need("scale_offset")?,
+            epsilon: k.get::<f32>("epsilon").unwrap_or(1e-6),
+        })
+    }
+}
+
+pub(crate) struct ModNormCpu {
+    a: ModNormAttrs,
+}
+impl ModNormCpu {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self { a: ModNormAttrs::read(k)? })
+    }
+}
+impl Kernel for ModNormCpu {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "ModNorm";
+        let (hs, h) = required(ctx, op, 0)?;
+        let y = input(ctx, op, 1)?;
+        let g = input(ctx, op, 2)?;
+        let (ms, m) = required(ctx, op, 3)?;
+        let (batch, s, d) = shapes::bsk(op, "h", &hs)?;
+        let mw = shapes::modulation(op, "norm_mod", &ms, batch, d, &[self.a.shift_offset, self.a.scale_offset])?;
+        let mut hout = h.clone();
+        if let Some((ys, y)) = &y {
+            let (gs, g) = g.as_ref().ok_or_else(|| shapes::err(op, "y needs gate_mod"))?;
+            if ys != &hs {
+                return Err(shapes::err(op, format!("y {ys:?} and h {hs:?} differ")));
+            }
+            let gw = shapes::modulation(op, "gate_mod", gs, batch, d, &[self.a.gate_offset])?;
+            for (r, (ho, yr)) in hout.chunks_exact_mut(d).zip(y.chunks_exact(d)).enumerate() {
+                let gate = &g[(r / s) * gw + self.a.gate_offset as usize..][..d];
+                for ((hv, yv), gv) in ho.iter_mut().zip(yr).zip(gate) {
+                    // The residual stream is stored in float16, and the norm reads the stored value.
+                    *hv = f16::from_f32(*hv + gv * yv).to_f32();
+                }
+            }
+        }
+        let mut n = Vec::with_capacity(hout.len());
+        for (r, row) in hout.chunks_exact(d).enumerate() {
+            let base = (r / s) * mw;
+            let shift = &m[base + self.a.shift_offset as usize..][..d];
+            let scale = &m[base + self.a.scale_offset as usize..][..d];
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let rstd = 1.0 / (var + self.a.epsilon).sqrt();
+            n.extend(row.iter().zip(scale).zip(shift).map(|((v, sc), sh)| (v - mean) * rstd * (1.0 + sc) + sh));
+        }
+        write(ctx, op, 0, hs.clone(), &n)?;
+        if y.is_some() {
+            write(ctx, op, 1, hs, &hout)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Fused operators for the transformer graphs that `models/export/export_sd3.py --fused-kernels` writes (ONNX
+//! domain `sd3onnx`, version 1).
+//!
+//! ONNX Runtime's stock CUDA operators leave the MMDiT's bias additions, gates, residual additions, adaLN
+//! modulations and the joint-attention concatenations as separate passes over the activations (about a third of
+//! a 1024x1024 step on an H200, `docs/performance.md`). These operators fold them into the matrix products
+//! (cuBLASLt epilogues) and one normalisation kernel:
+//!
+//! | operator | computes |
+//! |---|---|
+//! | `Linear(x, w, b)`, attribute `activation` (0 none, 1 tanh-GELU) | `act(x @ w + b)` |
+//! | `LinearConcat(xa, wa, ba, xb, wb, bb)` | per batch row `[xa @ wa + ba ; xb @ wb + bb]` (the joint attention's q, k, v) |
+//! | `LinearSplit(x, wa, ba, wb?, bb?, like_a)` | `x[:, :Sa] @ wa + ba` and `x[:, Sa:] @ wb + bb`, `Sa = like_a.shape[1]` |
+//! | `ModNorm(h, y?, gate_mod?, norm_mod)`, attributes `gate_offset`, `shift_offset`, `scale_offset`, `epsilon` | `h' = h + gate * y`; `LayerNorm(h') * (1 + scale) + shift` |
+//!
+//! `gate`, `shift` and `scale` are slices `[offset, offset + D)` of the per-sample modulation vectors
+//! (`[B, k * D]`, the outputs of the adaLN linear layers), so the graph needs no Slice or Unsqueeze for them.
+//! Every operator has a CPU implementation (float16 in and out, float32 arithmetic) so that a fused graph runs,
+//! and is tested, anywhere; with the `cuda` feature the CUDA versions run on the CUDA execution provider's
+//! stream: cuBLASLt for the products (bias and GELU in the epilogue), one kernel of our own for `ModNorm`
+//! (`mod_norm.cu`, shipped as PTX).
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use ort::operator::OperatorDomain;
+
+/// The ONNX domain of our fused operators.
+pub const DOMAIN: &str = "sd3onnx";
+
+/// The operator domain to register on every session: CPU kernels always, CUDA kernels with the `cuda` feature.
+pub(crate) fn domain() -> ort::Result<OperatorDomain> {
+    let d = OperatorDomain::new(DOMAIN)?
+        .add(cpu::LinearOp)?
+        .add(cpu::LinearConcatOp)?
+        .add(cpu::LinearSplitOp)?
+        .add(cpu::ModNormOp)?;
+    #[cfg(feature = "cuda")]
+    let d = d.add(cuda::LinearOp)?.add(cuda::LinearConcatOp)?.add(cuda::LinearSplitOp)?.add(cuda::ModNormOp)?;
+    Ok(d)
+}
+
+/// Shape checks shared by the CPU and CUDA kernels; errors name the operator and what is wrong.
+pub(crate) mod shapes {
+    use ort::Error;
+
+    pub fn err(op: &str, msg: impl std::fmt::Display) -> Error {
+        Error::new(format!("sd3onnx::{op}: {msg}"))
+    }
+
+    /// `[.., K] x [K, N]`: returns (rows, K, N).
+    pub fn linear(op: &str, x: &[i64], w: &[i64], b: &[i64]) -> ort::Result<(usize, usize, usize)> {
+        if x.is_empty() || w.len() != 2 {
+            return Err(err(op, format!("expects x [.., K] and w [K, N], got {x:?} and {w:?}")));
+        }
+        let k = *x.last().unwrap_or(&0);
+        if w[0] != k || b != [w[1]] {
+            return Err(err(op, format!("x {x:?}, w {w:?} and bias {b:?} do not agree (x[-1] = w[0], bias = [w[1]])")));
+        }
+        let rows: i64 = x[..x.len() - 1].iter().product();
+        Ok((rows as usize, k as usize, w[1] as usize))
+    }
+
+    /// A `[B, S, K]` activation.
+    pub fn bsk(op: &str, name: &str, x: &[i64]) -> ort::Result<(usize, usize, usize)> {
+        match x {
+            [b, s, k] if *b >= 0 && *s >= 0 && *k >= 0 => Ok((*b as usize, *s as usize, *k as usize)),
+            _ => Err(err(op, format!("{name} must be [batch, rows, features], got {x:?}"))),
+        }
+    }
+
+    /// Offsets into a `[B, M]` modulation vector for a `[B, S, D]` stream.
+    pub fn modulation(op: &str, name: &str, m: &[i64], batch: usize, d: usize, offsets: &[i64]) -> ort::Result<usize> {
+        let (mb, mm) = match m {
+            [mb, mm] => (*mb as usize, *mm as usize),
+            _ => return Err(err(op, format!("{name} must be [batch, k * D], got {m:?}"))),
+        };
+        if mb != batch {
+            return Err(err(op, format!("{name} has batch {mb}, the stream has {batch}")));
+        }
+        for &o in offsets {
+            if o < 0 || o as usize + d > mm {
+                return Err(err(op, format!("offset {o} + D {d} is outside {name} of width {mm}")));
+            }
+        }
+        Ok(mm)
+    }
+}
