@@ -210,3 +210,50 @@ def dead_code_elimination(model: onnx.ModelProto) -> int:
     del g.value_info[:]
     g.value_info.extend(vis)
     return removed
+
+
+def main(argv=None):
+    """Rewrites an exported model folder's float16 transformer without exporting again (seconds, any size: the
+    weights stay in the source folder's external data file, hard-linked). The other components are hard-linked too."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("src", type=Path, help="model folder from export_sd3.py --dtype fp16 (TorchScript, fused attention)")
+    ap.add_argument("dst", type=Path, help="new model folder (components linked to src, transformer rewritten)")
+    args = ap.parse_args(argv)
+    src, dst = args.src.resolve(), args.dst.resolve()
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    model = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False)
+    heads = cfg["num_attention_heads"]
+    counts = fuse_mmdit(model, cfg["num_layers"], heads, heads * cfg["attention_head_dim"])
+    from export_sd3 import topological_sort
+
+    topological_sort(model)
+    import shutil
+
+    # Hard links (the crate refuses symlinks that resolve outside the model folder): no copy of the weights.
+    def link(a: Path, b: Path):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    (dst / "transformer").mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.name != "transformer" and not (dst / entry.name).exists():
+            if entry.is_dir():
+                shutil.copytree(entry, dst / entry.name, copy_function=link)
+            else:
+                link(entry, dst / entry.name)
+    for entry in (src / "transformer").iterdir():
+        if entry.name != "model.onnx" and not (dst / "transformer" / entry.name).exists():
+            link(entry, dst / "transformer" / entry.name)
+    onnx.save(model, str(dst / "transformer" / "model.onnx"))
+    print(f"wrote {dst}/transformer/model.onnx: {counts}, {len(model.graph.node)} nodes")
+
+
+if __name__ == "__main__":
+    main()

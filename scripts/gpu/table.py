@@ -12,7 +12,8 @@ for f in sorted(out.glob("ours-*.json")):
     m = j["medians_ms"]
     variant = f.stem[len("ours-"):]
     notes = {"sd3m": "", "sd3m-static": " (static shape)", "sd3m-dyn": " (dynamo-exported transformer)",
-             "sd3m-cudnn": " (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1)", "sd3m-noflash": " (ORT_DISABLE_FLASH_ATTENTION=1)"}
+             "sd3m-cudnn": " (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1)", "sd3m-noflash": " (ORT_DISABLE_FLASH_ATTENTION=1)",
+             "sd3m-fused": " (--fused-kernels: sd3onnx fused operators)"}
     name = "sd3-onnx, ORT CUDA" + notes.get(variant, f" ({variant})")
     rows.append((name, m["transformer Session::run per step"], m["per step (whole loop / steps)"], m["end to end"],
                  m["text encoding"], m["VAE decode"], m["outside ONNX Runtime (our code)"]))

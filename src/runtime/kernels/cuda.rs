@@ -121,6 +121,10 @@ const DESC_BIAS_POINTER: c_int = 8;
 const LAYOUT_BATCH_COUNT: c_int = 5;
 const LAYOUT_STRIDED_BATCH_OFFSET: c_int = 6;
 const PREF_MAX_WORKSPACE_BYTES: c_int = 1;
+const PREF_MIN_ALIGNMENT_A_BYTES: c_int = 5;
+const PREF_MIN_ALIGNMENT_B_BYTES: c_int = 6;
+const PREF_MIN_ALIGNMENT_C_BYTES: c_int = 7;
+const PREF_MIN_ALIGNMENT_D_BYTES: c_int = 8;
 const EPILOGUE_BIAS: u32 = 4;
 const EPILOGUE_GELU_BIAS: u32 = 32 | 4;
 
@@ -255,12 +259,20 @@ fn device(api: &Api) -> ort::Result<(Handle, Handle, u64)> {
     Ok((func, lt, ws))
 }
 
-/// rows, k, n, batch, X block stride, D block stride (elements).
-type Dims = (usize, usize, usize, usize, usize, usize);
+/// rows, k, n, batch, X block stride, D block stride, X offset, D offset (elements; the offsets only decide the
+/// alignment cuBLASLt may assume).
+type Dims = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// The alignment in bytes (a power of two, at most 256) of float16 element `offset` and of every `stride` after it,
+/// in a buffer ONNX Runtime allocated (256-byte aligned).
+fn alignment(offset: usize, stride: usize) -> u32 {
+    let bytes = |e: usize| if e == 0 { 256 } else { (1usize << (e * 2).trailing_zeros()).min(256) };
+    bytes(offset).min(if stride == 0 { 256 } else { bytes(stride) }) as u32
+}
 
 /// One cuBLASLt product `D[b] = act(X[b] @ W + bias)` over `batch` strided row blocks, planned once.
 struct Plan {
-    key: [i64; 8],
+    key: [i64; 9],
     desc: Handle,
     a: Handle,
     b: Handle,
@@ -273,8 +285,8 @@ unsafe impl Send for Plan {}
 impl Plan {
     /// rows x k @ k x n over `batch` blocks of X and D.
     fn new(api: &Api, lt: Handle, dims: Dims, gelu: bool) -> ort::Result<Plan> {
-        let (rows, k, n, batch, x_stride, d_stride) = dims;
-        let key = [rows as i64, k as i64, n as i64, batch as i64, x_stride as i64, d_stride as i64, gelu as i64, 0];
+        let (rows, k, n, batch, x_stride, d_stride, x_off, d_off) = dims;
+        let key = plan_key(dims, gelu);
         let mut desc: Handle = ptr::null_mut();
         let (mut a, mut b, mut d): (Handle, Handle, Handle) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
         // Row-major Y[rows, n] = X[rows, k] W[k, n] is column-major Y^T = W^T X^T: cuBLASLt's A is W (n x k,
@@ -312,13 +324,25 @@ impl Plan {
                 "set MAX_WORKSPACE_BYTES",
                 (api.lt_pref_set)(pref, PREF_MAX_WORKSPACE_BYTES, (&ws as *const u64).cast(), 8),
             )?;
+            // X and Y may start inside a buffer (the second row range of LinearConcat / LinearSplit).
+            let ax = alignment(x_off, if batch > 1 { x_stride } else { 0 });
+            let ad = alignment(d_off, if batch > 1 { d_stride } else { 0 });
+            for (attr, v) in [
+                (PREF_MIN_ALIGNMENT_A_BYTES, 256u32),
+                (PREF_MIN_ALIGNMENT_B_BYTES, ax),
+                (PREF_MIN_ALIGNMENT_C_BYTES, ad),
+                (PREF_MIN_ALIGNMENT_D_BYTES, ad),
+            ] {
+                api.lt("set MIN_ALIGNMENT", (api.lt_pref_set)(pref, attr, (&v as *const u32).cast(), 4))?;
+            }
             let mut result = HeuristicResult::default();
             let mut found: c_int = 0;
             let rc = (api.lt_heuristic)(lt, desc, a, b, d, d, pref, 1, &mut result, &mut found);
             (api.lt_pref_destroy)(pref);
             if rc != 0 || found < 1 {
                 return Err(Error::cuda(format!(
-                    "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}): status {rc}"
+                    "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, alignment \
+                     {ax}/{ad} bytes): status {rc}"
                 )));
             }
             Ok(Plan { key, desc, a, b, d, algo: result.algo })
@@ -414,9 +438,12 @@ fn stream(ctx: &ComputeContext, op: &str) -> ort::Result<Handle> {
         .ok_or_else(|| err(op, "no CUDA stream (the node is not on the CUDA execution provider)"))
 }
 
+fn plan_key(d: Dims, gelu: bool) -> [i64; 9] {
+    [d.0 as i64, d.1 as i64, d.2 as i64, d.3 as i64, d.4 as i64, d.5 as i64, d.6 as i64, d.7 as i64, gelu as i64]
+}
+
 fn plan<'p>(slot: &'p mut Option<Plan>, api: &Api, lt: Handle, dims: Dims, gelu: bool) -> ort::Result<&'p Plan> {
-    let (rows, k, n, batch, xs, ds) = dims;
-    let key = [rows as i64, k as i64, n as i64, batch as i64, xs as i64, ds as i64, gelu as i64, 0];
+    let key = plan_key(dims, gelu);
     if slot.as_ref().map(|p| p.key) != Some(key) {
         *slot = Some(Plan::new(api, lt, dims, gelu)?);
     }
@@ -487,7 +514,7 @@ impl Kernel for LinearCuda {
             return Ok(());
         }
         let s = stream(ctx, op)?;
-        let p = plan(&mut self.plan, api, lt, (rows, k, n, 1, 0, 0), self.gelu)?;
+        let p = plan(&mut self.plan, api, lt, (rows, k, n, 1, 0, 0, 0, 0), self.gelu)?;
         p.run(api, lt, ws, s, x.ptr, w.ptr, b.ptr, y)
     }
 }
@@ -522,11 +549,11 @@ impl Kernel for LinearConcatCuda {
         let s = stream(ctx, op)?;
         let [pa, pb] = &mut self.plans;
         if sa > 0 && batch > 0 {
-            let p = plan(pa, api, lt, (sa, ka, n, batch, sa * ka, st * n), false)?;
+            let p = plan(pa, api, lt, (sa, ka, n, batch, sa * ka, st * n, 0, 0), false)?;
             p.run(api, lt, ws, s, xa.ptr, wa.ptr, ba.ptr, y)?;
         }
         if sb > 0 && batch > 0 {
-            let p = plan(pb, api, lt, (sb, kb, n, batch, sb * kb, st * n), false)?;
+            let p = plan(pb, api, lt, (sb, kb, n, batch, sb * kb, st * n, 0, sa * n), false)?;
             // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
             let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
             p.run(api, lt, ws, s, xb.ptr, wb.ptr, bb.ptr, yb)?;
@@ -562,7 +589,7 @@ impl Kernel for LinearSplitCuda {
         let [pa, pb] = &mut self.plans;
         if let Some(ya) = out(ctx, op, 0, vec![batch as i64, sa as i64, na as i64])? {
             if sa > 0 && batch > 0 {
-                let p = plan(pa, api, lt, (sa, k, na, batch, st * k, sa * na), false)?;
+                let p = plan(pa, api, lt, (sa, k, na, batch, st * k, sa * na, 0, 0), false)?;
                 p.run(api, lt, ws, s, x.ptr, wa.ptr, ba.ptr, ya)?;
             }
         }
@@ -570,7 +597,7 @@ impl Kernel for LinearSplitCuda {
             let (_, _, nb) = shapes::linear(op, &x.shape, &wb.shape, &bb.shape)?;
             if let Some(yb) = out(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64])? {
                 if sb > 0 && batch > 0 {
-                    let p = plan(pb, api, lt, (sb, k, nb, batch, st * k, sb * nb), false)?;
+                    let p = plan(pb, api, lt, (sb, k, nb, batch, st * k, sb * nb, sa * k, 0), false)?;
                     // SAFETY: x holds batch * st * k halves; the second block starts sa rows into each batch.
                     let xb = unsafe { x.ptr.cast::<f16>().add(sa * k) }.cast();
                     p.run(api, lt, ws, s, xb, wb.ptr, bb.ptr, yb)?;
