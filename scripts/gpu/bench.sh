@@ -2,6 +2,7 @@
 # On the GPU machine, after build_sd3m.sh: our pipeline (CUDA EP) and diffusers (eager, torch.compile) on the same
 # card, same random weights, one 1024x1024 image, 28 steps, CFG 7. Results go to $OUT (json + logs) and a table
 # is printed. Binaries come from .device-bin/ (cargo build --release --features cuda --example benchmark).
+# VARIANTS (default sd3m): folders /tmp/<variant>; sd3m-fused is made from /tmp/sd3m by models/export/fused_kernels.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH=/tmp/site
@@ -12,6 +13,9 @@ variants=${VARIANTS:-sd3m}
 for v in $variants; do
   extra=""
   case "$v" in *-static) extra="--static"; dir=/tmp/${v%-static};; *) dir=/tmp/$v;; esac
+  if [ "$v" = sd3m-fused ] && [ ! -f "$dir/transformer/model.onnx" ]; then  # /tmp/sd3m rewritten (--fused-kernels)
+    python3 models/export/fused_kernels.py /tmp/sd3m "$dir" || continue
+  fi
   if [ "$v" = sd3m-dyn ]; then   # the dynamo transformer with the other components of /tmp/sd3m
     for c in /tmp/sd3m/*; do [ -e "$dir/$(basename "$c")" ] || ln -s "$c" "$dir/"; done
   fi

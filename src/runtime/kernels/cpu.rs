@@ -3,6 +3,8 @@
 //! matters is the CUDA one (`cuda.rs`).
 
 use half::f16;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
@@ -36,21 +38,22 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// `rows` rows of `x` (`[rows, k]`) times `w` (`[k, n]`) plus `b`, rounded to float16 as the graph would store it.
+/// `x` (`[rows, k]`) times `w` (`[k, n]`) plus `b`, appended to `out` (float32; rounded to float16 when written).
 fn matmul_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize, act: i64, out: &mut Vec<f32>) {
-    for row in x.chunks_exact(k) {
-        let start = out.len();
+    let rows = x.len().checked_div(k).unwrap_or(0);
+    let start = out.len();
+    for _ in 0..rows {
         out.extend_from_slice(b);
-        let acc = &mut out[start..];
-        for (xi, wrow) in row.iter().zip(w.chunks_exact(n)) {
-            for (a, wv) in acc.iter_mut().zip(wrow) {
-                *a += xi * wv;
-            }
-        }
-        if act == 1 {
-            for a in acc.iter_mut() {
-                *a = gelu_tanh(*a);
-            }
+    }
+    let (Ok(xv), Ok(wv)) = (ArrayView2::from_shape((rows, k), x), ArrayView2::from_shape((k, n), w)) else {
+        return; // shapes were checked by the caller
+    };
+    if let Ok(mut yv) = ArrayViewMut2::from_shape((rows, n), &mut out[start..]) {
+        general_mat_mul(1.0, &xv, &wv, 1.0, &mut yv);
+    }
+    if act == 1 {
+        for a in out[start..].iter_mut() {
+            *a = gelu_tanh(*a);
         }
     }
 }
