@@ -129,6 +129,9 @@ RANDOM_VARIANTS = {
                          shift=3.0),
     "sd3.5-large": dict(clip_l=CLIP_L, clip_g=CLIP_G, t5=T5_XXL, transformer=SD35_LARGE_MMDIT, vae=SD3_VAE, shift=3.0),
     "tiny": dict(TINY, shift=3.0),
+    # The tiny shapes with SD3.5's q/k RMS-norm (norm weights drawn in 0.5..1.5 so that image and context norms
+    # differ): for the --fused-kernels HeadRmsNorm fixture (make_export_fixtures.py).
+    "tiny-qk": dict(TINY, transformer=dict(TINY["transformer"], qk_norm="rms_norm"), shift=3.0),
 }
 
 
@@ -213,7 +216,13 @@ class Source:
                 cfg["num_layers"] = self.layers
                 if "dual_attention_layers" in cfg:
                     cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < self.layers - 1]
-            return SD3Transformer2DModel(**cfg).eval()
+            m = SD3Transformer2DModel(**cfg).eval()
+            if self.variant == "tiny-qk":
+                with torch.no_grad():
+                    for name, prm in m.named_parameters():
+                        if ".norm_" in name and name.endswith(".weight"):
+                            prm.uniform_(0.5, 1.5)
+            return m
         self._seeded(5)
         return AutoencoderKL(**spec["vae"]).eval()
 

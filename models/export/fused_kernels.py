@@ -18,8 +18,12 @@ SD3 numerics the rewrite relies on (diffusers 0.35.2):
 - JointAttnProcessor2_0 (models/attention_processor.py): q/k/v = cat([image, context], dim=seq); the output splits
   at the image length, image first.
 
-Blocks with q/k RMS-norm (SD3.5) or a second attention (SD3.5 medium's MMDiT-X) are not handled yet: the rewrite
-refuses them with an error rather than write a wrong graph."""
+- SD3.5's q/k RMS-norm (Attention(qk_norm="rms_norm", eps=1e-6), RMSNorm in models/normalization.py) becomes one
+  `HeadRmsNorm` on each joint q / k tensor: norm_q / norm_k weights on the image rows, norm_added_q / norm_added_k
+  on the context rows.
+
+Blocks with a second attention (SD3.5 medium's MMDiT-X, `attn2`) are not handled yet: the rewrite refuses them with
+an error rather than write a wrong graph."""
 from __future__ import annotations
 
 import onnx
@@ -71,8 +75,9 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         raise FusedKernelsError(f"--fused-kernels: LayerNorms with different epsilons {sorted(eps)}")
     epsilon = eps.pop() if eps else 1e-6  # diffusers AdaLayerNormZero / norm2: eps=1e-6 (models/attention.py)
     for n in g.node:
-        if "/attn/norm_q/" in n.name or "/attn2/" in n.name:
-            raise FusedKernelsError("--fused-kernels: q/k RMS-norm or dual attention (SD3.5) is not supported yet")
+        if "/attn2/" in n.name:
+            raise FusedKernelsError("--fused-kernels: dual attention (SD3.5 medium's MMDiT-X blocks) is not supported "
+                                    "yet; export without --fused-kernels")
 
     # The exporter wraps the model (export_sd3.py: self.m), so names start with a root like "/m".
     roots = [n.name[: -len("/transformer_blocks.0/norm1/linear/Gemm")] for n in g.node
@@ -83,6 +88,21 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
     R = roots[0]
     new: list = []
     D = hidden
+    from onnx import TensorProto, numpy_helper
+
+    def fp16_weight(name: str) -> str:
+        """A float16 initializer with `name`'s values (q/k norm weights may have stayed float32)."""
+        t = inits.get(name)
+        if t is None:
+            raise FusedKernelsError(f"--fused-kernels: weight {name} not found")
+        if t.data_type == TensorProto.FLOAT16:
+            return name
+        if t.data_location == TensorProto.EXTERNAL:
+            raise FusedKernelsError(f"--fused-kernels: {name} is float32 in external data")
+        half = numpy_helper.from_array(numpy_helper.to_array(t).astype("float16"), name + "_fp16")
+        g.initializer.append(half)
+        inits[half.name] = half
+        return half.name
 
     def mk(op, inputs, outputs, name, domain=DOMAIN, **attrs):
         new.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
@@ -119,10 +139,20 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         last = i == num_layers - 1
         ctx_out = not pre_only(i)
         qkv = []
-        for a, b in (("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")):
+        pdot = p.strip("/").replace("/", ".")
+        for a, b, norm in (("to_q", "add_q_proj", "q"), ("to_k", "add_k_proj", "k"), ("to_v", "add_v_proj", None)):
             wa, ba = weight(f"{p}/attn", a)
             wb, bb = weight(f"{p}/attn", b)
-            qkv += mk("LinearConcat", [n_img, wa, ba, n_ctx, wb, bb], [f"{f}/{a}"], f"{f}/attn/{a}")
+            t = mk("LinearConcat", [n_img, wa, ba, n_ctx, wb, bb], [f"{f}/{a}"], f"{f}/attn/{a}")[0]
+            if norm and f"{pdot}.attn.norm_{norm}.weight" in inits:
+                # SD3.5: RMSNorm per head on q and k (norm_q / norm_k on the image rows, norm_added_q / norm_added_k
+                # on the context rows), eps 1e-6 (diffusers JointTransformerBlock: Attention(..., eps=1e-6))
+                w_img = fp16_weight(f"{pdot}.attn.norm_{norm}.weight")
+                w_ctx = fp16_weight(f"{pdot}.attn.norm_added_{norm}.weight")
+                t = mk("HeadRmsNorm", [t, w_img, w_ctx, h], [f"{f}/{a}_normed"], f"{f}/attn/norm_{norm}",
+                       epsilon=1e-6)[0]
+                counts["qk_norms"] = counts.get("qk_norms", 0) + 1
+            qkv.append(t)
         attn = mk("MultiHeadAttention", qkv, [f"{f}/attn"], f"{f}/attn/mha", domain="com.microsoft",
                   num_heads=heads)[0]
         wo, bo = weight(f"{p}/attn", "to_out.0")

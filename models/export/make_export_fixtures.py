@@ -6,6 +6,8 @@
     models/fixtures/export-tiny-fp16-fused/transformer/model.onnx  the float16 graph rewritten to the crate's fused
                                                                operators (--fused-kernels; only the Rust crate
                                                                runs them, so tests/export_parity.rs checks it)
+    models/fixtures/export-tiny-qk-fp16{,-fused}/transformer/model.onnx  random tiny transformer with SD3.5's q/k
+                                                               RMS-norm, float16, without / with --fused-kernels
 
 Both come from the SAME weights as models/fixtures/tiny-sd3/transformer/model.onnx: the diffusers transformer is
 rebuilt by models/make_fixtures.py's own deterministic construction (build_pipeline: seeded init + informative
@@ -103,6 +105,42 @@ def main():
             tool="models/export/make_export_fixtures.py -> export_sd3.export_component",
             weights="models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
             options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"],
+                         fused_kernels=fused),
+            nodes=info["nodes_final"],
+            max_abs_vs_torch_fp32=e,
+            versions=ex.tool_versions(),
+            files={"transformer/model.onnx": dict(size=path.stat().st_size, sha256=ex.sha256_file(path))},
+        )
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    qk_fixtures(feeds)
+
+
+def qk_fixtures(feeds: dict):
+    """export-tiny-qk-fp16{,-fused}: random tiny-shaped transformer with SD3.5's q/k RMS-norm (export_sd3.py variant
+    tiny-qk, seed 0), float16, without and with --fused-kernels (HeadRmsNorm). Same shapes as tiny-sd3, so
+    tests/export_parity.rs overlays them on it and compares the fused graph's images with the unfused one's."""
+    source = ex.Source(None, "tiny-qk", MODELS / "fixtures" / "tiny-sd3", 0)
+    module = source.load("transformer")
+    with torch.no_grad():
+        ref = module(**feeds, return_dict=False)[0].numpy()
+    for name, fused in (("export-tiny-qk-fp16", False), ("export-tiny-qk-fp16-fused", True)):
+        out = MODELS / "fixtures" / name
+        info = ex.export_component("transformer", module, out, exporter="torchscript", attention="fused",
+                                   dtype="fp16", opset=None, t5_precision="mixed", external=False,
+                                   fused_kernels=fused)
+        e = None
+        if not fused:
+            e = float(np.abs(run_onnx(out / "transformer" / "model.onnx", feeds) - ref).max())
+            print(f"{name}: {info['node_count']} nodes, max abs vs torch fp32 {e:.3g} (tolerance 5e-2)")
+            if not e <= 5e-2:
+                raise SystemExit(f"{name}: error {e} above 5e-2")
+        else:
+            print(f"{name}: {info['node_count']} nodes, {info['fused_kernels']}")
+        path = out / "transformer" / "model.onnx"
+        manifest = dict(
+            tool="models/export/make_export_fixtures.py (qk_fixtures) -> export_sd3.export_component",
+            weights="export_sd3.py --random tiny-qk --seed 0 transformer (tiny-sd3 shapes, qk_norm rms_norm)",
+            options=dict(exporter="torchscript", attention="fused", dtype="fp16", opset=info["opset"],
                          fused_kernels=fused),
             nodes=info["nodes_final"],
             max_abs_vs_torch_fp32=e,

@@ -264,3 +264,42 @@ impl Kernel for ModNormCpu {
         Ok(())
     }
 }
+
+cpu_op!(HeadRmsNormOp, "HeadRmsNorm", [REQ, REQ, REQ, REQ], [OUT], HeadRmsNormCpu);
+
+/// `HeadRmsNorm`'s attribute and the rows it normalises with each weight.
+pub(crate) fn head_rms_epsilon(k: &KernelContext<'_>) -> f32 {
+    k.get::<f32>("epsilon").unwrap_or(1e-6)
+}
+
+pub(crate) struct HeadRmsNormCpu {
+    eps: f32,
+}
+impl HeadRmsNormCpu {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self { eps: head_rms_epsilon(k) })
+    }
+}
+impl Kernel for HeadRmsNormCpu {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "HeadRmsNorm";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (was, wa) = required(ctx, op, 1)?;
+        let (wbs, wb) = required(ctx, op, 2)?;
+        let like = ctx.input(3)?.ok_or_else(|| shapes::err(op, "input 3 (like_a) is missing"))?;
+        let like_shape = like.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let (_, s, d) = shapes::bsk(op, "x", &xs)?;
+        let (_, sa, _) = shapes::bsk(op, "like_a", &like_shape)?;
+        let h = shapes::head_norm(op, d, &was, &wbs)?;
+        let mut y = Vec::with_capacity(x.len());
+        for (r, row) in x.chunks_exact(d.max(1)).enumerate() {
+            let w = if r % s.max(1) < sa { &wa } else { &wb };
+            for seg in row.chunks_exact(h) {
+                let ms = seg.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let rs = 1.0 / (ms + self.eps).sqrt();
+                y.extend(seg.iter().zip(w.iter()).map(|(v, g)| v * rs * g));
+            }
+        }
+        write(ctx, op, 0, xs, &y)
+    }
+}

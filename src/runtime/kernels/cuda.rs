@@ -219,6 +219,7 @@ impl Error {
 struct Device {
     ctx: usize,
     mod_norm: usize,
+    head_rms_norm: usize,
     lt: usize,
     workspace: u64,
 }
@@ -232,7 +233,8 @@ fn api() -> ort::Result<&'static Api> {
         .map_err(|e| Error::cuda(format!("cannot load the CUDA driver or cuBLASLt: {e}")))
 }
 
-fn device(api: &Api) -> ort::Result<(Handle, Handle, u64)> {
+/// (ModNorm function, HeadRmsNorm function, cuBLASLt handle, workspace) of the current context.
+fn device(api: &Api) -> ort::Result<(Handle, Handle, Handle, u64)> {
     let mut ctx: Handle = ptr::null_mut();
     // SAFETY: plain driver calls with out-pointers to locals.
     api.check("cuInit", unsafe { (api.cu_init)(0) })?;
@@ -242,21 +244,32 @@ fn device(api: &Api) -> ort::Result<(Handle, Handle, u64)> {
     }
     let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(d) = devices.iter().find(|d| d.ctx == ctx as usize) {
-        return Ok((d.mod_norm as Handle, d.lt as Handle, d.workspace));
+        return Ok((d.mod_norm as Handle, d.head_rms_norm as Handle, d.lt as Handle, d.workspace));
     }
     let mut module: Handle = ptr::null_mut();
     let mut func: Handle = ptr::null_mut();
+    let mut func2: Handle = ptr::null_mut();
     let mut lt: Handle = ptr::null_mut();
     let mut ws: u64 = 0;
     // SAFETY: PTX is a NUL-terminated PTX image; names are NUL-terminated; out-pointers are locals.
     unsafe {
         api.check("cuModuleLoadData (mod_norm.ptx)", (api.cu_module_load_data)(&mut module, PTX.as_ptr().cast()))?;
         api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut func, module, c"mod_norm_f16".as_ptr()))?;
+        api.check(
+            "cuModuleGetFunction",
+            (api.cu_module_get_function)(&mut func2, module, c"head_rms_norm_f16".as_ptr()),
+        )?;
         api.lt("cublasLtCreate", (api.lt_create)(&mut lt))?;
         api.check("cuMemAlloc (cuBLASLt workspace)", (api.cu_mem_alloc)(&mut ws, WORKSPACE_BYTES))?;
     }
-    devices.push(Device { ctx: ctx as usize, mod_norm: func as usize, lt: lt as usize, workspace: ws });
-    Ok((func, lt, ws))
+    devices.push(Device {
+        ctx: ctx as usize,
+        mod_norm: func as usize,
+        head_rms_norm: func2 as usize,
+        lt: lt as usize,
+        workspace: ws,
+    });
+    Ok((func, func2, lt, ws))
 }
 
 /// rows, k, n, batch, X block stride, D block stride, X offset, D offset (elements; the offsets only decide the
@@ -484,6 +497,7 @@ cuda_op!(LinearOp, "Linear", [REQ, REQ, REQ], [OUT], LinearCuda);
 cuda_op!(LinearConcatOp, "LinearConcat", [REQ, REQ, REQ, REQ, REQ, REQ], [OUT], LinearConcatCuda);
 cuda_op!(LinearSplitOp, "LinearSplit", [REQ, REQ, REQ, OPT, OPT, REQ], [OUT, OUT_OPT], LinearSplitCuda);
 cuda_op!(ModNormOp, "ModNorm", [REQ, OPT, OPT, REQ], [OUT, OUT_OPT], ModNormCuda);
+cuda_op!(HeadRmsNormOp, "HeadRmsNorm", [REQ, REQ, REQ, REQ], [OUT], HeadRmsNormCuda);
 
 pub(crate) struct LinearCuda {
     gelu: bool,
@@ -502,7 +516,7 @@ impl Kernel for LinearCuda {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "Linear";
         let api = api()?;
-        let (_, lt, ws) = device(api)?;
+        let (_, _, lt, ws) = device(api)?;
         let (x, w, b) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (rows, k, n) = shapes::linear(op, &x.shape, &w.shape, &b.shape)?;
         let mut shape = x.shape.clone();
@@ -531,7 +545,7 @@ impl Kernel for LinearConcatCuda {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearConcat";
         let api = api()?;
-        let (_, lt, ws) = device(api)?;
+        let (_, _, lt, ws) = device(api)?;
         let (xa, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (xb, wb, bb) = (need(ctx, op, 3)?, need(ctx, op, 4)?, need(ctx, op, 5)?);
         let (batch, sa, ka) = shapes::bsk(op, "xa", &xa.shape)?;
@@ -574,7 +588,7 @@ impl Kernel for LinearSplitCuda {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearSplit";
         let api = api()?;
-        let (_, lt, ws) = device(api)?;
+        let (_, _, lt, ws) = device(api)?;
         let (x, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (wb, bb) = (dev(ctx, op, 3)?, dev(ctx, op, 4)?);
         let like = need(ctx, op, 5)?;
@@ -620,7 +634,7 @@ impl Kernel for ModNormCuda {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "ModNorm";
         let api = api()?;
-        let (func, _, _) = device(api)?;
+        let (func, _, _, _) = device(api)?;
         let h = need(ctx, op, 0)?;
         let y = dev(ctx, op, 1)?;
         let g = dev(ctx, op, 2)?;
@@ -690,6 +704,76 @@ impl Kernel for ModNormCuda {
         // the sizes checked above (or null where the kernel does not read it).
         api.check("cuLaunchKernel (mod_norm_f16)", unsafe {
             (api.cu_launch_kernel)(func, total as u32, 1, 1, threads, 1, 1, 0, s, params.as_mut_ptr(), ptr::null_mut())
+        })
+    }
+}
+
+pub(crate) struct HeadRmsNormCuda {
+    eps: f32,
+}
+impl HeadRmsNormCuda {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self { eps: super::cpu::head_rms_epsilon(k) })
+    }
+}
+impl Kernel for HeadRmsNormCuda {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "HeadRmsNorm";
+        let api = api()?;
+        let (_, func, _, _) = device(api)?;
+        let (x, wa, wb, like) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?, need(ctx, op, 3)?);
+        let (batch, rows, d) = shapes::bsk(op, "x", &x.shape)?;
+        let (_, rows_a, _) = shapes::bsk(op, "like_a", &like.shape)?;
+        let h = shapes::head_norm(op, d, &wa.shape, &wb.shape)?;
+        if h % 2 != 0 {
+            return Err(err(op, "the CUDA kernel needs an even head size"));
+        }
+        let Some(y) = out(ctx, op, 0, x.shape.clone())? else { return Ok(()) };
+        let segments = batch * rows * (d / h);
+        if segments == 0 {
+            return Ok(());
+        }
+        let warps_per_block = 8usize;
+        let blocks = segments.div_ceil(warps_per_block);
+        if blocks > u32::MAX as usize || rows > i32::MAX as usize || d / h > i32::MAX as usize {
+            return Err(err(op, "tensor too large for the kernel's launch grid"));
+        }
+        let s = stream(ctx, op)?;
+        let (mut xp, mut ap, mut bp, mut yp) = (x.ptr, wa.ptr, wb.ptr, y);
+        let mut segs = segments as i64;
+        let mut heads = (d / h) as c_int;
+        let mut rows_i = rows as c_int;
+        let mut rows_a_i = rows_a.min(rows) as c_int;
+        let mut h2 = (h / 2) as c_int;
+        let mut eps = self.eps;
+        let mut params: [*mut c_void; 10] = [
+            (&mut xp as *mut *const c_void).cast(),
+            (&mut ap as *mut *const c_void).cast(),
+            (&mut bp as *mut *const c_void).cast(),
+            (&mut yp as *mut *mut c_void).cast(),
+            (&mut segs as *mut i64).cast(),
+            (&mut heads as *mut c_int).cast(),
+            (&mut rows_i as *mut c_int).cast(),
+            (&mut rows_a_i as *mut c_int).cast(),
+            (&mut h2 as *mut c_int).cast(),
+            (&mut eps as *mut f32).cast(),
+        ];
+        // SAFETY: params match head_rms_norm_f16's signature in mod_norm.cu; x and y hold batch * rows * d halves,
+        // the weights h halves (checked above).
+        api.check("cuLaunchKernel (head_rms_norm_f16)", unsafe {
+            (api.cu_launch_kernel)(
+                func,
+                blocks as u32,
+                1,
+                1,
+                (warps_per_block * 32) as u32,
+                1,
+                1,
+                0,
+                s,
+                params.as_mut_ptr(),
+                ptr::null_mut(),
+            )
         })
     }
 }

@@ -13,6 +13,8 @@
 //! | `LinearSplit(x, wa, ba, wb?, bb?, like_a)` | `x[:, :Sa] @ wa + ba` and `x[:, Sa:] @ wb + bb`, `Sa = like_a.shape[1]` |
 //! | `ModNorm(h, y?, gate_mod?, norm_mod)`, attributes `gate_offset`, `shift_offset`, `scale_offset`, `epsilon` | `h' = h + gate * y`; `LayerNorm(h') * (1 + scale) + shift` |
 //!
+//! | `HeadRmsNorm(x, w_a, w_b, like_a)`, attribute `epsilon` | SD3.5's q/k RMS-norm per head of the joint tensor: `w_a` on the first `like_a.shape[1]` rows of each batch (image), `w_b` on the rest (context) |
+//!
 //! `gate`, `shift` and `scale` are slices `[offset, offset + D)` of the per-sample modulation vectors
 //! (`[B, k * D]`, the outputs of the adaLN linear layers), so the graph needs no Slice or Unsqueeze for them.
 //! Every operator has a CPU implementation (float16 in and out, float32 arithmetic) so that a fused graph runs,
@@ -35,9 +37,15 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cpu::LinearOp)?
         .add(cpu::LinearConcatOp)?
         .add(cpu::LinearSplitOp)?
-        .add(cpu::ModNormOp)?;
+        .add(cpu::ModNormOp)?
+        .add(cpu::HeadRmsNormOp)?;
     #[cfg(feature = "cuda")]
-    let d = d.add(cuda::LinearOp)?.add(cuda::LinearConcatOp)?.add(cuda::LinearSplitOp)?.add(cuda::ModNormOp)?;
+    let d = d
+        .add(cuda::LinearOp)?
+        .add(cuda::LinearConcatOp)?
+        .add(cuda::LinearSplitOp)?
+        .add(cuda::ModNormOp)?
+        .add(cuda::HeadRmsNormOp)?;
     Ok(d)
 }
 
@@ -60,6 +68,14 @@ pub(crate) mod shapes {
         }
         let rows: i64 = x[..x.len() - 1].iter().product();
         Ok((rows as usize, k as usize, w[1] as usize))
+    }
+
+    /// The head size of a `HeadRmsNorm`: both weights `[H]` with `H` dividing the width `d`.
+    pub fn head_norm(op: &str, d: usize, wa: &[i64], wb: &[i64]) -> ort::Result<usize> {
+        match (wa, wb) {
+            ([h], [hb]) if *h > 0 && h == hb && d.is_multiple_of(*h as usize) => Ok(*h as usize),
+            _ => Err(err(op, format!("weights {wa:?} and {wb:?} must both be [H] with H dividing the width {d}"))),
+        }
     }
 
     /// A `[B, S, K]` activation.

@@ -66,3 +66,31 @@ extern "C" __global__ void mod_norm_f16(const __half2* __restrict__ h, const __h
         nr[c] = __floats2half2_rn((v.x - mean) * rstd * (1.0f + s.x) + t.x, (v.y - mean) * rstd * (1.0f + s.y) + t.y);
     }
 }
+
+// sd3onnx::HeadRmsNorm on CUDA: SD3.5's q/k RMS-norm on the joint [B, S, N * H] tensor, one warp per (row, head):
+// y = x * rsqrt(mean(x^2) + eps) * w, with w = w_a for the first rows_a rows of each batch (image tokens) and w_b
+// for the rest (context tokens). h2 = H / 2 (H even); float32 arithmetic.
+extern "C" __global__ void head_rms_norm_f16(const __half2* __restrict__ x, const __half2* __restrict__ w_a,
+                                             const __half2* __restrict__ w_b, __half2* __restrict__ y,
+                                             long long segments, int heads, int rows, int rows_a, int h2,
+                                             float eps) {
+    const long long seg = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (seg >= segments) return;
+    const int lane = threadIdx.x & 31;
+    const long long row = seg / heads;
+    const __half2* w = (row % rows) < rows_a ? w_a : w_b;
+    const __half2* xs = x + seg * h2;
+    float sq = 0.0f;
+    for (int c = lane; c < h2; c += 32) {
+        float2 v = __half22float2(xs[c]);
+        sq += v.x * v.x + v.y * v.y;
+    }
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    const float r = rsqrtf(sq / (2.0f * h2) + eps);
+    __half2* ys = y + seg * h2;
+    for (int c = lane; c < h2; c += 32) {
+        float2 v = __half22float2(xs[c]);
+        float2 g = __half22float2(w[c]);
+        ys[c] = __floats2half2_rn(v.x * r * g.x, v.y * r * g.y);
+    }
+}
