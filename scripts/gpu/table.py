@@ -13,7 +13,9 @@ for f in sorted(out.glob("ours-*.json")):
     variant = f.stem[len("ours-"):]
     notes = {"sd3m": "", "sd3m-static": " (static shape)", "sd3m-dyn": " (dynamo-exported transformer)",
              "sd3m-cudnn": " (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1)", "sd3m-noflash": " (ORT_DISABLE_FLASH_ATTENTION=1)",
-             "sd3m-fused": " (--fused-kernels: sd3onnx fused operators)"}
+             "sd3m-fused": " (--fused-kernels: sd3onnx fused operators)",
+             "sd35l": " (SD3.5-large shapes, 8 of 38 blocks)",
+             "sd35l-fused": " (SD3.5-large shapes, 8 of 38 blocks, --fused-kernels)"}
     name = "sd3-onnx, ORT CUDA" + notes.get(variant, f" ({variant})")
     rows.append((name, m["transformer Session::run per step"], m["per step (whole loop / steps)"], m["end to end"],
                  m["text encoding"], m["VAE decode"], m["outside ONNX Runtime (our code)"]))
