@@ -90,6 +90,26 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
     D = hidden
     from onnx import TensorProto, numpy_helper
 
+    producers = {o: n for n in g.node for o in n.output}
+
+    def norm_weight(p: str, module: str) -> str | None:
+        """The weight initializer of RMSNorm `module` of block `p`'s attention, found through the node that produces
+        its output (the export names it "<p>/attn/<module>/Mul_1_output_0", fused or not; the exporter may share
+        one initializer between equal weights, so the weight's own name may be gone), or None without q/k norm."""
+        node = producers.get(f"{p}/attn/{module}/Mul_1_output_0")
+        if node is None:
+            return None
+        def resolve(name: str) -> str:  # the exporter shares equal weights through Identity nodes
+            seen = 0
+            while name not in inits and name in producers and producers[name].op_type == "Identity" and seen < 8:
+                name, seen = producers[name].input[0], seen + 1
+            return name
+
+        ws = [w for w in (resolve(i) for i in node.input) if w in inits]
+        if len(ws) != 1:
+            raise FusedKernelsError(f"--fused-kernels: cannot find the weight of {p}/attn/{module}")
+        return ws[0]
+
     def fp16_weight(name: str) -> str:
         """A float16 initializer with `name`'s values (q/k norm weights may have stayed float32)."""
         t = inits.get(name)
@@ -99,6 +119,8 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
             return name
         if t.data_location == TensorProto.EXTERNAL:
             raise FusedKernelsError(f"--fused-kernels: {name} is float32 in external data")
+        if name + "_fp16" in inits:
+            return name + "_fp16"
         half = numpy_helper.from_array(numpy_helper.to_array(t).astype("float16"), name + "_fp16")
         g.initializer.append(half)
         inits[half.name] = half
@@ -144,11 +166,14 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
             wa, ba = weight(f"{p}/attn", a)
             wb, bb = weight(f"{p}/attn", b)
             t = mk("LinearConcat", [n_img, wa, ba, n_ctx, wb, bb], [f"{f}/{a}"], f"{f}/attn/{a}")[0]
-            if norm and f"{pdot}.attn.norm_{norm}.weight" in inits:
+            if norm and norm_weight(p, f"norm_{norm}") is not None:
                 # SD3.5: RMSNorm per head on q and k (norm_q / norm_k on the image rows, norm_added_q / norm_added_k
                 # on the context rows), eps 1e-6 (diffusers JointTransformerBlock: Attention(..., eps=1e-6))
-                w_img = fp16_weight(f"{pdot}.attn.norm_{norm}.weight")
-                w_ctx = fp16_weight(f"{pdot}.attn.norm_added_{norm}.weight")
+                w_img = fp16_weight(norm_weight(p, f"norm_{norm}"))
+                w_ctx = norm_weight(p, f"norm_added_{norm}")
+                if w_ctx is None:
+                    raise FusedKernelsError(f"--fused-kernels: {p} has norm_{norm} but no norm_added_{norm}")
+                w_ctx = fp16_weight(w_ctx)
                 t = mk("HeadRmsNorm", [t, w_img, w_ctx, h], [f"{f}/{a}_normed"], f"{f}/attn/norm_{norm}",
                        epsilon=1e-6)[0]
                 counts["qk_norms"] = counts.get("qk_norms", 0) + 1
