@@ -25,7 +25,8 @@ if t.exists():
     for mode, label in [("eager", "diffusers, PyTorch eager"), ("compile", "diffusers, torch.compile")]:
         if mode in j:
             rows.append((label, j[mode]["transformer_ms_per_step"], None, j[mode]["end_to_end_ms"], None, None, None))
-print(f"{card}: SD3-medium shapes, random weights, fp16, 1024x1024, 28 steps, CFG (batch 2); medians")
+print(f"{card}: random weights (SD3-medium shapes unless the row says otherwise), fp16, 1024x1024, 28 steps, "
+      "CFG (batch 2); medians")
 print("| pipeline | transformer ms/step | loop ms/step | end to end ms | text enc. ms | VAE ms | our code ms |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 fmt = lambda v: "" if v is None else f"{v:.1f}"
