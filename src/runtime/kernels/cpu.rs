@@ -232,6 +232,10 @@ impl Kernel for ModNormCpu {
         let (ms, m) = required(ctx, op, 3)?;
         let (batch, s, d) = shapes::bsk(op, "h", &hs)?;
         let mw = shapes::modulation(op, "norm_mod", &ms, batch, d, &[self.a.shift_offset, self.a.scale_offset])?;
+        if d == 0 || s == 0 {
+            write(ctx, op, 0, hs.clone(), &[])?;
+            return if y.is_some() { write(ctx, op, 1, hs, &[]) } else { Ok(()) };
+        }
         let mut hout = h.clone();
         if let Some((ys, y)) = &y {
             let (gs, g) = g.as_ref().ok_or_else(|| shapes::err(op, "y needs gate_mod"))?;

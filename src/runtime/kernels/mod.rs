@@ -103,3 +103,54 @@ pub(crate) mod shapes {
         Ok(mm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::shapes;
+
+    /// `ort::Error` values are ONNX Runtime statuses: the library must be loaded to make one.
+    fn ort() {
+        crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
+    }
+
+    #[test]
+    fn linear_shapes_are_checked() {
+        ort();
+        assert_eq!(shapes::linear("Linear", &[2, 5, 8], &[8, 3], &[3]).unwrap(), (10, 8, 3));
+        for (x, w, b) in [
+            (vec![2, 5, 8], vec![7, 3], vec![3]), // K mismatch
+            (vec![2, 5, 8], vec![8, 3], vec![4]), // bias length
+            (vec![2, 5, 8], vec![8], vec![8]),    // weight rank
+            (vec![], vec![8, 3], vec![3]),        // scalar x
+        ] {
+            let e = shapes::linear("Linear", &x, &w, &b).unwrap_err().to_string();
+            assert!(e.contains("sd3onnx::Linear"), "{e}");
+        }
+    }
+
+    #[test]
+    fn modulation_offsets_must_fit() {
+        ort();
+        assert_eq!(shapes::modulation("ModNorm", "norm_mod", &[2, 96], 2, 16, &[0, 80]).unwrap(), 96);
+        assert!(shapes::modulation("ModNorm", "norm_mod", &[2, 96], 2, 16, &[81]).is_err());
+        assert!(shapes::modulation("ModNorm", "norm_mod", &[2, 96], 2, 16, &[-2]).is_err());
+        assert!(shapes::modulation("ModNorm", "norm_mod", &[1, 96], 2, 16, &[0]).is_err());
+        assert!(shapes::modulation("ModNorm", "norm_mod", &[2, 96, 1], 2, 16, &[0]).is_err());
+    }
+
+    #[test]
+    fn head_norm_weights_must_divide_the_width() {
+        ort();
+        assert_eq!(shapes::head_norm("HeadRmsNorm", 128, &[64], &[64]).unwrap(), 64);
+        assert!(shapes::head_norm("HeadRmsNorm", 128, &[64], &[32]).is_err());
+        assert!(shapes::head_norm("HeadRmsNorm", 100, &[64], &[64]).is_err());
+        assert!(shapes::head_norm("HeadRmsNorm", 128, &[0], &[0]).is_err());
+    }
+
+    #[test]
+    fn gelu_is_the_tanh_approximation() {
+        // torch.nn.functional.gelu(x, approximate="tanh") at 1.0 and -2.0 (torch 2.8.0, float64)
+        assert!((super::cpu::gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((super::cpu::gelu_tanh(-2.0) - -0.045_402_3).abs() < 1e-5);
+    }
+}
