@@ -18,7 +18,7 @@ attributes of the scene kind), computed as follows on the image resized to 128x1
                half height, which is what a blurred shape looks like at T); passes if the stated shape has the best
                IoU, IoU >= 0.6 and bbox aspect <= 1.5.
                For counts every significant component must pass.
-  size         bbox long side of the main component: small < 40 px <= large.
+  size         bbox long side of the main component: small < 32.5 px <= medium < 47.5 px <= large.
   position     bbox center of the main component (of all word pixels for words) in the 3x3 grid of image thirds.
   count        number of significant components == stated count.
   single       (object prompts, implicit "a ...") exactly one significant component.
@@ -54,7 +54,10 @@ MIN_AREA = 25
 REL_AREA = 0.2
 SHAPE_IOU = 0.6
 SHAPE_ASPECT = 1.5
-SIZE_SPLIT = 40
+# Size bands of the bbox long side (px at 128): small < 32.5 <= medium < 47.5 <= large. Renders: small 22-29,
+# medium 36-43 (training split "train3" only), large 51-64. A prompt's "small" or "large" passes only in its band,
+# so a medium shape drawn for either fails.
+SIZE_BANDS = (32.5, 47.5)
 WORD_IOU = 0.45
 WORD_REL_AREA = 0.1
 WORD_MARGIN = 0.03
@@ -307,7 +310,8 @@ def check(image: np.ndarray, scene: dict, detail: bool = False) -> dict:
                 else:
                     long = max(main["x1"] - main["x0"], main["y1"] - main["y0"]) + 1
                     info["long_side"] = long
-                    res["size"] = (long < SIZE_SPLIT) == (scene["size"] == "small")
+                    band = "small" if long < SIZE_BANDS[0] else "medium" if long < SIZE_BANDS[1] else "large"
+                    res["size"] = band == scene["size"]
             elif attr == "position":
                 if main is None:
                     res["position"] = False

@@ -41,6 +41,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
 SIZES: tuple[str, ...] = ("small", "large")
+# The "train3" split (training data of the fourth model run and later) also draws a medium size, so that every
+# shape appears at two or more sizes in training even with one size x shape pair held out; evaluation prompts
+# still state small or large only.
+TRAIN3_SIZES: tuple[str, ...] = ("small", "medium", "large")
 # 3x3 grid, row-major; the name is also the cell the checker expects the centroid in (thirds of the image)
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -221,6 +225,7 @@ def draw_word(draw: ImageDraw.ImageDraw, word: str, cx: float, cy: float, px: in
 
 _SMALL = (0.085, 0.115)  # half-size as a fraction of the side: 2s = 22-29 px at 128
 _LARGE = (0.2, 0.25)  # 2s = 51-64 px at 128
+_MEDIUM = (0.14, 0.168)  # 2s = 36-43 px at 128 ("train3" only; the checker's medium band is 32.5-47.5 px)
 _COUNT_S = (0.08, 0.11)  # 2s = 20-28 px
 _MARGIN = 0.03
 _WORD_FONT = (0.22, 0.36)  # font size as fraction of side: 28-46 px at 128 -> cap height ~20-33 px
@@ -288,14 +293,14 @@ def _make_scene(rng: np.random.Generator, kind: str, **kw) -> Scene:
 
 
 def _make_scene_raw(rng: np.random.Generator, kind: str, *, color=None, shape=None, size=None, position=None,
-                    count=None, word=None) -> Scene:
+                    count=None, word=None, sizes: tuple[str, ...] = SIZES) -> Scene:
     color = color or _C[int(rng.integers(len(_C)))]
     bg = _sample_background(rng)
     if kind == "object":
         shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
-        size = size or SIZES[int(rng.integers(len(SIZES)))]
+        size = size or sizes[int(rng.integers(len(sizes)))]
         position = position or POSITIONS[int(rng.integers(len(POSITIONS)))]
-        s = float(rng.uniform(*(_SMALL if size == "small" else _LARGE)))
+        s = float(rng.uniform(*{"small": _SMALL, "medium": _MEDIUM, "large": _LARGE}[size]))
         cx, cy = _position_center(position, s, rng)
         return Scene("object", color, bg, shape=shape, size=size, position=position, items=[[cx, cy, s]])
     if kind == "count":
@@ -328,11 +333,13 @@ def _make_scene_raw(rng: np.random.Generator, kind: str, *, color=None, shape=No
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """One random scene. "train": never a held-out combination. "heldout": always at least one."""
-    if split == "train":
+    """One random scene. "train": never a held-out combination. "train3": the same with three object sizes
+    (TRAIN3_SIZES). "heldout": always at least one held-out combination."""
+    if split in ("train", "train3"):
+        sizes = TRAIN3_SIZES if split == "train3" else SIZES
         while True:
             kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
-            sc = _make_scene(rng, kind)
+            sc = _make_scene(rng, kind, sizes=sizes) if kind == "object" else _make_scene(rng, kind)
             if not heldout_combos(sc):
                 return sc
     if split == "heldout":
@@ -380,7 +387,8 @@ _SHAPE_SYN = {"circle": ["circle", "circle", "disc"], "square": ["square"], "tri
               "star": ["star"], "cross": ["cross", "cross", "plus sign"]}
 _SHAPE_SYN_PL = {"circle": ["circles", "circles", "discs"], "square": ["squares"], "triangle": ["triangles"],
                  "star": ["stars"], "cross": ["crosses", "crosses", "plus signs"]}
-_SIZE_SYN = {"small": ["small", "small", "little", "tiny"], "large": ["large", "large", "big", "huge"]}
+_SIZE_SYN = {"small": ["small", "small", "little", "tiny"], "large": ["large", "large", "big", "huge"],
+             "medium": ["medium", "medium", "medium-sized", "mid-sized"]}
 
 
 def _pick(rng: np.random.Generator, xs):
@@ -537,7 +545,7 @@ def render(scene: Scene | dict, size: int = 128) -> np.ndarray:
 # Datasets
 
 CHUNK = 512
-_SPLIT_ID = {"train": 0, "heldout": 1}
+_SPLIT_ID = {"train": 0, "heldout": 1, "train3": 2}
 
 
 def _chunk_rng(seed: int, split: str, chunk: int) -> np.random.Generator:

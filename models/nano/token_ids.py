@@ -21,7 +21,7 @@ from train import load_tokenizers, tokenize  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", required=True, help="SEED:N of each training call's --seed and --n-train")
+    ap.add_argument("--runs", nargs="+", required=True, help="SEED:N[:SPLIT] of each training call's --seed, --n-train and --split (default train)")
     ap.add_argument("--t5-len", type=int, default=77)
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
     ap.add_argument("--clip", type=Path, required=True)
@@ -29,8 +29,9 @@ def main():
     a = ap.parse_args()
     caps = {""}
     for r in a.runs:
-        seed, n = (int(x) for x in r.split(":"))
-        caps.update(scenes.make_captions(n, seed, "train"))
+        parts = r.split(":")
+        seed, n = int(parts[0]), int(parts[1])
+        caps.update(scenes.make_captions(n, seed, parts[2] if len(parts) > 2 else "train"))
     toks = load_tokenizers(a.tokenizers_from)
     ids_l, ids_g, ids_t = tokenize(toks, sorted(caps), a.t5_len)
     clip = sorted(set(ids_l.unique().tolist()) | set(ids_g.unique().tolist()))

@@ -363,6 +363,8 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=["train", "train3"], default="train",
+                    help="training data: scenes.py split (train3: three object sizes, small / medium / large)")
     ap.add_argument("--n-train", type=int, default=120_000)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=128)
@@ -470,7 +472,7 @@ def main():
     log("parameters", logs["parameters"])
 
     log("rendering", args.n_train, "training images")
-    images, captions, _ = scenes.make_dataset(args.n_train, seed=args.seed, split="train", workers=args.workers)
+    images, captions, _ = scenes.make_dataset(args.n_train, seed=args.seed, split=args.split, workers=args.workers)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
     log("images", tuple(images.shape), "distinct captions", len(set(captions)))
     logs["data"] = dict(n=args.n_train, distinct_captions=len(set(captions)), seconds=round(time.time() - T0, 1))
