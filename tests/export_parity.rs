@@ -24,7 +24,9 @@ fn check(export: &str, tolerance: u8, mean_tolerance: f64) {
     let graph = fixture(export).join("transformer/model.onnx");
     std::fs::copy(&graph, scratch.path("transformer/model.onnx"))
         .unwrap_or_else(|e| panic!("{}: {e}", graph.display()));
-    let mut pipe = Sd3Pipeline::builder(&scratch.dir).build().expect("exported transformer loads");
+    let mut pipe = Sd3Pipeline::builder(&scratch.dir)
+        .build()
+        .unwrap_or_else(|e| panic!("{export}: exported transformer does not load: {e}"));
     let mut report = Vec::new();
     for case in cases("tiny-sd3") {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
@@ -66,7 +68,9 @@ fn images(export: &str) -> Vec<(String, image::RgbImage)> {
     let graph = fixture(export).join("transformer/model.onnx");
     std::fs::copy(&graph, scratch.path("transformer/model.onnx"))
         .unwrap_or_else(|e| panic!("{}: {e}", graph.display()));
-    let mut pipe = Sd3Pipeline::builder(&scratch.dir).build().expect("exported transformer loads");
+    let mut pipe = Sd3Pipeline::builder(&scratch.dir)
+        .build()
+        .unwrap_or_else(|e| panic!("{export}: exported transformer does not load: {e}"));
     cases("tiny-sd3")
         .into_iter()
         .map(|case| {

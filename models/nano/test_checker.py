@@ -76,6 +76,22 @@ def test_heldout_rule():
         assert combos, fam
 
 
+def test_train3_split():
+    # three object sizes, still no held-out combination; every shape at two or more sizes; the "train" split and
+    # its pinned data are unchanged (test_dataset_deterministic)
+    rng = np.random.default_rng(1)
+    sizes = collections.defaultdict(set)
+    for _ in range(10000):
+        sc = S.sample_scene(rng, "train3")
+        assert not S.heldout_combos(sc), sc
+        if sc.kind == "object":
+            sizes[sc.shape].add(sc.size)
+    assert set(sizes) == set(S.SHAPES) and all(len(v) >= 2 for v in sizes.values()), sizes
+    assert set().union(*sizes.values()) == set(S.TRAIN3_SIZES)
+    assert S.make_captions(600, 7, "train3") == S.make_dataset(600, 7, "train3", workers=1)[1]
+    assert any("medium" in c or "mid-sized" in c for c in S.make_captions(600, 7, "train3"))
+
+
 def test_captions():
     rng = np.random.default_rng(1)
     for split in ("train", "heldout"):

@@ -204,8 +204,29 @@ fn open_session(
         }
         Err(e) => return Err(e),
     };
-    let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+    let session = commit_serialising_first(|| builder.commit_from_file(path)).map_err(|e| load_err(e.to_string()))?;
     Ok((session, provider, fallback))
+}
+
+/// Whether a session with our operator domain has been created in this process.
+static DOMAIN_REGISTERED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Runs `commit`, one at a time until the first success. ONNX Runtime adds a custom operator domain to a
+/// process-wide map the first time a session uses it, with a check-then-insert that is not thread-safe: two
+/// sessions created at the same moment from different threads could both try to insert `sd3onnx` and one failed
+/// ("the domain is already exist"; seen with tests loading pipelines in parallel). Once one session exists, the
+/// domain is in the map and later sessions only read it, so they are not serialised.
+fn commit_serialising_first<T>(commit: impl FnOnce() -> ort::Result<T>) -> ort::Result<T> {
+    let mut registered = DOMAIN_REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if *registered {
+        drop(registered);
+        return commit();
+    }
+    let out = commit();
+    if out.is_ok() {
+        *registered = true;
+    }
+    out
 }
 
 /// Session options shared by every graph we load.
