@@ -20,19 +20,11 @@ const FP16_TOLERANCE: u8 = 3;
 const FP16_MEAN_TOLERANCE: f64 = 0.2;
 
 fn check(export: &str, tolerance: u8, mean_tolerance: f64) {
-    let scratch = ScratchModel::new("tiny-sd3", export);
-    let graph = fixture(export).join("transformer/model.onnx");
-    std::fs::copy(&graph, scratch.path("transformer/model.onnx"))
-        .unwrap_or_else(|e| panic!("{}: {e}", graph.display()));
-    let mut pipe = Sd3Pipeline::builder(&scratch.dir)
-        .build()
-        .unwrap_or_else(|e| panic!("{export}: exported transformer does not load: {e}"));
     let mut report = Vec::new();
-    for case in cases("tiny-sd3") {
+    for (case, image) in images(export) {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let out = pipe.generate(&golden_request(&case)).unwrap_or_else(|e| panic!("{export}/{name}: {e}"));
         let golden = load_png(&case.join("diffusers.png"));
-        let (max, mean) = pixel_diff(&out.images[0], &golden);
+        let (max, mean) = pixel_diff(&image, &golden);
         report.push(format!("{export}/{name} vs diffusers: max {max}, mean {mean:.4}"));
         assert!(
             max <= tolerance && mean <= mean_tolerance,
@@ -63,7 +55,9 @@ fn exported_fused_kernels_fp16_transformer_matches_diffusers() {
     check("export-tiny-fp16-fused", FP16_TOLERANCE, FP16_MEAN_TOLERANCE);
 }
 
-fn images(export: &str) -> Vec<(String, image::RgbImage)> {
+/// The images our pipeline draws for the tiny-sd3 golden requests with `export`'s transformer in place of the
+/// fixture's, with the case folder of each.
+fn images(export: &str) -> Vec<(std::path::PathBuf, image::RgbImage)> {
     let scratch = ScratchModel::new("tiny-sd3", export);
     let graph = fixture(export).join("transformer/model.onnx");
     std::fs::copy(&graph, scratch.path("transformer/model.onnx"))
@@ -74,9 +68,8 @@ fn images(export: &str) -> Vec<(String, image::RgbImage)> {
     cases("tiny-sd3")
         .into_iter()
         .map(|case| {
-            let name = case.file_name().unwrap().to_string_lossy().to_string();
-            let out = pipe.generate(&golden_request(&case)).unwrap_or_else(|e| panic!("{export}/{name}: {e}"));
-            (name, out.images[0].clone())
+            let out = pipe.generate(&golden_request(&case)).unwrap_or_else(|e| panic!("{export}/{case:?}: {e}"));
+            (case, out.images[0].clone())
         })
         .collect()
 }
@@ -91,7 +84,8 @@ fn images(export: &str) -> Vec<(String, image::RgbImage)> {
 fn fused_kernels_qk_norm_matches_the_unfused_graph() {
     let plain = images("export-tiny-qk-fp16");
     let fused = images("export-tiny-qk-fp16-fused");
-    for ((name, a), (_, b)) in plain.iter().zip(&fused) {
+    for ((case, a), (_, b)) in plain.iter().zip(&fused) {
+        let name = case.file_name().unwrap().to_string_lossy();
         let (max, mean) = pixel_diff(b, a);
         eprintln!("export-tiny-qk-fp16-fused/{name} vs unfused: max {max}, mean {mean:.4}");
         assert!(max <= FP16_TOLERANCE && mean <= FP16_MEAN_TOLERANCE, "{name}: {max} levels (mean {mean:.3})");

@@ -100,19 +100,26 @@ def main():
                 raise SystemExit(f"{name}: error {e} above {tol}")
         else:
             print(f"{name}: {info['node_count']} nodes, {info['fused_kernels']}")
-        path = out / "transformer" / "model.onnx"
-        manifest = dict(
-            tool="models/export/make_export_fixtures.py -> export_sd3.export_component",
-            weights="models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
-            options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"],
-                         fused_kernels=fused),
-            nodes=info["nodes_final"],
-            max_abs_vs_torch_fp32=e,
-            versions=ex.tool_versions(),
-            files={"transformer/model.onnx": dict(size=path.stat().st_size, sha256=ex.sha256_file(path))},
-        )
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out, "models/export/make_export_fixtures.py -> export_sd3.export_component",
+                       "models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
+                       dtype, fused, info, e)
     qk_fixtures(feeds)
+
+
+def write_manifest(out: Path, tool: str, weights: str, dtype: str, fused: bool, info: dict, err: float | None):
+    """out/manifest.json of a fixture: how it was made, its node counts, its error against torch, its sha256."""
+    path = out / "transformer" / "model.onnx"
+    manifest = dict(
+        tool=tool,
+        weights=weights,
+        options=dict(exporter="torchscript", attention="fused", dtype=dtype, opset=info["opset"],
+                     fused_kernels=fused),
+        nodes=info["nodes_final"],
+        max_abs_vs_torch_fp32=err,
+        versions=ex.tool_versions(),
+        files={"transformer/model.onnx": dict(size=path.stat().st_size, sha256=ex.sha256_file(path))},
+    )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def qk_fixtures(feeds: dict):
@@ -136,18 +143,9 @@ def qk_fixtures(feeds: dict):
                 raise SystemExit(f"{name}: error {e} above 5e-2")
         else:
             print(f"{name}: {info['node_count']} nodes, {info['fused_kernels']}")
-        path = out / "transformer" / "model.onnx"
-        manifest = dict(
-            tool="models/export/make_export_fixtures.py (qk_fixtures) -> export_sd3.export_component",
-            weights="export_sd3.py --random tiny-qk --seed 0 transformer (tiny-sd3 shapes, qk_norm rms_norm)",
-            options=dict(exporter="torchscript", attention="fused", dtype="fp16", opset=info["opset"],
-                         fused_kernels=fused),
-            nodes=info["nodes_final"],
-            max_abs_vs_torch_fp32=e,
-            versions=ex.tool_versions(),
-            files={"transformer/model.onnx": dict(size=path.stat().st_size, sha256=ex.sha256_file(path))},
-        )
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out, "models/export/make_export_fixtures.py (qk_fixtures) -> export_sd3.export_component",
+                       "export_sd3.py --random tiny-qk --seed 0 transformer (tiny-sd3 shapes, qk_norm rms_norm)",
+                       "fp16", fused, info, e)
 
 
 if __name__ == "__main__":

@@ -39,23 +39,33 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// `x` (`[rows, k]`) times `w` (`[k, n]`) plus `b`, appended to `out` (float32; rounded to float16 when written).
-fn matmul_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize, act: i64, out: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn matmul_rows(
+    op: &str,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    k: usize,
+    n: usize,
+    act: i64,
+    out: &mut Vec<f32>,
+) -> ort::Result<()> {
     let rows = x.len().checked_div(k).unwrap_or(0);
     let start = out.len();
     for _ in 0..rows {
         out.extend_from_slice(b);
     }
-    let (Ok(xv), Ok(wv)) = (ArrayView2::from_shape((rows, k), x), ArrayView2::from_shape((k, n), w)) else {
-        return; // shapes were checked by the caller
-    };
-    if let Ok(mut yv) = ArrayViewMut2::from_shape((rows, n), &mut out[start..]) {
-        general_mat_mul(1.0, &xv, &wv, 1.0, &mut yv);
-    }
+    let bad = |e: ndarray::ShapeError| shapes::err(op, format!("tensor data does not match its shape: {e}"));
+    let xv = ArrayView2::from_shape((rows, k), x).map_err(bad)?;
+    let wv = ArrayView2::from_shape((k, n), w).map_err(bad)?;
+    let mut yv = ArrayViewMut2::from_shape((rows, n), &mut out[start..]).map_err(bad)?;
+    general_mat_mul(1.0, &xv, &wv, 1.0, &mut yv);
     if act == 1 {
         for a in out[start..].iter_mut() {
             *a = gelu_tanh(*a);
         }
     }
+    Ok(())
 }
 
 macro_rules! cpu_op {
@@ -109,7 +119,7 @@ impl Kernel for LinearCpu {
         let (bs, b) = required(ctx, op, 2)?;
         let (rows, k, n) = shapes::linear(op, &xs, &ws, &bs)?;
         let mut y = Vec::with_capacity(rows * n);
-        matmul_rows(&x, &w, &b, k, n, self.activation, &mut y);
+        matmul_rows(op, &x, &w, &b, k, n, self.activation, &mut y)?;
         let mut shape = xs.clone();
         *shape.last_mut().unwrap_or(&mut 0) = n as i64;
         write(ctx, op, 0, shape, &y)
@@ -131,21 +141,11 @@ impl Kernel for LinearConcatCpu {
         let (xbs, xb) = required(ctx, op, 3)?;
         let (wbs, wb) = required(ctx, op, 4)?;
         let (bbs, bb) = required(ctx, op, 5)?;
-        let (batch, sa, k) = shapes::bsk(op, "xa", &xas)?;
-        let (batch_b, sb, _) = shapes::bsk(op, "xb", &xbs)?;
-        let (_, _, n) = shapes::linear(op, &xas, &was, &bas)?;
-        let (_, _, nb) = shapes::linear(op, &xbs, &wbs, &bbs)?;
-        if batch_b != batch || nb != n {
-            return Err(shapes::err(
-                op,
-                format!("xa {xas:?} / wa {was:?} and xb {xbs:?} / wb {wbs:?} do not concatenate"),
-            ));
-        }
-        let kb = xbs[2] as usize;
+        let (batch, sa, sb, k, kb, n) = shapes::linear_concat(&xas, &was, &bas, &xbs, &wbs, &bbs)?;
         let mut y = Vec::with_capacity(batch * (sa + sb) * n);
         for bi in 0..batch {
-            matmul_rows(&xa[bi * sa * k..(bi + 1) * sa * k], &wa, &ba, k, n, 0, &mut y);
-            matmul_rows(&xb[bi * sb * kb..(bi + 1) * sb * kb], &wb, &bb, kb, n, 0, &mut y);
+            matmul_rows(op, &xa[bi * sa * k..(bi + 1) * sa * k], &wa, &ba, k, n, 0, &mut y)?;
+            matmul_rows(op, &xb[bi * sb * kb..(bi + 1) * sb * kb], &wb, &bb, kb, n, 0, &mut y)?;
         }
         write(ctx, op, 0, vec![batch as i64, (sa + sb) as i64, n as i64], &y)
     }
@@ -167,17 +167,12 @@ impl Kernel for LinearSplitCpu {
         let bb = input(ctx, op, 4)?;
         let like = ctx.input(5)?.ok_or_else(|| shapes::err(op, "input 5 (like_a) is missing"))?;
         let like_shape = like.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-        let (batch, s, k) = shapes::bsk(op, "x", &xs)?;
-        let (_, sa, _) = shapes::bsk(op, "like_a", &like_shape)?;
-        if sa > s {
-            return Err(shapes::err(op, format!("like_a has {sa} rows, x only {s}")));
-        }
+        let (batch, s, sa, k, na) = shapes::linear_split(&xs, &was, &bas, &like_shape)?;
         let sb = s - sa;
-        let (_, _, na) = shapes::linear(op, &xs, &was, &bas)?;
         let mut ya = Vec::with_capacity(batch * sa * na);
         for bi in 0..batch {
             let base = bi * s * k;
-            matmul_rows(&x[base..base + sa * k], &wa, &ba, k, na, 0, &mut ya);
+            matmul_rows(op, &x[base..base + sa * k], &wa, &ba, k, na, 0, &mut ya)?;
         }
         write(ctx, op, 0, vec![batch as i64, sa as i64, na as i64], &ya)?;
         if let (Some((wbs, wb)), Some((bbs, bb))) = (wb, bb) {
@@ -185,7 +180,7 @@ impl Kernel for LinearSplitCpu {
             let mut yb = Vec::with_capacity(batch * sb * nb);
             for bi in 0..batch {
                 let base = bi * s * k + sa * k;
-                matmul_rows(&x[base..base + sb * k], &wb, &bb, k, nb, 0, &mut yb);
+                matmul_rows(op, &x[base..base + sb * k], &wb, &bb, k, nb, 0, &mut yb)?;
             }
             write(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64], &yb)?;
         }
@@ -213,6 +208,42 @@ impl ModNormAttrs {
             epsilon: k.get::<f32>("epsilon").unwrap_or(1e-6),
         })
     }
+
+    /// The shape rules of `ModNorm`, shared by the CPU and CUDA kernels: `h` is `[B, S, D]`; the norm's shift and
+    /// scale fit in `norm_mod` (`[B, M]`); with `y` (same shape as `h`), the gate fits in `gate_mod`.
+    pub fn dims(
+        &self,
+        h: &[i64],
+        y: Option<&[i64]>,
+        gate_mod: Option<&[i64]>,
+        norm_mod: &[i64],
+    ) -> ort::Result<ModNormDims> {
+        let op = "ModNorm";
+        let (batch, rows, d) = shapes::bsk(op, "h", h)?;
+        let norm_width =
+            shapes::modulation(op, "norm_mod", norm_mod, batch, d, &[self.shift_offset, self.scale_offset])?;
+        let gate_width = match (y, gate_mod) {
+            (None, _) => None,
+            (Some(_), None) => return Err(shapes::err(op, "y needs gate_mod")),
+            (Some(y), Some(g)) => {
+                if y != h {
+                    return Err(shapes::err(op, format!("y {y:?} and h {h:?} differ")));
+                }
+                Some(shapes::modulation(op, "gate_mod", g, batch, d, &[self.gate_offset])?)
+            }
+        };
+        Ok(ModNormDims { batch, rows, d, norm_width, gate_width })
+    }
+}
+
+/// Sizes of a `ModNorm` call (`ModNormAttrs::dims`).
+pub(crate) struct ModNormDims {
+    pub batch: usize,
+    pub rows: usize,
+    pub d: usize,
+    pub norm_width: usize,
+    /// The width of `gate_mod` when a residual `y` is given.
+    pub gate_width: Option<usize>,
 }
 
 pub(crate) struct ModNormCpu {
@@ -230,19 +261,14 @@ impl Kernel for ModNormCpu {
         let y = input(ctx, op, 1)?;
         let g = input(ctx, op, 2)?;
         let (ms, m) = required(ctx, op, 3)?;
-        let (batch, s, d) = shapes::bsk(op, "h", &hs)?;
-        let mw = shapes::modulation(op, "norm_mod", &ms, batch, d, &[self.a.shift_offset, self.a.scale_offset])?;
-        if d == 0 || s == 0 {
+        let dims = self.a.dims(&hs, y.as_ref().map(|v| &v.0[..]), g.as_ref().map(|v| &v.0[..]), &ms)?;
+        let (s, d, mw) = (dims.rows, dims.d, dims.norm_width);
+        if d == 0 || s == 0 || dims.batch == 0 {
             write(ctx, op, 0, hs.clone(), &[])?;
             return if y.is_some() { write(ctx, op, 1, hs, &[]) } else { Ok(()) };
         }
         let mut hout = h.clone();
-        if let Some((ys, y)) = &y {
-            let (gs, g) = g.as_ref().ok_or_else(|| shapes::err(op, "y needs gate_mod"))?;
-            if ys != &hs {
-                return Err(shapes::err(op, format!("y {ys:?} and h {hs:?} differ")));
-            }
-            let gw = shapes::modulation(op, "gate_mod", gs, batch, d, &[self.a.gate_offset])?;
+        if let (Some((_, y)), Some((_, g)), Some(gw)) = (&y, &g, dims.gate_width) {
             for (r, (ho, yr)) in hout.chunks_exact_mut(d).zip(y.chunks_exact(d)).enumerate() {
                 let gate = &g[(r / s) * gw + self.a.gate_offset as usize..][..d];
                 for ((hv, yv), gv) in ho.iter_mut().zip(yr).zip(gate) {

@@ -548,16 +548,8 @@ impl Kernel for LinearConcatCuda {
         let (_, _, lt, ws) = device(api)?;
         let (xa, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (xb, wb, bb) = (need(ctx, op, 3)?, need(ctx, op, 4)?, need(ctx, op, 5)?);
-        let (batch, sa, ka) = shapes::bsk(op, "xa", &xa.shape)?;
-        let (batch_b, sb, kb) = shapes::bsk(op, "xb", &xb.shape)?;
-        let (_, _, n) = shapes::linear(op, &xa.shape, &wa.shape, &ba.shape)?;
-        let (_, _, nb) = shapes::linear(op, &xb.shape, &wb.shape, &bb.shape)?;
-        if batch_b != batch || nb != n {
-            return Err(err(
-                op,
-                format!("xa {:?} and xb {:?} (outputs {n} and {nb}) do not concatenate", xa.shape, xb.shape),
-            ));
-        }
+        let (batch, sa, sb, ka, kb, n) =
+            shapes::linear_concat(&xa.shape, &wa.shape, &ba.shape, &xb.shape, &wb.shape, &bb.shape)?;
         let st = sa + sb;
         let Some(y) = out(ctx, op, 0, vec![batch as i64, st as i64, n as i64])? else { return Ok(()) };
         let s = stream(ctx, op)?;
@@ -592,13 +584,8 @@ impl Kernel for LinearSplitCuda {
         let (x, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (wb, bb) = (dev(ctx, op, 3)?, dev(ctx, op, 4)?);
         let like = need(ctx, op, 5)?;
-        let (batch, st, k) = shapes::bsk(op, "x", &x.shape)?;
-        let (_, sa, _) = shapes::bsk(op, "like_a", &like.shape)?;
-        if sa > st {
-            return Err(err(op, format!("like_a has {sa} rows, x only {st}")));
-        }
+        let (batch, st, sa, k, na) = shapes::linear_split(&x.shape, &wa.shape, &ba.shape, &like.shape)?;
         let sb = st - sa;
-        let (_, _, na) = shapes::linear(op, &x.shape, &wa.shape, &ba.shape)?;
         let s = stream(ctx, op)?;
         let [pa, pb] = &mut self.plans;
         if let Some(ya) = out(ctx, op, 0, vec![batch as i64, sa as i64, na as i64])? {
@@ -639,26 +626,23 @@ impl Kernel for ModNormCuda {
         let y = dev(ctx, op, 1)?;
         let g = dev(ctx, op, 2)?;
         let m = need(ctx, op, 3)?;
-        let (batch, rows, d) = shapes::bsk(op, "h", &h.shape)?;
-        let mw = shapes::modulation(op, "norm_mod", &m.shape, batch, d, &[self.a.shift_offset, self.a.scale_offset])?;
+        let dims =
+            self.a.dims(&h.shape, y.as_ref().map(|v| &v.shape[..]), g.as_ref().map(|v| &v.shape[..]), &m.shape)?;
+        let (batch, rows, d, mw) = (dims.batch, dims.rows, dims.d, dims.norm_width);
+        let gw = dims.gate_width.unwrap_or(0);
         let odd = |v: i64| v % 2 != 0;
-        if d % 2 != 0 || odd(self.a.shift_offset) || odd(self.a.scale_offset) || odd(self.a.gate_offset) || mw % 2 != 0
+        if d % 2 != 0
+            || odd(self.a.shift_offset)
+            || odd(self.a.scale_offset)
+            || odd(self.a.gate_offset)
+            || mw % 2 != 0
+            || gw % 2 != 0
         {
-            return Err(err(op, "the CUDA kernel needs an even width and even offsets"));
+            return Err(err(op, "the CUDA kernel needs even widths and even offsets"));
         }
-        let (yp, gp, gw) = match (&y, &g) {
-            (Some(y), Some(g)) => {
-                if y.shape != h.shape {
-                    return Err(err(op, format!("y {:?} and h {:?} differ", y.shape, h.shape)));
-                }
-                let gw = shapes::modulation(op, "gate_mod", &g.shape, batch, d, &[self.a.gate_offset])?;
-                if gw % 2 != 0 {
-                    return Err(err(op, "the CUDA kernel needs an even gate_mod width"));
-                }
-                (y.ptr, g.ptr, gw)
-            }
-            (None, _) => (ptr::null(), ptr::null(), 0),
-            (Some(_), None) => return Err(err(op, "y needs gate_mod")),
+        let (yp, gp) = match (&y, &g, dims.gate_width) {
+            (Some(y), Some(g), Some(_)) => (y.ptr, g.ptr),
+            _ => (ptr::null(), ptr::null()),
         };
         let n = out(ctx, op, 0, h.shape.clone())?.unwrap_or(ptr::null_mut());
         let hout =

@@ -86,6 +86,43 @@ pub(crate) mod shapes {
         }
     }
 
+    /// `LinearConcat`'s shapes: (batch, rows of xa, rows of xb, K of xa, K of xb, N).
+    pub fn linear_concat(
+        xa: &[i64],
+        wa: &[i64],
+        ba: &[i64],
+        xb: &[i64],
+        wb: &[i64],
+        bb: &[i64],
+    ) -> ort::Result<(usize, usize, usize, usize, usize, usize)> {
+        let op = "LinearConcat";
+        let (batch, sa, ka) = bsk(op, "xa", xa)?;
+        let (batch_b, sb, kb) = bsk(op, "xb", xb)?;
+        let (_, _, n) = linear(op, xa, wa, ba)?;
+        let (_, _, nb) = linear(op, xb, wb, bb)?;
+        if batch_b != batch || nb != n {
+            return Err(err(op, format!("xa {xa:?} / wa {wa:?} and xb {xb:?} / wb {wb:?} do not concatenate")));
+        }
+        Ok((batch, sa, sb, ka, kb, n))
+    }
+
+    /// `LinearSplit`'s shapes: (batch, rows of x, rows of the first range, K, N of the first range).
+    pub fn linear_split(
+        x: &[i64],
+        wa: &[i64],
+        ba: &[i64],
+        like_a: &[i64],
+    ) -> ort::Result<(usize, usize, usize, usize, usize)> {
+        let op = "LinearSplit";
+        let (batch, s, k) = bsk(op, "x", x)?;
+        let (_, sa, _) = bsk(op, "like_a", like_a)?;
+        if sa > s {
+            return Err(err(op, format!("like_a has {sa} rows, x only {s}")));
+        }
+        let (_, _, na) = linear(op, x, wa, ba)?;
+        Ok((batch, s, sa, k, na))
+    }
+
     /// Offsets into a `[B, M]` modulation vector for a `[B, S, D]` stream.
     pub fn modulation(op: &str, name: &str, m: &[i64], batch: usize, d: usize, offsets: &[i64]) -> ort::Result<usize> {
         let (mb, mm) = match m {
@@ -126,6 +163,18 @@ mod tests {
             let e = shapes::linear("Linear", &x, &w, &b).unwrap_err().to_string();
             assert!(e.contains("sd3onnx::Linear"), "{e}");
         }
+    }
+
+    #[test]
+    fn concat_and_split_shapes_are_checked() {
+        ort();
+        let (xa, xb, w, b) = ([2, 5, 8], [2, 3, 8], [8, 4], [4]);
+        assert_eq!(shapes::linear_concat(&xa, &w, &b, &xb, &w, &b).unwrap(), (2, 5, 3, 8, 8, 4));
+        assert!(shapes::linear_concat(&xa, &w, &b, &[1, 3, 8], &w, &b).is_err()); // batch differs
+        assert!(shapes::linear_concat(&xa, &w, &b, &xb, &[8, 5], &[5]).is_err()); // widths differ
+        assert_eq!(shapes::linear_split(&[2, 8, 8], &w, &b, &[2, 5, 16]).unwrap(), (2, 8, 5, 8, 4));
+        assert!(shapes::linear_split(&[2, 8, 8], &w, &b, &[2, 9, 16]).is_err());
+        // more rows than x
     }
 
     #[test]
