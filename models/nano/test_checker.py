@@ -92,6 +92,23 @@ def test_train3_split():
     assert any("medium" in c or "mid-sized" in c for c in S.make_captions(600, 7, "train3"))
 
 
+def test_train3c_split():
+    # train3's scenes with more count scenes; still no held-out combination
+    rng = np.random.default_rng(2)
+    kinds = collections.Counter()
+    sizes = set()
+    for _ in range(10000):
+        sc = S.sample_scene(rng, "train3c")
+        assert not S.heldout_combos(sc), sc
+        kinds[sc.kind] += 1
+        if sc.kind == "object":
+            sizes.add(sc.size)
+    assert sizes == set(S.TRAIN3_SIZES)
+    # shares after the held-out combinations are redrawn (scenes.KIND_WEIGHTS_TRAIN3C)
+    assert 0.42 < kinds["count"] / 10000 < 0.48 and 0.3 < kinds["object"] / 10000 < 0.36, kinds
+    assert S.make_captions(300, 7, "train3c") != S.make_captions(300, 7, "train3")
+
+
 def test_captions():
     rng = np.random.default_rng(1)
     for split in ("train", "heldout"):
