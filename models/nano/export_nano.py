@@ -10,12 +10,13 @@ the project's export tool, then makes the folder small:
 - `tokenizer_2/vocab.json` and `merges.txt` as relative symlinks to `tokenizer/` (same bytes; CLIP-G's pad token
   "!" lives in tokenizer_2's own configs); `tokenizer_3/spiece.model` dropped (our T5 loader reads tokenizer.json);
 - the VAE encoder is not exported (img2img is not offered for the nano model);
+- `--shift X` writes the sampling shift into the scheduler config (the one `sweep.py` chose on tuning prompts);
 - tensor names shortened and node names dropped (the exporter's long names are ~10% of a small graph).
 
     python models/nano/token_ids.py --runs 0:200000 1:200000 2:200000 --clip runs/clip_token_ids.json \
         --t5 runs/t5_token_ids.json
     python models/nano/export_nano.py --pipeline RUN/pipeline --token-ids runs/clip_token_ids.json \
-        --t5-token-ids runs/t5_token_ids.json --out models/sd3-nano
+        --t5-token-ids runs/t5_token_ids.json --out models/sd3-nano [--shift 3]
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def main():
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35",
                     help="tokenizer folders to use when the pipeline folder has none (train.py's tar leaves them out)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shift", type=float, default=None,
+                    help="the sampling shift to write into scheduler/scheduler_config.json (default: the pipeline's, "
+                         "train.py --infer-shift); sweep.py picks it on tuning prompts")
     a = ap.parse_args()
     src = a.pipeline
     if not (src / "tokenizer").is_dir():
@@ -96,6 +100,11 @@ def main():
             two.unlink()
             os.symlink(f"../tokenizer/{name}", two)
     (out / "tokenizer_3" / "spiece.model").unlink(missing_ok=True)
+    if a.shift is not None:
+        sched = out / "scheduler" / "scheduler_config.json"
+        cfg = json.loads(sched.read_text())
+        cfg["shift"] = a.shift
+        sched.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")  # diffusers' own layout
     for graph in sorted(out.glob("*/model.onnx")):
         print(f"{graph}: short names saved {short_names(graph)} bytes")
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Our Rust pipeline vs diffusers' StableDiffusion3Pipeline on the nano model, same explicit latents.
 
-diffusers runs train.py's saved pipeline with the weights the ONNX graphs hold (export_sd3.weights_as_stored_int8:
+diffusers runs train.py's saved pipeline, with the scheduler config of the exported model folder and the weights the ONNX graphs hold (export_sd3.weights_as_stored_int8:
 Linear/Conv weights through the export tool's own int8 quantizer, other matrices and tables rounded to float16,
 vectors as saved; the graphs compute in float32). Both sides use the model's 77 T5 tokens. The latents are
 torch.randn(seed i), which our pipeline's seed i also draws (bit-exact generator). Prints per prompt the max / mean
@@ -42,6 +42,9 @@ def main():
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(a.pipeline, torch_dtype=torch.float32)
+    # the scheduler of the exported model folder (export_nano.py --shift may have changed its shift)
+    sched_cfg = json.loads((Path(a.model) / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = type(pipe.scheduler).from_config(sched_cfg)
     for m in (pipe.transformer, pipe.vae.decoder, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         weights_as_stored_int8(m)
     prompts = json.loads((REPO / "models" / "nano" / "eval_prompts.json").read_text())
@@ -70,6 +73,7 @@ def main():
         meta = dict(source="diffusers StableDiffusion3Pipeline on train.py's pipeline, weights as exported "
                            "(models/nano/parity_diffusers.py)", diffusers=diffusers.__version__, torch=torch.__version__,
                     steps=a.steps, guidance=a.guidance, max_sequence_length=a.t5_tokens,
+                    shift=pipe.scheduler.config.shift,
                     latents="torch.randn((1, 16, H/8, W/8), generator=torch.Generator('cpu').manual_seed(seed))",
                     images=written)
         (a.goldens / "goldens.json").write_text(json.dumps(meta, indent=1) + "\n")
