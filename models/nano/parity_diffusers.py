@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Our Rust pipeline vs diffusers' StableDiffusion3Pipeline on the nano model, same explicit latents.
 
-diffusers runs train.py's saved pipeline, with the scheduler config of the exported model folder and the weights the ONNX graphs hold (export_sd3.weights_as_stored_int8:
-Linear/Conv weights through the export tool's own int8 quantizer, other matrices and tables rounded to float16,
-vectors as saved; the graphs compute in float32). Both sides use the model's 77 T5 tokens. The latents are
+diffusers runs train.py's saved pipeline with the scheduler config of the exported model folder and the weights the
+ONNX graphs hold (export_sd3.weights_as_stored_int8: Linear/Conv weights through the export tool's own int8
+quantizer, other matrices and tables rounded to float16, vectors as saved; the graphs compute in float32). Both sides use the model's 77 T5 tokens. The latents are
 torch.randn(seed i), which our pipeline's seed i also draws (bit-exact generator). Prints per prompt the max / mean
 difference in 8-bit levels.
 

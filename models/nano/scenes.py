@@ -82,6 +82,8 @@ KIND_WEIGHTS = (0.45, 0.3, 0.25)
 # scenes, so the weights are not the shares: train3 ends up about 36% object, 29% count and 35% word scenes, train3c
 # about 33% object, 45% count and 22% word scenes (test_checker.py).
 KIND_WEIGHTS_TRAIN3C = (0.4, 0.45, 0.15)
+# the splits sample_scene draws training scenes for (train.py --split)
+TRAIN_SPLITS: tuple[str, ...] = ("train", "train3", "train3c")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Held-out combinations (deterministic, a fixed rule over the vocabulary order)
@@ -342,7 +344,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """One random scene. "train": never a held-out combination. "train3": the same with three object sizes
     (TRAIN3_SIZES). "train3c": train3 with the kind weights KIND_WEIGHTS_TRAIN3C (more count scenes). "heldout":
     always at least one held-out combination."""
-    if split in ("train", "train3", "train3c"):
+    if split in TRAIN_SPLITS:
         sizes = SIZES if split == "train" else TRAIN3_SIZES
         weights = KIND_WEIGHTS_TRAIN3C if split == "train3c" else KIND_WEIGHTS
         while True:

@@ -363,7 +363,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", choices=["train", "train3", "train3c"], default="train",
+    ap.add_argument("--split", choices=scenes.TRAIN_SPLITS, default="train",
                     help="training data: scenes.py split (train3: three object sizes, small / medium / large; "
                          "train3c: train3 with about 45%% count scenes instead of 29%%)")
     ap.add_argument("--n-train", type=int, default=120_000)
