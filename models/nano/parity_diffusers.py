@@ -3,9 +3,9 @@
 
 diffusers runs train.py's saved pipeline with the scheduler config of the exported model folder and the weights the
 ONNX graphs hold (export_sd3.weights_as_stored_int8: Linear/Conv weights through the export tool's own int8
-quantizer, other matrices and tables rounded to float16, vectors as saved; the graphs compute in float32). Both sides use the model's 77 T5 tokens. The latents are
-torch.randn(seed i), which our pipeline's seed i also draws (bit-exact generator). Prints per prompt the max / mean
-difference in 8-bit levels.
+quantizer, other matrices and tables rounded to float16, vectors as saved; the graphs compute in float32). Both
+sides use the model's 77 T5 tokens. The latents are torch.randn(seed i), which our pipeline's seed i also draws
+(bit-exact generator). Prints per prompt the max / mean difference in 8-bit levels.
 
     python models/nano/parity_diffusers.py PIPELINE_DIR [--model models/sd3-nano] [--prompts 0,2,100,200]
 (PIPELINE_DIR needs tokenizer folders; export_nano.py copies them in.)
