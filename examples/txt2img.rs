@@ -188,10 +188,10 @@ fn run(args: Args) -> Result<(), String> {
         shift,
     } = args;
     if let Some(path) = &init_image {
-        request.init_image = Some(sd3_onnx::image::load_rgb(path).map_err(|e| e.to_string())?);
+        request.init_image = Some(sd3_onnx::imageio::load_rgb(path).map_err(|e| e.to_string())?);
     }
     if let Some(path) = &mask {
-        request.mask = Some(sd3_onnx::image::load_mask(path).map_err(|e| e.to_string())?);
+        request.mask = Some(sd3_onnx::imageio::load_mask(path).map_err(|e| e.to_string())?);
     }
     if let Some(dir) = &preview_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -266,7 +266,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut written = Vec::new();
     for (k, (image, parameters)) in out.images.iter().zip(&out.parameters).enumerate() {
         let path = if out.images.len() == 1 { output.clone() } else { numbered(&output, k) };
-        sd3_onnx::image::save_png(&path, image, Some(parameters)).map_err(|e| e.to_string())?;
+        sd3_onnx::imageio::save_png(&path, image, Some(parameters)).map_err(|e| e.to_string())?;
         written.push(path);
     }
     let t = &out.timings;

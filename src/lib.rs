@@ -21,7 +21,7 @@
 //!         .seed(42),
 //! )?;
 //! // PNG with the generation parameters in its text chunk, errors typed like the rest.
-//! sd3_onnx::image::save_png("astronaut.png".as_ref(), &out.images[0], Some(&out.parameters[0]))?;
+//! sd3_onnx::imageio::save_png("astronaut.png".as_ref(), &out.images[0], Some(&out.parameters[0]))?;
 //! for w in &out.warnings {
 //!     eprintln!("warning: {w}");
 //! }
@@ -42,15 +42,19 @@
 //! ```
 //!
 //! Modules follow the data: [`text`] (tokenizers, encoders, conditioning) -> [`scheduler`] (sigmas, Euler
-//! step, guidance) -> the denoising loop in [`Sd3Pipeline`] -> [`image`] (decoded tensor to RGB). [`runtime`]
+//! step, guidance) -> the denoising loop in [`Sd3Pipeline`] -> [`imageio`] (decoded tensor to RGB, PNGs with parameters, init images and masks). [`runtime`]
 //! owns everything that touches ONNX Runtime. With the `download` feature, `hub` fetches a model folder from the
 //! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
 
+// The crates whose types appear in this crate's API, re-exported so users need not match their versions by hand.
+pub use image;
+pub use ndarray;
+
 pub mod error;
 #[cfg(feature = "download")]
 pub mod hub;
-pub mod image;
+pub mod imageio;
 pub mod latents;
 pub mod model_config;
 mod pipeline;

@@ -231,17 +231,17 @@ fn png_carries_the_generation_parameters() {
     let dir = std::env::temp_dir().join(format!("sd3-onnx-png-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("out.png");
-    sd3_onnx::image::save_png(&path, &out.images[0], Some(&out.parameters[0])).unwrap();
-    let text = sd3_onnx::image::read_png_parameters(&path).unwrap().expect("parameters chunk");
+    sd3_onnx::imageio::save_png(&path, &out.images[0], Some(&out.parameters[0])).unwrap();
+    let text = sd3_onnx::imageio::read_png_parameters(&path).unwrap().expect("parameters chunk");
     assert_eq!(text, out.parameters[0]);
     assert!(text.starts_with("a red cube\nNegative prompt: blurry\nSteps: 2, Sampler: FlowMatch Euler"), "{text}");
     assert!(text.contains("CFG scale: 4.5") && text.contains("Seed: 3") && text.contains("Size: 64x64"), "{text}");
     // The pixels survive the custom encoder, and non-Latin-1 prompts go to an iTXt chunk.
     assert_eq!(load_png(&path), out.images[0]);
-    sd3_onnx::image::save_png(&path, &out.images[0], Some("猫 🐱")).unwrap();
-    assert_eq!(sd3_onnx::image::read_png_parameters(&path).unwrap().as_deref(), Some("猫 🐱"));
-    sd3_onnx::image::save_png(&path, &out.images[0], None).unwrap();
-    assert_eq!(sd3_onnx::image::read_png_parameters(&path).unwrap(), None);
+    sd3_onnx::imageio::save_png(&path, &out.images[0], Some("猫 🐱")).unwrap();
+    assert_eq!(sd3_onnx::imageio::read_png_parameters(&path).unwrap().as_deref(), Some("猫 🐱"));
+    sd3_onnx::imageio::save_png(&path, &out.images[0], None).unwrap();
+    assert_eq!(sd3_onnx::imageio::read_png_parameters(&path).unwrap(), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

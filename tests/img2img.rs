@@ -17,7 +17,7 @@ mod common;
 
 use common::*;
 use ndarray::Ix4;
-use sd3_onnx::image::{load_mask, load_rgb};
+use sd3_onnx::imageio::{load_mask, load_rgb};
 use sd3_onnx::{GenerationRequest, Sd3Pipeline};
 
 /// Largest allowed per-channel difference, in 8-bit levels.

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use arbitrary::{Arbitrary, Unstructured};
 use ndarray::Array4;
-use sd3_onnx::image::{decode_mask, decode_rgb};
+use sd3_onnx::imageio::{decode_mask, decode_rgb};
 use sd3_onnx::latents::parse_npy_f32;
 use sd3_onnx::model_config::{TransformerConfig, VaeConfig};
 use sd3_onnx::scheduler::calculate_shift;

@@ -15,7 +15,7 @@ pub use output::{GenerationOutput, Timings, Warning};
 pub use request::{GenerationRequest, SkipLayerGuidance};
 
 use crate::error::{Component, Error, Result};
-use crate::image::batch_to_rgb;
+use crate::imageio::batch_to_rgb;
 use crate::latents::NoiseGenerator;
 use crate::model_config::Variant;
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};

@@ -148,7 +148,7 @@ pub struct GenerationOutput {
     /// Where each component ran.
     pub placements: Vec<(Component, ExecutionProvider)>,
     /// Each image's generation parameters in AUTOMATIC1111's `parameters` text convention, for
-    /// [`save_png`](crate::image::save_png), aligned with `images`.
+    /// [`save_png`](crate::imageio::save_png), aligned with `images`.
     pub parameters: Vec<String>,
 }
 

@@ -102,8 +102,8 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
 /// ```
 /// let mut png = Vec::new();
 /// image::RgbImage::new(4, 2).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
-/// assert_eq!(sd3_onnx::image::decode_rgb(&png).unwrap().dimensions(), (4, 2));
-/// assert!(sd3_onnx::image::decode_rgb(b"not a png").is_err());
+/// assert_eq!(sd3_onnx::imageio::decode_rgb(&png).unwrap().dimensions(), (4, 2));
+/// assert!(sd3_onnx::imageio::decode_rgb(b"not a png").is_err());
 /// ```
 pub fn decode_rgb(png: &[u8]) -> std::result::Result<RgbImage, String> {
     Ok(decode(png)?.to_rgb8())
