@@ -56,6 +56,7 @@ pub mod error;
 pub mod hub;
 pub mod imageio;
 pub mod latents;
+mod layout;
 pub mod model_config;
 mod pipeline;
 pub mod preview;

@@ -1,7 +1,5 @@
 //! The three text encoder graphs: CLIP-L and CLIP-G (penultimate hidden states + pooled projection) and T5.
 
-use std::path::Path;
-
 use ndarray::{s, Array1, Array2, Array3, Axis, Ix2, Ix3};
 
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
@@ -160,13 +158,4 @@ impl T5Encoder {
         let states: Array3<f32> = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), "last_hidden_state")?;
         Ok(states.slice(s![0, .., ..]).to_owned())
     }
-}
-
-/// Loads a graph file path for a component folder.
-pub(crate) fn graph_path(model_dir: &Path, component: Component) -> std::path::PathBuf {
-    let file = match component {
-        Component::TransformerSkipLayers => "model_skip_layers.onnx",
-        _ => "model.onnx",
-    };
-    model_dir.join(component.folder()).join(file)
 }
