@@ -156,8 +156,9 @@ impl Sd3PipelineBuilder {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 component: Component::Model,
-                path: dir,
                 hint: "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote".into(),
+                source: std::fs::metadata(&dir).err(),
+                path: dir,
             });
         }
         check_contained(&dir)?;

@@ -33,14 +33,15 @@ impl Sd3Pipeline {
         let (b, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
         let expected = [b, 3, h * f, w * f];
         if sample.shape() != expected {
-            return Err(Error::Inference {
-                component: Component::VaeDecoder,
-                message: format!(
+            return Err(Error::inference(
+                Component::VaeDecoder,
+                format!(
                     "`sample` has shape {:?} for latents of shape {:?}; expected {expected:?} (the VAE factor is {f})",
                     sample.shape(),
                     z.shape()
                 ),
-            });
+                None,
+            ));
         }
         Ok(sample)
     }
@@ -123,7 +124,7 @@ fn blend(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize, axis: usize) -> Re
 pub(super) fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
     let shape = a.shape().to_vec();
     a.into_dimensionality::<Ix4>()
-        .map_err(|_| Error::Inference { component, message: format!("expected a rank-4 output, got shape {shape:?}") })
+        .map_err(|_| Error::inference(component, format!("expected a rank-4 output, got shape {shape:?}"), None))
 }
 
 #[cfg(test)]

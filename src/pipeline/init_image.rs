@@ -76,16 +76,17 @@ pub(super) fn sample_posterior(parameters: ArrayView4<'_, f32>, eps: &Array4<f32
     let c2 = parameters.shape()[1];
     let c = eps.shape()[1];
     if c2 != 2 * c || parameters.shape()[2..] != eps.shape()[2..] {
-        return Err(Error::Inference {
-            component: crate::error::Component::VaeEncoder,
-            message: format!(
+        return Err(Error::inference(
+            crate::error::Component::VaeEncoder,
+            format!(
                 "latent_parameters has shape {:?}; expected [1, {}, {}, {}] (mean and log variance)",
                 parameters.shape(),
                 2 * c,
                 eps.shape()[2],
                 eps.shape()[3]
             ),
-        });
+            None,
+        ));
     }
     let mean = parameters.slice(s![.., ..c, .., ..]);
     let logvar = parameters.slice(s![.., c.., .., ..]);

@@ -488,10 +488,11 @@ fn velocity(
     )?;
     let v = out.pop().ok_or_else(|| Error::internal("the transformer session returned no output"))?;
     if v.shape() != hidden.shape() {
-        return Err(Error::Inference {
-            component: graph.component,
-            message: format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
-        });
+        return Err(Error::inference(
+            graph.component,
+            format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
+            None,
+        ));
     }
     Ok(v.as_standard_layout().into_owned().into_raw_vec_and_offset().0)
 }
@@ -504,5 +505,6 @@ fn missing_vae_encoder(dir: &Path) -> Error {
         hint: "img2img and inpainting encode the init image with the VAE encoder; export it too (optimum-cli \
                exports vae_encoder/ by default; models/export/export_sd3.py --components vae_encoder)"
             .into(),
+        source: None,
     }
 }

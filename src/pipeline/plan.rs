@@ -326,6 +326,7 @@ impl Sd3Pipeline {
                 hint: "skip-layer guidance needs a transformer graph with the skipped blocks baked out: \
                        models/export/export_sd3.py --skip-layers 7,8,9"
                     .into(),
+                source: None,
             });
         };
         if let Some(wanted) = &slg.layers {

@@ -90,8 +90,12 @@ impl ExecutionProvider {
         component: Component,
         attention: CudaAttention,
     ) -> Result<SessionBuilder> {
-        let unavailable =
-            |reason: String| Error::ExecutionProviderUnavailable { provider: self.to_string(), component, reason };
+        let unavailable = |reason: String| Error::ExecutionProviderUnavailable {
+            provider: self.to_string(),
+            component,
+            reason,
+            source: None,
+        };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
             ExecutionProvider::Cuda { device_id } => register_cuda(builder, *device_id, attention).map_err(unavailable),

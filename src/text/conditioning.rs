@@ -101,12 +101,13 @@ impl TextEncoders {
         context.slice_mut(s![0, ..clip.shape()[0], ..clip_width]).assign(&clip);
         context.slice_mut(s![0, clip.shape()[0].., ..]).assign(&t5);
         let pooled = concatenate(Axis(0), &[pooled[0].view(), pooled[1].view()])
-            .map_err(|e| self.shape_error(e.to_string()))?
+            .map_err(|e| Error::internal(format!("joining the pooled CLIP vectors: {e}")))?
             .insert_axis(Axis(0));
         Ok(TextConditioning { context, pooled })
     }
 
+    /// The text encoder graphs answered with states that do not fit together.
     fn shape_error(&self, message: String) -> Error {
-        Error::Inference { component: Component::Model, message }
+        Error::inference(Component::Model, message, None)
     }
 }
