@@ -72,5 +72,5 @@ pub use pipeline::{
     StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
-pub use runtime::{CudaAttention, ElementType, ExecutionProvider, TensorRtOptions};
+pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};
 pub use scheduler::{FlowMatchConfig, Sampler, SamplerKind, Schedule};

@@ -66,7 +66,8 @@ pub struct TransformerConfig {
 impl TransformerConfig {
     /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
     /// `models/transformers/transformer_sd3.py`).
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let hint = "optimum-cli export writes transformer/config.json; copy it from the diffusers repo";
         read_config(Component::Transformer, path, hint, Self::from_json_str)
     }
@@ -112,7 +113,8 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Reads the VAE config. `scaling_factor` and `block_out_channels` are required: a wrong default would
     /// silently change every image.
-    pub fn from_file(component: Component, path: &Path) -> Result<Self> {
+    pub fn from_file(component: Component, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let hint = "optimum-cli export writes the VAE config next to the VAE graphs";
         read_config(component, path, hint, Self::from_json_str)
     }

@@ -72,7 +72,7 @@ struct Denoised {
 
 impl Sd3Pipeline {
     /// Starts configuring a pipeline for the model folder `model_dir`.
-    pub fn builder(model_dir: impl Into<PathBuf>) -> Sd3PipelineBuilder {
+    pub fn builder(model_dir: impl AsRef<Path>) -> Sd3PipelineBuilder {
         Sd3PipelineBuilder::new(model_dir)
     }
 

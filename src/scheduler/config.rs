@@ -63,7 +63,8 @@ impl Default for FlowMatchConfig {
 impl FlowMatchConfig {
     /// Reads `scheduler_config.json`. Options we do not implement (Karras, exponential or beta sigmas,
     /// stochastic sampling) are errors rather than silently ignored.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let component = Component::Scheduler;
         if !path.is_file() {
             return Err(Error::MissingFile {
