@@ -113,6 +113,14 @@ fn run() -> Result<bool, String> {
         a.steps,
         t.elapsed().as_secs_f64()
     );
+    // Different seeds must give different images, or byte-equality would prove nothing (a graph that makes NaN
+    // or constant images, say).
+    let distinct = (0..twins.len()).filter(|&i| twins[..i].iter().all(|t| *t != twins[i])).count();
+    let levels = twins.first().map(|t| t.as_raw().iter().collect::<std::collections::BTreeSet<_>>().len()).unwrap_or(0);
+    println!("{distinct} distinct twins; the first uses {levels} of 256 channel levels");
+    if twins.len() > 1 && distinct < 2 {
+        return Err("the serial twins are all equal: nothing to compare (is the model degenerate?)".into());
+    }
     let twins = Arc::new(twins);
     let mut ok = true;
     for round in 0..a.rounds {
