@@ -46,6 +46,7 @@
 //! owns everything that touches ONNX Runtime. With the `download` feature, `hub` fetches a model folder from the
 //! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 // The crates whose types appear in this crate's API, re-exported so users need not match their versions by hand.
 pub use image;
