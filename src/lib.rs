@@ -46,6 +46,7 @@
 //! owns everything that touches ONNX Runtime. With the `download` feature, `hub` fetches a model folder from the
 //! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The crates whose types appear in this crate's API, re-exported so users need not match their versions by hand.
 pub use image;
@@ -66,6 +67,8 @@ pub mod text;
 
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
+#[cfg(feature = "serde")]
+pub use pipeline::GenerationSummary;
 pub use pipeline::{
     GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
     StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,

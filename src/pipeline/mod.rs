@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
 
 pub use builder::Sd3PipelineBuilder;
+#[cfg(feature = "serde")]
+pub use output::GenerationSummary;
 pub use output::{GenerationOutput, Timings, Warning};
 pub use request::{GenerationRequest, SkipLayerGuidance};
 
