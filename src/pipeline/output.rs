@@ -282,7 +282,6 @@ mod serde_support {
         use super::*;
 
         #[derive(serde::Serialize, serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
         struct Entry {
             component: Component,
             ms: f64,
@@ -304,7 +303,7 @@ mod serde_support {
     /// What [`Warning`](super::Warning) is read through: the same form, with an owned `input` name (a derived
     /// `Deserialize` cannot produce the `&'static str`).
     #[derive(serde::Deserialize)]
-    #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
     pub(super) enum WarningRepr {
         PromptTruncated { encoder: Component, max_tokens: usize, removed_text: String },
         ExecutionProviderFallback { component: Component, reason: String },

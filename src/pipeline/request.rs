@@ -135,6 +135,8 @@ impl SkipLayerGuidance {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+// The JSON form: every field but `prompt` has `serde(default ...)` (the value `Default` gives it) or `serde(skip)`;
+// a new field needs one of them. tests/serde_json.rs pins the whole form.
 #[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 #[non_exhaustive]
 pub struct GenerationRequest {
