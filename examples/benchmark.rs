@@ -117,8 +117,8 @@ fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
         };
         b = b.static_shape(
             StaticShape::new(w, h)
-                .with_guidance(a.request.uses_guidance())
-                .with_max_sequence_length(a.request.max_sequence_length),
+                .guidance(a.request.uses_guidance())
+                .max_sequence_length(a.request.max_sequence_length),
         );
     }
     Ok(b)

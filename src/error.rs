@@ -44,25 +44,6 @@ pub enum Component {
     Scheduler,
 }
 
-impl Component {
-    /// The sub-folder of the model folder this component lives in (empty for [`Component::Model`]).
-    pub fn folder(self) -> &'static str {
-        match self {
-            Component::Model => "",
-            Component::TokenizerClipL => "tokenizer",
-            Component::TokenizerClipG => "tokenizer_2",
-            Component::TokenizerT5 => "tokenizer_3",
-            Component::TextEncoderClipL => "text_encoder",
-            Component::TextEncoderClipG => "text_encoder_2",
-            Component::TextEncoderT5 => "text_encoder_3",
-            Component::Transformer | Component::TransformerSkipLayers => "transformer",
-            Component::VaeDecoder => "vae_decoder",
-            Component::VaeEncoder => "vae_encoder",
-            Component::Scheduler => "scheduler",
-        }
-    }
-}
-
 impl fmt::Display for Component {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {
@@ -249,6 +230,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A bug in sd3-onnx: one of its own invariants did not hold (nothing the caller passed explains it). The
+    /// message says which; please report it with the message and how to reproduce it.
+    #[error("internal error in sd3-onnx (a bug, please report it with this message): {message}")]
+    Internal {
+        /// Which invariant failed.
+        message: String,
+    },
+
     /// The run was stopped by a progress callback or a [`CancellationToken`](crate::CancellationToken).
     #[error("generation cancelled after {step} denoising steps")]
     Cancelled {
@@ -429,6 +418,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::Internal`]: a broken invariant of this crate.
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
+        Error::Internal { message: message.into() }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -57,6 +57,7 @@ pub mod error;
 pub mod hub;
 pub mod imageio;
 pub mod latents;
+mod layout;
 pub mod model_config;
 mod pipeline;
 pub mod preview;

@@ -11,8 +11,8 @@ fn static_shape_matches_the_golden_and_refuses_other_shapes() {
         let case = golden_dir(fixture_name).join("non_square");
         let req = golden_request(&case);
         let shape = StaticShape::new(req.width.unwrap(), req.height.unwrap())
-            .with_guidance(req.uses_guidance())
-            .with_max_sequence_length(req.max_sequence_length);
+            .guidance(req.uses_guidance())
+            .max_sequence_length(req.max_sequence_length);
         let mut pipe = Sd3Pipeline::builder(fixture(fixture_name)).static_shape(shape).build().expect("builds");
         let out = pipe.generate(&req).expect("the static shape's request runs");
         let (max, mean) = pixel_diff(&out.images[0], &load_png(&case.join("diffusers.png")));

@@ -1,7 +1,7 @@
 //! Models from the Hugging Face Hub (feature `download`).
 //!
-//! [`download`] brings the files an [`Sd3Pipeline`] loads from a hub repository into the
-//! Hugging Face cache and returns the snapshot folder; [`Sd3Pipeline::from_hub`] does
+//! [`download`] brings the files an [`Sd3Pipeline`](crate::Sd3Pipeline) loads from a hub repository into the
+//! Hugging Face cache and returns the snapshot folder; [`Sd3Pipeline::from_hub`](crate::Sd3Pipeline::from_hub) does
 //! the same and hands back the builder. The cache is huggingface_hub's (Python), so models downloaded by either are
 //! reused by the other:
 //!
@@ -50,8 +50,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
-use crate::pipeline::{Sd3Pipeline, Sd3PipelineBuilder};
+use crate::error::{Component, Error, Result};
 use cache::RepoCache;
 use settings::Settings;
 use transfer::{Fetch, HubClient};
@@ -250,7 +249,7 @@ impl DownloadOptions {
     }
 
     /// Skips T5 (`text_encoder_3/`, `tokenizer_3/`), the largest download; load the result with
-    /// [`Sd3PipelineBuilder::without_t5`] (which [`Sd3Pipeline::from_hub_with`] does).
+    /// [`Sd3PipelineBuilder::without_t5`](crate::Sd3PipelineBuilder::without_t5) (which [`Sd3Pipeline::from_hub_with`](crate::Sd3Pipeline::from_hub_with) does).
     pub fn without_t5(mut self) -> Self {
         self.t5 = false;
         self
@@ -285,7 +284,7 @@ impl DownloadOptions {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Snapshot {
-    /// `<cache>/models--org--name/snapshots/<commit>`: the model folder to give [`Sd3Pipeline::builder`].
+    /// `<cache>/models--org--name/snapshots/<commit>`: the model folder to give [`Sd3Pipeline::builder`](crate::Sd3Pipeline::builder).
     pub dir: PathBuf,
     /// The commit the revision resolved to.
     pub commit: String,
@@ -430,8 +429,8 @@ fn from_cache(repo: &HubRepo, options: &DownloadOptions, cache: &RepoCache) -> R
     let files = select::pipeline_files(&local, options).map_err(|m| not_cached(m.file))?;
     // Online, T5 is fetched when the repository has it. Offline the listing is unknown, so model_index.json says
     // whether the model has a T5; one that is not in the cache is an error rather than a silent no-T5 run.
-    let t5 = "text_encoder_3/model.onnx";
-    if options.t5 && !local.iter().any(|f| f == t5) && names_t5(&dir) {
+    let t5 = crate::layout::repo_path(Component::TextEncoderT5, crate::layout::GRAPH_FILE);
+    if options.t5 && !local.contains(&t5) && names_t5(&dir) {
         return Err(not_cached(format!("{t5} (or download without T5)")));
     }
     for (index, file) in files.iter().enumerate() {
@@ -452,38 +451,14 @@ fn from_cache(repo: &HubRepo, options: &DownloadOptions, cache: &RepoCache) -> R
 
 /// Whether a snapshot's `model_index.json` declares a T5 encoder (`"text_encoder_3": ["transformers", ...]`).
 fn names_t5(dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(dir.join("model_index.json"))
+    std::fs::read_to_string(dir.join(crate::layout::MODEL_INDEX))
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|index| index.get("text_encoder_3")?.get(0).map(|library| !library.is_null()))
+        .and_then(|index| index.get(Component::TextEncoderT5.folder())?.get(0).map(|library| !library.is_null()))
         .unwrap_or(false)
 }
 
 /// A full commit hash: 40 lowercase hex digits (huggingface_hub's `REGEX_COMMIT_HASH`).
 pub(crate) fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-impl Sd3Pipeline {
-    /// Downloads `repo` (`org/name` or `org/name@revision`) from the Hugging Face Hub into the cache, with the
-    /// settings of the environment (see [`hub`](crate::hub)), and returns a builder for the snapshot. Needs the
-    /// `download` feature.
-    ///
-    /// ```no_run
-    /// # fn main() -> sd3_onnx::Result<()> {
-    /// let mut pipe = sd3_onnx::Sd3Pipeline::from_hub("org/sd3-medium-onnx@main")?.build()?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn from_hub(repo: &str) -> Result<Sd3PipelineBuilder> {
-        Sd3Pipeline::from_hub_with(&HubRepo::parse(repo)?, &DownloadOptions::new())
-    }
-
-    /// [`Sd3Pipeline::from_hub`] with options. Without T5 in the options, the builder is set to no-T5 mode too
-    /// (the snapshot folder may hold T5 from an earlier download).
-    pub fn from_hub_with(repo: &HubRepo, options: &DownloadOptions) -> Result<Sd3PipelineBuilder> {
-        let snapshot = download(repo, options)?;
-        let builder = Sd3Pipeline::builder(snapshot.dir);
-        Ok(if options.t5 { builder } else { builder.without_t5() })
-    }
 }

@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 
 use super::DownloadOptions;
+use crate::error::Component;
+use crate::layout::{self, repo_path, GRAPH_FILE, SKIP_LAYERS_GRAPH_FILE};
 
 /// A required file the listing lacks, with what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,41 +30,44 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
         }
     };
 
-    if has("model_index.json") {
-        picked.insert("model_index.json".to_string());
+    if has(layout::MODEL_INDEX) {
+        picked.insert(layout::MODEL_INDEX.to_string());
     }
-    for file in ["scheduler/scheduler_config.json", "transformer/config.json", "vae_decoder/config.json"] {
-        if !has(file) {
-            return Err(missing(file, not_onnx()));
+    for component in [Component::Scheduler, Component::Transformer, Component::VaeDecoder] {
+        let file = repo_path(component, component.config_file().unwrap_or_default());
+        if !has(&file) {
+            return Err(missing(&file, not_onnx()));
         }
-        picked.insert(file.to_string());
+        picked.insert(file);
     }
 
-    let use_t5 = options.t5 && has("text_encoder_3/model.onnx");
-    let mut graphs = vec!["text_encoder", "text_encoder_2", "transformer", "vae_decoder"];
-    let mut tokenizers = vec!["tokenizer", "tokenizer_2"];
+    let use_t5 = options.t5 && has(&repo_path(Component::TextEncoderT5, GRAPH_FILE));
+    let mut graphs =
+        vec![Component::TextEncoderClipL, Component::TextEncoderClipG, Component::Transformer, Component::VaeDecoder];
+    let mut tokenizers = vec![Component::TokenizerClipL, Component::TokenizerClipG];
     if use_t5 {
-        graphs.push("text_encoder_3");
-        tokenizers.push("tokenizer_3");
+        graphs.push(Component::TextEncoderT5);
+        tokenizers.push(Component::TokenizerT5);
     }
     if options.vae_encoder {
-        graphs.push("vae_encoder");
+        graphs.push(Component::VaeEncoder);
     }
-    for folder in graphs {
-        let hint = if folder == "vae_encoder" {
+    for component in graphs {
+        let folder = component.folder();
+        let hint = if component == Component::VaeEncoder {
             "img2img and inpainting need the VAE encoder graph; download without the VAE encoder for text-to-image"
                 .to_string()
         } else {
             not_onnx()
         };
-        graph(files, folder, "model.onnx", &mut picked).map_err(|f| missing(&f, hint))?;
+        graph(files, folder, GRAPH_FILE, &mut picked).map_err(|f| missing(&f, hint))?;
         let config = format!("{folder}/config.json");
         if has(&config) {
             picked.insert(config);
         }
     }
     if options.skip_layers {
-        graph(files, "transformer", "model_skip_layers.onnx", &mut picked).map_err(|f| {
+        graph(files, Component::TransformerSkipLayers.folder(), SKIP_LAYERS_GRAPH_FILE, &mut picked).map_err(|f| {
             missing(
                 &f,
                 "skip-layer guidance needs a skip-layer graph (models/export/export_sd3.py --skip-layers); \
@@ -71,7 +76,7 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
             )
         })?;
     }
-    for folder in tokenizers {
+    for folder in tokenizers.into_iter().map(Component::folder) {
         let before = picked.len();
         // Every file of a tokenizer folder: the tokenizer itself in either layout and its small configs.
         picked.extend(files.iter().filter(|f| in_folder(f, folder).is_some()).cloned());

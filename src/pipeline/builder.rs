@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use super::{Limits, ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
+use crate::layout::{self, graph_path};
 use crate::model_config::{TransformerConfig, VaeConfig, Variant};
 use crate::runtime::{self, CudaAttention, ElementType, ExecutionProvider, Graph, SessionConfig};
 use crate::scheduler::FlowMatchConfig;
-use crate::text::encoders::{graph_path, ClipEncoder, T5Encoder};
+use crate::text::encoders::{ClipEncoder, T5Encoder};
 use crate::text::{PromptTokenizer, TextEncoders};
 
 /// Configures and loads an [`Sd3Pipeline`]. Created by [`Sd3Pipeline::builder`].
@@ -160,22 +161,25 @@ impl Sd3PipelineBuilder {
             });
         }
         check_contained(&dir)?;
-        let mut scheduler = FlowMatchConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let mut scheduler = FlowMatchConfig::from_file(&layout::config_path(&dir, Component::Scheduler))?;
         if let Some(shift) = self.shift {
             if !shift.is_finite() || shift <= 0.0 {
                 return Err(Error::request("shift", shift, "the scheduler shift must be a positive number"));
             }
             scheduler.shift = shift;
         }
-        let transformer_config = TransformerConfig::from_file(&dir.join("transformer").join("config.json"))?;
-        let vae_config = VaeConfig::from_file(Component::VaeDecoder, &dir.join("vae_decoder").join("config.json"))?;
+        let transformer_config = TransformerConfig::from_file(&layout::config_path(&dir, Component::Transformer))?;
+        let vae_config =
+            VaeConfig::from_file(Component::VaeDecoder, &layout::config_path(&dir, Component::VaeDecoder))?;
 
-        let tok_l = PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join("tokenizer"))?;
-        let tok_g = PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join("tokenizer_2"))?;
+        let tok_l =
+            PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join(Component::TokenizerClipL.folder()))?;
+        let tok_g =
+            PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join(Component::TokenizerClipG.folder()))?;
         let t5_dir = dir.join(Component::TextEncoderT5.folder());
         let use_t5 = self.use_t5 && t5_dir.exists();
         let tok_t5 = if use_t5 {
-            Some(PromptTokenizer::load_t5(Component::TokenizerT5, &dir.join("tokenizer_3"))?)
+            Some(PromptTokenizer::load_t5(Component::TokenizerT5, &dir.join(Component::TokenizerT5.folder()))?)
         } else {
             None
         };
@@ -278,20 +282,6 @@ impl Sd3PipelineBuilder {
     }
 }
 
-/// Everything the pipeline reads lives in these sub-folders (and `model_index.json`).
-const READ_FOLDERS: &[&str] = &[
-    "scheduler",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "transformer",
-    "vae_decoder",
-    "vae_encoder",
-];
-
 /// Refuses symbolic links that lead out of the model folder: nothing outside it is read. The one exception is
 /// the Hugging Face cache layout, where `models--org--name/snapshots/<rev>/...` files link to
 /// `models--org--name/blobs/`. (External-data locations inside ONNX files are ONNX Runtime's to check.)
@@ -311,8 +301,8 @@ fn check_contained(dir: &Path) -> Result<()> {
             Err(Error::OutsideModelFolder { path: path.to_path_buf(), target, folder: dir.to_path_buf() })
         }
     };
-    check(&dir.join("model_index.json"))?;
-    for folder in READ_FOLDERS {
+    check(&dir.join(layout::MODEL_INDEX))?;
+    for folder in layout::folders() {
         let sub = dir.join(folder);
         check(&sub)?;
         let Ok(entries) = std::fs::read_dir(&sub) else { continue };
@@ -325,7 +315,7 @@ fn check_contained(dir: &Path) -> Result<()> {
 
 /// The model's name: `_name_or_path` of model_index.json, else the folder name.
 fn model_name(dir: &Path) -> String {
-    let from_index = std::fs::read_to_string(dir.join("model_index.json"))
+    let from_index = std::fs::read_to_string(dir.join(layout::MODEL_INDEX))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(str::to_string));

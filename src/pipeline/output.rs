@@ -69,6 +69,12 @@ impl Warning {
     }
 }
 
+impl From<crate::text::Truncation> for Warning {
+    fn from(t: crate::text::Truncation) -> Self {
+        Warning::PromptTruncated { encoder: t.encoder, max_tokens: t.max_tokens, removed_text: t.removed_text }
+    }
+}
+
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -24,7 +24,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{euler_step, linspace, FlowMatchConfig, TimeShiftType};
+use super::{euler_step, linspace, FlowMatchConfig, Schedule, TimeShiftType};
 use crate::error::{Error, Result};
 
 /// Upper bound for `num_train_timesteps` (the same bound `FlowMatchConfig::from_json` enforces), which also
@@ -219,6 +219,30 @@ impl Sampler {
         Ok(Sampler { kind, timesteps, sigmas, index: 0, numel: None, state })
     }
 
+    /// FlowMatch Euler over an explicit schedule: the one [`FlowMatchConfig::schedule`] returns, or part of it
+    /// ([`Schedule::skip`]: img2img and inpainting start part-way down). `Sampler::new(SamplerKind::Euler, ..)`
+    /// is `Sampler::euler(config.schedule(..)?)`.
+    ///
+    /// ```
+    /// use sd3_onnx::scheduler::{FlowMatchConfig, Sampler};
+    /// # fn main() -> sd3_onnx::Result<()> {
+    /// let full = FlowMatchConfig::default().schedule(10, None)?;
+    /// let img2img = Sampler::euler(full.skip(4)); // strength 0.6 of 10 steps
+    /// assert_eq!(img2img.len(), 6);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn euler(schedule: Schedule) -> Sampler {
+        Sampler {
+            kind: SamplerKind::Euler,
+            timesteps: schedule.timesteps,
+            sigmas: schedule.sigmas,
+            index: 0,
+            numel: None,
+            state: State::Euler,
+        }
+    }
+
     /// Which sampler this is.
     pub fn kind(&self) -> SamplerKind {
         self.kind
@@ -294,6 +318,13 @@ impl Sampler {
                 "sample",
                 sample.len(),
                 format!("the sample must keep the length of the first step ({n}) for the whole run"),
+            ));
+        }
+        if self.sigmas.len() <= i + 1 {
+            return Err(Error::request(
+                "sigmas",
+                self.sigmas.len(),
+                format!("evaluation {i} needs sigmas {i} and {} (a schedule has one more sigma than timesteps)", i + 1),
             ));
         }
         self.numel = Some(sample.len());

@@ -8,7 +8,6 @@ use ndarray::{concatenate, s, Array2, Array3, Axis};
 
 use super::encoders::{ClipEncoder, T5Encoder};
 use crate::error::{Component, Error, Result};
-use crate::pipeline::Warning;
 
 /// What the transformer is conditioned on for one prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +16,17 @@ pub struct TextConditioning {
     pub context: Array3<f32>,
     /// `pooled_projections`: `[1, clip_l_proj + clip_g_proj]`.
     pub pooled: Array2<f32>,
+}
+
+/// A prompt that did not fit an encoder: the pipeline reports it as `Warning::PromptTruncated`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Truncation {
+    /// The encoder whose tokenizer cut the prompt.
+    pub encoder: Component,
+    /// That encoder's token budget.
+    pub max_tokens: usize,
+    /// The text that was dropped.
+    pub removed_text: String,
 }
 
 /// The three encoders and what is needed to join their outputs.
@@ -33,20 +43,20 @@ pub(crate) struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// Encodes one prompt. Truncations are appended to `warnings`.
+    /// Encodes one prompt. Truncations are appended to `truncations`.
     pub fn encode(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
-        warnings: &mut Vec<Warning>,
+        truncations: &mut Vec<Truncation>,
     ) -> Result<TextConditioning> {
         let mut clip_states = Vec::with_capacity(2);
         let mut pooled = Vec::with_capacity(2);
         for enc in [&mut self.clip_l, &mut self.clip_g] {
             let tokens = enc.tokenizer.encode(prompt, self.clip_len)?;
             if let Some(removed) = &tokens.removed_text {
-                warnings.push(Warning::PromptTruncated {
+                truncations.push(Truncation {
                     encoder: enc.component(),
                     max_tokens: self.clip_len,
                     removed_text: removed.clone(),
@@ -69,7 +79,7 @@ impl TextEncoders {
             Some(t5) => {
                 let tokens = t5.tokenizer.encode(prompt, max_sequence_length)?;
                 if let Some(removed) = &tokens.removed_text {
-                    warnings.push(Warning::PromptTruncated {
+                    truncations.push(Truncation {
                         encoder: Component::TextEncoderT5,
                         max_tokens: max_sequence_length,
                         removed_text: removed.clone(),

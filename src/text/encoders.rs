@@ -1,8 +1,6 @@
 //! The three text encoder graphs: CLIP-L and CLIP-G (penultimate hidden states + pooled projection) and T5.
 
-use std::path::Path;
-
-use ndarray::{s, Array1, Array2, Array3, Axis, Ix2, Ix3};
+use ndarray::{Array1, Array2, Array3, Axis, Ix2, Ix3};
 
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
 use crate::error::{Component, Error, Result};
@@ -158,15 +156,17 @@ impl T5Encoder {
         let component = self.graph.component;
         let mut out = self.graph.run(&[("input_ids", Input::Int64(ids.view().into_dyn()))], &["last_hidden_state"])?;
         let states: Array3<f32> = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), "last_hidden_state")?;
-        Ok(states.slice(s![0, .., ..]).to_owned())
+        // One prompt in, one out: a graph that answers with another batch (0 included) is reported, not indexed.
+        if states.shape()[0] != 1 {
+            return Err(Error::Inference {
+                component,
+                message: format!(
+                    "last_hidden_state has shape {:?} for a batch of one prompt; expected [1, {}, width]",
+                    states.shape(),
+                    tokens.ids.len()
+                ),
+            });
+        }
+        Ok(states.index_axis_move(Axis(0), 0))
     }
-}
-
-/// Loads a graph file path for a component folder.
-pub(crate) fn graph_path(model_dir: &Path, component: Component) -> std::path::PathBuf {
-    let file = match component {
-        Component::TransformerSkipLayers => "model_skip_layers.onnx",
-        _ => "model.onnx",
-    };
-    model_dir.join(component.folder()).join(file)
 }

@@ -5,5 +5,5 @@ pub(crate) mod encoders;
 mod tokenizer;
 
 pub use conditioning::TextConditioning;
-pub(crate) use conditioning::TextEncoders;
+pub(crate) use conditioning::{TextEncoders, Truncation};
 pub use tokenizer::{PromptTokenizer, TokenizedPrompt};
