@@ -47,6 +47,7 @@
 //! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The crates whose types appear in this crate's API, re-exported so users need not match their versions by hand.
 pub use image;
@@ -68,6 +69,8 @@ pub mod text;
 
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
+#[cfg(feature = "serde")]
+pub use pipeline::GenerationSummary;
 pub use pipeline::{
     GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
     StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,

@@ -26,6 +26,8 @@ use ndarray::{concatenate, Array1, Array4, ArrayD, Axis};
 pub use builder::Sd3PipelineBuilder;
 pub use info::{ModelInfo, StaticShape};
 pub use limits::{Limits, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH};
+#[cfg(feature = "serde")]
+pub use output::GenerationSummary;
 pub use output::{GenerationOutput, Timings, Warning};
 pub use request::{GenerationRequest, SkipLayerGuidance};
 
