@@ -42,6 +42,7 @@ fn positive_int(v: &Value, key: &str, default: Option<u64>) -> std::result::Resu
 
 /// `transformer/config.json` (diffusers `SD3Transformer2DModel`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct TransformerConfig {
     /// Latent patch size (2 for SD3).
     pub patch_size: usize,
@@ -96,6 +97,7 @@ impl TransformerConfig {
 
 /// The VAE config (`vae_decoder/config.json`, diffusers `AutoencoderKL`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct VaeConfig {
     /// Pixels per latent along each axis: `2 ^ (len(block_out_channels) - 1)` (8 for SD3), as the SD3 pipeline
     /// computes `vae_scale_factor`.
@@ -174,7 +176,7 @@ pub enum Variant {
 
 impl Variant {
     /// Detects the variant from the transformer config and a name (model_index `_name_or_path`, folder name).
-    pub fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
+    pub(crate) fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
         if name.to_ascii_lowercase().contains("sd3-nano") {
             Variant::Sd3Nano
         } else if transformer.qk_norm.is_none() {

@@ -208,16 +208,15 @@ fn warnings_are_tagged_objects() {
 
 #[test]
 fn timings_are_milliseconds() {
-    let timings = Timings {
-        text_encoding: Duration::from_nanos(12_345_678),
-        denoising: Duration::from_millis(250),
-        steps: vec![Duration::from_nanos(124_999_999), Duration::from_nanos(125_000_001)],
-        vae_decode: Duration::from_micros(7),
-        total: Duration::new(86_400 * 20, 999_999_999), // 20 days: nanoseconds still survive
-        onnx_runtime: Duration::from_nanos(1),
-        components: vec![(Component::Transformer, Duration::from_millis(200))],
-        load: Duration::ZERO,
-    };
+    let mut timings = Timings::default();
+    timings.text_encoding = Duration::from_nanos(12_345_678);
+    timings.denoising = Duration::from_millis(250);
+    timings.steps = vec![Duration::from_nanos(124_999_999), Duration::from_nanos(125_000_001)];
+    timings.vae_decode = Duration::from_micros(7);
+    timings.total = Duration::new(86_400 * 20, 999_999_999);
+    timings.onnx_runtime = Duration::from_nanos(1);
+    timings.components = vec![(Component::Transformer, Duration::from_millis(200))];
+    timings.load = Duration::ZERO;
     let value = serde_json::to_value(&timings).unwrap();
     assert_eq!(
         value,

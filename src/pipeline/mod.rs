@@ -88,8 +88,8 @@ impl Sd3Pipeline {
         &self.info
     }
 
-    /// A request for `prompt` with this model's default steps, guidance ([`Variant::defaults`]) and T5 token
-    /// count ([`Variant::default_max_sequence_length`]); override them with the request's setters.
+    /// A request for `prompt` with this model's default steps, guidance ([`Variant::defaults`](crate::Variant::defaults)) and T5 token
+    /// count ([`Variant::default_max_sequence_length`](crate::Variant::default_max_sequence_length)); override them with the request's setters.
     pub fn request(&self, prompt: impl Into<String>) -> GenerationRequest {
         let (steps, guidance) = self.info.variant.defaults();
         GenerationRequest::new(prompt)

@@ -99,6 +99,7 @@ impl fmt::Display for Warning {
 /// below about 26 days (2^51 ns); negative or non-finite milliseconds are an error.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct Timings {
     /// Tokenization and the text encoders (prompt and negative prompt).
     #[cfg_attr(feature = "serde", serde(rename = "text_encoding_ms", with = "serde_support::ms"))]

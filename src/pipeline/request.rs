@@ -75,7 +75,7 @@ impl SkipLayerGuidance {
 
     /// Whether SLG applies at step `i` of `steps` (diffusers `StableDiffusion3Pipeline.__call__`:
     /// `i > num_inference_steps * start and i < num_inference_steps * stop`, in Python floats).
-    pub fn applies(&self, i: usize, steps: usize) -> bool {
+    pub(crate) fn applies(&self, i: usize, steps: usize) -> bool {
         let (i, n) = (i as f64, steps as f64);
         i > n * self.start && i < n * self.stop
     }

@@ -14,6 +14,7 @@ use crate::error::{Component, Error, Result};
 
 /// A prompt turned into exactly `max_len` token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TokenizedPrompt {
     /// Token ids, padded or truncated to the requested length, special tokens included.
     pub ids: Vec<i64>,
