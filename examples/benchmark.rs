@@ -105,11 +105,12 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
-    let mut b = Sd3Pipeline::builder(&a.model)
-        .execution_provider(a.ep.clone())
-        .low_memory(a.low_memory)
-        .vae_tiling(a.vae_tiling)
-        .cuda_attention(a.attention);
+    // The attention kernels are an option of the CUDA provider.
+    let ep = match &a.ep {
+        ExecutionProvider::Cuda(o) => ExecutionProvider::Cuda(o.clone().attention(a.attention)),
+        other => other.clone(),
+    };
+    let mut b = Sd3Pipeline::builder(&a.model).execution_provider(ep).low_memory(a.low_memory).vae_tiling(a.vae_tiling);
     if a.static_shape {
         let (w, h) = match (a.request.width, a.request.height) {
             (Some(w), Some(h)) => (w, h),

@@ -218,7 +218,7 @@ fn run(args: Args) -> Result<(), String> {
     let t = Instant::now();
     let mut builder = Sd3Pipeline::builder(&model).execution_provider(ep).low_memory(low_memory).vae_tiling(vae_tiling);
     if no_t5 {
-        builder = builder.without_t5();
+        builder = builder.t5(false);
     }
     if let Some(shift) = shift {
         builder = builder.shift(shift);
@@ -303,13 +303,13 @@ fn hub_model(spec: &str, needs: Needs) -> Result<PathBuf, String> {
     let repo = HubRepo::parse(spec).map_err(|e| e.to_string())?;
     let mut options = DownloadOptions::new();
     if !needs.t5 {
-        options = options.without_t5();
+        options = options.t5(false);
     }
     if needs.vae_encoder {
-        options = options.with_vae_encoder();
+        options = options.vae_encoder(true);
     }
     if needs.skip_layers {
-        options = options.with_skip_layers();
+        options = options.skip_layers(true);
     }
     // One line per file when it is complete, and one per 64 MB while a large file arrives.
     let printed = AtomicU64::new(0);

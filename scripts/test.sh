@@ -10,13 +10,18 @@ cargo test "$@"
 # from a local hub on 127.0.0.1 (no network needed).
 cargo test --features download --lib --test hub
 cargo test --quiet --features download --doc hub
+# The serde feature: requests and output summaries to and from JSON (and the request's JSON doctest).
+cargo test --features serde --test serde_json
+cargo test --quiet --features serde --doc GenerationRequest
+# The pipeline from tokio (spawn_blocking, a run cancelled from an async task); exits non-zero on anything unexpected.
+cargo run --quiet --features serde --example tokio -- models/sd3-nano
 # Lints and docs: warnings are errors. Clippy runs without features and with all of them: the execution-provider
 # code paths (cuda, tensorrt, directml) compile behind their features without their libraries, and the example
 # has code for both sides of `download`. Without clippy in the toolchain, `cargo check` does the compiling.
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --quiet --all-targets -- -D warnings
-  cargo clippy --quiet --all-targets --features cuda,tensorrt,directml,download -- -D warnings
+  cargo clippy --quiet --all-targets --features cuda,tensorrt,directml,download,serde -- -D warnings
 else
-  cargo check --quiet --features cuda,tensorrt,directml,download --all-targets
+  cargo check --quiet --features cuda,tensorrt,directml,download,serde --all-targets
 fi
-RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --features download
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --features download,serde

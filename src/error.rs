@@ -57,7 +57,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A part of an SD3 model folder.
+///
+/// With the `serde` feature it is written as its variant name in snake case (`"text_encoder_t5"`,
+/// `"transformer"`, `"transformer_skip_layers"`, `"vae_decoder"`, ...), a stable name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum Component {
     /// The folder as a whole.

@@ -46,7 +46,8 @@ pub const PARAMETERS_KEYWORD: &str = "parameters";
 
 /// Writes `image` as PNG, with `parameters` (if any) in a `parameters` text chunk: `tEXt` when the text is
 /// Latin-1, `iTXt` (UTF-8) otherwise.
-pub fn save_png(path: &Path, image: &RgbImage, parameters: Option<&str>) -> Result<()> {
+pub fn save_png(path: impl AsRef<Path>, image: &RgbImage, parameters: Option<&str>) -> Result<()> {
+    let path = path.as_ref();
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let png_err = |e: png::EncodingError| match e {
         png::EncodingError::IoError(io) => Error::io(path, io),
@@ -72,7 +73,8 @@ pub fn save_png(path: &Path, image: &RgbImage, parameters: Option<&str>) -> Resu
 }
 
 /// Reads the `parameters` text chunk of a PNG file, if it has one.
-pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
+pub fn read_png_parameters(path: impl AsRef<Path>) -> Result<Option<String>> {
+    let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
     let png_err = |what: &str, e: png::DecodingError| match e {
@@ -99,13 +101,15 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
 }
 
 /// Reads a PNG picture for img2img / inpainting as 8-bit RGB (alpha dropped; 16-bit samples scaled to 8).
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
+    let path = path.as_ref();
     decode_rgb(&read(path)?).map_err(|e| e.in_file(path))
 }
 
 /// Reads a PNG inpainting mask as 8-bit gray. Colour pictures become gray as PIL's `convert("L")` does
 /// (what diffusers' mask processor calls): `(R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16`, alpha ignored.
-pub fn load_mask(path: &Path) -> Result<GrayImage> {
+pub fn load_mask(path: impl AsRef<Path>) -> Result<GrayImage> {
+    let path = path.as_ref();
     decode_mask(&read(path)?).map_err(|e| e.in_file(path))
 }
 

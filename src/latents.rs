@@ -222,7 +222,8 @@ fn cephes_sincos(theta: f32) -> (f32, f32) {
 }
 
 /// Reads a little-endian float32 `.npy` file (C order) of any rank.
-pub fn read_npy_f32(path: &Path) -> Result<ArrayD<f32>> {
+pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
+    let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     parse_npy_f32(&bytes).map_err(|e| e.in_file(path))
 }
@@ -289,7 +290,8 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String
 }
 
 /// Writes a float32 `.npy` file (version 1.0, C order).
-pub fn write_npy_f32(path: &Path, array: &ArrayD<f32>) -> Result<()> {
+pub fn write_npy_f32(path: impl AsRef<Path>, array: &ArrayD<f32>) -> Result<()> {
+    let path = path.as_ref();
     let dims: Vec<String> = array.shape().iter().map(|d| d.to_string()).collect();
     let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");

@@ -46,6 +46,8 @@
 //! owns everything that touches ONNX Runtime. With the `download` feature, `hub` fetches a model folder from the
 //! Hugging Face Hub into the Hugging Face cache (`Sd3Pipeline::from_hub("org/name")`).
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The crates whose types appear in this crate's API, re-exported so users need not match their versions by hand.
 pub use image;
@@ -67,10 +69,12 @@ pub mod text;
 
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
+#[cfg(feature = "serde")]
+pub use pipeline::GenerationSummary;
 pub use pipeline::{
     GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
     StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
-pub use runtime::{CudaAttention, ElementType, ExecutionProvider, TensorRtOptions};
+pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};
 pub use scheduler::{FlowMatchConfig, Sampler, SamplerKind, Schedule};

@@ -50,6 +50,7 @@ fn positive_int(v: &Value, key: &str, default: Option<u64>) -> std::result::Resu
 
 /// `transformer/config.json` (diffusers `SD3Transformer2DModel`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct TransformerConfig {
     /// Latent patch size (2 for SD3).
     pub patch_size: usize,
@@ -74,7 +75,8 @@ pub struct TransformerConfig {
 impl TransformerConfig {
     /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
     /// `models/transformers/transformer_sd3.py`).
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let hint = "optimum-cli export writes transformer/config.json; copy it from the diffusers repo";
         read_config(Component::Transformer, path, hint, Self::from_json_str)
     }
@@ -107,6 +109,7 @@ impl TransformerConfig {
 
 /// The VAE config (`vae_decoder/config.json`, diffusers `AutoencoderKL`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct VaeConfig {
     /// Pixels per latent along each axis: `2 ^ (len(block_out_channels) - 1)` (8 for SD3), as the SD3 pipeline
     /// computes `vae_scale_factor`.
@@ -124,7 +127,8 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Reads the VAE config. `scaling_factor` and `block_out_channels` are required: a wrong default would
     /// silently change every image.
-    pub fn from_file(component: Component, path: &Path) -> Result<Self> {
+    pub fn from_file(component: Component, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let hint = "optimum-cli export writes the VAE config next to the VAE graphs";
         read_config(component, path, hint, Self::from_json_str)
     }
@@ -188,7 +192,7 @@ pub enum Variant {
 
 impl Variant {
     /// Detects the variant from the transformer config and a name (model_index `_name_or_path`, folder name).
-    pub fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
+    pub(crate) fn detect(transformer: &TransformerConfig, name: &str) -> Variant {
         if name.to_ascii_lowercase().contains("sd3-nano") {
             Variant::Sd3Nano
         } else if transformer.qk_norm.is_none() {

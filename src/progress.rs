@@ -26,11 +26,6 @@ pub struct StepProgress {
     pub previews: Vec<image::RgbImage>,
 }
 
-/// A progress callback: return [`ControlFlow::Continue`] to go on or [`ControlFlow::Break`] to stop the run
-/// with [`Error::Cancelled`](crate::Error::Cancelled).
-pub trait ProgressCallback: FnMut(&StepProgress) -> ControlFlow<()> {}
-impl<F: FnMut(&StepProgress) -> ControlFlow<()>> ProgressCallback for F {}
-
 /// Stops a running generation from any thread: the run checks it before every denoising step (and before
 /// decoding) and returns [`Error::Cancelled`](crate::Error::Cancelled), so it stops within one step. Clones share
 /// the same flag. A pipeline stays usable after a cancelled run.

@@ -70,7 +70,7 @@ fn io_errors_keep_the_io_error_as_their_source() {
     let e = sd3_onnx::latents::read_npy_f32(&missing).unwrap_err();
     assert!(matches!(&e, Error::Io { path, .. } if *path == missing), "{e:?}");
     assert_eq!(io_source(&e).map(std::io::Error::kind), Some(ErrorKind::NotFound), "{e:?}");
-    let e = sd3_onnx::imageio::load_rgb(&missing.with_extension("png")).unwrap_err();
+    let e = sd3_onnx::imageio::load_rgb(missing.with_extension("png")).unwrap_err();
     assert!(matches!(e, Error::Io { .. }), "{e:?}");
     assert_eq!(io_source(&e).map(std::io::Error::kind), Some(ErrorKind::NotFound), "{e:?}");
 }

@@ -79,7 +79,7 @@ fn latents_of_the_wrong_shape_or_with_nan_are_rejected() {
     assert!(matches!(p.generate(&base().latents(nan)), Err(Error::InvalidLatents { .. })));
     // Not a float32 .npy.
     std::fs::write(dir.join("bad.npy"), b"\x93NUMPY\x01\x00\x10\x00{'descr': '<i8'}").unwrap();
-    assert!(matches!(read_npy_f32(&dir.join("bad.npy")), Err(Error::Npy { .. })));
+    assert!(matches!(read_npy_f32(dir.join("bad.npy")), Err(Error::Npy { .. })));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -167,10 +167,8 @@ fn graphs_from_different_models_are_incompatible() {
 
 #[test]
 fn unavailable_execution_provider_is_an_error_not_a_cpu_run() {
-    let e = Sd3Pipeline::builder(fixture("tiny-sd3"))
-        .execution_provider(ExecutionProvider::Cuda { device_id: 0 })
-        .build()
-        .unwrap_err();
+    let e =
+        Sd3Pipeline::builder(fixture("tiny-sd3")).execution_provider(ExecutionProvider::cuda(0)).build().unwrap_err();
     match &e {
         Error::ExecutionProviderUnavailable { provider, .. } => assert!(provider.contains("CUDA"), "{e}"),
         other => panic!("expected ExecutionProviderUnavailable, got {other:?}"),
@@ -197,7 +195,7 @@ fn a_missing_onnxruntime_library_is_reported_with_the_fix() {
 fn cpu_fallback_is_opt_in_and_reported() {
     let mut p = Sd3Pipeline::builder(fixture("tiny-sd3"))
         .execution_provider(ExecutionProvider::Cpu)
-        .component_provider(Component::Transformer, ExecutionProvider::Cuda { device_id: 0 })
+        .component_provider(Component::Transformer, ExecutionProvider::cuda(0))
         .cpu_fallback(true)
         .build()
         .expect("fallback allowed");

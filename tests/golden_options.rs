@@ -1,5 +1,5 @@
 //! Pixel parity with diffusers (PyTorch) and optimum's ORT pipeline for the pipeline options: no T5
-//! (`Sd3PipelineBuilder::without_t5`, diffusers' `text_encoder_3=None`), `GenerationRequest::clip_skip`
+//! (`Sd3PipelineBuilder::t5(false)`, diffusers' `text_encoder_3=None`), `GenerationRequest::clip_skip`
 //! (diffusers' `clip_skip`, applied to the positive prompt only), a scheduler config with `use_dynamic_shifting`
 //! (mu from the image size, as StableDiffusion3Pipeline computes it) and `max_sequence_length` 512 with a prompt
 //! of more than 256 T5 tokens.
@@ -22,7 +22,7 @@ const TOLERANCE: u8 = 1;
 
 fn check_fixture(fixture: &str) {
     let mut with_t5 = Sd3Pipeline::builder(common::fixture(fixture)).build().expect("fixture loads");
-    let mut no_t5 = Sd3Pipeline::builder(common::fixture(fixture)).without_t5().build().expect("fixture loads");
+    let mut no_t5 = Sd3Pipeline::builder(common::fixture(fixture)).t5(false).build().expect("fixture loads");
     assert!(with_t5.info().has_t5 && !no_t5.info().has_t5);
     let cases = option_cases(fixture);
     let names: Vec<String> = cases.iter().map(|c| c.file_name().unwrap().to_string_lossy().to_string()).collect();
@@ -95,7 +95,7 @@ fn tiny_sd35_options_match_diffusers_and_optimum() {
     check_fixture("tiny-sd35");
 }
 
-/// A folder without `text_encoder_3/` behaves like `.without_t5()`: zeros in place of the T5 states.
+/// A folder without `text_encoder_3/` behaves like `.t5(false)`: zeros in place of the T5 states.
 #[test]
 fn folder_without_t5_matches_no_t5_golden() {
     let scratch = ScratchModel::new("tiny-sd3", "no-t5-folder");

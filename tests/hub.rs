@@ -402,7 +402,7 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Options that read nothing from the environment, without retries (each test asks for them where it wants).
 fn options(server: &HubServer, cache: &Path) -> DownloadOptions {
-    DownloadOptions::new().endpoint(&server.hub).cache_dir(cache).without_token().offline(false).retries(0)
+    DownloadOptions::new().endpoint(&server.hub).cache_dir(cache).authenticate(false).offline(false).retries(0)
 }
 
 fn repo(spec: &str) -> HubRepo {
@@ -687,9 +687,9 @@ fn a_missing_file_is_named() {
     let mut no_skip = fixture_repo();
     no_skip.files.remove("vae_encoder/model.onnx");
     let server = HubServer::start(vec![(REPO, no_skip)]);
-    let err = hub::download(&repo(REPO), &options(&server, &cache).with_vae_encoder()).unwrap_err();
+    let err = hub::download(&repo(REPO), &options(&server, &cache).vae_encoder(true)).unwrap_err();
     assert!(matches!(&err, Error::HubFileNotFound { file, .. } if file == "vae_encoder/model.onnx"), "{err:?}");
-    let err = hub::download(&repo(REPO), &options(&server, &cache).with_skip_layers()).unwrap_err();
+    let err = hub::download(&repo(REPO), &options(&server, &cache).skip_layers(true)).unwrap_err();
     assert!(matches!(&err, Error::HubFileNotFound { file, .. } if file == "transformer/model_skip_layers.onnx"));
     let _ = std::fs::remove_dir_all(&cache);
 }
@@ -742,7 +742,7 @@ fn offline_mode_uses_the_cache_only() {
 fn no_t5_skips_text_encoder_3_and_tokenizer_3() {
     let server = HubServer::start(vec![(REPO, fixture_repo())]);
     let cache = scratch("no-t5");
-    let opts = options(&server, &cache).without_t5();
+    let opts = options(&server, &cache).t5(false);
     let snapshot: Snapshot = hub::download(&repo(REPO), &opts).unwrap();
     assert_eq!(snapshot.files.len(), 16, "{:?}", snapshot.files);
     let log = server.log();
@@ -757,7 +757,7 @@ fn no_t5_skips_text_encoder_3_and_tokenizer_3() {
     hub::download(&repo(REPO), &opts.clone().offline(true)).unwrap();
     // And img2img's encoder only when asked for.
     assert!(!snapshot.dir.join("vae_encoder").exists());
-    let with_encoder = hub::download(&repo(REPO), &opts.with_vae_encoder()).unwrap();
+    let with_encoder = hub::download(&repo(REPO), &opts.vae_encoder(true)).unwrap();
     assert!(with_encoder.dir.join("vae_encoder/model.onnx").is_file());
     assert_eq!(with_encoder.files.len(), 18);
     let _ = std::fs::remove_dir_all(&cache);

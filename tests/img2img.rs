@@ -35,9 +35,9 @@ fn request(case: &std::path::Path) -> GenerationRequest {
         .guidance(j["guidance"].as_f64().expect("guidance") as f32)
         .strength(j["strength"].as_f64().expect("strength"))
         .seed(j["seed"].as_u64().expect("seed"))
-        .init_image(load_rgb(&case.join(j["init_image"].as_str().expect("init_image"))).expect("init.png"));
+        .init_image(load_rgb(case.join(j["init_image"].as_str().expect("init_image"))).expect("init.png"));
     if let Some(mask) = j["mask_image"].as_str() {
-        req = req.mask(load_mask(&case.join(mask)).expect("mask.png"));
+        req = req.mask(load_mask(case.join(mask)).expect("mask.png"));
     }
     req
 }
@@ -128,7 +128,7 @@ fn bad_img2img_requests_are_typed_errors() {
     }
     // Another size than the request's: resized, with a warning.
     let small = image::imageops::resize(
-        &load_rgb(&case.join("init.png")).unwrap(),
+        &load_rgb(case.join("init.png")).unwrap(),
         48,
         32,
         image::imageops::FilterType::Triangle,

@@ -294,7 +294,7 @@ fn conditioning_bugs_break_adherence() {
     let mut pipe = Sd3Pipeline::builder(nano()).build().unwrap();
     let wrong_layer = passing_with(&mut pipe, |r| r.clip_skip(1));
     let wrong_length = passing_with(&mut pipe, |r| r.max_sequence_length(256));
-    let mut no_t5 = Sd3Pipeline::builder(nano()).without_t5().build().unwrap();
+    let mut no_t5 = Sd3Pipeline::builder(nano()).t5(false).build().unwrap();
     let without_t5 = passing_with(&mut no_t5, |r| r);
     eprintln!("passing: wrong CLIP layer {wrong_layer}, T5 length 256 {wrong_length}, without T5 {without_t5}");
     assert!(wrong_layer < MIN_PASS, "with the wrong CLIP layer {wrong_layer} prompts still pass");

@@ -50,7 +50,7 @@ fn samplers_refuse_what_diffusers_cannot_do() {
     let mut pipe = Sd3Pipeline::builder(common::fixture("tiny-sd3")).build().expect("fixture loads");
     let case = feature_case("tiny-sd3", "img2img");
     let j = read_json(&case.join("request.json"));
-    let init = sd3_onnx::imageio::load_rgb(&case.join(j["init_image"].as_str().unwrap())).unwrap();
+    let init = sd3_onnx::imageio::load_rgb(case.join(j["init_image"].as_str().unwrap())).unwrap();
     let req = sd3_onnx::GenerationRequest::new("x").size(96, 64).steps(4).init_image(init).sampler(SamplerKind::Heun);
     let err = pipe.generate(&req).unwrap_err().to_string();
     assert!(err.contains("Euler"), "{err}");

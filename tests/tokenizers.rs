@@ -41,9 +41,9 @@ struct Tokenizers {
 fn load(fixture_name: &str) -> Tokenizers {
     let dir = fixture(fixture_name);
     Tokenizers {
-        clip_l: PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join("tokenizer")).unwrap(),
-        clip_g: PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join("tokenizer_2")).unwrap(),
-        t5: PromptTokenizer::load_t5(Component::TokenizerT5, &dir.join("tokenizer_3")).unwrap(),
+        clip_l: PromptTokenizer::load_clip(Component::TokenizerClipL, dir.join("tokenizer")).unwrap(),
+        clip_g: PromptTokenizer::load_clip(Component::TokenizerClipG, dir.join("tokenizer_2")).unwrap(),
+        t5: PromptTokenizer::load_t5(Component::TokenizerT5, dir.join("tokenizer_3")).unwrap(),
     }
 }
 

@@ -27,12 +27,12 @@
 //!
 //! // A pinned revision, no T5, progress on stderr.
 //! let repo = HubRepo::parse("org/sd3-medium-onnx@v1.0")?;
-//! let options = DownloadOptions::new().without_t5().progress(|p| {
+//! let options = DownloadOptions::new().t5(false).progress(|p| {
 //!     eprintln!("{} {}/{} bytes", p.file, p.done, p.total.unwrap_or(0));
 //! });
 //! let snapshot = hub::download(&repo, &options)?;
 //! println!("{} files in {}", snapshot.files.len(), snapshot.dir.display());
-//! let pipe = Sd3Pipeline::builder(&snapshot.dir).without_t5().build()?;
+//! let pipe = Sd3Pipeline::builder(&snapshot.dir).t5(false).build()?;
 //! # Ok(())
 //! # }
 //! ```
@@ -223,8 +223,8 @@ impl DownloadOptions {
     }
 
     /// The cache folder (the one holding `models--org--name/`) instead of `HF_HUB_CACHE` / `$HF_HOME/hub`.
-    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.cache_dir = Some(dir.into());
+    pub fn cache_dir(mut self, dir: impl AsRef<std::path::Path>) -> Self {
+        self.cache_dir = Some(dir.as_ref().to_path_buf());
         self
     }
 
@@ -235,9 +235,14 @@ impl DownloadOptions {
         self
     }
 
-    /// Sends no token, whatever the environment holds.
-    pub fn without_token(mut self) -> Self {
-        self.token = TokenChoice::Anonymous;
+    /// `false`: sends no token, whatever the environment holds; `true` (default): the token given with
+    /// [`token`](Self::token), else the environment's.
+    pub fn authenticate(mut self, send_token: bool) -> Self {
+        if !send_token {
+            self.token = TokenChoice::Anonymous;
+        } else if matches!(self.token, TokenChoice::Anonymous) {
+            self.token = TokenChoice::default();
+        }
         self
     }
 
@@ -248,22 +253,23 @@ impl DownloadOptions {
         self
     }
 
-    /// Skips T5 (`text_encoder_3/`, `tokenizer_3/`), the largest download; load the result with
-    /// [`Sd3PipelineBuilder::without_t5`](crate::Sd3PipelineBuilder::without_t5) (which [`Sd3Pipeline::from_hub_with`](crate::Sd3Pipeline::from_hub_with) does).
-    pub fn without_t5(mut self) -> Self {
-        self.t5 = false;
+    /// `false` skips T5 (`text_encoder_3/`, `tokenizer_3/`), the largest download (default `true`); load the
+    /// result with [`Sd3PipelineBuilder::t5`](crate::Sd3PipelineBuilder::t5)`(false)` (which
+    /// [`Sd3Pipeline::from_hub_with`](crate::Sd3Pipeline::from_hub_with) does).
+    pub fn t5(mut self, fetch: bool) -> Self {
+        self.t5 = fetch;
         self
     }
 
-    /// Also fetches `vae_encoder/`, which img2img and inpainting need (the builder loads it when present).
-    pub fn with_vae_encoder(mut self) -> Self {
-        self.vae_encoder = true;
+    /// `true` also fetches `vae_encoder/`, which img2img and inpainting need (the builder loads it when present).
+    pub fn vae_encoder(mut self, fetch: bool) -> Self {
+        self.vae_encoder = fetch;
         self
     }
 
-    /// Also fetches `transformer/model_skip_layers.onnx`, which skip-layer guidance needs.
-    pub fn with_skip_layers(mut self) -> Self {
-        self.skip_layers = true;
+    /// `true` also fetches `transformer/model_skip_layers.onnx`, which skip-layer guidance needs.
+    pub fn skip_layers(mut self, fetch: bool) -> Self {
+        self.skip_layers = fetch;
         self
     }
 

@@ -110,7 +110,7 @@ fn settings_follow_huggingface_hub_environment_variables() {
         (s.endpoint.as_str(), s.cache_dir.as_path(), s.token.as_deref(), s.offline),
         ("http://127.0.0.1:9", Path::new("/opt"), Some("given"), false)
     );
-    assert_eq!(Settings::resolve(&DownloadOptions::new().without_token(), &all).token, None);
+    assert_eq!(Settings::resolve(&DownloadOptions::new().authenticate(false), &all).token, None);
     let _ = std::fs::remove_dir_all(&home);
 }
 
@@ -177,11 +177,11 @@ fn only_the_files_the_pipeline_loads_are_selected() {
     ];
     assert_eq!(picked, expected);
 
-    let no_t5 = pipeline_files(&files, &DownloadOptions::new().without_t5()).unwrap();
+    let no_t5 = pipeline_files(&files, &DownloadOptions::new().t5(false)).unwrap();
     assert!(no_t5.iter().all(|f| !f.starts_with("text_encoder_3/") && !f.starts_with("tokenizer_3/")), "{no_t5:?}");
     assert_eq!(no_t5.len(), expected.len() - 7);
 
-    let more = pipeline_files(&files, &DownloadOptions::new().with_vae_encoder().with_skip_layers()).unwrap();
+    let more = pipeline_files(&files, &DownloadOptions::new().vae_encoder(true).skip_layers(true)).unwrap();
     for f in ["vae_encoder/model.onnx", "vae_encoder/config.json", "transformer/model_skip_layers.onnx"] {
         assert!(more.iter().any(|m| m == f), "{f} missing from {more:?}");
     }
@@ -209,10 +209,10 @@ fn a_missing_file_is_named_with_a_hint() {
     let missing = pipeline_files(&diffusers, &DownloadOptions::new()).unwrap_err();
     assert_eq!(missing.file, "vae_decoder/config.json");
     assert!(missing.hint.contains("PyTorch weights"), "{}", missing.hint);
-    let missing = pipeline_files(&repo_files(), &DownloadOptions::new().with_skip_layers()).map(|_| ());
+    let missing = pipeline_files(&repo_files(), &DownloadOptions::new().skip_layers(true)).map(|_| ());
     assert!(missing.is_ok());
     let no_skip: Vec<String> = repo_files().into_iter().filter(|f| !f.contains("skip_layers")).collect();
-    let missing = pipeline_files(&no_skip, &DownloadOptions::new().with_skip_layers()).unwrap_err();
+    let missing = pipeline_files(&no_skip, &DownloadOptions::new().skip_layers(true)).unwrap_err();
     assert_eq!(missing.file, "transformer/model_skip_layers.onnx");
 }
 

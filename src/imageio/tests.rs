@@ -41,5 +41,5 @@ fn unreadable_pictures_are_io_errors() {
     std::fs::write(&bad, b"not a png").unwrap();
     let err = load_rgb(&bad).unwrap_err().to_string();
     assert!(err.contains("bad.png") && err.contains("PNG"), "{err}");
-    assert!(load_mask(&dir.join("missing.png")).is_err());
+    assert!(load_mask(dir.join("missing.png")).is_err());
 }

@@ -7,7 +7,7 @@ use super::{Limits, ModelInfo, Sd3Pipeline, StaticShape};
 use crate::error::{Component, Error, Result};
 use crate::layout::{self, graph_path};
 use crate::model_config::{TransformerConfig, VaeConfig, Variant};
-use crate::runtime::{self, CudaAttention, ElementType, ExecutionProvider, Graph, SessionConfig};
+use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
 use crate::scheduler::FlowMatchConfig;
 use crate::text::encoders::{ClipEncoder, T5Encoder};
 use crate::text::{PromptTokenizer, TextEncoders};
@@ -28,14 +28,13 @@ pub struct Sd3PipelineBuilder {
     vae_tiling: bool,
     low_memory: bool,
     shift: Option<f64>,
-    cuda_attention: CudaAttention,
     limits: Limits,
 }
 
 impl Sd3PipelineBuilder {
-    pub(super) fn new(model_dir: impl Into<PathBuf>) -> Self {
+    pub(super) fn new(model_dir: impl AsRef<Path>) -> Self {
         Sd3PipelineBuilder {
-            model_dir: model_dir.into(),
+            model_dir: model_dir.as_ref().to_path_buf(),
             provider: ExecutionProvider::Cpu,
             per_component: HashMap::new(),
             library: None,
@@ -47,7 +46,6 @@ impl Sd3PipelineBuilder {
             vae_tiling: false,
             low_memory: false,
             shift: None,
-            cuda_attention: CudaAttention::Auto,
             limits: Limits::default(),
         }
     }
@@ -65,8 +63,8 @@ impl Sd3PipelineBuilder {
     }
 
     /// Loads ONNX Runtime from this shared library instead of `ORT_DYLIB_PATH` or `.ort/lib/`.
-    pub fn onnxruntime_library(mut self, path: impl Into<PathBuf>) -> Self {
-        self.library = Some(path.into());
+    pub fn onnxruntime_library(mut self, path: impl AsRef<Path>) -> Self {
+        self.library = Some(path.as_ref().to_path_buf());
         self
     }
 
@@ -86,8 +84,8 @@ impl Sd3PipelineBuilder {
 
     /// Records ONNX Runtime's per-node profile of every session into `dir` (one json file per component,
     /// written by [`Sd3Pipeline::end_profiling`]). For finding where time goes; it slows runs down.
-    pub fn profiling(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.profile_dir = Some(dir.into());
+    pub fn profiling(mut self, dir: impl AsRef<Path>) -> Self {
+        self.profile_dir = Some(dir.as_ref().to_path_buf());
         self
     }
 
@@ -125,13 +123,6 @@ impl Sd3PipelineBuilder {
         self
     }
 
-    /// Restricts the attention kernels of ONNX Runtime's CUDA provider (its `sdpa_kernel` option) for graphs with
-    /// fused attention; default [`CudaAttention::Auto`]. For measuring which kernel is fastest on a card.
-    pub fn cuda_attention(mut self, attention: CudaAttention) -> Self {
-        self.cuda_attention = attention;
-        self
-    }
-
     /// Overrides the scheduler's `shift` from `scheduler/scheduler_config.json` (3.0 for the SD3 and SD3.5
     /// checkpoints). Ignored by the schedule when the config uses dynamic shifting, as in diffusers.
     pub fn shift(mut self, shift: f64) -> Self {
@@ -139,10 +130,10 @@ impl Sd3PipelineBuilder {
         self
     }
 
-    /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
-    /// Folders without `text_encoder_3/` load in this mode automatically.
-    pub fn without_t5(mut self) -> Self {
-        self.use_t5 = false;
+    /// `false` skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without
+    /// `text_encoder_3`. Default `true`; folders without `text_encoder_3/` load in no-T5 mode anyway.
+    pub fn t5(mut self, enable: bool) -> Self {
+        self.use_t5 = enable;
         self
     }
 
@@ -162,25 +153,24 @@ impl Sd3PipelineBuilder {
             });
         }
         check_contained(&dir)?;
-        let mut scheduler = FlowMatchConfig::from_file(&layout::config_path(&dir, Component::Scheduler))?;
+        let mut scheduler = FlowMatchConfig::from_file(layout::config_path(&dir, Component::Scheduler))?;
         if let Some(shift) = self.shift {
             if !shift.is_finite() || shift <= 0.0 {
                 return Err(Error::request("shift", shift, "the scheduler shift must be a positive number"));
             }
             scheduler.shift = shift;
         }
-        let transformer_config = TransformerConfig::from_file(&layout::config_path(&dir, Component::Transformer))?;
-        let vae_config =
-            VaeConfig::from_file(Component::VaeDecoder, &layout::config_path(&dir, Component::VaeDecoder))?;
+        let transformer_config = TransformerConfig::from_file(layout::config_path(&dir, Component::Transformer))?;
+        let vae_config = VaeConfig::from_file(Component::VaeDecoder, layout::config_path(&dir, Component::VaeDecoder))?;
 
         let tok_l =
-            PromptTokenizer::load_clip(Component::TokenizerClipL, &dir.join(Component::TokenizerClipL.folder()))?;
+            PromptTokenizer::load_clip(Component::TokenizerClipL, dir.join(Component::TokenizerClipL.folder()))?;
         let tok_g =
-            PromptTokenizer::load_clip(Component::TokenizerClipG, &dir.join(Component::TokenizerClipG.folder()))?;
+            PromptTokenizer::load_clip(Component::TokenizerClipG, dir.join(Component::TokenizerClipG.folder()))?;
         let t5_dir = dir.join(Component::TextEncoderT5.folder());
         let use_t5 = self.use_t5 && t5_dir.exists();
         let tok_t5 = if use_t5 {
-            Some(PromptTokenizer::load_t5(Component::TokenizerT5, &dir.join(Component::TokenizerT5.folder()))?)
+            Some(PromptTokenizer::load_t5(Component::TokenizerT5, dir.join(Component::TokenizerT5.folder()))?)
         } else {
             None
         };
@@ -191,7 +181,6 @@ impl Sd3PipelineBuilder {
             cpu_fallback: self.cpu_fallback,
             profile_dir: self.profile_dir.clone(),
             dimension_overrides: Vec::new(),
-            cuda_attention: self.cuda_attention,
         };
         let load = |component: Component| -> Result<Graph> {
             Graph::load(&env, component, &graph_path(&dir, component), self.provider_for(component), &session)

@@ -24,6 +24,6 @@ impl Sd3Pipeline {
     pub fn from_hub_with(repo: &HubRepo, options: &DownloadOptions) -> Result<Sd3PipelineBuilder> {
         let snapshot = download(repo, options)?;
         let builder = Sd3Pipeline::builder(snapshot.dir);
-        Ok(if options.t5 { builder } else { builder.without_t5() })
+        Ok(builder.t5(options.t5))
     }
 }

@@ -46,7 +46,7 @@ impl ModelInfo {
     }
 }
 
-/// The one request shape a pipeline built with [`Sd3PipelineBuilder::static_shape`] serves.
+/// The one request shape a pipeline built with [`Sd3PipelineBuilder::static_shape`](crate::Sd3PipelineBuilder::static_shape) serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StaticShape {

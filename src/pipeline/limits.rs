@@ -10,7 +10,7 @@ pub const MAX_IMAGES_PER_PROMPT: usize = 64;
 
 /// Bounds on what one call may ask for, checked before anything is allocated, so that a hostile or mistaken
 /// request is refused with [`Error::InvalidRequest`] / [`Error::InvalidSize`] instead of exhausting memory. Set
-/// them with [`Sd3PipelineBuilder::limits`]; the defaults fit SD3 at any size its position embedding covers.
+/// them with [`Sd3PipelineBuilder::limits`](crate::Sd3PipelineBuilder::limits); the defaults fit SD3 at any size its position embedding covers.
 ///
 /// ```
 /// use sd3_onnx::Limits;

@@ -26,6 +26,8 @@ use ndarray::{concatenate, Array1, Array4, ArrayD, Axis};
 pub use builder::Sd3PipelineBuilder;
 pub use info::{ModelInfo, StaticShape};
 pub use limits::{Limits, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH};
+#[cfg(feature = "serde")]
+pub use output::GenerationSummary;
 pub use output::{GenerationOutput, Timings, Warning};
 pub use request::{GenerationRequest, SkipLayerGuidance};
 
@@ -72,7 +74,7 @@ struct Denoised {
 
 impl Sd3Pipeline {
     /// Starts configuring a pipeline for the model folder `model_dir`.
-    pub fn builder(model_dir: impl Into<PathBuf>) -> Sd3PipelineBuilder {
+    pub fn builder(model_dir: impl AsRef<Path>) -> Sd3PipelineBuilder {
         Sd3PipelineBuilder::new(model_dir)
     }
 
@@ -86,8 +88,8 @@ impl Sd3Pipeline {
         &self.info
     }
 
-    /// A request for `prompt` with this model's default steps, guidance ([`Variant::defaults`]) and T5 token
-    /// count ([`Variant::default_max_sequence_length`]); override them with the request's setters.
+    /// A request for `prompt` with this model's default steps, guidance ([`Variant::defaults`](crate::Variant::defaults)) and T5 token
+    /// count ([`Variant::default_max_sequence_length`](crate::Variant::default_max_sequence_length)); override them with the request's setters.
     pub fn request(&self, prompt: impl Into<String>) -> GenerationRequest {
         let (steps, guidance) = self.info.variant.defaults();
         GenerationRequest::new(prompt)

@@ -1,4 +1,7 @@
 //! What a generation returns.
+//!
+//! With the `serde` feature, [`GenerationOutput::summary`] gives everything but the images as a
+//! [`GenerationSummary`] that serializes (timings in milliseconds, warnings tagged by kind).
 
 use std::fmt;
 use std::time::Duration;
@@ -11,7 +14,15 @@ use crate::scheduler::SamplerKind;
 use crate::GenerationRequest;
 
 /// Something the caller should know that did not stop the run.
+///
+/// With the `serde` feature a warning is an object tagged by its kind in snake case, with the variant's fields
+/// (components by their [serde names](Component)):
+/// `{"kind": "prompt_truncated", "encoder": "tokenizer_clip_l", "max_tokens": 77, "removed_text": "..."}`,
+/// `{"kind": "execution_provider_fallback", "component": "transformer", "reason": "..."}`,
+/// `{"kind": "input_resized", "input": "init_image", "from": [64, 64], "to": [128, 128]}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "kind", rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum Warning {
     /// The prompt was longer than an encoder takes and was cut (as diffusers does).
@@ -81,24 +92,39 @@ impl fmt::Display for Warning {
 }
 
 /// Wall-clock time of each stage.
+///
+/// With the `serde` feature every duration is written as a JSON number of milliseconds (an `f64`, e.g.
+/// `"total_ms": 1234.567891`), under the field's name plus `_ms`; `components` is a list of
+/// `{"component": "transformer", "ms": 812.5}` objects. Reading gives back the same nanoseconds for durations
+/// below about 26 days (2^51 ns); negative or non-finite milliseconds are an error.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct Timings {
     /// Tokenization and the text encoders (prompt and negative prompt).
+    #[cfg_attr(feature = "serde", serde(rename = "text_encoding_ms", with = "serde_support::ms"))]
     pub text_encoding: Duration,
     /// The whole denoising loop.
+    #[cfg_attr(feature = "serde", serde(rename = "denoising_ms", with = "serde_support::ms"))]
     pub denoising: Duration,
     /// Each denoising step.
+    #[cfg_attr(feature = "serde", serde(rename = "steps_ms", with = "serde_support::ms_list"))]
     pub steps: Vec<Duration>,
     /// The VAE decoder and conversion to RGB.
+    #[cfg_attr(feature = "serde", serde(rename = "vae_decode_ms", with = "serde_support::ms"))]
     pub vae_decode: Duration,
     /// Everything, from request checks to images.
+    #[cfg_attr(feature = "serde", serde(rename = "total_ms", with = "serde_support::ms"))]
     pub total: Duration,
     /// Time spent inside ONNX Runtime's `Session::run` across all graphs.
+    #[cfg_attr(feature = "serde", serde(rename = "onnx_runtime_ms", with = "serde_support::ms"))]
     pub onnx_runtime: Duration,
     /// Time inside `Session::run` per component (the transformer's share is the denoiser's own cost).
+    #[cfg_attr(feature = "serde", serde(with = "serde_support::component_ms"))]
     pub components: Vec<(Component, Duration)>,
     /// Time spent loading graphs again during this run (low-memory mode; zero otherwise). Included in the
     /// stage times.
+    #[cfg_attr(feature = "serde", serde(rename = "load_ms", with = "serde_support::ms"))]
     pub load: Duration,
 }
 
@@ -158,8 +184,165 @@ pub struct GenerationOutput {
     pub parameters: Vec<String>,
 }
 
-/// Formats generation parameters the way AUTOMATIC1111's web UI stores them in a PNG's `parameters` chunk:
-/// the prompt, a `Negative prompt:` line, then `Key: value` pairs.
+/// Everything in a [`GenerationOutput`] but the images and the placements: the record a job queue keeps with the
+/// PNGs. Made by [`GenerationOutput::summary`]; serializes (feature `serde`) as
+///
+/// ```json
+/// {"seeds": [42], "width": 64, "height": 64,
+///  "timings": {"text_encoding_ms": 10.2, "denoising_ms": 30.5, "steps_ms": [15.1, 15.4], "vae_decode_ms": 5.0,
+///              "total_ms": 46.1, "onnx_runtime_ms": 40.3, "components": [{"component": "transformer", "ms": 29.0}],
+///              "load_ms": 0.0},
+///  "warnings": [], "parameters": ["a red cube\nSteps: 2, Sampler: FlowMatch Euler, ..."]}
+/// ```
+///
+/// (see [`Timings`] and [`Warning`] for their forms). Unknown fields are ignored when reading, so a reader keeps
+/// working when later versions add fields.
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct GenerationSummary {
+    /// The seed of each image's noise (`null` for explicit latents), in the order of the images.
+    pub seeds: Vec<Option<u64>>,
+    /// Width of the images in pixels.
+    pub width: u32,
+    /// Height of the images in pixels.
+    pub height: u32,
+    /// Stage timings.
+    pub timings: Timings,
+    /// Truncated prompts, provider fallbacks and the like.
+    pub warnings: Vec<Warning>,
+    /// Each image's parameters in AUTOMATIC1111's `parameters` text convention (what
+    /// [`save_png`](crate::imageio::save_png) writes into the PNG), in the order of the images.
+    pub parameters: Vec<String>,
+}
+
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl GenerationOutput {
+    /// Everything but the images and the placements, as a value that serializes.
+    pub fn summary(&self) -> GenerationSummary {
+        GenerationSummary {
+            seeds: self.seeds.clone(),
+            width: self.size.0,
+            height: self.size.1,
+            timings: self.timings.clone(),
+            warnings: self.warnings.clone(),
+            parameters: self.parameters.clone(),
+        }
+    }
+}
+
+/// The serde forms of durations and of [`Warning::InputResized`]'s input name.
+#[cfg(feature = "serde")]
+mod serde_support {
+    use std::time::Duration;
+
+    use serde::de::{Deserialize, Deserializer, Error as _, Unexpected};
+    use serde::ser::{SerializeSeq, Serializer};
+
+    use crate::error::Component;
+
+    fn to_ms(d: &Duration) -> f64 {
+        // Whole nanoseconds as f64 are exact below 2^53; divided by 1e6 and multiplied back they round to the
+        // same integer below 2^51 ns.
+        d.as_nanos() as f64 / 1e6
+    }
+
+    fn from_ms<E: serde::de::Error>(ms: f64) -> Result<Duration, E> {
+        let nanos = (ms * 1e6).round();
+        if !nanos.is_finite() || nanos < 0.0 || nanos >= u64::MAX as f64 {
+            return Err(E::invalid_value(Unexpected::Float(ms), &"a duration: milliseconds, finite and not negative"));
+        }
+        Ok(Duration::from_nanos(nanos as u64))
+    }
+
+    pub(super) mod ms {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_f64(to_ms(d))
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            from_ms(f64::deserialize(d)?)
+        }
+    }
+
+    pub(super) mod ms_list {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(v.len()))?;
+            for d in v {
+                seq.serialize_element(&to_ms(d))?;
+            }
+            seq.end()
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+            Vec::<f64>::deserialize(d)?.into_iter().map(from_ms).collect()
+        }
+    }
+
+    pub(super) mod component_ms {
+        use super::*;
+
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Entry {
+            component: Component,
+            ms: f64,
+        }
+
+        pub(crate) fn serialize<S: Serializer>(v: &[(Component, Duration)], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(v.len()))?;
+            for (component, d) in v {
+                seq.serialize_element(&Entry { component: *component, ms: to_ms(d) })?;
+            }
+            seq.end()
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Component, Duration)>, D::Error> {
+            Vec::<Entry>::deserialize(d)?.into_iter().map(|e| Ok((e.component, from_ms(e.ms)?))).collect()
+        }
+    }
+
+    /// What [`Warning`](super::Warning) is read through: the same form, with an owned `input` name (a derived
+    /// `Deserialize` cannot produce the `&'static str`).
+    #[derive(serde::Deserialize)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    pub(super) enum WarningRepr {
+        PromptTruncated { encoder: Component, max_tokens: usize, removed_text: String },
+        ExecutionProviderFallback { component: Component, reason: String },
+        InputResized { input: String, from: (u32, u32), to: (u32, u32) },
+    }
+
+    // By hand: a derived `Deserialize` would need `'de: 'static` for `InputResized`'s `&'static str`.
+    impl<'de> Deserialize<'de> for super::Warning {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            use super::Warning;
+            Ok(match WarningRepr::deserialize(d)? {
+                WarningRepr::PromptTruncated { encoder, max_tokens, removed_text } => {
+                    Warning::PromptTruncated { encoder, max_tokens, removed_text }
+                }
+                WarningRepr::ExecutionProviderFallback { component, reason } => {
+                    Warning::ExecutionProviderFallback { component, reason }
+                }
+                WarningRepr::InputResized { input, from, to } => {
+                    let input = match input.as_str() {
+                        "init_image" => "init_image",
+                        "mask" => "mask",
+                        other => {
+                            return Err(D::Error::invalid_value(Unexpected::Str(other), &"\"init_image\" or \"mask\""))
+                        }
+                    };
+                    Warning::InputResized { input, from, to }
+                }
+            })
+        }
+    }
+}
+
 /// The sampler as the A1111 `parameters` text names it.
 fn sampler_label(kind: SamplerKind) -> &'static str {
     match kind {
@@ -169,6 +352,8 @@ fn sampler_label(kind: SamplerKind) -> &'static str {
     }
 }
 
+/// Formats generation parameters the way AUTOMATIC1111's web UI stores them in a PNG's `parameters` chunk:
+/// the prompt, a `Negative prompt:` line, then `Key: value` pairs.
 pub(crate) fn a1111_parameters(
     request: &GenerationRequest,
     seed: Option<u64>,

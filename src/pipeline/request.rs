@@ -1,4 +1,7 @@
 //! What to generate: a request value with documented defaults and `with`-style setters.
+//!
+//! With the `serde` feature, [`GenerationRequest`] and [`SkipLayerGuidance`] read and write a JSON form (see
+//! [`GenerationRequest`]'s documentation).
 
 use image::{GrayImage, RgbImage};
 use ndarray::Array4;
@@ -18,7 +21,13 @@ use crate::scheduler::SamplerKind;
 /// let request = GenerationRequest::new("a red cube").skip_layer_guidance(slg);
 /// assert_eq!(request.skip_layer_guidance.unwrap().scale, 2.8);
 /// ```
+///
+/// With the `serde` feature it is the JSON object `{"scale": 2.8, "start": 0.01, "stop": 0.2, "layers": null}`;
+/// missing fields take these defaults (diffusers'), so `{}` is SLG as diffusers does it by default, and unknown
+/// fields are an error.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct SkipLayerGuidance {
     /// `skip_layer_guidance_scale` (diffusers' default 2.8).
@@ -31,6 +40,16 @@ pub struct SkipLayerGuidance {
     /// The skipped blocks (0-based). `None` uses the layers the skip-layer graph was exported with; a list that
     /// differs from the graph's is refused, since a graph has its layers baked in.
     pub layers: Option<Vec<usize>>,
+}
+
+/// diffusers' `skip_layer_guidance_scale` default (`StableDiffusion3Pipeline.__call__`).
+const DEFAULT_SLG_SCALE: f32 = 2.8;
+
+impl Default for SkipLayerGuidance {
+    /// SLG with diffusers' defaults: scale 2.8, window 0.01 to 0.2, the graph's layers.
+    fn default() -> Self {
+        SkipLayerGuidance::new(DEFAULT_SLG_SCALE)
+    }
 }
 
 impl SkipLayerGuidance {
@@ -56,7 +75,7 @@ impl SkipLayerGuidance {
 
     /// Whether SLG applies at step `i` of `steps` (diffusers `StableDiffusion3Pipeline.__call__`:
     /// `i > num_inference_steps * start and i < num_inference_steps * stop`, in Python floats).
-    pub fn applies(&self, i: usize, steps: usize) -> bool {
+    pub(crate) fn applies(&self, i: usize, steps: usize) -> bool {
         let (i, n) = (i as f64, steps as f64);
         i > n * self.start && i < n * self.stop
     }
@@ -76,53 +95,133 @@ impl SkipLayerGuidance {
 /// assert_eq!(req.steps, 4);
 /// assert_eq!(req.max_sequence_length, 256);
 /// ```
+///
+/// # JSON (feature `serde`)
+///
+/// With the `serde` feature the request reads and writes a JSON object (or any serde format) whose field names
+/// are the field names here:
+///
+/// ```json
+/// {"prompt": "a red cube", "negative_prompt": "blurry", "width": 64, "height": 96, "steps": 4,
+///  "guidance": 5.0, "seed": 42, "sampler": "heun", "skip_layer_guidance": {"scale": 2.8}}
+/// ```
+///
+/// - `prompt` is required; every other field may be left out and then takes the default
+///   [`GenerationRequest::new`] gives it (diffusers' defaults, not a model's own: see
+///   [`Sd3Pipeline::request`](crate::Sd3Pipeline::request)). `{"prompt": "a red cube"}` is a whole request.
+/// - Optional fields (`width`, `height`, `seed`, `clip_skip`, `skip_layer_guidance`, `preview_every`) are written
+///   as `null` when unset, and read `null` as unset.
+/// - `sampler` is a sampler's [name](SamplerKind::name): `"euler"`, `"heun"` or `"dpmpp_2m"`.
+/// - `skip_layer_guidance` is an object, see [`SkipLayerGuidance`].
+/// - Unknown fields are an error, so a misspelt field cannot be silently ignored.
+/// - `latents`, `init_image`, `mask` and `cancellation` have no JSON form: they are neither written nor read
+///   (a JSON naming them is refused as having unknown fields). Set them in code on the deserialized request.
+///
+/// The values are not checked when read beyond their types (a JSON number for `steps`, a known sampler name);
+/// [`Sd3Pipeline::validate`](crate::Sd3Pipeline::validate) and `generate` check them against the model and
+/// [`Limits`](crate::Limits) as for any request. `seed` is a JSON integer up to 2^64 - 1: clients in languages
+/// whose numbers are doubles (JavaScript) should keep seeds below 2^53.
+///
+/// ```
+/// # #[cfg(feature = "serde")]
+/// # fn main() -> Result<(), serde_json::Error> {
+/// use sd3_onnx::{GenerationRequest, SamplerKind};
+/// let request: GenerationRequest = serde_json::from_str(r#"{"prompt": "a red cube", "sampler": "heun"}"#)?;
+/// assert_eq!(request, GenerationRequest::new("a red cube").sampler(SamplerKind::Heun));
+/// # Ok(())
+/// # }
+/// # #[cfg(not(feature = "serde"))]
+/// # fn main() {}
+/// ```
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+// The JSON form: every field but `prompt` has `serde(default ...)` (the value `Default` gives it) or `serde(skip)`;
+// a new field needs one of them. tests/serde_json.rs pins the whole form.
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 #[non_exhaustive]
 pub struct GenerationRequest {
     /// The prompt, sent to all three text encoders.
     pub prompt: String,
     /// The negative prompt (default empty), used only with guidance above 1.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub negative_prompt: String,
     /// Image width in pixels; `None` means the model's default (`sample_size * vae_scale_factor`) or the
     /// width implied by explicit latents.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub width: Option<u32>,
     /// Image height in pixels; `None` as for `width`.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub height: Option<u32>,
     /// Denoising steps (default 28).
+    #[cfg_attr(feature = "serde", serde(default = "defaults::steps"))]
     pub steps: usize,
     /// Classifier-free guidance scale (default 7.0). At or below 1.0 no unconditional pass is run.
+    #[cfg_attr(feature = "serde", serde(default = "defaults::guidance"))]
     pub guidance: f32,
     /// Seed for the initial noise. `None` (and no latents) picks a random seed, reported in the output.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub seed: Option<u64>,
     /// Explicit initial latents `[images_per_prompt, C, H / f, W / f]`; they take precedence over `seed`.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub latents: Option<Array4<f32>>,
     /// Images generated for this prompt (default 1). Image `k` starts from the noise of `seed + k`, so it is
     /// the image a request with that seed alone would give.
+    #[cfg_attr(feature = "serde", serde(default = "defaults::images_per_prompt"))]
     pub images_per_prompt: usize,
     /// T5 token count (default 256, at most 512).
+    #[cfg_attr(feature = "serde", serde(default = "defaults::max_sequence_length"))]
     pub max_sequence_length: usize,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
+    #[cfg_attr(feature = "serde", serde(default))]
     pub clip_skip: Option<usize>,
     /// Stops the run from another thread when cancelled.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub cancellation: Option<CancellationToken>,
     /// img2img / inpainting: the picture to start from (diffusers' `image`). It is resized to the request's
     /// size when it differs (the model's default size when none is set, as diffusers does).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub init_image: Option<RgbImage>,
     /// Inpainting: white (>= 128 of 255) marks what to repaint, black what to keep (diffusers' `mask_image`).
     /// Needs `init_image`.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub mask: Option<GrayImage>,
     /// img2img / inpainting: how much of the schedule runs, from 0 (keep the picture) to 1 (repaint fully);
     /// default 0.6 as diffusers. The first `int(steps - steps * strength)` steps are skipped.
+    #[cfg_attr(feature = "serde", serde(default = "defaults::strength"))]
     pub strength: f64,
     /// Skip-layer guidance (see [`SkipLayerGuidance`]); off by default.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub skip_layer_guidance: Option<SkipLayerGuidance>,
     /// The sampler (default: FlowMatch Euler, the scheduler SD3 ships with). Heun and DPM-Solver++ (2M) read the
     /// same `scheduler_config.json`; img2img and inpainting need Euler (diffusers' pipelines call its
     /// `scale_noise`).
+    #[cfg_attr(feature = "serde", serde(default))]
     pub sampler: SamplerKind,
     /// Every this many steps, the progress callback receives a preview image (see
     /// [`StepProgress::previews`](crate::StepProgress::previews)); `None` (default) makes none.
+    #[cfg_attr(feature = "serde", serde(default))]
     pub preview_every: Option<usize>,
+}
+
+/// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.35.2,
+/// `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`; `strength` from
+/// `pipeline_stable_diffusion_3_img2img.py`), shared by [`Default`] and the serde defaults.
+mod defaults {
+    pub(super) fn steps() -> usize {
+        28
+    }
+    pub(super) fn guidance() -> f32 {
+        7.0
+    }
+    pub(super) fn images_per_prompt() -> usize {
+        1
+    }
+    pub(super) fn max_sequence_length() -> usize {
+        256
+    }
+    pub(super) fn strength() -> f64 {
+        0.6
+    }
 }
 
 impl Default for GenerationRequest {
@@ -132,17 +231,17 @@ impl Default for GenerationRequest {
             negative_prompt: String::new(),
             width: None,
             height: None,
-            steps: 28,
-            guidance: 7.0,
+            steps: defaults::steps(),
+            guidance: defaults::guidance(),
             seed: None,
             latents: None,
-            images_per_prompt: 1,
-            max_sequence_length: 256,
+            images_per_prompt: defaults::images_per_prompt(),
+            max_sequence_length: defaults::max_sequence_length(),
             clip_skip: None,
             cancellation: None,
             init_image: None,
             mask: None,
-            strength: 0.6,
+            strength: defaults::strength(),
             skip_layer_guidance: None,
             preview_every: None,
             sampler: SamplerKind::Euler,

@@ -205,7 +205,7 @@ fn open_session(
         }
         Ok(builder)
     };
-    let (mut builder, provider, fallback) = match provider.register(new_builder()?, component, config.cuda_attention) {
+    let (mut builder, provider, fallback) = match provider.register(new_builder()?, component) {
         Ok(b) => (b, provider.clone(), None),
         Err(Error::ExecutionProviderUnavailable { reason, .. }) if config.cpu_fallback => {
             let note = format!("{provider} unavailable ({reason}); running on the CPU as allowed by cpu_fallback");
@@ -248,8 +248,6 @@ pub(crate) struct SessionConfig {
     pub profile_dir: Option<PathBuf>,
     /// Fixed sizes for symbolic dimensions (ONNX Runtime then folds the shape arithmetic at load time).
     pub dimension_overrides: Vec<(String, i64)>,
-    /// Attention kernels the CUDA provider may use.
-    pub cuda_attention: super::CudaAttention,
 }
 
 impl Graph {
@@ -445,7 +443,7 @@ impl Graph {
     /// The device memory this graph's provider computes in.
     fn device(&self) -> Option<(AllocationDevice<'static>, i32)> {
         match &self.provider {
-            ExecutionProvider::Cuda { device_id } => Some((AllocationDevice::CUDA, *device_id)),
+            ExecutionProvider::Cuda(o) => Some((AllocationDevice::CUDA, o.device_id)),
             ExecutionProvider::TensorRt(o) => Some((AllocationDevice::CUDA, o.device_id)),
             // DirectML and the CPU read host memory through ONNX Runtime's own copies.
             _ => None,

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 pub use graph::ElementType;
 pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
-pub use provider::{CudaAttention, ExecutionProvider, TensorRtOptions};
+pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
 
 use crate::error::{boxed, Error, Result};
 

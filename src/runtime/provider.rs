@@ -5,12 +5,36 @@
 //! says what is missing.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ort::session::builder::SessionBuilder;
 
 use crate::error::{Component, Error, Result};
+
+/// Options of the CUDA execution provider. `CudaOptions::new(1)` is GPU 1 with ONNX Runtime's defaults; more
+/// options may be added (the struct is `#[non_exhaustive]`: build it with [`CudaOptions::new`] and the setters).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct CudaOptions {
+    /// GPU ordinal.
+    pub device_id: i32,
+    /// The attention kernels ONNX Runtime may pick for fused attention operators (default: its own choice).
+    pub attention: CudaAttention,
+}
+
+impl CudaOptions {
+    /// GPU `device_id`, ONNX Runtime's defaults otherwise.
+    pub fn new(device_id: i32) -> Self {
+        CudaOptions { device_id, ..Default::default() }
+    }
+    /// Restricts the attention kernels (for measuring which is fastest on a card).
+    #[must_use]
+    pub fn attention(mut self, attention: CudaAttention) -> Self {
+        self.attention = attention;
+        self
+    }
+}
 
 /// Options of the TensorRT execution provider.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,25 +57,42 @@ impl TensorRtOptions {
     }
     /// Builds fp16 engines when `enable`.
     #[must_use]
-    pub fn with_fp16(mut self, enable: bool) -> Self {
+    pub fn fp16(mut self, enable: bool) -> Self {
         self.fp16 = enable;
         self
     }
     /// Caches built engines in `path`.
     #[must_use]
-    pub fn with_engine_cache(mut self, path: impl Into<PathBuf>) -> Self {
-        self.engine_cache_path = Some(path.into());
+    pub fn engine_cache(mut self, path: impl AsRef<Path>) -> Self {
+        self.engine_cache_path = Some(path.as_ref().to_path_buf());
         self
     }
     /// Caches layer timings in `path`.
     #[must_use]
-    pub fn with_timing_cache(mut self, path: impl Into<PathBuf>) -> Self {
-        self.timing_cache_path = Some(path.into());
+    pub fn timing_cache(mut self, path: impl AsRef<Path>) -> Self {
+        self.timing_cache_path = Some(path.as_ref().to_path_buf());
         self
     }
 }
 
-/// Where a graph runs.
+/// Options of the DirectML execution provider (Windows).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct DirectMlOptions {
+    /// Adapter index.
+    pub device_id: i32,
+}
+
+impl DirectMlOptions {
+    /// Adapter `device_id`.
+    pub fn new(device_id: i32) -> Self {
+        DirectMlOptions { device_id }
+    }
+}
+
+/// Where a graph runs. Each GPU provider carries its options struct, so new options are not breaking changes:
+/// `ExecutionProvider::Cuda(CudaOptions::new(0))`, or the shorthands [`ExecutionProvider::cuda`],
+/// [`ExecutionProvider::tensorrt`], [`ExecutionProvider::directml`]; also parsed from `cpu`, `cuda:1`, ...
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub enum ExecutionProvider {
@@ -59,37 +100,51 @@ pub enum ExecutionProvider {
     #[default]
     Cpu,
     /// NVIDIA CUDA (needs the `cuda` feature and an ONNX Runtime GPU build).
-    Cuda {
-        /// GPU ordinal.
-        device_id: i32,
-    },
+    Cuda(CudaOptions),
     /// NVIDIA TensorRT (needs the `tensorrt` feature and the TensorRT libraries).
     TensorRt(TensorRtOptions),
     /// DirectML on Windows (needs the `directml` feature and a DirectML build of ONNX Runtime).
-    DirectMl {
-        /// Adapter index.
-        device_id: i32,
-    },
+    DirectMl(DirectMlOptions),
 }
 
 impl ExecutionProvider {
+    /// CUDA on GPU `device_id` with default options.
+    pub fn cuda(device_id: i32) -> Self {
+        ExecutionProvider::Cuda(CudaOptions::new(device_id))
+    }
+
+    /// TensorRT on GPU `device_id` with default options.
+    pub fn tensorrt(device_id: i32) -> Self {
+        ExecutionProvider::TensorRt(TensorRtOptions::new(device_id))
+    }
+
+    /// DirectML on adapter `device_id`.
+    pub fn directml(device_id: i32) -> Self {
+        ExecutionProvider::DirectMl(DirectMlOptions::new(device_id))
+    }
+
+    /// The GPU ordinal (adapter index for DirectML), `None` for the CPU.
+    pub fn device_id(&self) -> Option<i32> {
+        match self {
+            ExecutionProvider::Cpu => None,
+            ExecutionProvider::Cuda(o) => Some(o.device_id),
+            ExecutionProvider::TensorRt(o) => Some(o.device_id),
+            ExecutionProvider::DirectMl(o) => Some(o.device_id),
+        }
+    }
+
     /// ONNX Runtime's name for the provider.
     pub fn name(&self) -> &'static str {
         match self {
             ExecutionProvider::Cpu => "CPUExecutionProvider",
-            ExecutionProvider::Cuda { .. } => "CUDAExecutionProvider",
+            ExecutionProvider::Cuda(_) => "CUDAExecutionProvider",
             ExecutionProvider::TensorRt(_) => "TensorrtExecutionProvider",
-            ExecutionProvider::DirectMl { .. } => "DmlExecutionProvider",
+            ExecutionProvider::DirectMl(_) => "DmlExecutionProvider",
         }
     }
 
     /// Registers the provider on a session builder, or explains why it cannot be.
-    pub(crate) fn register(
-        &self,
-        builder: SessionBuilder,
-        component: Component,
-        attention: CudaAttention,
-    ) -> Result<SessionBuilder> {
+    pub(crate) fn register(&self, builder: SessionBuilder, component: Component) -> Result<SessionBuilder> {
         let unavailable = |reason: String| Error::ExecutionProviderUnavailable {
             provider: self.to_string(),
             component,
@@ -98,9 +153,9 @@ impl ExecutionProvider {
         };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
-            ExecutionProvider::Cuda { device_id } => register_cuda(builder, *device_id, attention).map_err(unavailable),
+            ExecutionProvider::Cuda(options) => register_cuda(builder, options).map_err(unavailable),
             ExecutionProvider::TensorRt(options) => register_tensorrt(builder, options).map_err(unavailable),
-            ExecutionProvider::DirectMl { device_id } => register_directml(builder, *device_id).map_err(unavailable),
+            ExecutionProvider::DirectMl(options) => register_directml(builder, options).map_err(unavailable),
         }
     }
 }
@@ -109,9 +164,9 @@ impl fmt::Display for ExecutionProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExecutionProvider::Cpu => f.write_str("CPU"),
-            ExecutionProvider::Cuda { device_id } => write!(f, "CUDA (device {device_id})"),
+            ExecutionProvider::Cuda(o) => write!(f, "CUDA (device {})", o.device_id),
             ExecutionProvider::TensorRt(o) => write!(f, "TensorRT (device {})", o.device_id),
-            ExecutionProvider::DirectMl { device_id } => write!(f, "DirectML (device {device_id})"),
+            ExecutionProvider::DirectMl(o) => write!(f, "DirectML (device {})", o.device_id),
         }
     }
 }
@@ -132,9 +187,9 @@ impl FromStr for ExecutionProvider {
         };
         match name.to_ascii_lowercase().as_str() {
             "cpu" => Ok(ExecutionProvider::Cpu),
-            "cuda" => Ok(ExecutionProvider::Cuda { device_id: id }),
-            "tensorrt" | "trt" => Ok(ExecutionProvider::TensorRt(TensorRtOptions::new(id))),
-            "directml" | "dml" => Ok(ExecutionProvider::DirectMl { device_id: id }),
+            "cuda" => Ok(ExecutionProvider::cuda(id)),
+            "tensorrt" | "trt" => Ok(ExecutionProvider::tensorrt(id)),
+            "directml" | "dml" => Ok(ExecutionProvider::directml(id)),
             _ => Err(Error::request("execution_provider", s, "expected one of cpu, cuda, tensorrt, directml")),
         }
     }
@@ -155,7 +210,7 @@ fn ensure_in_build(available: ort::Result<bool>, name: &str, hint: &str) -> std:
 
 /// The attention kernels ONNX Runtime's CUDA provider may pick for fused attention operators (its `sdpa_kernel`
 /// option). `Auto` (default) leaves the choice to ONNX Runtime; the others restrict it, for measuring which is
-/// fastest on a card. Other providers ignore it.
+/// fastest on a card. Set it with [`CudaOptions::attention`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum CudaAttention {
@@ -189,11 +244,7 @@ impl FromStr for CudaAttention {
 }
 
 #[cfg(feature = "cuda")]
-fn register_cuda(
-    builder: SessionBuilder,
-    device_id: i32,
-    attention: CudaAttention,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result::Result<SessionBuilder, String> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::CUDA::is_available(),
@@ -201,8 +252,8 @@ fn register_cuda(
         "Install the onnxruntime-gpu build (CUDA 13) and point ORT_DYLIB_PATH at its libonnxruntime.",
     )?;
     use ort::ep::cuda::AttentionBackend as B;
-    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id);
-    let backend = match attention {
+    let mut cuda = ort::ep::CUDA::default().with_device_id(options.device_id);
+    let backend = match options.attention {
         CudaAttention::Auto => None,
         CudaAttention::Flash => Some(B::FLASH_ATTENTION),
         CudaAttention::MemoryEfficient => Some(B::EFFICIENT_ATTENTION),
@@ -217,11 +268,7 @@ fn register_cuda(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn register_cuda(
-    _builder: SessionBuilder,
-    _device_id: i32,
-    _attention: CudaAttention,
-) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(_builder: SessionBuilder, _options: &CudaOptions) -> std::result::Result<SessionBuilder, String> {
     Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
 }
 
@@ -255,7 +302,10 @@ fn register_tensorrt(
 }
 
 #[cfg(feature = "directml")]
-fn register_directml(builder: SessionBuilder, device_id: i32) -> std::result::Result<SessionBuilder, String> {
+fn register_directml(
+    builder: SessionBuilder,
+    options: &DirectMlOptions,
+) -> std::result::Result<SessionBuilder, String> {
     if !cfg!(windows) {
         return Err("DirectML exists only on Windows".into());
     }
@@ -265,7 +315,7 @@ fn register_directml(builder: SessionBuilder, device_id: i32) -> std::result::Re
         "DmlExecutionProvider",
         "Use the onnxruntime-directml build of ONNX Runtime.",
     )?;
-    let ep = ort::ep::DirectML::default().with_device_id(device_id).build().error_on_failure();
+    let ep = ort::ep::DirectML::default().with_device_id(options.device_id).build().error_on_failure();
     // DirectML requires sequential execution and no memory pattern (ONNX Runtime's documented constraints).
     let builder = builder.with_parallel_execution(false).map_err(|e| e.to_string())?;
     let builder = builder.with_memory_pattern(false).map_err(|e| e.to_string())?;
@@ -273,7 +323,10 @@ fn register_directml(builder: SessionBuilder, device_id: i32) -> std::result::Re
 }
 
 #[cfg(not(feature = "directml"))]
-fn register_directml(_builder: SessionBuilder, _device_id: i32) -> std::result::Result<SessionBuilder, String> {
+fn register_directml(
+    _builder: SessionBuilder,
+    _options: &DirectMlOptions,
+) -> std::result::Result<SessionBuilder, String> {
     Err("sd3-onnx was compiled without the `directml` feature (DirectML is Windows-only)".into())
 }
 

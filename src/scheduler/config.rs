@@ -64,9 +64,9 @@ impl Default for FlowMatchConfig {
 impl FlowMatchConfig {
     /// Reads `scheduler_config.json`. Options we do not implement (Karras, exponential or beta sigmas,
     /// stochastic sampling) are errors rather than silently ignored.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let hint = "The model folder needs scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)";
-        read_config(Component::Scheduler, path, hint, Self::from_json_str)
+        read_config(Component::Scheduler, path.as_ref(), hint, Self::from_json_str)
     }
 
     /// Parses the text of `scheduler_config.json` (what [`from_file`](Self::from_file) reads). The

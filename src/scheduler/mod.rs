@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 /// Sigmas and timesteps for one run: `timesteps[i] = sigmas[i] * num_train_timesteps`, and `sigmas` has one
 /// more entry than `timesteps` (the final 0, or 1 with `invert_sigmas`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Schedule {
     /// Noise levels, `steps + 1` values, decreasing to 0.
     pub sigmas: Vec<f32>,
@@ -150,16 +151,6 @@ pub fn euler_step(sample: &mut [f32], velocity: &[f32], sigma: f32, sigma_next: 
 pub fn apply_guidance(cond: &mut [f32], uncond: &[f32], guidance: f32) {
     for (c, u) in cond.iter_mut().zip(uncond) {
         *c = u + guidance * (*c - u);
-    }
-}
-
-/// Guidance and the Euler step fused: `x += (sigma_next - sigma) * (u + g * (c - u))`, with the same `f32`
-/// operations in the same order as [`apply_guidance`] followed by [`euler_step`], so the results are identical.
-pub fn guided_euler_step(sample: &mut [f32], uncond: &[f32], cond: &[f32], guidance: f32, sigma: f32, sigma_next: f32) {
-    let dt = sigma_next - sigma;
-    for ((x, u), c) in sample.iter_mut().zip(uncond).zip(cond) {
-        let v = u + guidance * (c - u);
-        *x += dt * v;
     }
 }
 

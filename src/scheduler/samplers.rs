@@ -32,6 +32,9 @@ use crate::error::{Error, Result};
 const MAX_TRAIN_TIMESTEPS: usize = 100_000;
 
 /// Which sampler runs the denoising loop.
+///
+/// With the `serde` feature it is written as its [name](SamplerKind::name) (`"euler"`, `"heun"`, `"dpmpp_2m"`)
+/// and read as [`FromStr`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum SamplerKind {
@@ -88,6 +91,32 @@ impl FromStr for SamplerKind {
             "dpmpp_2m" | "dpm++2m" => Ok(SamplerKind::DpmSolverPlusPlus2M),
             _ => Err(Error::request("sampler", s, "expected one of euler, heun, dpmpp_2m (or dpm++2m)")),
         }
+    }
+}
+
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl serde::Serialize for SamplerKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl<'de> serde::Deserialize<'de> for SamplerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = SamplerKind;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sampler name: euler, heun or dpmpp_2m")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<SamplerKind, E> {
+                s.parse().map_err(|_| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
+        }
+        deserializer.deserialize_str(Name)
     }
 }
 

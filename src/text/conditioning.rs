@@ -11,6 +11,7 @@ use crate::error::{Component, Error, Result};
 
 /// What the transformer is conditioned on for one prompt.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct TextConditioning {
     /// `encoder_hidden_states`: `[1, clip_len + t5_len, joint_attention_dim]`.
     pub context: Array3<f32>,

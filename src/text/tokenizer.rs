@@ -14,6 +14,7 @@ use crate::error::{boxed, require_file, Component, Error, Result};
 
 /// A prompt turned into exactly `max_len` token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TokenizedPrompt {
     /// Token ids, padded or truncated to the requested length, special tokens included.
     pub ids: Vec<i64>,
@@ -109,7 +110,8 @@ impl PromptTokenizer {
     ///
     /// The default padding token is `<|endoftext|>` as in transformers' `CLIPTokenizer`; SD3's CLIP-G folder
     /// overrides it with `!` (id 0) in its `special_tokens_map.json`, and that file decides.
-    pub fn load_clip(component: Component, dir: &Path) -> Result<Self> {
+    pub fn load_clip(component: Component, dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
         let special = SpecialTokens::read(component, dir)?;
         let json_path = dir.join("tokenizer.json");
         let (inner, path) = if json_path.is_file() {
@@ -138,7 +140,8 @@ impl PromptTokenizer {
     }
 
     /// Loads the T5 tokenizer folder (`tokenizer_3/`), which must hold `tokenizer.json`.
-    pub fn load_t5(component: Component, dir: &Path) -> Result<Self> {
+    pub fn load_t5(component: Component, dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
         let special = SpecialTokens::read(component, dir)?;
         let json_path = dir.join("tokenizer.json");
         require_file(component, &json_path, || {

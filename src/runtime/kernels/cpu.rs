@@ -8,7 +8,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use super::shapes;
+use super::{guarded, shapes};
 
 const F16: TensorElementType = TensorElementType::Float16;
 
@@ -86,6 +86,13 @@ macro_rules! cpu_op {
                 $kernel::new(kctx)
             }
         }
+        impl Kernel for $kernel {
+            fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+                // A panic must not unwind into ONNX Runtime (the trampoline is `extern "system"`: it would abort
+                // the process); it becomes this node's error. The CPU kernels keep only attributes.
+                guarded($name, || self.run(ctx))
+            }
+        }
     };
 }
 
@@ -99,6 +106,11 @@ cpu_op!(LinearConcatOp, "LinearConcat", [REQ, REQ, REQ, REQ, REQ, REQ], [OUT], L
 cpu_op!(LinearSplitOp, "LinearSplit", [REQ, REQ, REQ, OPT, OPT, REQ], [OUT, OUT_OPT], LinearSplitCpu);
 cpu_op!(ModNormOp, "ModNorm", [REQ, OPT, OPT, REQ], [OUT, OUT_OPT], ModNormCpu);
 
+/// Tests only: makes the CPU `Linear` kernel panic, to check that the panic comes back from ONNX Runtime as an
+/// error (`kernels::tests`). No other test of the library runs a fused graph.
+#[cfg(test)]
+pub(crate) static PANIC_IN_LINEAR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub(crate) struct LinearCpu {
     activation: i64,
 }
@@ -111,9 +123,13 @@ impl LinearCpu {
         Ok(Self { activation })
     }
 }
-impl Kernel for LinearCpu {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+impl LinearCpu {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "Linear";
+        #[cfg(test)]
+        if PANIC_IN_LINEAR.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("test panic inside the Linear kernel");
+        }
         let (xs, x) = required(ctx, op, 0)?;
         let (ws, w) = required(ctx, op, 1)?;
         let (bs, b) = required(ctx, op, 2)?;
@@ -132,8 +148,8 @@ impl LinearConcatCpu {
         Ok(Self)
     }
 }
-impl Kernel for LinearConcatCpu {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+impl LinearConcatCpu {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearConcat";
         let (xas, xa) = required(ctx, op, 0)?;
         let (was, wa) = required(ctx, op, 1)?;
@@ -157,8 +173,8 @@ impl LinearSplitCpu {
         Ok(Self)
     }
 }
-impl Kernel for LinearSplitCpu {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+impl LinearSplitCpu {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearSplit";
         let (xs, x) = required(ctx, op, 0)?;
         let (was, wa) = required(ctx, op, 1)?;
@@ -254,8 +270,8 @@ impl ModNormCpu {
         Ok(Self { a: ModNormAttrs::read(k)? })
     }
 }
-impl Kernel for ModNormCpu {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+impl ModNormCpu {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "ModNorm";
         let (hs, h) = required(ctx, op, 0)?;
         let y = input(ctx, op, 1)?;
@@ -310,8 +326,8 @@ impl HeadRmsNormCpu {
         Ok(Self { eps: head_rms_epsilon(k) })
     }
 }
-impl Kernel for HeadRmsNormCpu {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+impl HeadRmsNormCpu {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "HeadRmsNorm";
         let (xs, x) = required(ctx, op, 0)?;
         let (was, wa) = required(ctx, op, 1)?;

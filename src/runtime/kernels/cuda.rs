@@ -1,25 +1,46 @@
 //! CUDA kernels of the fused operators, on the CUDA execution provider's stream.
 //!
-//! The products go through cuBLASLt with the bias (and tanh-GELU) in the epilogue; `ModNorm` is our kernel
-//! (`mod_norm.cu`, embedded as PTX and compiled by the driver on first use). Both libraries are opened at run
-//! time (`libcuda.so.1` from the driver, `libcublasLt.so.13`/`.12` from the CUDA runtime ONNX Runtime itself
-//! loads), so building with the `cuda` feature needs no CUDA toolkit. Plans (matrix layouts and the algorithm
-//! cuBLASLt's heuristic picks) are made once per node and shape and reused every step.
+//! The products go through cuBLASLt with the bias (and tanh-GELU) in the epilogue; `ModNorm` and `HeadRmsNorm`
+//! are our kernels (`mod_norm.cu`, embedded as PTX and compiled by the driver on first use). Both libraries are
+//! opened at run time (`libcuda.so.1` from the driver, `libcublasLt.so.13`/`.12` from the CUDA runtime ONNX
+//! Runtime itself loads), so building with the `cuda` feature needs no CUDA toolkit.
+//!
+//! Who owns what:
+//!
+//! - Per CUDA context, for the life of the process: our PTX module and its two functions (read-only).
+//! - Per stream ([`Scratch`]): a cuBLASLt handle and the cuBLASLt workspace. ONNX Runtime runs each session
+//!   (each concurrent `Run`) on a stream of its own, and the kernels of two sessions do run at the same time on
+//!   one GPU; work on one stream runs in order. So every kernel on one stream may share one workspace, and
+//!   kernels on two streams must not: a workspace shared by the whole context (before issue 15) let two sessions'
+//!   matrix products write the same scratch memory at once. Kernels hold `Arc`s to the scratch of the streams
+//!   they ran on and a registry holds `Weak`s, so the scratch is freed when the last kernel that used its stream is
+//!   dropped (the session is closed).
+//! - Per kernel (graph node): its cuBLASLt plans (layouts and the algorithm cuBLASLt's heuristic picks), made
+//!   once per shape, pointer alignment and handle, and reused every step.
+//!
+//! Alignment: cuBLASLt is told the alignment of each matrix (it may then pick vectorised algorithms) only after
+//! it was read off the actual pointers and batch strides; our kernels load `half2` and check 4-byte alignment.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use half::f16;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::{DynTensorValueType, TensorElementType};
 
 use super::cpu::ModNormAttrs;
+use super::guarded;
 use super::shapes::{self, err};
 
 const PTX: &str = concat!(include_str!("mod_norm.ptx"), "\0");
 const EP: &str = "CUDAExecutionProvider";
+/// cuBLASLt workspace per stream (NVIDIA's cuBLASLt samples use 32 MiB on Hopper; ONNX Runtime's own cuBLAS
+/// workspace is of the same order).
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// The bias vector's alignment we require: cuBLASLt's documentation states none for `BIAS_POINTER`; ONNX Runtime
+/// allocates initializers 256-byte aligned, so this only refuses what was never tested.
+const BIAS_ALIGNMENT: usize = 16;
 
 type CuResult = c_int;
 type Handle = *mut c_void;
@@ -28,7 +49,6 @@ type Handle = *mut c_void;
 struct Api {
     _cuda: libloading::Library,
     _lt: libloading::Library,
-    cu_init: unsafe extern "C" fn(u32) -> CuResult,
     cu_ctx_get_current: unsafe extern "C" fn(*mut Handle) -> CuResult,
     cu_module_load_data: unsafe extern "C" fn(*mut Handle, *const c_void) -> CuResult,
     cu_module_get_function: unsafe extern "C" fn(*mut Handle, Handle, *const c_char) -> CuResult,
@@ -46,8 +66,13 @@ struct Api {
         *mut *mut c_void,
     ) -> CuResult,
     cu_mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+    cu_mem_free: unsafe extern "C" fn(u64) -> CuResult,
+    cu_ctx_push_current: unsafe extern "C" fn(Handle) -> CuResult,
+    cu_ctx_pop_current: unsafe extern "C" fn(*mut Handle) -> CuResult,
+    cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
     cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     lt_create: unsafe extern "C" fn(*mut Handle) -> c_int,
+    lt_destroy: unsafe extern "C" fn(Handle) -> c_int,
     lt_desc_create: unsafe extern "C" fn(*mut Handle, c_int, c_int) -> c_int,
     lt_desc_set: unsafe extern "C" fn(Handle, c_int, *const c_void, usize) -> c_int,
     lt_desc_destroy: unsafe extern "C" fn(Handle) -> c_int,
@@ -89,9 +114,11 @@ struct Api {
     ) -> c_int,
 }
 
-// SAFETY: the function pointers and library handles are immutable after loading and the libraries are
-// thread-safe for these calls (each call passes its own descriptors and stream).
+// SAFETY: the fields are function pointers into, and handles of, libraries that stay loaded as long as `Api`
+// lives (the `'static` in `API`); nothing in `Api` is ever written after `Api::load`.
 unsafe impl Send for Api {}
+// SAFETY: as for `Send`: `Api` is immutable, and the driver and cuBLASLt entry points may be called from any
+// thread (each call passes its own handles, descriptors and stream; handles are never shared between streams).
 unsafe impl Sync for Api {}
 
 /// `cublasLtMatmulAlgo_t` (cublasLt.h: 8 x uint64).
@@ -142,7 +169,8 @@ fn open(names: &[&str]) -> Result<libloading::Library, String> {
 
 macro_rules! sym {
     ($lib:expr, $name:literal) => {
-        // SAFETY: the signature on the receiving field matches the C declaration in cuda.h / cublasLt.h.
+        // SAFETY: the type of the receiving field is the C declaration of `$name` in cuda.h / cublasLt.h, and the
+        // pointer is only called while `Api` (which owns the library) lives.
         *unsafe { $lib.get($name) }.map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
     };
 }
@@ -157,15 +185,25 @@ impl Api {
             "cublasLt64_13.dll",
             "cublasLt64_12.dll",
         ])?;
+        let cu_init: unsafe extern "C" fn(u32) -> CuResult = sym!(cuda, b"cuInit\0");
+        // SAFETY: cuInit takes flags (must be 0) and may be called any number of times.
+        let rc = unsafe { cu_init(0) };
+        if rc != 0 {
+            return Err(format!("cuInit failed: CUDA error {rc}"));
+        }
         let api = Api {
-            cu_init: sym!(cuda, b"cuInit\0"),
             cu_ctx_get_current: sym!(cuda, b"cuCtxGetCurrent\0"),
             cu_module_load_data: sym!(cuda, b"cuModuleLoadData\0"),
             cu_module_get_function: sym!(cuda, b"cuModuleGetFunction\0"),
             cu_launch_kernel: sym!(cuda, b"cuLaunchKernel\0"),
             cu_mem_alloc: sym!(cuda, b"cuMemAlloc_v2\0"),
+            cu_mem_free: sym!(cuda, b"cuMemFree_v2\0"),
+            cu_ctx_push_current: sym!(cuda, b"cuCtxPushCurrent_v2\0"),
+            cu_ctx_pop_current: sym!(cuda, b"cuCtxPopCurrent_v2\0"),
+            cu_ctx_synchronize: sym!(cuda, b"cuCtxSynchronize\0"),
             cu_get_error_string: sym!(cuda, b"cuGetErrorString\0"),
             lt_create: sym!(lt, b"cublasLtCreate\0"),
+            lt_destroy: sym!(lt, b"cublasLtDestroy\0"),
             lt_desc_create: sym!(lt, b"cublasLtMatmulDescCreate\0"),
             lt_desc_set: sym!(lt, b"cublasLtMatmulDescSetAttribute\0"),
             lt_desc_destroy: sym!(lt, b"cublasLtMatmulDescDestroy\0"),
@@ -188,11 +226,12 @@ impl Api {
             return Ok(());
         }
         let mut s: *const c_char = ptr::null();
-        // SAFETY: cuGetErrorString writes a pointer to a static string or leaves it null.
+        // SAFETY: cuGetErrorString writes a pointer to a static string, or leaves `s` null for an unknown code.
         unsafe { (self.cu_get_error_string)(rc, &mut s) };
         let msg = if s.is_null() {
             String::from("unknown error")
         } else {
+            // SAFETY: `s` points to one of the driver's static NUL-terminated strings (checked non-null above).
             unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
         };
         Err(Error::cuda(format!("{what} failed: CUDA error {rc} ({msg})")))
@@ -214,18 +253,7 @@ impl Error {
     }
 }
 
-/// Per CUDA context: our module, the ModNorm function, a cuBLASLt handle and a shared workspace (every kernel
-/// of a session runs on the same stream, one at a time).
-struct Device {
-    ctx: usize,
-    mod_norm: usize,
-    head_rms_norm: usize,
-    lt: usize,
-    workspace: u64,
-}
-
 static API: OnceLock<Result<Api, String>> = OnceLock::new();
-static DEVICES: Mutex<Vec<Device>> = Mutex::new(Vec::new());
 
 fn api() -> ort::Result<&'static Api> {
     API.get_or_init(Api::load)
@@ -233,93 +261,235 @@ fn api() -> ort::Result<&'static Api> {
         .map_err(|e| Error::cuda(format!("cannot load the CUDA driver or cuBLASLt: {e}")))
 }
 
-/// (ModNorm function, HeadRmsNorm function, cuBLASLt handle, workspace) of the current context.
-fn device(api: &Api) -> ort::Result<(Handle, Handle, Handle, u64)> {
+/// The CUDA context current on this thread (ONNX Runtime makes its device's primary context current before it
+/// calls a kernel).
+fn current_context(api: &Api) -> ort::Result<Handle> {
     let mut ctx: Handle = ptr::null_mut();
-    // SAFETY: plain driver calls with out-pointers to locals.
-    api.check("cuInit", unsafe { (api.cu_init)(0) })?;
+    // SAFETY: cuCtxGetCurrent writes one handle to the local out-pointer.
     api.check("cuCtxGetCurrent", unsafe { (api.cu_ctx_get_current)(&mut ctx) })?;
     if ctx.is_null() {
         return Err(Error::cuda("no current CUDA context on ONNX Runtime's thread".into()));
     }
-    let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = devices.iter().find(|d| d.ctx == ctx as usize) {
-        return Ok((d.mod_norm as Handle, d.head_rms_norm as Handle, d.lt as Handle, d.workspace));
+    Ok(ctx)
+}
+
+/// Our module's functions in one context: (context, `mod_norm_f16`, `head_rms_norm_f16`), as addresses. Loaded
+/// once per context and never unloaded (a few kilobytes; the functions are read-only, so every stream may use
+/// them at once).
+static MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+/// (`mod_norm_f16`, `head_rms_norm_f16`) in the current context `ctx`.
+fn functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
+    let mut modules = MODULES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
+        return Ok((f as Handle, g as Handle));
     }
     let mut module: Handle = ptr::null_mut();
-    let mut func: Handle = ptr::null_mut();
-    let mut func2: Handle = ptr::null_mut();
-    let mut lt: Handle = ptr::null_mut();
-    let mut ws: u64 = 0;
-    // SAFETY: PTX is a NUL-terminated PTX image; names are NUL-terminated; out-pointers are locals.
+    let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
+    // SAFETY: PTX is a NUL-terminated PTX image, the names are NUL-terminated, the out-pointers are locals; `ctx`
+    // is current on this thread (`current_context`), so the module is loaded into it.
     unsafe {
         api.check("cuModuleLoadData (mod_norm.ptx)", (api.cu_module_load_data)(&mut module, PTX.as_ptr().cast()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut func, module, c"mod_norm_f16".as_ptr()))?;
-        api.check(
-            "cuModuleGetFunction",
-            (api.cu_module_get_function)(&mut func2, module, c"head_rms_norm_f16".as_ptr()),
-        )?;
-        api.lt("cublasLtCreate", (api.lt_create)(&mut lt))?;
-        api.check("cuMemAlloc (cuBLASLt workspace)", (api.cu_mem_alloc)(&mut ws, WORKSPACE_BYTES))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"mod_norm_f16".as_ptr()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"head_rms_norm_f16".as_ptr()))?;
     }
-    devices.push(Device {
-        ctx: ctx as usize,
-        mod_norm: func as usize,
-        head_rms_norm: func2 as usize,
-        lt: lt as usize,
-        workspace: ws,
-    });
-    Ok((func, func2, lt, ws))
+    modules.push((ctx as usize, f as usize, g as usize));
+    Ok((f, g))
 }
 
-/// rows, k, n, batch, X block stride, D block stride, X offset, D offset (elements; the offsets only decide the
-/// alignment cuBLASLt may assume).
-type Dims = (usize, usize, usize, usize, usize, usize, usize, usize);
-
-/// The alignment in bytes (a power of two, at most 256) of float16 element `offset` and of every `stride` after it,
-/// in a buffer ONNX Runtime allocated (256-byte aligned).
-fn alignment(offset: usize, stride: usize) -> u32 {
-    let bytes = |e: usize| if e == 0 { 256 } else { (1usize << (e * 2).trailing_zeros()).min(256) };
-    bytes(offset).min(if stride == 0 { 256 } else { bytes(stride) }) as u32
+/// A stream's cuBLASLt handle and workspace. Only work on `stream` uses them, so it runs in stream order and no
+/// two products write the workspace at once.
+pub(crate) struct Scratch {
+    ctx: usize,
+    stream: usize,
+    lt: usize,
+    workspace: u64,
 }
 
-/// One cuBLASLt product `D[b] = act(X[b] @ W + bias)` over `batch` strided row blocks, planned once.
+impl Scratch {
+    /// A handle and a workspace for `stream`, allocated in `ctx` (current on this thread).
+    fn new(api: &Api, ctx: Handle, stream: Handle) -> ort::Result<Scratch> {
+        let mut lt: Handle = ptr::null_mut();
+        let mut workspace: u64 = 0;
+        // SAFETY: out-pointers to locals; cublasLtCreate needs a current context (ours, `ctx`).
+        api.lt("cublasLtCreate", unsafe { (api.lt_create)(&mut lt) })?;
+        // SAFETY: out-pointer to a local; the allocation is made in the current context `ctx`.
+        let rc = unsafe { (api.cu_mem_alloc)(&mut workspace, WORKSPACE_BYTES) };
+        if let Err(e) = api.check("cuMemAlloc (cuBLASLt workspace)", rc) {
+            // SAFETY: `lt` was created just above and is used by nothing else.
+            unsafe { (api.lt_destroy)(lt) };
+            return Err(e);
+        }
+        Ok(Scratch { ctx: ctx as usize, stream: stream as usize, lt: lt as usize, workspace })
+    }
+
+    fn lt(&self) -> Handle {
+        self.lt as Handle
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Ok(api) = api() else { return };
+        // SAFETY: `ctx` is the (primary) context the handle and workspace were made in; ONNX Runtime keeps it
+        // alive while the process runs. The last `Arc` is gone, so no kernel will enqueue more work with them;
+        // cuCtxSynchronize waits for what is still queued (on any stream: this one may already be destroyed)
+        // before the workspace is freed. If the context cannot be made current, both are leaked rather than freed
+        // under a running kernel.
+        unsafe {
+            if (api.cu_ctx_push_current)(self.ctx as Handle) != 0 {
+                return;
+            }
+            if (api.cu_ctx_synchronize)() == 0 {
+                (api.cu_mem_free)(self.workspace);
+                (api.lt_destroy)(self.lt as Handle);
+            }
+            let mut popped: Handle = ptr::null_mut();
+            (api.cu_ctx_pop_current)(&mut popped);
+        }
+    }
+}
+
+/// Every live [`Scratch`]: (context, stream, scratch). `Weak`, so that a stream's scratch goes with the last
+/// kernel that used it; a stream address reused by a new stream then gets a new scratch.
+static SCRATCH: Mutex<Vec<(usize, usize, Weak<Scratch>)>> = Mutex::new(Vec::new());
+
+/// The scratch of `stream` in context `ctx`, shared by every kernel that runs on that stream.
+fn scratch_of(api: &Api, ctx: Handle, stream: Handle) -> ort::Result<Arc<Scratch>> {
+    let mut all = SCRATCH.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|e| e.2.strong_count() > 0);
+    if let Some(s) = all.iter().find(|e| e.0 == ctx as usize && e.1 == stream as usize).and_then(|e| e.2.upgrade()) {
+        return Ok(s);
+    }
+    let s = Arc::new(Scratch::new(api, ctx, stream)?);
+    all.push((ctx as usize, stream as usize, Arc::downgrade(&s)));
+    Ok(s)
+}
+
+/// The scratches a kernel has used (normally one: its session's stream), kept alive by the kernel.
+#[derive(Default)]
+pub(crate) struct Streams(Vec<Arc<Scratch>>);
+
+impl Streams {
+    /// A kernel runs on few streams (one per concurrent `Run` of its session); beyond this many, the oldest is
+    /// let go (other kernels of its session keep it, or it is freed).
+    const MAX: usize = 8;
+
+    fn get(&mut self, api: &Api, ctx: Handle, stream: Handle) -> ort::Result<Arc<Scratch>> {
+        if let Some(s) = self.0.iter().find(|s| s.ctx == ctx as usize && s.stream == stream as usize) {
+            return Ok(Arc::clone(s));
+        }
+        let s = scratch_of(api, ctx, stream)?;
+        if self.0.len() >= Self::MAX {
+            self.0.remove(0);
+        }
+        self.0.push(Arc::clone(&s));
+        Ok(s)
+    }
+}
+
+/// One product `D[b] = act(X[b] @ W + bias)` over `batch` row blocks (sizes and strides in elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gemm {
+    rows: usize,
+    k: usize,
+    n: usize,
+    batch: usize,
+    x_stride: usize,
+    d_stride: usize,
+}
+
+/// The alignments (bytes) cuBLASLt may assume for W, X and D, read off the pointers and batch strides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Align {
+    w: u32,
+    x: u32,
+    d: u32,
+}
+
+/// The largest power of two, at most 256, dividing the address `addr` and (when `step` is non-zero) the byte step
+/// `step` between batch blocks: the alignment of every block's start.
+fn alignment(addr: usize, step: usize) -> u32 {
+    let pow = |v: usize| if v == 0 { 256 } else { 1usize << v.trailing_zeros().min(8) };
+    pow(addr).min(pow(step)) as u32
+}
+
+impl Align {
+    /// Checked: every matrix at least float16-aligned (2 bytes) and the bias `BIAS_ALIGNMENT`-aligned.
+    fn of(
+        op: &str,
+        g: Gemm,
+        w: *const c_void,
+        x: *const c_void,
+        d: *const c_void,
+        bias: *const c_void,
+    ) -> ort::Result<Align> {
+        let two = std::mem::size_of::<f16>();
+        let steps = |s: usize| if g.batch > 1 { s * two } else { 0 };
+        let a = Align {
+            w: alignment(w as usize, 0),
+            x: alignment(x as usize, steps(g.x_stride)),
+            d: alignment(d as usize, steps(g.d_stride)),
+        };
+        if a.w < 2 || a.x < 2 || a.d < 2 || !(bias as usize).is_multiple_of(BIAS_ALIGNMENT) {
+            return Err(err(
+                op,
+                format!(
+                    "misaligned tensors (w {w:p}, x {x:p}, y {d:p}, bias {bias:p}): the CUDA kernel needs float16 \
+                     alignment and a {BIAS_ALIGNMENT}-byte aligned bias"
+                ),
+            ));
+        }
+        Ok(a)
+    }
+}
+
+/// A cuBLASLt plan for one [`Gemm`] at given alignments, made with one handle.
 struct Plan {
-    key: [i64; 9],
+    key: (Gemm, Align, bool, usize),
     desc: Handle,
     a: Handle,
     b: Handle,
     d: Handle,
     algo: Algo,
 }
-// SAFETY: descriptors are only used by the kernel that owns the plan, one compute call at a time.
+// SAFETY: the descriptors are owned by the plan, and the plan by one kernel, which uses it from one compute call at
+// a time (`&mut self`); cuBLASLt descriptors may be used from any thread.
 unsafe impl Send for Plan {}
 
 impl Plan {
-    /// rows x k @ k x n over `batch` blocks of X and D.
-    fn new(api: &Api, lt: Handle, dims: Dims, gelu: bool) -> ort::Result<Plan> {
-        let (rows, k, n, batch, x_stride, d_stride, x_off, d_off) = dims;
-        let key = plan_key(dims, gelu);
-        let mut desc: Handle = ptr::null_mut();
-        let (mut a, mut b, mut d): (Handle, Handle, Handle) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool) -> ort::Result<Plan> {
+        let Gemm { rows, k, n, batch, x_stride, d_stride } = g;
+        let mut plan = Plan {
+            key: (g, al, gelu, scratch.lt),
+            desc: ptr::null_mut(),
+            a: ptr::null_mut(),
+            b: ptr::null_mut(),
+            d: ptr::null_mut(),
+            algo: Algo::default(),
+        };
         // Row-major Y[rows, n] = X[rows, k] W[k, n] is column-major Y^T = W^T X^T: cuBLASLt's A is W (n x k,
         // ld n), B is X (k x rows, ld k), D is Y (n x rows, ld n); the bias runs along D's n rows.
+        // SAFETY: descriptor calls with out-pointers into `plan` (destroyed by `Plan::drop`, also on the error
+        // returns below, where the null ones are skipped) and attribute values read from live locals of the
+        // sizes given; the handle is the scratch's, alive while `scratch` is borrowed.
         unsafe {
-            api.lt("cublasLtMatmulDescCreate", (api.lt_desc_create)(&mut desc, CUBLAS_COMPUTE_32F, CUDA_R_32F))?;
+            api.lt("cublasLtMatmulDescCreate", (api.lt_desc_create)(&mut plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F))?;
+            let desc = plan.desc;
             let op_n: c_int = 0;
             api.lt("set TRANSA", (api.lt_desc_set)(desc, DESC_TRANSA, (&op_n as *const c_int).cast(), 4))?;
             api.lt("set TRANSB", (api.lt_desc_set)(desc, DESC_TRANSB, (&op_n as *const c_int).cast(), 4))?;
             let epi: u32 = if gelu { EPILOGUE_GELU_BIAS } else { EPILOGUE_BIAS };
             api.lt("set EPILOGUE", (api.lt_desc_set)(desc, DESC_EPILOGUE, (&epi as *const u32).cast(), 4))?;
-            api.lt("layout W", (api.lt_layout_create)(&mut a, CUDA_R_16F, n as u64, k as u64, n as i64))?;
-            api.lt("layout X", (api.lt_layout_create)(&mut b, CUDA_R_16F, k as u64, rows as u64, k as i64))?;
-            api.lt("layout Y", (api.lt_layout_create)(&mut d, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
+            api.lt("layout W", (api.lt_layout_create)(&mut plan.a, CUDA_R_16F, n as u64, k as u64, n as i64))?;
+            api.lt("layout X", (api.lt_layout_create)(&mut plan.b, CUDA_R_16F, k as u64, rows as u64, k as i64))?;
+            api.lt("layout Y", (api.lt_layout_create)(&mut plan.d, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
             if batch > 1 {
                 let count = batch as c_int;
                 let zero: i64 = 0;
                 let xs = x_stride as i64;
                 let ds = d_stride as i64;
-                for (l, stride) in [(a, &zero), (b, &xs), (d, &ds)] {
+                for (l, stride) in [(plan.a, &zero), (plan.b, &xs), (plan.d, &ds)] {
                     api.lt(
                         "set BATCH_COUNT",
                         (api.lt_layout_set)(l, LAYOUT_BATCH_COUNT, (&count as *const c_int).cast(), 4),
@@ -333,41 +503,54 @@ impl Plan {
             let mut pref: Handle = ptr::null_mut();
             api.lt("cublasLtMatmulPreferenceCreate", (api.lt_pref_create)(&mut pref))?;
             let ws = WORKSPACE_BYTES as u64;
-            api.lt(
-                "set MAX_WORKSPACE_BYTES",
-                (api.lt_pref_set)(pref, PREF_MAX_WORKSPACE_BYTES, (&ws as *const u64).cast(), 8),
-            )?;
-            // X and Y may start inside a buffer (the second row range of LinearConcat / LinearSplit).
-            let ax = alignment(x_off, if batch > 1 { x_stride } else { 0 });
-            let ad = alignment(d_off, if batch > 1 { d_stride } else { 0 });
+            let mut rc = (api.lt_pref_set)(pref, PREF_MAX_WORKSPACE_BYTES, (&ws as *const u64).cast(), 8);
+            // The alignments were read off this call's pointers (`Align::of`); a later call with less aligned
+            // pointers gets a new plan (they are part of the key).
             for (attr, v) in [
-                (PREF_MIN_ALIGNMENT_A_BYTES, 256u32),
-                (PREF_MIN_ALIGNMENT_B_BYTES, ax),
-                (PREF_MIN_ALIGNMENT_C_BYTES, ad),
-                (PREF_MIN_ALIGNMENT_D_BYTES, ad),
+                (PREF_MIN_ALIGNMENT_A_BYTES, al.w),
+                (PREF_MIN_ALIGNMENT_B_BYTES, al.x),
+                (PREF_MIN_ALIGNMENT_C_BYTES, al.d),
+                (PREF_MIN_ALIGNMENT_D_BYTES, al.d),
             ] {
-                api.lt("set MIN_ALIGNMENT", (api.lt_pref_set)(pref, attr, (&v as *const u32).cast(), 4))?;
+                if rc == 0 {
+                    rc = (api.lt_pref_set)(pref, attr, (&v as *const u32).cast(), 4);
+                }
             }
             let mut result = HeuristicResult::default();
             let mut found: c_int = 0;
-            let rc = (api.lt_heuristic)(lt, desc, a, b, d, d, pref, 1, &mut result, &mut found);
+            if rc == 0 {
+                let (a, b, d) = (plan.a, plan.b, plan.d);
+                rc = (api.lt_heuristic)(scratch.lt(), desc, a, b, d, d, pref, 1, &mut result, &mut found);
+            }
             (api.lt_pref_destroy)(pref);
             if rc != 0 || found < 1 {
                 return Err(Error::cuda(format!(
                     "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, alignment \
-                     {ax}/{ad} bytes): status {rc}"
+                     {}/{}/{} bytes): status {rc}",
+                    al.w, al.x, al.d
                 )));
             }
-            Ok(Plan { key, desc, a, b, d, algo: result.algo })
+            plan.algo = result.algo;
         }
+        Ok(plan)
     }
 
+    /// Enqueues the product on `stream`.
+    ///
+    /// # Safety
+    ///
+    /// - `scratch` is the scratch of `stream` (its handle made this plan: `self.key`), and `stream` belongs to the
+    ///   context current on this thread.
+    /// - `w` points to `k * n` float16 values, `bias` to `n`, `x` to `batch` blocks of `rows * k` values
+    ///   `x_stride` apart and `y` to `batch` blocks of `rows * n` values `d_stride` apart, all device memory of that
+    ///   context that stays allocated until the work queued on `stream` is done, with at least the alignments of
+    ///   the plan (`Align::of` on these pointers).
+    /// - `y` overlaps none of the inputs, and nothing else writes it or reads it before the stream gets there.
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    unsafe fn run(
         &self,
         api: &Api,
-        lt: Handle,
-        ws: u64,
+        scratch: &Scratch,
         stream: Handle,
         x: *const c_void,
         w: *const c_void,
@@ -376,44 +559,52 @@ impl Plan {
     ) -> ort::Result<()> {
         let alpha: f32 = 1.0;
         let beta: f32 = 0.0;
-        unsafe {
-            api.lt(
-                "set BIAS_POINTER",
-                (api.lt_desc_set)(self.desc, DESC_BIAS_POINTER, (&bias as *const *const c_void).cast(), 8),
-            )?;
-            api.lt(
-                "cublasLtMatmul",
-                (api.lt_matmul)(
-                    lt,
-                    self.desc,
-                    (&alpha as *const f32).cast(),
-                    w,
-                    self.a,
-                    x,
-                    self.b,
-                    (&beta as *const f32).cast(),
-                    y,
-                    self.d,
-                    y,
-                    self.d,
-                    &self.algo,
-                    ws as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream,
-                ),
+        // SAFETY: BIAS_POINTER takes the pointer's 8 bytes, read from a live local. The plan is owned by the
+        // calling kernel (`&mut self` in compute), so no other call changes the descriptor in between.
+        api.lt("set BIAS_POINTER", unsafe {
+            (api.lt_desc_set)(self.desc, DESC_BIAS_POINTER, (&bias as *const *const c_void).cast(), 8)
+        })?;
+        // SAFETY: the caller's contract: buffers, alignments and stream as planned. C aliases D (beta is 0, so C is
+        // not read). The workspace is this stream's own (`scratch`), so only this stream's earlier and later work
+        // touches it, in order.
+        api.lt("cublasLtMatmul", unsafe {
+            (api.lt_matmul)(
+                scratch.lt(),
+                self.desc,
+                (&alpha as *const f32).cast(),
+                w,
+                self.a,
+                x,
+                self.b,
+                (&beta as *const f32).cast(),
+                y,
+                self.d,
+                y,
+                self.d,
+                &self.algo,
+                scratch.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream,
             )
-        }
+        })
     }
 }
 
 impl Drop for Plan {
     fn drop(&mut self) {
         if let Ok(api) = api() {
+            // SAFETY: the plan owns these descriptors (made in `Plan::new`, null where creation did not get
+            // there), and no queued work refers to them: cuBLASLt reads descriptors when `cublasLtMatmul` is
+            // called, not when the stream runs.
             unsafe {
-                (api.lt_layout_destroy)(self.a);
-                (api.lt_layout_destroy)(self.b);
-                (api.lt_layout_destroy)(self.d);
-                (api.lt_desc_destroy)(self.desc);
+                for l in [self.a, self.b, self.d] {
+                    if !l.is_null() {
+                        (api.lt_layout_destroy)(l);
+                    }
+                }
+                if !self.desc.is_null() {
+                    (api.lt_desc_destroy)(self.desc);
+                }
             }
         }
     }
@@ -451,16 +642,80 @@ fn stream(ctx: &ComputeContext, op: &str) -> ort::Result<Handle> {
         .ok_or_else(|| err(op, "no CUDA stream (the node is not on the CUDA execution provider)"))
 }
 
-fn plan_key(d: Dims, gelu: bool) -> [i64; 9] {
-    [d.0 as i64, d.1 as i64, d.2 as i64, d.3 as i64, d.4 as i64, d.5 as i64, d.6 as i64, d.7 as i64, gelu as i64]
+/// The stream, context and the stream's scratch of one compute call.
+struct Launch {
+    stream: Handle,
+    scratch: Arc<Scratch>,
 }
 
-fn plan<'p>(slot: &'p mut Option<Plan>, api: &Api, lt: Handle, dims: Dims, gelu: bool) -> ort::Result<&'p Plan> {
-    let key = plan_key(dims, gelu);
-    if slot.as_ref().map(|p| p.key) != Some(key) {
-        *slot = Some(Plan::new(api, lt, dims, gelu)?);
+impl Launch {
+    fn new(api: &Api, ctx: &ComputeContext, op: &str, streams: &mut Streams) -> ort::Result<Launch> {
+        let stream = stream(ctx, op)?;
+        let cu = current_context(api)?;
+        Ok(Launch { stream, scratch: streams.get(api, cu, stream)? })
     }
-    slot.as_ref().ok_or_else(|| Error::cuda("plan missing".into()))
+
+    /// `y = act(x @ w + bias)` as `g` says, with the plan in `slot` (remade when shapes, alignments or the
+    /// stream's handle change).
+    ///
+    /// # Safety
+    ///
+    /// As [`Plan::run`]: `x`, `w`, `bias` and `y` are device buffers of this call's context with the sizes `g`
+    /// gives (see there), live until this stream's queued work is done, `y` overlapping no input.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        &self,
+        api: &Api,
+        op: &str,
+        slot: &mut Option<Plan>,
+        g: Gemm,
+        gelu: bool,
+        x: *const c_void,
+        w: *const c_void,
+        bias: *const c_void,
+        y: *mut c_void,
+    ) -> ort::Result<()> {
+        let al = Align::of(op, g, w, x, y, bias)?;
+        let key = (g, al, gelu, self.scratch.lt);
+        let plan = match slot {
+            Some(p) if p.key == key => p,
+            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu)?),
+        };
+        // SAFETY: the plan was made with this stream's handle for `g` at the alignments of these very pointers;
+        // the buffers are the caller's contract.
+        unsafe { plan.run(api, &self.scratch, self.stream, x, w, bias, y) }
+    }
+}
+
+/// Launches one of our kernels on `stream`: `grid` blocks of `block` threads.
+///
+/// # Safety
+///
+/// `func` is a function of our module in the current context, `params` holds one pointer per parameter of its
+/// signature in `mod_norm.cu`, each pointing to a live value of that parameter's type; every device pointer among
+/// those values is a buffer of the current context, large enough for the launch and `half2`-aligned, and stays
+/// allocated until `stream`'s queued work is done; `stream` belongs to the current context.
+unsafe fn launch(
+    api: &Api,
+    what: &str,
+    func: Handle,
+    grid: u32,
+    block: u32,
+    stream: Handle,
+    params: &mut [*mut c_void],
+) -> ort::Result<()> {
+    // SAFETY: the caller's contract; the driver copies the parameter values before returning.
+    api.check(what, unsafe {
+        (api.cu_launch_kernel)(func, grid, 1, 1, block, 1, 1, 0, stream, params.as_mut_ptr(), ptr::null_mut())
+    })
+}
+
+/// Our kernels read and write `half2`: every tensor they touch must be 4-byte aligned.
+fn half2_aligned(op: &str, ptrs: &[*const c_void]) -> ort::Result<()> {
+    match ptrs.iter().find(|p| !(**p as usize).is_multiple_of(4)) {
+        None => Ok(()),
+        Some(p) => Err(err(op, format!("tensor at {p:p} is not 4-byte aligned; the CUDA kernel reads half2 pairs"))),
+    }
 }
 
 const F16: TensorElementType = TensorElementType::Float16;
@@ -490,6 +745,14 @@ macro_rules! cuda_op {
                 $kernel::new(kctx)
             }
         }
+        impl Kernel for $kernel {
+            fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+                // A panic must not unwind into ONNX Runtime (the trampoline is `extern "system"`: it would abort
+                // the process); it becomes this node's error. A kernel's state is plans and scratch handles,
+                // each replaced whole, so a kernel stays usable after a panic.
+                guarded($name, || self.run(ctx))
+            }
+        }
     };
 }
 
@@ -502,6 +765,7 @@ cuda_op!(HeadRmsNormOp, "HeadRmsNorm", [REQ, REQ, REQ, REQ], [OUT], HeadRmsNormC
 pub(crate) struct LinearCuda {
     gelu: bool,
     plan: Option<Plan>,
+    streams: Streams,
 }
 impl LinearCuda {
     fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
@@ -509,14 +773,12 @@ impl LinearCuda {
         if !(0..=1).contains(&activation) {
             return Err(err("Linear", format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
         }
-        Ok(Self { gelu: activation == 1, plan: None })
+        Ok(Self { gelu: activation == 1, plan: None, streams: Streams::default() })
     }
-}
-impl Kernel for LinearCuda {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "Linear";
         let api = api()?;
-        let (_, _, lt, ws) = device(api)?;
         let (x, w, b) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (rows, k, n) = shapes::linear(op, &x.shape, &w.shape, &b.shape)?;
         let mut shape = x.shape.clone();
@@ -527,42 +789,50 @@ impl Kernel for LinearCuda {
         if rows == 0 {
             return Ok(());
         }
-        let s = stream(ctx, op)?;
-        let p = plan(&mut self.plan, api, lt, (rows, k, n, 1, 0, 0, 0, 0), self.gelu)?;
-        p.run(api, lt, ws, s, x.ptr, w.ptr, b.ptr, y)
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let g = Gemm { rows, k, n, batch: 1, x_stride: 0, d_stride: 0 };
+        // SAFETY: ONNX Runtime's buffers on this node's device: x is [.., K] (rows * K values), w [K, N], b [N]
+        // (`shapes::linear`), y the fresh [.., N] output, which aliases no input.
+        unsafe { l.gemm(api, op, &mut self.plan, g, self.gelu, x.ptr, w.ptr, b.ptr, y) }
     }
 }
 
 pub(crate) struct LinearConcatCuda {
     plans: [Option<Plan>; 2],
+    streams: Streams,
 }
 impl LinearConcatCuda {
     fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
-        Ok(Self { plans: [None, None] })
+        Ok(Self { plans: [None, None], streams: Streams::default() })
     }
-}
-impl Kernel for LinearConcatCuda {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearConcat";
         let api = api()?;
-        let (_, _, lt, ws) = device(api)?;
         let (xa, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (xb, wb, bb) = (need(ctx, op, 3)?, need(ctx, op, 4)?, need(ctx, op, 5)?);
         let (batch, sa, sb, ka, kb, n) =
             shapes::linear_concat(&xa.shape, &wa.shape, &ba.shape, &xb.shape, &wb.shape, &bb.shape)?;
         let st = sa + sb;
         let Some(y) = out(ctx, op, 0, vec![batch as i64, st as i64, n as i64])? else { return Ok(()) };
-        let s = stream(ctx, op)?;
-        let [pa, pb] = &mut self.plans;
-        if sa > 0 && batch > 0 {
-            let p = plan(pa, api, lt, (sa, ka, n, batch, sa * ka, st * n, 0, 0), false)?;
-            p.run(api, lt, ws, s, xa.ptr, wa.ptr, ba.ptr, y)?;
+        if batch == 0 || st == 0 {
+            return Ok(());
         }
-        if sb > 0 && batch > 0 {
-            let p = plan(pb, api, lt, (sb, kb, n, batch, sb * kb, st * n, 0, sa * n), false)?;
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let [pa, pb] = &mut self.plans;
+        if sa > 0 {
+            let g = Gemm { rows: sa, k: ka, n, batch, x_stride: sa * ka, d_stride: st * n };
+            // SAFETY: xa is [B, Sa, Ka], wa [Ka, N], ba [N] (`shapes::linear_concat`); y, the fresh [B, Sa + Sb, N]
+            // output, gets rows 0..Sa of each batch (blocks of Sa * N values, St * N apart).
+            unsafe { l.gemm(api, op, pa, g, false, xa.ptr, wa.ptr, ba.ptr, y) }?;
+        }
+        if sb > 0 {
             // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
             let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
-            p.run(api, lt, ws, s, xb.ptr, wb.ptr, bb.ptr, yb)?;
+            let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
+            // SAFETY: xb is [B, Sb, Kb], wb [Kb, N], bb [N]; yb + b * St * N + Sb * N ends at the end of batch b's
+            // rows in y, so every block stays inside y, disjoint from the first range's.
+            unsafe { l.gemm(api, op, pb, g, false, xb.ptr, wb.ptr, bb.ptr, yb) }?;
         }
         Ok(())
     }
@@ -570,38 +840,41 @@ impl Kernel for LinearConcatCuda {
 
 pub(crate) struct LinearSplitCuda {
     plans: [Option<Plan>; 2],
+    streams: Streams,
 }
 impl LinearSplitCuda {
     fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
-        Ok(Self { plans: [None, None] })
+        Ok(Self { plans: [None, None], streams: Streams::default() })
     }
-}
-impl Kernel for LinearSplitCuda {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "LinearSplit";
         let api = api()?;
-        let (_, _, lt, ws) = device(api)?;
         let (x, wa, ba) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?);
         let (wb, bb) = (dev(ctx, op, 3)?, dev(ctx, op, 4)?);
         let like = need(ctx, op, 5)?;
         let (batch, st, sa, k, na) = shapes::linear_split(&x.shape, &wa.shape, &ba.shape, &like.shape)?;
         let sb = st - sa;
-        let s = stream(ctx, op)?;
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
         let [pa, pb] = &mut self.plans;
         if let Some(ya) = out(ctx, op, 0, vec![batch as i64, sa as i64, na as i64])? {
             if sa > 0 && batch > 0 {
-                let p = plan(pa, api, lt, (sa, k, na, batch, st * k, sa * na, 0, 0), false)?;
-                p.run(api, lt, ws, s, x.ptr, wa.ptr, ba.ptr, ya)?;
+                let g = Gemm { rows: sa, k, n: na, batch, x_stride: st * k, d_stride: sa * na };
+                // SAFETY: x is [B, St, K] (rows 0..Sa of each batch are read: blocks of Sa * K values, St * K
+                // apart), wa [K, Na], ba [Na] (`shapes::linear_split`); ya is the fresh [B, Sa, Na] output.
+                unsafe { l.gemm(api, op, pa, g, false, x.ptr, wa.ptr, ba.ptr, ya) }?;
             }
         }
         if let (Some(wb), Some(bb)) = (wb, bb) {
             let (_, _, nb) = shapes::linear(op, &x.shape, &wb.shape, &bb.shape)?;
             if let Some(yb) = out(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64])? {
                 if sb > 0 && batch > 0 {
-                    let p = plan(pb, api, lt, (sb, k, nb, batch, st * k, sb * nb, sa * k, 0), false)?;
                     // SAFETY: x holds batch * st * k halves; the second block starts sa rows into each batch.
                     let xb = unsafe { x.ptr.cast::<f16>().add(sa * k) }.cast();
-                    p.run(api, lt, ws, s, xb, wb.ptr, bb.ptr, yb)?;
+                    let g = Gemm { rows: sb, k, n: nb, batch, x_stride: st * k, d_stride: sb * nb };
+                    // SAFETY: rows Sa..St of each batch of x (ending at the batch's end), wb [K, Nb], bb [Nb]
+                    // (`shapes::linear`); yb is the fresh [B, Sb, Nb] output.
+                    unsafe { l.gemm(api, op, pb, g, false, xb, wb.ptr, bb.ptr, yb) }?;
                 }
             }
         }
@@ -616,12 +889,10 @@ impl ModNormCuda {
     fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
         Ok(Self { a: ModNormAttrs::read(k)? })
     }
-}
-impl Kernel for ModNormCuda {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "ModNorm";
         let api = api()?;
-        let (func, _, _, _) = device(api)?;
         let h = need(ctx, op, 0)?;
         let y = dev(ctx, op, 1)?;
         let g = dev(ctx, op, 2)?;
@@ -657,7 +928,10 @@ impl Kernel for ModNormCuda {
         if total > u32::MAX as usize || d / 2 > i32::MAX as usize || mw / 2 > i32::MAX as usize {
             return Err(err(op, "tensor too large for the kernel's 32-bit indices"));
         }
+        // Null pointers (no residual) are aligned too.
+        half2_aligned(op, &[h.ptr, yp, gp, m.ptr, hout.cast_const(), n.cast_const()])?;
         let s = stream(ctx, op)?;
+        let (func, _) = functions(api, current_context(api)?)?;
         let (mut hp, mut yv, mut gv, mut mp, mut hop, mut np) = (h.ptr, yp, gp, m.ptr, hout, n);
         let mut rows_i = rows as c_int;
         let mut d2 = (d / 2) as c_int;
@@ -684,11 +958,11 @@ impl Kernel for ModNormCuda {
             (&mut eps as *mut f32).cast(),
         ];
         let threads: u32 = if d / 2 >= 512 { 256 } else { 128 };
-        // SAFETY: params match mod_norm_f16's signature in mod_norm.cu; every pointer is a live device buffer of
-        // the sizes checked above (or null where the kernel does not read it).
-        api.check("cuLaunchKernel (mod_norm_f16)", unsafe {
-            (api.cu_launch_kernel)(func, total as u32, 1, 1, threads, 1, 1, 0, s, params.as_mut_ptr(), ptr::null_mut())
-        })
+        // SAFETY: params follow mod_norm_f16's signature in mod_norm.cu, each pointing to a live local of that
+        // type. h, y (when given) and both outputs are [B, S, D] buffers ONNX Runtime holds for this call, gate_mod
+        // and norm_mod [B, M] with the offsets + D inside M (`ModNormAttrs::dims`); one block per row (total
+        // blocks); all 4-byte aligned (checked above); the outputs are fresh, aliasing no input.
+        unsafe { launch(api, "cuLaunchKernel (mod_norm_f16)", func, total as u32, threads, s, &mut params) }
     }
 }
 
@@ -699,12 +973,10 @@ impl HeadRmsNormCuda {
     fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
         Ok(Self { eps: super::cpu::head_rms_epsilon(k) })
     }
-}
-impl Kernel for HeadRmsNormCuda {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = "HeadRmsNorm";
         let api = api()?;
-        let (_, func, _, _) = device(api)?;
         let (x, wa, wb, like) = (need(ctx, op, 0)?, need(ctx, op, 1)?, need(ctx, op, 2)?, need(ctx, op, 3)?);
         let (batch, rows, d) = shapes::bsk(op, "x", &x.shape)?;
         let (_, rows_a, _) = shapes::bsk(op, "like_a", &like.shape)?;
@@ -722,7 +994,9 @@ impl Kernel for HeadRmsNormCuda {
         if blocks > u32::MAX as usize || rows > i32::MAX as usize || d / h > i32::MAX as usize {
             return Err(err(op, "tensor too large for the kernel's launch grid"));
         }
+        half2_aligned(op, &[x.ptr, wa.ptr, wb.ptr, y.cast_const()])?;
         let s = stream(ctx, op)?;
+        let (_, func) = functions(api, current_context(api)?)?;
         let (mut xp, mut ap, mut bp, mut yp) = (x.ptr, wa.ptr, wb.ptr, y);
         let mut segs = segments as i64;
         let mut heads = (d / h) as c_int;
@@ -742,22 +1016,10 @@ impl Kernel for HeadRmsNormCuda {
             (&mut h2 as *mut c_int).cast(),
             (&mut eps as *mut f32).cast(),
         ];
-        // SAFETY: params match head_rms_norm_f16's signature in mod_norm.cu; x and y hold batch * rows * d halves,
-        // the weights h halves (checked above).
-        api.check("cuLaunchKernel (head_rms_norm_f16)", unsafe {
-            (api.cu_launch_kernel)(
-                func,
-                blocks as u32,
-                1,
-                1,
-                (warps_per_block * 32) as u32,
-                1,
-                1,
-                0,
-                s,
-                params.as_mut_ptr(),
-                ptr::null_mut(),
-            )
-        })
+        let threads = (warps_per_block * 32) as u32;
+        // SAFETY: params follow head_rms_norm_f16's signature in mod_norm.cu, each pointing to a live local of that
+        // type; x and y hold batch * rows * d halves, the weights h (`shapes::head_norm`); the kernel returns early
+        // for warps past `segments`; all 4-byte aligned (checked above); y is fresh, aliasing no input.
+        unsafe { launch(api, "cuLaunchKernel (head_rms_norm_f16)", func, blocks as u32, threads, s, &mut params) }
     }
 }

@@ -21,10 +21,15 @@
 //! and is tested, anywhere; with the `cuda` feature the CUDA versions run on the CUDA execution provider's
 //! stream: cuBLASLt for the products (bias and GELU in the epilogue), one kernel of our own for `ModNorm`
 //! (`mod_norm.cu`, shipped as PTX).
+//!
+//! Every kernel's `compute` runs its body through [`guarded`]: a panic in a kernel becomes the node's error (and so
+//! `Sd3Pipeline::generate`'s), never an unwind into ONNX Runtime, which would abort the process.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ort::operator::OperatorDomain;
 
@@ -47,6 +52,23 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cuda::ModNormOp)?
         .add(cuda::HeadRmsNormOp)?;
     Ok(d)
+}
+
+/// Runs a kernel body, turning a panic into an error that names the operator.
+///
+/// ONNX Runtime calls kernels through `extern "system"` trampolines (ort's `compute_kernel`); a panic unwinding
+/// out of one aborts the whole process. Here it stops at the kernel boundary and ONNX Runtime gets a failed status
+/// instead, which `Session::run` returns as an error. `AssertUnwindSafe`: the kernels' state (attributes, plans and
+/// scratch handles, each replaced whole) is consistent at every point a panic can happen.
+pub(crate) fn guarded(op: &str, body: impl FnOnce() -> ort::Result<()>) -> ort::Result<()> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        Err(shapes::err(op, format!("the kernel panicked ({msg}); this is a bug in sd3-onnx, please report it")))
+    })
 }
 
 /// Shape checks shared by the CPU and CUDA kernels; errors name the operator and what is wrong.
@@ -194,6 +216,61 @@ mod tests {
         assert!(shapes::head_norm("HeadRmsNorm", 128, &[64], &[32]).is_err());
         assert!(shapes::head_norm("HeadRmsNorm", 100, &[64], &[64]).is_err());
         assert!(shapes::head_norm("HeadRmsNorm", 128, &[0], &[0]).is_err());
+    }
+
+    #[test]
+    fn a_panicking_kernel_body_becomes_an_error() {
+        ort();
+        let e = super::guarded("Linear", || panic!("index out of bounds: the len is 3 but the index is 7"));
+        let msg = e.expect_err("a panic must become an error").to_string();
+        assert!(msg.contains("sd3onnx::Linear"), "{msg}");
+        assert!(msg.contains("the kernel panicked (index out of bounds: the len is 3 but the index is 7)"), "{msg}");
+        // Formatted panic messages (String payloads) too; bodies that return normally are passed through.
+        let n = 7;
+        let e = super::guarded("ModNorm", || panic!("row {n}")).unwrap_err().to_string();
+        assert!(e.contains("sd3onnx::ModNorm") && e.contains("(row 7)"), "{e}");
+        assert!(super::guarded("ModNorm", || Ok(())).is_ok());
+        let e = super::guarded("ModNorm", || Err(shapes::err("ModNorm", "bad shape"))).unwrap_err().to_string();
+        assert!(e.contains("bad shape") && !e.contains("panicked"), "{e}");
+    }
+
+    /// Through ONNX Runtime's real trampoline: a kernel that panics in a running session fails the generation with
+    /// an error naming the operator (before issue 15 the process aborted), and the pipeline works afterwards.
+    #[test]
+    fn a_kernel_panic_inside_a_session_fails_the_run_not_the_process() {
+        use std::sync::atomic::Ordering::SeqCst;
+        ort();
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures");
+        let dir = std::env::temp_dir().join(format!("sd3onnx-kernel-panic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&fixtures.join("tiny-sd3"), &dir);
+        std::fs::copy(
+            fixtures.join("export-tiny-fp16-fused/transformer/model.onnx"),
+            dir.join("transformer/model.onnx"),
+        )
+        .unwrap();
+        let mut pipe = crate::Sd3Pipeline::builder(&dir).build().unwrap();
+        let req = crate::GenerationRequest::new("a red circle").size(64, 64).steps(2).seed(3);
+        let good = pipe.generate(&req).unwrap().images;
+        super::cpu::PANIC_IN_LINEAR.store(true, SeqCst);
+        let e = pipe.generate(&req);
+        super::cpu::PANIC_IN_LINEAR.store(false, SeqCst);
+        let msg = e.expect_err("the run must fail").to_string();
+        assert!(msg.contains("sd3onnx::Linear") && msg.contains("test panic inside the Linear kernel"), "{msg}");
+        assert_eq!(pipe.generate(&req).unwrap().images, good, "the pipeline must work after a kernel panic");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
     }
 
     #[test]

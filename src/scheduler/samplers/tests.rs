@@ -1,5 +1,4 @@
 use super::*;
-use crate::scheduler::guided_euler_step;
 
 fn sd3() -> FlowMatchConfig {
     FlowMatchConfig { shift: 3.0, ..Default::default() }
@@ -65,7 +64,7 @@ fn euler_sampler_is_schedule_plus_euler_step() {
         let mut sampler = Sampler::new(SamplerKind::Euler, &config, 10, None).unwrap();
         assert_eq!(sampler.timesteps(), schedule.timesteps.as_slice());
         assert_eq!(sampler.sigmas(), schedule.sigmas.as_slice());
-        let (mut a, mut b, mut c) = (start(), start(), start());
+        let (mut a, mut b) = (start(), start());
         for i in 0..schedule.len() {
             let t = schedule.timesteps[i];
             let uncond: Vec<f32> = a.iter().map(|x| 0.5 * x - t / 1000.0).collect();
@@ -74,9 +73,7 @@ fn euler_sampler_is_schedule_plus_euler_step() {
             apply_guidance_for_test(&mut guided, &uncond, 4.5);
             sampler.step(&guided, &mut a).unwrap();
             euler_step(&mut b, &guided, schedule.sigmas[i], schedule.sigmas[i + 1]);
-            guided_euler_step(&mut c, &uncond, &cond, 4.5, schedule.sigmas[i], schedule.sigmas[i + 1]);
             assert_eq!(a, b);
-            assert_eq!(a, c);
         }
     }
 }
