@@ -129,7 +129,8 @@ pub enum Error {
     /// The ONNX Runtime library exists but could not be loaded or initialised.
     #[error(
         "could not load ONNX Runtime from {path}: {message}. Use a libonnxruntime 1.31 shared library built for \
-         this platform (ORT_DYLIB_PATH or `Sd3PipelineBuilder::onnxruntime_library`)"
+         this platform (ORT_DYLIB_PATH or `Sd3PipelineBuilder::onnxruntime_library`)",
+        message = sentence(.message)
     )]
     RuntimeLoad {
         /// The library that was tried.
@@ -144,7 +145,8 @@ pub enum Error {
     /// An execution provider was asked for and cannot be used. Nothing falls back to the CPU silently.
     #[error(
         "execution provider {provider} is unavailable for {component}: {reason}. Or run on the CPU \
-         (`ExecutionProvider::Cpu`, or `Sd3PipelineBuilder::cpu_fallback(true)` to fall back when it is missing)"
+         (`ExecutionProvider::Cpu`, or `Sd3PipelineBuilder::cpu_fallback(true)` to fall back when it is missing)",
+        reason = sentence(.reason)
     )]
     ExecutionProviderUnavailable {
         /// The provider, e.g. `CUDA`.
@@ -178,7 +180,8 @@ pub enum Error {
     #[error(
         "{component}: invalid configuration{}: {message}. Fix the file, or take it again from the model's \
          diffusers repository",
-        in_path(.path)
+        in_path(.path),
+        message = sentence(.message)
     )]
     InvalidConfig {
         /// The component the file belongs to.
@@ -195,7 +198,8 @@ pub enum Error {
     /// A tokenizer could not be loaded or failed on a prompt.
     #[error(
         "{component}: tokenizer error in {path}: {message}. If the file is damaged, copy the tokenizer folder again \
-         from the model's diffusers repository"
+         from the model's diffusers repository",
+        message = sentence(.message)
     )]
     Tokenizer {
         /// Which tokenizer.
@@ -213,7 +217,8 @@ pub enum Error {
     /// operator it does not know) or could not set up its session.
     #[error(
         "{component}: ONNX Runtime could not load the graph {path}: {message}. Check that it is a complete ONNX \
-         model (with its external-data file next to it) and export it again if not (docs/models.md)"
+         model (with its external-data file next to it) and export it again if not (docs/models.md)",
+        message = sentence(.message)
     )]
     GraphLoad {
         /// The component.
@@ -230,7 +235,8 @@ pub enum Error {
     /// A graph's inputs or outputs do not have the names, ranks or element types the pipeline needs.
     #[error(
         "{component}: graph {path} does not match the SD3 contract: {message}. Export it with the supported tools \
-         (optimum-cli or models/export, docs/models.md)"
+         (optimum-cli or models/export, docs/models.md)",
+        message = sentence(.message)
     )]
     GraphMismatch {
         /// The component.
@@ -253,7 +259,9 @@ pub enum Error {
     },
 
     /// Components of one folder disagree with each other (e.g. the CLIP widths exceed the T5 width).
-    #[error("model folder {path}: components disagree: {message}. Use components exported from the same model")]
+    #[error("model folder {path}: components disagree: {message}. Use components exported from the same model",
+        message = sentence(.message)
+    )]
     IncompatibleComponents {
         /// The model folder.
         path: PathBuf,
@@ -303,7 +311,8 @@ pub enum Error {
     #[error(
         "cannot use .npy data{}: {message}. Save a little-endian float32 array in C order \
          (`numpy.save(path, a.astype(numpy.float32))`)",
-        in_path(.path)
+        in_path(.path),
+        message = sentence(.message)
     )]
     Npy {
         /// The file; `None` when bytes were parsed without a file ([`parse_npy_f32`](crate::latents::parse_npy_f32)).
@@ -327,12 +336,13 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
-    /// Running a graph failed: ONNX Runtime reported an error (its error is the [`source`](std::error::Error::source);
-    /// out of memory is the common one), or the graph answered with outputs of the wrong shape.
+    /// Running a graph failed: ONNX Runtime reported an error (out of memory is the common one; its error is the
+    /// [`source`](std::error::Error::source)), or the graph answered with outputs of the wrong shape (no source).
+    /// The Display text says what to try for each.
     #[error(
-        "{component}: inference failed: {message}. If memory ran out, try a smaller size, fewer images per prompt \
-         or `Sd3PipelineBuilder::low_memory`; otherwise check that the graph was exported with the supported tools \
-         (docs/models.md)"
+        "{component}: inference failed: {message}. {hint}",
+        message = sentence(.message),
+        hint = inference_hint(.source)
     )]
     Inference {
         /// The component whose graph failed.
@@ -362,7 +372,8 @@ pub enum Error {
     /// The progress callback panicked. The panic is caught so that it never unwinds through the pipeline (which
     /// stays usable, and a `Mutex` around it is not poisoned); the run stops at that step.
     #[error(
-        "the progress callback panicked at step {step}: {message}. Fix the callback; the pipeline is still usable"
+        "the progress callback panicked at step {step}: {message}. Fix the callback; the pipeline is still usable",
+        message = sentence(.message)
     )]
     CallbackPanicked {
         /// The step whose report the callback was handling (0-based).
@@ -487,7 +498,8 @@ pub enum Error {
     #[cfg(feature = "download")]
     #[error(
         "cannot reach {url}: {message}. Check the network and proxy settings and HF_ENDPOINT; set HF_HUB_OFFLINE=1 \
-         to use only what is already in the cache"
+         to use only what is already in the cache",
+        message = sentence(.message)
     )]
     HubUnreachable {
         /// The URL that was requested.
@@ -503,7 +515,8 @@ pub enum Error {
     #[cfg(feature = "download")]
     #[error(
         "download of {file} from {repo} broke off after {done} of {size} bytes: {message}. Run again: the transfer \
-         resumes where it stopped"
+         resumes where it stopped",
+        message = sentence(.message)
     )]
     HubInterrupted {
         /// The repository.
@@ -543,6 +556,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A message followed by a sentence in a Display text, without its own final period or line break (ONNX
+/// Runtime's messages may end in either).
+fn sentence(message: &str) -> &str {
+    message.trim_end_matches(|c: char| c == '.' || c.is_whitespace())
+}
+
+/// What to try after an [`Error::Inference`]: ONNX Runtime failed (`source` is its error), or the graph answered
+/// with outputs of the wrong shape (no source).
+fn inference_hint(source: &Option<BoxError>) -> &'static str {
+    if source.is_some() {
+        "If memory ran out, try a smaller size, fewer images per prompt or `Sd3PipelineBuilder::low_memory`; \
+         otherwise check that the graph was exported with the supported tools (docs/models.md)"
+    } else {
+        "The graph does not follow the SD3 contract at run time; export it with the supported tools (docs/models.md)"
+    }
 }
 
 /// ` <path>` for a Display text, nothing without a path.
