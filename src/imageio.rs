@@ -142,7 +142,7 @@ pub fn decode_mask(png: &[u8]) -> Result<GrayImage> {
 }
 
 /// PIL's RGB -> L conversion (`Convert.c`, `rgb2l`: ITU-R 601-2 luma in 16-bit fixed point, rounded).
-pub fn pil_gray(rgb: &RgbImage) -> GrayImage {
+pub(crate) fn pil_gray(rgb: &RgbImage) -> GrayImage {
     GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
         let [r, g, b] = rgb.get_pixel(x, y).0;
         let l = (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
