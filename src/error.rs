@@ -28,11 +28,13 @@
 //! returned by [`std::error::Error::source`]: ONNX Runtime's error for [`Error::RuntimeLoad`],
 //! [`Error::GraphLoad`], [`Error::Inference`] and [`Error::ExecutionProviderUnavailable`]; the tokenizers
 //! library's for [`Error::Tokenizer`]; serde_json's for [`Error::InvalidConfig`]; the PNG decoder's for
-//! [`Error::Image`]; the HTTP client's or the file system's for the `Hub*` variants; the [`std::io::Error`] for
-//! [`Error::Io`] and, when the file system reported one (`NotFound`, `PermissionDenied`), for
+//! [`Error::Image`]; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
+//! `HubInterrupted` and `HubResponse` (feature `download`); the [`std::io::Error`] for [`Error::Io`],
+//! `HubDiskFull` and, when the file system reported one (`NotFound`, `PermissionDenied`, ...), for
 //! [`Error::MissingFile`]. Foreign errors are boxed ([`BoxError`]), so no other crate's type is part of this
 //! crate's API; a caller that depends on the same crate version may still `downcast_ref` them. The Display text
-//! of an error already includes its source's message, so print either the error or its chain, not both:
+//! of an error already says what its source says (a `MissingFile` mentions its source unless it is `NotFound`),
+//! so print either the error or its chain, not both:
 //!
 //! ```
 //! let e = sd3_onnx::Sd3Pipeline::builder("/no/such/model").build().unwrap_err();
@@ -162,7 +164,7 @@ pub enum Error {
     },
 
     /// A file the pipeline needs is not in the model folder.
-    #[error("{component}: missing {path}. {hint}")]
+    #[error("{component}: missing {path}{}. {hint}", unless_not_found(.source))]
     MissingFile {
         /// The component the file belongs to.
         component: Component,
@@ -572,6 +574,14 @@ fn inference_hint(source: &Option<BoxError>) -> &'static str {
          otherwise check that the graph was exported with the supported tools (docs/models.md)"
     } else {
         "The graph does not follow the SD3 contract at run time; export it with the supported tools (docs/models.md)"
+    }
+}
+
+/// ` (<the file system's error>)` for a [`Error::MissingFile`] whose lookup failed otherwise than `NotFound`.
+fn unless_not_found(source: &Option<std::io::Error>) -> String {
+    match source {
+        Some(e) if e.kind() != std::io::ErrorKind::NotFound => format!(" ({e})"),
+        _ => String::new(),
     }
 }
 

@@ -41,6 +41,15 @@ fn a_missing_file_leads_to_the_io_error_not_found() {
         let io = io_source(&e).unwrap_or_else(|| panic!("{rel}: no io::Error in the chain of {e:?}"));
         assert_eq!(io.kind(), ErrorKind::NotFound, "{rel}: {io:?}");
     }
+    // A lookup that fails otherwise: `transformer` is a file, so `transformer/config.json` is "not a directory";
+    // the Display text says so, since the file system's error is not just "not found".
+    let m = ScratchModel::new("tiny-sd3", "chain-not-a-dir");
+    std::fs::remove_dir_all(m.path("transformer")).unwrap();
+    std::fs::write(m.path("transformer"), b"a file where a folder should be").unwrap();
+    let e = Sd3Pipeline::builder(&m.dir).build().unwrap_err();
+    assert!(matches!(e, Error::MissingFile { component: Component::Transformer, .. }), "{e:?}");
+    assert_eq!(io_source(&e).map(std::io::Error::kind), Some(ErrorKind::NotADirectory), "{e:?}");
+    assert!(e.to_string().contains("Not a directory"), "{e}");
     // The model folder itself.
     let e = Sd3Pipeline::builder("/no/such/model").build().unwrap_err();
     assert!(matches!(e, Error::MissingFile { component: Component::Model, .. }), "{e:?}");
