@@ -279,3 +279,12 @@ fn onnx_runtime_running_out_of_memory_is_an_inference_error_with_its_error() {
     assert!(text.contains("Failed to allocate memory") && text.contains("If memory ran out"), "{text}");
     assert!(!text.contains('\n'), "one line: {text:?}");
 }
+
+#[test]
+fn errors_with_sources_stay_send_sync_and_static() {
+    // Boxed sources are `Send + Sync + 'static`, so an `Error` can cross threads and be boxed itself.
+    fn check<T: StdError + Send + Sync + 'static>() {}
+    check::<Error>();
+    let boxed: Box<dyn StdError + Send + Sync> = Box::new(sd3_onnx::imageio::decode_rgb(b"x").unwrap_err());
+    assert!(boxed.source().is_some());
+}
