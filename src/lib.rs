@@ -21,7 +21,7 @@
 //!         .seed(42),
 //! )?;
 //! // PNG with the generation parameters in its text chunk, errors typed like the rest.
-//! sd3_onnx::imageio::save_png("astronaut.png".as_ref(), &out.images[0], Some(&out.parameters[0]))?;
+//! sd3_onnx::imageio::save_png("astronaut.png", &out.images[0], Some(&out.parameters[0]))?;
 //! for w in &out.warnings {
 //!     eprintln!("warning: {w}");
 //! }
