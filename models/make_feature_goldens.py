@@ -99,6 +99,10 @@ CAUGHT = 3  # a mistake must move the golden by more than this many levels
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class KeptOptimum(Exception):
+    """SD3_GOLDENS_OPTIMUM=keep: take optimum.png from the optimum environment's run instead of running optimum."""
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -190,6 +194,16 @@ def check_caught(where: str, table: list[dict]):
     missed = [r for r in table if not r["id"].startswith("x") and not r["caught"]]
     if missed:
         raise SystemExit(f"{where}: mistakes not caught (<= {CAUGHT} levels): {missed}")
+
+
+def kept_optimum_compare(d_img: np.ndarray, out: Path) -> dict:
+    """SD3_GOLDENS_OPTIMUM=keep (an environment without optimum): optimum.png as the optimum environment wrote it
+    (restored into the rewritten case folder); optimum's final latents are not kept, so no latents difference."""
+    o_pil = mf.kept_optimum(out / "optimum.png")
+    mf.write_kept_optimum(out / "optimum.png")
+    r = optimum_compare(d_img, o_pil)
+    r["optimum_note"] = "optimum.png kept from the optimum environment (models/requirements.txt)"
+    return r
 
 
 def optimum_compare(d_img: np.ndarray, o_pil, d_lat=None, o_lat=None) -> dict:
@@ -304,11 +318,15 @@ def case_img2img(name: str, pipe, out: Path):
 
     # optimum
     try:
+        if mf.OPTIMUM_MODE == "keep":
+            raise KeptOptimum
         op = load_ort("ORTStableDiffusion3Img2ImgPipeline", mf.FIXTURES / name)
         o_pil = op(**kw, generator=gen(seed)).images[0]
         o_lat = op(**kw, generator=gen(seed), output_type="latent").images
         o_pil.save(out / "optimum.png")
         optimum = optimum_compare(golden, o_pil, final, o_lat)
+    except KeptOptimum:
+        optimum = kept_optimum_compare(golden, out)
     except Exception as e:  # pragma: no cover - recorded, not fatal
         optimum = dict(optimum=f"failed: {type(e).__name__}: {e}")
     log(f"  img2img diffusers {pixel_stats(golden)}; optimum {optimum.get('diffusers_vs_optimum', optimum)}")
@@ -466,11 +484,15 @@ def case_inpaint(name: str, pipe, out: Path):
     save_npy(out / "sigmas.npy", sched.sigmas[t0:])
 
     try:
+        if mf.OPTIMUM_MODE == "keep":
+            raise KeptOptimum
         op = load_ort("ORTStableDiffusion3InpaintPipeline", mf.FIXTURES / name)
         o_pil = op(**kw, generator=gen(seed)).images[0]
         o_lat = op(**kw, generator=gen(seed), output_type="latent").images
         o_pil.save(out / "optimum.png")
         optimum = optimum_compare(golden, o_pil, final, o_lat)
+    except KeptOptimum:
+        optimum = kept_optimum_compare(golden, out)
     except Exception as e:  # pragma: no cover
         optimum = dict(optimum=f"failed: {type(e).__name__}: {e}")
     log(f"  inpaint diffusers {pixel_stats(golden)}; optimum {optimum.get('diffusers_vs_optimum', optimum)}")
@@ -592,6 +614,8 @@ def case_sampler(name: str, pipe, out: Path, kind: str):
     sigmas = mf.f32list(p.scheduler.sigmas)
 
     try:
+        if mf.OPTIMUM_MODE == "keep":
+            raise KeptOptimum
         op = load_ort("ORTStableDiffusion3Pipeline", mf.FIXTURES / name)
         op.scheduler = make_sampler(kind, pipe)
         o_pil = op(**kw).images[0]
@@ -599,6 +623,8 @@ def case_sampler(name: str, pipe, out: Path, kind: str):
         o_pil.save(out / "optimum.png")
         optimum = optimum_compare(golden, o_pil, final, o_lat)
         optimum["optimum_note"] = "optimum's ORTStableDiffusion3Pipeline on the fixture with pipe.scheduler replaced"
+    except KeptOptimum:
+        optimum = kept_optimum_compare(golden, out)
     except Exception as e:  # pragma: no cover
         optimum = dict(optimum=f"failed: {type(e).__name__}: {e}")
     log(f"  {case.name} diffusers {pixel_stats(golden)}; optimum {optimum.get('diffusers_vs_optimum', optimum)}")

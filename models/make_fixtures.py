@@ -107,6 +107,44 @@ GOLDENS = MODELS / "goldens"
 BUILD = Path(os.environ.get("SD3_FIXTURE_BUILD", os.path.join(tempfile.gettempdir(), "sd3-onnx-fixture-build")))
 PYBIN = Path(sys.executable).parent
 
+# Which environment makes the optimum outputs (optimum.png, optimum_final_latents.npy: ONNX Runtime through
+# optimum's ORT pipelines). "run": this process runs optimum (the models/requirements.txt environment: optimum-onnx
+# needs transformers < 4.58). "keep": this environment has no optimum (diffusers 0.42.1 needs transformers 5), so
+# every optimum output is taken unchanged from the goldens folder as it was when this process started, and only the
+# diffusers side is rewritten. models/regen_goldens.sh runs the optimum environment first, then the diffusers one.
+OPTIMUM_MODE = os.environ.get("SD3_GOLDENS_OPTIMUM", "run")
+if OPTIMUM_MODE not in ("run", "keep"):
+    raise SystemExit(f"SD3_GOLDENS_OPTIMUM must be run or keep, not {OPTIMUM_MODE!r}")
+_KEPT_OPTIMUM: dict[str, bytes] = {}
+
+
+def _snapshot_optimum_outputs():
+    for f in sorted(GOLDENS.rglob("optimum*")):
+        if f.is_file():
+            _KEPT_OPTIMUM[f.relative_to(GOLDENS).as_posix()] = f.read_bytes()
+
+
+def kept_optimum(path: Path):
+    """The optimum output at `path` (under models/goldens) as it was when this process started: a PIL image for
+    .png, a numpy array for .npy. Raises if there was none (run the optimum environment first)."""
+    key = path.resolve().relative_to(GOLDENS.resolve()).as_posix()
+    if key not in _KEPT_OPTIMUM:
+        raise SystemExit(f"SD3_GOLDENS_OPTIMUM=keep but models/goldens/{key} does not exist: run the optimum "
+                         "environment first (models/regen_goldens.sh does)")
+    data = io.BytesIO(_KEPT_OPTIMUM[key])
+    return np.load(data) if key.endswith(".npy") else Image.open(data).convert("RGB")
+
+
+def write_kept_optimum(path: Path):
+    """Writes the kept optimum output back to `path` (its case folder was deleted and rewritten)."""
+    key = path.resolve().relative_to(GOLDENS.resolve()).as_posix()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_KEPT_OPTIMUM[key])
+
+
+if OPTIMUM_MODE == "keep":
+    _snapshot_optimum_outputs()
+
 CLIP_MAX_LENGTH = 77  # model_max_length of both CLIP tokenizers (real SD3 repo)
 T5_MAX_LENGTH = 512  # model_max_length of the T5 tokenizer (real SD3 repo)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -683,6 +721,21 @@ def load_ort_pipeline(folder: Path):
     return ORTStableDiffusion3Pipeline.from_pretrained(folder, session_options=so)
 
 
+def stage_checkpoints(names):
+    """The `models` stage without the ONNX export: only the diffusers checkpoints in the build folder, which the
+    golden stages (and make_feature_goldens.py, export/make_skip_fixture.py) load. Run it in the environment that
+    made the committed fixtures (models/requirements.txt): random init differs across transformers/diffusers
+    versions, and the checkpoints must hold the weights the committed ONNX graphs hold (regen_goldens.sh checks
+    that the diffusers 0.35.2 goldens come out bit-identical from them)."""
+    for name in names:
+        spec = SPECS[name]
+        log(f"[checkpoints] {name}")
+        pipe = build_pipeline(spec)
+        src = diffusers_dir(name)
+        shutil.rmtree(src, ignore_errors=True)
+        pipe.save_pretrained(src)
+
+
 def stage_models(names):
     for name in names:
         spec = SPECS[name]
@@ -796,8 +849,10 @@ def stage_goldens(names):
     for name in names:
         log(f"[goldens] {name}")
         pipe = load_diffusers_pipeline(name)
-        opipe = load_ort_pipeline(FIXTURES / name)
-        opipe.set_progress_bar_config(disable=True)
+        opipe = None
+        if OPTIMUM_MODE == "run":
+            opipe = load_ort_pipeline(FIXTURES / name)
+            opipe.set_progress_bar_config(disable=True)
         ref = OrtReference(FIXTURES / name)
         gdir = GOLDENS / name
         # Start clean, except for the case folders the `options` stage writes (it runs after this one).
@@ -816,8 +871,12 @@ def stage_goldens(names):
             write_json(out / "request.json", req)
             img_d = pipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
-            img_o = opipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
-            img_o.save(out / "optimum.png")
+            if opipe is None:
+                img_o = kept_optimum(out / "optimum.png")
+                write_kept_optimum(out / "optimum.png")
+            else:
+                img_o = opipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
+                img_o.save(out / "optimum.png")
             a, b = to_uint8(img_d), to_uint8(img_o)
             c = ref.generate(case, latents.numpy())
             summary["cases"][case.name] = dict(diffusers_vs_optimum=diff_stats(a, b),
@@ -829,8 +888,12 @@ def stage_goldens(names):
                 save_debug_tensors(pipe, case, latents, out)
                 # optimum's final latents: the numpy-ORT reference reproduces them bit for bit (asserted), so an
                 # ORT-based implementation can be checked against this file at zero tolerance.
-                final_o = opipe(**pipe_kwargs(case, latents), output_type="latent").images.float().numpy()
-                np.save(out / "optimum_final_latents.npy", final_o)
+                if opipe is None:
+                    final_o = kept_optimum(out / "optimum_final_latents.npy")
+                    write_kept_optimum(out / "optimum_final_latents.npy")
+                else:
+                    final_o = opipe(**pipe_kwargs(case, latents), output_type="latent").images.float().numpy()
+                    np.save(out / "optimum_final_latents.npy", final_o)
                 assert np.array_equal(ref.final_latents(case, latents.numpy()), final_o), "reference != optimum"
         summary["sensitivity"] = sensitivity_table(pipe)
         write_json(gdir / "summary.json", summary)
@@ -876,12 +939,23 @@ OPTION_CASES = [
     (Case("t5_512", T5_512_PROMPT, "blurry, low quality", 64, 64, 4, 5.0, 512, 14), {"max_sequence_length": 512}),
     (Case("vae_tiling", "a stone bridge over a river in autumn", "blurry, low quality", 128, 96, 4, 5.0, 256, 15),
      {"vae_tiling": True}),
+    # The other no-T5 paddings (GenerationRequest::no_t5_padding), same prompt and latents as `no_t5`:
+    # "clip_length" = 77 zero T5 tokens, what diffusers <= 0.38 did whatever max_sequence_length was (diffusers
+    # 0.42.1 gives it with max_sequence_length=77; optimum 2.1.0's pipeline, on the diffusers 0.35.2 loop, with its
+    # default 256); "omit" = no T5 tokens at all, only the 77 CLIP tokens (ComfyUI's SD3ClipModel without t5xxl;
+    # diffusers 0.42.1 with prompt_embeds = the no-T5 embeddings cut to their first 77 tokens).
+    (Case("no_t5_clip_length", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
+     {"t5": False, "no_t5_padding": "clip_length"}),
+    (Case("no_t5_omit", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
+     {"t5": False, "no_t5_padding": "omit"}),
 ]
 # `vae_tiling` is diffusers with pipe.vae.enable_tiling() (AutoencoderKL.tiled_decode): the tiny VAE has
 # sample_size 64, so tile_latent_min_size 8, tile_sample_min_size 64, overlap 25% (tiles every 6 latents, blend
 # 16 px); 128x96 (latents 16x12) is tiled in both directions. optimum's ORT pipeline has no VAE tiling, so the case
 # has diffusers.png only, plus untiled.png (the same request decoded without tiling, what an ignored option gives).
-NO_OPTIMUM = {"vae_tiling"}
+# `no_t5` (diffusers >= 0.39: max_sequence_length zero T5 tokens) and `no_t5_omit` have no optimum.png either:
+# optimum 2.1.0 runs the diffusers 0.35.2 loop (77 zero tokens), which is the `no_t5_clip_length` case.
+NO_OPTIMUM = {"vae_tiling", "no_t5", "no_t5_omit"}
 
 
 def without_t5_folder(name: str) -> Path:
@@ -928,18 +1002,20 @@ def stage_options(names, only=None):
         pipe = load_diffusers_pipeline(name)
         pipe_no_t5 = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
         pipe_no_t5.set_progress_bar_config(disable=True)
-        opipe = load_ort_pipeline(FIXTURES / name)
-        opipe.set_progress_bar_config(disable=True)
-        opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
-        opipe_no_t5.set_progress_bar_config(disable=True)
-        assert opipe_no_t5.text_encoder_3 is None
         dyn_cfg = dynamic_shift_config(name)
         pipe_dyn = StableDiffusion3Pipeline(
             **{**pipe.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dyn_cfg)})
         pipe_dyn.set_progress_bar_config(disable=True)
-        opipe_dyn = load_ort_pipeline(with_scheduler_folder(name, dyn_cfg, "dynamic-shift"))
-        opipe_dyn.set_progress_bar_config(disable=True)
-        assert opipe_dyn.scheduler.config.use_dynamic_shifting
+        opipe = opipe_no_t5 = opipe_dyn = None
+        if OPTIMUM_MODE == "run":
+            opipe = load_ort_pipeline(FIXTURES / name)
+            opipe.set_progress_bar_config(disable=True)
+            opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
+            opipe_no_t5.set_progress_bar_config(disable=True)
+            assert opipe_no_t5.text_encoder_3 is None
+            opipe_dyn = load_ort_pipeline(with_scheduler_folder(name, dyn_cfg, "dynamic-shift"))
+            opipe_dyn.set_progress_bar_config(disable=True)
+            assert opipe_dyn.scheduler.config.use_dynamic_shifting
         for case, options in OPTION_CASES:
             if only and case.name not in only:
                 continue
@@ -973,13 +1049,25 @@ def stage_options(names, only=None):
                     img_d = pipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
                 finally:
                     vae.disable_tiling()
+            elif options.get("no_t5_padding") == "clip_length":
+                kw = dict(pipe_kwargs(case, latents), max_sequence_length=CLIP_MAX_LENGTH)
+                img_d = d_pipe(**kw, output_type="pil").images[0]
+            elif options.get("no_t5_padding") == "omit":
+                emb = no_t5_omitted_embeds(d_pipe, case)
+                kw = pipe_kwargs(case, latents)
+                del kw["prompt"], kw["negative_prompt"]
+                img_d = d_pipe(**kw, **emb, output_type="pil").images[0]
             else:
                 img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
             img_o = None
             if case.name not in NO_OPTIMUM:
-                img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
-                img_o.save(out / "optimum.png")
+                if OPTIMUM_MODE == "keep":
+                    img_o = kept_optimum(out / "optimum.png")
+                    write_kept_optimum(out / "optimum.png")
+                else:
+                    img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+                    img_o.save(out / "optimum.png")
             # The same request without the option (static scheduler config, max_sequence_length 256): the golden
             # must differ from it clearly, else a test could not tell an ignored option from a working one.
             plain_img = pipe(**plain_kw, output_type="pil").images[0]
@@ -990,13 +1078,34 @@ def stage_options(names, only=None):
                 summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
                                diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                                diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
-            else:
+            elif options.get("vae_tiling"):
                 plain_img.save(out / "untiled.png")
                 summary = dict(options=options,
                                optimum="none: optimum's ORT pipeline has no VAE tiling; untiled.png is the same "
                                        "request decoded without tiling (diffusers)",
                                diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                                diffusers_pixels=pixel_stats(a), untiled_pixels=pixel_stats(plain))
+            else:
+                summary = dict(options=options,
+                               optimum="none: optimum 2.1.0 runs the diffusers 0.35.2 loop, whose no-T5 padding is "
+                                       "77 zero tokens (the no_t5_clip_length case)",
+                               diffusers_vs_diffusers_without_option=diff_stats(a, plain),
+                               diffusers_pixels=pixel_stats(a))
+            if options.get("t5") is False:
+                # Informative: how far the three no-T5 paddings are apart (the diffusers 0.35.2 -> 0.39 change).
+                others = {}
+                for pad in ("max_sequence_length", "clip_length", "omit"):
+                    if pad == options.get("no_t5_padding", "max_sequence_length"):
+                        continue
+                    kw = pipe_kwargs(case, latents)
+                    if pad == "clip_length":
+                        kw["max_sequence_length"] = CLIP_MAX_LENGTH
+                    elif pad == "omit":
+                        del kw["prompt"], kw["negative_prompt"]
+                        kw.update(no_t5_omitted_embeds(pipe_no_t5, case))
+                    others[f"diffusers_vs_no_t5_padding_{pad}"] = diff_stats(
+                        a, to_uint8(pipe_no_t5(**kw, output_type="pil").images[0]))
+                summary.update(others)
             if options.get("vae_tiling"):
                 v = pipe.vae
                 summary["vae_tiling"] = dict(tile_sample_min_size=v.tile_sample_min_size,
@@ -1035,6 +1144,15 @@ def stage_options(names, only=None):
                 f"{diff_stats(a, plain)}")
             if diff_stats(a, plain)["max_abs"] <= 3:
                 raise SystemExit(f"{name}/{case.name}: the option moves the image by 3 levels or less")
+
+
+def no_t5_omitted_embeds(pipe_no_t5, case: Case) -> dict:
+    """ComfyUI's conditioning without T5: the 77 CLIP tokens only (the no-T5 embeddings cut before the zeros)."""
+    pe, npe, ppe, nppe = pipe_no_t5.encode_prompt(
+        prompt=case.prompt, prompt_2=None, prompt_3=None, negative_prompt=case.negative_prompt,
+        do_classifier_free_guidance=True, max_sequence_length=case.max_sequence_length)
+    return dict(prompt_embeds=pe[:, :CLIP_MAX_LENGTH], negative_prompt_embeds=npe[:, :CLIP_MAX_LENGTH],
+                pooled_prompt_embeds=ppe, negative_pooled_prompt_embeds=nppe)
 
 
 def save_debug_tensors(pipe, case: Case, latents, out: Path):
@@ -1295,15 +1413,17 @@ def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def stage_fp16():
+def stage_fp16(convert=True):
     """tiny-sd3's transformer and VAE decoder converted to float16 with float16 inputs AND outputs
     (onnxruntime.transformers.float16.convert_float_to_float16, keep_io_types=False): every float input, the
-    timestep included, becomes tensor(float16). Tests overlay this folder onto a copy of tiny-sd3."""
+    timestep included, becomes tensor(float16). Tests overlay this folder onto a copy of tiny-sd3.
+    `convert=False` (stage `fp16-golden`): the committed float16 graphs as they are, only the golden is rewritten."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     dst = FIXTURES / "tiny-sd3-fp16"
-    shutil.rmtree(dst, ignore_errors=True)
-    for comp in ("transformer", "vae_decoder"):
+    if convert:
+        shutil.rmtree(dst, ignore_errors=True)
+    for comp in ("transformer", "vae_decoder") if convert else ():
         (dst / comp).mkdir(parents=True)
         m = onnx.load(str(FIXTURES / "tiny-sd3" / comp / "model.onnx"))
         m16 = toposort(convert_float_to_float16(m, keep_io_types=False))
@@ -2048,6 +2168,9 @@ DETERMINISM_NOTE = (
 # ----------------------------------------------------------------------------------------------------------------
 
 ALL_STAGES = ["tokenizers", "models", "goldens", "options", "fp16", "scheduler", "tokjson", "broken", "readme"]
+# Not in the default run: `checkpoints` (the `models` stage without the export, so without touching the committed
+# fixtures) and `fp16-golden` (the `fp16` stage without re-converting the committed float16 graphs).
+EXTRA_STAGES = ["checkpoints", "fp16-golden"]
 
 
 def main():
@@ -2060,7 +2183,7 @@ def main():
     stages = [s for s in args.stages.split(",") if s]
     names = [n for n in args.fixtures.split(",") if n]
     for s in stages:
-        if s not in ALL_STAGES:
+        if s not in ALL_STAGES + EXTRA_STAGES:
             raise SystemExit(f"unknown stage {s}")
     BUILD.mkdir(parents=True, exist_ok=True)
     log(f"build folder: {BUILD}")
@@ -2069,11 +2192,14 @@ def main():
         stage_tokenizers()
     if "models" in stages:
         stage_models(names)
+    if "checkpoints" in stages:
+        stage_checkpoints(names)
     if "goldens" in stages:
         stage_goldens(names)
     if "options" in stages:
         stage_options(names, [c for c in args.option_cases.split(",") if c] or None)
-    for s, fn in (("fp16", stage_fp16), ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
+    for s, fn in (("fp16", stage_fp16), ("fp16-golden", lambda: stage_fp16(convert=False)),
+                  ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
                   ("broken", stage_broken), ("readme", stage_readme)):
         if s in stages:
             log(f"[{s}]")

@@ -63,8 +63,8 @@ pub mod text;
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
-    StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
+    GenerationOutput, GenerationRequest, Limits, ModelInfo, NoT5Padding, Sd3Pipeline, Sd3PipelineBuilder,
+    SkipLayerGuidance, StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{CudaAttention, ElementType, ExecutionProvider, TensorRtOptions};

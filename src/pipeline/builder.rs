@@ -223,7 +223,8 @@ impl Sd3PipelineBuilder {
         };
         if let Some(shape) = &self.static_shape {
             let clip_len = clip_l.tokenizer.model_max_length().unwrap_or(77);
-            let text_len = clip_len + if t5.is_some() { shape.max_sequence_length } else { clip_len };
+            // Without T5: the default NoT5Padding::MaxSequenceLength (plan() refuses the others here).
+            let text_len = clip_len + shape.max_sequence_length;
             let overrides = static_overrides(&transformer, shape, vae_config.scale_factor, text_len)?;
             let config = SessionConfig { dimension_overrides: overrides, ..session.clone() };
             let path = graph_path(&dir, Component::Transformer);

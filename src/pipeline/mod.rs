@@ -12,7 +12,7 @@ use ndarray::{concatenate, s, Array1, Array4, ArrayD, Axis, Ix4};
 
 pub use builder::Sd3PipelineBuilder;
 pub use output::{GenerationOutput, Timings, Warning};
-pub use request::{GenerationRequest, SkipLayerGuidance};
+pub use request::{GenerationRequest, NoT5Padding, SkipLayerGuidance};
 
 use crate::error::{Component, Error, Result};
 use crate::image::batch_to_rgb;
@@ -416,7 +416,8 @@ impl Sd3Pipeline {
             .collect()
     }
 
-    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests). Without T5,
+    /// `max_sequence_length` zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
@@ -425,7 +426,7 @@ impl Sd3Pipeline {
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut warnings = Vec::new();
-        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, &mut warnings)?;
+        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, NoT5Padding::default(), &mut warnings)?;
         Ok((cond, warnings))
     }
 
@@ -548,6 +549,7 @@ impl Sd3Pipeline {
                 && r.steps == first.steps
                 && r.guidance.to_bits() == first.guidance.to_bits()
                 && r.max_sequence_length == first.max_sequence_length
+                && r.no_t5_padding == first.no_t5_padding
                 && r.clip_skip == first.clip_skip
                 && r.strength.to_bits() == first.strength.to_bits()
                 && r.init_image.is_some() == first.init_image.is_some()
@@ -559,7 +561,7 @@ impl Sd3Pipeline {
                 return Err(Error::request(
                     "requests",
                     requests.len(),
-                    "batched requests must share width, height, steps, guidance, max_sequence_length, clip_skip, \
+                    "batched requests must share width, height, steps, guidance, max_sequence_length, no_t5_padding, clip_skip, \
                      strength, whether they have an init image and a mask, skip-layer guidance, previews and the sampler",
                 ));
             }
@@ -595,11 +597,18 @@ impl Sd3Pipeline {
             if cancelled() {
                 return Err(Error::Cancelled { step: 0 });
             }
-            let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut warnings)?;
+            let cond =
+                self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, r.no_t5_padding, &mut warnings)?;
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
                 let mut neg_warnings = Vec::new();
-                let neg = self.text.encode(&r.negative_prompt, r.max_sequence_length, None, &mut neg_warnings)?;
+                let neg = self.text.encode(
+                    &r.negative_prompt,
+                    r.max_sequence_length,
+                    None,
+                    r.no_t5_padding,
+                    &mut neg_warnings,
+                )?;
                 warnings.extend(neg_warnings.into_iter().map(Warning::for_negative_prompt));
                 Some(neg)
             } else {
@@ -914,6 +923,14 @@ impl Sd3Pipeline {
                     ),
                 ));
             }
+        }
+        if self.static_shape.is_some() && !self.info.has_t5 && req.no_t5_padding != NoT5Padding::MaxSequenceLength {
+            return Err(Error::request(
+                "no_t5_padding",
+                format!("{:?}", req.no_t5_padding),
+                "a static_shape pipeline without T5 is specialised for max_sequence_length zero T5 tokens \
+                 (NoT5Padding::MaxSequenceLength); build it without static_shape for the other paddings",
+            ));
         }
         let n = req.images_per_prompt;
         if n == 0 || n > self.limits.max_images {

@@ -6,6 +6,38 @@ use ndarray::Array4;
 use crate::progress::CancellationToken;
 use crate::scheduler::SamplerKind;
 
+/// What the transformer sees in place of the T5 states when the pipeline has no T5 encoder
+/// ([`Sd3PipelineBuilder::without_t5`](crate::Sd3PipelineBuilder::without_t5), or a model folder without
+/// `text_encoder_3/`). The 77 CLIP tokens come first either way; this picks what follows them. With T5 it has no
+/// effect. The implementations that people compare against disagree:
+///
+/// | variant | tokens after CLIP | who does it |
+/// | --- | --- | --- |
+/// | [`MaxSequenceLength`](Self::MaxSequenceLength) (default) | `max_sequence_length` zeros (256 by default) | diffusers 0.39 and later (`StableDiffusion3Pipeline._get_t5_prompt_embeds`; pinned reference 0.42.1) |
+/// | [`ClipLength`](Self::ClipLength) | 77 zeros (the CLIP tokenizer's `model_max_length`), whatever `max_sequence_length` is | diffusers 0.38 and earlier (`tokenizer_max_length`; e.g. 0.35.2), and optimum 2.1.0's ORT pipeline on it; the same 154-token shape as Stability's `sd3_infer.py`, whose T5 always runs and pads to 77 tokens |
+/// | [`Omit`](Self::Omit) | none: 77 tokens in all | ComfyUI (`comfy/text_encoders/sd3_clip.py`, `SD3ClipModel` without `t5xxl`) |
+///
+/// On the tiny test fixtures the first two differ by up to about 55 of 255 levels (docs/diffusers-versions.md):
+/// zero tokens still take part in the joint attention.
+///
+/// ```
+/// use sd3_onnx::{GenerationRequest, NoT5Padding};
+/// let request = GenerationRequest::new("a red cube").no_t5_padding(NoT5Padding::ClipLength);
+/// assert_eq!(request.no_t5_padding, NoT5Padding::ClipLength);
+/// assert_eq!(GenerationRequest::new("a red cube").no_t5_padding, NoT5Padding::MaxSequenceLength);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum NoT5Padding {
+    /// `max_sequence_length` zero tokens, as diffusers 0.39 and later (the default).
+    #[default]
+    MaxSequenceLength,
+    /// 77 zero tokens (the CLIP sequence length), as diffusers up to 0.38 and optimum 2.1.0.
+    ClipLength,
+    /// No T5 tokens at all, only the CLIP tokens, as ComfyUI.
+    Omit,
+}
+
 /// Skip-layer guidance (SLG, diffusers' `skip_guidance_layers`): on the steps inside `[start, stop)` of the
 /// schedule, one more conditional transformer pass with some blocks skipped pushes the prediction away from it:
 /// `v += scale * (v_cond - v_skip)`. It needs a transformer graph exported with those blocks skipped
@@ -101,6 +133,9 @@ pub struct GenerationRequest {
     pub images_per_prompt: usize,
     /// T5 token count (default 256, at most 512).
     pub max_sequence_length: usize,
+    /// Without a T5 encoder: what stands in for its states (default [`NoT5Padding::MaxSequenceLength`], as
+    /// diffusers 0.39 and later). Ignored when the pipeline has T5.
+    pub no_t5_padding: NoT5Padding,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
     pub clip_skip: Option<usize>,
     /// Stops the run from another thread when cancelled.
@@ -138,6 +173,7 @@ impl Default for GenerationRequest {
             latents: None,
             images_per_prompt: 1,
             max_sequence_length: 256,
+            no_t5_padding: NoT5Padding::MaxSequenceLength,
             clip_skip: None,
             cancellation: None,
             init_image: None,
@@ -210,6 +246,14 @@ impl GenerationRequest {
     #[must_use]
     pub fn max_sequence_length(mut self, tokens: usize) -> Self {
         self.max_sequence_length = tokens;
+        self
+    }
+
+    /// Without a T5 encoder, conditions on `padding` in place of the T5 states (see [`NoT5Padding`]: diffusers
+    /// 0.39+, diffusers up to 0.38 / optimum, or ComfyUI).
+    #[must_use]
+    pub fn no_t5_padding(mut self, padding: NoT5Padding) -> Self {
+        self.no_t5_padding = padding;
         self
     }
 

@@ -3,12 +3,16 @@
 //! diffusers `StableDiffusion3Pipeline.encode_prompt`: the CLIP-L and CLIP-G penultimate states are joined on
 //! the channel axis and zero-padded to the T5 width, then the T5 states follow on the sequence axis:
 //! `[77 + max_sequence_length, D]`. The pooled vector is CLIP-L's `text_embeds` followed by CLIP-G's.
+//!
+//! Without T5, zeros stand in for its states: `max_sequence_length` of them by default (diffusers 0.39+,
+//! `_get_t5_prompt_embeds` in pipeline_stable_diffusion_3.py:248-256 of 0.42.1), or what
+//! [`NoT5Padding`] picks instead (77 as diffusers <= 0.38, or none as ComfyUI).
 
 use ndarray::{concatenate, s, Array2, Array3, Axis};
 
 use super::encoders::{ClipEncoder, T5Encoder};
 use crate::error::{Component, Error, Result};
-use crate::pipeline::Warning;
+use crate::pipeline::{NoT5Padding, Warning};
 
 /// What the transformer is conditioned on for one prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,7 +28,7 @@ pub struct TextConditioning {
 pub(crate) struct TextEncoders {
     pub clip_l: ClipEncoder,
     pub clip_g: ClipEncoder,
-    /// `None` in no-T5 mode: diffusers then uses zeros of `[clip_len, D]` in its place.
+    /// `None` in no-T5 mode: zeros then stand in for its states (see [`NoT5Padding`]).
     pub t5: Option<T5Encoder>,
     /// T5 width = the transformer's `joint_attention_dim`.
     pub joint_dim: usize,
@@ -33,12 +37,13 @@ pub(crate) struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// Encodes one prompt. Truncations are appended to `warnings`.
+    /// Encodes one prompt. Truncations are appended to `warnings`. `no_t5` applies only without a T5 encoder.
     pub fn encode(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
+        no_t5: NoT5Padding,
         warnings: &mut Vec<Warning>,
     ) -> Result<TextConditioning> {
         let mut clip_states = Vec::with_capacity(2);
@@ -77,7 +82,7 @@ impl TextEncoders {
                 }
                 t5.encode(&tokens)?
             }
-            None => Array2::zeros((self.clip_len, self.joint_dim)),
+            None => Array2::zeros((self.no_t5_tokens(max_sequence_length, no_t5), self.joint_dim)),
         };
         if t5.shape()[1] != self.joint_dim {
             return Err(self.shape_error(format!(
@@ -94,6 +99,19 @@ impl TextEncoders {
             .map_err(|e| self.shape_error(e.to_string()))?
             .insert_axis(Axis(0));
         Ok(TextConditioning { context, pooled })
+    }
+
+    /// How many zero tokens stand in for T5 without a T5 encoder.
+    pub fn no_t5_tokens(&self, max_sequence_length: usize, padding: NoT5Padding) -> usize {
+        match padding {
+            // diffusers 0.39+ (0.42.1 pipeline_stable_diffusion_3.py:248-256): zeros [batch, max_sequence_length, D]
+            NoT5Padding::MaxSequenceLength => max_sequence_length,
+            // diffusers <= 0.38 (0.35.2 pipeline_stable_diffusion_3.py:248-256): [batch, tokenizer_max_length, D],
+            // tokenizer_max_length being the CLIP tokenizer's model_max_length (77)
+            NoT5Padding::ClipLength => self.clip_len,
+            // ComfyUI comfy/text_encoders/sd3_clip.py: without t5xxl the CLIP states are the whole context
+            NoT5Padding::Omit => 0,
+        }
     }
 
     fn shape_error(&self, message: String) -> Error {
