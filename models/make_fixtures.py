@@ -855,9 +855,10 @@ def stage_goldens(names):
             opipe.set_progress_bar_config(disable=True)
         ref = OrtReference(FIXTURES / name)
         gdir = GOLDENS / name
-        # Start clean, except for the case folders the `options` stage writes (it runs after this one).
+        # Start clean in what this stage owns: its case folders and summary.json (the `options` stage and
+        # make_feature_goldens.py own the other case folders; they rewrite their own).
         for old in (gdir.iterdir() if gdir.is_dir() else []):
-            if old.name not in {c.name for c, _ in OPTION_CASES}:
+            if old.name in {c.name for c in CASES} | {"summary.json"}:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         summary = {"fixture": f"models/fixtures/{name}", "cases": {}}
         for case in CASES:
