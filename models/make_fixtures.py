@@ -941,7 +941,7 @@ OPTION_CASES = [
     (Case("vae_tiling", "a stone bridge over a river in autumn", "blurry, low quality", 128, 96, 4, 5.0, 256, 15),
      {"vae_tiling": True}),
     # The other no-T5 paddings (GenerationRequest::no_t5_padding), same prompt and latents as `no_t5`:
-    # "clip_length" = 77 zero T5 tokens, what diffusers <= 0.38 did whatever max_sequence_length was (diffusers
+    # "clip_length" = 77 zero T5 tokens, what diffusers <= 0.35 did whatever max_sequence_length was (diffusers
     # 0.42.1 gives it with max_sequence_length=77; optimum 2.1.0's pipeline, on the diffusers 0.35.2 loop, with its
     # default 256); "omit" = no T5 tokens at all, only the 77 CLIP tokens (ComfyUI's SD3ClipModel without t5xxl;
     # diffusers 0.42.1 with prompt_embeds = the no-T5 embeddings cut to their first 77 tokens).
@@ -954,7 +954,7 @@ OPTION_CASES = [
 # sample_size 64, so tile_latent_min_size 8, tile_sample_min_size 64, overlap 25% (tiles every 6 latents, blend
 # 16 px); 128x96 (latents 16x12) is tiled in both directions. optimum's ORT pipeline has no VAE tiling, so the case
 # has diffusers.png only, plus untiled.png (the same request decoded without tiling, what an ignored option gives).
-# `no_t5` (diffusers >= 0.39: max_sequence_length zero T5 tokens) and `no_t5_omit` have no optimum.png either:
+# `no_t5` (diffusers >= 0.36: max_sequence_length zero T5 tokens) and `no_t5_omit` have no optimum.png either:
 # optimum 2.1.0 runs the diffusers 0.35.2 loop (77 zero tokens), which is the `no_t5_clip_length` case.
 NO_OPTIMUM = {"vae_tiling", "no_t5", "no_t5_omit"}
 
@@ -1093,7 +1093,7 @@ def stage_options(names, only=None):
                                diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                                diffusers_pixels=pixel_stats(a))
             if options.get("t5") is False:
-                # Informative: how far the three no-T5 paddings are apart (the diffusers 0.35.2 -> 0.39 change).
+                # Informative: how far the three no-T5 paddings are apart (the diffusers 0.35 -> 0.36 change).
                 others = {}
                 for pad in ("max_sequence_length", "clip_length", "omit"):
                     if pad == options.get("no_t5_padding", "max_sequence_length"):

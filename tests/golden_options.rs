@@ -1,6 +1,6 @@
 //! Pixel parity with diffusers (PyTorch) and optimum's ORT pipeline for the pipeline options: no T5
 //! (`Sd3PipelineBuilder::without_t5`, diffusers' `text_encoder_3=None`; with each `NoT5Padding`: `no_t5` the default
-//! max_sequence_length zeros of diffusers >= 0.39, `no_t5_clip_length` the 77 zeros of diffusers <= 0.38 and
+//! max_sequence_length zeros of diffusers >= 0.36, `no_t5_clip_length` the 77 zeros of diffusers <= 0.35 and
 //! optimum, `no_t5_omit` ComfyUI's CLIP tokens only), `GenerationRequest::clip_skip`
 //! (diffusers' `clip_skip`, applied to the positive prompt only), a scheduler config with `use_dynamic_shifting`
 //! (mu from the image size, as StableDiffusion3Pipeline computes it) and `max_sequence_length` 512 with a prompt

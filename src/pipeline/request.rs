@@ -13,12 +13,12 @@ use crate::scheduler::SamplerKind;
 ///
 /// | variant | tokens after CLIP | who does it |
 /// | --- | --- | --- |
-/// | [`MaxSequenceLength`](Self::MaxSequenceLength) (default) | `max_sequence_length` zeros (256 by default) | diffusers 0.39 and later (`StableDiffusion3Pipeline._get_t5_prompt_embeds`; pinned reference 0.42.1) |
-/// | [`ClipLength`](Self::ClipLength) | 77 zeros (the CLIP tokenizer's `model_max_length`), whatever `max_sequence_length` is | diffusers 0.38 and earlier (`tokenizer_max_length`; e.g. 0.35.2), and optimum 2.1.0's ORT pipeline on it; the same 154-token shape as Stability's `sd3_infer.py`, whose T5 always runs and pads to 77 tokens |
+/// | [`MaxSequenceLength`](Self::MaxSequenceLength) (default) | `max_sequence_length` zeros (256 by default) | diffusers 0.36 and later (`StableDiffusion3Pipeline._get_t5_prompt_embeds`; pinned reference 0.42.1) |
+/// | [`ClipLength`](Self::ClipLength) | 77 zeros (the CLIP tokenizer's `model_max_length`), whatever `max_sequence_length` is | diffusers 0.35 and earlier (`tokenizer_max_length`; e.g. 0.35.2), and optimum 2.1.0's ORT pipeline on it; the same 154-token shape as Stability's `sd3_infer.py`, whose T5 always runs and pads to 77 tokens |
 /// | [`Omit`](Self::Omit) | none: 77 tokens in all | ComfyUI (`comfy/text_encoders/sd3_clip.py`, `SD3ClipModel` without `t5xxl`) |
 ///
-/// On the tiny test fixtures the first two differ by up to about 55 of 255 levels (docs/diffusers-versions.md):
-/// zero tokens still take part in the joint attention.
+/// Zero tokens still take part in the joint attention, so the count matters: on the tiny test fixtures the first
+/// two give images up to 228 of 255 levels apart (docs/diffusers-versions.md).
 ///
 /// ```
 /// use sd3_onnx::{GenerationRequest, NoT5Padding};
@@ -29,10 +29,10 @@ use crate::scheduler::SamplerKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum NoT5Padding {
-    /// `max_sequence_length` zero tokens, as diffusers 0.39 and later (the default).
+    /// `max_sequence_length` zero tokens, as diffusers 0.36 and later (the default).
     #[default]
     MaxSequenceLength,
-    /// 77 zero tokens (the CLIP sequence length), as diffusers up to 0.38 and optimum 2.1.0.
+    /// 77 zero tokens (the CLIP sequence length), as diffusers up to 0.35 and optimum 2.1.0.
     ClipLength,
     /// No T5 tokens at all, only the CLIP tokens, as ComfyUI.
     Omit,
@@ -134,7 +134,7 @@ pub struct GenerationRequest {
     /// T5 token count (default 256, at most 512).
     pub max_sequence_length: usize,
     /// Without a T5 encoder: what stands in for its states (default [`NoT5Padding::MaxSequenceLength`], as
-    /// diffusers 0.39 and later). Ignored when the pipeline has T5.
+    /// diffusers 0.36 and later). Ignored when the pipeline has T5.
     pub no_t5_padding: NoT5Padding,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
     pub clip_skip: Option<usize>,
@@ -250,7 +250,7 @@ impl GenerationRequest {
     }
 
     /// Without a T5 encoder, conditions on `padding` in place of the T5 states (see [`NoT5Padding`]: diffusers
-    /// 0.39+, diffusers up to 0.38 / optimum, or ComfyUI).
+    /// 0.36+, diffusers up to 0.35 / optimum, or ComfyUI).
     #[must_use]
     pub fn no_t5_padding(mut self, padding: NoT5Padding) -> Self {
         self.no_t5_padding = padding;

@@ -4,9 +4,9 @@
 //! the channel axis and zero-padded to the T5 width, then the T5 states follow on the sequence axis:
 //! `[77 + max_sequence_length, D]`. The pooled vector is CLIP-L's `text_embeds` followed by CLIP-G's.
 //!
-//! Without T5, zeros stand in for its states: `max_sequence_length` of them by default (diffusers 0.39+,
+//! Without T5, zeros stand in for its states: `max_sequence_length` of them by default (diffusers 0.36+,
 //! `_get_t5_prompt_embeds` in pipeline_stable_diffusion_3.py:248-256 of 0.42.1), or what
-//! [`NoT5Padding`] picks instead (77 as diffusers <= 0.38, or none as ComfyUI).
+//! [`NoT5Padding`] picks instead (77 as diffusers <= 0.35, or none as ComfyUI).
 
 use ndarray::{concatenate, s, Array2, Array3, Axis};
 
@@ -104,9 +104,9 @@ impl TextEncoders {
     /// How many zero tokens stand in for T5 without a T5 encoder.
     pub fn no_t5_tokens(&self, max_sequence_length: usize, padding: NoT5Padding) -> usize {
         match padding {
-            // diffusers 0.39+ (0.42.1 pipeline_stable_diffusion_3.py:248-256): zeros [batch, max_sequence_length, D]
+            // diffusers 0.36+ (0.42.1 pipeline_stable_diffusion_3.py:248-256): zeros [batch, max_sequence_length, D]
             NoT5Padding::MaxSequenceLength => max_sequence_length,
-            // diffusers <= 0.38 (0.35.2 pipeline_stable_diffusion_3.py:248-256): [batch, tokenizer_max_length, D],
+            // diffusers <= 0.35 (0.35.2 pipeline_stable_diffusion_3.py:248-256): [batch, tokenizer_max_length, D],
             // tokenizer_max_length being the CLIP tokenizer's model_max_length (77)
             NoT5Padding::ClipLength => self.clip_len,
             // ComfyUI comfy/text_encoders/sd3_clip.py: without t5xxl the CLIP states are the whole context

@@ -18,7 +18,7 @@ pub struct TokenizedPrompt {
     /// Token ids, padded or truncated to the requested length, special tokens included.
     pub ids: Vec<i64>,
     /// The content tokens that did not fit, decoded, when the prompt was truncated. (For CLIP this is the text
-    /// diffusers logs; for T5 diffusers 0.35.2 logs a slice starting at token 76 whatever the length, we report
+    /// diffusers logs; for T5 diffusers (0.35.2 to 0.42.1) logs a slice starting at token 76 whatever the length, we report
     /// what was actually dropped.)
     pub removed_text: Option<String>,
 }
