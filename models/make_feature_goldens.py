@@ -35,7 +35,7 @@ Cases (both fixtures unless noted; request.json, diffusers.png and summary.json 
                     10 steps, explicit latents. No optimum.png: the exported transformer graph cannot skip a block.
 
 summary.json of every case: the request, notes for an implementer (preprocessing, random draw order, schedule,
-blending, SLG condition, as read from diffusers 0.35.2), pixel statistics, diffusers vs optimum, and a sensitivity
+blending, SLG condition, as read from diffusers 0.35.2 and 0.42.1), pixel statistics, diffusers vs optimum, and a sensitivity
 table: plausible implementation mistakes, each computed with diffusers' own components, and how far they move the
 golden image (max / mean abs over 8-bit channels). Every row without an x-prefix must move it by more than 3 levels
 (the script fails otherwise), so a Rust test with a 1-level tolerance catches the mistake.
@@ -396,7 +396,7 @@ def case_img2img(name: str, pipe, out: Path):
 @torch.no_grad()
 def inpaint_loop(p, emb, image_latents, noise, mask_latent, steps, strength, guidance, initial=None, blend="next"):
     """The denoising loop of StableDiffusion3InpaintPipeline.__call__ for a 16-channel transformer (diffusers
-    0.35.2), with hooks for mistakes. blend: 'next' (diffusers), 'current', 'none', 'no_final'."""
+    0.35.2 to 0.42.1), with hooks for mistakes. blend: 'next' (diffusers), 'current', 'none', 'no_final'."""
     pe, ppe, npe, nppe = emb
     sched = FlowMatchEulerDiscreteScheduler.from_config(p.scheduler.config)
     sched.set_timesteps(steps)
@@ -561,7 +561,7 @@ def case_inpaint(name: str, pipe, out: Path):
             "Blending is in latent space only: no pixel-space paste of the original (padding_mask_crop None).",
             "CFG as text-to-image; the transformer input is the 16-channel latents only (no mask/masked-image "
             "channels).",
-            "Decode: diffusers 0.35.2's inpaint pipeline decodes z = x / scaling_factor WITHOUT adding "
+            f"Decode: diffusers {mf.DIFFUSERS}'s inpaint pipeline decodes z = x / scaling_factor WITHOUT adding "
             "shift_factor (text-to-image and img2img add it). diffusers.png (and optimum.png) follow that; "
             "decoded_with_shift_factor.png is the same final latents decoded the text-to-image way (row x1 shows "
             "the difference). Decide which one the Rust pipeline reproduces.",
@@ -774,7 +774,7 @@ def case_slg(name: str, pipe, out: Path):
         slg_applied_at_step_indices=applied,
         slg_timesteps=[c[2] for c in slg_calls],
         notes=[
-            "diffusers 0.35.2 StableDiffusion3Pipeline.__call__ with skip_guidance_layers, "
+            f"diffusers {mf.DIFFUSERS} StableDiffusion3Pipeline.__call__ with skip_guidance_layers, "
             "skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop (defaults 2.8 / 0.01 "
             "/ 0.2; this case uses [1], 2.8, 0.0, 0.5).",
             "Condition, evaluated only when CFG is on (guidance_scale > 1): at step index i (0-based, "

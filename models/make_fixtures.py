@@ -2,7 +2,11 @@
 """Regenerates every test fixture and golden output under models/.
 
 This script is the record of where every binary under models/fixtures and models/goldens came from.
-Run it from anywhere:
+The goldens are regenerated with `bash models/regen_goldens.sh` (docs/diffusers-versions.md): this script runs
+twice there, in the optimum environment (models/requirements.txt, diffusers 0.35.2: stages tokenizers,
+checkpoints, goldens, options, fp16-golden) and in the diffusers one (models/requirements-diffusers-0.42.1.txt,
+SD3_GOLDENS_OPTIMUM=keep: goldens, options, scheduler, tokjson). The fixtures themselves (stage models, fp16,
+broken) come from the optimum environment alone:
 
     bash models/setup-python.sh && .venv-tools/bin/python models/make_fixtures.py
 
@@ -24,7 +28,8 @@ Stages
               optimum), debug tensors for `cfg_negative`, and summary.json (pixel differences, the sensitivity
               table). Needs the diffusers checkpoints that `models` left in the build folder.
   options     goldens for pipeline options, in goldens/<fixture>/<case>/ next to the `goldens` cases: `no_t5`
-              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states), `clip_skip_1`
+              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states;
+              `no_t5_clip_length` / `no_t5_omit` the other paddings, see OPTION_CASES), `clip_skip_1`
               (diffusers' clip_skip=1 on the positive prompt), `dynamic_shift` (a scheduler config with
               use_dynamic_shifting, 96x64), `t5_512` (max_sequence_length=512, a prompt of 256-512 T5 tokens)
               and `vae_tiling` (diffusers' vae.enable_tiling(), 128x96, tiled both ways; no optimum.png since
@@ -96,6 +101,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+import diffusers  # noqa: E402
+
+DIFFUSERS = diffusers.__version__  # the diffusers side of the goldens (models/regen_goldens.sh picks the release)
 diffusers_logging.set_verbosity_error()
 diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
@@ -906,8 +914,9 @@ def stage_goldens(names):
 
 # (case, options). Options are what request.json records besides the plain request: "t5": False means the
 # pipeline runs without T5 (diffusers: text_encoder_3=None, tokenizer_3=None, so _get_t5_prompt_embeds returns
-# zeros [batch, tokenizer_max_length = 77, joint_attention_dim] whatever max_sequence_length is); "clip_skip": n is
-# StableDiffusion3Pipeline's clip_skip (hidden_states[-(n + 2)] of both CLIP encoders). In diffusers 0.35.2,
+# zeros [batch, max_sequence_length, joint_attention_dim] since diffusers 0.36 -- 0.35.2 used tokenizer_max_length = 77
+# whatever max_sequence_length was, the no_t5_clip_length case); "clip_skip": n is
+# StableDiffusion3Pipeline's clip_skip (hidden_states[-(n + 2)] of both CLIP encoders). In diffusers 0.35.2 to 0.42.1,
 # encode_prompt passes clip_skip for the prompt only: the negative prompt is always encoded with clip_skip=None.
 # Both tiny fixtures have CLIP encoders of 2 and 3 layers, so hidden_states has 3 and 4 entries and clip_skip 1
 # (hidden_states[-3] = the embeddings output for CLIP-L) is valid for both.
@@ -1185,7 +1194,7 @@ def guidance_wrong(vu, vc, g):
 @torch.no_grad()
 def denoise(pipe, pe, ppe, npe, nppe, latents, steps, guidance, combine=guidance_diffusers, shift=None,
             timestep_scale=1.0):
-    """The denoising loop of StableDiffusion3Pipeline.__call__ (diffusers 0.35.2, no skip-layer guidance), with
+    """The denoising loop of StableDiffusion3Pipeline.__call__ (diffusers 0.35.2 to 0.42.1, no skip-layer guidance), with
     hooks for the deliberate mistakes. Checked below to reproduce the pipeline's latents bit for bit."""
     cfg = dict(pipe.scheduler.config)
     if shift is not None:
@@ -1526,7 +1535,7 @@ def stage_scheduler():
             add(dyn, steps, mu=mu, image_seq_len=seq)
     add(dict(dyn, time_shift_type="linear"), 8, mu=1.0, image_seq_len=None)
     doc = {
-        "generator": "models/make_fixtures.py (stage scheduler), diffusers 0.35.2 FlowMatchEulerDiscreteScheduler",
+        "generator": f"models/make_fixtures.py (stage scheduler), diffusers {DIFFUSERS} FlowMatchEulerDiscreteScheduler",
         "notes": [
             "sigmas has steps+1 entries (terminal 0 appended); timesteps has steps entries; the transformer is fed "
             "timesteps[i] (= sigmas[i] * 1000 in float32) and the Euler step is x += (sigmas[i+1] - sigmas[i]) * v.",
@@ -1623,6 +1632,8 @@ def t5_ids(tok, prompt: str, max_length: int) -> dict:
 
 
 def stage_tokjson():
+    import ftfy
+    import tokenizers
     import transformers
 
     sources = {}
@@ -1632,13 +1643,20 @@ def stage_tokjson():
                          for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))}
     fast35 = {k: CLIPTokenizerFast.from_pretrained(FIXTURES / "tiny-sd35" / sub)
               for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"))}
-    t5_slow = T5Tokenizer(vocab_file=str(FIXTURES / "tiny-sd35" / "tokenizer_3" / "spiece.model"), extra_ids=100)
+    # transformers 5 has no slow (ftfy / sentencepiece) tokenizers: CLIPTokenizer is tokenizers-backed, converted from
+    # vocab.json + merges.txt, and T5Tokenizer(vocab_file=...) no longer runs sentencepiece, so the slow/fast T5
+    # comparison below is only made with transformers 4.
+    tf5 = int(transformers.__version__.split(".")[0]) >= 5
+    t5_slow = None if tf5 else T5Tokenizer(vocab_file=str(FIXTURES / "tiny-sd35" / "tokenizer_3" / "spiece.model"),
+                                           extra_ids=100)
+    clip35 = ("CLIPTokenizer (transformers 5: tokenizers-backed, converted from vocab.json + merges.txt)" if tf5 else
+              "CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)")
     descr = {
         "tiny-sd3": {k: f"models/fixtures/tiny-sd3/{sub}: {type(sources['tiny-sd3'][k]).__name__} from tokenizer.json"
                      for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))},
         "tiny-sd35": {
-            "clip_l": "models/fixtures/tiny-sd35/tokenizer: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
-            "clip_g": "models/fixtures/tiny-sd35/tokenizer_2: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
+            "clip_l": f"models/fixtures/tiny-sd35/tokenizer: {clip35}",
+            "clip_g": f"models/fixtures/tiny-sd35/tokenizer_2: {clip35}",
             "t5": "models/fixtures/tiny-sd35/tokenizer_3: T5TokenizerFast from tokenizer.json",
         },
         "tiny-sd35-fast": {
@@ -1665,13 +1683,14 @@ def stage_tokjson():
                                           fast_tokens=toks_of(fast35[k], fast, k)))
         for n in (256, 77):
             assert entry["tiny-sd3"][f"t5_{n}"] == entry["tiny-sd35"][f"t5_{n}"]
-        sp = t5_slow(p, padding="max_length", max_length=256, truncation=True).input_ids
-        if sp != entry["tiny-sd35"]["t5_256"]["input_ids"]:
+        sp = None if t5_slow is None else t5_slow(p, padding="max_length", max_length=256, truncation=True).input_ids
+        if sp is not None and sp != entry["tiny-sd35"]["t5_256"]["input_ids"]:
             disagreements.append(dict(prompt=p, tokenizer="t5", slow_t5_sentencepiece=[i for i in sp if i],
                                       fast_t5=[i for i in entry["tiny-sd35"]["t5_256"]["input_ids"] if i]))
         cases.append(entry)
     doc = {
-        "generator": "models/make_fixtures.py (stage tokjson); transformers 4.57.1, tokenizers 0.22.2, ftfy 6.3.1",
+        "generator": f"models/make_fixtures.py (stage tokjson); diffusers {DIFFUSERS}, transformers "
+                     f"{transformers.__version__}, tokenizers {tokenizers.__version__}, ftfy {ftfy.__version__}",
         "how": {
             "clip_l / clip_g": "tokenizer(prompt, padding='max_length', max_length=77, truncation=True).input_ids; "
                                "untruncated_ids = tokenizer(prompt, padding='longest').input_ids; removed_text = "
@@ -1692,7 +1711,9 @@ def stage_tokjson():
             "prompt becomes id 0 for CLIP-G (never merged, e.g. '!!!' -> 0 0 0), while CLIP-L BPE-encodes it.",
             "'disagreements' lists every prompt where the slow CLIPTokenizer (ftfy normalization) and the fast one "
             "(tokenizer.json: NFC + whitespace collapse + lowercase) give different ids, and where the T5 "
-            "sentencepiece (slow) and tokenizer.json (fast) tokenizers differ.",
+            "sentencepiece (slow) and tokenizer.json (fast) tokenizers differ."
+            + (" With transformers 5 (no slow tokenizers) the CLIP layouts agree and no T5 comparison is made; "
+               "the disagreements transformers 4.57.1 showed are in docs/diffusers-versions.md." if tf5 else ""),
         ],
         "disagreements": disagreements,
         "cases": cases,
@@ -1975,10 +1996,12 @@ def stage_readme():
     L.extend(md_table(["fixture", "case", "diffusers vs optimum max / mean", "numpy-ORT ref vs optimum max / mean", "diffusers image"], rows))
     add("")
     add("Option cases (stage `options`; request.json records the option, tests/golden_options.rs runs them): "
-        "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, 77, joint_attention_dim] "
-        "replace the T5 states, whatever max_sequence_length is) and optimum on a copy of the fixture without "
-        "`text_encoder_3/` and `tokenizer_3/`; `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
-        "encoders), which diffusers 0.35.2 applies to the positive prompt only; `dynamic_shift` is the fixture's "
+        "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, max_sequence_length, "
+        "joint_attention_dim] replace the T5 states, as since diffusers 0.36; no optimum.png); `no_t5_clip_length` "
+        "the same with 77 zero tokens (diffusers <= 0.35: diffusers with max_sequence_length=77, and optimum on a "
+        "copy of the fixture without `text_encoder_3/` and `tokenizer_3/`); `no_t5_omit` the CLIP tokens alone "
+        "(ComfyUI; diffusers with prompt_embeds cut to 77 tokens); `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
+        "encoders), which diffusers (0.35.2 to 0.42.1) applies to the positive prompt only; `dynamic_shift` is the fixture's "
         "scheduler config with `use_dynamic_shifting: true` (and base/max image_seq_len 16/64, base/max shift "
         "1.5/4.5: mu = 2.0 at 96x64, 24 image tokens) in diffusers' scheduler and in optimum's copy of the "
         "fixture; `t5_512` is `max_sequence_length=512` with a prompt of 370 T5 tokens (256 would truncate it); "
@@ -2094,7 +2117,8 @@ def stage_readme():
     add("")
 
     # ---- numerics/quirks
-    add("## Behaviour worth knowing (diffusers 0.35.2, optimum 2.1.0 / optimum-onnx 0.1.0, ORT 1.31.1)")
+    add(f"## Behaviour worth knowing (diffusers {DIFFUSERS} for diffusers.png; optimum 2.1.0 / optimum-onnx 0.1.0 on "
+        "diffusers 0.35.2 for optimum.png, ORT 1.31.1; docs/diffusers-versions.md)")
     add("")
     for line in QUIRKS:
         add(f"- {line}")

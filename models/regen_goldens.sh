@@ -77,6 +77,10 @@ unset SD3_GOLDENS_OPTIMUM
 echo
 echo "== goldens changed by the regeneration (diffusers $DIFFUSERS_VERSION), vs. the tree before this run =="
 "$NEW" models/golden_diff.py "$BEFORE" models/goldens --json "$SD3_FIXTURE_BUILD/golden-diff.json"
-echo "(JSON: $SD3_FIXTURE_BUILD/golden-diff.json; the fixtures under models/fixtures are unchanged:"
-git status --short models/fixtures | head -5
-echo ")"
+echo "(JSON: $SD3_FIXTURE_BUILD/golden-diff.json)"
+changed_fixtures="$(git status --short models/fixtures | grep -v ' models/fixtures/README.md$' || true)"
+if [[ -n "$changed_fixtures" ]]; then
+  echo "error: the fixtures changed (they must not):" >&2; echo "$changed_fixtures" >&2; exit 1
+fi
+echo "fixtures unchanged. models/fixtures/README.md documents the goldens; refresh it with:"
+echo "  SD3_GOLDENS_OPTIMUM=keep $NEW models/make_fixtures.py --stages readme"
