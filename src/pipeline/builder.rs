@@ -138,8 +138,9 @@ impl Sd3PipelineBuilder {
         self
     }
 
-    /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`.
-    /// Folders without `text_encoder_3/` load in this mode automatically.
+    /// Skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without `text_encoder_3`
+    /// (`max_sequence_length` of them; [`GenerationRequest::no_t5_padding`](crate::GenerationRequest::no_t5_padding)
+    /// picks another count). Folders without `text_encoder_3/` load in this mode automatically.
     pub fn without_t5(mut self) -> Self {
         self.use_t5 = false;
         self
