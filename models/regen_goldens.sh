@@ -20,7 +20,8 @@
 # which is not committed; see docs/diffusers-versions.md).
 #
 # Python 3.11 (PYTHON=... to override). Build folder: $SD3_FIXTURE_BUILD (default /tmp/sd3-onnx-fixture-build).
-# About 2 minutes on a 2-core machine once both environments exist (the first install downloads torch).
+# 2 to 4 minutes on this 2-core machine once both environments exist (measured 2m13s and 3m33s; the first
+# install downloads torch with its nvidia-* wheels: each environment is about 7 GB installed).
 set -euo pipefail
 DIFFUSERS_VERSION="${1:-0.42.1}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
