@@ -561,8 +561,9 @@ impl Sd3Pipeline {
                 return Err(Error::request(
                     "requests",
                     requests.len(),
-                    "batched requests must share width, height, steps, guidance, max_sequence_length, no_t5_padding, clip_skip, \
-                     strength, whether they have an init image and a mask, skip-layer guidance, previews and the sampler",
+                    "batched requests must share width, height, steps, guidance, max_sequence_length, no_t5_padding, \
+                     clip_skip, strength, whether they have an init image and a mask, skip-layer guidance, previews and \
+                     the sampler",
                 ));
             }
         }
