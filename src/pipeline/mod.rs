@@ -35,7 +35,7 @@ use crate::error::{Component, Error, Result};
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, FlowMatchConfig, Schedule};
-use crate::text::{TextConditioning, TextEncoders};
+use crate::text::{NoT5Padding, TextConditioning, TextEncoders};
 use denoise::{DenoiseLoop, Pass};
 use limits::check_sequence_length;
 
@@ -194,7 +194,8 @@ impl Sd3Pipeline {
             .collect()
     }
 
-    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests). Without T5,
+    /// `max_sequence_length` zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
@@ -203,7 +204,8 @@ impl Sd3Pipeline {
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut truncations = Vec::new();
-        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, &mut truncations)?;
+        let cond =
+            self.text.encode(prompt, max_sequence_length, clip_skip, NoT5Padding::default(), &mut truncations)?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 
@@ -421,11 +423,18 @@ impl Sd3Pipeline {
                 return Err(Error::Cancelled { step: 0 });
             }
             let mut truncations = Vec::new();
-            let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut truncations)?;
+            let cond =
+                self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, r.no_t5_padding, &mut truncations)?;
             warnings.extend(truncations.drain(..).map(Warning::from));
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
-                let neg = self.text.encode(&r.negative_prompt, r.max_sequence_length, None, &mut truncations)?;
+                let neg = self.text.encode(
+                    &r.negative_prompt,
+                    r.max_sequence_length,
+                    None,
+                    r.no_t5_padding,
+                    &mut truncations,
+                )?;
                 warnings.extend(truncations.drain(..).map(|t| Warning::from(t).for_negative_prompt()));
                 Some(neg)
             } else {

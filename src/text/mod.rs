@@ -4,6 +4,6 @@ mod conditioning;
 pub(crate) mod encoders;
 mod tokenizer;
 
-pub use conditioning::TextConditioning;
+pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};
 pub use tokenizer::{PromptTokenizer, TokenizedPrompt};
