@@ -14,11 +14,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// The library's file name on this platform (`libonnxruntime.so`, `onnxruntime.dll`, `libonnxruntime.dylib`).
-pub fn library_file_name() -> String {
-    format!("{}onnxruntime{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
-}
-
 /// Resolves the library path: `explicit`, then `ORT_DYLIB_PATH`. A path that is given but does not exist is an
 /// error; it is never a reason to look elsewhere.
 pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
