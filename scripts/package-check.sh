@@ -29,10 +29,8 @@ unpacked="$root/target/package/$name-$version"
 
 echo "== 1. cargo publish --dry-run"
 # --allow-dirty: what is checked is the package's content, which is the working tree's.
-cargo publish --dry-run --locked --allow-dirty 2>&1 | grep -v "^warning: ignoring \(test\|benchmark\) " || {
-  echo "error: cargo publish --dry-run failed" >&2
-  exit 1
-}
+# (The tests and the benchmark stay in the repository: cargo's notes about each are filtered out.)
+cargo publish --dry-run --locked --allow-dirty 2>&1 | { grep -v "^warning: ignoring \(test\|benchmark\) " || true; }
 
 echo "== 2. package size and contents"
 bytes="$(stat -c %s "$crate")"
