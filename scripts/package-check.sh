@@ -51,6 +51,11 @@ if unexpected="$(grep -E '^(models|tests|benches|fuzz|scripts|docs|downstream|\.
   exit 1
 fi
 
+if ! grep -q '^repository = ' Cargo.toml; then
+  echo "note: Cargo.toml has no \`repository\`: crates.io resolves README.md's relative links and image against it;"
+  echo "      set it before publishing (tests/readme.rs checks that every relative link points at a file)"
+fi
+
 echo "== 3. doctests of the packaged crate"
 (cd "$unpacked" && cargo test --quiet --locked --doc)
 
