@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The crate as crates.io would get it, and a project that depends on it (CI, from scripts/test.sh):
-#   1. `cargo publish --dry-run`: packages the crate (Cargo.toml's `include` allowlist) and builds it from the
-#      packaged files, then stops before the upload;
+#   1. `cargo package` packages the crate (Cargo.toml's `include` allowlist) and builds it from the packaged
+#      files; `cargo publish --dry-run` runs publish's checks on the same package and stops before the upload;
 #   2. the .crate file is at most 10 MB and holds the files a user needs (licences, changelog, README, the PTX
 #      the CUDA kernels embed) and no models, tests or training code;
 #   3. the packaged crate's doctests, run from the unpacked package;
@@ -27,10 +27,14 @@ version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 crate="$root/target/package/$name-$version.crate"
 unpacked="$root/target/package/$name-$version"
 
-echo "== 1. cargo publish --dry-run"
-# --allow-dirty: what is checked is the package's content, which is the working tree's.
-# (The tests and the benchmark stay in the repository: cargo's notes about each are filtered out.)
-cargo publish --dry-run --locked --allow-dirty 2>&1 | { grep -v "^warning: ignoring \(test\|benchmark\) " || true; }
+echo "== 1. cargo package (builds the packaged crate), cargo publish --dry-run"
+# --allow-dirty: what is checked is the package's content, which is the working tree's. The tests, the benchmark
+# and the repository's tool examples stay in the repository: cargo's notes about each are filtered out.
+quiet_notes() { grep -v "^warning: ignoring \(test\|benchmark\|example\) " || true; }
+rm -rf "$crate" "$unpacked"
+cargo package --locked --allow-dirty 2>&1 | quiet_notes
+# The same package through publish's own checks, up to the upload (its build is the one above).
+cargo publish --dry-run --locked --allow-dirty --no-verify 2>&1 | quiet_notes
 
 echo "== 2. package size and contents"
 bytes="$(stat -c %s "$crate")"
@@ -89,8 +93,12 @@ expect_error "The model folder does not exist" "$bin" "$work/no-such-model"
 cd "$root"
 
 echo "== 5. ort-download-binaries / ort-copy-dylibs compile (no download, no link)"
-ORT_SKIP_DOWNLOAD=1 cargo check --quiet --locked --lib --no-default-features \
-  --features ort-download-binaries,ort-copy-dylibs
+features=(--lib --no-default-features --features ort-download-binaries,ort-copy-dylibs)
+if cargo clippy --version >/dev/null 2>&1; then
+  ORT_SKIP_DOWNLOAD=1 cargo clippy --quiet --locked "${features[@]}" -- -D warnings
+else
+  ORT_SKIP_DOWNLOAD=1 cargo check --quiet --locked "${features[@]}"
+fi
 
 echo "== 6. the packaged crate with the oldest ort it allows"
 oldest="$root/target/package-ort-oldest"

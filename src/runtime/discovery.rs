@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 /// Resolves the library path: `explicit`, then `ORT_DYLIB_PATH`. A path that is given but does not exist is an
 /// error; it is never a reason to look elsewhere.
+#[cfg(feature = "load-dynamic")]
 pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return existing(p).ok_or_else(|| Error::RuntimeNotFound {
@@ -57,6 +58,7 @@ pub(crate) fn open(explicit: Option<&Path>) -> Result<(PathBuf, ort::environment
     Ok((exe, ort::init()))
 }
 
+#[cfg(feature = "load-dynamic")]
 fn existing(path: &Path) -> Option<PathBuf> {
     if path.is_file() {
         // Absolute paths keep ort from resolving relative to the executable's folder.
@@ -66,5 +68,5 @@ fn existing(path: &Path) -> Option<PathBuf> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "load-dynamic"))]
 mod tests;
