@@ -4,7 +4,8 @@
 #      files; `cargo publish --dry-run` runs publish's checks on the same package and stops before the upload;
 #   2. the .crate file is at most 10 MB and holds the files a user needs (licences, changelog, README, the PTX
 #      the CUDA kernels embed) and no models, tests or training code;
-#   3. the packaged crate's doctests, run from the unpacked package;
+#   3. the packaged crate's unit tests and doctests (default features), run from the unpacked package (the
+#      integration tests need the repository's fixtures and goldens, which the package does not hold);
 #   4. downstream/ (its own Cargo.toml, `sd3-onnx = "0.1"`) built against the unpacked package through a
 #      [patch.crates-io] on the command line, then run from an empty directory elsewhere: it must draw an image
 #      with the repository's default model, and print readable errors (Display, with the fix; never the Debug
@@ -60,8 +61,8 @@ if ! grep -q '^repository = ' Cargo.toml; then
   echo "      set it before publishing (tests/readme.rs checks that every relative link points at a file)"
 fi
 
-echo "== 3. doctests of the packaged crate"
-(cd "$unpacked" && cargo test --quiet --locked --doc)
+echo "== 3. unit tests and doctests of the packaged crate (default features)"
+(cd "$unpacked" && cargo test --quiet --locked --lib && cargo test --quiet --locked --doc)
 
 echo "== 4. downstream/ against the packaged crate"
 patch="patch.crates-io.$name.path=\"$unpacked\""
