@@ -119,9 +119,12 @@ impl fmt::Display for Component {
 pub enum Error {
     /// No ONNX Runtime shared library was found.
     #[error(
-        "ONNX Runtime library not found (looked in: {searched}). Fix: run `scripts/setup-ort.sh` in the sd3-onnx \
-         repository, set ORT_DYLIB_PATH to a libonnxruntime 1.31 shared library, or pass its path to \
-         `Sd3PipelineBuilder::onnxruntime_library`"
+        "ONNX Runtime library not found ({searched}). Fix: get an ONNX Runtime 1.31 shared library (the \
+         `onnxruntime` Python wheel has it: after `pip install onnxruntime==1.31.1` it is \
+         `<site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1`; or an ONNX Runtime release archive), then set ORT_DYLIB_PATH to its \
+         path or pass it to `Sd3PipelineBuilder::onnxruntime_library`; or build sd3-onnx with \
+         `default-features = false, features = [\"ort-download-binaries\"]` to have ort download and link it at \
+         build time"
     )]
     RuntimeNotFound {
         /// The places that were looked at, in order.

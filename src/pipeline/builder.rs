@@ -62,7 +62,8 @@ impl Sd3PipelineBuilder {
         self
     }
 
-    /// Loads ONNX Runtime from this shared library instead of `ORT_DYLIB_PATH` or `.ort/lib/`.
+    /// Loads ONNX Runtime from this shared library instead of the one `ORT_DYLIB_PATH` names (feature
+    /// `load-dynamic`, on by default; in builds that link ONNX Runtime, a path here is an error).
     pub fn onnxruntime_library(mut self, path: impl AsRef<Path>) -> Self {
         self.library = Some(path.as_ref().to_path_buf());
         self
