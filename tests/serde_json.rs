@@ -183,6 +183,7 @@ fn warnings_are_tagged_objects() {
             encoder: Component::TokenizerClipL,
             max_tokens: 77,
             removed_text: "and a green sphere".into(),
+            removed_tokens: 4,
         },
         Warning::ExecutionProviderFallback { component: Component::Transformer, reason: "no CUDA".into() },
         Warning::InputResized { input: "mask", from: (32, 32), to: (64, 64) },
@@ -192,7 +193,7 @@ fn warnings_are_tagged_objects() {
         value,
         json!([
             {"kind": "prompt_truncated", "encoder": "tokenizer_clip_l", "max_tokens": 77,
-             "removed_text": "and a green sphere"},
+             "removed_text": "and a green sphere", "removed_tokens": 4},
             {"kind": "execution_provider_fallback", "component": "transformer", "reason": "no CUDA"},
             {"kind": "input_resized", "input": "mask", "from": [32, 32], "to": [64, 64]}
         ])
