@@ -61,9 +61,11 @@ impl KeptVocabulary {
     }
 }
 
-/// The whitespace-delimited word of `text` around byte `at`, outer ASCII punctuation trimmed.
+/// The whitespace-delimited word of `text` around byte `at` (or the next word, when `at` is whitespace: T5's
+/// offsets for a word-start token may begin at the space before the word), outer ASCII punctuation trimmed.
 fn word_at(text: &str, at: usize) -> &str {
     let at = (0..=at.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    let at = text[at..].find(|c: char| !c.is_whitespace()).map_or(text.len(), |i| at + i);
     let start = text[..at].rfind(char::is_whitespace).map_or(0, |i| i + text[i..].chars().next().map_or(1, char::len_utf8));
     let end = text[at..].find(char::is_whitespace).map_or(text.len(), |i| at + i);
     text[start..end].trim_matches(|c: char| c.is_ascii_punctuation())
@@ -97,5 +99,8 @@ mod tests {
         assert_eq!(word_at(t, 0), "an");
         assert_eq!(word_at(t, 25), "horse");
         assert_eq!(word_at("é", 1), "é");
+        // At a space: the word after it.
+        assert_eq!(word_at(t, 2), "astronaut");
+        assert_eq!(word_at(t, 21), "a");
     }
 }
