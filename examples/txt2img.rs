@@ -207,7 +207,10 @@ fn output_format(path: &Path) -> Result<Format, String> {
         "jpg" | "jpeg" => Ok(Format::Jpeg),
         "webp" => Ok(Format::Webp),
         "" => Err(format!("--output {}: no extension; end it in .png, .jpg, .jpeg or .webp", path.display())),
-        other => Err(format!("--output {}: .{other} is not a format txt2img writes; use .png, .jpg, .jpeg or .webp", path.display())),
+        other => Err(format!(
+            "--output {}: .{other} is not a format txt2img writes; use .png, .jpg, .jpeg or .webp",
+            path.display()
+        )),
     }
 }
 
@@ -221,9 +224,8 @@ fn check_output_folder(path: &Path) -> Result<(), String> {
         return Err(format!("--output {}: the folder {} does not exist", path.display(), folder.display()));
     }
     let probe = folder.join(format!(".txt2img-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| {
-        format!("--output {}: cannot write into the folder {}: {e}", path.display(), folder.display())
-    })?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| format!("--output {}: cannot write into the folder {}: {e}", path.display(), folder.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -330,7 +332,8 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     let started = Instant::now();
-    let mut report = Reporter { quiet: cli.quiet, tty: std::io::stderr().is_terminal(), warnings: Vec::new(), notes: Vec::new() };
+    let mut report =
+        Reporter { quiet: cli.quiet, tty: std::io::stderr().is_terminal(), warnings: Vec::new(), notes: Vec::new() };
 
     // 1. The output: format and folder, before anything slow.
     let format = output_format(&cli.output).map_err(Failure::Usage)?;
@@ -402,10 +405,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         let array = read_npy_f32(path)?;
         let shape = array.shape().to_vec();
         let array = array.into_dimensionality::<ndarray::Ix4>().map_err(|_| {
-            Failure::Run(format!(
-                "{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}",
-                path.display()
-            ))
+            Failure::Run(format!("{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}", path.display()))
         })?;
         request.latents = Some(array);
     }
@@ -419,8 +419,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     // 4. Load the graphs.
     let spinner = report.stage(&format!("loading {} ({:?})", dir.display(), card.variant()));
     let t = Instant::now();
-    let mut builder =
-        Sd3Pipeline::builder(&dir).execution_provider(cli.ep.clone()).low_memory(cli.low_memory).vae_tiling(cli.vae_tiling);
+    let mut builder = Sd3Pipeline::builder(&dir)
+        .execution_provider(cli.ep.clone())
+        .low_memory(cli.low_memory)
+        .vae_tiling(cli.vae_tiling);
     if cli.no_t5 {
         builder = builder.t5(false);
     }

@@ -68,7 +68,16 @@ impl ModelCard {
             };
             vocabularies.push((vocabulary, tok));
         }
-        Ok(ModelCard { dir, transformer, vae, scheduler, variant, limits: Limits::default(), preview_factors, vocabularies })
+        Ok(ModelCard {
+            dir,
+            transformer,
+            vae,
+            scheduler,
+            variant,
+            limits: Limits::default(),
+            preview_factors,
+            vocabularies,
+        })
     }
 
     /// Checks requests against these limits instead of [`Limits::default`] (use the ones the pipeline will be
@@ -158,8 +167,7 @@ impl ModelCard {
         if request.mask.is_some() && request.init_image.is_none() {
             return Err(Error::request("mask", "set", "a mask needs an init image to inpaint (init_image)"));
         }
-        if request.skip_layer_guidance.is_some() && !graph_path(&self.dir, Component::TransformerSkipLayers).is_file()
-        {
+        if request.skip_layer_guidance.is_some() && !graph_path(&self.dir, Component::TransformerSkipLayers).is_file() {
             return Err(Error::MissingFile {
                 component: Component::TransformerSkipLayers,
                 path: graph_path(&self.dir, Component::TransformerSkipLayers),

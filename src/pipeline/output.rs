@@ -116,12 +116,20 @@ impl fmt::Display for Warning {
                     Component::TokenizerT5 | Component::TextEncoderT5 => "T5".to_string(),
                     other => other.to_string(),
                 };
-                write!(f, "{name}: {removed_tokens} tokens dropped (over {max_tokens}): \"{}\"", short_quote(removed_text))
+                write!(
+                    f,
+                    "{name}: {removed_tokens} tokens dropped (over {max_tokens}): \"{}\"",
+                    short_quote(removed_text)
+                )
             }
             Warning::UnknownWords { input, words } => {
                 let which = if *input == "negative_prompt" { "negative prompt" } else { "prompt" };
                 let shown: Vec<&str> = words.iter().take(8).map(String::as_str).collect();
-                let more = if words.len() > shown.len() { format!(" and {} more", words.len() - shown.len()) } else { String::new() };
+                let more = if words.len() > shown.len() {
+                    format!(" and {} more", words.len() - shown.len())
+                } else {
+                    String::new()
+                };
                 write!(
                     f,
                     "{which}: not in this model's vocabulary (no effect on the image): {}{more}",
@@ -388,10 +396,24 @@ mod serde_support {
             #[serde(default)]
             removed_tokens: usize,
         },
-        ExecutionProviderFallback { component: Component, reason: String },
-        InputResized { input: String, from: (u32, u32), to: (u32, u32) },
-        UnknownWords { input: String, words: Vec<String> },
-        UntrainedSize { requested: (u32, u32), trained: (u32, u32), only: bool },
+        ExecutionProviderFallback {
+            component: Component,
+            reason: String,
+        },
+        InputResized {
+            input: String,
+            from: (u32, u32),
+            to: (u32, u32),
+        },
+        UnknownWords {
+            input: String,
+            words: Vec<String>,
+        },
+        UntrainedSize {
+            requested: (u32, u32),
+            trained: (u32, u32),
+            only: bool,
+        },
     }
 
     // By hand: a derived `Deserialize` would need `'de: 'static` for `InputResized`'s `&'static str`.

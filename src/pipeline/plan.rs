@@ -6,8 +6,8 @@ use ndarray::Array4;
 use super::init_image;
 use super::limits::check_sequence_length;
 use super::{GenerationRequest, Limits, Sd3Pipeline, SkipLayerGuidance, StaticShape, Warning};
-use crate::model_config::Variant;
 use crate::error::{Component, Error, Result};
+use crate::model_config::Variant;
 use crate::scheduler::{calculate_shift, Sampler, SamplerKind};
 
 /// The checked, resolved form of a request.

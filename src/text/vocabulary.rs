@@ -66,7 +66,8 @@ impl KeptVocabulary {
 fn word_at(text: &str, at: usize) -> &str {
     let at = (0..=at.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
     let at = text[at..].find(|c: char| !c.is_whitespace()).map_or(text.len(), |i| at + i);
-    let start = text[..at].rfind(char::is_whitespace).map_or(0, |i| i + text[i..].chars().next().map_or(1, char::len_utf8));
+    let start =
+        text[..at].rfind(char::is_whitespace).map_or(0, |i| i + text[i..].chars().next().map_or(1, char::len_utf8));
     let end = text[at..].find(char::is_whitespace).map_or(text.len(), |i| at + i);
     text[start..end].trim_matches(|c: char| c.is_ascii_punctuation())
 }
