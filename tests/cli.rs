@@ -334,7 +334,7 @@ fn float64_latents_are_named_without_stray_quotes() {
     // A float64 .npy of shape (1, 16, 16, 16), zeros.
     let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 16, 16, 16), }";
     let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
