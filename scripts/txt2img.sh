@@ -19,7 +19,8 @@ esac
 
 # ONNX Runtime, once.
 if [ ! -f "$root/.ort/lib/libonnxruntime.so" ]; then
-  echo "installing ONNX Runtime 1.31.1 into .ort/ (once)" >&2
+  ort_version="$(sed -n 's/^ORT_VERSION="\(.*\)"$/\1/p' "$root/scripts/setup-ort.sh")"
+  echo "installing ONNX Runtime ${ort_version:-} into .ort/ (once)" >&2
 fi
 bash "$root/scripts/setup-ort.sh" >/dev/null
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
