@@ -246,6 +246,7 @@ fn the_output_format_follows_the_extension() {
         let o =
             run_in(&dir, &["--model", &nano(), "--prompt", prompt, "--steps", "2", "--seed", "1", "-q", "-o", name]).0;
         assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty() && stderr(&o).is_empty(), "-q prints nothing here: {}", stderr(&o));
         let bytes = std::fs::read(dir.join(name)).unwrap();
         assert!(bytes.starts_with(magic), "{name} starts with {:?}", &bytes[..8]);
         if name.ends_with(".webp") {

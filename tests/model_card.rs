@@ -113,10 +113,7 @@ fn words_outside_the_kept_vocabulary_are_named() {
             Warning::UnknownWords { input: "negative_prompt", words: vec!["horse".into()] },
         ]
     );
-    assert_eq!(
-        w[0].to_string(),
-        "prompt: not in this model's vocabulary (no effect on the image): astronaut, riding"
-    );
+    assert_eq!(w[0].to_string(), "prompt: not in this model's vocabulary (no effect on the image): astronaut, riding");
     // Without guidance the negative prompt is not used: no warning for it.
     let w = card.check(&card.request("a red circle").negative_prompt("horse").guidance(1.0)).unwrap();
     assert!(w.is_empty(), "{w:?}");

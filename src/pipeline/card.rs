@@ -93,7 +93,7 @@ impl ModelCard {
         &self.dir
     }
 
-    /// The model family ([`Variant::detect`]-style: the transformer config and the folder's name).
+    /// The model family, detected from the transformer config and the model's name (as the pipeline does).
     pub fn variant(&self) -> Variant {
         self.variant
     }

@@ -65,9 +65,10 @@ pub enum Warning {
         /// The words, as typed, in order, each once.
         words: Vec<String>,
     },
-    /// The requested size differs from the one the model was trained at ([`ModelCard::trained_size`]
-    /// (crate::ModelCard::trained_size)); a model trained at one size only (the nano model) draws noise or a
-    /// smear at others.
+    /// The requested size differs from the one the model was trained at
+    /// ([`ModelCard::trained_size`](crate::ModelCard::trained_size)); a model trained at one size only (the nano
+    /// model) draws noise or a smear at others. Models trained at several aspect ratios around one pixel count
+    /// (SD3) warn only below half or above twice that count.
     UntrainedSize {
         /// The requested width x height.
         requested: (u32, u32),
