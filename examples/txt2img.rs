@@ -612,7 +612,7 @@ fn summary_json(
         "steps": request.steps,
         "guidance": request.guidance,
         "max_sequence_length": request.max_sequence_length,
-        "sampler": format!("{:?}", cli.sampler).to_lowercase(),
+        "sampler": cli.sampler.to_possible_value().map(|v| v.get_name().to_string()),
         "timings": {
             "load_ms": ms(load),
             "text_encoding_ms": ms(t.text_encoding),
