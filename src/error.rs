@@ -1,13 +1,62 @@
 //! The crate's one error type.
 //!
-//! Every fallible function returns [`Result<T>`](crate::Result). Variants name the component and the file
-//! involved and say what to change, so a caller can both match on them and show them to a person.
+//! Every fallible public function returns [`Result<T>`](crate::Result). Variants name the component and the
+//! file involved and their Display text says what to change, so a caller can both match on them and show them to
+//! a person.
+//!
+//! # Matching
+//!
+//! [`Error`] is `#[non_exhaustive]`: match the variants you handle and keep a `_` arm. Fields are public; match
+//! them with `..` so that fields added later do not break your code:
+//!
+//! ```
+//! # fn handle(e: sd3_onnx::Error) -> &'static str {
+//! use sd3_onnx::{Component, Error};
+//! match e {
+//!     Error::MissingFile { component: Component::TextEncoderT5, .. } => "build without T5",
+//!     Error::InvalidSize { .. } | Error::InvalidRequest { .. } => "fix the request",
+//!     Error::Inference { .. } => "ONNX Runtime failed: try a smaller size or batch",
+//!     Error::Internal { .. } => "a bug in sd3-onnx: report it",
+//!     _ => "show the message",
+//! }
+//! # }
+//! ```
+//!
+//! # Source chains
+//!
+//! Where an error comes from another library or the operating system, the original error is kept and
+//! returned by [`std::error::Error::source`]: ONNX Runtime's error for [`Error::RuntimeLoad`],
+//! [`Error::GraphLoad`], [`Error::Inference`] and [`Error::ExecutionProviderUnavailable`]; the tokenizers
+//! library's for [`Error::Tokenizer`]; serde_json's for [`Error::InvalidConfig`]; the PNG decoder's for
+//! [`Error::Image`]; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
+//! `HubInterrupted` and `HubResponse` (feature `download`); the [`std::io::Error`] for [`Error::Io`],
+//! `HubDiskFull` and, when the file system reported one (`NotFound`, `PermissionDenied`, ...), for
+//! [`Error::MissingFile`]. Foreign errors are boxed ([`BoxError`]), so no other crate's type is part of this
+//! crate's API; a caller that depends on the same crate version may still `downcast_ref` them. The Display text
+//! of an error already says what its source says (a `MissingFile` mentions its source unless it is `NotFound`),
+//! so print either the error or its chain, not both:
+//!
+//! ```
+//! let e = sd3_onnx::Sd3Pipeline::builder("/no/such/model").build().unwrap_err();
+//! let mut source = std::error::Error::source(&e);
+//! let mut kinds = Vec::new();
+//! while let Some(s) = source {
+//!     if let Some(io) = s.downcast_ref::<std::io::Error>() {
+//!         kinds.push(io.kind());
+//!     }
+//!     source = s.source();
+//! }
+//! assert_eq!(kinds, [std::io::ErrorKind::NotFound]);
+//! ```
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Shorthand for `Result<T, sd3_onnx::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The boxed source of an [`Error`] that wraps another library's error (see [`std::error::Error::source`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A part of an SD3 model folder.
 ///
@@ -80,16 +129,27 @@ pub enum Error {
     },
 
     /// The ONNX Runtime library exists but could not be loaded or initialised.
-    #[error("could not load ONNX Runtime from {path}: {message}")]
+    #[error(
+        "could not load ONNX Runtime from {path}: {message}. Use a libonnxruntime 1.31 shared library built for \
+         this platform (ORT_DYLIB_PATH or `Sd3PipelineBuilder::onnxruntime_library`)",
+        message = sentence(.message)
+    )]
     RuntimeLoad {
         /// The library that was tried.
         path: PathBuf,
         /// What went wrong.
         message: String,
+        /// ONNX Runtime's error, when it reported one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// An execution provider was asked for and cannot be used. Nothing falls back to the CPU silently.
-    #[error("execution provider {provider} is unavailable for {component}: {reason}")]
+    #[error(
+        "execution provider {provider} is unavailable for {component}: {reason}. Or run on the CPU \
+         (`ExecutionProvider::Cpu`, or `Sd3PipelineBuilder::cpu_fallback(true)` to fall back when it is missing)",
+        reason = sentence(.reason)
+    )]
     ExecutionProviderUnavailable {
         /// The provider, e.g. `CUDA`.
         provider: String,
@@ -97,10 +157,14 @@ pub enum Error {
         component: Component,
         /// Why, and what to do about it.
         reason: String,
+        /// ONNX Runtime's error when registering the provider failed; `None` when the provider is not compiled
+        /// in or not in the loaded library.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A file the pipeline needs is not in the model folder.
-    #[error("{component}: missing {path}. {hint}")]
+    #[error("{component}: missing {path}{}. {hint}", unless_not_found(.source))]
     MissingFile {
         /// The component the file belongs to.
         component: Component,
@@ -108,21 +172,37 @@ pub enum Error {
         path: PathBuf,
         /// What the folder should contain.
         hint: String,
+        /// The file system's answer (`NotFound`, `PermissionDenied`, ...) when looking the path up failed; `None`
+        /// when something else than a file is there, or the component was found absent earlier.
+        #[source]
+        source: Option<std::io::Error>,
     },
 
-    /// A json configuration file could not be read or holds an unusable value.
-    #[error("{component}: invalid configuration {path}: {message}")]
+    /// A json configuration file could not be parsed or holds an unusable value.
+    #[error(
+        "{component}: invalid configuration{}: {message}. Fix the file, or take it again from the model's \
+         diffusers repository",
+        in_path(.path),
+        message = sentence(.message)
+    )]
     InvalidConfig {
         /// The component the file belongs to.
         component: Component,
-        /// The file.
-        path: PathBuf,
+        /// The file; `None` when json text was parsed without a file (e.g. `FlowMatchConfig::from_json_str`).
+        path: Option<PathBuf>,
         /// What is wrong with it.
         message: String,
+        /// serde_json's error when the text is not json.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A tokenizer could not be loaded or failed on a prompt.
-    #[error("{component}: tokenizer error in {path}: {message}")]
+    #[error(
+        "{component}: tokenizer error in {path}: {message}. If the file is damaged, copy the tokenizer folder again \
+         from the model's diffusers repository",
+        message = sentence(.message)
+    )]
     Tokenizer {
         /// Which tokenizer.
         component: Component,
@@ -130,10 +210,18 @@ pub enum Error {
         path: PathBuf,
         /// What went wrong.
         message: String,
+        /// The tokenizers library's (or serde_json's) error, when it reported one.
+        #[source]
+        source: Option<BoxError>,
     },
 
-    /// An ONNX graph could not be loaded (missing, truncated or not an ONNX model).
-    #[error("{component}: could not load ONNX graph {path}: {message}")]
+    /// ONNX Runtime could not load an ONNX graph (truncated, not an ONNX model, external data missing, an
+    /// operator it does not know) or could not set up its session.
+    #[error(
+        "{component}: ONNX Runtime could not load the graph {path}: {message}. Check that it is a complete ONNX \
+         model (with its external-data file next to it) and export it again if not (docs/models.md)",
+        message = sentence(.message)
+    )]
     GraphLoad {
         /// The component.
         component: Component,
@@ -141,10 +229,17 @@ pub enum Error {
         path: PathBuf,
         /// ONNX Runtime's message.
         message: String,
+        /// ONNX Runtime's error.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A graph's inputs or outputs do not have the names, ranks or element types the pipeline needs.
-    #[error("{component}: graph {path} does not match the SD3 contract: {message}")]
+    #[error(
+        "{component}: graph {path} does not match the SD3 contract: {message}. Export it with the supported tools \
+         (optimum-cli or models/export, docs/models.md)",
+        message = sentence(.message)
+    )]
     GraphMismatch {
         /// The component.
         component: Component,
@@ -166,7 +261,9 @@ pub enum Error {
     },
 
     /// Components of one folder disagree with each other (e.g. the CLIP widths exceed the T5 width).
-    #[error("model folder {path}: components disagree: {message}")]
+    #[error("model folder {path}: components disagree: {message}. Use components exported from the same model",
+        message = sentence(.message)
+    )]
     IncompatibleComponents {
         /// The model folder.
         path: PathBuf,
@@ -212,22 +309,51 @@ pub enum Error {
         message: String,
     },
 
-    /// A `.npy` file could not be read.
-    #[error("cannot read .npy file {path}: {message}")]
+    /// `.npy` data could not be read or written.
+    #[error(
+        "cannot use .npy data{}: {message}. Save a little-endian float32 array in C order \
+         (`numpy.save(path, a.astype(numpy.float32))`)",
+        in_path(.path),
+        message = sentence(.message)
+    )]
     Npy {
-        /// The file.
-        path: PathBuf,
+        /// The file; `None` when bytes were parsed without a file ([`parse_npy_f32`](crate::latents::parse_npy_f32)).
+        path: Option<PathBuf>,
         /// What is wrong with it.
         message: String,
+        /// The underlying error, when another library reported one.
+        #[source]
+        source: Option<BoxError>,
     },
 
-    /// ONNX Runtime failed while running a graph.
-    #[error("{component}: inference failed: {message}")]
+    /// A picture (init image, mask, PNG metadata) could not be decoded, or a PNG could not be encoded.
+    #[error("{}{message}", at_path(.path))]
+    Image {
+        /// The file; `None` when bytes were decoded without a file ([`decode_rgb`](crate::imageio::decode_rgb)).
+        path: Option<PathBuf>,
+        /// What is wrong, and what is accepted.
+        message: String,
+        /// The PNG decoder's or encoder's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Running a graph failed: ONNX Runtime reported an error (out of memory is the common one; its error is the
+    /// [`source`](std::error::Error::source)), or the graph answered with outputs of the wrong shape (no source).
+    /// The Display text says what to try for each.
+    #[error(
+        "{component}: inference failed: {message}. {hint}",
+        message = sentence(.message),
+        hint = inference_hint(.source)
+    )]
     Inference {
         /// The component whose graph failed.
         component: Component,
-        /// ONNX Runtime's message.
+        /// ONNX Runtime's message, or which output was wrong.
         message: String,
+        /// ONNX Runtime's error, when it reported one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A bug in sd3-onnx: one of its own invariants did not hold (nothing the caller passed explains it). The
@@ -247,7 +373,10 @@ pub enum Error {
 
     /// The progress callback panicked. The panic is caught so that it never unwinds through the pipeline (which
     /// stays usable, and a `Mutex` around it is not poisoned); the run stops at that step.
-    #[error("the progress callback panicked at step {step}: {message}")]
+    #[error(
+        "the progress callback panicked at step {step}: {message}. Fix the callback; the pipeline is still usable",
+        message = sentence(.message)
+    )]
     CallbackPanicked {
         /// The step whose report the callback was handling (0-based).
         step: usize,
@@ -362,26 +491,34 @@ pub enum Error {
         file: String,
         /// Its full size.
         size: u64,
+        /// The file system's error (`StorageFull` or `QuotaExceeded`).
+        #[source]
+        source: std::io::Error,
     },
 
     /// The hub could not be reached (connection refused, DNS, TLS, timeout).
     #[cfg(feature = "download")]
     #[error(
         "cannot reach {url}: {message}. Check the network and proxy settings and HF_ENDPOINT; set HF_HUB_OFFLINE=1 \
-         to use only what is already in the cache"
+         to use only what is already in the cache",
+        message = sentence(.message)
     )]
     HubUnreachable {
         /// The URL that was requested.
         url: String,
-        /// The client's message.
+        /// The client's message, with its causes.
         message: String,
+        /// The HTTP client's error.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A transfer broke off. What arrived is kept in the cache as `blobs/<hash>.incomplete`; the next run resumes it.
     #[cfg(feature = "download")]
     #[error(
         "download of {file} from {repo} broke off after {done} of {size} bytes: {message}. Run again: the transfer \
-         resumes where it stopped"
+         resumes where it stopped",
+        message = sentence(.message)
     )]
     HubInterrupted {
         /// The repository.
@@ -394,6 +531,9 @@ pub enum Error {
         size: u64,
         /// What went wrong.
         message: String,
+        /// The HTTP client's or the connection's error; `None` for an HTTP status or a body that ended early.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The hub answered with an unexpected status or a response this client cannot use.
@@ -404,6 +544,9 @@ pub enum Error {
         url: String,
         /// The status and what was wrong.
         message: String,
+        /// The parser's error when the body was not the json expected.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// Reading or writing a file failed.
@@ -417,6 +560,41 @@ pub enum Error {
     },
 }
 
+/// A message followed by a sentence in a Display text, without its own final period or line break (ONNX
+/// Runtime's messages may end in either).
+fn sentence(message: &str) -> &str {
+    message.trim_end_matches(|c: char| c == '.' || c.is_whitespace())
+}
+
+/// What to try after an [`Error::Inference`]: ONNX Runtime failed (`source` is its error), or the graph answered
+/// with outputs of the wrong shape (no source).
+fn inference_hint(source: &Option<BoxError>) -> &'static str {
+    if source.is_some() {
+        "If memory ran out, try a smaller size, fewer images per prompt or `Sd3PipelineBuilder::low_memory`; \
+         otherwise check that the graph was exported with the supported tools (docs/models.md)"
+    } else {
+        "The graph does not follow the SD3 contract at run time; export it with the supported tools (docs/models.md)"
+    }
+}
+
+/// ` (<the file system's error>)` for a [`Error::MissingFile`] whose lookup failed otherwise than `NotFound`.
+fn unless_not_found(source: &Option<std::io::Error>) -> String {
+    match source {
+        Some(e) if e.kind() != std::io::ErrorKind::NotFound => format!(" ({e})"),
+        _ => String::new(),
+    }
+}
+
+/// ` <path>` for a Display text, nothing without a path.
+fn in_path(path: &Option<PathBuf>) -> String {
+    path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+}
+
+/// `<path>: ` for a Display text, nothing without a path.
+fn at_path(path: &Option<PathBuf>) -> String {
+    path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
+}
+
 impl Error {
     /// An [`Error::Internal`]: a broken invariant of this crate.
     pub(crate) fn internal(message: impl Into<String>) -> Error {
@@ -427,8 +605,37 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
-    pub(crate) fn config(component: Component, path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::InvalidConfig { component, path: path.into(), message: message.into() }
+    /// An [`Error::InvalidConfig`] without a file (see [`in_file`](Self::in_file)) and without a source.
+    pub(crate) fn config(component: Component, message: impl Into<String>) -> Self {
+        Error::InvalidConfig { component, path: None, message: message.into(), source: None }
+    }
+
+    /// An [`Error::Inference`] for what ONNX Runtime (or a graph through it) reported.
+    pub(crate) fn inference(
+        component: Component,
+        message: impl Into<String>,
+        source: impl Into<Option<BoxError>>,
+    ) -> Self {
+        Error::Inference { component, message: message.into(), source: source.into() }
+    }
+
+    /// An [`Error::MissingFile`]; `source` is the file system's error when looking the path up gave one.
+    pub(crate) fn missing(
+        component: Component,
+        path: impl Into<PathBuf>,
+        hint: impl Into<String>,
+        source: Option<std::io::Error>,
+    ) -> Self {
+        Error::MissingFile { component, path: path.into(), hint: hint.into(), source }
+    }
+
+    /// Names the file that the bytes or text behind an [`Error::Image`], [`Error::Npy`] or
+    /// [`Error::InvalidConfig`] came from; other errors are returned unchanged.
+    pub(crate) fn in_file(mut self, file: &Path) -> Self {
+        if let Error::Image { path, .. } | Error::Npy { path, .. } | Error::InvalidConfig { path, .. } = &mut self {
+            *path = Some(file.to_path_buf());
+        }
+        self
     }
 
     pub(crate) fn mismatch(component: Component, path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
@@ -438,4 +645,19 @@ impl Error {
     pub(crate) fn request(parameter: &'static str, value: impl fmt::Display, message: impl Into<String>) -> Self {
         Error::InvalidRequest { parameter, value: value.to_string(), message: message.into() }
     }
+}
+
+/// `Ok(())` when `path` is a regular file (symbolic links followed), else [`Error::MissingFile`] with the file
+/// system's error as its source when the lookup failed. `hint` is only built for the error.
+pub(crate) fn require_file(component: Component, path: &Path, hint: impl FnOnce() -> String) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::missing(component, path, hint(), None)),
+        Err(e) => Err(Error::missing(component, path, hint(), Some(e))),
+    }
+}
+
+/// Boxes another library's error as the source of an [`Error`].
+pub(crate) fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Option<BoxError> {
+    Some(Box::new(e))
 }

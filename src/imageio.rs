@@ -5,7 +5,7 @@ use std::path::Path;
 use image::{DynamicImage, GrayImage, RgbImage};
 use ndarray::{ArrayView3, ArrayView4};
 
-use crate::error::{Component, Error, Result};
+use crate::error::{boxed, Error, Result};
 
 /// Converts one decoded image `[3, H, W]` with values in `[-1, 1]` to 8-bit RGB, as diffusers'
 /// `VaeImageProcessor.postprocess` + `numpy_to_pil` do: `clamp(x / 2 + 0.5, 0, 1)`, then `round(x * 255)`
@@ -19,9 +19,8 @@ pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
     }
     let (w32, h32) = (u32::try_from(w), u32::try_from(h));
     let (Ok(w32), Ok(h32)) = (w32, h32) else {
-        return Err(Error::Inference {
-            component: Component::VaeDecoder,
-            message: format!("decoded image {w}x{h} is too large"),
+        return Err(Error::InvalidLatents {
+            message: format!("a {w}x{h} image is too large for a picture (at most {} pixels a side)", u32::MAX),
         });
     };
     let mut img = RgbImage::new(w32, h32);
@@ -50,7 +49,14 @@ pub const PARAMETERS_KEYWORD: &str = "parameters";
 pub fn save_png(path: impl AsRef<Path>, image: &RgbImage, parameters: Option<&str>) -> Result<()> {
     let path = path.as_ref();
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
+    let png_err = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(io) => Error::io(path, io),
+        other => Error::Image {
+            path: Some(path.to_path_buf()),
+            message: format!("cannot encode the PNG: {other}"),
+            source: boxed(other),
+        },
+    };
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -71,12 +77,20 @@ pub fn read_png_parameters(path: impl AsRef<Path>) -> Result<Option<String>> {
     let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    let png_err = |what: &str, e: png::DecodingError| match e {
+        png::DecodingError::IoError(io) => Error::io(path, io),
+        other => Error::Image {
+            path: Some(path.to_path_buf()),
+            message: format!("{what}: {other}; pass a PNG file"),
+            source: boxed(other),
+        },
+    };
+    let reader = decoder.read_info().map_err(|e| png_err("not a PNG file this crate can read", e))?;
     let info = reader.info();
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
         return Ok(Some(t.text.clone()));
     }
-    let text_err = |e: png::DecodingError| Error::io(path, std::io::Error::other(e.to_string()));
+    let text_err = |e: png::DecodingError| png_err("the `parameters` text chunk cannot be decoded", e);
     if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == PARAMETERS_KEYWORD) {
         return t.get_text().map(Some).map_err(text_err);
     }
@@ -89,19 +103,20 @@ pub fn read_png_parameters(path: impl AsRef<Path>) -> Result<Option<String>> {
 /// Reads a PNG picture for img2img / inpainting as 8-bit RGB (alpha dropped; 16-bit samples scaled to 8).
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
-    decode_rgb(&read(path)?).map_err(|m| unreadable(path, m))
+    decode_rgb(&read(path)?).map_err(|e| e.in_file(path))
 }
 
 /// Reads a PNG inpainting mask as 8-bit gray. Colour pictures become gray as PIL's `convert("L")` does
 /// (what diffusers' mask processor calls): `(R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16`, alpha ignored.
 pub fn load_mask(path: impl AsRef<Path>) -> Result<GrayImage> {
     let path = path.as_ref();
-    decode_mask(&read(path)?).map_err(|m| unreadable(path, m))
+    decode_mask(&read(path)?).map_err(|e| e.in_file(path))
 }
 
 /// Decodes the bytes of a PNG file as [`load_rgb`] reads it: 8-bit RGB, alpha dropped, 16-bit samples scaled to 8.
 /// Pictures wider or taller than [`MAX_IMAGE_SIDE`](crate::MAX_IMAGE_SIDE), or whose decoded pixels would take
-/// more than 512 MiB, are refused before their pixels are allocated. The error says what is wrong.
+/// more than 512 MiB, are refused before their pixels are allocated, with an [`Error::Image`] that says what is
+/// wrong and has the decoder's error as its source.
 ///
 /// ```
 /// let mut png = Vec::new();
@@ -109,13 +124,13 @@ pub fn load_mask(path: impl AsRef<Path>) -> Result<GrayImage> {
 /// assert_eq!(sd3_onnx::imageio::decode_rgb(&png).unwrap().dimensions(), (4, 2));
 /// assert!(sd3_onnx::imageio::decode_rgb(b"not a png").is_err());
 /// ```
-pub fn decode_rgb(png: &[u8]) -> std::result::Result<RgbImage, String> {
+pub fn decode_rgb(png: &[u8]) -> Result<RgbImage> {
     Ok(decode(png)?.to_rgb8())
 }
 
 /// Decodes the bytes of a PNG file as [`load_mask`] reads it: 8-bit gray, colour converted as PIL's
 /// `convert("L")`, alpha ignored. The same size limits as [`decode_rgb`] apply.
-pub fn decode_mask(png: &[u8]) -> std::result::Result<GrayImage, String> {
+pub fn decode_mask(png: &[u8]) -> Result<GrayImage> {
     Ok(match decode(png)? {
         DynamicImage::ImageLuma8(g) => g,
         DynamicImage::ImageLumaA8(g) => {
@@ -127,7 +142,7 @@ pub fn decode_mask(png: &[u8]) -> std::result::Result<GrayImage, String> {
 }
 
 /// PIL's RGB -> L conversion (`Convert.c`, `rgb2l`: ITU-R 601-2 luma in 16-bit fixed point, rounded).
-pub fn pil_gray(rgb: &RgbImage) -> GrayImage {
+pub(crate) fn pil_gray(rgb: &RgbImage) -> GrayImage {
     GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
         let [r, g, b] = rgb.get_pixel(x, y).0;
         let l = (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
@@ -139,14 +154,10 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-fn unreadable(path: &Path, message: String) -> Error {
-    Error::io(path, std::io::Error::other(message))
-}
-
 /// The largest decoded picture accepted, in bytes (the `image` crate's default allocation limit, made explicit).
 const MAX_DECODED_BYTES: u64 = 512 << 20;
 
-fn decode(png: &[u8]) -> std::result::Result<DynamicImage, String> {
+fn decode(png: &[u8]) -> Result<DynamicImage> {
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(png), image::ImageFormat::Png);
     let side = crate::MAX_IMAGE_SIDE as u32;
     let mut limits = image::Limits::default();
@@ -154,7 +165,15 @@ fn decode(png: &[u8]) -> std::result::Result<DynamicImage, String> {
     limits.max_image_height = Some(side);
     limits.max_alloc = Some(MAX_DECODED_BYTES);
     reader.limits(limits);
-    reader.decode().map_err(|e| format!("not a PNG picture this crate can read: {e}"))
+    reader.decode().map_err(|e| Error::Image {
+        path: None,
+        message: format!(
+            "not a PNG picture this crate can read: {e}; pass an 8- or 16-bit PNG of at most {side} pixels a side \
+             and {} MiB of decoded pixels",
+            MAX_DECODED_BYTES >> 20
+        ),
+        source: boxed(e),
+    })
 }
 
 #[cfg(test)]

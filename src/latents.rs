@@ -225,11 +225,19 @@ fn cephes_sincos(theta: f32) -> (f32, f32) {
 pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_npy_f32(&bytes).map_err(|message| Error::Npy { path: path.to_path_buf(), message })
+    parse_npy_f32(&bytes).map_err(|e| e.in_file(path))
 }
 
-/// Parses the bytes of a float32 `.npy` file.
-pub fn parse_npy_f32(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
+/// Parses the bytes of a float32 `.npy` file. Anything else is an [`Error::Npy`] (without a path) that says what
+/// is wrong.
+pub fn parse_npy_f32(bytes: &[u8]) -> Result<ArrayD<f32>> {
+    let (dims, values) = parse_npy(bytes).map_err(|message| Error::Npy { path: None, message, source: None })?;
+    // parse_npy checked that the values fill the shape exactly.
+    ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| Error::internal(format!(".npy shape {dims:?}: {e}")))
+}
+
+/// The shape and values of a float32 `.npy` file, or what is wrong with it.
+fn parse_npy(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (bad magic bytes)".into());
@@ -279,7 +287,7 @@ pub fn parse_npy_f32(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
         return Err(format!("shape {dims:?} needs {needed} data bytes, file has {}", data.len()));
     }
     let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| e.to_string())
+    Ok((dims, values))
 }
 
 /// Writes a float32 `.npy` file (version 1.0, C order).
@@ -294,8 +302,11 @@ pub fn write_npy_f32(path: impl AsRef<Path>, array: &ArrayD<f32>) -> Result<()> 
     header.push('\n');
     let mut out = Vec::with_capacity(10 + header.len() + array.len() * 4);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    let len = u16::try_from(header.len())
-        .map_err(|_| Error::Npy { path: path.to_path_buf(), message: "header too long".into() })?;
+    let len = u16::try_from(header.len()).map_err(|_| Error::Npy {
+        path: Some(path.to_path_buf()),
+        message: "header too long".into(),
+        source: None,
+    })?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     for v in array.iter() {

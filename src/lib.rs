@@ -21,7 +21,7 @@
 //!         .seed(42),
 //! )?;
 //! // PNG with the generation parameters in its text chunk, errors typed like the rest.
-//! sd3_onnx::imageio::save_png("astronaut.png".as_ref(), &out.images[0], Some(&out.parameters[0]))?;
+//! sd3_onnx::imageio::save_png("astronaut.png", &out.images[0], Some(&out.parameters[0]))?;
 //! for w in &out.warnings {
 //!     eprintln!("warning: {w}");
 //! }
@@ -78,3 +78,4 @@ pub use pipeline::{
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};
 pub use scheduler::{FlowMatchConfig, Sampler, SamplerKind, Schedule};
+pub use text::NoT5Padding;

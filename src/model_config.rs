@@ -4,28 +4,36 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Component, Error, Result};
+use crate::error::{boxed, require_file, Component, Error, Result};
 
 /// Reads a json config file and parses it with `parse`; a parse failure becomes [`Error::InvalidConfig`] naming
-/// the file.
-fn read_config<T>(
+/// the file and `component`.
+pub(crate) fn read_config<T>(
     component: Component,
     path: &Path,
     hint: &str,
-    parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+    parse: impl FnOnce(&str) -> Result<T>,
 ) -> Result<T> {
-    if !path.is_file() {
-        return Err(Error::MissingFile { component, path: path.to_path_buf(), hint: hint.to_string() });
-    }
+    require_file(component, path, || hint.to_string())?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse(&text).map_err(|m| Error::config(component, path, m))
+    parse(&text).map_err(|e| match e {
+        Error::InvalidConfig { message, source, .. } => {
+            Error::InvalidConfig { component, path: Some(path.to_path_buf()), message, source }
+        }
+        other => other,
+    })
 }
 
-/// Parses json text that must hold an object.
-fn parse_object(text: &str) -> std::result::Result<Value, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+/// Parses json text that must hold an object; serde_json's error is the source of the [`Error::InvalidConfig`].
+pub(crate) fn parse_object(component: Component, text: &str) -> Result<Value> {
+    let v: Value = serde_json::from_str(text).map_err(|e| Error::InvalidConfig {
+        component,
+        path: None,
+        message: format!("not json: {e}"),
+        source: boxed(e),
+    })?;
     if !v.is_object() {
-        return Err("expected a json object".into());
+        return Err(Error::config(component, "expected a json object"));
     }
     Ok(v)
 }
@@ -65,7 +73,7 @@ pub struct TransformerConfig {
 }
 
 impl TransformerConfig {
-    /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
+    /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.42.1, as 0.35.2,
     /// `models/transformers/transformer_sd3.py`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -73,14 +81,18 @@ impl TransformerConfig {
         read_config(Component::Transformer, path, hint, Self::from_json_str)
     }
 
-    /// Parses the text of `transformer/config.json` (what [`from_file`](Self::from_file) reads). The error says
-    /// what is wrong, without a file name.
-    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        Self::from_json(&parse_object(text)?)
+    /// Parses the text of `transformer/config.json` (what [`from_file`](Self::from_file) reads). The
+    /// [`Error::InvalidConfig`] says what is wrong, without a file name.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json(&parse_object(Component::Transformer, text)?)
     }
 
     /// Reads the config from parsed json.
-    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+    pub fn from_json(v: &Value) -> Result<Self> {
+        Self::parse(v).map_err(|m| Error::config(Component::Transformer, m))
+    }
+
+    fn parse(v: &Value) -> std::result::Result<Self, String> {
         Ok(TransformerConfig {
             patch_size: positive_int(v, "patch_size", Some(2))?.unwrap_or(2),
             in_channels: positive_int(v, "in_channels", None)?,
@@ -121,14 +133,18 @@ impl VaeConfig {
         read_config(component, path, hint, Self::from_json_str)
     }
 
-    /// Parses the text of a VAE `config.json` (what [`from_file`](Self::from_file) reads). The error says what is
-    /// wrong, without a file name.
-    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        Self::from_json(&parse_object(text)?)
+    /// Parses the text of a VAE `config.json` (what [`from_file`](Self::from_file) reads). The
+    /// [`Error::InvalidConfig`] says what is wrong, without a file name; its component is the VAE decoder.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json(&parse_object(Component::VaeDecoder, text)?)
     }
 
     /// Reads the config from parsed json.
-    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+    pub fn from_json(v: &Value) -> Result<Self> {
+        Self::parse(v).map_err(|m| Error::config(Component::VaeDecoder, m))
+    }
+
+    fn parse(v: &Value) -> std::result::Result<Self, String> {
         let blocks =
             v.get("block_out_channels").and_then(Value::as_array).filter(|a| !a.is_empty() && a.len() <= 16).ok_or(
                 "`block_out_channels` must be a list of 1 to 16 channel counts (the VAE factor is 2^(len - 1))",

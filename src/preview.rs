@@ -99,13 +99,14 @@ impl LatentRgbFactors {
         let path = model_dir.as_ref().join(Component::VaeDecoder.folder()).join(FACTORS_FILE);
         if path.is_file() {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let factors = Self::from_json_str(&text).map_err(|m| Error::config(Component::VaeDecoder, &path, m))?;
+            let factors =
+                Self::from_json_str(&text).map_err(|m| Error::config(Component::VaeDecoder, m).in_file(&path))?;
             if let Some(c) = vae.latent_channels.filter(|c| *c != factors.channels()) {
                 return Err(Error::config(
                     Component::VaeDecoder,
-                    &path,
                     format!("{} rows of factors for a VAE with {c} latent channels", factors.channels()),
-                ));
+                )
+                .in_file(&path));
             }
             return Ok(Some(factors));
         }

@@ -778,11 +778,15 @@ fn a_full_disk_is_a_typed_error_naming_the_cache() {
     std::os::unix::fs::symlink("/dev/full", blobs(&cache, REPO).join(format!("{sha}.incomplete"))).unwrap();
     let err = hub::download(&repo(REPO), &options(&server, &cache)).unwrap_err();
     match &err {
-        Error::HubDiskFull { cache_dir, file, size } => {
+        Error::HubDiskFull { cache_dir, file, size, source } => {
             assert_eq!(
                 (cache_dir.as_path(), file.as_str(), *size),
                 (cache.as_path(), "text_encoder/model.onnx", 1_640_530)
             );
+            // The file system's error is kept as the source.
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{source:?}");
+            let chained = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<std::io::Error>());
+            assert!(chained.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull), "{err:?}");
         }
         other => panic!("expected HubDiskFull, got {other:?}"),
     }

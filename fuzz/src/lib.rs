@@ -87,7 +87,7 @@ impl Drop for AllocationCap {
 /// (the tokenizers' vocabularies while they load, at most 64 latents of the tiny fixtures, a 256 x 256 picture).
 const SMALL_CAP: usize = 64 << 20;
 
-/// The cap of `images`: pictures of up to 512 MiB of pixels are decoded by design (`image::decode_rgb`).
+/// The cap of `images`: pictures of up to 512 MiB of pixels are decoded by design (`imageio::decode_rgb`).
 const IMAGES_CAP: usize = 600 << 20;
 
 /// The repository root: this file is compiled from `fuzz/` (cargo-fuzz) and from the root (the replay test).

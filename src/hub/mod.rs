@@ -338,6 +338,7 @@ fn fetch_snapshot(repo: &HubRepo, options: &DownloadOptions, settings: &Settings
         return Err(Error::HubResponse {
             url: settings.endpoint.clone(),
             message: format!("the listing of {} names a path that cannot be placed in the cache: {bad:?}", repo.id()),
+            source: None,
         });
     }
     if repo.revision() != commit {
@@ -406,6 +407,7 @@ fn fetch_snapshot(repo: &HubRepo, options: &DownloadOptions, settings: &Settings
                      damaged: delete it and run again",
                     blob.display()
                 ),
+                source: None,
             });
         }
         cache.link(&commit, file, &meta.etag)?;

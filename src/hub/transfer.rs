@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::settings::Settings;
 use super::HubRepo;
-use crate::error::{Error, Result};
+use crate::error::{boxed, Error, Result};
 
 /// A repository at one commit: what `GET /api/models/...` says.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl HubClient {
             if is_loopback(&settings.endpoint) {
                 builder = builder.no_proxy(); // a local hub (tests, mirrors on this machine) is never behind a proxy
             }
-            builder.build().map_err(|e| Error::HubUnreachable { url: settings.endpoint.clone(), message: chain(&e) })
+            builder.build().map_err(|e| unreachable(&settings.endpoint, e))
         };
         Ok(HubClient {
             follow: build(reqwest::redirect::Policy::limited(10))?,
@@ -86,11 +86,11 @@ impl HubClient {
     /// The commit `repo`'s revision points to and the files at that commit.
     pub fn listing(&self, repo: &HubRepo) -> Result<Listing> {
         let url = format!("{}/api/models/{}/revision/{}", self.endpoint, repo.id(), quote(repo.revision(), false));
-        let response = self.follow.get(&url).headers(self.headers(&url)).send().map_err(|e| unreachable(&url, &e))?;
+        let response = self.follow.get(&url).headers(self.headers(&url)).send().map_err(|e| unreachable(&url, e))?;
         if !response.status().is_success() {
             return Err(self.status_error(response, repo, None));
         }
-        let body = response.bytes().map_err(|e| unreachable(&url, &e))?;
+        let body = response.bytes().map_err(|e| unreachable(&url, e))?;
         #[derive(serde::Deserialize)]
         struct Info {
             sha: Option<String>,
@@ -104,10 +104,12 @@ impl HubClient {
         let info: Info = serde_json::from_slice(&body).map_err(|e| Error::HubResponse {
             url: url.clone(),
             message: format!("unreadable repository info: {e}"),
+            source: boxed(e),
         })?;
         let commit = info.sha.filter(|s| super::is_commit_hash(s)).ok_or_else(|| Error::HubResponse {
             url: url.clone(),
             message: "the repository info has no commit hash (`sha`); is HF_ENDPOINT a Hugging Face hub?".into(),
+            source: None,
         })?;
         Ok(Listing { commit, files: info.siblings.into_iter().map(|s| s.rfilename).collect() })
     }
@@ -123,7 +125,7 @@ impl HubClient {
                 .headers(self.headers(&url))
                 .header(ACCEPT_ENCODING, "identity") // the size of the bytes themselves, never of a compressed form
                 .send()
-                .map_err(|e| unreachable(&url, &e))?;
+                .map_err(|e| unreachable(&url, e))?;
             let relative = header(&response, LOCATION.as_str()).filter(|l| l.starts_with('/') && !l.starts_with("//"));
             match relative {
                 Some(location) if response.status().is_redirection() && redirects < 10 => {
@@ -140,6 +142,7 @@ impl HubClient {
         let bad = |message: &str| Error::HubResponse {
             url: url.clone(),
             message: format!("{message}; is HF_ENDPOINT a Hugging Face hub?"),
+            source: None,
         };
         header(&response, "x-repo-commit").ok_or_else(|| bad("no X-Repo-Commit header"))?;
         let etag = header(&response, "x-linked-etag")
@@ -165,6 +168,7 @@ impl HubClient {
                 cache_dir: cache_dir.to_path_buf(),
                 file: file.to_string(),
                 size: meta.size.unwrap_or(0),
+                source: e,
             },
             _ => Error::io(incomplete, e),
         };
@@ -188,12 +192,13 @@ impl HubClient {
             }
         }
         let mut received = 0u64;
-        let interrupted = |done: u64, message: String| Error::HubInterrupted {
+        let interrupted = |done: u64, message: String, source: Option<crate::error::BoxError>| Error::HubInterrupted {
             repo: repo.id().to_string(),
             file: file.to_string(),
             done,
             size: meta.size.unwrap_or(0),
             message,
+            source,
         };
         // At most one restart from zero: when the server ignores or refuses the range.
         for _ in 0..2 {
@@ -204,7 +209,7 @@ impl HubClient {
             if have > 0 {
                 request = request.header(RANGE, format!("bytes={have}-"));
             }
-            let response = request.send().map_err(|e| interrupted(have, chain(&e)))?;
+            let response = request.send().map_err(|e| interrupted(have, chain(&e), boxed(e)))?;
             let restart = match response.status() {
                 StatusCode::PARTIAL_CONTENT if have > 0 => {
                     // "bytes 1000-4999/5000": it must start where the partial file ends.
@@ -217,7 +222,7 @@ impl HubClient {
                 _ if response.status().is_success() => false,
                 // A CDN or hub hiccup: kept as a broken transfer, so it is retried and resumed.
                 status if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(interrupted(have, format!("HTTP {status}")));
+                    return Err(interrupted(have, format!("HTTP {status}"), None));
                 }
                 _ => return Err(self.status_error(response, repo, Some(file))),
             };
@@ -236,7 +241,7 @@ impl HubClient {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(interrupted(have, io_chain(&e))),
+                    Err(e) => return Err(interrupted(have, io_chain(&e), boxed(e))),
                 };
                 part.write_all(&buf[..n]).map_err(io_err)?;
                 check.update(&buf[..n]);
@@ -247,7 +252,7 @@ impl HubClient {
             break;
         }
         if let Some(size) = meta.size.filter(|size| have < *size) {
-            return Err(interrupted(have, format!("the connection closed {} bytes early", size - have)));
+            return Err(interrupted(have, format!("the connection closed {} bytes early", size - have), None));
         }
         if let Some((algorithm, actual)) = check.finish() {
             if actual != meta.etag.to_ascii_lowercase() {
@@ -293,13 +298,18 @@ impl HubClient {
                     message: "401: the hub refused the token (HF_TOKEN, $HF_HOME/token or DownloadOptions::token); \
                               check that it is valid"
                         .into(),
+                    source: None,
                 }
             }
             // The hub answers 401 for missing, private and gated repositories alike when no token is sent.
             _ if status == StatusCode::UNAUTHORIZED => Error::HubRepoNotFound { repo: id, endpoint, authenticated },
             _ => {
                 let detail = if message.is_empty() { String::new() } else { format!(": {message}") };
-                Error::HubResponse { url: response.url().to_string(), message: format!("HTTP {status}{detail}") }
+                Error::HubResponse {
+                    url: response.url().to_string(),
+                    message: format!("HTTP {status}{detail}"),
+                    source: None,
+                }
             }
         }
     }
@@ -413,8 +423,8 @@ fn is_loopback(endpoint: &str) -> bool {
     })
 }
 
-fn unreachable(url: &str, e: &reqwest::Error) -> Error {
-    Error::HubUnreachable { url: url.to_string(), message: chain(e) }
+fn unreachable(url: &str, e: reqwest::Error) -> Error {
+    Error::HubUnreachable { url: url.to_string(), message: chain(&e), source: boxed(e) }
 }
 
 /// An error with its causes: reqwest's own message alone rarely says what happened.

@@ -34,9 +34,9 @@ fn npy_round_trip_and_errors() {
     assert!(parse_npy_f32(b"garbage").is_err());
     let mut bytes = std::fs::read(&p).unwrap();
     bytes.pop();
-    assert!(parse_npy_f32(&bytes).unwrap_err().contains("data bytes"));
+    assert!(parse_npy_f32(&bytes).unwrap_err().to_string().contains("data bytes"));
     let mut f8 = std::fs::read(&p).unwrap();
     let at = f8.windows(3).position(|w| w == b"<f4").unwrap();
     f8[at + 2] = b'8';
-    assert!(parse_npy_f32(&f8).unwrap_err().contains("float32"));
+    assert!(parse_npy_f32(&f8).unwrap_err().to_string().contains("float32"));
 }

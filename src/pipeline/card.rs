@@ -47,11 +47,12 @@ impl ModelCard {
     pub fn read(model_dir: impl AsRef<Path>) -> Result<Self> {
         let dir = model_dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                component: Component::Model,
-                path: dir,
-                hint: "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote".into(),
-            });
+            return Err(Error::missing(
+                Component::Model,
+                dir,
+                "The model folder does not exist; pass the folder `optimum-cli export onnx` wrote",
+                None,
+            ));
         }
         let scheduler = FlowMatchConfig::from_file(layout::config_path(&dir, Component::Scheduler))?;
         let transformer = TransformerConfig::from_file(layout::config_path(&dir, Component::Transformer))?;
@@ -168,13 +169,13 @@ impl ModelCard {
             return Err(Error::request("mask", "set", "a mask needs an init image to inpaint (init_image)"));
         }
         if request.skip_layer_guidance.is_some() && !graph_path(&self.dir, Component::TransformerSkipLayers).is_file() {
-            return Err(Error::MissingFile {
-                component: Component::TransformerSkipLayers,
-                path: graph_path(&self.dir, Component::TransformerSkipLayers),
-                hint: "skip-layer guidance needs a transformer graph with the skipped blocks baked out: \
-                       models/export/export_sd3.py --skip-layers 7,8,9"
-                    .into(),
-            });
+            return Err(Error::missing(
+                Component::TransformerSkipLayers,
+                graph_path(&self.dir, Component::TransformerSkipLayers),
+                "skip-layer guidance needs a transformer graph with the skipped blocks baked out: \
+                 models/export/export_sd3.py --skip-layers 7,8,9",
+                None,
+            ));
         }
         let uses_negative = request.uses_guidance();
         for (input, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {

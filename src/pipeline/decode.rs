@@ -33,19 +33,20 @@ impl Sd3Pipeline {
         let (b, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
         let expected = [b, 3, h * f, w * f];
         if sample.shape() != expected {
-            return Err(Error::Inference {
-                component: Component::VaeDecoder,
-                message: format!(
+            return Err(Error::inference(
+                Component::VaeDecoder,
+                format!(
                     "`sample` has shape {:?} for latents of shape {:?}; expected {expected:?} (the VAE factor is {f})",
                     sample.shape(),
                     z.shape()
                 ),
-            });
+                None,
+            ));
         }
         Ok(sample)
     }
 
-    /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2, `models/autoencoders/autoencoder_kl.py`): latent tiles
+    /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2 `models/autoencoders/autoencoder_kl.py`; in 0.42.1 the same code moved to a tiling mixin, docs/diffusers-versions.md): latent tiles
     /// of `sample_size / vae_scale_factor` with an overlap factor of 0.25, each decoded on its own, blended
     /// linearly into the tile above and the tile to the left (in place, in that order), then cropped and joined.
     fn tiled_decode(&mut self, z: &Array4<f32>) -> Result<Array4<f32>> {
@@ -123,7 +124,7 @@ fn blend(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize, axis: usize) -> Re
 pub(super) fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
     let shape = a.shape().to_vec();
     a.into_dimensionality::<Ix4>()
-        .map_err(|_| Error::Inference { component, message: format!("expected a rank-4 output, got shape {shape:?}") })
+        .map_err(|_| Error::inference(component, format!("expected a rank-4 output, got shape {shape:?}"), None))
 }
 
 #[cfg(test)]

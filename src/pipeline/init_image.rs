@@ -1,4 +1,4 @@
-//! img2img and inpainting inputs, prepared as diffusers 0.35.2 prepares them
+//! img2img and inpainting inputs, prepared as diffusers 0.42.1 (as 0.35.2) prepares them
 //! (`image_processor.py` `VaeImageProcessor.preprocess`, `pipeline_stable_diffusion_3_img2img.py`,
 //! `pipeline_stable_diffusion_3_inpaint.py`, `models/autoencoders/vae.py` `DiagonalGaussianDistribution`).
 
@@ -76,16 +76,17 @@ pub(super) fn sample_posterior(parameters: ArrayView4<'_, f32>, eps: &Array4<f32
     let c2 = parameters.shape()[1];
     let c = eps.shape()[1];
     if c2 != 2 * c || parameters.shape()[2..] != eps.shape()[2..] {
-        return Err(Error::Inference {
-            component: crate::error::Component::VaeEncoder,
-            message: format!(
+        return Err(Error::inference(
+            crate::error::Component::VaeEncoder,
+            format!(
                 "latent_parameters has shape {:?}; expected [1, {}, {}, {}] (mean and log variance)",
                 parameters.shape(),
                 2 * c,
                 eps.shape()[2],
                 eps.shape()[3]
             ),
-        });
+            None,
+        ));
     }
     let mean = parameters.slice(s![.., ..c, .., ..]);
     let logvar = parameters.slice(s![.., c.., .., ..]);

@@ -37,7 +37,7 @@ use crate::error::{Component, Error, Result};
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, FlowMatchConfig, Schedule};
-use crate::text::{TextConditioning, TextEncoders};
+use crate::text::{NoT5Padding, TextConditioning, TextEncoders};
 use denoise::{DenoiseLoop, Pass};
 use limits::check_sequence_length;
 
@@ -202,7 +202,8 @@ impl Sd3Pipeline {
             .collect()
     }
 
-    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests). Without T5,
+    /// `max_sequence_length` zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
@@ -211,7 +212,8 @@ impl Sd3Pipeline {
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut truncations = Vec::new();
-        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, &mut truncations)?;
+        let cond =
+            self.text.encode(prompt, max_sequence_length, clip_skip, NoT5Padding::default(), &mut truncations)?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 
@@ -465,11 +467,18 @@ impl Sd3Pipeline {
                 return Err(Error::Cancelled { step: 0 });
             }
             let mut truncations = Vec::new();
-            let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut truncations)?;
+            let cond =
+                self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, r.no_t5_padding, &mut truncations)?;
             warnings.extend(truncations.drain(..).map(Warning::from));
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
-                let neg = self.text.encode(&r.negative_prompt, r.max_sequence_length, None, &mut truncations)?;
+                let neg = self.text.encode(
+                    &r.negative_prompt,
+                    r.max_sequence_length,
+                    None,
+                    r.no_t5_padding,
+                    &mut truncations,
+                )?;
                 warnings.extend(truncations.drain(..).map(|t| Warning::from(t).for_negative_prompt()));
                 Some(neg)
             } else {
@@ -534,10 +543,11 @@ fn velocity(
     )?;
     let v = out.pop().ok_or_else(|| Error::internal("the transformer session returned no output"))?;
     if v.shape() != hidden.shape() {
-        return Err(Error::Inference {
-            component: graph.component,
-            message: format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
-        });
+        return Err(Error::inference(
+            graph.component,
+            format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
+            None,
+        ));
     }
     Ok(v.as_standard_layout().into_owned().into_raw_vec_and_offset().0)
 }
@@ -550,5 +560,6 @@ fn missing_vae_encoder(dir: &Path) -> Error {
         hint: "img2img and inpainting encode the init image with the VAE encoder; export it too (optimum-cli \
                exports vae_encoder/ by default; models/export/export_sd3.py --components vae_encoder)"
             .into(),
+        source: None,
     }
 }

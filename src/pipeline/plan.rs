@@ -9,6 +9,7 @@ use super::{GenerationRequest, Limits, Sd3Pipeline, SkipLayerGuidance, StaticSha
 use crate::error::{Component, Error, Result};
 use crate::model_config::Variant;
 use crate::scheduler::{calculate_shift, Sampler, SamplerKind};
+use crate::text::NoT5Padding;
 
 /// The checked, resolved form of a request.
 pub(super) struct Plan {
@@ -42,6 +43,7 @@ struct Shared<'a> {
     steps: usize,
     guidance: u32,
     max_sequence_length: usize,
+    no_t5_padding: NoT5Padding,
     clip_skip: Option<usize>,
     strength: u64,
     init_image: bool,
@@ -67,6 +69,7 @@ impl<'a> Shared<'a> {
             steps,
             guidance,
             max_sequence_length,
+            no_t5_padding,
             clip_skip,
             init_image,
             mask,
@@ -81,6 +84,7 @@ impl<'a> Shared<'a> {
             steps: *steps,
             guidance: guidance.to_bits(),
             max_sequence_length: *max_sequence_length,
+            no_t5_padding: *no_t5_padding,
             clip_skip: *clip_skip,
             strength: strength.to_bits(),
             init_image: init_image.is_some(),
@@ -166,6 +170,14 @@ impl Sd3Pipeline {
                     ),
                 ));
             }
+        }
+        if self.static_shape.is_some() && !self.info.has_t5 && req.no_t5_padding != NoT5Padding::MaxSequenceLength {
+            return Err(Error::request(
+                "no_t5_padding",
+                format!("{:?}", req.no_t5_padding),
+                "a static_shape pipeline without T5 is specialised for max_sequence_length zero T5 tokens \
+                 (NoT5Padding::MaxSequenceLength); build it without static_shape for the other paddings",
+            ));
         }
         let n = req.images_per_prompt;
         let shape = [n, c, height / f, width / f];
@@ -273,6 +285,7 @@ impl Sd3Pipeline {
                 hint: "skip-layer guidance needs a transformer graph with the skipped blocks baked out: \
                        models/export/export_sd3.py --skip-layers 7,8,9"
                     .into(),
+                source: None,
             });
         };
         if let Some(wanted) = &slg.layers {

@@ -12,7 +12,7 @@ use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::ExecutionProvider;
-use crate::error::{Component, Error, Result};
+use crate::error::{boxed, require_file, Component, Error, Result};
 
 /// The element type of a graph input or output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,32 +167,41 @@ fn open_session(
     provider: &ExecutionProvider,
     config: &SessionConfig,
 ) -> Result<(Session, ExecutionProvider, Option<String>)> {
-    let load_err = |message: String| Error::GraphLoad { component, path: path.to_path_buf(), message };
+    let load_err = |e: ort::Error| Error::GraphLoad {
+        component,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+        source: boxed(e),
+    };
     let new_builder = || -> Result<ort::session::builder::SessionBuilder> {
-        let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        let mut builder = Session::builder(env).map_err(&load_err)?;
         // ONNX Runtime fuses DequantizeLinear + MatMul (int8 weights, as models/sd3-nano stores them) into
         // MatMulNBits and by default computes it with int8-quantized activations (accuracy level 4), which moves
         // the nano transformer's output by ~1% from the float32 arithmetic of diffusers on the same weights. Level 1
         // keeps float32 activations (parity to ~1e-5, measured in models/nano/README.md). The key is ONNX Runtime's
         // kOrtSessionOptionsQDQMatMulNBitsAccuracyLevel (onnxruntime_session_options_config_keys.h); it changes
         // nothing for graphs without such weights.
-        builder = builder
-            .with_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-            .map_err(|e| load_err(e.to_string()))?;
+        builder =
+            builder.with_config_entry("session.qdq_matmulnbits_accuracy_level", "1").map_err(|e| load_err(e.into()))?;
         // Our fused operators (domain `sd3onnx`, src/runtime/kernels): graphs exported with
         // `--fused-kernels` use them; registering them changes nothing for other graphs.
-        let ops = super::kernels::domain().map_err(|e| load_err(format!("registering the sd3onnx operators: {e}")))?;
-        builder = builder.with_operators(ops).map_err(|e| load_err(e.to_string()))?;
+        let ops = super::kernels::domain().map_err(|e| Error::GraphLoad {
+            component,
+            path: path.to_path_buf(),
+            message: format!("registering the sd3onnx operators: {e}"),
+            source: boxed(e),
+        })?;
+        builder = builder.with_operators(ops).map_err(|e| load_err(e.into()))?;
         if let Some(n) = config.intra_threads {
-            builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
+            builder = builder.with_intra_threads(n).map_err(|e| load_err(e.into()))?;
         }
         for (name, size) in &config.dimension_overrides {
-            builder = builder.with_dimension_override(name, *size).map_err(|e| load_err(e.to_string()))?;
+            builder = builder.with_dimension_override(name, *size).map_err(|e| load_err(e.into()))?;
         }
         if let Some(dir) = &config.profile_dir {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             let prefix = dir.join(component.folder());
-            builder = builder.with_profiling(&prefix).map_err(|e| load_err(e.to_string()))?;
+            builder = builder.with_profiling(&prefix).map_err(|e| load_err(e.into()))?;
         }
         Ok(builder)
     };
@@ -204,7 +213,7 @@ fn open_session(
         }
         Err(e) => return Err(e),
     };
-    let session = commit_serialising_first(|| builder.commit_from_file(path)).map_err(|e| load_err(e.to_string()))?;
+    let session = commit_serialising_first(|| builder.commit_from_file(path)).map_err(&load_err)?;
     Ok((session, provider, fallback))
 }
 
@@ -250,16 +259,9 @@ impl Graph {
         requested: &ExecutionProvider,
         config: &SessionConfig,
     ) -> Result<Graph> {
-        if !path.is_file() {
-            return Err(Error::MissingFile {
-                component,
-                path: path.to_path_buf(),
-                hint: format!(
-                    "Export the model with optimum-cli (see docs/models.md); {} needs model.onnx.",
-                    component.folder()
-                ),
-            });
-        }
+        require_file(component, path, || {
+            format!("Export the model with optimum-cli (see docs/models.md); {} needs model.onnx.", component.folder())
+        })?;
         let (session, provider, fallback) = open_session(env, component, path, requested, config)?;
         let inputs = ports(session.inputs());
         let outputs = ports(session.outputs());
@@ -289,7 +291,7 @@ impl Graph {
         let component = self.component;
         self.ensure_loaded()?;
         let session = live(&mut self.session, component)?;
-        let metadata = session.metadata().map_err(|e| Error::Inference { component, message: e.to_string() })?;
+        let metadata = session.metadata().map_err(|e| Error::inference(component, e.to_string(), boxed(e)))?;
         Ok(metadata.custom(key))
     }
 
@@ -332,12 +334,16 @@ impl Graph {
     pub fn end_profiling(&mut self) -> Result<PathBuf> {
         let component = self.component;
         let Some(session) = self.session.as_mut() else {
-            return Err(Error::Inference { component, message: "profiling: the session was unloaded".into() });
+            return Err(Error::request(
+                "low_memory",
+                true,
+                format!("{component}: its session was unloaded between stages, so its profile cannot be ended; profile without low_memory"),
+            ));
         };
         session
             .end_profiling()
             .map(PathBuf::from)
-            .map_err(|e| Error::Inference { component, message: format!("profiling: {e}") })
+            .map_err(|e| Error::inference(component, format!("profiling: {e}"), boxed(e)))
     }
 
     /// Finds input `name` and checks its rank and element type.
@@ -401,7 +407,7 @@ impl Graph {
     /// Runs the graph and returns the named outputs as `f32` arrays, in the order asked for.
     pub fn run(&mut self, inputs: &[(&str, Input<'_>)], wanted: &[&str]) -> Result<Vec<ArrayD<f32>>> {
         let component = self.component;
-        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, input) in inputs {
             let dtype = self.input_type(name)?;
@@ -447,7 +453,7 @@ impl Graph {
     /// Converts an input to an owned ONNX Runtime value of the element type the graph declares.
     fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
         let component = self.component;
-        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         let dtype = self.input_type(name)?;
         Ok(match (input, dtype) {
             (Input::Float(a), ElementType::Float32) => Tensor::from_array(a.to_owned()).map_err(infer)?.upcast(),
@@ -474,7 +480,7 @@ impl Graph {
     /// Binds inputs that stay the same for many runs; on a GPU provider they are copied to the device once.
     pub fn bind(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Binding> {
         let component = self.component;
-        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         self.ensure_loaded()?;
         let mut binding = live(&mut self.session, component)?.create_binding().map_err(infer)?;
         for (name, input) in inputs {
@@ -498,7 +504,7 @@ impl Graph {
         wanted: &[&str],
     ) -> Result<Vec<ArrayD<f32>>> {
         let component = self.component;
-        let infer = |e: ort::Error| Error::Inference { component, message: e.to_string() };
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         for (name, input) in inputs {
             let value = self.value(name, input)?;
             binding.inner.bind_input(*name, &value).map_err(infer)?;
@@ -520,7 +526,7 @@ impl Graph {
 
 /// The loaded session (callers load it first with `Graph::ensure_loaded`).
 fn live(session: &mut Option<Session>, component: Component) -> Result<&mut Session> {
-    session.as_mut().ok_or_else(|| Error::Inference { component, message: "the session is not loaded".into() })
+    session.as_mut().ok_or_else(|| Error::internal(format!("{component}: the session is not loaded")))
 }
 
 /// The `wanted` outputs of a run, converted to `f32`.
@@ -534,10 +540,10 @@ fn collect_outputs(
         .iter()
         .zip(types)
         .map(|(name, dtype)| {
-            let value = outputs
-                .get(*name)
-                .ok_or_else(|| Error::Inference { component, message: format!("output `{name}` was not produced") })?;
-            to_f32(value, *dtype).map_err(|e| Error::Inference { component, message: e.to_string() })
+            let value = outputs.get(*name).ok_or_else(|| {
+                Error::internal(format!("{component}: output `{name}` was asked for and not produced"))
+            })?;
+            to_f32(value, *dtype).map_err(|e| Error::inference(component, e.to_string(), boxed(e)))
         })
         .collect()
 }

@@ -16,7 +16,7 @@ pub use graph::ElementType;
 pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
 pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
 
-use crate::error::{Error, Result};
+use crate::error::{boxed, Error, Result};
 
 /// ONNX Runtime allows one environment per process, and `ort` loads one library per process.
 static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
@@ -32,21 +32,27 @@ pub(crate) fn environment(explicit: Option<&Path>) -> Result<ort::environment::E
                 return Err(Error::RuntimeLoad {
                     path: wanted,
                     message: format!(
-                        "this process already loaded ONNX Runtime from {}; one library per process",
+                        "this process already loaded ONNX Runtime from {}, and a process can load only one; pass \
+                         the same library to every pipeline (or none)",
                         loaded.display()
                     ),
+                    source: None,
                 });
             }
         }
         return Ok(env.clone());
     }
     let path = discovery::find_library(explicit)?;
-    let builder =
-        ort::init_from(&path).map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() })?;
-    let env = builder
-        .with_name("sd3-onnx")
-        .build()
-        .map_err(|e| Error::RuntimeLoad { path: path.clone(), message: e.to_string() })?;
+    let builder = ort::init_from(&path).map_err(|e| Error::RuntimeLoad {
+        path: path.clone(),
+        message: e.to_string(),
+        source: boxed(e),
+    })?;
+    let env = builder.with_name("sd3-onnx").build().map_err(|e| Error::RuntimeLoad {
+        path: path.clone(),
+        message: e.to_string(),
+        source: boxed(e),
+    })?;
     *guard = Some((path, env.clone()));
     Ok(env)
 }

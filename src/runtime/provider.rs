@@ -145,8 +145,12 @@ impl ExecutionProvider {
 
     /// Registers the provider on a session builder, or explains why it cannot be.
     pub(crate) fn register(&self, builder: SessionBuilder, component: Component) -> Result<SessionBuilder> {
-        let unavailable =
-            |reason: String| Error::ExecutionProviderUnavailable { provider: self.to_string(), component, reason };
+        let unavailable = |u: Unavailable| Error::ExecutionProviderUnavailable {
+            provider: self.to_string(),
+            component,
+            reason: u.reason,
+            source: u.source,
+        };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
             ExecutionProvider::Cuda(options) => register_cuda(builder, options).map_err(unavailable),
@@ -193,14 +197,17 @@ impl FromStr for ExecutionProvider {
 
 /// Turns ONNX Runtime's answer to "is this provider in the build?" into a message that says what to install.
 #[allow(dead_code)] // unused when no provider feature is enabled
-fn ensure_in_build(available: ort::Result<bool>, name: &str, hint: &str) -> std::result::Result<(), String> {
+fn ensure_in_build(available: ort::Result<bool>, name: &str, hint: &str) -> std::result::Result<(), Unavailable> {
     match available {
         Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
+        Ok(false) => Err(Unavailable::from(format!(
             "the loaded ONNX Runtime ({}) was not built with {name}. {hint}",
             super::loaded_library().map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into()),
-        )),
-        Err(e) => Err(format!("could not ask ONNX Runtime for its providers: {e}")),
+        ))),
+        Err(e) => Err(Unavailable {
+            reason: format!("could not ask ONNX Runtime for its providers: {e}"),
+            source: Some(Box::new(e)),
+        }),
     }
 }
 
@@ -240,7 +247,7 @@ impl FromStr for CudaAttention {
 }
 
 #[cfg(feature = "cuda")]
-fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result::Result<SessionBuilder, Unavailable> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::CUDA::is_available(),
@@ -260,11 +267,11 @@ fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result:
         cuda = cuda.with_attention_backend(b);
     }
     let ep = cuda.build().error_on_failure();
-    builder.with_execution_providers([ep]).map_err(|e| e.to_string())
+    builder.with_execution_providers([ep]).map_err(Unavailable::ort)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn register_cuda(_builder: SessionBuilder, _options: &CudaOptions) -> std::result::Result<SessionBuilder, String> {
+fn register_cuda(_builder: SessionBuilder, _options: &CudaOptions) -> std::result::Result<SessionBuilder, Unavailable> {
     Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
 }
 
@@ -272,7 +279,7 @@ fn register_cuda(_builder: SessionBuilder, _options: &CudaOptions) -> std::resul
 fn register_tensorrt(
     builder: SessionBuilder,
     options: &TensorRtOptions,
-) -> std::result::Result<SessionBuilder, String> {
+) -> std::result::Result<SessionBuilder, Unavailable> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::TensorRT::is_available(),
@@ -286,14 +293,14 @@ fn register_tensorrt(
     if let Some(p) = &options.timing_cache_path {
         ep = ep.with_timing_cache(true).with_timing_cache_path(p.display());
     }
-    builder.with_execution_providers([ep.build().error_on_failure()]).map_err(|e| e.to_string())
+    builder.with_execution_providers([ep.build().error_on_failure()]).map_err(Unavailable::ort)
 }
 
 #[cfg(not(feature = "tensorrt"))]
 fn register_tensorrt(
     _builder: SessionBuilder,
     _options: &TensorRtOptions,
-) -> std::result::Result<SessionBuilder, String> {
+) -> std::result::Result<SessionBuilder, Unavailable> {
     Err("sd3-onnx was compiled without the `tensorrt` feature; rebuild with `--features tensorrt`".into())
 }
 
@@ -301,7 +308,7 @@ fn register_tensorrt(
 fn register_directml(
     builder: SessionBuilder,
     options: &DirectMlOptions,
-) -> std::result::Result<SessionBuilder, String> {
+) -> std::result::Result<SessionBuilder, Unavailable> {
     if !cfg!(windows) {
         return Err("DirectML exists only on Windows".into());
     }
@@ -313,17 +320,47 @@ fn register_directml(
     )?;
     let ep = ort::ep::DirectML::default().with_device_id(options.device_id).build().error_on_failure();
     // DirectML requires sequential execution and no memory pattern (ONNX Runtime's documented constraints).
-    let builder = builder.with_parallel_execution(false).map_err(|e| e.to_string())?;
-    let builder = builder.with_memory_pattern(false).map_err(|e| e.to_string())?;
-    builder.with_execution_providers([ep]).map_err(|e| e.to_string())
+    let builder = builder.with_parallel_execution(false).map_err(Unavailable::ort)?;
+    let builder = builder.with_memory_pattern(false).map_err(Unavailable::ort)?;
+    builder.with_execution_providers([ep]).map_err(Unavailable::ort)
 }
 
 #[cfg(not(feature = "directml"))]
 fn register_directml(
     _builder: SessionBuilder,
     _options: &DirectMlOptions,
-) -> std::result::Result<SessionBuilder, String> {
+) -> std::result::Result<SessionBuilder, Unavailable> {
     Err("sd3-onnx was compiled without the `directml` feature (DirectML is Windows-only)".into())
+}
+
+/// Why a provider could not be registered, with ONNX Runtime's error when registration failed there.
+struct Unavailable {
+    reason: String,
+    source: Option<crate::error::BoxError>,
+}
+
+impl Unavailable {
+    /// ONNX Runtime refused the registration: its message is the reason and its error the source.
+    #[allow(dead_code)] // unused when no provider feature is enabled
+    fn ort<R>(e: ort::Error<R>) -> Self
+    where
+        ort::Error: From<ort::Error<R>>,
+    {
+        let e = ort::Error::from(e);
+        Unavailable { reason: e.to_string(), source: Some(Box::new(e)) }
+    }
+}
+
+impl From<String> for Unavailable {
+    fn from(reason: String) -> Self {
+        Unavailable { reason, source: None }
+    }
+}
+
+impl From<&str> for Unavailable {
+    fn from(reason: &str) -> Self {
+        Unavailable { reason: reason.to_string(), source: None }
+    }
 }
 
 #[cfg(test)]

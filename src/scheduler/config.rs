@@ -4,7 +4,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Component, Error, Result};
+use crate::error::{boxed, Component, Error, Result};
+use crate::model_config::read_config;
 
 /// How `use_dynamic_shifting` bends the sigmas (diffusers `time_shift_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,21 +65,12 @@ impl FlowMatchConfig {
     /// Reads `scheduler_config.json`. Options we do not implement (Karras, exponential or beta sigmas,
     /// stochastic sampling) are errors rather than silently ignored.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let component = Component::Scheduler;
-        if !path.is_file() {
-            return Err(Error::MissingFile {
-                component,
-                path: path.to_path_buf(),
-                hint: "The model folder needs scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)".into(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text).map_err(|m| Error::config(component, path, m))
+        let hint = "The model folder needs scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)";
+        read_config(Component::Scheduler, path.as_ref(), hint, Self::from_json_str)
     }
 
-    /// Parses the text of `scheduler_config.json` (what [`from_file`](Self::from_file) reads). The error says
-    /// what is wrong, without a file name.
+    /// Parses the text of `scheduler_config.json` (what [`from_file`](Self::from_file) reads). The
+    /// [`Error::InvalidConfig`] says what is wrong, without a file name.
     ///
     /// ```
     /// use sd3_onnx::FlowMatchConfig;
@@ -86,13 +78,22 @@ impl FlowMatchConfig {
     /// assert_eq!(cfg.shift, 3.0);
     /// assert!(FlowMatchConfig::from_json_str(r#"{"use_karras_sigmas": true}"#).is_err());
     /// ```
-    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::InvalidConfig {
+            component: Component::Scheduler,
+            path: None,
+            message: format!("not json: {e}"),
+            source: boxed(e),
+        })?;
         Self::from_json(&v)
     }
 
     /// Reads the config from parsed json.
-    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+    pub fn from_json(v: &Value) -> Result<Self> {
+        Self::parse(v).map_err(|m| Error::config(Component::Scheduler, m))
+    }
+
+    fn parse(v: &Value) -> std::result::Result<Self, String> {
         if !v.is_object() {
             return Err("expected a json object".into());
         }

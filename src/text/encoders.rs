@@ -10,7 +10,7 @@ const ID_TYPES: &[ElementType] = &[ElementType::Int64, ElementType::Int32];
 
 fn ids_array(graph: &Graph, tokens: &TokenizedPrompt) -> Result<Array2<i64>> {
     Array2::from_shape_vec((1, tokens.ids.len()), tokens.ids.clone())
-        .map_err(|e| Error::Inference { component: graph.component, message: e.to_string() })
+        .map_err(|e| Error::internal(format!("{}: token ids as a [1, n] array: {e}", graph.component)))
 }
 
 fn into_dim<D: ndarray::Dimension>(
@@ -19,8 +19,9 @@ fn into_dim<D: ndarray::Dimension>(
     what: &str,
 ) -> Result<ndarray::Array<f32, D>> {
     let shape = a.shape().to_vec();
-    a.into_dimensionality::<D>()
-        .map_err(|_| Error::Inference { component, message: format!("{what} has unexpected shape {shape:?}") })
+    a.into_dimensionality::<D>().map_err(|_| {
+        Error::inference(component, format!("the graph answered with `{what}` of unexpected shape {shape:?}"), None)
+    })
 }
 
 /// A CLIP text encoder with its tokenizer (`text_encoder/` + `tokenizer/`, or the `_2` pair).
@@ -120,7 +121,15 @@ impl ClipEncoder {
         let hidden = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), &name)?;
         let pooled = into_dim::<Ix2>(component, out.pop().unwrap_or_default(), "text_embeds")?;
         if hidden.shape()[0] != 1 || pooled.shape()[0] != 1 {
-            return Err(Error::Inference { component, message: "expected a batch of one".into() });
+            return Err(Error::inference(
+                component,
+                format!(
+                    "the graph answered a batch of one prompt with batches {} and {}; expected 1",
+                    hidden.shape()[0],
+                    pooled.shape()[0]
+                ),
+                None,
+            ));
         }
         Ok((hidden.index_axis_move(Axis(0), 0), pooled.index_axis_move(Axis(0), 0)))
     }
@@ -158,14 +167,15 @@ impl T5Encoder {
         let states: Array3<f32> = into_dim::<Ix3>(component, out.pop().unwrap_or_default(), "last_hidden_state")?;
         // One prompt in, one out: a graph that answers with another batch (0 included) is reported, not indexed.
         if states.shape()[0] != 1 {
-            return Err(Error::Inference {
+            return Err(Error::inference(
                 component,
-                message: format!(
+                format!(
                     "last_hidden_state has shape {:?} for a batch of one prompt; expected [1, {}, width]",
                     states.shape(),
                     tokens.ids.len()
                 ),
-            });
+                None,
+            ));
         }
         Ok(states.index_axis_move(Axis(0), 0))
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
-use crate::error::{Component, Error, Result};
+use crate::error::{boxed, require_file, Component, Error, Result};
 
 /// A prompt turned into exactly `max_len` token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct TokenizedPrompt {
     /// Token ids, padded or truncated to the requested length, special tokens included.
     pub ids: Vec<i64>,
     /// The content tokens that did not fit, decoded, when the prompt was truncated. (For CLIP this is the text
-    /// diffusers logs; for T5 diffusers 0.35.2 logs a slice starting at token 76 whatever the length, we report
+    /// diffusers logs; for T5 diffusers (0.35.2 to 0.42.1) logs a slice starting at token 76 whatever the length, we report
     /// what was actually dropped.)
     pub removed_text: Option<String>,
     /// How many content tokens did not fit (0 when nothing was cut).
@@ -67,12 +67,14 @@ impl SpecialTokens {
         })
     }
 
-    fn clean_up_spaces(&self) -> bool {
-        self.config
-            .as_ref()
-            .and_then(|c| c.get("clean_up_tokenization_spaces"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+    /// Whether decoded text gets transformers' `clean_up_tokenization`. transformers 5 (the version diffusers 0.42.1
+    /// runs with; `TokenizersBackend.decode` in tokenization_utils_tokenizers.py) ignores
+    /// `clean_up_tokenization_spaces` for BPE models such as CLIP's unless
+    /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set too; transformers 4 applied it.
+    fn clean_up_spaces(&self, bpe: bool) -> bool {
+        let flag = |key: &str| self.config.as_ref().and_then(|c| c.get(key)).and_then(Value::as_bool).unwrap_or(false);
+        flag("clean_up_tokenization_spaces")
+            && (!bpe || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
     }
 
     fn model_max_length(&self) -> Option<usize> {
@@ -90,6 +92,7 @@ fn read_text(component: Component, path: &Path) -> Result<String> {
         component,
         path: path.to_path_buf(),
         message: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        source: boxed(e.utf8_error()),
     })
 }
 
@@ -98,7 +101,12 @@ fn read_json_opt(component: Component, path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::config(component, path, e.to_string()))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::InvalidConfig {
+        component,
+        path: Some(path.to_path_buf()),
+        message: format!("not json: {e}"),
+        source: boxed(e),
+    })
 }
 
 impl PromptTokenizer {
@@ -118,24 +126,20 @@ impl PromptTokenizer {
             let vocab = dir.join("vocab.json");
             let merges = dir.join("merges.txt");
             for p in [&vocab, &merges] {
-                if !p.is_file() {
-                    return Err(Error::MissingFile {
-                        component,
-                        path: p.clone(),
-                        hint: format!(
-                            "A CLIP tokenizer folder needs tokenizer.json, or vocab.json + merges.txt (found neither \
-                             complete in {})",
-                            dir.display()
-                        ),
-                    });
-                }
+                require_file(component, p, || {
+                    format!(
+                        "A CLIP tokenizer folder needs tokenizer.json, or vocab.json + merges.txt (found neither \
+                         complete in {})",
+                        dir.display()
+                    )
+                })?;
             }
             (clip_from_vocab_merges(component, &vocab, &merges, &special)?, vocab)
         };
         let pad = special.token("pad_token").unwrap_or_else(|| "<|endoftext|>".to_string());
         let mut tok = Self::finish(component, path, inner, &pad, special.model_max_length())?;
         tok.word_suffix = Some("</w>".to_string());
-        tok.clean_up_spaces = special.clean_up_spaces();
+        tok.clean_up_spaces = special.clean_up_spaces(tok.is_bpe());
         Ok(tok)
     }
 
@@ -144,20 +148,24 @@ impl PromptTokenizer {
         let dir = dir.as_ref();
         let special = SpecialTokens::read(component, dir)?;
         let json_path = dir.join("tokenizer.json");
-        if !json_path.is_file() {
-            let hint = if dir.join("spiece.model").is_file() {
+        require_file(component, &json_path, || {
+            if dir.join("spiece.model").is_file() {
                 "Only spiece.model was found; convert it once with transformers \
                  (`T5TokenizerFast.from_pretrained(dir).save_pretrained(dir)`) to write tokenizer.json"
             } else {
                 "The T5 tokenizer folder needs tokenizer.json"
-            };
-            return Err(Error::MissingFile { component, path: json_path, hint: hint.to_string() });
-        }
+            }
+            .to_string()
+        })?;
         let inner = load_tokenizer_json(component, &json_path)?;
         let pad = special.token("pad_token").unwrap_or_else(|| "<pad>".to_string());
         let mut tok = Self::finish(component, json_path, inner, &pad, special.model_max_length())?;
-        tok.clean_up_spaces = special.clean_up_spaces();
+        tok.clean_up_spaces = special.clean_up_spaces(tok.is_bpe());
         Ok(tok)
+    }
+
+    fn is_bpe(&self) -> bool {
+        matches!(self.inner.get_model(), tokenizers::ModelWrapper::BPE(_))
     }
 
     fn finish(
@@ -173,11 +181,13 @@ impl PromptTokenizer {
             component,
             path: path.clone(),
             message: e.to_string(),
+            source: Some(e),
         })?;
         let pad_id = inner.token_to_id(pad).ok_or_else(|| Error::Tokenizer {
             component,
             path: path.clone(),
             message: format!("the padding token {pad:?} named by the tokenizer config is not in the vocabulary"),
+            source: None,
         })?;
         Ok(PromptTokenizer {
             component,
@@ -207,7 +217,7 @@ impl PromptTokenizer {
 
     /// Decodes ids to text as transformers' `decode(ids, skip_special_tokens=False)` does.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let mut text = self.inner.decode(ids, false).map_err(|e| self.err(e))?;
+        let mut text = self.inner.decode(ids, false).map_err(|e| self.failed(e))?;
         if let Some(suffix) = &self.word_suffix {
             text = text.replace(suffix.as_str(), " ").trim().to_string();
         }
@@ -233,12 +243,22 @@ impl PromptTokenizer {
 
     /// The content tokens of `text` (no special tokens, no truncation) with their byte offsets in `text`.
     pub(crate) fn content_tokens(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>> {
-        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
         Ok(content.get_ids().iter().copied().zip(content.get_offsets().iter().copied()).collect())
     }
 
     fn err(&self, message: impl ToString) -> Error {
-        Error::Tokenizer { component: self.component, path: self.path.clone(), message: message.to_string() }
+        Error::Tokenizer {
+            component: self.component,
+            path: self.path.clone(),
+            message: message.to_string(),
+            source: None,
+        }
+    }
+
+    /// The tokenizers library failed: its error is the source.
+    fn failed(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer { component: self.component, path: self.path.clone(), message: e.to_string(), source: Some(e) }
     }
 
     /// Tokenizes `text` to exactly `max_len` ids: special tokens added, content truncated from the right so
@@ -253,7 +273,7 @@ impl PromptTokenizer {
         if max_len <= added {
             return Err(self.err(format!("max length {max_len} leaves no room for text after {added} special tokens")));
         }
-        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
         let removed_tokens = (content.len() + added).saturating_sub(max_len);
         let removed_text = if content.len() + added > max_len {
             // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
@@ -265,7 +285,7 @@ impl PromptTokenizer {
         };
         let mut content = content;
         content.truncate(max_len - added, 0, TruncationDirection::Right);
-        let full = self.inner.post_process(content, None, true).map_err(|e| self.err(e))?;
+        let full = self.inner.post_process(content, None, true).map_err(|e| self.failed(e))?;
         let mut ids: Vec<i64> = full.get_ids().iter().map(|&i| i64::from(i)).collect();
         if ids.len() > max_len {
             return Err(self.err(format!("post-processing produced {} ids for a limit of {max_len}", ids.len())));
@@ -280,6 +300,7 @@ fn load_tokenizer_json(component: Component, path: &Path) -> Result<Tokenizer> {
         component,
         path: path.to_path_buf(),
         message: e.to_string(),
+        source: Some(e),
     })
 }
 
@@ -313,7 +334,8 @@ fn register_config_tokens(component: Component, inner: &mut Tokenizer, special: 
         "mask_token",
         "additional_special_tokens",
     ];
-    let bad = |message: String| Error::Tokenizer { component, path: special.config_path.clone(), message };
+    let bad =
+        |message: String| Error::Tokenizer { component, path: special.config_path.clone(), message, source: None };
     // An AddedToken from its serialized form; Python's defaults for missing flags (normalized = not special).
     let from_object = |o: &serde_json::Map<String, Value>, force_special: bool| -> Option<AddedToken> {
         let flag = |k: &str| o.get(k).and_then(Value::as_bool);
@@ -409,6 +431,7 @@ fn clip_from_vocab_merges(
         component,
         path: vocab_path.to_path_buf(),
         message: format!("vocab.json is not a json object of token -> id: {e}"),
+        source: boxed(e),
     })?;
     let merges_text = read_text(component, merges_path)?;
     let mut merges = Vec::new();
@@ -424,6 +447,7 @@ fn clip_from_vocab_merges(
                     component,
                     path: merges_path.to_path_buf(),
                     message: format!("line {} is not a merge of two symbols: {line:?}", n + 1),
+                    source: None,
                 })
             }
         }
@@ -436,6 +460,7 @@ fn clip_from_vocab_merges(
             component,
             path: vocab_path.to_path_buf(),
             message: format!("special token {tok:?} (from {}) is not in vocab.json", special.config_path.display()),
+            source: None,
         })
     };
     let (bos_id, eos_id) = (id_of(&bos)?, id_of(&eos)?);
@@ -451,6 +476,7 @@ fn clip_from_vocab_merges(
                 component,
                 path: special.config_path.clone(),
                 message: format!("added_tokens_decoder entry {id} has no `content`"),
+                source: None,
             })?;
             let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
             added_tokens.push(serde_json::json!({"id": id, "content": content,
@@ -492,5 +518,6 @@ fn clip_from_vocab_merges(
         component,
         path: vocab_path.to_path_buf(),
         message: format!("vocab.json + merges.txt do not form a BPE tokenizer: {e}"),
+        source: boxed(e),
     })
 }

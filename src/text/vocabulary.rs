@@ -33,13 +33,14 @@ impl KeptVocabulary {
             kept: Vec<u64>,
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let file: File = serde_json::from_str(&text).map_err(|e| Error::config(tokenizer, &path, e.to_string()))?;
+        let file: File =
+            serde_json::from_str(&text).map_err(|e| Error::config(tokenizer, e.to_string()).in_file(&path))?;
         if file.kept.is_empty() || file.kept.iter().any(|i| *i >= file.vocab_size || *i > u64::from(u32::MAX)) {
             return Err(Error::config(
                 tokenizer,
-                &path,
                 format!("`kept` must list token ids below vocab_size {}", file.vocab_size),
-            ));
+            )
+            .in_file(&path));
         }
         Ok(Some(KeptVocabulary { tokenizer, kept: file.kept.into_iter().map(|i| i as u32).collect() }))
     }
