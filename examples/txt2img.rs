@@ -567,7 +567,7 @@ fn warning_json(w: &Warning) -> serde_json::Value {
     let message = w.to_string();
     match w {
         Warning::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens } => json!({
-            "kind": "prompt_truncated", "message": message, "encoder": format!("{encoder:?}"),
+            "kind": "prompt_truncated", "message": message, "encoder": encoder.folder(),
             "max_tokens": max_tokens, "removed_tokens": removed_tokens, "removed_text": removed_text,
         }),
         Warning::UnknownWords { input, words } => {
@@ -578,7 +578,7 @@ fn warning_json(w: &Warning) -> serde_json::Value {
             "trained": [trained.0, trained.1], "only": only,
         }),
         Warning::ExecutionProviderFallback { component, reason } => json!({
-            "kind": "execution_provider_fallback", "message": message, "component": format!("{component:?}"),
+            "kind": "execution_provider_fallback", "message": message, "component": component.folder(),
             "reason": reason,
         }),
         Warning::InputResized { input, from, to } => json!({
