@@ -382,7 +382,10 @@ fn long_prompts_warn_briefly_and_json_has_everything() {
     assert!(steps.iter().sum::<f64>() <= v["timings"]["denoising_ms"].as_f64().unwrap() * 1.001, "{steps:?}");
     assert!(v["timings"]["total_ms"].as_f64().is_some_and(|t| t > 0.0));
     let w = &v["warnings"][0];
-    assert_eq!((&w["kind"], &w["encoder"]), (&serde_json::json!("prompt_truncated"), &serde_json::json!("tokenizer")));
+    assert_eq!(
+        (&w["kind"], &w["encoder"]),
+        (&serde_json::json!("prompt_truncated"), &serde_json::json!("text_encoder"))
+    );
     assert!(w["removed_text"].as_str().is_some_and(|t| t.len() > 4000), "the full dropped text: {w}");
     assert!(dir.join("j.png").is_file());
 }
