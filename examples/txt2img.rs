@@ -515,7 +515,6 @@ fn generate(
     let mut steps_bar: Option<ProgressBar> = None;
     let mut decoding: Option<ProgressBar> = None;
     let mut preview_error = None;
-    let t = Instant::now();
     let out = pipe.generate_with_progress(request, |p: &StepProgress| {
         if p.step == 0 {
             if let Some(bar) = encoding.take() {
@@ -557,7 +556,6 @@ fn generate(
         bar.finish_and_clear();
     }
     let out = out.map_err(|e| Failure::Run(preview_error.take().unwrap_or_else(|| e.to_string())))?;
-    let _ = t;
     Ok(out)
 }
 
