@@ -275,10 +275,7 @@ pub enum Error {
     },
 
     /// Width or height cannot be used with this model.
-    #[error(
-        "invalid image size {width}x{height}: width and height must be positive multiples of {multiple} \
-         (VAE factor {vae_factor} x patch size {patch_size}); nearest valid sizes: {suggestion}"
-    )]
+    #[error("invalid image size {width}x{height}: {reason}; nearest valid sizes: {suggestion}")]
     InvalidSize {
         /// Requested width.
         width: u32,
@@ -290,7 +287,10 @@ pub enum Error {
         vae_factor: u32,
         /// The transformer's patch size.
         patch_size: u32,
-        /// Valid sizes near the request, e.g. `1024x1008 or 1024x1024`.
+        /// What is wrong, the deciding reason first: e.g. `at most 128 pixels per side for this model (its
+        /// position embedding covers 16x16 patches of 8x8 pixels)`, or `width and height must be multiples of 16`.
+        reason: String,
+        /// Valid sizes near the request, e.g. `1024x1008, 1024x1024`.
         suggestion: String,
     },
 

@@ -76,8 +76,8 @@ pub use model_config::Variant;
 #[cfg(feature = "serde")]
 pub use pipeline::GenerationSummary;
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
-    StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
+    GenerationOutput, GenerationRequest, Limits, ModelCard, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder,
+    SkipLayerGuidance, StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};

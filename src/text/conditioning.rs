@@ -66,6 +66,8 @@ pub(crate) struct Truncation {
     pub max_tokens: usize,
     /// The text that was dropped.
     pub removed_text: String,
+    /// How many tokens were dropped.
+    pub removed_tokens: usize,
 }
 
 /// The three encoders and what is needed to join their outputs.
@@ -100,6 +102,7 @@ impl TextEncoders {
                     encoder: enc.component(),
                     max_tokens: self.clip_len,
                     removed_text: removed.clone(),
+                    removed_tokens: tokens.removed_tokens,
                 });
             }
             let (h, p) = enc.encode(&tokens, clip_skip)?;
@@ -123,6 +126,7 @@ impl TextEncoders {
                         encoder: Component::TextEncoderT5,
                         max_tokens: max_sequence_length,
                         removed_text: removed.clone(),
+                        removed_tokens: tokens.removed_tokens,
                     });
                 }
                 t5.encode(&tokens)?

@@ -3,7 +3,9 @@
 mod conditioning;
 pub(crate) mod encoders;
 mod tokenizer;
+mod vocabulary;
 
 pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};
 pub use tokenizer::{PromptTokenizer, TokenizedPrompt};
+pub(crate) use vocabulary::{unknown_words, KeptVocabulary};

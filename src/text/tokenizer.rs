@@ -22,6 +22,8 @@ pub struct TokenizedPrompt {
     /// diffusers logs; for T5 diffusers (0.35.2 to 0.42.1) logs a slice starting at token 76 whatever the length, we report
     /// what was actually dropped.)
     pub removed_text: Option<String>,
+    /// How many content tokens did not fit (0 when nothing was cut).
+    pub removed_tokens: usize,
 }
 
 /// One of the three prompt tokenizers, with the padding token its config names.
@@ -239,6 +241,12 @@ impl PromptTokenizer {
         Ok(text)
     }
 
+    /// The content tokens of `text` (no special tokens, no truncation) with their byte offsets in `text`.
+    pub(crate) fn content_tokens(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>> {
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        Ok(content.get_ids().iter().copied().zip(content.get_offsets().iter().copied()).collect())
+    }
+
     fn err(&self, message: impl ToString) -> Error {
         Error::Tokenizer {
             component: self.component,
@@ -266,6 +274,7 @@ impl PromptTokenizer {
             return Err(self.err(format!("max length {max_len} leaves no room for text after {added} special tokens")));
         }
         let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        let removed_tokens = (content.len() + added).saturating_sub(max_len);
         let removed_text = if content.len() + added > max_len {
             // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
             let start = max_len - added;
@@ -282,7 +291,7 @@ impl PromptTokenizer {
             return Err(self.err(format!("post-processing produced {} ids for a limit of {max_len}", ids.len())));
         }
         ids.resize(max_len, i64::from(self.pad_id));
-        Ok(TokenizedPrompt { ids, removed_text })
+        Ok(TokenizedPrompt { ids, removed_text, removed_tokens })
     }
 }
 
