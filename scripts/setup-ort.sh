@@ -17,6 +17,7 @@ if [ -f "$lib" ] && [ -f "$dest/VERSION" ] && [ "$(cat "$dest/VERSION")" = "$ORT
   echo "onnxruntime $ORT_VERSION already in $dest/lib (ORT_DYLIB_PATH=$lib)"
   exit 0
 fi
+echo "installing ONNX Runtime $ORT_VERSION into .ort/ (once; the onnxruntime wheel from PyPI)" >&2
 py="$(command -v python3 || command -v python || true)"
 [ -n "$py" ] || { echo "error: python3 (with pip) is needed to download the onnxruntime wheel" >&2; exit 1; }
 tmp="$(mktemp -d)"
