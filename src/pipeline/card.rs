@@ -18,9 +18,11 @@ use crate::text::{KeptVocabulary, PromptTokenizer};
 /// that need no graph (size, steps, guidance, T5 length, image count, strength, previews, the files img2img and
 /// skip-layer guidance need) and returns the warnings a run would start with.
 ///
-/// ```
+/// With the repository's default model (`models/sd3-nano`; compiled here, run by `tests/model_card.rs`):
+///
+/// ```no_run
 /// # fn main() -> sd3_onnx::Result<()> {
-/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/sd3-nano");
+/// let dir = "models/sd3-nano";
 /// let card = sd3_onnx::ModelCard::read(dir)?;
 /// assert_eq!(card.trained_size(), (128, 128));
 /// let err = card.check(&card.request("a red square").size(256, 256)).unwrap_err();
