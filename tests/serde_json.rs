@@ -30,6 +30,7 @@ fn full_request() -> GenerationRequest {
         .skip_layer_guidance(SkipLayerGuidance::new(3.5).window(0.05, 0.5).layers(vec![1, 2]))
         .sampler(SamplerKind::DpmSolverPlusPlus2M)
         .preview_every(2)
+        .prompt_weighting(false)
 }
 
 #[test]
@@ -52,7 +53,8 @@ fn request_round_trips_with_every_field_set() {
             "strength": 0.35,
             "skip_layer_guidance": {"scale": 3.5, "start": 0.05, "stop": 0.5, "layers": [1, 2]},
             "sampler": "dpmpp_2m",
-            "preview_every": 2
+            "preview_every": 2,
+            "prompt_weighting": false
         })
     );
     let text = serde_json::to_string_pretty(&request).unwrap();
@@ -82,7 +84,8 @@ fn minimal_json_is_a_request_with_the_defaults() {
         json!({
             "prompt": "a red cube", "negative_prompt": "", "width": null, "height": null, "steps": 28,
             "guidance": 7.0, "seed": null, "images_per_prompt": 1, "max_sequence_length": 256, "clip_skip": null,
-            "strength": 0.6, "skip_layer_guidance": null, "sampler": "euler", "preview_every": null
+            "strength": 0.6, "skip_layer_guidance": null, "sampler": "euler", "preview_every": null,
+            "prompt_weighting": true
         })
     );
     // Explicit nulls read as unset.

@@ -194,16 +194,37 @@ impl Sd3Pipeline {
             .collect()
     }
 
-    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests).
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests), with prompt
+    /// weighting as [`GenerationRequest::prompt_weighting`] does by default.
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
     ) -> Result<(TextConditioning, Vec<Warning>)> {
+        self.encode_prompt_inner(prompt, max_sequence_length, clip_skip, true)
+    }
+
+    /// [`encode_prompt`](Self::encode_prompt) without prompt weighting: brackets are plain text.
+    pub fn encode_prompt_literal(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<(TextConditioning, Vec<Warning>)> {
+        self.encode_prompt_inner(prompt, max_sequence_length, clip_skip, false)
+    }
+
+    fn encode_prompt_inner(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+        weighting: bool,
+    ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut truncations = Vec::new();
-        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, &mut truncations)?;
+        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, weighting, &mut truncations)?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 
@@ -421,11 +442,23 @@ impl Sd3Pipeline {
                 return Err(Error::Cancelled { step: 0 });
             }
             let mut truncations = Vec::new();
-            let cond = self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, &mut truncations)?;
+            let cond = self.text.encode(
+                &r.prompt,
+                r.max_sequence_length,
+                r.clip_skip,
+                r.prompt_weighting,
+                &mut truncations,
+            )?;
             warnings.extend(truncations.drain(..).map(Warning::from));
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
-                let neg = self.text.encode(&r.negative_prompt, r.max_sequence_length, None, &mut truncations)?;
+                let neg = self.text.encode(
+                    &r.negative_prompt,
+                    r.max_sequence_length,
+                    None,
+                    r.prompt_weighting,
+                    &mut truncations,
+                )?;
                 warnings.extend(truncations.drain(..).map(|t| Warning::from(t).for_negative_prompt()));
                 Some(neg)
             } else {

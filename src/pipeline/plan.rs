@@ -60,6 +60,7 @@ impl<'a> Shared<'a> {
             latents: _,
             images_per_prompt: _,
             cancellation: _,
+            prompt_weighting: _,
             // Shared by the whole batch.
             width,
             height,

@@ -201,6 +201,11 @@ pub struct GenerationRequest {
     /// [`StepProgress::previews`](crate::StepProgress::previews)); `None` (default) makes none.
     #[cfg_attr(feature = "serde", serde(default))]
     pub preview_every: Option<usize>,
+    /// Emphasis syntax in the prompt and negative prompt (`(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, `\(`
+    /// for a literal bracket) weighs their tokens as ComfyUI does (default `true`). A prompt without brackets
+    /// is encoded the same either way; `false` makes brackets plain text. See docs/prompt-weighting.md.
+    #[cfg_attr(feature = "serde", serde(default = "defaults::prompt_weighting"))]
+    pub prompt_weighting: bool,
 }
 
 /// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.35.2,
@@ -221,6 +226,9 @@ mod defaults {
     }
     pub(super) fn strength() -> f64 {
         0.6
+    }
+    pub(super) fn prompt_weighting() -> bool {
+        true
     }
 }
 
@@ -245,6 +253,7 @@ impl Default for GenerationRequest {
             skip_layer_guidance: None,
             preview_every: None,
             sampler: SamplerKind::Euler,
+            prompt_weighting: defaults::prompt_weighting(),
         }
     }
 }
@@ -365,6 +374,13 @@ impl GenerationRequest {
     #[must_use]
     pub fn preview_every(mut self, steps: usize) -> Self {
         self.preview_every = Some(steps);
+        self
+    }
+
+    /// Turns prompt weighting on (the default) or off (brackets are plain text).
+    #[must_use]
+    pub fn prompt_weighting(mut self, on: bool) -> Self {
+        self.prompt_weighting = on;
         self
     }
 

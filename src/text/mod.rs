@@ -3,6 +3,7 @@
 mod conditioning;
 pub(crate) mod encoders;
 mod tokenizer;
+mod weighting;
 
 pub use conditioning::TextConditioning;
 pub(crate) use conditioning::{TextEncoders, Truncation};
