@@ -338,6 +338,36 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// A LoRA file cannot be used: unreadable, not a valid `.safetensors` file, no key in a format we read, or
+    /// the model's transformer graph is not LoRA-ready (docs/lora.md).
+    #[error("LoRA {}: {}", .path.display(), sentence(.message))]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        message: String,
+        /// The I/O or JSON error behind it, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A LoRA's matrices do not fit the model's layer: it was made for another architecture.
+    #[error(
+        "LoRA {}: module `{module}` is {}x{} ([out, in]) in the LoRA but {}x{} in this model; the LoRA was made \
+         for another model",
+        .path.display(), .lora_shape[0], .lora_shape[1], .model_shape[0], .model_shape[1]
+    )]
+    LoraShapeMismatch {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The diffusers module name, e.g. `transformer_blocks.0.attn.to_q`.
+        module: String,
+        /// `[out, in]` implied by the LoRA's `lora_B` rows and `lora_A` columns.
+        lora_shape: [usize; 2],
+        /// `[out, in]` of the model's layer.
+        model_shape: [usize; 2],
+    },
+
     /// Running a graph failed: ONNX Runtime reported an error (out of memory is the common one; its error is the
     /// [`source`](std::error::Error::source)), or the graph answered with outputs of the wrong shape (no source).
     /// The Display text says what to try for each.

@@ -268,6 +268,7 @@ impl Sd3PipelineBuilder {
             vae_tiling: self.vae_tiling,
             low_memory: self.low_memory,
             limits: self.limits,
+            lora: Default::default(),
         })
     }
 }

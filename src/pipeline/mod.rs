@@ -57,6 +57,7 @@ pub struct Sd3Pipeline {
     vae_tiling: bool,
     low_memory: bool,
     limits: Limits,
+    lora: crate::lora::LoraState,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -246,6 +247,32 @@ impl Sd3Pipeline {
         Ok(warnings)
     }
 
+    /// Loads a LoRA from a `.safetensors` file in the diffusers / PEFT layout (`transformer.<module>.lora_A.weight`,
+    /// `lora_B.weight`, alpha from the file's `lora_adapter_metadata` or `<module>.alpha` tensors) under `name`, for
+    /// requests to choose with [`GenerationRequest::lora`]. Loading replaces a LoRA of the same name; the
+    /// transformer session is neither reloaded nor re-created, now or when requests switch LoRAs.
+    ///
+    /// The model folder must be LoRA-ready (`models/export/lora_inputs.py`, once; docs/lora.md). Keys that are not
+    /// applied (text-encoder LoRAs, modules the graph does not expose, other formats) come back as a
+    /// [`Warning::LoraKeysIgnored`]; matrices that do not fit the model are [`Error::LoraShapeMismatch`]; files
+    /// that cannot be read are [`Error::Lora`].
+    pub fn load_lora(&mut self, path: impl AsRef<Path>, name: impl Into<String>) -> Result<Vec<Warning>> {
+        let name = name.into();
+        let transformer_dir = self.model_dir.join("transformer");
+        let keys = self.lora.load(&transformer_dir, path.as_ref(), name.clone())?;
+        Ok(if keys.is_empty() { Vec::new() } else { vec![Warning::LoraKeysIgnored { lora: name, keys }] })
+    }
+
+    /// Forgets the LoRA loaded under `name`; `false` when there was none.
+    pub fn unload_lora(&mut self, name: &str) -> bool {
+        self.lora.unload(name)
+    }
+
+    /// The names of the loaded LoRAs, sorted.
+    pub fn lora_names(&self) -> Vec<String> {
+        self.lora.loaded.keys().cloned().collect()
+    }
+
     /// Generates an image.
     pub fn generate(&mut self, request: &GenerationRequest) -> Result<GenerationOutput> {
         self.generate_with_progress(request, |_| ControlFlow::Continue(()))
@@ -307,12 +334,18 @@ impl Sd3Pipeline {
         let model = self.model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let mut parameters = Vec::with_capacity(images.len());
         for (request, seed) in run.owners.iter().zip(&run.seeds) {
+            let hashes: Vec<(String, String)> = requests[*request]
+                .loras
+                .iter()
+                .filter_map(|(n, _)| Some((n.clone(), self.lora.loaded.get(n)?.short_hash.clone())))
+                .collect();
             parameters.push(output::a1111_parameters(
                 &requests[*request],
                 *seed,
                 run.size,
                 &model,
                 self.scheduler.shift,
+                &hashes,
             ));
         }
         Ok(GenerationOutput {
@@ -391,6 +424,17 @@ impl Sd3Pipeline {
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
         ])?;
+        // LoRA weights, merged when the set of LoRAs changed since the last run (docs/lora.md).
+        let chosen = &requests[0].loras;
+        let weights = self.lora.activate(chosen)?;
+        if !weights.is_empty() && positives.is_some() {
+            return Err(Error::request(
+                "loras",
+                format!("{chosen:?}"),
+                "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
+            ));
+        }
+        self.transformer.bind_weights(&mut bound, weights)?;
         let mut skip_bound = match (&mut self.transformer_skip, &positives) {
             (Some((graph, _)), Some(p)) => Some(graph.bind(&[
                 ("encoder_hidden_states", Input::Float(p.context.view())),

@@ -53,6 +53,14 @@ pub enum Warning {
         /// The request's size.
         to: (u32, u32),
     },
+    /// Keys of a LoRA file that were not applied: another component's (text encoders, not supported yet), a
+    /// format we do not read (kohya: convert it, docs/lora.md), or modules the model's graph does not expose.
+    LoraKeysIgnored {
+        /// The name the LoRA was loaded under.
+        lora: String,
+        /// The keys, sorted.
+        keys: Vec<String>,
+    },
 }
 
 impl Warning {
@@ -87,6 +95,19 @@ impl fmt::Display for Warning {
                 "{input} resized from {}x{} to {}x{} (Lanczos; not bit-identical to diffusers' PIL resize)",
                 from.0, from.1, to.0, to.1
             ),
+            Warning::LoraKeysIgnored { lora, keys } => {
+                const SHOWN: usize = 8;
+                write!(
+                    f,
+                    "LoRA {lora}: {} keys not applied: {}",
+                    keys.len(),
+                    keys[..keys.len().min(SHOWN)].join(", ")
+                )?;
+                if keys.len() > SHOWN {
+                    write!(f, ", ...")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -360,8 +381,13 @@ pub(crate) fn a1111_parameters(
     size: (u32, u32),
     model: &str,
     shift: f64,
+    lora_hashes: &[(String, String)],
 ) -> String {
     let mut text = request.prompt.clone();
+    // AUTOMATIC1111 keeps `<lora:name:scale>` in the prompt text and lists the files' short hashes.
+    for (name, scale) in &request.loras {
+        text.push_str(&format!(" <lora:{name}:{scale}>"));
+    }
     if !request.negative_prompt.is_empty() {
         text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
     }
@@ -392,6 +418,10 @@ pub(crate) fn a1111_parameters(
             let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
             text.push_str(&format!(", SLG layers: {}", names.join(" ")));
         }
+    }
+    if !lora_hashes.is_empty() {
+        let list: Vec<String> = lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+        text.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
     }
     text
 }

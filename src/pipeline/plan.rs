@@ -48,6 +48,7 @@ struct Shared<'a> {
     skip_layer_guidance: Option<&'a SkipLayerGuidance>,
     sampler: SamplerKind,
     preview_every: Option<usize>,
+    loras: Vec<(&'a str, u32)>,
 }
 
 impl<'a> Shared<'a> {
@@ -74,6 +75,7 @@ impl<'a> Shared<'a> {
             skip_layer_guidance,
             sampler,
             preview_every,
+            loras,
         } = request;
         Shared {
             width: *width,
@@ -88,6 +90,7 @@ impl<'a> Shared<'a> {
             skip_layer_guidance: skip_layer_guidance.as_ref(),
             sampler: *sampler,
             preview_every: *preview_every,
+            loras: loras.iter().map(|(n, s)| (n.as_str(), s.to_bits())).collect(),
         }
     }
 }
@@ -132,6 +135,7 @@ impl Sd3Pipeline {
     /// Checks a request against the model and resolves size, latents and schedule.
     pub(super) fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
         check_sequence_length(req.max_sequence_length)?;
+        self.lora.check(&req.loras)?;
         if req.steps == 0 {
             return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
         }

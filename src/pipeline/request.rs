@@ -206,6 +206,11 @@ pub struct GenerationRequest {
     /// is encoded the same either way; `false` makes brackets plain text. See docs/prompt-weighting.md.
     #[cfg_attr(feature = "serde", serde(default = "defaults::prompt_weighting"))]
     pub prompt_weighting: bool,
+    /// LoRAs to apply, by the name they were loaded under ([`Sd3Pipeline::load_lora`](crate::Sd3Pipeline::load_lora)),
+    /// each with its scale (diffusers' `set_adapters` weights); empty (default) runs the base model. JSON:
+    /// `[["style", 0.8], ["character", 0.5]]`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub loras: Vec<(String, f32)>,
 }
 
 /// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.35.2,
@@ -254,6 +259,7 @@ impl Default for GenerationRequest {
             preview_every: None,
             sampler: SamplerKind::Euler,
             prompt_weighting: defaults::prompt_weighting(),
+            loras: Vec::new(),
         }
     }
 }
@@ -381,6 +387,14 @@ impl GenerationRequest {
     #[must_use]
     pub fn prompt_weighting(mut self, on: bool) -> Self {
         self.prompt_weighting = on;
+        self
+    }
+
+    /// Adds a LoRA (loaded with [`Sd3Pipeline::load_lora`](crate::Sd3Pipeline::load_lora)) at `scale`; call it
+    /// again for several.
+    #[must_use]
+    pub fn lora(mut self, name: impl Into<String>, scale: f32) -> Self {
+        self.loras.push((name.into(), scale));
         self
     }
 

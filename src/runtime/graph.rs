@@ -452,9 +452,13 @@ impl Graph {
 
     /// Converts an input to an owned ONNX Runtime value of the element type the graph declares.
     fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
+        self.value_as(name, input, self.input_type(name)?)
+    }
+
+    /// Converts an input to an owned ONNX Runtime value of element type `dtype`.
+    fn value_as(&self, name: &str, input: &Input<'_>, dtype: ElementType) -> Result<DynTensor> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
-        let dtype = self.input_type(name)?;
         Ok(match (input, dtype) {
             (Input::Float(a), ElementType::Float32) => Tensor::from_array(a.to_owned()).map_err(infer)?.upcast(),
             (Input::Float(a), ElementType::Float16) => {
@@ -494,6 +498,29 @@ impl Graph {
             }
         }
         Ok(Binding { inner: binding })
+    }
+
+    /// Binds overridable initializers (weights the graph also lists as inputs, with their values as defaults,
+    /// which ONNX Runtime does not report among the inputs): merged LoRA weights. `dtype` is the weight's type in
+    /// the graph.
+    pub(crate) fn bind_weights(
+        &mut self,
+        binding: &mut Binding,
+        weights: &[(String, ndarray::ArrayD<f32>, ElementType)],
+    ) -> Result<()> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        for (name, w, dtype) in weights {
+            let value = self.value_as(name, &Input::Float(w.view()), *dtype)?;
+            match self.device() {
+                Some((device, id)) => {
+                    let on_device = value.to(device, id).map_err(infer)?;
+                    binding.inner.bind_input(name.as_str(), &on_device).map_err(infer)?;
+                }
+                None => binding.inner.bind_input(name.as_str(), &value).map_err(infer)?,
+            }
+        }
+        Ok(())
     }
 
     /// Runs with `binding`'s fixed inputs plus `inputs`, and returns the named outputs in host memory as `f32`.
