@@ -30,11 +30,13 @@ fn request() -> GenerationRequest {
 
 fn assert_close(img: &image::RgbImage, golden: &str) {
     let (max, mean) = pixel_diff(img, &load_png(&goldens().join(golden)));
+    eprintln!("{golden}: max {max} levels, mean {mean:.4}");
     assert!(max <= MAX_LEVELS, "{golden}: max diff {max} levels (mean {mean:.3}) > {MAX_LEVELS}");
 }
 
 fn assert_far(img: &image::RgbImage, golden: &str, what: &str) {
     let (max, _) = pixel_diff(img, &load_png(&goldens().join(golden)));
+    eprintln!("{what}: {max} levels from {golden}");
     assert!(max > 3, "{what}: only {max} levels from {golden}; the test could not tell it apart");
 }
 

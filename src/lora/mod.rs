@@ -209,6 +209,13 @@ impl LoraState {
                     let sum = sums.entry(module.as_str()).or_insert_with(|| {
                         self.base.get(module).cloned().unwrap_or_else(|| Array2::zeros(target.shape))
                     });
+                    if sum.shape() != delta.shape() {
+                        return Err(Error::internal(format!(
+                            "LoRA {name}: {module} delta {:?} vs weight {:?}",
+                            delta.shape(),
+                            sum.shape()
+                        )));
+                    }
                     *sum += &delta;
                 }
             }
