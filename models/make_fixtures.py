@@ -2,7 +2,11 @@
 """Regenerates every test fixture and golden output under models/.
 
 This script is the record of where every binary under models/fixtures and models/goldens came from.
-Run it from anywhere:
+The goldens are regenerated with `bash models/regen_goldens.sh` (docs/diffusers-versions.md): this script runs
+twice there, in the optimum environment (models/requirements.txt, diffusers 0.35.2: stages tokenizers,
+checkpoints, goldens, options, fp16-golden) and in the diffusers one (models/requirements-diffusers-0.42.1.txt,
+SD3_GOLDENS_OPTIMUM=keep: goldens, options, scheduler, tokjson). The fixtures themselves (stage models, fp16,
+broken) come from the optimum environment alone:
 
     bash models/setup-python.sh && .venv-tools/bin/python models/make_fixtures.py
 
@@ -24,7 +28,8 @@ Stages
               optimum), debug tensors for `cfg_negative`, and summary.json (pixel differences, the sensitivity
               table). Needs the diffusers checkpoints that `models` left in the build folder.
   options     goldens for pipeline options, in goldens/<fixture>/<case>/ next to the `goldens` cases: `no_t5`
-              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states), `clip_skip_1`
+              (diffusers with text_encoder_3=None, tokenizer_3=None: zeros replace the T5 states;
+              `no_t5_clip_length` / `no_t5_omit` the other paddings, see OPTION_CASES), `clip_skip_1`
               (diffusers' clip_skip=1 on the positive prompt), `dynamic_shift` (a scheduler config with
               use_dynamic_shifting, 96x64), `t5_512` (max_sequence_length=512, a prompt of 256-512 T5 tokens)
               and `vae_tiling` (diffusers' vae.enable_tiling(), 128x96, tiled both ways; no optimum.png since
@@ -96,6 +101,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+import diffusers  # noqa: E402
+
+DIFFUSERS = diffusers.__version__  # the diffusers side of the goldens (models/regen_goldens.sh picks the release)
 diffusers_logging.set_verbosity_error()
 diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
@@ -106,6 +114,44 @@ GOLDENS = MODELS / "goldens"
 # Build folder for everything that is NOT committed (diffusers checkpoints, raw optimum exports, tokenizer work).
 BUILD = Path(os.environ.get("SD3_FIXTURE_BUILD", os.path.join(tempfile.gettempdir(), "sd3-onnx-fixture-build")))
 PYBIN = Path(sys.executable).parent
+
+# Which environment makes the optimum outputs (optimum.png, optimum_final_latents.npy: ONNX Runtime through
+# optimum's ORT pipelines). "run": this process runs optimum (the models/requirements.txt environment: optimum-onnx
+# needs transformers < 4.58). "keep": this environment has no optimum (diffusers 0.42.1 needs transformers 5), so
+# every optimum output is taken unchanged from the goldens folder as it was when this process started, and only the
+# diffusers side is rewritten. models/regen_goldens.sh runs the optimum environment first, then the diffusers one.
+OPTIMUM_MODE = os.environ.get("SD3_GOLDENS_OPTIMUM", "run")
+if OPTIMUM_MODE not in ("run", "keep"):
+    raise SystemExit(f"SD3_GOLDENS_OPTIMUM must be run or keep, not {OPTIMUM_MODE!r}")
+_KEPT_OPTIMUM: dict[str, bytes] = {}
+
+
+def _snapshot_optimum_outputs():
+    for f in sorted(GOLDENS.rglob("optimum*")):
+        if f.is_file():
+            _KEPT_OPTIMUM[f.relative_to(GOLDENS).as_posix()] = f.read_bytes()
+
+
+def kept_optimum(path: Path):
+    """The optimum output at `path` (under models/goldens) as it was when this process started: a PIL image for
+    .png, a numpy array for .npy. Raises if there was none (run the optimum environment first)."""
+    key = path.resolve().relative_to(GOLDENS.resolve()).as_posix()
+    if key not in _KEPT_OPTIMUM:
+        raise SystemExit(f"SD3_GOLDENS_OPTIMUM=keep but models/goldens/{key} does not exist: run the optimum "
+                         "environment first (models/regen_goldens.sh does)")
+    data = io.BytesIO(_KEPT_OPTIMUM[key])
+    return np.load(data) if key.endswith(".npy") else Image.open(data).convert("RGB")
+
+
+def write_kept_optimum(path: Path):
+    """Writes the kept optimum output back to `path` (its case folder was deleted and rewritten)."""
+    key = path.resolve().relative_to(GOLDENS.resolve()).as_posix()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_KEPT_OPTIMUM[key])
+
+
+if OPTIMUM_MODE == "keep":
+    _snapshot_optimum_outputs()
 
 CLIP_MAX_LENGTH = 77  # model_max_length of both CLIP tokenizers (real SD3 repo)
 T5_MAX_LENGTH = 512  # model_max_length of the T5 tokenizer (real SD3 repo)
@@ -683,6 +729,21 @@ def load_ort_pipeline(folder: Path):
     return ORTStableDiffusion3Pipeline.from_pretrained(folder, session_options=so)
 
 
+def stage_checkpoints(names):
+    """The `models` stage without the ONNX export: only the diffusers checkpoints in the build folder, which the
+    golden stages (and make_feature_goldens.py, export/make_skip_fixture.py) load. Run it in the environment that
+    made the committed fixtures (models/requirements.txt): random init differs across transformers/diffusers
+    versions, and the checkpoints must hold the weights the committed ONNX graphs hold (regen_goldens.sh checks
+    that the diffusers 0.35.2 goldens come out bit-identical from them)."""
+    for name in names:
+        spec = SPECS[name]
+        log(f"[checkpoints] {name}")
+        pipe = build_pipeline(spec)
+        src = diffusers_dir(name)
+        shutil.rmtree(src, ignore_errors=True)
+        pipe.save_pretrained(src)
+
+
 def stage_models(names):
     for name in names:
         spec = SPECS[name]
@@ -796,13 +857,16 @@ def stage_goldens(names):
     for name in names:
         log(f"[goldens] {name}")
         pipe = load_diffusers_pipeline(name)
-        opipe = load_ort_pipeline(FIXTURES / name)
-        opipe.set_progress_bar_config(disable=True)
+        opipe = None
+        if OPTIMUM_MODE == "run":
+            opipe = load_ort_pipeline(FIXTURES / name)
+            opipe.set_progress_bar_config(disable=True)
         ref = OrtReference(FIXTURES / name)
         gdir = GOLDENS / name
-        # Start clean, except for the case folders the `options` stage writes (it runs after this one).
+        # Start clean in what this stage owns: its case folders and summary.json (the `options` stage and
+        # make_feature_goldens.py own the other case folders; they rewrite their own).
         for old in (gdir.iterdir() if gdir.is_dir() else []):
-            if old.name not in {c.name for c, _ in OPTION_CASES}:
+            if old.name in {c.name for c in CASES} | {"summary.json"}:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         summary = {"fixture": f"models/fixtures/{name}", "cases": {}}
         for case in CASES:
@@ -816,8 +880,12 @@ def stage_goldens(names):
             write_json(out / "request.json", req)
             img_d = pipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
-            img_o = opipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
-            img_o.save(out / "optimum.png")
+            if opipe is None:
+                img_o = kept_optimum(out / "optimum.png")
+                write_kept_optimum(out / "optimum.png")
+            else:
+                img_o = opipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
+                img_o.save(out / "optimum.png")
             a, b = to_uint8(img_d), to_uint8(img_o)
             c = ref.generate(case, latents.numpy())
             summary["cases"][case.name] = dict(diffusers_vs_optimum=diff_stats(a, b),
@@ -829,8 +897,12 @@ def stage_goldens(names):
                 save_debug_tensors(pipe, case, latents, out)
                 # optimum's final latents: the numpy-ORT reference reproduces them bit for bit (asserted), so an
                 # ORT-based implementation can be checked against this file at zero tolerance.
-                final_o = opipe(**pipe_kwargs(case, latents), output_type="latent").images.float().numpy()
-                np.save(out / "optimum_final_latents.npy", final_o)
+                if opipe is None:
+                    final_o = kept_optimum(out / "optimum_final_latents.npy")
+                    write_kept_optimum(out / "optimum_final_latents.npy")
+                else:
+                    final_o = opipe(**pipe_kwargs(case, latents), output_type="latent").images.float().numpy()
+                    np.save(out / "optimum_final_latents.npy", final_o)
                 assert np.array_equal(ref.final_latents(case, latents.numpy()), final_o), "reference != optimum"
         summary["sensitivity"] = sensitivity_table(pipe)
         write_json(gdir / "summary.json", summary)
@@ -842,8 +914,9 @@ def stage_goldens(names):
 
 # (case, options). Options are what request.json records besides the plain request: "t5": False means the
 # pipeline runs without T5 (diffusers: text_encoder_3=None, tokenizer_3=None, so _get_t5_prompt_embeds returns
-# zeros [batch, tokenizer_max_length = 77, joint_attention_dim] whatever max_sequence_length is); "clip_skip": n is
-# StableDiffusion3Pipeline's clip_skip (hidden_states[-(n + 2)] of both CLIP encoders). In diffusers 0.35.2,
+# zeros [batch, max_sequence_length, joint_attention_dim] since diffusers 0.36 -- 0.35.2 used tokenizer_max_length = 77
+# whatever max_sequence_length was, the no_t5_clip_length case); "clip_skip": n is
+# StableDiffusion3Pipeline's clip_skip (hidden_states[-(n + 2)] of both CLIP encoders). In diffusers 0.35.2 to 0.42.1,
 # encode_prompt passes clip_skip for the prompt only: the negative prompt is always encoded with clip_skip=None.
 # Both tiny fixtures have CLIP encoders of 2 and 3 layers, so hidden_states has 3 and 4 entries and clip_skip 1
 # (hidden_states[-3] = the embeddings output for CLIP-L) is valid for both.
@@ -876,12 +949,23 @@ OPTION_CASES = [
     (Case("t5_512", T5_512_PROMPT, "blurry, low quality", 64, 64, 4, 5.0, 512, 14), {"max_sequence_length": 512}),
     (Case("vae_tiling", "a stone bridge over a river in autumn", "blurry, low quality", 128, 96, 4, 5.0, 256, 15),
      {"vae_tiling": True}),
+    # The other no-T5 paddings (GenerationRequest::no_t5_padding), same prompt and latents as `no_t5`:
+    # "clip_length" = 77 zero T5 tokens, what diffusers <= 0.35 did whatever max_sequence_length was (diffusers
+    # 0.42.1 gives it with max_sequence_length=77; optimum 2.1.0's pipeline, on the diffusers 0.35.2 loop, with its
+    # default 256); "omit" = no T5 tokens at all, only the 77 CLIP tokens (ComfyUI's SD3ClipModel without t5xxl;
+    # diffusers 0.42.1 with prompt_embeds = the no-T5 embeddings cut to their first 77 tokens).
+    (Case("no_t5_clip_length", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
+     {"t5": False, "no_t5_padding": "clip_length"}),
+    (Case("no_t5_omit", "a lighthouse on a cliff at sunset", "blurry, low quality", 64, 64, 4, 5.0, 256, 11),
+     {"t5": False, "no_t5_padding": "omit"}),
 ]
 # `vae_tiling` is diffusers with pipe.vae.enable_tiling() (AutoencoderKL.tiled_decode): the tiny VAE has
 # sample_size 64, so tile_latent_min_size 8, tile_sample_min_size 64, overlap 25% (tiles every 6 latents, blend
 # 16 px); 128x96 (latents 16x12) is tiled in both directions. optimum's ORT pipeline has no VAE tiling, so the case
 # has diffusers.png only, plus untiled.png (the same request decoded without tiling, what an ignored option gives).
-NO_OPTIMUM = {"vae_tiling"}
+# `no_t5` (diffusers >= 0.36: max_sequence_length zero T5 tokens) and `no_t5_omit` have no optimum.png either:
+# optimum 2.1.0 runs the diffusers 0.35.2 loop (77 zero tokens), which is the `no_t5_clip_length` case.
+NO_OPTIMUM = {"vae_tiling", "no_t5", "no_t5_omit"}
 
 
 def without_t5_folder(name: str) -> Path:
@@ -928,18 +1012,20 @@ def stage_options(names, only=None):
         pipe = load_diffusers_pipeline(name)
         pipe_no_t5 = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
         pipe_no_t5.set_progress_bar_config(disable=True)
-        opipe = load_ort_pipeline(FIXTURES / name)
-        opipe.set_progress_bar_config(disable=True)
-        opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
-        opipe_no_t5.set_progress_bar_config(disable=True)
-        assert opipe_no_t5.text_encoder_3 is None
         dyn_cfg = dynamic_shift_config(name)
         pipe_dyn = StableDiffusion3Pipeline(
             **{**pipe.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dyn_cfg)})
         pipe_dyn.set_progress_bar_config(disable=True)
-        opipe_dyn = load_ort_pipeline(with_scheduler_folder(name, dyn_cfg, "dynamic-shift"))
-        opipe_dyn.set_progress_bar_config(disable=True)
-        assert opipe_dyn.scheduler.config.use_dynamic_shifting
+        opipe = opipe_no_t5 = opipe_dyn = None
+        if OPTIMUM_MODE == "run":
+            opipe = load_ort_pipeline(FIXTURES / name)
+            opipe.set_progress_bar_config(disable=True)
+            opipe_no_t5 = load_ort_pipeline(without_t5_folder(name))
+            opipe_no_t5.set_progress_bar_config(disable=True)
+            assert opipe_no_t5.text_encoder_3 is None
+            opipe_dyn = load_ort_pipeline(with_scheduler_folder(name, dyn_cfg, "dynamic-shift"))
+            opipe_dyn.set_progress_bar_config(disable=True)
+            assert opipe_dyn.scheduler.config.use_dynamic_shifting
         for case, options in OPTION_CASES:
             if only and case.name not in only:
                 continue
@@ -973,13 +1059,25 @@ def stage_options(names, only=None):
                     img_d = pipe(**pipe_kwargs(case, latents), output_type="pil").images[0]
                 finally:
                     vae.disable_tiling()
+            elif options.get("no_t5_padding") == "clip_length":
+                kw = dict(pipe_kwargs(case, latents), max_sequence_length=CLIP_MAX_LENGTH)
+                img_d = d_pipe(**kw, output_type="pil").images[0]
+            elif options.get("no_t5_padding") == "omit":
+                emb = no_t5_omitted_embeds(d_pipe, case)
+                kw = pipe_kwargs(case, latents)
+                del kw["prompt"], kw["negative_prompt"]
+                img_d = d_pipe(**kw, **emb, output_type="pil").images[0]
             else:
                 img_d = d_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
             img_d.save(out / "diffusers.png")
             img_o = None
             if case.name not in NO_OPTIMUM:
-                img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
-                img_o.save(out / "optimum.png")
+                if OPTIMUM_MODE == "keep":
+                    img_o = kept_optimum(out / "optimum.png")
+                    write_kept_optimum(out / "optimum.png")
+                else:
+                    img_o = o_pipe(**pipe_kwargs(case, latents), **extra, output_type="pil").images[0]
+                    img_o.save(out / "optimum.png")
             # The same request without the option (static scheduler config, max_sequence_length 256): the golden
             # must differ from it clearly, else a test could not tell an ignored option from a working one.
             plain_img = pipe(**plain_kw, output_type="pil").images[0]
@@ -990,13 +1088,34 @@ def stage_options(names, only=None):
                 summary = dict(options=options, diffusers_vs_optimum=diff_stats(a, b),
                                diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                                diffusers_pixels=pixel_stats(a), optimum_pixels=pixel_stats(b))
-            else:
+            elif options.get("vae_tiling"):
                 plain_img.save(out / "untiled.png")
                 summary = dict(options=options,
                                optimum="none: optimum's ORT pipeline has no VAE tiling; untiled.png is the same "
                                        "request decoded without tiling (diffusers)",
                                diffusers_vs_diffusers_without_option=diff_stats(a, plain),
                                diffusers_pixels=pixel_stats(a), untiled_pixels=pixel_stats(plain))
+            else:
+                summary = dict(options=options,
+                               optimum="none: optimum 2.1.0 runs the diffusers 0.35.2 loop, whose no-T5 padding is "
+                                       "77 zero tokens (the no_t5_clip_length case)",
+                               diffusers_vs_diffusers_without_option=diff_stats(a, plain),
+                               diffusers_pixels=pixel_stats(a))
+            if options.get("t5") is False:
+                # Informative: how far the three no-T5 paddings are apart (the diffusers 0.35 -> 0.36 change).
+                others = {}
+                for pad in ("max_sequence_length", "clip_length", "omit"):
+                    if pad == options.get("no_t5_padding", "max_sequence_length"):
+                        continue
+                    kw = pipe_kwargs(case, latents)
+                    if pad == "clip_length":
+                        kw["max_sequence_length"] = CLIP_MAX_LENGTH
+                    elif pad == "omit":
+                        del kw["prompt"], kw["negative_prompt"]
+                        kw.update(no_t5_omitted_embeds(pipe_no_t5, case))
+                    others[f"diffusers_vs_no_t5_padding_{pad}"] = diff_stats(
+                        a, to_uint8(pipe_no_t5(**kw, output_type="pil").images[0]))
+                summary.update(others)
             if options.get("vae_tiling"):
                 v = pipe.vae
                 summary["vae_tiling"] = dict(tile_sample_min_size=v.tile_sample_min_size,
@@ -1037,6 +1156,15 @@ def stage_options(names, only=None):
                 raise SystemExit(f"{name}/{case.name}: the option moves the image by 3 levels or less")
 
 
+def no_t5_omitted_embeds(pipe_no_t5, case: Case) -> dict:
+    """ComfyUI's conditioning without T5: the 77 CLIP tokens only (the no-T5 embeddings cut before the zeros)."""
+    pe, npe, ppe, nppe = pipe_no_t5.encode_prompt(
+        prompt=case.prompt, prompt_2=None, prompt_3=None, negative_prompt=case.negative_prompt,
+        do_classifier_free_guidance=True, max_sequence_length=case.max_sequence_length)
+    return dict(prompt_embeds=pe[:, :CLIP_MAX_LENGTH], negative_prompt_embeds=npe[:, :CLIP_MAX_LENGTH],
+                pooled_prompt_embeds=ppe, negative_pooled_prompt_embeds=nppe)
+
+
 def save_debug_tensors(pipe, case: Case, latents, out: Path):
     """What diffusers' encode_prompt returns, the final latents (before VAE scaling) and the schedule."""
     pe, npe, ppe, nppe = pipe.encode_prompt(
@@ -1066,7 +1194,7 @@ def guidance_wrong(vu, vc, g):
 @torch.no_grad()
 def denoise(pipe, pe, ppe, npe, nppe, latents, steps, guidance, combine=guidance_diffusers, shift=None,
             timestep_scale=1.0):
-    """The denoising loop of StableDiffusion3Pipeline.__call__ (diffusers 0.35.2, no skip-layer guidance), with
+    """The denoising loop of StableDiffusion3Pipeline.__call__ (diffusers 0.35.2 to 0.42.1, no skip-layer guidance), with
     hooks for the deliberate mistakes. Checked below to reproduce the pipeline's latents bit for bit."""
     cfg = dict(pipe.scheduler.config)
     if shift is not None:
@@ -1295,15 +1423,17 @@ def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def stage_fp16():
+def stage_fp16(convert=True):
     """tiny-sd3's transformer and VAE decoder converted to float16 with float16 inputs AND outputs
     (onnxruntime.transformers.float16.convert_float_to_float16, keep_io_types=False): every float input, the
-    timestep included, becomes tensor(float16). Tests overlay this folder onto a copy of tiny-sd3."""
+    timestep included, becomes tensor(float16). Tests overlay this folder onto a copy of tiny-sd3.
+    `convert=False` (stage `fp16-golden`): the committed float16 graphs as they are, only the golden is rewritten."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     dst = FIXTURES / "tiny-sd3-fp16"
-    shutil.rmtree(dst, ignore_errors=True)
-    for comp in ("transformer", "vae_decoder"):
+    if convert:
+        shutil.rmtree(dst, ignore_errors=True)
+    for comp in ("transformer", "vae_decoder") if convert else ():
         (dst / comp).mkdir(parents=True)
         m = onnx.load(str(FIXTURES / "tiny-sd3" / comp / "model.onnx"))
         m16 = toposort(convert_float_to_float16(m, keep_io_types=False))
@@ -1405,7 +1535,7 @@ def stage_scheduler():
             add(dyn, steps, mu=mu, image_seq_len=seq)
     add(dict(dyn, time_shift_type="linear"), 8, mu=1.0, image_seq_len=None)
     doc = {
-        "generator": "models/make_fixtures.py (stage scheduler), diffusers 0.35.2 FlowMatchEulerDiscreteScheduler",
+        "generator": f"models/make_fixtures.py (stage scheduler), diffusers {DIFFUSERS} FlowMatchEulerDiscreteScheduler",
         "notes": [
             "sigmas has steps+1 entries (terminal 0 appended); timesteps has steps entries; the transformer is fed "
             "timesteps[i] (= sigmas[i] * 1000 in float32) and the Euler step is x += (sigmas[i+1] - sigmas[i]) * v.",
@@ -1502,6 +1632,8 @@ def t5_ids(tok, prompt: str, max_length: int) -> dict:
 
 
 def stage_tokjson():
+    import ftfy
+    import tokenizers
     import transformers
 
     sources = {}
@@ -1511,13 +1643,20 @@ def stage_tokjson():
                          for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))}
     fast35 = {k: CLIPTokenizerFast.from_pretrained(FIXTURES / "tiny-sd35" / sub)
               for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"))}
-    t5_slow = T5Tokenizer(vocab_file=str(FIXTURES / "tiny-sd35" / "tokenizer_3" / "spiece.model"), extra_ids=100)
+    # transformers 5 has no slow (ftfy / sentencepiece) tokenizers: CLIPTokenizer is tokenizers-backed, converted from
+    # vocab.json + merges.txt, and T5Tokenizer(vocab_file=...) no longer runs sentencepiece, so the slow/fast T5
+    # comparison below is only made with transformers 4.
+    tf5 = int(transformers.__version__.split(".")[0]) >= 5
+    t5_slow = None if tf5 else T5Tokenizer(vocab_file=str(FIXTURES / "tiny-sd35" / "tokenizer_3" / "spiece.model"),
+                                           extra_ids=100)
+    clip35 = ("CLIPTokenizer (transformers 5: tokenizers-backed, converted from vocab.json + merges.txt)" if tf5 else
+              "CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)")
     descr = {
         "tiny-sd3": {k: f"models/fixtures/tiny-sd3/{sub}: {type(sources['tiny-sd3'][k]).__name__} from tokenizer.json"
                      for k, sub in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2"), ("t5", "tokenizer_3"))},
         "tiny-sd35": {
-            "clip_l": "models/fixtures/tiny-sd35/tokenizer: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
-            "clip_g": "models/fixtures/tiny-sd35/tokenizer_2: CLIPTokenizer (slow, vocab.json + merges.txt, ftfy installed)",
+            "clip_l": f"models/fixtures/tiny-sd35/tokenizer: {clip35}",
+            "clip_g": f"models/fixtures/tiny-sd35/tokenizer_2: {clip35}",
             "t5": "models/fixtures/tiny-sd35/tokenizer_3: T5TokenizerFast from tokenizer.json",
         },
         "tiny-sd35-fast": {
@@ -1544,13 +1683,14 @@ def stage_tokjson():
                                           fast_tokens=toks_of(fast35[k], fast, k)))
         for n in (256, 77):
             assert entry["tiny-sd3"][f"t5_{n}"] == entry["tiny-sd35"][f"t5_{n}"]
-        sp = t5_slow(p, padding="max_length", max_length=256, truncation=True).input_ids
-        if sp != entry["tiny-sd35"]["t5_256"]["input_ids"]:
+        sp = None if t5_slow is None else t5_slow(p, padding="max_length", max_length=256, truncation=True).input_ids
+        if sp is not None and sp != entry["tiny-sd35"]["t5_256"]["input_ids"]:
             disagreements.append(dict(prompt=p, tokenizer="t5", slow_t5_sentencepiece=[i for i in sp if i],
                                       fast_t5=[i for i in entry["tiny-sd35"]["t5_256"]["input_ids"] if i]))
         cases.append(entry)
     doc = {
-        "generator": "models/make_fixtures.py (stage tokjson); transformers 4.57.1, tokenizers 0.22.2, ftfy 6.3.1",
+        "generator": f"models/make_fixtures.py (stage tokjson); diffusers {DIFFUSERS}, transformers "
+                     f"{transformers.__version__}, tokenizers {tokenizers.__version__}, ftfy {ftfy.__version__}",
         "how": {
             "clip_l / clip_g": "tokenizer(prompt, padding='max_length', max_length=77, truncation=True).input_ids; "
                                "untruncated_ids = tokenizer(prompt, padding='longest').input_ids; removed_text = "
@@ -1571,7 +1711,9 @@ def stage_tokjson():
             "prompt becomes id 0 for CLIP-G (never merged, e.g. '!!!' -> 0 0 0), while CLIP-L BPE-encodes it.",
             "'disagreements' lists every prompt where the slow CLIPTokenizer (ftfy normalization) and the fast one "
             "(tokenizer.json: NFC + whitespace collapse + lowercase) give different ids, and where the T5 "
-            "sentencepiece (slow) and tokenizer.json (fast) tokenizers differ.",
+            "sentencepiece (slow) and tokenizer.json (fast) tokenizers differ."
+            + (" With transformers 5 (no slow tokenizers) the CLIP layouts agree and no T5 comparison is made; "
+               "the disagreements transformers 4.57.1 showed are in docs/diffusers-versions.md." if tf5 else ""),
         ],
         "disagreements": disagreements,
         "cases": cases,
@@ -1854,10 +1996,12 @@ def stage_readme():
     L.extend(md_table(["fixture", "case", "diffusers vs optimum max / mean", "numpy-ORT ref vs optimum max / mean", "diffusers image"], rows))
     add("")
     add("Option cases (stage `options`; request.json records the option, tests/golden_options.rs runs them): "
-        "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, 77, joint_attention_dim] "
-        "replace the T5 states, whatever max_sequence_length is) and optimum on a copy of the fixture without "
-        "`text_encoder_3/` and `tokenizer_3/`; `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
-        "encoders), which diffusers 0.35.2 applies to the positive prompt only; `dynamic_shift` is the fixture's "
+        "`no_t5` is diffusers with `text_encoder_3=None, tokenizer_3=None` (zeros [1, max_sequence_length, "
+        "joint_attention_dim] replace the T5 states, as since diffusers 0.36; no optimum.png); `no_t5_clip_length` "
+        "the same with 77 zero tokens (diffusers <= 0.35: diffusers with max_sequence_length=77, and optimum on a "
+        "copy of the fixture without `text_encoder_3/` and `tokenizer_3/`); `no_t5_omit` the CLIP tokens alone "
+        "(ComfyUI; diffusers with prompt_embeds cut to 77 tokens); `clip_skip_1` is `clip_skip=1` (`hidden_states[-3]` of both CLIP "
+        "encoders), which diffusers (0.35.2 to 0.42.1) applies to the positive prompt only; `dynamic_shift` is the fixture's "
         "scheduler config with `use_dynamic_shifting: true` (and base/max image_seq_len 16/64, base/max shift "
         "1.5/4.5: mu = 2.0 at 96x64, 24 image tokens) in diffusers' scheduler and in optimum's copy of the "
         "fixture; `t5_512` is `max_sequence_length=512` with a prompt of 370 T5 tokens (256 would truncate it); "
@@ -1973,7 +2117,8 @@ def stage_readme():
     add("")
 
     # ---- numerics/quirks
-    add("## Behaviour worth knowing (diffusers 0.35.2, optimum 2.1.0 / optimum-onnx 0.1.0, ORT 1.31.1)")
+    add(f"## Behaviour worth knowing (diffusers {DIFFUSERS} for diffusers.png; optimum 2.1.0 / optimum-onnx 0.1.0 on "
+        "diffusers 0.35.2 for optimum.png, ORT 1.31.1; docs/diffusers-versions.md)")
     add("")
     for line in QUIRKS:
         add(f"- {line}")
@@ -2048,6 +2193,9 @@ DETERMINISM_NOTE = (
 # ----------------------------------------------------------------------------------------------------------------
 
 ALL_STAGES = ["tokenizers", "models", "goldens", "options", "fp16", "scheduler", "tokjson", "broken", "readme"]
+# Not in the default run: `checkpoints` (the `models` stage without the export, so without touching the committed
+# fixtures) and `fp16-golden` (the `fp16` stage without re-converting the committed float16 graphs).
+EXTRA_STAGES = ["checkpoints", "fp16-golden"]
 
 
 def main():
@@ -2060,7 +2208,7 @@ def main():
     stages = [s for s in args.stages.split(",") if s]
     names = [n for n in args.fixtures.split(",") if n]
     for s in stages:
-        if s not in ALL_STAGES:
+        if s not in ALL_STAGES + EXTRA_STAGES:
             raise SystemExit(f"unknown stage {s}")
     BUILD.mkdir(parents=True, exist_ok=True)
     log(f"build folder: {BUILD}")
@@ -2069,11 +2217,14 @@ def main():
         stage_tokenizers()
     if "models" in stages:
         stage_models(names)
+    if "checkpoints" in stages:
+        stage_checkpoints(names)
     if "goldens" in stages:
         stage_goldens(names)
     if "options" in stages:
         stage_options(names, [c for c in args.option_cases.split(",") if c] or None)
-    for s, fn in (("fp16", stage_fp16), ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
+    for s, fn in (("fp16", stage_fp16), ("fp16-golden", lambda: stage_fp16(convert=False)),
+                  ("scheduler", stage_scheduler), ("tokjson", stage_tokjson),
                   ("broken", stage_broken), ("readme", stage_readme)):
         if s in stages:
             log(f"[{s}]")

@@ -3,7 +3,7 @@
 
     .venv-tools/bin/python models/make_sampler_goldens.py
 
-Samplers (diffusers 0.35.2, the pins in models/requirements.txt):
+Samplers (diffusers 0.42.1, models/requirements-diffusers-0.42.1.txt; run by models/regen_goldens.sh):
   euler     FlowMatchEulerDiscreteScheduler (schedulers/scheduling_flow_match_euler_discrete.py), SD3's own.
   heun      FlowMatchHeunDiscreteScheduler (schedulers/scheduling_flow_match_heun_discrete.py).
   dpmpp_2m  DPMSolverMultistepScheduler (schedulers/scheduling_dpmsolver_multistep.py) with use_flow_sigmas=True,

@@ -79,3 +79,4 @@ pub use pipeline::{
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};
 pub use scheduler::{FlowMatchConfig, Sampler, SamplerKind, Schedule};
+pub use text::NoT5Padding;

@@ -73,7 +73,7 @@ pub struct TransformerConfig {
 }
 
 impl TransformerConfig {
-    /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.35.2,
+    /// Reads `transformer/config.json`. Defaults are `SD3Transformer2DModel.__init__`'s (diffusers 0.42.1, as 0.35.2,
     /// `models/transformers/transformer_sd3.py`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

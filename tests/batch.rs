@@ -42,7 +42,12 @@ fn batched_images_equal_the_same_images_one_by_one() {
 fn batched_requests_must_share_the_loop_settings() {
     let mut pipe = Sd3Pipeline::builder(fixture("tiny-sd3")).build().unwrap();
     let a = GenerationRequest::new("a").steps(2).seed(1);
-    for other in [a.clone().steps(3), a.clone().guidance(2.0), a.clone().size(64, 96)] {
+    for other in [
+        a.clone().steps(3),
+        a.clone().guidance(2.0),
+        a.clone().size(64, 96),
+        a.clone().no_t5_padding(sd3_onnx::NoT5Padding::ClipLength),
+    ] {
         let e = pipe.generate_batch(&[a.clone(), other]).unwrap_err();
         assert!(matches!(e, Error::InvalidRequest { parameter: "requests", .. }), "{e:?}");
     }

@@ -1,5 +1,7 @@
 //! Pixel parity with diffusers (PyTorch) and optimum's ORT pipeline for the pipeline options: no T5
-//! (`Sd3PipelineBuilder::t5(false)`, diffusers' `text_encoder_3=None`), `GenerationRequest::clip_skip`
+//! (`Sd3PipelineBuilder::t5(false)`, diffusers' `text_encoder_3=None`; with each `NoT5Padding`: `no_t5` the default
+//! max_sequence_length zeros of diffusers >= 0.36, `no_t5_clip_length` the 77 zeros of diffusers <= 0.35 and
+//! optimum, `no_t5_omit` ComfyUI's CLIP tokens only), `GenerationRequest::clip_skip`
 //! (diffusers' `clip_skip`, applied to the positive prompt only), a scheduler config with `use_dynamic_shifting`
 //! (mu from the image size, as StableDiffusion3Pipeline computes it) and `max_sequence_length` 512 with a prompt
 //! of more than 256 T5 tokens.
@@ -26,7 +28,11 @@ fn check_fixture(fixture: &str) {
     assert!(with_t5.info().has_t5 && !no_t5.info().has_t5);
     let cases = option_cases(fixture);
     let names: Vec<String> = cases.iter().map(|c| c.file_name().unwrap().to_string_lossy().to_string()).collect();
-    assert_eq!(names, ["clip_skip_1", "dynamic_shift", "no_t5", "t5_512"], "{fixture}: option cases");
+    assert_eq!(
+        names,
+        ["clip_skip_1", "dynamic_shift", "no_t5", "no_t5_clip_length", "no_t5_omit", "t5_512"],
+        "{fixture}: option cases"
+    );
     let mut report = Vec::new();
     for (case, name) in cases.iter().zip(&names) {
         let req = golden_request(case);
@@ -58,7 +64,10 @@ fn check_fixture(fixture: &str) {
         let out = pipe.generate(&req).unwrap_or_else(|e| panic!("{fixture}/{name}: {e}"));
         let ours = &out.images[0];
         let diffusers = load_png(&case.join("diffusers.png"));
-        for reference in ["diffusers", "optimum"] {
+        // optimum.png where optimum can make it (not for no_t5 / no_t5_omit: optimum 2.1.0 pads with 77 zeros).
+        let optimum = case.join("optimum.png").is_file();
+        assert_eq!(optimum, !matches!(name.as_str(), "no_t5" | "no_t5_omit"), "{fixture}/{name}: optimum.png");
+        for reference in if optimum { &["diffusers", "optimum"][..] } else { &["diffusers"][..] } {
             let golden = load_png(&case.join(format!("{reference}.png")));
             let (max, mean) = pixel_diff(ours, &golden);
             report.push(format!("{fixture}/{name} vs {reference}: max {max}, mean {mean:.4}"));
@@ -106,4 +115,28 @@ fn folder_without_t5_matches_no_t5_golden() {
     let out = pipe.generate(&golden_request(&case)).unwrap();
     let (max, mean) = pixel_diff(&out.images[0], &load_png(&case.join("diffusers.png")));
     assert!(max <= TOLERANCE, "folder without text_encoder_3: differs from diffusers by {max} (mean {mean:.3})");
+}
+
+/// The three no-T5 paddings give three different images (the golden cases above pin each one to its reference);
+/// with T5 the padding is ignored.
+#[test]
+fn no_t5_paddings_differ_and_are_ignored_with_t5() {
+    use sd3_onnx::NoT5Padding;
+    let case = golden_dir("tiny-sd3").join("no_t5");
+    let req = golden_request(&case);
+    let mut no_t5 = Sd3Pipeline::builder(common::fixture("tiny-sd3")).t5(false).build().expect("fixture loads");
+    let (cond, _) = no_t5.encode_prompt(&req.prompt, req.max_sequence_length, None).unwrap();
+    assert_eq!(cond.context.shape()[1], 77 + req.max_sequence_length, "default: max_sequence_length zero tokens");
+    let images: Vec<_> = [NoT5Padding::MaxSequenceLength, NoT5Padding::ClipLength, NoT5Padding::Omit]
+        .into_iter()
+        .map(|p| no_t5.generate(&req.clone().no_t5_padding(p)).unwrap().images.remove(0))
+        .collect();
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        let (max, _) = pixel_diff(&images[i], &images[j]);
+        assert!(max > TOLERANCE, "paddings {i} and {j} give the same image (max {max})");
+    }
+    let mut with_t5 = Sd3Pipeline::builder(common::fixture("tiny-sd3")).build().expect("fixture loads");
+    let a = with_t5.generate(&req).unwrap();
+    let b = with_t5.generate(&req.clone().no_t5_padding(NoT5Padding::Omit)).unwrap();
+    assert_eq!(a.images[0], b.images[0], "with T5 the no-T5 padding must not matter");
 }

@@ -8,7 +8,7 @@
 //! mistake listed in the case's summary.json moves diffusers' own image by 38-255 levels; the tolerance here is
 //! 1 level per 8-bit channel (our seeds reproduce torch's draws within about 1 ulp, see tests/seeds.rs).
 //!
-//! Inpainting: diffusers 0.35.2's inpaint pipeline decodes `z / scaling_factor` without adding the VAE's
+//! Inpainting: diffusers' inpaint pipeline (0.35.2 to 0.42.1) decodes `z / scaling_factor` without adding the VAE's
 //! `shift_factor` (text-to-image and img2img add it). We decode every mode the same, correct way, so our
 //! inpainted image is compared with `decoded_with_shift_factor.png` (diffusers' VAE on diffusers' final latents,
 //! decoded the text-to-image way), and decoding our latents the buggy way must give diffusers' `diffusers.png`.
@@ -79,7 +79,7 @@ fn inpainting_matches_diffusers() {
     }
 }
 
-/// diffusers 0.35.2's inpaint decodes `z / scaling_factor` (no shift): decoding our latents that way reproduces
+/// diffusers' inpaint (0.35.2 to 0.42.1) decodes `z / scaling_factor` (no shift): decoding our latents that way reproduces
 /// its `diffusers.png`, and the correct decode differs from it (so the two goldens are not interchangeable).
 #[test]
 fn inpainting_differs_from_diffusers_only_by_its_decode() {

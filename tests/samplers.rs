@@ -1,4 +1,4 @@
-//! The samplers against diffusers 0.35.2 (models/goldens/samplers.json, written by models/make_sampler_goldens.py):
+//! The samplers against diffusers 0.42.1 (models/goldens/samplers.json, written by models/make_sampler_goldens.py):
 //! `FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler` and `DPMSolverMultistepScheduler` (flow
 //! sigmas, flow_prediction, dpmsolver++, order 2), each driven like `StableDiffusion3Pipeline.__call__` drives it.
 //!

@@ -1,6 +1,6 @@
 //! Sigmas and timesteps equal diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` output, bit for bit,
 //! for many step counts, shifts and dynamic-shifting `mu` values (models/goldens/scheduler.json, written by
-//! models/make_fixtures.py from diffusers 0.35.2). Exact equality: a sigma off by one ulp is a different image
+//! models/make_fixtures.py from diffusers 0.42.1). Exact equality: a sigma off by one ulp is a different image
 //! only in theory, but an off-by-one in the shift formula or a float32/float64 mix-up shows here at once.
 
 mod common;

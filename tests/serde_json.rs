@@ -10,8 +10,8 @@ use common::*;
 use sd3_onnx::image::{GrayImage, RgbImage};
 use sd3_onnx::ndarray::Array4;
 use sd3_onnx::{
-    CancellationToken, Component, GenerationRequest, GenerationSummary, SamplerKind, Sd3Pipeline, SkipLayerGuidance,
-    Timings, Warning,
+    CancellationToken, Component, GenerationRequest, GenerationSummary, NoT5Padding, SamplerKind, Sd3Pipeline,
+    SkipLayerGuidance, Timings, Warning,
 };
 use serde_json::{json, Value};
 
@@ -25,12 +25,15 @@ fn full_request() -> GenerationRequest {
         .seed(18_446_744_073_709_551_615)
         .images_per_prompt(2)
         .max_sequence_length(77)
+        .no_t5_padding(NoT5Padding::ClipLength)
         .clip_skip(1)
         .strength(0.35)
         .skip_layer_guidance(SkipLayerGuidance::new(3.5).window(0.05, 0.5).layers(vec![1, 2]))
         .sampler(SamplerKind::DpmSolverPlusPlus2M)
         .preview_every(2)
         .prompt_weighting(false)
+        .lora("style", 0.5)
+        .lora("character", -0.25)
 }
 
 #[test]
@@ -49,12 +52,14 @@ fn request_round_trips_with_every_field_set() {
             "seed": 18_446_744_073_709_551_615u64,
             "images_per_prompt": 2,
             "max_sequence_length": 77,
+            "no_t5_padding": "clip_length",
             "clip_skip": 1,
             "strength": 0.35,
             "skip_layer_guidance": {"scale": 3.5, "start": 0.05, "stop": 0.5, "layers": [1, 2]},
             "sampler": "dpmpp_2m",
             "preview_every": 2,
-            "prompt_weighting": false
+            "prompt_weighting": false,
+            "loras": [["style", 0.5], ["character", -0.25]]
         })
     );
     let text = serde_json::to_string_pretty(&request).unwrap();
@@ -83,9 +88,10 @@ fn minimal_json_is_a_request_with_the_defaults() {
         serde_json::to_value(&request).unwrap(),
         json!({
             "prompt": "a red cube", "negative_prompt": "", "width": null, "height": null, "steps": 28,
-            "guidance": 7.0, "seed": null, "images_per_prompt": 1, "max_sequence_length": 256, "clip_skip": null,
+            "guidance": 7.0, "seed": null, "images_per_prompt": 1, "max_sequence_length": 256,
+            "no_t5_padding": "max_sequence_length", "clip_skip": null,
             "strength": 0.6, "skip_layer_guidance": null, "sampler": "euler", "preview_every": null,
-            "prompt_weighting": true
+            "prompt_weighting": true, "loras": []
         })
     );
     // Explicit nulls read as unset.

@@ -131,7 +131,8 @@ impl Sd3PipelineBuilder {
     }
 
     /// `false` skips the T5 encoder (no-T5 mode): its states are zeros, as diffusers does without
-    /// `text_encoder_3`. Default `true`; folders without `text_encoder_3/` load in no-T5 mode anyway.
+    /// `text_encoder_3` (`max_sequence_length` of them; [`GenerationRequest::no_t5_padding`](crate::GenerationRequest::no_t5_padding)
+    /// picks another count). Default `true`; folders without `text_encoder_3/` load in no-T5 mode anyway.
     pub fn t5(mut self, enable: bool) -> Self {
         self.use_t5 = enable;
         self
@@ -217,7 +218,8 @@ impl Sd3PipelineBuilder {
         };
         if let Some(shape) = &self.static_shape {
             let clip_len = clip_l.tokenizer.model_max_length().unwrap_or(77);
-            let text_len = clip_len + if t5.is_some() { shape.max_sequence_length } else { clip_len };
+            // Without T5: the default NoT5Padding::MaxSequenceLength (plan() refuses the others here).
+            let text_len = clip_len + shape.max_sequence_length;
             let overrides = static_overrides(&transformer, shape, vae_config.scale_factor, text_len)?;
             let config = SessionConfig { dimension_overrides: overrides, ..session.clone() };
             let path = graph_path(&dir, Component::Transformer);

@@ -46,7 +46,7 @@ impl Sd3Pipeline {
         Ok(sample)
     }
 
-    /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2, `models/autoencoders/autoencoder_kl.py`): latent tiles
+    /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2 `models/autoencoders/autoencoder_kl.py`; in 0.42.1 the same code moved to a tiling mixin, docs/diffusers-versions.md): latent tiles
     /// of `sample_size / vae_scale_factor` with an overlap factor of 0.25, each decoded on its own, blended
     /// linearly into the tile above and the tile to the left (in place, in that order), then cropped and joined.
     fn tiled_decode(&mut self, z: &Array4<f32>) -> Result<Array4<f32>> {

@@ -1,4 +1,4 @@
-//! img2img and inpainting inputs, prepared as diffusers 0.35.2 prepares them
+//! img2img and inpainting inputs, prepared as diffusers 0.42.1 (as 0.35.2) prepares them
 //! (`image_processor.py` `VaeImageProcessor.preprocess`, `pipeline_stable_diffusion_3_img2img.py`,
 //! `pipeline_stable_diffusion_3_inpaint.py`, `models/autoencoders/vae.py` `DiagonalGaussianDistribution`).
 

@@ -35,7 +35,7 @@ use crate::error::{Component, Error, Result};
 use crate::progress::{CancellationToken, ControlFlow, StepProgress};
 use crate::runtime::{Binding, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, FlowMatchConfig, Schedule};
-use crate::text::{TextConditioning, TextEncoders};
+use crate::text::{NoT5Padding, TextConditioning, TextEncoders};
 use denoise::{DenoiseLoop, Pass};
 use limits::check_sequence_length;
 
@@ -196,7 +196,8 @@ impl Sd3Pipeline {
     }
 
     /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests), with prompt
-    /// weighting as [`GenerationRequest::prompt_weighting`] does by default.
+    /// weighting as [`GenerationRequest::prompt_weighting`] does by default. Without T5, `max_sequence_length`
+    /// zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
@@ -225,7 +226,14 @@ impl Sd3Pipeline {
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
         let mut truncations = Vec::new();
-        let cond = self.text.encode(prompt, max_sequence_length, clip_skip, weighting, &mut truncations)?;
+        let cond = self.text.encode(
+            prompt,
+            max_sequence_length,
+            clip_skip,
+            NoT5Padding::default(),
+            weighting,
+            &mut truncations,
+        )?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 
@@ -490,6 +498,7 @@ impl Sd3Pipeline {
                 &r.prompt,
                 r.max_sequence_length,
                 r.clip_skip,
+                r.no_t5_padding,
                 r.prompt_weighting,
                 &mut truncations,
             )?;
@@ -500,6 +509,7 @@ impl Sd3Pipeline {
                     &r.negative_prompt,
                     r.max_sequence_length,
                     None,
+                    r.no_t5_padding,
                     r.prompt_weighting,
                     &mut truncations,
                 )?;

@@ -8,6 +8,7 @@ use super::limits::check_sequence_length;
 use super::{GenerationRequest, Sd3Pipeline, SkipLayerGuidance, StaticShape, Warning};
 use crate::error::{Component, Error, Result};
 use crate::scheduler::{calculate_shift, Sampler, SamplerKind};
+use crate::text::NoT5Padding;
 
 /// The checked, resolved form of a request.
 pub(super) struct Plan {
@@ -41,6 +42,7 @@ struct Shared<'a> {
     steps: usize,
     guidance: u32,
     max_sequence_length: usize,
+    no_t5_padding: NoT5Padding,
     clip_skip: Option<usize>,
     strength: u64,
     init_image: bool,
@@ -68,6 +70,7 @@ impl<'a> Shared<'a> {
             steps,
             guidance,
             max_sequence_length,
+            no_t5_padding,
             clip_skip,
             init_image,
             mask,
@@ -83,6 +86,7 @@ impl<'a> Shared<'a> {
             steps: *steps,
             guidance: guidance.to_bits(),
             max_sequence_length: *max_sequence_length,
+            no_t5_padding: *no_t5_padding,
             clip_skip: *clip_skip,
             strength: strength.to_bits(),
             init_image: init_image.is_some(),
@@ -194,6 +198,14 @@ impl Sd3Pipeline {
                     ),
                 ));
             }
+        }
+        if self.static_shape.is_some() && !self.info.has_t5 && req.no_t5_padding != NoT5Padding::MaxSequenceLength {
+            return Err(Error::request(
+                "no_t5_padding",
+                format!("{:?}", req.no_t5_padding),
+                "a static_shape pipeline without T5 is specialised for max_sequence_length zero T5 tokens \
+                 (NoT5Padding::MaxSequenceLength); build it without static_shape for the other paddings",
+            ));
         }
         let n = req.images_per_prompt;
         if n == 0 || n > self.limits.max_images {

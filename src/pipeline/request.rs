@@ -8,6 +8,7 @@ use ndarray::Array4;
 
 use crate::progress::CancellationToken;
 use crate::scheduler::SamplerKind;
+use crate::text::NoT5Padding;
 
 /// Skip-layer guidance (SLG, diffusers' `skip_guidance_layers`): on the steps inside `[start, stop)` of the
 /// schedule, one more conditional transformer pass with some blocks skipped pushes the prediction away from it:
@@ -113,6 +114,7 @@ impl SkipLayerGuidance {
 ///   as `null` when unset, and read `null` as unset.
 /// - `sampler` is a sampler's [name](SamplerKind::name): `"euler"`, `"heun"` or `"dpmpp_2m"`.
 /// - `skip_layer_guidance` is an object, see [`SkipLayerGuidance`].
+/// - `no_t5_padding` is `"max_sequence_length"` (default), `"clip_length"` or `"omit"` (see [`NoT5Padding`]).
 /// - Unknown fields are an error, so a misspelt field cannot be silently ignored.
 /// - `latents`, `init_image`, `mask` and `cancellation` have no JSON form: they are neither written nor read
 ///   (a JSON naming them is refused as having unknown fields). Set them in code on the deserialized request.
@@ -171,6 +173,10 @@ pub struct GenerationRequest {
     /// T5 token count (default 256, at most 512).
     #[cfg_attr(feature = "serde", serde(default = "defaults::max_sequence_length"))]
     pub max_sequence_length: usize,
+    /// Without a T5 encoder: what stands in for its states (default [`NoT5Padding::MaxSequenceLength`], as
+    /// diffusers 0.36 and later). Ignored when the pipeline has T5.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub no_t5_padding: NoT5Padding,
     /// Skip this many final CLIP layers (default none: the penultimate layer).
     #[cfg_attr(feature = "serde", serde(default))]
     pub clip_skip: Option<usize>,
@@ -213,7 +219,7 @@ pub struct GenerationRequest {
     pub loras: Vec<(String, f32)>,
 }
 
-/// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.35.2,
+/// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.42.1, unchanged since 0.35.2,
 /// `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`; `strength` from
 /// `pipeline_stable_diffusion_3_img2img.py`), shared by [`Default`] and the serde defaults.
 mod defaults {
@@ -250,6 +256,7 @@ impl Default for GenerationRequest {
             latents: None,
             images_per_prompt: defaults::images_per_prompt(),
             max_sequence_length: defaults::max_sequence_length(),
+            no_t5_padding: NoT5Padding::MaxSequenceLength,
             clip_skip: None,
             cancellation: None,
             init_image: None,
@@ -324,6 +331,14 @@ impl GenerationRequest {
     #[must_use]
     pub fn max_sequence_length(mut self, tokens: usize) -> Self {
         self.max_sequence_length = tokens;
+        self
+    }
+
+    /// Without a T5 encoder, conditions on `padding` in place of the T5 states (see [`NoT5Padding`]: diffusers
+    /// 0.36+, diffusers up to 0.35 / optimum, or ComfyUI).
+    #[must_use]
+    pub fn no_t5_padding(mut self, padding: NoT5Padding) -> Self {
+        self.no_t5_padding = padding;
         self
     }
 

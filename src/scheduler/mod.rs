@@ -1,7 +1,7 @@
 //! The rectified-flow scheduler: diffusers' `FlowMatchEulerDiscreteScheduler`, as pure maths.
 //!
 //! A [`Schedule`] is a value (sigmas and timesteps); stepping is a free function. Nothing holds hidden step
-//! state. Reference: diffusers 0.35.2 `schedulers/scheduling_flow_match_euler_discrete.py`
+//! state. Reference: diffusers 0.42.1 (as 0.35.2) `schedulers/scheduling_flow_match_euler_discrete.py`
 //! (`__init__`, `set_timesteps`, `step`, `_time_shift_exponential`, `stretch_shift_to_terminal`) and
 //! `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py` (`calculate_shift`).
 //!

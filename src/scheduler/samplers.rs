@@ -1,7 +1,7 @@
 //! Samplers for the denoising loop: diffusers' flow-matching Euler, Heun and DPM-Solver++ (2M) schedulers, as
 //! pure maths with the step state in a [`Sampler`] value.
 //!
-//! References, all diffusers 0.35.2:
+//! References, all diffusers 0.42.1 (the same maths as 0.35.2; docs/diffusers-versions.md):
 //! - Euler: `schedulers/scheduling_flow_match_euler_discrete.py` (`FlowMatchEulerDiscreteScheduler`), through
 //!   [`FlowMatchConfig::schedule`] and [`euler_step`].
 //! - Heun: `schedulers/scheduling_flow_match_heun_discrete.py` (`FlowMatchHeunDiscreteScheduler`: `__init__`,

@@ -3,6 +3,10 @@
 //! diffusers `StableDiffusion3Pipeline.encode_prompt`: the CLIP-L and CLIP-G penultimate states are joined on
 //! the channel axis and zero-padded to the T5 width, then the T5 states follow on the sequence axis:
 //! `[77 + max_sequence_length, D]`. The pooled vector is CLIP-L's `text_embeds` followed by CLIP-G's.
+//!
+//! Without T5, zeros stand in for its states: `max_sequence_length` of them by default (diffusers 0.36+,
+//! `_get_t5_prompt_embeds` in pipeline_stable_diffusion_3.py:248-256 of 0.42.1), or what
+//! [`NoT5Padding`] picks instead (77 as diffusers <= 0.35, or none as ComfyUI).
 
 use ndarray::{concatenate, s, Array2, Array3, Axis};
 
@@ -10,6 +14,40 @@ use super::encoders::{ClipEncoder, T5Encoder};
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
 use super::weighting::{self, Segment};
 use crate::error::{Component, Error, Result};
+
+/// What the transformer sees in place of the T5 states when the pipeline has no T5 encoder
+/// ([`Sd3PipelineBuilder::t5`](crate::Sd3PipelineBuilder::t5)`(false)`, or a model folder without
+/// `text_encoder_3/`). The 77 CLIP tokens come first either way; this picks what follows them. With T5 it has no
+/// effect. The implementations that people compare against disagree:
+///
+/// | variant | tokens after CLIP | who does it |
+/// | --- | --- | --- |
+/// | [`MaxSequenceLength`](Self::MaxSequenceLength) (default) | `max_sequence_length` zeros (256 by default) | diffusers 0.36 and later (`StableDiffusion3Pipeline._get_t5_prompt_embeds`; pinned reference 0.42.1) |
+/// | [`ClipLength`](Self::ClipLength) | 77 zeros (the CLIP tokenizer's `model_max_length`), whatever `max_sequence_length` is | diffusers 0.35 and earlier (`tokenizer_max_length`; e.g. 0.35.2), and optimum 2.1.0's ORT pipeline on it; the same 154-token shape as Stability's `sd3_infer.py`, whose T5 always runs and pads to 77 tokens |
+/// | [`Omit`](Self::Omit) | none: 77 tokens in all | ComfyUI (`comfy/text_encoders/sd3_clip.py`, `SD3ClipModel` without `t5xxl`) |
+///
+/// Zero tokens still take part in the joint attention, so the count matters: on the tiny test fixtures the first
+/// two give images up to 228 of 255 levels apart (docs/diffusers-versions.md).
+///
+/// ```
+/// use sd3_onnx::{GenerationRequest, NoT5Padding};
+/// let request = GenerationRequest::new("a red cube").no_t5_padding(NoT5Padding::ClipLength);
+/// assert_eq!(request.no_t5_padding, NoT5Padding::ClipLength);
+/// assert_eq!(GenerationRequest::new("a red cube").no_t5_padding, NoT5Padding::MaxSequenceLength);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum NoT5Padding {
+    /// `max_sequence_length` zero tokens, as diffusers 0.36 and later (the default).
+    #[default]
+    MaxSequenceLength,
+    /// 77 zero tokens (the CLIP sequence length), as diffusers up to 0.35 and optimum 2.1.0.
+    ClipLength,
+    /// No T5 tokens at all, only the CLIP tokens, as ComfyUI.
+    Omit,
+}
 
 /// What the transformer is conditioned on for one prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +75,7 @@ pub(crate) struct Truncation {
 pub(crate) struct TextEncoders {
     pub clip_l: ClipEncoder,
     pub clip_g: ClipEncoder,
-    /// `None` in no-T5 mode: diffusers then uses zeros of `[clip_len, D]` in its place.
+    /// `None` in no-T5 mode: zeros then stand in for its states (see [`NoT5Padding`]).
     pub t5: Option<T5Encoder>,
     /// T5 width = the transformer's `joint_attention_dim`.
     pub joint_dim: usize,
@@ -46,14 +84,15 @@ pub(crate) struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// Encodes one prompt. Truncations are appended to `truncations`. With `weighting`, emphasis syntax
-    /// (`(word:1.3)`, see `weighting.rs`) weighs tokens as ComfyUI does; a prompt without it is encoded exactly
-    /// as with `weighting` off.
+    /// Encodes one prompt. Truncations are appended to `truncations`. `no_t5` applies only without a T5 encoder.
+    /// With `weighting`, emphasis syntax (`(word:1.3)`, see `weighting.rs`) weighs tokens as ComfyUI does; a
+    /// prompt without it is encoded exactly as with `weighting` off.
     pub fn encode(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
+        no_t5: NoT5Padding,
         weighting: bool,
         truncations: &mut Vec<Truncation>,
     ) -> Result<TextConditioning> {
@@ -99,7 +138,7 @@ impl TextEncoders {
                 }
                 states
             }
-            None => Array2::zeros((self.clip_len, self.joint_dim)),
+            None => Array2::zeros((self.no_t5_tokens(max_sequence_length, no_t5), self.joint_dim)),
         };
         if t5.shape()[1] != self.joint_dim {
             return Err(self.shape_error(format!(
@@ -116,6 +155,19 @@ impl TextEncoders {
             .map_err(|e| Error::internal(format!("joining the pooled CLIP vectors: {e}")))?
             .insert_axis(Axis(0));
         Ok(TextConditioning { context, pooled })
+    }
+
+    /// How many zero tokens stand in for T5 without a T5 encoder.
+    pub fn no_t5_tokens(&self, max_sequence_length: usize, padding: NoT5Padding) -> usize {
+        match padding {
+            // diffusers 0.36+ (0.42.1 pipeline_stable_diffusion_3.py:248-256): zeros [batch, max_sequence_length, D]
+            NoT5Padding::MaxSequenceLength => max_sequence_length,
+            // diffusers <= 0.35 (0.35.2 pipeline_stable_diffusion_3.py:248-256): [batch, tokenizer_max_length, D],
+            // tokenizer_max_length being the CLIP tokenizer's model_max_length (77)
+            NoT5Padding::ClipLength => self.clip_len,
+            // ComfyUI comfy/text_encoders/sd3_clip.py: without t5xxl the CLIP states are the whole context
+            NoT5Padding::Omit => 0,
+        }
     }
 
     /// The text encoder graphs answered with states that do not fit together.

@@ -5,6 +5,6 @@ pub(crate) mod encoders;
 mod tokenizer;
 mod weighting;
 
-pub use conditioning::TextConditioning;
+pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};
 pub use tokenizer::{PromptTokenizer, TokenizedPrompt};

@@ -20,7 +20,7 @@ pub struct TokenizedPrompt {
     /// Token ids, padded or truncated to the requested length, special tokens included.
     pub ids: Vec<i64>,
     /// The content tokens that did not fit, decoded, when the prompt was truncated. (For CLIP this is the text
-    /// diffusers logs; for T5 diffusers 0.35.2 logs a slice starting at token 76 whatever the length, we report
+    /// diffusers logs; for T5 diffusers (0.35.2 to 0.42.1) logs a slice starting at token 76 whatever the length, we report
     /// what was actually dropped.)
     pub removed_text: Option<String>,
 }
@@ -66,12 +66,14 @@ impl SpecialTokens {
         })
     }
 
-    fn clean_up_spaces(&self) -> bool {
-        self.config
-            .as_ref()
-            .and_then(|c| c.get("clean_up_tokenization_spaces"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+    /// Whether decoded text gets transformers' `clean_up_tokenization`. transformers 5 (the version diffusers 0.42.1
+    /// runs with; `TokenizersBackend.decode` in tokenization_utils_tokenizers.py) ignores
+    /// `clean_up_tokenization_spaces` for BPE models such as CLIP's unless
+    /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set too; transformers 4 applied it.
+    fn clean_up_spaces(&self, bpe: bool) -> bool {
+        let flag = |key: &str| self.config.as_ref().and_then(|c| c.get(key)).and_then(Value::as_bool).unwrap_or(false);
+        flag("clean_up_tokenization_spaces")
+            && (!bpe || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
     }
 
     fn model_max_length(&self) -> Option<usize> {
@@ -136,7 +138,7 @@ impl PromptTokenizer {
         let pad = special.token("pad_token").unwrap_or_else(|| "<|endoftext|>".to_string());
         let mut tok = Self::finish(component, path, inner, &pad, special.model_max_length())?;
         tok.word_suffix = Some("</w>".to_string());
-        tok.clean_up_spaces = special.clean_up_spaces();
+        tok.clean_up_spaces = special.clean_up_spaces(tok.is_bpe());
         Ok(tok)
     }
 
@@ -157,8 +159,12 @@ impl PromptTokenizer {
         let inner = load_tokenizer_json(component, &json_path)?;
         let pad = special.token("pad_token").unwrap_or_else(|| "<pad>".to_string());
         let mut tok = Self::finish(component, json_path, inner, &pad, special.model_max_length())?;
-        tok.clean_up_spaces = special.clean_up_spaces();
+        tok.clean_up_spaces = special.clean_up_spaces(tok.is_bpe());
         Ok(tok)
+    }
+
+    fn is_bpe(&self) -> bool {
+        matches!(self.inner.get_model(), tokenizers::ModelWrapper::BPE(_))
     }
 
     fn finish(

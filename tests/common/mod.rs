@@ -103,6 +103,13 @@ pub fn golden_request(case: &Path) -> GenerationRequest {
         .guidance(j["guidance"].as_f64().expect("guidance") as f32)
         .max_sequence_length(j["max_sequence_length"].as_u64().unwrap_or(256) as usize)
         .latents(latents);
+    // request.json "no_t5_padding" (models/make_fixtures.py option cases no_t5_clip_length / no_t5_omit)
+    let req = match j["no_t5_padding"].as_str() {
+        None | Some("max_sequence_length") => req,
+        Some("clip_length") => req.no_t5_padding(sd3_onnx::NoT5Padding::ClipLength),
+        Some("omit") => req.no_t5_padding(sd3_onnx::NoT5Padding::Omit),
+        Some(other) => panic!("{}: unknown no_t5_padding {other:?}", case.display()),
+    };
     match j["clip_skip"].as_u64() {
         Some(n) => req.clip_skip(n as usize),
         None => req,

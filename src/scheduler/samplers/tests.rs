@@ -136,7 +136,7 @@ fn dpm_first_order_is_euler_and_the_middle_steps_are_second_order() {
 #[test]
 fn dpm_schedule_starts_below_one_and_truncates_timesteps() {
     let s = Sampler::new(SamplerKind::DpmSolverPlusPlus2M, &sd3(), 4, None).unwrap();
-    // diffusers 0.35.2: timesteps [999, 899, 749, 499], sigmas[0] = shift(0.999) = 0.99966645.
+    // diffusers 0.42.1 (and 0.35.2): timesteps [999, 899, 749, 499], sigmas[0] = shift(0.999) = 0.99966645.
     assert_eq!(s.timesteps(), &[999.0, 899.0, 749.0, 499.0]);
     assert_eq!(s.sigmas()[0], 0.999_666_45);
     assert_eq!(s.sigmas().len(), 5);
