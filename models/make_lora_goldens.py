@@ -21,6 +21,10 @@ Writes models/goldens/lora/tiny-sd3/:
   one_0.8.png                       load_lora_weights(one) + set_adapters(["one"], [0.8])
   one_0.8_two_-0.6.png              both, set_adapters(["one", "two"], [0.8, -0.6])
   one_0.png                         set_adapters(["one"], [0.0]) (equals base.png)
+  kohya.safetensors                 a random LoRA in the kohya / sd-scripts layout (fused qkv, `alpha` tensors; rank 4,
+                                    alpha 8; plus an adaLN key and a `lora_te1_` key that are not converted)
+  kohya_peft.safetensors            it converted by models/export/kohya_to_peft.py
+  kohya_0.7.png                     load_lora_weights(kohya_peft) + set_adapters(["kohya"], [0.7])
   summary.json                      the request, and pixel distances between these images
 The request is models/goldens/tiny-sd3/cfg_negative (its latents.npy).
 """
@@ -91,6 +95,39 @@ def run(pipe) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def make_kohya(seed: int, rank=4, alpha=8.0) -> Path:
+    """A random kohya SD3 LoRA for the tiny transformer (shapes from its config)."""
+    from safetensors.numpy import save_file
+
+    cfg = json.loads((FIXTURE / "transformer" / "config.json").read_text())
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    ff = 4 * hidden
+    rng = np.random.default_rng(seed)
+    st = {}
+
+    def add(name, out_f, in_f):
+        st[f"{name}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) * 0.1).astype(np.float32)
+        st[f"{name}.lora_up.weight"] = (rng.standard_normal((out_f, rank)) * 0.1).astype(np.float32)
+        st[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
+
+    for n in range(cfg["num_layers"]):
+        last = n == cfg["num_layers"] - 1  # context_pre_only: the context stream has only its qkv
+        add(f"lora_unet_joint_blocks_{n}_x_block_attn_qkv", 3 * hidden, hidden)
+        add(f"lora_unet_joint_blocks_{n}_x_block_attn_proj", hidden, hidden)
+        add(f"lora_unet_joint_blocks_{n}_x_block_mlp_fc1", ff, hidden)
+        add(f"lora_unet_joint_blocks_{n}_x_block_mlp_fc2", hidden, ff)
+        add(f"lora_unet_joint_blocks_{n}_context_block_attn_qkv", 3 * hidden, hidden)
+        if not last:
+            add(f"lora_unet_joint_blocks_{n}_context_block_attn_proj", hidden, hidden)
+            add(f"lora_unet_joint_blocks_{n}_context_block_mlp_fc1", ff, hidden)
+            add(f"lora_unet_joint_blocks_{n}_context_block_mlp_fc2", hidden, ff)
+    add("lora_unet_joint_blocks_0_x_block_adaLN_modulation_1", 6 * hidden, hidden)
+    add("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 16, 16)
+    path = OUT / "kohya.safetensors"
+    save_file(st, str(path))
+    return path
+
+
 def save(a: np.ndarray, name: str):
     Image.fromarray(a).save(OUT / name)
 
@@ -140,6 +177,17 @@ def main():
     pipe.load_lora_weights(str(OUT / "swapped.safetensors"), adapter_name="swapped")
     pipe.set_adapters(["swapped"], [0.8])
     swapped_img = run(pipe)
+    pipe.delete_adapters(["swapped"])
+    # kohya: converted by the documented script, then loaded by diffusers.
+    import subprocess
+    import sys
+
+    kohya = make_kohya(seed=3)
+    subprocess.run([sys.executable, str(ROOT / "export" / "kohya_to_peft.py"), str(kohya),
+                    str(OUT / "kohya_peft.safetensors")], check=True)
+    pipe.load_lora_weights(str(OUT / "kohya_peft.safetensors"), adapter_name="kohya")
+    pipe.set_adapters(["kohya"], [0.7])
+    images["kohya_0.7.png"] = run(pipe)
     for name, a in images.items():
         save(a, name)
     summary = {
@@ -149,6 +197,7 @@ def main():
             "one_0 vs base": diff(images["one_0.png"], images["base.png"]),
             "one_0.8_two_-0.6 vs one_0.8": diff(images["one_0.8_two_-0.6.png"], images["one_0.8.png"]),
             "swapped_0.8 vs one_0.8": diff(swapped_img, images["one_0.8.png"]),
+            "kohya_0.7 vs base": diff(images["kohya_0.7.png"], images["base.png"]),
         },
         "pixel_mean": {k: float(v.mean()) for k, v in images.items()},
     }

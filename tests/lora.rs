@@ -92,6 +92,20 @@ fn wrong_alpha_or_wrong_stream_is_visible() {
     assert_far(&swapped.images[0], "one_0.8.png", "wrong stream");
 }
 
+/// A kohya / sd-scripts LoRA (fused qkv, alpha tensors), converted to PEFT keys by
+/// models/export/kohya_to_peft.py, gives diffusers' image on the converted file; the raw kohya file is refused
+/// with the way to convert it.
+#[test]
+fn kohya_lora_converted_by_the_script_matches_diffusers() {
+    let model = lora_model("kohya");
+    let mut pipe = Sd3Pipeline::builder(&model.dir).build().unwrap();
+    assert_eq!(pipe.load_lora(goldens().join("kohya_peft.safetensors"), "kohya").unwrap(), vec![]);
+    let out = pipe.generate(&request().lora("kohya", 0.7)).unwrap();
+    assert_close(&out.images[0], "kohya_0.7.png");
+    let e = pipe.load_lora(goldens().join("kohya.safetensors"), "raw").unwrap_err();
+    assert!(matches!(e, Error::Lora { .. }) && e.to_string().contains("kohya_to_peft.py"), "{e}");
+}
+
 /// A1111's short hash: SHA-256 of the bytes after the safetensors header, first 12 hex digits.
 fn addnet_hash(path: &Path) -> String {
     use sha2::{Digest, Sha256};
