@@ -224,3 +224,26 @@ fn bad_files_and_unmatched_keys() {
     let e = plain.load_lora(goldens().join("one.safetensors"), "one").unwrap_err();
     assert!(matches!(e, Error::Lora { .. }) && e.to_string().contains("lora_inputs.py"), "{e}");
 }
+
+/// float16 graphs: the weights are merged in float32 and fed as float16. Scale 0 is the float16 base exactly; a
+/// LoRA's image is as close to diffusers' float32 LoRA image as the float16 base is to diffusers' base (+1
+/// level), and far from the float16 base.
+#[test]
+fn float16_graph_takes_loras() {
+    let m = ScratchModel::new("tiny-sd3", "lora-fp16");
+    copy_dir(&fixture("tiny-sd3-fp16"), &m.dir);
+    copy_dir(&fixture("tiny-sd3-fp16-lora"), &m.dir);
+    let mut pipe = Sd3Pipeline::builder(&m.dir).build().unwrap();
+    assert_eq!(pipe.info().transformer_dtype, sd3_onnx::ElementType::Float16);
+    pipe.load_lora(goldens().join("one.safetensors"), "one").unwrap();
+    let base = pipe.generate(&request()).unwrap();
+    let zero = pipe.generate(&request().lora("one", 0.0)).unwrap();
+    assert_eq!(zero.images[0], base.images[0]);
+    let one = pipe.generate(&request().lora("one", 0.8)).unwrap();
+    let (base_err, _) = pixel_diff(&base.images[0], &load_png(&goldens().join("base.png")));
+    let (lora_err, mean) = pixel_diff(&one.images[0], &load_png(&goldens().join("one_0.8.png")));
+    eprintln!("float16: base {base_err} levels from diffusers' float32 base, LoRA {lora_err} (mean {mean:.3}) from its LoRA image");
+    assert!(lora_err <= base_err + 1, "float16 LoRA image {lora_err} levels from diffusers' (base: {base_err})");
+    let (moved, _) = pixel_diff(&one.images[0], &base.images[0]);
+    assert!(moved > 3, "the LoRA moved the float16 image by only {moved} levels");
+}
