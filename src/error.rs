@@ -360,7 +360,7 @@ pub enum Error {
     LoraShapeMismatch {
         /// The LoRA file.
         path: PathBuf,
-        /// The diffusers module name, e.g. `transformer_blocks.0.attn.to_q`.
+        /// The component and diffusers module name, e.g. `transformer.transformer_blocks.0.attn.to_q`.
         module: String,
         /// `[out, in]` implied by the LoRA's `lora_B` rows and `lora_A` columns.
         lora_shape: [usize; 2],

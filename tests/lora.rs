@@ -185,7 +185,7 @@ fn bad_files_and_unmatched_keys() {
     let e = pipe.load_lora(&wrong, "wrong").unwrap_err();
     match &e {
         Error::LoraShapeMismatch { module, lora_shape, model_shape, .. } => {
-            assert_eq!(module, "transformer_blocks.0.attn.to_q");
+            assert_eq!(module, "transformer.transformer_blocks.0.attn.to_q");
             assert_eq!((*lora_shape, *model_shape), ([16, 24], [16, 16]));
         }
         other => panic!("{other:?}"),

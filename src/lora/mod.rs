@@ -16,7 +16,7 @@ use ndarray::{Array2, ArrayD};
 use serde_json::Value;
 
 use self::safetensors::SafeTensors;
-use crate::error::{boxed, Error, Result};
+use crate::error::{boxed, Component, Error, Result};
 use crate::runtime::ElementType;
 
 /// The largest LoRA file read (4 GiB: an SD3.5-large LoRA of rank 128 on every linear layer is under 2 GiB).
@@ -58,111 +58,136 @@ struct Module {
     scale: f32,
 }
 
+/// The components a LoRA can change: the key prefix (diffusers' `transformer_name` / `text_encoder_name`, also
+/// the model folder's subfolder) and the component.
+pub(crate) const COMPONENTS: [(&str, Component); 3] = [
+    ("transformer", Component::Transformer),
+    ("text_encoder", Component::TextEncoderClipL),
+    ("text_encoder_2", Component::TextEncoderClipG),
+];
+
 /// A loaded LoRA file.
 #[derive(Debug)]
 pub(crate) struct Lora {
-    modules: BTreeMap<String, Module>,
+    /// (component prefix, module) -> its matrices.
+    modules: BTreeMap<(&'static str, String), Module>,
     /// AUTOMATIC1111's short hash (the first 12 hex digits of the SHA-256 of the tensor data, "addnet" hash).
     pub short_hash: String,
 }
 
-/// The LoRAs loaded into a pipeline and the merged weights of the active set.
-#[derive(Debug, Default)]
-pub(crate) struct LoraState {
-    targets: Option<BTreeMap<String, Target>>,
+/// What a LoRA-ready component folder says: the targetable weights and their base values.
+#[derive(Debug)]
+struct Targets {
+    modules: BTreeMap<String, Target>,
     base: BTreeMap<String, Array2<f32>>,
+}
+
+/// The LoRAs loaded into a pipeline and the merged weights of the active set.
+#[derive(Debug)]
+pub(crate) struct LoraState {
+    /// Per component prefix: `None` when its folder is not LoRA-ready. Read on the first load.
+    targets: Option<BTreeMap<&'static str, Option<Targets>>>,
     pub loaded: BTreeMap<String, Lora>,
-    /// The set whose merge `merged` holds: (name, scale bits), in request order.
-    applied: Vec<(String, u32)>,
-    merged: Vec<(String, ArrayD<f32>, ElementType)>,
+    /// The set whose merge `merged` holds and the graphs were given: (name, scale bits), in request order.
+    /// `None` after loading or unloading a LoRA it may contain: merge again.
+    applied: Option<Vec<(String, u32)>>,
+    merged: BTreeMap<&'static str, Vec<(String, ArrayD<f32>, ElementType)>>,
+}
+
+impl Default for LoraState {
+    fn default() -> Self {
+        // The graphs start without overrides: the empty set is applied.
+        LoraState { targets: None, loaded: BTreeMap::new(), applied: Some(Vec::new()), merged: BTreeMap::new() }
+    }
 }
 
 fn lora_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Lora { path: path.to_path_buf(), message: message.into(), source: None }
 }
 
-impl LoraState {
-    /// Reads `transformer/lora_targets.json` and `transformer/lora_base.safetensors` once.
-    fn targets(&mut self, transformer_dir: &Path, lora_path: &Path) -> Result<&BTreeMap<String, Target>> {
-        if self.targets.is_none() {
-            let json_path = transformer_dir.join("lora_targets.json");
-            let not_ready = || {
-                lora_error(
-                    lora_path,
-                    format!(
-                        "the model's transformer graph is not LoRA-ready ({} is missing); rewrite the model folder \
-                         once with `python models/export/lora_inputs.py MODEL_FOLDER`",
-                        json_path.display()
-                    ),
-                )
-            };
-            let text = std::fs::read_to_string(&json_path).map_err(|_| not_ready())?;
-            let bad = |m: String| Error::InvalidConfig {
-                component: crate::Component::Transformer,
-                path: Some(json_path.clone()),
-                message: m,
-                source: None,
-            };
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
-                component: crate::Component::Transformer,
-                path: Some(json_path.clone()),
-                message: format!("not json: {e}"),
-                source: boxed(e),
-            })?;
-            let modules =
-                v.get("modules").and_then(Value::as_object).ok_or_else(|| bad("no `modules` object".into()))?;
-            let base_path = transformer_dir.join("lora_base.safetensors");
-            let base_file = SafeTensors::read(&base_path, u64::MAX)?;
-            let mut targets = BTreeMap::new();
-            for (name, t) in modules {
-                let target = (|| -> Option<Target> {
-                    let shape = t.get("shape")?.as_array()?;
-                    let dim = |i: usize| shape.get(i)?.as_u64().and_then(|d| usize::try_from(d).ok());
-                    Some(Target {
-                        input: t.get("input")?.as_str()?.to_string(),
-                        shape: [dim(0)?, dim(1)?],
-                        out_in: match t.get("layout")?.as_str()? {
-                            "out_in" => true,
-                            "in_out" => false,
-                            _ => return None,
-                        },
-                        dtype: match t.get("dtype")?.as_str()? {
-                            "float32" => ElementType::Float32,
-                            "float16" => ElementType::Float16,
-                            _ => return None,
-                        },
-                    })
-                })()
-                .ok_or_else(|| bad(format!("module `{name}`: needs input, shape [a, b], layout and dtype")))?;
-                let w = base_file.f32(name)?;
-                let w = Array2::from_shape_vec(target.shape, w).map_err(|_| {
-                    lora_error(&base_path, format!("`{name}` does not have the shape {:?}", target.shape))
-                })?;
-                self.base.insert(name.clone(), w);
-                targets.insert(name.clone(), target);
-            }
-            self.targets = Some(targets);
-        }
-        self.targets.as_ref().ok_or_else(|| Error::internal("LoRA targets not loaded"))
+/// Reads `<dir>/lora_targets.json` and `<dir>/lora_base.safetensors`; `None` when the json is absent.
+fn read_targets(component: Component, dir: &Path) -> Result<Option<Targets>> {
+    let json_path = dir.join("lora_targets.json");
+    if !json_path.is_file() {
+        return Ok(None);
     }
+    let bad = |m: String| Error::InvalidConfig { component, path: Some(json_path.clone()), message: m, source: None };
+    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+        component,
+        path: Some(json_path.clone()),
+        message: format!("not json: {e}"),
+        source: boxed(e),
+    })?;
+    let modules = v.get("modules").and_then(Value::as_object).ok_or_else(|| bad("no `modules` object".into()))?;
+    let base_path = dir.join("lora_base.safetensors");
+    let base_file = SafeTensors::read(&base_path, u64::MAX)?;
+    let mut t = Targets { modules: BTreeMap::new(), base: BTreeMap::new() };
+    for (name, m) in modules {
+        let target = (|| -> Option<Target> {
+            let shape = m.get("shape")?.as_array()?;
+            let dim = |i: usize| shape.get(i)?.as_u64().and_then(|d| usize::try_from(d).ok());
+            if shape.len() != 2 {
+                return None;
+            }
+            Some(Target {
+                input: m.get("input")?.as_str()?.to_string(),
+                shape: [dim(0)?, dim(1)?],
+                out_in: match m.get("layout")?.as_str()? {
+                    "out_in" => true,
+                    "in_out" => false,
+                    _ => return None,
+                },
+                dtype: match m.get("dtype")?.as_str()? {
+                    "float32" => ElementType::Float32,
+                    "float16" => ElementType::Float16,
+                    _ => return None,
+                },
+            })
+        })()
+        .ok_or_else(|| bad(format!("module `{name}`: needs input, shape [a, b], layout and dtype")))?;
+        let w = base_file.f32(name)?;
+        let w = Array2::from_shape_vec(target.shape, w)
+            .map_err(|_| lora_error(&base_path, format!("`{name}` does not have the shape {:?}", target.shape)))?;
+        t.base.insert(name.clone(), w);
+        t.modules.insert(name.clone(), target);
+    }
+    Ok(Some(t))
+}
 
+impl LoraState {
     /// Loads a LoRA file under `name` (replacing one of the same name); returns the keys it could not use.
-    pub fn load(&mut self, transformer_dir: &Path, path: &Path, name: String) -> Result<Vec<String>> {
+    pub fn load(&mut self, model_dir: &Path, path: &Path, name: String) -> Result<Vec<String>> {
+        if self.targets.is_none() {
+            let mut all = BTreeMap::new();
+            for (prefix, component) in COMPONENTS {
+                all.insert(prefix, read_targets(component, &model_dir.join(prefix))?);
+            }
+            self.targets = Some(all);
+        }
+        let targets = self.targets.as_ref().ok_or_else(|| Error::internal("LoRA targets not read"))?;
+        if targets.values().all(Option::is_none) {
+            return Err(lora_error(
+                path,
+                format!(
+                    "the model is not LoRA-ready (no transformer/lora_targets.json in {}); rewrite the model folder \
+                     once with `python models/export/lora_inputs.py MODEL_FOLDER`",
+                    model_dir.display()
+                ),
+            ));
+        }
         let file = SafeTensors::read(path, MAX_LORA_BYTES)?;
-        let targets = self.targets(transformer_dir, path)?;
         let (lora, ignored) = parse(&file, targets)?;
         self.loaded.insert(name, lora);
-        self.applied.clear(); // the file under a name may have changed: merge again
-        self.merged.clear();
+        self.applied = None; // the file under a name may have changed: merge again
         Ok(ignored)
     }
 
     /// Forgets a LoRA; `false` when none had that name.
     pub fn unload(&mut self, name: &str) -> bool {
         let found = self.loaded.remove(name).is_some();
-        if found && self.applied.iter().any(|(n, _)| n == name) {
-            self.applied.clear();
-            self.merged.clear();
+        if found {
+            self.applied = None;
         }
         found
     }
@@ -187,45 +212,56 @@ impl LoraState {
         Ok(())
     }
 
-    /// The merged weights for `chosen` (name, scale), computed only when the set differs from the last one.
-    /// Empty when no LoRA has a non-zero scale: the graph then runs on its own weights.
-    pub fn activate(&mut self, chosen: &[(String, f32)]) -> Result<&[(String, ArrayD<f32>, ElementType)]> {
+    /// Merges the weights for `chosen` (name, scale) when the set differs from the last one; returns whether it
+    /// changed, after which [`merged`](Self::merged) holds the new weights. LoRAs of scale 0 are left out, so a
+    /// set of only those merges nothing: the graphs run on their own weights.
+    pub fn activate(&mut self, chosen: &[(String, f32)]) -> Result<bool> {
         self.check(chosen)?;
         let active: Vec<(String, u32)> =
             chosen.iter().filter(|(_, s)| *s != 0.0).map(|(n, s)| (n.clone(), s.to_bits())).collect();
-        if active != self.applied || (active.is_empty() && !self.merged.is_empty()) {
-            self.merged.clear();
-            let targets = self.targets.as_ref();
-            let mut sums: BTreeMap<&str, Array2<f32>> = BTreeMap::new();
-            for (name, bits) in &active {
-                let scale = f32::from_bits(*bits);
-                let lora = &self.loaded[name];
-                for (module, m) in &lora.modules {
-                    let delta = m.b.dot(&m.a) * (scale * m.scale);
-                    let target = targets
-                        .and_then(|t| t.get(module))
-                        .ok_or_else(|| Error::internal(format!("LoRA module {module} has no target")))?;
-                    let delta = if target.out_in { delta } else { delta.reversed_axes() };
-                    let sum = sums.entry(module.as_str()).or_insert_with(|| {
-                        self.base.get(module).cloned().unwrap_or_else(|| Array2::zeros(target.shape))
-                    });
-                    if sum.shape() != delta.shape() {
-                        return Err(Error::internal(format!(
-                            "LoRA {name}: {module} delta {:?} vs weight {:?}",
-                            delta.shape(),
-                            sum.shape()
-                        )));
-                    }
-                    *sum += &delta;
-                }
-            }
-            for (module, w) in sums {
-                let target = &self.targets.as_ref().ok_or_else(|| Error::internal("LoRA targets"))?[module];
-                self.merged.push((target.input.clone(), w.into_dyn(), target.dtype));
-            }
-            self.applied = active;
+        if self.applied.as_ref() == Some(&active) {
+            return Ok(false);
         }
-        Ok(&self.merged)
+        self.merged.clear();
+        let Some(targets) = self.targets.as_ref() else {
+            self.applied = Some(active);
+            return Ok(true);
+        };
+        let mut sums: BTreeMap<(&'static str, &str), Array2<f32>> = BTreeMap::new();
+        for (name, bits) in &active {
+            let scale = f32::from_bits(*bits);
+            let lora = &self.loaded[name];
+            for ((prefix, module), m) in &lora.modules {
+                let t = targets.get(prefix).and_then(Option::as_ref);
+                let (Some(target), Some(base)) =
+                    (t.and_then(|t| t.modules.get(module)), t.and_then(|t| t.base.get(module)))
+                else {
+                    return Err(Error::internal(format!("LoRA module {prefix}.{module} has no target")));
+                };
+                let delta = m.b.dot(&m.a) * (scale * m.scale);
+                let delta = if target.out_in { delta } else { delta.reversed_axes() };
+                let sum = sums.entry((*prefix, module.as_str())).or_insert_with(|| base.clone());
+                if sum.shape() != delta.shape() {
+                    return Err(Error::internal(format!(
+                        "LoRA {name}: {module} delta {:?} vs weight {:?}",
+                        delta.shape(),
+                        sum.shape()
+                    )));
+                }
+                *sum += &delta;
+            }
+        }
+        for ((prefix, module), w) in sums {
+            let target = &targets[prefix].as_ref().ok_or_else(|| Error::internal("LoRA targets"))?.modules[module];
+            self.merged.entry(prefix).or_default().push((target.input.clone(), w.into_dyn(), target.dtype));
+        }
+        self.applied = Some(active);
+        Ok(true)
+    }
+
+    /// The merged weights of the active set for one component (by its prefix).
+    pub fn merged(&self, prefix: &str) -> Vec<(String, ArrayD<f32>, ElementType)> {
+        self.merged.get(prefix).cloned().unwrap_or_default()
     }
 }
 
@@ -236,8 +272,9 @@ enum Part {
     Alpha,
 }
 
-fn split_key(key: &str) -> Option<(&str, Part)> {
-    let body = key.strip_prefix("transformer.")?;
+/// Splits `<prefix>.<module><suffix>` for the components' prefixes.
+fn split_key(key: &str) -> Option<(&'static str, &str, Part)> {
+    let (prefix, body) = COMPONENTS.iter().find_map(|(p, _)| Some((*p, key.strip_prefix(p)?.strip_prefix('.')?)))?;
     for (suffix, part) in [
         (".lora_A.weight", Part::A),
         (".lora_B.weight", Part::B),
@@ -246,21 +283,21 @@ fn split_key(key: &str) -> Option<(&str, Part)> {
         (".alpha", Part::Alpha),
     ] {
         if let Some(module) = body.strip_suffix(suffix) {
-            return Some((module, part));
+            return Some((prefix, module, part));
         }
     }
     None
 }
 
-/// The `transformer.` entries of diffusers' adapter metadata: `lora_alpha`, `use_rslora`, `use_dora`,
-/// `alpha_pattern`.
+/// A component's entries of diffusers' adapter metadata (`<prefix>.lora_alpha`, `use_rslora`, `use_dora`,
+/// `alpha_pattern`).
 struct Config {
     alpha: Option<f32>,
     rslora: bool,
     alpha_pattern: BTreeMap<String, f32>,
 }
 
-fn config(file: &SafeTensors) -> Result<Config> {
+fn config(file: &SafeTensors, prefix: &str) -> Result<Config> {
     let mut c = Config { alpha: None, rslora: false, alpha_pattern: BTreeMap::new() };
     let Some(raw) = file.metadata.get(DIFFUSERS_METADATA) else { return Ok(c) };
     let v: Value = serde_json::from_str(raw).map_err(|e| Error::Lora {
@@ -268,7 +305,7 @@ fn config(file: &SafeTensors) -> Result<Config> {
         message: format!("the `{DIFFUSERS_METADATA}` metadata is not JSON: {e}"),
         source: boxed(e),
     })?;
-    let get = |k: &str| v.get(format!("transformer.{k}"));
+    let get = |k: &str| v.get(format!("{prefix}.{k}"));
     c.alpha = get("lora_alpha").and_then(Value::as_f64).map(|a| a as f32);
     c.rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
     if get("use_dora").and_then(Value::as_bool).unwrap_or(false) {
@@ -294,21 +331,24 @@ fn pattern_alpha(c: &Config, module: &str) -> Option<f32> {
         .or(c.alpha)
 }
 
-fn parse(file: &SafeTensors, targets: &BTreeMap<String, Target>) -> Result<(Lora, Vec<String>)> {
-    let c = config(file)?;
-    let mut parts: BTreeMap<&str, [Option<&str>; 3]> = BTreeMap::new();
+fn parse(file: &SafeTensors, targets: &BTreeMap<&'static str, Option<Targets>>) -> Result<(Lora, Vec<String>)> {
+    let mut configs = BTreeMap::new();
+    for (prefix, _) in COMPONENTS {
+        configs.insert(prefix, config(file, prefix)?);
+    }
+    let module_targets = |prefix: &str| targets.get(prefix).and_then(Option::as_ref).map(|t| &t.modules);
+    let mut parts: BTreeMap<(&'static str, &str), [Option<&str>; 3]> = BTreeMap::new();
     let mut ignored = Vec::new();
     for key in file.tensors.keys() {
         match split_key(key) {
-            Some((module, part)) if targets.contains_key(module) => {
-                let slot = &mut parts.entry(module).or_default()[part as usize];
-                *slot = Some(key.as_str());
+            Some((prefix, module, part)) if module_targets(prefix).is_some_and(|t| t.contains_key(module)) => {
+                parts.entry((prefix, module)).or_default()[part as usize] = Some(key.as_str());
             }
             _ => ignored.push(key.clone()),
         }
     }
     let mut modules = BTreeMap::new();
-    for (module, [a_key, b_key, alpha_key]) in parts {
+    for ((prefix, module), [a_key, b_key, alpha_key]) in parts {
         let (Some(a_key), Some(b_key)) = (a_key, b_key) else {
             ignored.extend([a_key, b_key, alpha_key].into_iter().flatten().map(str::to_string));
             continue;
@@ -322,7 +362,9 @@ fn parse(file: &SafeTensors, targets: &BTreeMap<String, Target>) -> Result<(Lora
                 .map_err(|e| Error::internal(format!("{key}: shape checked by the reader: {e}")))
         };
         let (a, b) = (matrix(a_key)?, matrix(b_key)?);
-        let target = &targets[module];
+        let target = module_targets(prefix)
+            .and_then(|t| t.get(module))
+            .ok_or_else(|| Error::internal(format!("{prefix}.{module}: matched without a target")))?;
         let model = target.out_in_shape();
         let rank = a.nrows();
         if b.ncols() != rank || rank == 0 {
@@ -334,35 +376,37 @@ fn parse(file: &SafeTensors, targets: &BTreeMap<String, Target>) -> Result<(Lora
         if b.nrows() != model[0] || a.ncols() != model[1] {
             return Err(Error::LoraShapeMismatch {
                 path: file.path.clone(),
-                module: module.to_string(),
+                module: format!("{prefix}.{module}"),
                 lora_shape: [b.nrows(), a.ncols()],
                 model_shape: model,
             });
         }
+        let c = &configs[prefix];
         let alpha = match alpha_key {
             Some(k) => {
                 file.f32(k)?.first().copied().ok_or_else(|| lora_error(&file.path, format!("`{k}` is empty")))?
             }
-            None => pattern_alpha(&c, module).unwrap_or(rank as f32),
+            None => pattern_alpha(c, module).unwrap_or(rank as f32),
         };
         let r = rank as f32;
         let scale = if c.rslora { alpha / r.sqrt() } else { alpha / r };
         if !scale.is_finite() {
             return Err(lora_error(&file.path, format!("`{module}`: alpha {alpha} gives no finite scale")));
         }
-        modules.insert(module.to_string(), Module { a, b, scale });
+        modules.insert((prefix, module.to_string()), Module { a, b, scale });
     }
     if modules.is_empty() {
         return Err(lora_error(
             &file.path,
             format!(
-                "no key matches a LoRA-targetable transformer module (diffusers/PEFT keys \
-                 `transformer.<module>.lora_A.weight`; kohya files: convert them with \
-                 models/export/kohya_to_peft.py); first keys: {:?}",
+                "no key matches a LoRA-targetable module of this model (diffusers/PEFT keys \
+                 `transformer.<module>.lora_A.weight`, `text_encoder.` / `text_encoder_2.` for the CLIPs, in LoRA-ready \
+                 folders; kohya files: convert them with models/export/kohya_to_peft.py); first keys: {:?}",
                 ignored.iter().take(5).collect::<Vec<_>>()
             ),
         ));
     }
+    ignored.sort();
     let short_hash = addnet_hash(file.data());
     Ok((Lora { modules, short_hash }, ignored))
 }

@@ -225,6 +225,8 @@ impl Sd3Pipeline {
         weighting: bool,
     ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
+        // Without a request there are no LoRAs: the text encoders run on their own weights.
+        self.apply_loras(&[])?;
         let mut truncations = Vec::new();
         let cond = self.text.encode(
             prompt,
@@ -266,9 +268,20 @@ impl Sd3Pipeline {
     /// that cannot be read are [`Error::Lora`].
     pub fn load_lora(&mut self, path: impl AsRef<Path>, name: impl Into<String>) -> Result<Vec<Warning>> {
         let name = name.into();
-        let transformer_dir = self.model_dir.join("transformer");
-        let keys = self.lora.load(&transformer_dir, path.as_ref(), name.clone())?;
+        let keys = self.lora.load(&self.model_dir, path.as_ref(), name.clone())?;
         Ok(if keys.is_empty() { Vec::new() } else { vec![Warning::LoraKeysIgnored { lora: name, keys }] })
+    }
+
+    /// Gives the graphs the merged weights of the LoRAs `chosen` (name, scale), merging only when the set
+    /// changed since the last call; no LoRA (or only scale 0) leaves every graph on its own weights.
+    fn apply_loras(&mut self, chosen: &[(String, f32)]) -> Result<()> {
+        if !self.lora.activate(chosen)? {
+            return Ok(());
+        }
+        self.transformer.overrides = self.lora.merged("transformer");
+        self.text.clip_l.graph_mut().overrides = self.lora.merged("text_encoder");
+        self.text.clip_g.graph_mut().overrides = self.lora.merged("text_encoder_2");
+        Ok(())
     }
 
     /// Forgets the LoRA loaded under `name`; `false` when there was none.
@@ -405,6 +418,8 @@ impl Sd3Pipeline {
             || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
 
         let t = Instant::now();
+        // LoRAs: the batch shares them (plan::check_batch); merged only when they changed since the last run.
+        self.apply_loras(&requests[0].loras)?;
         let (batch, positives) = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings)?;
         self.release(&[Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]);
         let text_encoding = t.elapsed();
@@ -432,17 +447,8 @@ impl Sd3Pipeline {
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
         ])?;
-        // LoRA weights, merged when the set of LoRAs changed since the last run (docs/lora.md).
-        let chosen = &requests[0].loras;
-        let weights = self.lora.activate(chosen)?;
-        if !weights.is_empty() && positives.is_some() {
-            return Err(Error::request(
-                "loras",
-                format!("{chosen:?}"),
-                "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
-            ));
-        }
-        self.transformer.bind_weights(&mut bound, weights)?;
+        // Merged LoRA weights (set by `apply_loras` before the text encoders ran).
+        self.transformer.bind_overrides(&mut bound)?;
         let mut skip_bound = match (&mut self.transformer_skip, &positives) {
             (Some((graph, _)), Some(p)) => Some(graph.bind(&[
                 ("encoder_hidden_states", Input::Float(p.context.view())),

@@ -140,6 +140,13 @@ impl Sd3Pipeline {
     pub(super) fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
         check_sequence_length(req.max_sequence_length)?;
         self.lora.check(&req.loras)?;
+        if req.skip_layer_guidance.is_some() && req.loras.iter().any(|(_, s)| *s != 0.0) {
+            return Err(Error::request(
+                "loras",
+                format!("{:?}", req.loras),
+                "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
+            ));
+        }
         if req.steps == 0 {
             return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
         }

@@ -121,6 +121,10 @@ pub(crate) struct Graph {
     pub run_time: Duration,
     /// Total time spent loading the session again after [`Graph::unload`].
     pub reload_time: Duration,
+    /// Values fed to overridable initializers (weights the graph also lists as inputs, with their own values as
+    /// defaults, which ONNX Runtime does not report among the inputs) on every run: merged LoRA weights, with
+    /// their element type in the graph. Empty: the graph runs on its own weights.
+    pub overrides: Vec<(String, ndarray::ArrayD<f32>, ElementType)>,
 }
 
 /// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
@@ -277,6 +281,7 @@ impl Graph {
             outputs,
             run_time: Duration::ZERO,
             reload_time: Duration::ZERO,
+            overrides: Vec::new(),
         })
     }
 
@@ -423,6 +428,9 @@ impl Graph {
             };
             values.push((name.to_string(), value));
         }
+        for (name, w, dtype) in &self.overrides {
+            values.push((name.clone(), self.value_as(name, &Input::Float(w.view()), *dtype)?.into()));
+        }
         let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
         self.ensure_loaded()?;
         let session = live(&mut self.session, component)?;
@@ -500,17 +508,11 @@ impl Graph {
         Ok(Binding { inner: binding })
     }
 
-    /// Binds overridable initializers (weights the graph also lists as inputs, with their values as defaults,
-    /// which ONNX Runtime does not report among the inputs): merged LoRA weights. `dtype` is the weight's type in
-    /// the graph.
-    pub(crate) fn bind_weights(
-        &mut self,
-        binding: &mut Binding,
-        weights: &[(String, ndarray::ArrayD<f32>, ElementType)],
-    ) -> Result<()> {
+    /// Binds the [`overrides`](Self::overrides) (merged LoRA weights) for the runs of `binding`.
+    pub(crate) fn bind_overrides(&mut self, binding: &mut Binding) -> Result<()> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
-        for (name, w, dtype) in weights {
+        for (name, w, dtype) in &self.overrides {
             let value = self.value_as(name, &Input::Float(w.view()), *dtype)?;
             match self.device() {
                 Some((device, id)) => {
