@@ -21,6 +21,10 @@ Writes models/goldens/lora/tiny-sd3/:
   one_0.8.png                       load_lora_weights(one) + set_adapters(["one"], [0.8])
   one_0.8_two_-0.6.png              both, set_adapters(["one", "two"], [0.8, -0.6])
   one_0.png                         set_adapters(["one"], [0.0]) (equals base.png)
+  te.safetensors                    a LoRA on both CLIP text encoders (q/k/v/out_proj, fc1, fc2; rank 4, lora_alpha 6),
+                                    keys `text_encoder.` / `text_encoder_2.`
+  te_0.9.png                        te at scale 0.9, applied by peft to the CLIPs (see `with_te_lora`: diffusers'
+                                    text-encoder loading needs a peft that this environment cannot have)
   kohya.safetensors                 a random LoRA in the kohya / sd-scripts layout (fused qkv, `alpha` tensors; rank 4,
                                     alpha 8; plus an adaLN key and a `lora_te1_` key that are not converted)
   kohya_peft.safetensors            it converted by models/export/kohya_to_peft.py
@@ -30,6 +34,7 @@ The request is models/goldens/tiny-sd3/cfg_negative (its latents.npy).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -49,6 +54,7 @@ OUT = ROOT / "goldens" / "lora" / "tiny-sd3"
 BUILD = Path(os.environ.get("SD3_FIXTURE_BUILD", Path(tempfile.gettempdir()) / "sd3-onnx-fixture-build"))
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 SWAP = {"attn.to_q.": "attn.add_q_proj.", "attn.to_k.": "attn.add_k_proj.", "attn.to_v.": "attn.add_v_proj.",
         "attn.to_out.0.": "attn.to_add_out.", ".ff.": ".ff_context."}
 
@@ -93,6 +99,61 @@ def run(pipe) -> np.ndarray:
                height=req["height"], num_inference_steps=req["steps"], guidance_scale=req["guidance"],
                max_sequence_length=req["max_sequence_length"], latents=latents.clone()).images[0]
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def make_te_lora(pipe, name: str, rank: int, alpha: float, seed: int, std: float) -> Path:
+    """A random LoRA on both CLIP text encoders (attention projections and MLP), saved with its configs in
+    diffusers' layout (keys `text_encoder.` / `text_encoder_2.`, metadata `text_encoder.lora_alpha`, ...)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TE_TARGETS, init_lora_weights=False)
+    g = torch.Generator().manual_seed(seed)
+    layers, metas = {}, {}
+    for key, te in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+        te = inject_adapter_in_model(cfg, copy.deepcopy(te), adapter_name=name)
+        with torch.no_grad():
+            for _, mod in te.named_modules():
+                if hasattr(mod, "lora_A") and name in mod.lora_A:
+                    for w in (mod.lora_A[name].weight, mod.lora_B[name].weight):
+                        w.copy_(torch.randn(w.shape, generator=g) * std)
+        layers[key] = get_peft_model_state_dict(te, adapter_name=name)
+        meta = cfg.to_dict()
+        metas[key] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    StableDiffusion3Pipeline.save_lora_weights(
+        OUT, text_encoder_lora_layers=layers["text_encoder"], text_encoder_2_lora_layers=layers["text_encoder_2"],
+        text_encoder_lora_adapter_metadata=metas["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=metas["text_encoder_2"], weight_name=f"{name}.safetensors")
+    return OUT / f"{name}.safetensors"
+
+
+def with_te_lora(pipe, path: Path, scale: float):
+    """The pipeline with the text-encoder LoRA of `path` applied at `scale` by peft itself: diffusers'
+    `load_lora_weights` loads text-encoder adapters through transformers' `load_adapter`, which in transformers
+    5.24 requires peft >= 0.22 (not on PyPI when this was written; 0.21.2 is the latest). So the file is read back,
+    its `text_encoder.` / `text_encoder_2.` weights injected with `inject_adapter_in_model` +
+    `set_peft_model_state_dict` into copies of the CLIPs, and `LoraLayer.set_scale(name, scale)` applied, which is
+    what `set_adapters([name], [scale])` does to each LoRA layer (scaling = scale * lora_alpha / r)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    patched = copy.copy(pipe)
+    for key in ("text_encoder", "text_encoder_2"):
+        conf = {k.split(".", 1)[1]: v for k, v in meta.items() if k.split(".", 1)[0] == key}
+        cfg = LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"], target_modules=conf["target_modules"])
+        te = inject_adapter_in_model(cfg, copy.deepcopy(getattr(pipe, key)), adapter_name="te")
+        sd = {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
+        result = set_peft_model_state_dict(te, sd, adapter_name="te")
+        assert not [k for k in result.unexpected_keys if "lora" in k], result.unexpected_keys
+        for mod in te.modules():
+            if isinstance(mod, LoraLayer):
+                mod.set_scale("te", scale)
+        setattr(patched, key, te.eval())
+    return patched
 
 
 def make_kohya(seed: int, rank=4, alpha=8.0) -> Path:
@@ -143,6 +204,7 @@ def main():
     pipe = load_pipeline()
     one = make_lora(pipe, "one", rank=4, alpha=2.0, seed=1, std_a=0.1, std_b=0.1)
     two = make_lora(pipe, "two", rank=2, alpha=3.0, seed=2, std_a=0.1, std_b=0.1)
+    te = make_te_lora(pipe, "te", rank=4, alpha=6.0, seed=4, std=0.1)
     # The wrong-stream LoRA: `one` with the two streams' keys exchanged (only modules both blocks have).
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -188,6 +250,9 @@ def main():
     pipe.load_lora_weights(str(OUT / "kohya_peft.safetensors"), adapter_name="kohya")
     pipe.set_adapters(["kohya"], [0.7])
     images["kohya_0.7.png"] = run(pipe)
+    pipe.delete_adapters(["kohya"])
+    images["te_0.9.png"] = run(with_te_lora(pipe, te, 0.9))
+    assert diff(run(pipe), images["base.png"]) == 0  # the pipeline itself was left as it was
     for name, a in images.items():
         save(a, name)
     summary = {
@@ -198,6 +263,7 @@ def main():
             "one_0.8_two_-0.6 vs one_0.8": diff(images["one_0.8_two_-0.6.png"], images["one_0.8.png"]),
             "swapped_0.8 vs one_0.8": diff(swapped_img, images["one_0.8.png"]),
             "kohya_0.7 vs base": diff(images["kohya_0.7.png"], images["base.png"]),
+            "te_0.9 vs base": diff(images["te_0.9.png"], images["base.png"]),
         },
         "pixel_mean": {k: float(v.mean()) for k, v in images.items()},
     }

@@ -92,6 +92,24 @@ fn wrong_alpha_or_wrong_stream_is_visible() {
     assert_far(&swapped.images[0], "one_0.8.png", "wrong stream");
 }
 
+/// A LoRA on both CLIP text encoders (`text_encoder.` / `text_encoder_2.` keys) reaches the prompt embeddings:
+/// the image equals the reference within 1 level, and the text encoders are back on their own weights after.
+#[test]
+fn text_encoder_lora_matches_the_reference() {
+    let model = lora_model("te");
+    let mut pipe = Sd3Pipeline::builder(&model.dir).build().unwrap();
+    assert_eq!(pipe.load_lora(goldens().join("te.safetensors"), "te").unwrap(), vec![]);
+    let req = request();
+    let (plain, _) = pipe.encode_prompt(&req.prompt, req.max_sequence_length, None).unwrap();
+    let out = pipe.generate(&req.clone().lora("te", 0.9)).unwrap();
+    assert_close(&out.images[0], "te_0.9.png");
+    assert_eq!(out.timings.load, Duration::ZERO);
+    // encode_prompt has no request, so no LoRA: the same embeddings as before the LoRA run.
+    let (after, _) = pipe.encode_prompt(&req.prompt, req.max_sequence_length, None).unwrap();
+    assert_eq!(plain, after);
+    assert_close(&pipe.generate(&req).unwrap().images[0], "base.png");
+}
+
 /// A kohya / sd-scripts LoRA (fused qkv, alpha tensors), converted to PEFT keys by
 /// models/export/kohya_to_peft.py, gives diffusers' image on the converted file; the raw kohya file is refused
 /// with the way to convert it.
