@@ -265,3 +265,23 @@ fn float16_graph_takes_loras() {
     let (moved, _) = pixel_diff(&one.images[0], &base.images[0]);
     assert!(moved > 3, "the LoRA moved the float16 image by only {moved} levels");
 }
+
+/// A float16 graph rewritten with `--fused-kernels` (LinearConcat / LinearSplit / Linear take the LoRA-ready
+/// weights): diffusers' LoRA image within the tolerance tests/export_parity.rs holds that graph to without LoRA
+/// (3 levels, mean 0.2), and the LoRA moves the image.
+#[test]
+fn fused_kernels_graph_takes_loras() {
+    let m = lora_model("lora-fused");
+    std::fs::remove_dir_all(m.path("transformer")).unwrap();
+    copy_dir(&fixture("tiny-sd3/transformer"), &m.path("transformer"));
+    copy_dir(&fixture("export-tiny-fp16-fused-lora/transformer"), &m.path("transformer"));
+    let mut pipe = Sd3Pipeline::builder(&m.dir).build().unwrap();
+    pipe.load_lora(goldens().join("one.safetensors"), "one").unwrap();
+    let base = pipe.generate(&request()).unwrap();
+    let one = pipe.generate(&request().lora("one", 0.8)).unwrap();
+    let (max, mean) = pixel_diff(&one.images[0], &load_png(&goldens().join("one_0.8.png")));
+    eprintln!("fused float16 + LoRA vs diffusers: max {max}, mean {mean:.4}");
+    assert!(max <= 3 && mean <= 0.2, "fused float16 LoRA image {max} levels (mean {mean:.3}) from diffusers'");
+    let (moved, _) = pixel_diff(&one.images[0], &base.images[0]);
+    assert!(moved > 3, "the LoRA moved the fused image by only {moved} levels");
+}

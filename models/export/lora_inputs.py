@@ -20,7 +20,9 @@ weights with transB=1 are [out, in]. By default the attention projections (`attn
 add_q/k/v_proj, to_add_out) and the feed-forward layers (`ff`, `ff_context`) are targeted, the modules LoRA
 trainers (diffusers' train_dreambooth_lora_sd3.py, sd-scripts) train; in the CLIP text encoders the attention
 projections (q/k/v/out_proj) and the MLP (fc1, fc2), as peft's and sd-scripts' defaults; `--all-linear` takes every MatMul/Gemm
-weight. An initializer used by more than one node is skipped (a merged value would change both).
+weight. Graphs rewritten with `--fused-kernels` (models/export/fused_kernels.py) work too: their LinearConcat /
+LinearSplit / Linear nodes take the stock MatMul weights, found by the rewrite's node names. An initializer used by
+more than one node is skipped (a merged value would change both).
 
 ONNX Runtime disables constant folding and pre-packing only for these initializers (documented for overridable
 initializers), so the stock graph's speed without LoRA is kept except for those optimisations on these weights.
@@ -50,7 +52,33 @@ def module_name(node_name: str, op: str) -> str | None:
     suffix = f"/{op}"
     if not node_name.startswith("/") or not node_name.endswith(suffix):
         return None
-    return node_name[1:-len(suffix)].replace("/", ".")
+    name = node_name[1:-len(suffix)].replace("/", ".")
+    # models/export/export_sd3.py exports a wrapper module (`self.m`): its node names start with "/m/".
+    return name.removeprefix("m.")
+
+
+FUSED = re.compile(r"^/fk/(\d+)/(attn/(to_q|to_k|to_v|out)|(ff|ff_context)/net\.(0|2))$")
+
+
+def fused_weights(node) -> list[tuple[str, str]]:
+    """(module, weight input) of a node of the crate's fused operators (models/export/fused_kernels.py), which take
+    the stock graph's MatMul weights ([in, out]) as they are: LinearConcat (q, k or v of both streams: weights at
+    inputs 1 and 4), LinearSplit (to_out.0 and to_add_out: inputs 1 and 3) and Linear (feed-forward: input 1)."""
+    m = FUSED.match(node.name)
+    if not m:
+        return []
+    i = m.group(1)
+    b = f"transformer_blocks.{i}"
+    ins = list(node.input)
+    pick = lambda k: ins[k] if len(ins) > k and ins[k] else None  # noqa: E731
+    if node.op_type == "LinearConcat" and m.group(3) in ("to_q", "to_k", "to_v"):
+        x = m.group(3)[-1]
+        return [(f"{b}.attn.to_{x}", pick(1)), (f"{b}.attn.add_{x}_proj", pick(4))]
+    if node.op_type == "LinearSplit" and m.group(3) == "out":
+        return [(f"{b}.attn.to_out.0", pick(1)), (f"{b}.attn.to_add_out", pick(3))]
+    if node.op_type == "Linear" and m.group(4):
+        return [(f"{b}.{m.group(4)}.net.{'0.proj' if m.group(5) == '0' else '2'}", pick(1))]
+    return []
 
 
 def rewrite(path: Path, pattern: re.Pattern, all_linear: bool):
@@ -60,29 +88,35 @@ def rewrite(path: Path, pattern: re.Pattern, all_linear: bool):
     uses = Counter(x for n in g.node for x in n.input)
     existing_inputs = {i.name for i in g.input}
     modules, base = {}, {}
-    for n in g.node:
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
-            continue
-        w = n.input[1]
-        name = module_name(n.name, n.op_type)
+
+    def add(n, name, w, layout):
         if name is None or w not in inits or len(inits[w].dims) != 2 or uses[w] != 1:
-            continue
+            return
         if not (all_linear or pattern.search(name)):
-            continue
-        if n.op_type == "Gemm":
+            return
+        if layout is None and n.op_type == "Gemm":
             attrs = {x.name: helper.get_attribute_value(x) for x in n.attribute}
             if attrs.get("transA", 0) != 0:
-                continue
+                return
             layout = "out_in" if attrs.get("transB", 0) == 1 else "in_out"
-        else:
-            layout = "in_out"
+        layout = layout or "in_out"
         arr = numpy_helper.to_array(inits[w])
         if arr.dtype not in (np.float32, np.float16):
-            continue
+            return
         modules[name] = {"input": w, "shape": list(arr.shape), "layout": layout, "dtype": str(arr.dtype)}
         base[name] = arr
         if w not in existing_inputs:
             g.input.append(helper.make_tensor_value_info(w, inits[w].data_type, list(arr.shape)))
+
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx") and n.op_type in ("LinearConcat", "LinearSplit", "Linear"):
+            found = [(name, w, "in_out") for name, w in fused_weights(n) if w]
+        elif n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2:
+            found = [(module_name(n.name, n.op_type), n.input[1], None)]
+        else:
+            continue
+        for name, w, layout in found:
+            add(n, name, w, layout)
     if not modules:
         raise SystemExit(f"{path}: no LoRA-targetable MatMul/Gemm weights found")
     onnx.save(model, str(path))
