@@ -12,12 +12,12 @@ pub(crate) mod safetensors;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ndarray::{Array2, ArrayD};
+use ndarray::Array2;
 use serde_json::Value;
 
 use self::safetensors::SafeTensors;
 use crate::error::{boxed, Component, Error, Result};
-use crate::runtime::ElementType;
+use crate::runtime::{ElementType, WeightOverride};
 
 /// The largest LoRA file read (4 GiB: an SD3.5-large LoRA of rank 128 on every linear layer is under 2 GiB).
 const MAX_LORA_BYTES: u64 = 4 << 30;
@@ -91,7 +91,7 @@ pub(crate) struct LoraState {
     /// The set whose merge `merged` holds and the graphs were given: (name, scale bits), in request order.
     /// `None` after loading or unloading a LoRA it may contain: merge again.
     applied: Option<Vec<(String, u32)>>,
-    merged: BTreeMap<&'static str, Vec<(String, ArrayD<f32>, ElementType)>>,
+    merged: BTreeMap<&'static str, Vec<WeightOverride>>,
 }
 
 impl Default for LoraState {
@@ -260,7 +260,7 @@ impl LoraState {
     }
 
     /// The merged weights of the active set for one component (by its prefix).
-    pub fn merged(&self, prefix: &str) -> Vec<(String, ArrayD<f32>, ElementType)> {
+    pub fn merged(&self, prefix: &str) -> Vec<WeightOverride> {
         self.merged.get(prefix).cloned().unwrap_or_default()
     }
 }

@@ -124,8 +124,11 @@ pub(crate) struct Graph {
     /// Values fed to overridable initializers (weights the graph also lists as inputs, with their own values as
     /// defaults, which ONNX Runtime does not report among the inputs) on every run: merged LoRA weights, with
     /// their element type in the graph. Empty: the graph runs on its own weights.
-    pub overrides: Vec<(String, ndarray::ArrayD<f32>, ElementType)>,
+    pub overrides: Vec<WeightOverride>,
 }
+
+/// A value for an overridable initializer: its graph input name, the value, and its element type in the graph.
+pub(crate) type WeightOverride = (String, ndarray::ArrayD<f32>, ElementType);
 
 /// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
 #[derive(Clone)]
