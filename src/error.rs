@@ -28,7 +28,8 @@
 //! returned by [`std::error::Error::source`]: ONNX Runtime's error for [`Error::RuntimeLoad`],
 //! [`Error::GraphLoad`], [`Error::Inference`] and [`Error::ExecutionProviderUnavailable`]; the tokenizers
 //! library's for [`Error::Tokenizer`]; serde_json's for [`Error::InvalidConfig`]; the PNG decoder's for
-//! [`Error::Image`]; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
+//! [`Error::Image`]; the [`std::io::Error`] or serde_json's for [`Error::Lora`] when reading the file or its header
+//! failed; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
 //! `HubInterrupted` and `HubResponse` (feature `download`); the [`std::io::Error`] for [`Error::Io`],
 //! `HubDiskFull` and, when the file system reported one (`NotFound`, `PermissionDenied`, ...), for
 //! [`Error::MissingFile`]. Foreign errors are boxed ([`BoxError`]), so no other crate's type is part of this

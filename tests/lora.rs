@@ -236,6 +236,10 @@ fn bad_files_and_unmatched_keys() {
         assert!(matches!(e, Error::Lora { .. }), "{}: {e:?}", f.display());
     }
     assert_eq!(pipe.lora_names(), ["mixed"]);
+    // A missing file keeps the I/O error as its source.
+    let e = pipe.load_lora(dir.join("missing.safetensors"), "bad").unwrap_err();
+    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound), "{e:?}");
 
     // A model folder that was not made LoRA-ready says how to make it so.
     let mut plain = Sd3Pipeline::builder(fixture("tiny-sd3")).build().unwrap();
