@@ -241,6 +241,12 @@ fn bad_files_and_unmatched_keys() {
     let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
     assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound), "{e:?}");
 
+    // Limits::max_lora_bytes is checked before the file is read.
+    let mut small =
+        Sd3Pipeline::builder(&model.dir).limits(sd3_onnx::Limits::default().max_lora_bytes(1000)).build().unwrap();
+    let e = small.load_lora(goldens().join("one.safetensors"), "one").unwrap_err();
+    assert!(matches!(e, Error::Lora { .. }) && e.to_string().contains("max_lora_bytes"), "{e}");
+
     // A model folder that was not made LoRA-ready says how to make it so.
     let mut plain = Sd3Pipeline::builder(fixture("tiny-sd3")).build().unwrap();
     let e = plain.load_lora(goldens().join("one.safetensors"), "one").unwrap_err();

@@ -19,9 +19,6 @@ use self::safetensors::SafeTensors;
 use crate::error::{boxed, Component, Error, Result};
 use crate::runtime::{ElementType, WeightOverride};
 
-/// The largest LoRA file read (4 GiB: an SD3.5-large LoRA of rank 128 on every linear layer is under 2 GiB).
-const MAX_LORA_BYTES: u64 = 4 << 30;
-
 /// The metadata key diffusers' `save_lora_weights` writes the adapters' `LoraConfig`s under (diffusers
 /// `loaders/lora_base.py`, `LORA_ADAPTER_METADATA_KEY`), each key prefixed with the component (`transformer.`).
 const DIFFUSERS_METADATA: &str = "lora_adapter_metadata";
@@ -157,7 +154,8 @@ fn read_targets(component: Component, dir: &Path) -> Result<Option<Targets>> {
 
 impl LoraState {
     /// Loads a LoRA file under `name` (replacing one of the same name); returns the keys it could not use.
-    pub fn load(&mut self, model_dir: &Path, path: &Path, name: String) -> Result<Vec<String>> {
+    /// Files over `max_bytes` are refused before they are read.
+    pub fn load(&mut self, model_dir: &Path, path: &Path, name: String, max_bytes: u64) -> Result<Vec<String>> {
         if self.targets.is_none() {
             let mut all = BTreeMap::new();
             for (prefix, component) in COMPONENTS {
@@ -176,7 +174,7 @@ impl LoraState {
                 ),
             ));
         }
-        let file = SafeTensors::read(path, MAX_LORA_BYTES)?;
+        let file = SafeTensors::read(path, max_bytes)?;
         let (lora, ignored) = parse(&file, targets)?;
         self.loaded.insert(name, lora);
         self.applied = None; // the file under a name may have changed: merge again

@@ -51,7 +51,10 @@ impl SafeTensors {
             })?
             .len();
         if len > max_bytes {
-            return Err(bad(path, format!("the file has {len} bytes, more than the limit of {max_bytes}")));
+            return Err(bad(
+                path,
+                format!("the file has {len} bytes, more than Limits::max_lora_bytes ({max_bytes}); raise the limit if it is a LoRA you trust"),
+            ));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::Lora {
             path: path.to_path_buf(),

@@ -268,7 +268,7 @@ impl Sd3Pipeline {
     /// that cannot be read are [`Error::Lora`].
     pub fn load_lora(&mut self, path: impl AsRef<Path>, name: impl Into<String>) -> Result<Vec<Warning>> {
         let name = name.into();
-        let keys = self.lora.load(&self.model_dir, path.as_ref(), name.clone())?;
+        let keys = self.lora.load(&self.model_dir, path.as_ref(), name.clone(), self.limits.max_lora_bytes)?;
         Ok(if keys.is_empty() { Vec::new() } else { vec![Warning::LoraKeysIgnored { lora: name, keys }] })
     }
 
