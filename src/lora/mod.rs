@@ -1,10 +1,11 @@
-//! LoRA at run time: files in the diffusers / PEFT layout, merged into the transformer's weights per request and
-//! fed to the same ONNX Runtime session as overridable initializers (see docs/lora.md).
+//! LoRA at run time: files in the diffusers / PEFT layout, merged into the weights of the transformer and the CLIP
+//! text encoders when the requested set changes, and fed to the same ONNX Runtime sessions as overridable
+//! initializers (see docs/lora.md).
 //!
 //! A model folder is made LoRA-ready once by `models/export/lora_inputs.py`, which turns the targetable weights of
-//! `transformer/model.onnx` into graph inputs that keep their values as defaults, and writes
-//! `transformer/lora_targets.json` (module -> input name, shape, layout) and `transformer/lora_base.safetensors`
-//! (the base weights to merge onto). Without an active LoRA nothing is fed and the graph runs on its own weights,
+//! `transformer/model.onnx` (and `text_encoder*/model.onnx`) into graph inputs that keep their values as defaults,
+//! and writes `lora_targets.json` (module -> input name, shape, layout) and `lora_base.safetensors` (the base
+//! weights to merge onto) next to each. Without an active LoRA nothing is fed and the graph runs on its own weights,
 //! so the image is the base model's bit for bit.
 
 pub(crate) mod safetensors;
@@ -221,6 +222,7 @@ impl LoraState {
             return Ok(false);
         }
         self.merged.clear();
+        self.applied = None; // until the merge below succeeds
         let Some(targets) = self.targets.as_ref() else {
             self.applied = Some(active);
             return Ok(true);
@@ -257,9 +259,10 @@ impl LoraState {
         Ok(true)
     }
 
-    /// The merged weights of the active set for one component (by its prefix).
-    pub fn merged(&self, prefix: &str) -> Vec<WeightOverride> {
-        self.merged.get(prefix).cloned().unwrap_or_default()
+    /// Hands over the merged weights of the active set for one component (by its prefix), once after
+    /// [`activate`](Self::activate) returned `true`: the graphs keep the only copy.
+    pub fn take_merged(&mut self, prefix: &str) -> Vec<WeightOverride> {
+        self.merged.remove(prefix).unwrap_or_default()
     }
 }
 

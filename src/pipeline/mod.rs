@@ -278,9 +278,9 @@ impl Sd3Pipeline {
         if !self.lora.activate(chosen)? {
             return Ok(());
         }
-        self.transformer.overrides = self.lora.merged("transformer");
-        self.text.clip_l.graph_mut().overrides = self.lora.merged("text_encoder");
-        self.text.clip_g.graph_mut().overrides = self.lora.merged("text_encoder_2");
+        self.transformer.overrides = self.lora.take_merged("transformer");
+        self.text.clip_l.graph_mut().overrides = self.lora.take_merged("text_encoder");
+        self.text.clip_g.graph_mut().overrides = self.lora.take_merged("text_encoder_2");
         Ok(())
     }
 
