@@ -1,19 +1,15 @@
 //! Text to image from the command line.
 //!
 //! ```text
-//! cargo run --release --example txt2img -- --model models/fixtures/tiny-sd3 --prompt "a red cube" --output out.png
+//! cargo run --release --example txt2img -- --model models/sd3-nano --prompt "a red circle" --output out.png
+//! cargo run --release --example txt2img -- --help
 //! ```
 //!
-//! Flags: --model DIR|hf:org/name[@revision] --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] [--steps N]
-//! [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] [--ep cpu|cuda|tensorrt|directml]
-//! [--output FILE.png]
-//!
-//! Samplers: [--sampler euler|heun|dpmpp_2m]. img2img and inpainting: [--init-image FILE.png --strength S [--mask FILE.png]] (mask: white = repaint).
-//! Skip-layer guidance: [--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] (needs
-//! transformer/model_skip_layers.onnx). Previews: [--preview-every K --preview-dir DIR]. Memory: [--low-memory]
-//! [--vae-tiling] [--no-t5]. Also [--images N] (written as FILE-k.png), [--clip-skip N], [--shift X] (overrides
-//! the scheduler config's shift). --steps, --guidance and --max-sequence-length default to the model's own
-//! (`Sd3Pipeline::request`: 28 / 7 / 256 for SD3 medium, 28 / 5 / 77 for models/sd3-nano).
+//! `--help` lists every flag with its default (README.md's "Command line" section is this text, checked by
+//! tests/cli.rs). Everything that can be checked before loading a graph is checked first, from the model folder's
+//! configs ([`sd3_onnx::ModelCard`]): the output folder and format, size, steps, guidance, T5 length, previews.
+//! Then the graphs load and the steps run, with progress on stderr (`-q` hides it); `--json` prints a summary
+//! (seeds, size, timings, warnings in full, files written) on stdout.
 //!
 //! `--model hf:org/name[@revision]` downloads the model's files from the Hugging Face Hub into the Hugging Face
 //! cache (or finds them there) and loads the snapshot; it needs the `download` feature
@@ -21,269 +17,613 @@
 //! HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply as in Python. With --no-t5 T5 is not downloaded;
 //! --init-image adds the VAE encoder and --slg-scale the skip-layer graph.
 
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sd3_onnx::image::ImageFormat;
 use sd3_onnx::latents::read_npy_f32;
-use sd3_onnx::{ExecutionProvider, GenerationRequest, Sd3Pipeline, SkipLayerGuidance, StepProgress};
+use sd3_onnx::{
+    ExecutionProvider, GenerationOutput, GenerationRequest, ModelCard, SamplerKind, Sd3Pipeline, SkipLayerGuidance,
+    StepProgress, Variant, Warning,
+};
 
-const USAGE: &str = "usage: txt2img --model DIR|hf:org/name[@revision] --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] \
-[--steps N] [--guidance G] [--seed S | --latents FILE.npy] [--max-sequence-length N] \
-[--ep cpu|cuda|tensorrt|directml] [--output FILE.png] [--sampler euler|heun|dpmpp_2m] [--init-image FILE.png [--strength S] [--mask FILE.png]] \
-[--slg-scale X [--slg-layers 7,8,9] [--slg-start F] [--slg-stop F]] [--preview-every K --preview-dir DIR] \
-[--low-memory] [--vae-tiling] [--images N] [--clip-skip N] [--no-t5] [--shift X]";
-
-struct Args {
-    /// A folder, or `hf:org/name[@revision]`.
+/// Text to image with Stable Diffusion 3 / 3.5 ONNX models on ONNX Runtime.
+///
+/// The request is checked against the model's configs before any graph is loaded; progress goes to stderr.
+#[derive(Parser, Debug)]
+#[command(name = "txt2img", version, term_width = 100, allow_negative_numbers = true)]
+struct Cli {
+    /// Model folder (an `optimum-cli export onnx` layout), or hf:ORG/NAME[@REVISION] from the Hugging Face Hub
+    /// (needs the `download` feature)
+    #[arg(long, value_name = "DIR")]
     model: String,
-    request: GenerationRequest,
-    /// Steps, guidance and T5 token count given on the command line; otherwise the model's defaults
-    /// (`Sd3Pipeline::request`).
+
+    /// What to draw
+    #[arg(long, short = 'p')]
+    prompt: String,
+
+    /// What to steer away from (used only with guidance above 1)
+    #[arg(long, value_name = "TEXT")]
+    negative_prompt: Option<String>,
+
+    /// Image width in pixels [default: the size the model was trained at]
+    #[arg(long, value_name = "PIXELS")]
+    width: Option<u32>,
+
+    /// Image height in pixels [default: the size the model was trained at]
+    #[arg(long, value_name = "PIXELS")]
+    height: Option<u32>,
+
+    /// Denoising steps [default: the model's own]
+    #[arg(long, value_name = "N")]
     steps: Option<usize>,
+
+    /// Classifier-free guidance scale; 1 or less turns guidance off [default: the model's own]
+    #[arg(long, value_name = "SCALE")]
     guidance: Option<f32>,
-    max_sequence_length: Option<usize>,
+
+    /// Seed of the noise, 0 to 18446744073709551615 [default: random]
+    #[arg(long, value_parser = parse_seed, conflicts_with = "latents")]
+    seed: Option<u64>,
+
+    /// Starting noise from a float32 .npy file [1, C, H/8, W/8] instead of a seed
+    #[arg(long, value_name = "FILE.npy")]
     latents: Option<PathBuf>,
+
+    /// T5 tokens, 1 to 512 [default: the model's own]
+    #[arg(long, value_name = "N")]
+    max_sequence_length: Option<usize>,
+
+    /// Where the graphs run: cpu, cuda, tensorrt or directml, with :N for a device (cuda:1)
+    #[arg(long, value_name = "PROVIDER", default_value = "cpu", value_parser = parse_ep)]
     ep: ExecutionProvider,
+
+    /// The image file; its extension picks the format: .png (with the generation parameters in a text chunk),
+    /// .jpg / .jpeg or .webp. With --images N, image k goes to NAME-k.EXT
+    #[arg(long, short = 'o', value_name = "FILE", default_value = "output.png")]
     output: PathBuf,
+
+    /// Sampler
+    #[arg(long, value_enum, default_value_t = Sampler::Euler)]
+    sampler: Sampler,
+
+    /// Start from this picture (img2img; needs vae_encoder/ in the model folder)
+    #[arg(long, value_name = "FILE")]
     init_image: Option<PathBuf>,
+
+    /// img2img strength: how much of the init image is repainted, 0 to 1
+    #[arg(long, value_name = "S", default_value_t = GenerationRequest::default().strength)]
+    strength: f64,
+
+    /// Inpainting mask (white = repaint)
+    #[arg(long, value_name = "FILE", requires = "init_image")]
     mask: Option<PathBuf>,
+
+    /// Skip-layer guidance scale (needs transformer/model_skip_layers.onnx)
+    #[arg(long, value_name = "X")]
+    slg_scale: Option<f32>,
+
+    /// Blocks the skip-layer graph skips, e.g. 7,8,9 [default: the graph's]
+    #[arg(long, value_name = "L,L,..", value_delimiter = ',', requires = "slg_scale")]
+    slg_layers: Option<Vec<usize>>,
+
+    /// Where skip-layer guidance starts, as a fraction of the steps
+    #[arg(long, value_name = "F", default_value_t = SkipLayerGuidance::new(0.0).start, requires = "slg_scale")]
+    slg_start: f64,
+
+    /// Where skip-layer guidance stops, as a fraction of the steps
+    #[arg(long, value_name = "F", default_value_t = SkipLayerGuidance::new(0.0).stop, requires = "slg_scale")]
+    slg_stop: f64,
+
+    /// Save a preview every K steps (predicted clean image, 1/8 size) into --preview-dir
+    #[arg(long, value_name = "K", requires = "preview_dir")]
+    preview_every: Option<usize>,
+
+    /// Folder for the previews (created if missing)
+    #[arg(long, value_name = "DIR", requires = "preview_every")]
     preview_dir: Option<PathBuf>,
+
+    /// Load each graph only while its stage runs (lower peak memory, slower)
+    #[arg(long)]
     low_memory: bool,
+
+    /// Decode the image tile by tile (bounds the VAE's memory at large sizes)
+    #[arg(long)]
     vae_tiling: bool,
+
+    /// Do not load the T5 encoder (its states are zeros, as in diffusers without text_encoder_3)
+    #[arg(long)]
     no_t5: bool,
+
+    /// Images to generate, seeds S, S+1, ...
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    images: usize,
+
+    /// Use the CLIP hidden state this many layers before the penultimate one
+    #[arg(long, value_name = "N")]
+    clip_skip: Option<usize>,
+
+    /// Scheduler shift [default: the scheduler config's]
+    #[arg(long, value_name = "X")]
     shift: Option<f64>,
+
+    /// No progress and no summary; warnings and errors still go to stderr
+    #[arg(long, short = 'q')]
+    quiet: bool,
+
+    /// Print a JSON summary on stdout: seeds, size, timings, warnings in full, files written
+    #[arg(long)]
+    json: bool,
 }
 
-fn parse() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let mut model = None;
-    let mut prompt = None;
-    let mut req = GenerationRequest::default();
-    let (mut width, mut height) = (None, None);
-    let mut latents = None;
-    let (mut steps, mut guidance, mut max_sequence_length) = (None, None, None);
-    let mut ep = ExecutionProvider::Cpu;
-    let mut output = PathBuf::from("output.png");
-    let (mut init_image, mut mask, mut preview_dir) = (None, None, None);
-    let (mut low_memory, mut vae_tiling, mut no_t5) = (false, false, false);
-    let mut shift = None;
-    let mut slg: Option<SkipLayerGuidance> = None;
-    let mut slg_parts: Vec<String> = Vec::new();
-    fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
-        v.parse::<T>().map_err(|_| format!("{flag}: {v:?} is not a valid number"))
-    }
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            return Err(USAGE.to_string());
-        }
-        match flag.as_str() {
-            "--low-memory" => {
-                low_memory = true;
-                continue;
-            }
-            "--vae-tiling" => {
-                vae_tiling = true;
-                continue;
-            }
-            "--no-t5" => {
-                no_t5 = true;
-                continue;
-            }
-            _ => {}
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--model" => model = Some(value),
-            "--prompt" => prompt = Some(value),
-            "--negative-prompt" => req.negative_prompt = value,
-            "--width" => width = Some(num::<u32>(&flag, value)?),
-            "--height" => height = Some(num::<u32>(&flag, value)?),
-            "--steps" => steps = Some(num(&flag, value)?),
-            "--guidance" => guidance = Some(num(&flag, value)?),
-            "--seed" => req.seed = Some(num(&flag, value)?),
-            "--latents" => latents = Some(PathBuf::from(value)),
-            "--max-sequence-length" => max_sequence_length = Some(num(&flag, value)?),
-            "--ep" => ep = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
-            "--output" => output = PathBuf::from(value),
-            "--init-image" => init_image = Some(PathBuf::from(value)),
-            "--mask" => mask = Some(PathBuf::from(value)),
-            "--strength" => req.strength = num(&flag, value)?,
-            "--clip-skip" => req.clip_skip = Some(num(&flag, value)?),
-            "--images" => req.images_per_prompt = num(&flag, value)?,
-            "--shift" => shift = Some(num(&flag, value)?),
-            "--sampler" => req.sampler = value.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
-            "--preview-every" => req.preview_every = Some(num(&flag, value)?),
-            "--preview-dir" => preview_dir = Some(PathBuf::from(value)),
-            "--slg-scale" => slg = Some(SkipLayerGuidance::new(num(&flag, value)?)),
-            "--slg-layers" | "--slg-start" | "--slg-stop" => slg_parts.extend([flag.clone(), value]),
-            other => return Err(format!("unknown flag {other}\n{USAGE}")),
-        }
-    }
-    if req.seed.is_some() && latents.is_some() {
-        return Err("--seed and --latents exclude each other: the latents are the noise".into());
-    }
-    for pair in slg_parts.chunks(2) {
-        let (flag, value) = (pair[0].as_str(), pair[1].clone());
-        let Some(g) = slg.as_mut() else {
-            return Err(format!("{flag} needs --slg-scale (skip-layer guidance is off without it)"));
-        };
-        match flag {
-            "--slg-start" => g.start = num(flag, value)?,
-            "--slg-stop" => g.stop = num(flag, value)?,
-            _ => {
-                let layers: Result<Vec<usize>, String> =
-                    value.split(',').map(|v| num(flag, v.trim().to_string())).collect();
-                g.layers = Some(layers?);
-            }
-        }
-    }
-    req.skip_layer_guidance = slg;
-    if req.preview_every.is_some() != preview_dir.is_some() {
-        return Err("--preview-every and --preview-dir go together".into());
-    }
-    if mask.is_some() && init_image.is_none() {
-        return Err("--mask needs --init-image (inpainting repaints the white part of the init image)".into());
-    }
-    req.prompt = prompt.ok_or_else(|| format!("--prompt is required\n{USAGE}"))?;
-    req.width = width;
-    req.height = height;
-    let model = model.ok_or_else(|| format!("--model is required\n{USAGE}"))?;
-    Ok(Args {
-        model,
-        request: req,
-        steps,
-        guidance,
-        max_sequence_length,
-        latents,
-        ep,
-        output,
-        init_image,
-        mask,
-        preview_dir,
-        low_memory,
-        vae_tiling,
-        no_t5,
-        shift,
-    })
+/// The samplers, by their command-line names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Sampler {
+    /// Flow-matching Euler (diffusers' default)
+    Euler,
+    /// Heun, two transformer evaluations per step
+    Heun,
+    /// DPM-Solver++ 2M for flow matching
+    #[value(name = "dpmpp_2m")]
+    DpmPP2M,
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let Args {
-        model,
-        mut request,
-        steps,
-        guidance,
-        max_sequence_length,
-        latents,
-        ep,
-        output,
-        init_image,
-        mask,
-        preview_dir,
-        low_memory,
-        vae_tiling,
-        no_t5,
-        shift,
-    } = args;
-    if let Some(path) = &init_image {
-        request.init_image = Some(sd3_onnx::imageio::load_rgb(path).map_err(|e| e.to_string())?);
+impl From<Sampler> for SamplerKind {
+    fn from(s: Sampler) -> Self {
+        match s {
+            Sampler::Euler => SamplerKind::Euler,
+            Sampler::Heun => SamplerKind::Heun,
+            Sampler::DpmPP2M => SamplerKind::DpmSolverPlusPlus2M,
+        }
     }
-    if let Some(path) = &mask {
-        request.mask = Some(sd3_onnx::imageio::load_mask(path).map_err(|e| e.to_string())?);
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim().parse::<u64>().map_err(|_| format!("the seed must be a whole number from 0 to {}", u64::MAX))
+}
+
+fn parse_ep(s: &str) -> Result<ExecutionProvider, String> {
+    s.parse().map_err(|e: sd3_onnx::Error| e.to_string())
+}
+
+/// The output's image format, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+fn output_format(path: &Path) -> Result<Format, String> {
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "png" => Ok(Format::Png),
+        "jpg" | "jpeg" => Ok(Format::Jpeg),
+        "webp" => Ok(Format::Webp),
+        "" => Err(format!("--output {}: no extension; end it in .png, .jpg, .jpeg or .webp", path.display())),
+        other => Err(format!(
+            "--output {}: .{other} is not a format txt2img writes; use .png, .jpg, .jpeg or .webp",
+            path.display()
+        )),
     }
-    if let Some(dir) = &preview_dir {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+}
+
+/// The output's folder must exist and take a new file.
+fn check_output_folder(path: &Path) -> Result<(), String> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !folder.is_dir() {
+        return Err(format!("--output {}: the folder {} does not exist", path.display(), folder.display()));
     }
-    if let Some(path) = latents {
-        let array = read_npy_f32(&path).map_err(|e| e.to_string())?;
+    let probe = folder.join(format!(".txt2img-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| format!("--output {}: cannot write into the folder {}: {e}", path.display(), folder.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Errors: `Usage` (exit 2, clap's style) for arguments, `Run` (exit 1) for everything else.
+enum Failure {
+    Usage(String),
+    Run(String),
+}
+
+impl From<sd3_onnx::Error> for Failure {
+    fn from(e: sd3_onnx::Error) -> Self {
+        Failure::Run(e.to_string())
+    }
+}
+
+/// What the user sees on stderr: stage lines and bars when not quiet (bars only on a terminal), warnings always.
+struct Reporter {
+    quiet: bool,
+    tty: bool,
+    /// Every warning printed, for --json and to print each once.
+    warnings: Vec<Warning>,
+    /// Warnings of the command line itself (ignored flags).
+    notes: Vec<String>,
+}
+
+impl Reporter {
+    fn stage(&self, text: &str) -> Option<ProgressBar> {
+        if self.quiet {
+            return None;
+        }
+        if !self.tty {
+            eprintln!("{text}");
+            return None;
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+        bar.set_message(text.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Some(bar)
+    }
+
+    fn done(&self, bar: Option<ProgressBar>, text: &str) {
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        if !self.quiet {
+            eprintln!("{text}");
+        }
+    }
+
+    fn warn(&mut self, w: &Warning) {
+        if !self.warnings.contains(w) {
+            eprintln!("warning: {w}");
+            self.warnings.push(w.clone());
+        }
+    }
+
+    fn note(&mut self, text: String) {
+        eprintln!("warning: {text}");
+        self.notes.push(text);
+    }
+}
+
+/// The command with the model defaults (from the library's `Variant`) after the flags.
+fn command() -> clap::Command {
+    let mut text = String::from("Steps, guidance and T5 tokens default to the model's own:");
+    let variants = [
+        (Variant::Sd3Nano, "models/sd3-nano"),
+        (Variant::Sd3Medium, "SD3 medium"),
+        (Variant::Sd35Medium, "SD3.5 medium"),
+        (Variant::Sd35Large, "SD3.5 large"),
+        (Variant::Sd35LargeTurbo, "SD3.5 large turbo"),
+    ];
+    for (k, (variant, name)) in variants.iter().enumerate() {
+        let (steps, guidance) = variant.defaults();
+        let sep = if k + 1 == variants.len() { "." } else { "," };
+        text.push_str(&format!(" {steps} / {guidance} / {} for {name}{sep}", variant.default_max_sequence_length()));
+    }
+    Cli::command().after_help(text)
+}
+
+fn main() -> ExitCode {
+    let matches = command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            command().error(clap::error::ErrorKind::ValueValidation, message).exit();
+        }
+        Err(Failure::Run(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
+    let started = Instant::now();
+    let mut report =
+        Reporter { quiet: cli.quiet, tty: std::io::stderr().is_terminal(), warnings: Vec::new(), notes: Vec::new() };
+
+    // 1. The output: format and folder, before anything slow.
+    let format = output_format(&cli.output).map_err(Failure::Usage)?;
+    check_output_folder(&cli.output).map_err(Failure::Usage)?;
+    if cli.images == 0 {
+        return Err(Failure::Usage("--images must be at least 1".into()));
+    }
+
+    // 2. The model's configs (a hub model is fetched first), and the request checked against them.
+    let dir = match cli.model.strip_prefix("hf:") {
+        Some(spec) => {
+            let needs =
+                Needs { t5: !cli.no_t5, vae_encoder: cli.init_image.is_some(), skip_layers: cli.slg_scale.is_some() };
+            hub_model(spec, needs, &report)?
+        }
+        None => PathBuf::from(&cli.model),
+    };
+    let card = ModelCard::read(&dir)?;
+    let mut request = card.request(cli.prompt.clone());
+    if let Some(n) = cli.steps {
+        request.steps = n;
+    }
+    if let Some(g) = cli.guidance {
+        request.guidance = g;
+    }
+    if let Some(n) = cli.max_sequence_length {
+        request.max_sequence_length = n;
+    }
+    request.negative_prompt = cli.negative_prompt.clone().unwrap_or_default();
+    request.width = cli.width;
+    request.height = cli.height;
+    request.seed = cli.seed;
+    request.images_per_prompt = cli.images;
+    request.clip_skip = cli.clip_skip;
+    request.sampler = cli.sampler.into();
+    request.strength = cli.strength;
+    request.preview_every = cli.preview_every;
+    request.skip_layer_guidance = cli.slg_scale.map(|scale| {
+        let mut slg = SkipLayerGuidance::new(scale).window(cli.slg_start, cli.slg_stop);
+        slg.layers = cli.slg_layers.clone();
+        slg
+    });
+
+    // Flags that would change nothing.
+    if cli.negative_prompt.is_some() && !request.uses_guidance() {
+        report.note(format!(
+            "--negative-prompt is ignored: guidance {} is not above 1, so no negative pass runs",
+            request.guidance
+        ));
+    }
+    if given(matches, "strength") && cli.init_image.is_none() {
+        report.note("--strength is ignored without --init-image".into());
+    }
+    if cli.max_sequence_length.is_some() && (cli.no_t5 || !dir.join("text_encoder_3").is_dir()) {
+        report.note("--max-sequence-length is ignored without T5".into());
+    }
+    if cli.shift.is_some() && card.scheduler_config().use_dynamic_shifting {
+        report.note("--shift is ignored: this model's scheduler uses dynamic shifting".into());
+    }
+
+    // 3. Input files (small), then the request as a whole against the configs.
+    if let Some(path) = &cli.init_image {
+        request.init_image = Some(sd3_onnx::imageio::load_rgb(path)?);
+    }
+    if let Some(path) = &cli.mask {
+        request.mask = Some(sd3_onnx::imageio::load_mask(path)?);
+    }
+    if let Some(path) = &cli.latents {
+        let array = read_npy_f32(path)?;
         let shape = array.shape().to_vec();
         let array = array.into_dimensionality::<ndarray::Ix4>().map_err(|_| {
-            format!("{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}", path.display())
+            Failure::Run(format!("{}: latents must have 4 dimensions [1, C, H/8, W/8], got {shape:?}", path.display()))
         })?;
         request.latents = Some(array);
     }
-    let model = match model.strip_prefix("hf:") {
-        Some(spec) => {
-            let needs = Needs {
-                t5: !no_t5,
-                vae_encoder: init_image.is_some(),
-                skip_layers: request.skip_layer_guidance.is_some(),
-            };
-            hub_model(spec, needs)?
-        }
-        None => PathBuf::from(model),
-    };
+    for w in card.check(&request)? {
+        report.warn(&w);
+    }
+    if let Some(dir) = &cli.preview_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Failure::Run(format!("--preview-dir {}: {e}", dir.display())))?;
+    }
+
+    // 4. Load the graphs.
+    let spinner = report.stage(&format!("loading {} ({:?})", dir.display(), card.variant()));
     let t = Instant::now();
-    let mut builder = Sd3Pipeline::builder(&model).execution_provider(ep).low_memory(low_memory).vae_tiling(vae_tiling);
-    if no_t5 {
+    let mut builder = Sd3Pipeline::builder(&dir)
+        .execution_provider(cli.ep.clone())
+        .low_memory(cli.low_memory)
+        .vae_tiling(cli.vae_tiling);
+    if cli.no_t5 {
         builder = builder.t5(false);
     }
-    if let Some(shift) = shift {
+    if let Some(shift) = cli.shift {
         builder = builder.shift(shift);
     }
-    let mut pipe = builder.build().map_err(|e| e.to_string())?;
+    let mut pipe = builder.build()?;
     let load = t.elapsed();
-    let defaults = pipe.request("");
-    request.steps = steps.unwrap_or(defaults.steps);
-    request.guidance = guidance.unwrap_or(defaults.guidance);
-    request.max_sequence_length = max_sequence_length.unwrap_or(defaults.max_sequence_length);
-    eprintln!(
-        "loaded {} ({:?}) in {:.1} ms; {} steps, guidance {}, {} T5 tokens",
-        model.display(),
-        pipe.info().variant,
-        load.as_secs_f64() * 1e3,
-        request.steps,
-        request.guidance,
-        request.max_sequence_length
+    let placements: Vec<String> = pipe.placements().iter().map(|(c, p)| format!("{c}: {p}")).collect();
+    report.done(
+        spinner,
+        &format!(
+            "loaded in {:.1} s; {} steps, guidance {}, {} T5 tokens{}",
+            load.as_secs_f64(),
+            request.steps,
+            request.guidance,
+            request.max_sequence_length,
+            if pipe.info().has_t5 { "" } else { " (no T5)" }
+        ),
     );
-    for (component, provider) in pipe.placements() {
-        eprintln!("  {component}: {provider}");
+    if !cli.quiet && !report.tty {
+        for p in &placements {
+            eprintln!("  {p}");
+        }
     }
-    let mut preview_error = None;
-    let out = pipe
-        .generate_with_progress(&request, |p: &StepProgress| {
-            eprintln!("step {}/{}  sigma {:.4}  {:.1} ms", p.step + 1, p.steps, p.sigma, p.elapsed.as_secs_f64() * 1e3);
-            if let (Some(dir), Some(preview)) = (&preview_dir, p.previews.first()) {
-                let path = dir.join(format!("step-{:03}.png", p.step + 1));
-                if let Err(e) = preview.save(&path) {
-                    preview_error = Some(format!("{}: {e}", path.display()));
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
-        })
-        .map_err(|e| preview_error.take().unwrap_or_else(|| e.to_string()))?;
+
+    // 5. Generate, with progress.
+    let out = generate(&mut pipe, &request, cli.preview_dir.as_deref(), &report)?;
     for w in &out.warnings {
-        eprintln!("warning: {w}");
+        report.warn(w);
     }
     if out.images.is_empty() {
-        return Err("the pipeline returned no image".into());
+        return Err(Failure::Run("the pipeline returned no image".into()));
     }
-    // PNGs with the generation parameters in a `parameters` text chunk (AUTOMATIC1111's convention); with
-    // --images N > 1, image k goes to <output>-k.png.
+
+    // 6. Write the images.
     let mut written = Vec::new();
     for (k, (image, parameters)) in out.images.iter().zip(&out.parameters).enumerate() {
-        let path = if out.images.len() == 1 { output.clone() } else { numbered(&output, k) };
-        sd3_onnx::imageio::save_png(&path, image, Some(parameters)).map_err(|e| e.to_string())?;
+        let path = if out.images.len() == 1 { cli.output.clone() } else { numbered(&cli.output, k) };
+        match format {
+            Format::Png => sd3_onnx::imageio::save_png(&path, image, Some(parameters))?,
+            Format::Jpeg => image
+                .save_with_format(&path, ImageFormat::Jpeg)
+                .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
+            Format::Webp => image
+                .save_with_format(&path, ImageFormat::WebP)
+                .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
+        }
         written.push(path);
     }
+
+    // 7. Say what happened.
     let t = &out.timings;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    eprintln!("timings:");
-    eprintln!("  model load       {:>9.1} ms", ms(load));
-    eprintln!("  text encoding    {:>9.1} ms", ms(t.text_encoding));
-    eprintln!("  denoising        {:>9.1} ms ({} steps)", ms(t.denoising), t.steps.len());
-    eprintln!("  VAE decode       {:>9.1} ms", ms(t.vae_decode));
-    eprintln!("  total            {:>9.1} ms (ONNX Runtime {:.1} ms)", ms(t.total), ms(t.onnx_runtime));
-    for (path, seed) in written.iter().zip(&out.seeds) {
-        match seed {
-            Some(seed) => println!("wrote {} ({}x{}, seed {seed})", path.display(), out.size.0, out.size.1),
-            None => println!("wrote {} ({}x{}, explicit latents)", path.display(), out.size.0, out.size.1),
+    if !cli.quiet {
+        let s = |d: Duration| d.as_secs_f64();
+        let steps = t.steps.len().max(1) as f64;
+        eprintln!(
+            "model load {:.2} s | text encoding {:.2} s | denoising {:.2} s ({} steps, {:.2} it/s) | VAE decode {:.2} s \
+             | total {:.2} s",
+            s(load),
+            s(t.text_encoding),
+            s(t.denoising),
+            t.steps.len(),
+            steps / s(t.denoising).max(1e-9),
+            s(t.vae_decode),
+            s(started.elapsed())
+        );
+    }
+    if cli.json {
+        println!("{}", summary_json(&cli, &dir, &request, &out, load, started.elapsed(), &report, &written));
+    } else if !cli.quiet {
+        for (path, seed) in written.iter().zip(&out.seeds) {
+            match seed {
+                Some(seed) => println!("wrote {} ({}x{}, seed {seed})", path.display(), out.size.0, out.size.1),
+                None => println!("wrote {} ({}x{}, explicit latents)", path.display(), out.size.0, out.size.1),
+            }
         }
     }
     Ok(())
+}
+
+/// Runs the request with a spinner for text encoding, a bar for the steps (it/s and ETA) and a spinner for the VAE.
+fn generate(
+    pipe: &mut Sd3Pipeline,
+    request: &GenerationRequest,
+    preview_dir: Option<&Path>,
+    report: &Reporter,
+) -> Result<GenerationOutput, Failure> {
+    let mut encoding = report.stage("encoding the prompt");
+    let mut steps_bar: Option<ProgressBar> = None;
+    let mut decoding: Option<ProgressBar> = None;
+    let mut preview_error = None;
+    let out = pipe.generate_with_progress(request, |p: &StepProgress| {
+        if p.step == 0 {
+            if let Some(bar) = encoding.take() {
+                bar.finish_and_clear();
+            }
+            if !report.quiet && report.tty {
+                let bar = ProgressBar::new(p.steps as u64);
+                bar.set_style(
+                    ProgressStyle::with_template("denoising [{bar:30}] {pos}/{len} steps {msg} ETA {eta}")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                steps_bar = Some(bar);
+            } else if !report.quiet {
+                eprintln!("denoising: {} steps", p.steps);
+            }
+        }
+        if let Some(bar) = &steps_bar {
+            bar.set_position(p.step as u64 + 1);
+            let rate = (p.step + 1) as f64 / p.elapsed.as_secs_f64().max(1e-9);
+            bar.set_message(format!("{rate:.2} it/s"));
+        }
+        if p.step + 1 == p.steps {
+            if let Some(bar) = steps_bar.take() {
+                bar.finish_and_clear();
+            }
+            decoding = report.stage("decoding (VAE)");
+        }
+        if let (Some(dir), Some(preview)) = (preview_dir, p.previews.first()) {
+            let path = dir.join(format!("step-{:03}.png", p.step + 1));
+            if let Err(e) = preview.save(&path) {
+                preview_error = Some(format!("{}: {e}", path.display()));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    for bar in [encoding, steps_bar, decoding].into_iter().flatten() {
+        bar.finish_and_clear();
+    }
+    let out = out.map_err(|e| Failure::Run(preview_error.take().unwrap_or_else(|| e.to_string())))?;
+    Ok(out)
+}
+
+/// A warning as JSON: its kind, its short message, and its data in full.
+fn warning_json(w: &Warning) -> serde_json::Value {
+    use serde_json::json;
+    let message = w.to_string();
+    match w {
+        Warning::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens } => json!({
+            "kind": "prompt_truncated", "message": message, "encoder": encoder.folder(),
+            "max_tokens": max_tokens, "removed_tokens": removed_tokens, "removed_text": removed_text,
+        }),
+        Warning::UnknownWords { input, words } => {
+            json!({"kind": "unknown_words", "message": message, "input": input, "words": words})
+        }
+        Warning::UntrainedSize { requested, trained, only } => json!({
+            "kind": "untrained_size", "message": message, "requested": [requested.0, requested.1],
+            "trained": [trained.0, trained.1], "only": only,
+        }),
+        Warning::ExecutionProviderFallback { component, reason } => json!({
+            "kind": "execution_provider_fallback", "message": message, "component": component.folder(),
+            "reason": reason,
+        }),
+        Warning::InputResized { input, from, to } => json!({
+            "kind": "input_resized", "message": message, "input": input, "from": [from.0, from.1], "to": [to.0, to.1],
+        }),
+        _ => json!({"kind": "other", "message": message}),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary_json(
+    cli: &Cli,
+    dir: &Path,
+    request: &GenerationRequest,
+    out: &GenerationOutput,
+    load: Duration,
+    total: Duration,
+    report: &Reporter,
+    written: &[PathBuf],
+) -> serde_json::Value {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let t = &out.timings;
+    let mut warnings: Vec<serde_json::Value> = report.warnings.iter().map(warning_json).collect();
+    warnings.extend(report.notes.iter().map(|n| serde_json::json!({"kind": "ignored_flag", "message": n})));
+    serde_json::json!({
+        "model": dir.display().to_string(),
+        "prompt": request.prompt,
+        "seeds": out.seeds,
+        "width": out.size.0,
+        "height": out.size.1,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "max_sequence_length": request.max_sequence_length,
+        "sampler": cli.sampler.to_possible_value().map(|v| v.get_name().to_string()),
+        "timings": {
+            "load_ms": ms(load),
+            "text_encoding_ms": ms(t.text_encoding),
+            "denoising_ms": ms(t.denoising),
+            "steps_ms": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "vae_decode_ms": ms(t.vae_decode),
+            "generation_ms": ms(t.total),
+            "total_ms": ms(total),
+        },
+        "warnings": warnings,
+        "files": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "placements": out.placements.iter().map(|(c, p)| format!("{c}: {p}")).collect::<Vec<_>>(),
+    })
 }
 
 /// Which optional parts of a hub model this run loads.
@@ -296,11 +636,11 @@ struct Needs {
 
 /// `hf:org/name[@revision]`: the snapshot folder in the Hugging Face cache, downloaded first where needed.
 #[cfg(feature = "download")]
-fn hub_model(spec: &str, needs: Needs) -> Result<PathBuf, String> {
+fn hub_model(spec: &str, needs: Needs, report: &Reporter) -> Result<PathBuf, Failure> {
     use sd3_onnx::hub::{self, DownloadOptions, DownloadProgress, HubRepo};
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    let repo = HubRepo::parse(spec).map_err(|e| e.to_string())?;
+    let repo = HubRepo::parse(spec)?;
     let mut options = DownloadOptions::new();
     if !needs.t5 {
         options = options.t5(false);
@@ -313,7 +653,11 @@ fn hub_model(spec: &str, needs: Needs) -> Result<PathBuf, String> {
     }
     // One line per file when it is complete, and one per 64 MB while a large file arrives.
     let printed = AtomicU64::new(0);
+    let quiet = report.quiet;
     let options = options.progress(move |p: &DownloadProgress| {
+        if quiet {
+            return;
+        }
         let mb = |b: u64| b as f64 / 1e6;
         let total = p.total.unwrap_or(0);
         let step = p.done >> 26;
@@ -328,39 +672,33 @@ fn hub_model(spec: &str, needs: Needs) -> Result<PathBuf, String> {
             eprintln!("[{}/{}] {} {:.1}/{:.1} MB {state}", p.index + 1, p.count, p.file, mb(p.done), mb(total));
         }
     });
-    eprintln!("{repo}: fetching into the Hugging Face cache");
-    let snapshot = hub::download(&repo, &options).map_err(|e| e.to_string())?;
-    let how = if snapshot.offline { " (offline: from the cache only)" } else { "" };
-    eprintln!(
-        "{repo} = commit {}: {} files, {:.1} MB downloaded{how}",
-        snapshot.commit,
-        snapshot.files.len(),
-        snapshot.downloaded_bytes as f64 / 1e6
-    );
+    if !report.quiet {
+        eprintln!("{repo}: fetching into the Hugging Face cache");
+    }
+    let snapshot = hub::download(&repo, &options)?;
+    if !report.quiet {
+        let how = if snapshot.offline { " (offline: from the cache only)" } else { "" };
+        eprintln!(
+            "{repo} = commit {}: {} files, {:.1} MB downloaded{how}",
+            snapshot.commit,
+            snapshot.files.len(),
+            snapshot.downloaded_bytes as f64 / 1e6
+        );
+    }
     Ok(snapshot.dir)
 }
 
 #[cfg(not(feature = "download"))]
-fn hub_model(spec: &str, _needs: Needs) -> Result<PathBuf, String> {
-    Err(format!(
+fn hub_model(spec: &str, _needs: Needs, _report: &Reporter) -> Result<PathBuf, Failure> {
+    Err(Failure::Usage(format!(
         "--model hf:{spec} downloads from the Hugging Face Hub, which needs the `download` feature: \
          cargo run --release --features download --example txt2img -- --model hf:{spec} ..."
-    ))
+    )))
 }
 
 /// `out.png` -> `out-3.png`.
-fn numbered(path: &std::path::Path, k: usize) -> PathBuf {
+fn numbered(path: &Path, k: usize) -> PathBuf {
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "output".into());
     let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{k}.{ext}"))
-}
-
-fn main() -> ExitCode {
-    match parse().and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

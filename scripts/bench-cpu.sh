@@ -37,6 +37,7 @@ rm -rf "$out"/rust-* "$out"/optimum-*
 # other processes ran during the benchmark: on a shared machine that is the main source of noise.
 stat_before="$(head -n 1 /proc/stat)"
 bash scripts/setup-ort.sh
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
 cargo bench --bench pipeline --no-run
 
 # Runs one side, its log in $1; on failure shows the end of the log.

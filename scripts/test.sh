@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, from a fresh clone: the ONNX Runtime library, then `cargo test`
-# (unit tests, integration tests in tests/, the examples' build, and the doctests, which run against the
-# tiny fixture). Extra arguments go to cargo test (e.g. `scripts/test.sh --test golden_images`).
+# (unit tests, integration tests in tests/, the examples' build, and the doctests, which are compiled), then
+# lints, docs and the package checks (scripts/package-check.sh: cargo publish --dry-run, the package's size
+# and contents, downstream/ built against the packaged crate). Extra arguments go to cargo test (e.g.
+# `scripts/test.sh --test golden_images`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-ort.sh
+# The library loads ONNX Runtime only from ORT_DYLIB_PATH or the builder option (.cargo/config.toml sets the
+# same for cargo commands; programs started outside cargo need the variable).
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
 cargo test "$@"
 # Hub downloads (feature `download`): the hub module's unit tests and tests/hub.rs, which serves the tiny fixture
 # from a local hub on 127.0.0.1 (no network needed).
@@ -25,3 +30,5 @@ else
   cargo check --quiet --features cuda,tensorrt,directml,download,serde --all-targets
 fi
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --features download,serde
+# The crate as published, and a project that uses it.
+bash scripts/package-check.sh

@@ -120,9 +120,12 @@ impl fmt::Display for Component {
 pub enum Error {
     /// No ONNX Runtime shared library was found.
     #[error(
-        "ONNX Runtime library not found (looked in: {searched}). Fix: run `scripts/setup-ort.sh` in the sd3-onnx \
-         repository, set ORT_DYLIB_PATH to a libonnxruntime 1.31 shared library, or pass its path to \
-         `Sd3PipelineBuilder::onnxruntime_library`"
+        "ONNX Runtime library not found ({searched}). Fix: get an ONNX Runtime 1.31 shared library (the \
+         `onnxruntime` Python wheel has it: after `pip install onnxruntime==1.31.1` it is \
+         `<site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1`; or an ONNX Runtime release archive), then set ORT_DYLIB_PATH to its \
+         path or pass it to `Sd3PipelineBuilder::onnxruntime_library`; or build sd3-onnx with \
+         `default-features = false, features = [\"ort-download-binaries\"]` to have ort download and link it at \
+         build time"
     )]
     RuntimeNotFound {
         /// The places that were looked at, in order.
@@ -273,10 +276,7 @@ pub enum Error {
     },
 
     /// Width or height cannot be used with this model.
-    #[error(
-        "invalid image size {width}x{height}: width and height must be positive multiples of {multiple} \
-         (VAE factor {vae_factor} x patch size {patch_size}); nearest valid sizes: {suggestion}"
-    )]
+    #[error("invalid image size {width}x{height}: {reason}; nearest valid sizes: {suggestion}")]
     InvalidSize {
         /// Requested width.
         width: u32,
@@ -288,7 +288,10 @@ pub enum Error {
         vae_factor: u32,
         /// The transformer's patch size.
         patch_size: u32,
-        /// Valid sizes near the request, e.g. `1024x1008 or 1024x1024`.
+        /// What is wrong, the deciding reason first: e.g. `at most 128 pixels per side for this model (its
+        /// position embedding covers 16x16 patches of 8x8 pixels)`, or `width and height must be multiples of 16`.
+        reason: String,
+        /// Valid sizes near the request, e.g. `1024x1008, 1024x1024`.
         suggestion: String,
     },
 

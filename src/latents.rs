@@ -263,8 +263,9 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String
     };
     let descr = field("descr").ok_or("header has no 'descr'")?;
     if !(descr.starts_with("'<f4'") || descr.starts_with("'|f4'")) {
-        let shown: String = descr.chars().take(8).collect();
-        return Err(format!("dtype {shown} is not little-endian float32 ('<f4'); save with np.float32"));
+        // The quoted dtype string, e.g. '<f8' (float64); at most 16 characters of it.
+        let shown: String = descr.trim_start_matches('\'').chars().take_while(|c| *c != '\'').take(16).collect();
+        return Err(format!("dtype '{shown}' is not little-endian float32 ('<f4'); save with np.float32"));
     }
     let fortran = field("fortran_order").ok_or("header has no 'fortran_order'")?;
     if fortran.starts_with("True") {

@@ -16,6 +16,14 @@ pub(crate) const GRAPH_FILE: &str = "model.onnx";
 /// The skip-layer transformer graph, beside the transformer's own (`models/export/export_sd3.py --skip-layers`).
 pub(crate) const SKIP_LAYERS_GRAPH_FILE: &str = "model_skip_layers.onnx";
 
+/// In each tokenizer folder of a model whose export kept only some rows of that text encoder's token-embedding
+/// table (`models/export/export_sd3.py --keep-token-ids`): `{"vocab_size": N, "kept": [ids]}`. Read for
+/// `Warning::UnknownWords`.
+pub(crate) const KEPT_TOKEN_IDS_FILE: &str = "kept_token_ids.json";
+
+/// In `vae_decoder/`: the model's own latent-to-RGB preview factors (`examples/fit_preview_factors.rs`).
+pub(crate) const LATENT_RGB_FACTORS_FILE: &str = "latent_rgb_factors.json";
+
 /// Every component that lives in a sub-folder, in loading order.
 pub(crate) const COMPONENTS: &[Component] = &[
     Component::Scheduler,

@@ -29,17 +29,20 @@
 //! # }
 //! ```
 //!
-//! The same with the tiny test model that ships in the repository (this one runs as a doctest):
+//! With the model card's own defaults (steps, guidance, T5 token count; the size from the model's config), here
+//! for the small nano model in the repository's `models/sd3-nano` (128x128):
 //!
-//! ```
+//! ```no_run
 //! # fn main() -> sd3_onnx::Result<()> {
-//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fixtures/tiny-sd3");
-//! let mut pipe = sd3_onnx::Sd3Pipeline::builder(dir).build()?;
-//! let out = pipe.generate(&sd3_onnx::GenerationRequest::new("a red cube").steps(2).seed(1))?;
+//! let mut pipe = sd3_onnx::Sd3Pipeline::builder("models/sd3-nano").build()?;
+//! let out = pipe.generate(&pipe.request("three red circles").seed(7))?;
 //! assert_eq!(out.images[0].dimensions(), out.size);
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The examples are compiled, not run, as doctests: the crate package holds no model. The repository runs the
+//! same calls on its models in `tests/` and in `downstream/`, a separate project that uses the packaged crate.
 //!
 //! Modules follow the data: [`text`] (tokenizers, encoders, conditioning) -> [`scheduler`] (sigmas, Euler
 //! step, guidance) -> the denoising loop in [`Sd3Pipeline`] -> [`imageio`] (decoded tensor to RGB, PNGs with parameters, init images and masks). [`runtime`]
@@ -55,6 +58,7 @@ pub use ndarray;
 
 pub mod error;
 #[cfg(feature = "download")]
+#[cfg_attr(docsrs, doc(cfg(feature = "download")))]
 pub mod hub;
 pub mod imageio;
 pub mod latents;
@@ -73,8 +77,8 @@ pub use model_config::Variant;
 #[cfg(feature = "serde")]
 pub use pipeline::GenerationSummary;
 pub use pipeline::{
-    GenerationOutput, GenerationRequest, Limits, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder, SkipLayerGuidance,
-    StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
+    GenerationOutput, GenerationRequest, Limits, ModelCard, ModelInfo, Sd3Pipeline, Sd3PipelineBuilder,
+    SkipLayerGuidance, StaticShape, Timings, Warning, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH,
 };
 pub use progress::{CancellationToken, ControlFlow, StepProgress};
 pub use runtime::{CudaAttention, CudaOptions, DirectMlOptions, ElementType, ExecutionProvider, TensorRtOptions};

@@ -192,18 +192,25 @@ fn warnings_are_tagged_objects() {
             encoder: Component::TokenizerClipL,
             max_tokens: 77,
             removed_text: "and a green sphere".into(),
+            removed_tokens: 4,
         },
         Warning::ExecutionProviderFallback { component: Component::Transformer, reason: "no CUDA".into() },
         Warning::InputResized { input: "mask", from: (32, 32), to: (64, 64) },
+        Warning::UnknownWords { input: "negative_prompt", words: vec!["astronaut".into()] },
+        Warning::UntrainedSize { requested: (64, 64), trained: (128, 128), only: true },
+        Warning::LoraKeysIgnored { lora: "style".into(), keys: vec!["lora_te3_x.lora_down.weight".into()] },
     ];
     let value = serde_json::to_value(&warnings).unwrap();
     assert_eq!(
         value,
         json!([
             {"kind": "prompt_truncated", "encoder": "tokenizer_clip_l", "max_tokens": 77,
-             "removed_text": "and a green sphere"},
+             "removed_text": "and a green sphere", "removed_tokens": 4},
             {"kind": "execution_provider_fallback", "component": "transformer", "reason": "no CUDA"},
-            {"kind": "input_resized", "input": "mask", "from": [32, 32], "to": [64, 64]}
+            {"kind": "input_resized", "input": "mask", "from": [32, 32], "to": [64, 64]},
+            {"kind": "unknown_words", "input": "negative_prompt", "words": ["astronaut"]},
+            {"kind": "untrained_size", "requested": [64, 64], "trained": [128, 128], "only": true},
+            {"kind": "lora_keys_ignored", "lora": "style", "keys": ["lora_te3_x.lora_down.weight"]}
         ])
     );
     assert_eq!(serde_json::from_value::<Vec<Warning>>(value).unwrap(), warnings);

@@ -1561,6 +1561,14 @@ def main(argv=None):
     sched.parent.mkdir(parents=True, exist_ok=True)
     sched.write_text(json.dumps(source.scheduler_config(), indent=2) + "\n")
     copy_tokenizers(source.tokenizers_from, out, components)
+    # The ids each pruned text encoder kept, next to its tokenizer, for sd3-onnx's unknown-word warning
+    # (kept_token_ids.py writes the same files for folders exported before this).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kept_token_ids import write_kept_token_ids  # noqa: E402
+    for encoder, ids in (("text_encoder", keep_ids), ("text_encoder_2", keep_ids), ("text_encoder_3", keep_t5_ids)):
+        pruned = manifest["components"].get(encoder, {}).get("pruned_vocabulary")
+        if ids is not None and pruned:
+            write_kept_token_ids(out, encoder, ids, pruned["vocab"])
     index = source.model_index()
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     manifest.update(

@@ -66,6 +66,12 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
             picked.insert(config);
         }
     }
+    // The model's own preview factors, when it has them (tokenizer folders are taken whole below, with their
+    // kept_token_ids.json).
+    let factors = repo_path(Component::VaeDecoder, layout::LATENT_RGB_FACTORS_FILE);
+    if has(&factors) {
+        picked.insert(factors);
+    }
     if options.skip_layers {
         graph(files, Component::TransformerSkipLayers.folder(), SKIP_LAYERS_GRAPH_FILE, &mut picked).map_err(|f| {
             missing(

@@ -188,6 +188,12 @@ fn only_the_files_the_pipeline_loads_are_selected() {
     assert!(more.iter().any(|m| m == "transformer/model_skip_layers.onnx.data"));
     assert_eq!(more.len(), expected.len() + 4);
 
+    // The optional model-folder files that the pipeline reads come along: preview factors, kept token ids.
+    let mut extra = files.clone();
+    extra.extend(["vae_decoder/latent_rgb_factors.json", "tokenizer/kept_token_ids.json"].map(String::from));
+    let picked = pipeline_files(&extra, &DownloadOptions::new()).unwrap();
+    assert_eq!(picked.len(), expected.len() + 2, "{picked:?}");
+
     // A repository without T5 is a no-T5 model, not an error.
     let without: Vec<String> = files.iter().filter(|f| !f.starts_with("text_encoder_3/")).cloned().collect();
     let picked = pipeline_files(&without, &DownloadOptions::new()).unwrap();

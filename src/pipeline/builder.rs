@@ -10,7 +10,7 @@ use crate::model_config::{TransformerConfig, VaeConfig, Variant};
 use crate::runtime::{self, ElementType, ExecutionProvider, Graph, SessionConfig};
 use crate::scheduler::FlowMatchConfig;
 use crate::text::encoders::{ClipEncoder, T5Encoder};
-use crate::text::{PromptTokenizer, TextEncoders};
+use crate::text::{KeptVocabulary, PromptTokenizer, TextEncoders};
 
 /// Configures and loads an [`Sd3Pipeline`]. Created by [`Sd3Pipeline::builder`].
 #[derive(Debug, Clone)]
@@ -62,7 +62,8 @@ impl Sd3PipelineBuilder {
         self
     }
 
-    /// Loads ONNX Runtime from this shared library instead of `ORT_DYLIB_PATH` or `.ort/lib/`.
+    /// Loads ONNX Runtime from this shared library instead of the one `ORT_DYLIB_PATH` names (feature
+    /// `load-dynamic`, on by default; in builds that link ONNX Runtime, a path here is an error).
     pub fn onnxruntime_library(mut self, path: impl AsRef<Path>) -> Self {
         self.library = Some(path.as_ref().to_path_buf());
         self
@@ -257,6 +258,14 @@ impl Sd3PipelineBuilder {
             }
         }
         let text = TextEncoders { clip_l, clip_g, t5, joint_dim: info.joint_attention_dim, clip_len };
+        let preview_factors = crate::preview::LatentRgbFactors::for_model(&dir, &vae_config)?;
+        let mut vocabularies = Vec::new();
+        for tokenizer in [Component::TokenizerClipL, Component::TokenizerClipG, Component::TokenizerT5] {
+            if tokenizer == Component::TokenizerT5 && text.t5.is_none() {
+                continue;
+            }
+            vocabularies.extend(KeptVocabulary::read(&dir, tokenizer)?);
+        }
         Ok(Sd3Pipeline {
             model_dir: self.model_dir,
             text,
@@ -270,6 +279,8 @@ impl Sd3PipelineBuilder {
             vae_tiling: self.vae_tiling,
             low_memory: self.low_memory,
             limits: self.limits,
+            preview_factors,
+            vocabularies,
             lora: Default::default(),
         })
     }
@@ -307,7 +318,7 @@ fn check_contained(dir: &Path) -> Result<()> {
 }
 
 /// The model's name: `_name_or_path` of model_index.json, else the folder name.
-fn model_name(dir: &Path) -> String {
+pub(super) fn model_name(dir: &Path) -> String {
     let from_index = std::fs::read_to_string(dir.join(layout::MODEL_INDEX))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())

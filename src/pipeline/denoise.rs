@@ -42,8 +42,8 @@ pub(crate) struct DenoiseLoop {
     pub skip_layers: Option<(SkipLayerGuidance, usize)>,
     /// Per image, in batch order: its inpainting state, if it has a mask.
     pub inpaints: Vec<Option<Inpaint>>,
-    /// Predicted clean images every k evaluations (and at the last one).
-    pub preview_every: Option<usize>,
+    /// Predicted clean images every k evaluations (and at the last one), through these factors.
+    pub preview_every: Option<(usize, crate::preview::LatentRgbFactors)>,
 }
 
 impl DenoiseLoop {
@@ -109,9 +109,9 @@ impl DenoiseLoop {
                     }
                 }
             }
-            let previews = match self.preview_every {
-                Some(k) if k > 0 && ((i + 1) % k == 0 || i + 1 == evaluations) => {
-                    previews(latents, &guided, sigma, images)?
+            let previews = match &self.preview_every {
+                Some((k, factors)) if *k > 0 && ((i + 1) % k == 0 || i + 1 == evaluations) => {
+                    previews(latents, &guided, sigma, images, factors)?
                 }
                 _ => Vec::new(),
             };
@@ -152,13 +152,19 @@ impl DenoiseLoop {
     }
 }
 
-/// Previews of every image: the predicted clean latents `x - sigma * v` through [`crate::preview::latents_to_rgb`].
-fn previews(latents: &Array4<f32>, velocity: &[f32], sigma: f32, images: usize) -> Result<Vec<image::RgbImage>> {
+/// Previews of every image: the predicted clean latents `x - sigma * v` through the model's preview factors.
+fn previews(
+    latents: &Array4<f32>,
+    velocity: &[f32],
+    sigma: f32,
+    images: usize,
+    factors: &crate::preview::LatentRgbFactors,
+) -> Result<Vec<image::RgbImage>> {
     let mut x0 = latents.clone();
     for (x, v) in x0.iter_mut().zip(velocity) {
         *x -= sigma * v;
     }
-    (0..images).map(|k| crate::preview::latents_to_rgb(x0.index_axis(Axis(0), k))).collect()
+    (0..images).map(|k| factors.to_rgb(x0.index_axis(Axis(0), k))).collect()
 }
 
 /// The text of a caught panic (`panic!("...")` payloads are `&str` or `String`).

@@ -6,6 +6,7 @@
 //! orchestration of one call.
 
 mod builder;
+mod card;
 mod decode;
 mod denoise;
 #[cfg(feature = "download")]
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use ndarray::{concatenate, Array1, Array4, ArrayD, Axis};
 
 pub use builder::Sd3PipelineBuilder;
+pub use card::ModelCard;
 pub use info::{ModelInfo, StaticShape};
 pub use limits::{Limits, MAX_IMAGES_PER_PROMPT, MAX_IMAGE_SIDE, MAX_T5_SEQUENCE_LENGTH};
 #[cfg(feature = "serde")]
@@ -57,6 +59,12 @@ pub struct Sd3Pipeline {
     vae_tiling: bool,
     low_memory: bool,
     limits: Limits,
+    /// The latent-to-RGB map for previews that fits this model's VAE, if any
+    /// ([`LatentRgbFactors::for_model`](crate::preview::LatentRgbFactors::for_model)).
+    preview_factors: Option<crate::preview::LatentRgbFactors>,
+    /// The token ids each text encoder's export kept (`tokenizer*/kept_token_ids.json`), for
+    /// [`Warning::UnknownWords`].
+    vocabularies: Vec<crate::text::KeptVocabulary>,
     lora: crate::lora::LoraState,
 }
 
@@ -254,7 +262,37 @@ impl Sd3Pipeline {
     pub fn validate(&self, request: &GenerationRequest) -> Result<Vec<Warning>> {
         let mut warnings = Vec::new();
         self.plan(request, &mut warnings)?;
+        self.vocabulary_warnings(request, &mut warnings)?;
         Ok(warnings)
+    }
+
+    /// The words of `text` that this model's export never kept a token embedding for (see
+    /// [`Warning::UnknownWords`]); empty for models with their whole vocabulary.
+    pub fn unknown_words(&self, text: &str) -> Result<Vec<String>> {
+        let tokenizer = |c: Component| match c {
+            Component::TokenizerClipL => Some(&self.text.clip_l.tokenizer),
+            Component::TokenizerClipG => Some(&self.text.clip_g.tokenizer),
+            Component::TokenizerT5 => self.text.t5.as_ref().map(|t| &t.tokenizer),
+            _ => None,
+        };
+        crate::text::unknown_words(
+            self.vocabularies.iter().filter_map(|v| tokenizer(v.tokenizer).map(|t| (v, t))),
+            text,
+        )
+    }
+
+    /// [`Warning::UnknownWords`] for the prompt and, with guidance, the negative prompt.
+    fn vocabulary_warnings(&self, request: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<()> {
+        for (input, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
+            if input == "negative_prompt" && !request.uses_guidance() {
+                continue;
+            }
+            let words = self.unknown_words(text)?;
+            if !words.is_empty() {
+                warnings.push(Warning::UnknownWords { input, words });
+            }
+        }
+        Ok(())
     }
 
     /// Loads a LoRA from a `.safetensors` file in the diffusers / PEFT layout (`transformer.<module>.lora_A.weight`,
@@ -396,6 +434,9 @@ impl Sd3Pipeline {
         let first = plan::check_batch(requests)?;
         let mut warnings = Vec::new();
         let plans: Vec<plan::Plan> = requests.iter().map(|r| self.plan(r, &mut warnings)).collect::<Result<_>>()?;
+        for r in requests {
+            self.vocabulary_warnings(r, &mut warnings)?;
+        }
         let images: usize = plans.iter().map(|p| p.seeds.len()).sum();
         if images > self.limits.max_images {
             return Err(Error::request(
@@ -461,7 +502,10 @@ impl Sd3Pipeline {
             guidance: cfg.then_some(first.guidance),
             skip_layers: first.skip_layer_guidance.clone().map(|slg| (slg, first.steps)),
             inpaints,
-            preview_every: first.preview_every,
+            preview_every: match (first.preview_every, &self.preview_factors) {
+                (Some(k), Some(factors)) => Some((k, factors.clone())),
+                _ => None,
+            },
         };
         let (transformer, skip) = (&mut self.transformer, &mut self.transformer_skip);
         let model = |pass: Pass, x: &Array4<f32>, timestep: f32| match (pass, skip.as_mut(), skip_bound.as_mut()) {

@@ -17,7 +17,8 @@ use crate::GenerationRequest;
 ///
 /// With the `serde` feature a warning is an object tagged by its kind in snake case, with the variant's fields
 /// (components by their [serde names](Component)):
-/// `{"kind": "prompt_truncated", "encoder": "tokenizer_clip_l", "max_tokens": 77, "removed_text": "..."}`,
+/// `{"kind": "prompt_truncated", "encoder": "tokenizer_clip_l", "max_tokens": 77, "removed_text": "...",
+/// "removed_tokens": 12}`,
 /// `{"kind": "execution_provider_fallback", "component": "transformer", "reason": "..."}`,
 /// `{"kind": "input_resized", "input": "init_image", "from": [64, 64], "to": [128, 128]}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,10 @@ pub enum Warning {
         encoder: Component,
         /// Its limit in tokens, special tokens included.
         max_tokens: usize,
-        /// The text that was dropped.
+        /// The text that was dropped, in full (the `Display` form quotes only its start).
         removed_text: String,
+        /// How many tokens were dropped.
+        removed_tokens: usize,
     },
     /// A component runs on the CPU because its execution provider was unavailable and the builder allowed
     /// `cpu_fallback`.
@@ -53,7 +56,7 @@ pub enum Warning {
         /// The request's size.
         to: (u32, u32),
     },
-    /// Keys of a LoRA file that were not applied: another component's (text encoders, not supported yet), a
+    /// Keys of a LoRA file that were not applied: another component's (T5, or a text encoder whose folder is not LoRA-ready), a
     /// format we do not read (kohya: convert it, docs/lora.md), or modules the model's graph does not expose.
     LoraKeysIgnored {
         /// The name the LoRA was loaded under.
@@ -61,17 +64,41 @@ pub enum Warning {
         /// The keys, sorted.
         keys: Vec<String>,
     },
+    /// The prompt has words whose tokens this model's export did not keep: its text encoders map them all to one
+    /// shared embedding that it never learned (the nano model keeps only its training vocabulary; the kept ids
+    /// are listed in `tokenizer*/kept_token_ids.json`). Such words have no effect on the image.
+    UnknownWords {
+        /// `"prompt"` or `"negative_prompt"`.
+        input: &'static str,
+        /// The words, as typed, in order, each once.
+        words: Vec<String>,
+    },
+    /// The requested size differs from the one the model was trained at
+    /// ([`ModelCard::trained_size`](crate::ModelCard::trained_size)); a model trained at one size only (the nano
+    /// model) draws noise or a smear at others. Models trained at several aspect ratios around one pixel count
+    /// (SD3) warn only below half or above twice that count.
+    UntrainedSize {
+        /// The requested width x height.
+        requested: (u32, u32),
+        /// The size the model was trained at.
+        trained: (u32, u32),
+        /// Whether the model was trained at that size only (otherwise around that many pixels).
+        only: bool,
+    },
 }
 
 impl Warning {
     /// Marks a warning as coming from the negative prompt.
     pub(crate) fn for_negative_prompt(self) -> Warning {
         match self {
-            Warning::PromptTruncated { encoder, max_tokens, removed_text } => Warning::PromptTruncated {
-                encoder,
-                max_tokens,
-                removed_text: format!("(negative prompt) {removed_text}"),
-            },
+            Warning::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens } => {
+                Warning::PromptTruncated {
+                    encoder,
+                    max_tokens,
+                    removed_text: format!("(negative prompt) {removed_text}"),
+                    removed_tokens,
+                }
+            }
             other => other,
         }
     }
@@ -79,15 +106,52 @@ impl Warning {
 
 impl From<crate::text::Truncation> for Warning {
     fn from(t: crate::text::Truncation) -> Self {
-        Warning::PromptTruncated { encoder: t.encoder, max_tokens: t.max_tokens, removed_text: t.removed_text }
+        Warning::PromptTruncated {
+            encoder: t.encoder,
+            max_tokens: t.max_tokens,
+            removed_text: t.removed_text,
+            removed_tokens: t.removed_tokens,
+        }
     }
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Warning::PromptTruncated { encoder, max_tokens, removed_text } => {
-                write!(f, "prompt truncated to {max_tokens} tokens for the {encoder}; dropped: {removed_text:?}")
+            Warning::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens } => {
+                let name = match encoder {
+                    Component::TokenizerClipL | Component::TextEncoderClipL => "CLIP-L".to_string(),
+                    Component::TokenizerClipG | Component::TextEncoderClipG => "CLIP-G".to_string(),
+                    Component::TokenizerT5 | Component::TextEncoderT5 => "T5".to_string(),
+                    other => other.to_string(),
+                };
+                write!(
+                    f,
+                    "{name}: {removed_tokens} tokens dropped (over {max_tokens}): \"{}\"",
+                    short_quote(removed_text)
+                )
+            }
+            Warning::UnknownWords { input, words } => {
+                let which = if *input == "negative_prompt" { "negative prompt" } else { "prompt" };
+                let shown: Vec<&str> = words.iter().take(8).map(String::as_str).collect();
+                let more = if words.len() > shown.len() {
+                    format!(" and {} more", words.len() - shown.len())
+                } else {
+                    String::new()
+                };
+                write!(
+                    f,
+                    "{which}: not in this model's vocabulary (no effect on the image): {}{more}",
+                    shown.join(", ")
+                )
+            }
+            Warning::UntrainedSize { requested, trained, only } => {
+                let how = if *only { "only at" } else { "around" };
+                write!(
+                    f,
+                    "{}x{} was asked; this model was trained {how} {}x{} and may draw poorly at other sizes",
+                    requested.0, requested.1, trained.0, trained.1
+                )
             }
             Warning::ExecutionProviderFallback { component, reason } => write!(f, "{component}: {reason}"),
             Warning::InputResized { input, from, to } => write!(
@@ -110,6 +174,20 @@ impl fmt::Display for Warning {
             }
         }
     }
+}
+
+/// The first words of `text` (at most 40 characters), with `...` when there is more.
+fn short_quote(text: &str) -> String {
+    const MAX: usize = 40;
+    if text.chars().count() <= MAX {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(MAX).collect();
+    let cut = match cut.rfind(' ') {
+        Some(i) if i > MAX / 2 => &cut[..i],
+        _ => cut.as_str(),
+    };
+    format!("{cut}...")
 }
 
 /// Wall-clock time of each stage.
@@ -333,9 +411,35 @@ mod serde_support {
     #[derive(serde::Deserialize)]
     #[serde(tag = "kind", rename_all = "snake_case")]
     pub(super) enum WarningRepr {
-        PromptTruncated { encoder: Component, max_tokens: usize, removed_text: String },
-        ExecutionProviderFallback { component: Component, reason: String },
-        InputResized { input: String, from: (u32, u32), to: (u32, u32) },
+        PromptTruncated {
+            encoder: Component,
+            max_tokens: usize,
+            removed_text: String,
+            #[serde(default)]
+            removed_tokens: usize,
+        },
+        ExecutionProviderFallback {
+            component: Component,
+            reason: String,
+        },
+        InputResized {
+            input: String,
+            from: (u32, u32),
+            to: (u32, u32),
+        },
+        UnknownWords {
+            input: String,
+            words: Vec<String>,
+        },
+        UntrainedSize {
+            requested: (u32, u32),
+            trained: (u32, u32),
+            only: bool,
+        },
+        LoraKeysIgnored {
+            lora: String,
+            keys: Vec<String>,
+        },
     }
 
     // By hand: a derived `Deserialize` would need `'de: 'static` for `InputResized`'s `&'static str`.
@@ -343,9 +447,26 @@ mod serde_support {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             use super::Warning;
             Ok(match WarningRepr::deserialize(d)? {
-                WarningRepr::PromptTruncated { encoder, max_tokens, removed_text } => {
-                    Warning::PromptTruncated { encoder, max_tokens, removed_text }
+                WarningRepr::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens } => {
+                    Warning::PromptTruncated { encoder, max_tokens, removed_text, removed_tokens }
                 }
+                WarningRepr::UnknownWords { input, words } => {
+                    let input = match input.as_str() {
+                        "prompt" => "prompt",
+                        "negative_prompt" => "negative_prompt",
+                        other => {
+                            return Err(D::Error::invalid_value(
+                                Unexpected::Str(other),
+                                &"\"prompt\" or \"negative_prompt\"",
+                            ))
+                        }
+                    };
+                    Warning::UnknownWords { input, words }
+                }
+                WarningRepr::UntrainedSize { requested, trained, only } => {
+                    Warning::UntrainedSize { requested, trained, only }
+                }
+                WarningRepr::LoraKeysIgnored { lora, keys } => Warning::LoraKeysIgnored { lora, keys },
                 WarningRepr::ExecutionProviderFallback { component, reason } => {
                     Warning::ExecutionProviderFallback { component, reason }
                 }

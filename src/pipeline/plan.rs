@@ -5,8 +5,9 @@ use ndarray::Array4;
 
 use super::init_image;
 use super::limits::check_sequence_length;
-use super::{GenerationRequest, Sd3Pipeline, SkipLayerGuidance, StaticShape, Warning};
+use super::{GenerationRequest, Limits, Sd3Pipeline, SkipLayerGuidance, StaticShape, Warning};
 use crate::error::{Component, Error, Result};
+use crate::model_config::Variant;
 use crate::scheduler::{calculate_shift, Sampler, SamplerKind};
 use crate::text::NoT5Padding;
 
@@ -136,9 +137,23 @@ fn random_seed() -> u64 {
 }
 
 impl Sd3Pipeline {
+    /// What the request checks need from this pipeline's model (the same checks [`ModelCard::check`] runs from
+    /// the configs alone).
+    pub(super) fn bounds(&self) -> Bounds<'_> {
+        Bounds {
+            vae_scale_factor: self.info.vae_scale_factor,
+            patch_size: self.info.patch_size,
+            pos_embed_max_size: self.info.pos_embed_max_size,
+            default_size: self.info.default_size,
+            single_size: self.info.variant == Variant::Sd3Nano,
+            num_train_timesteps: self.scheduler.num_train_timesteps,
+            previews: self.preview_factors.is_some(),
+            limits: &self.limits,
+        }
+    }
+
     /// Checks a request against the model and resolves size, latents and schedule.
     pub(super) fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
-        check_sequence_length(req.max_sequence_length)?;
         self.lora.check(&req.loras)?;
         if req.skip_layer_guidance.is_some() && req.loras.iter().any(|(_, s)| *s != 0.0) {
             return Err(Error::request(
@@ -147,48 +162,10 @@ impl Sd3Pipeline {
                 "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
             ));
         }
-        if req.steps == 0 {
-            return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
-        }
-        let max_steps = self.scheduler.num_train_timesteps.min(self.limits.max_steps);
-        if req.steps > max_steps {
-            return Err(Error::request(
-                "steps",
-                req.steps,
-                format!(
-                    "at most {max_steps} steps (num_train_timesteps = {}, Limits::max_steps = {})",
-                    self.scheduler.num_train_timesteps, self.limits.max_steps
-                ),
-            ));
-        }
-        for (name, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
-            if text.len() > self.limits.max_prompt_bytes {
-                return Err(Error::request(
-                    name,
-                    format!("{} bytes", text.len()),
-                    format!(
-                        "longer than this pipeline's limit of {} bytes (Limits::max_prompt_bytes); the encoders read \
-                         only the first 77 (CLIP) and max_sequence_length (T5) tokens anyway",
-                        self.limits.max_prompt_bytes
-                    ),
-                ));
-            }
-        }
-        if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return Err(Error::request(
-                "guidance",
-                req.guidance,
-                "guidance must be a finite number >= 0 (1.0 or less disables guidance)",
-            ));
-        }
+        let (width, height) = self.bounds().check(req, warnings)?;
         let info = &self.info;
         let f = info.vae_scale_factor;
         let c = info.latent_channels;
-        // Saturating: latents with a zero side may have any other side; an absurd size is refused by check_size.
-        let implied = req.latents.as_ref().map(|l| (l.shape()[3].saturating_mul(f), l.shape()[2].saturating_mul(f)));
-        let width = req.width.map(|w| w as usize).or(implied.map(|s| s.0)).unwrap_or(info.default_size);
-        let height = req.height.map(|h| h as usize).or(implied.map(|s| s.1)).unwrap_or(info.default_size);
-        self.check_size(width, height)?;
         if let Some(fixed) = &self.static_shape {
             let wanted = StaticShape {
                 width: width as u32,
@@ -215,13 +192,6 @@ impl Sd3Pipeline {
             ));
         }
         let n = req.images_per_prompt;
-        if n == 0 || n > self.limits.max_images {
-            return Err(Error::request(
-                "images_per_prompt",
-                n,
-                format!("between 1 and {} images per call (Limits::max_images)", self.limits.max_images),
-            ));
-        }
         let shape = [n, c, height / f, width / f];
         if let Some(l) = &req.latents {
             if l.shape() != shape {
@@ -290,9 +260,6 @@ impl Sd3Pipeline {
         height: usize,
         warnings: &mut Vec<Warning>,
     ) -> Result<Option<InitInputs>> {
-        if !req.strength.is_finite() || !(0.0..=1.0).contains(&req.strength) {
-            return Err(Error::request("strength", req.strength, "strength must be between 0 and 1"));
-        }
         let Some(image) = &req.init_image else {
             if req.mask.is_some() {
                 return Err(Error::request("mask", "set", "a mask needs an init image to inpaint (init_image)"));
@@ -320,29 +287,9 @@ impl Sd3Pipeline {
         }))
     }
 
-    /// Checks skip-layer guidance and previews.
+    /// Checks that the skip-layer graph serves the request's skip-layer guidance.
     fn check_guidance_options(&self, req: &GenerationRequest) -> Result<()> {
-        if let Some(k) = req.preview_every {
-            if k == 0 {
-                return Err(Error::request("preview_every", 0, "previews need a step interval of at least 1"));
-            }
-            crate::preview::check_channels(self.info.latent_channels)?;
-        }
         let Some(slg) = &req.skip_layer_guidance else { return Ok(()) };
-        if !slg.scale.is_finite() || !slg.start.is_finite() || !slg.stop.is_finite() {
-            return Err(Error::request(
-                "skip_layer_guidance",
-                format!("{slg:?}"),
-                "scale, start and stop must be finite numbers",
-            ));
-        }
-        if !req.uses_guidance() {
-            return Err(Error::request(
-                "skip_layer_guidance",
-                format!("guidance {}", req.guidance),
-                "skip-layer guidance adds to classifier-free guidance (as in diffusers): set guidance above 1",
-            ));
-        }
         let Some((_, layers)) = &self.transformer_skip else {
             return Err(Error::MissingFile {
                 component: Component::TransformerSkipLayers,
@@ -370,14 +317,137 @@ impl Sd3Pipeline {
         }
         Ok(())
     }
+}
 
-    pub(super) fn check_size(&self, width: usize, height: usize) -> Result<()> {
-        let m = self.info.size_multiple();
+/// What the request checks read from a model: numbers from its configs, and the limits. The loaded pipeline
+/// ([`Sd3Pipeline::bounds`]) and [`ModelCard`](super::ModelCard) (configs only, before any graph is loaded) check
+/// requests through this one implementation.
+pub(super) struct Bounds<'a> {
+    pub vae_scale_factor: usize,
+    pub patch_size: usize,
+    pub pos_embed_max_size: Option<usize>,
+    /// `sample_size * vae_scale_factor`: the default side, and the side the model was trained at.
+    pub default_size: usize,
+    /// The model was trained at `default_size` x `default_size` only (the nano model).
+    pub single_size: bool,
+    pub num_train_timesteps: usize,
+    /// Preview factors fit this model's VAE.
+    pub previews: bool,
+    pub limits: &'a Limits,
+}
+
+impl Bounds<'_> {
+    /// Checks everything the configs decide (T5 length, steps, prompt length, guidance, size, image count,
+    /// strength, skip-layer guidance's numbers, previews) and returns the size the request resolves to.
+    pub fn check(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<(usize, usize)> {
+        check_sequence_length(req.max_sequence_length)?;
+        if req.steps == 0 {
+            return Err(Error::request("steps", req.steps, "at least one denoising step is needed"));
+        }
+        let max_steps = self.num_train_timesteps.min(self.limits.max_steps);
+        if req.steps > max_steps {
+            return Err(Error::request(
+                "steps",
+                req.steps,
+                format!(
+                    "at most {max_steps} steps (num_train_timesteps = {}, Limits::max_steps = {})",
+                    self.num_train_timesteps, self.limits.max_steps
+                ),
+            ));
+        }
+        for (name, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
+            if text.len() > self.limits.max_prompt_bytes {
+                return Err(Error::request(
+                    name,
+                    format!("{} bytes", text.len()),
+                    format!(
+                        "longer than this pipeline's limit of {} bytes (Limits::max_prompt_bytes); the encoders read \
+                         only the first 77 (CLIP) and max_sequence_length (T5) tokens anyway",
+                        self.limits.max_prompt_bytes
+                    ),
+                ));
+            }
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            return Err(Error::request(
+                "guidance",
+                req.guidance,
+                "guidance must be a finite number >= 0 (1.0 or less disables guidance)",
+            ));
+        }
+        let f = self.vae_scale_factor;
+        // Saturating: latents with a zero side may have any other side; an absurd size is refused by check_size.
+        let implied = req.latents.as_ref().map(|l| (l.shape()[3].saturating_mul(f), l.shape()[2].saturating_mul(f)));
+        let width = req.width.map(|w| w as usize).or(implied.map(|s| s.0)).unwrap_or(self.default_size);
+        let height = req.height.map(|h| h as usize).or(implied.map(|s| s.1)).unwrap_or(self.default_size);
+        self.check_size(width, height)?;
+        let n = req.images_per_prompt;
+        if n == 0 || n > self.limits.max_images {
+            return Err(Error::request(
+                "images_per_prompt",
+                n,
+                format!("between 1 and {} images per call (Limits::max_images)", self.limits.max_images),
+            ));
+        }
+        if !req.strength.is_finite() || !(0.0..=1.0).contains(&req.strength) {
+            return Err(Error::request("strength", req.strength, "strength must be between 0 and 1"));
+        }
+        if let Some(k) = req.preview_every {
+            if k == 0 {
+                return Err(Error::request("preview_every", 0, "previews need a step interval of at least 1"));
+            }
+            if !self.previews {
+                return Err(Error::request(
+                    "preview_every",
+                    k,
+                    format!(
+                        "no preview factors fit this model's VAE: SD3's fit SD3's VAE only, and the model folder has \
+                         no vae_decoder/{} (fit one with examples/fit_preview_factors.rs). Turn previews off",
+                        crate::preview::FACTORS_FILE
+                    ),
+                ));
+            }
+        }
+        if let Some(slg) = &req.skip_layer_guidance {
+            if !slg.scale.is_finite() || !slg.start.is_finite() || !slg.stop.is_finite() {
+                return Err(Error::request(
+                    "skip_layer_guidance",
+                    format!("{slg:?}"),
+                    "scale, start and stop must be finite numbers",
+                ));
+            }
+            if !req.uses_guidance() {
+                return Err(Error::request(
+                    "skip_layer_guidance",
+                    format!("guidance {}", req.guidance),
+                    "skip-layer guidance adds to classifier-free guidance (as in diffusers): set guidance above 1",
+                ));
+            }
+        }
+        let trained = self.default_size;
+        let area = (width * height) as f64 / (trained * trained) as f64;
+        let off = if self.single_size { (width, height) != (trained, trained) } else { !(0.5..=2.0).contains(&area) };
+        if off {
+            warnings.push(Warning::UntrainedSize {
+                requested: (width as u32, height as u32),
+                trained: (trained as u32, trained as u32),
+                only: self.single_size,
+            });
+        }
+        Ok((width, height))
+    }
+
+    /// Width and height must be positive multiples of VAE factor x patch size and within the position embedding
+    /// and the limits. The first reason given is the one that decides.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let m = self.vae_scale_factor * self.patch_size;
+        let max_side = self.limits.max_side;
         // Without a position-embedding limit in the config, cap sides at Limits::max_side so an absurd request is
         // refused before any allocation instead of exhausting memory.
-        let max_side = self.limits.max_side;
-        let limit = Some(self.info.pos_embed_max_size.map_or(max_side, |p| p.saturating_mul(m).min(max_side)));
-        let ok = |v: usize| v > 0 && v.is_multiple_of(m) && limit.is_none_or(|l| v <= l);
+        let embed = self.pos_embed_max_size.map(|p| p.saturating_mul(m));
+        let limit = embed.map_or(max_side, |e| e.min(max_side));
+        let limit = (limit / m) * m;
+        let ok = |v: usize| v > 0 && v.is_multiple_of(m) && v <= limit;
         if ok(width) && ok(height) {
             if width.saturating_mul(height) > self.limits.max_pixels {
                 return Err(Error::request(
@@ -385,21 +455,35 @@ impl Sd3Pipeline {
                     format!("{width}x{height}"),
                     format!(
                         "{} pixels exceed this pipeline's limit of {} (Limits::max_pixels)",
-                        width * height,
+                        width.saturating_mul(height),
                         self.limits.max_pixels
                     ),
                 ));
             }
             return Ok(());
         }
+        let reason = if width > limit || height > limit {
+            match (embed, self.pos_embed_max_size) {
+                (Some(e), Some(p)) if e <= max_side => format!(
+                    "at most {limit} pixels per side for this model (its position embedding covers {p}x{p} patches \
+                     of {m}x{m} pixels)"
+                ),
+                _ => format!("at most {limit} pixels per side (Limits::max_side)"),
+            }
+        } else if width == 0 || height == 0 {
+            "width and height must be at least 1 pixel".to_string()
+        } else {
+            format!(
+                "width and height must be multiples of {m} for this model (VAE factor {} x patch size {})",
+                self.vae_scale_factor, self.patch_size
+            )
+        };
         let near = |v: usize| -> Vec<usize> {
-            let down = (v / m) * m;
+            let down = (v.min(limit) / m) * m;
             let mut c = vec![down.max(m), down.saturating_add(m)];
-            if let Some(l) = limit {
-                c.retain(|x| *x <= l);
-                if c.is_empty() {
-                    c.push(l);
-                }
+            c.retain(|x| *x <= limit);
+            if c.is_empty() {
+                c.push(limit.max(m));
             }
             c.dedup();
             c
@@ -410,18 +494,14 @@ impl Sd3Pipeline {
                 options.push(format!("{w}x{h}"));
             }
         }
-        let mut suggestion = options.join(", ");
-        if let Some(l) = limit {
-            suggestion
-                .push_str(&format!(" (the position embedding and Limits::max_side allow at most {l} pixels per side)"));
-        }
         Err(Error::InvalidSize {
             width: u32::try_from(width).unwrap_or(u32::MAX),
             height: u32::try_from(height).unwrap_or(u32::MAX),
             multiple: m as u32,
-            vae_factor: self.info.vae_scale_factor as u32,
-            patch_size: self.info.patch_size as u32,
-            suggestion,
+            vae_factor: self.vae_scale_factor as u32,
+            patch_size: self.patch_size as u32,
+            reason,
+            suggestion: options.join(", "),
         })
     }
 }

@@ -1,56 +1,68 @@
 //! Finding the ONNX Runtime shared library.
 //!
-//! `ort` is built with `load-dynamic`, so the library is opened at run time. We look, in order, at: the path
-//! given to the builder, `ORT_DYLIB_PATH`, and the folder `scripts/setup-ort.sh` installs into (`.ort/lib/`
-//! under the current directory, then under this crate's own source folder). The first that exists wins; when
-//! none does, the error lists every place tried and how to fix it.
+//! With the `load-dynamic` feature (on by default) `ort` opens the library at run time, from the path the user
+//! gives: the builder option [`Sd3PipelineBuilder::onnxruntime_library`](crate::Sd3PipelineBuilder::onnxruntime_library),
+//! else the `ORT_DYLIB_PATH` environment variable. Nothing else is searched: no folder relative to the current
+//! directory (a program embedding this crate, started in a folder someone else can write to, would load that
+//! folder's library) and no folder of this crate's source (a path baked in at compile time that, for a
+//! crates.io user, points into the cargo registry). When neither is set, the error says how to get a library.
+//!
+//! Without `load-dynamic`, ONNX Runtime is linked when the program is built (the `ort-download-binaries` /
+//! `ort-copy-dylibs` features, or `ORT_LIB_PATH` for ort's build script) and no path is looked up at run time.
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// The library's file name on this platform (`libonnxruntime.so`, `onnxruntime.dll`, `libonnxruntime.dylib`).
-pub fn library_file_name() -> String {
-    format!("{}onnxruntime{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
-}
-
-/// Where `scripts/setup-ort.sh` puts the library, relative to a repository root.
-pub(crate) fn setup_location(root: &Path) -> PathBuf {
-    root.join(".ort").join("lib").join(library_file_name())
-}
-
-/// Resolves the library path: `explicit`, then `ORT_DYLIB_PATH`, then the set-up locations.
+/// Resolves the library path: `explicit`, then `ORT_DYLIB_PATH`. A path that is given but does not exist is an
+/// error; it is never a reason to look elsewhere.
+#[cfg(feature = "load-dynamic")]
 pub(crate) fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
-    let env = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from);
-    let mut candidates: Vec<(String, PathBuf)> = Vec::new();
     if let Some(p) = explicit {
-        // An explicit choice is final: a wrong path is an error, not a reason to look elsewhere.
         return existing(p).ok_or_else(|| Error::RuntimeNotFound {
             searched: format!("builder option onnxruntime_library = {} (no such file)", p.display()),
         });
     }
-    if let Some(p) = env {
-        return existing(&p).ok_or_else(|| Error::RuntimeNotFound {
+    match std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from) {
+        Some(p) => existing(&p).ok_or_else(|| Error::RuntimeNotFound {
             searched: format!("ORT_DYLIB_PATH = {} (no such file)", p.display()),
-        });
+        }),
+        None => Err(Error::RuntimeNotFound {
+            searched: "builder option onnxruntime_library (not set); ORT_DYLIB_PATH (not set)".into(),
+        }),
     }
-    if let Ok(cwd) = std::env::current_dir() {
-        candidates.push(("current directory".into(), setup_location(&cwd)));
-    }
-    candidates.push(("sd3-onnx source folder".into(), setup_location(Path::new(env!("CARGO_MANIFEST_DIR")))));
-    for (_, path) in &candidates {
-        if let Some(found) = existing(path) {
-            return Ok(found);
-        }
-    }
-    let searched = std::iter::once("builder option (not set)".to_string())
-        .chain(std::iter::once("ORT_DYLIB_PATH (not set)".to_string()))
-        .chain(candidates.iter().map(|(what, p)| format!("{what}: {}", p.display())))
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(Error::RuntimeNotFound { searched })
 }
 
+/// Opens ONNX Runtime: the library [`find_library`] names (feature `load-dynamic`), and the path it came from.
+#[cfg(feature = "load-dynamic")]
+pub(crate) fn open(explicit: Option<&Path>) -> Result<(PathBuf, ort::environment::EnvironmentBuilder)> {
+    let path = find_library(explicit)?;
+    let builder = ort::init_from(&path).map_err(|e| Error::RuntimeLoad {
+        path: path.clone(),
+        message: e.to_string(),
+        source: crate::error::boxed(e),
+    })?;
+    Ok((path, builder))
+}
+
+/// ONNX Runtime linked at build time (no `load-dynamic`): there is no library to open. The path reported is the
+/// executable's, which holds (static link) or names (dynamic link) the library.
+#[cfg(not(feature = "load-dynamic"))]
+pub(crate) fn open(explicit: Option<&Path>) -> Result<(PathBuf, ort::environment::EnvironmentBuilder)> {
+    if let Some(p) = explicit {
+        return Err(Error::RuntimeLoad {
+            path: p.to_path_buf(),
+            message: "this build links ONNX Runtime at build time (sd3-onnx without its `load-dynamic` feature); \
+                      a library path is only used with `load-dynamic`"
+                .into(),
+            source: None,
+        });
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("(this executable)"));
+    Ok((exe, ort::init()))
+}
+
+#[cfg(feature = "load-dynamic")]
 fn existing(path: &Path) -> Option<PathBuf> {
     if path.is_file() {
         // Absolute paths keep ort from resolving relative to the executable's folder.
@@ -60,5 +72,5 @@ fn existing(path: &Path) -> Option<PathBuf> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "load-dynamic"))]
 mod tests;

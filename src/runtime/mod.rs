@@ -42,12 +42,7 @@ pub(crate) fn environment(explicit: Option<&Path>) -> Result<ort::environment::E
         }
         return Ok(env.clone());
     }
-    let path = discovery::find_library(explicit)?;
-    let builder = ort::init_from(&path).map_err(|e| Error::RuntimeLoad {
-        path: path.clone(),
-        message: e.to_string(),
-        source: boxed(e),
-    })?;
+    let (path, builder) = discovery::open(explicit)?;
     let env = builder.with_name("sd3-onnx").build().map_err(|e| Error::RuntimeLoad {
         path: path.clone(),
         message: e.to_string(),

@@ -68,6 +68,8 @@ pub(crate) struct Truncation {
     pub max_tokens: usize,
     /// The text that was dropped.
     pub removed_text: String,
+    /// How many tokens were dropped.
+    pub removed_tokens: usize,
 }
 
 /// The three encoders and what is needed to join their outputs.
@@ -195,7 +197,12 @@ fn tokenize(
         None => (tokenizer.encode(prompt, max_tokens)?, None),
     };
     if let Some(removed) = &tokens.removed_text {
-        truncations.push(Truncation { encoder, max_tokens, removed_text: removed.clone() });
+        truncations.push(Truncation {
+            encoder,
+            max_tokens,
+            removed_text: removed.clone(),
+            removed_tokens: tokens.removed_tokens,
+        });
     }
     Ok((tokens, weights))
 }

@@ -3,8 +3,10 @@
 mod conditioning;
 pub(crate) mod encoders;
 mod tokenizer;
+mod vocabulary;
 mod weighting;
 
 pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};
 pub use tokenizer::{PromptTokenizer, TokenizedPrompt};
+pub(crate) use vocabulary::{unknown_words, KeptVocabulary};

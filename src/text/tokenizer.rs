@@ -23,6 +23,8 @@ pub struct TokenizedPrompt {
     /// diffusers logs; for T5 diffusers (0.35.2 to 0.42.1) logs a slice starting at token 76 whatever the length, we report
     /// what was actually dropped.)
     pub removed_text: Option<String>,
+    /// How many content tokens did not fit (0 when nothing was cut).
+    pub removed_tokens: usize,
 }
 
 /// One of the three prompt tokenizers, with the padding token its config names.
@@ -240,6 +242,12 @@ impl PromptTokenizer {
         Ok(text)
     }
 
+    /// The content tokens of `text` (no special tokens, no truncation) with their byte offsets in `text`.
+    pub(crate) fn content_tokens(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>> {
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        Ok(content.get_ids().iter().copied().zip(content.get_offsets().iter().copied()).collect())
+    }
+
     fn err(&self, message: impl ToString) -> Error {
         Error::Tokenizer {
             component: self.component,
@@ -284,6 +292,7 @@ impl PromptTokenizer {
         added: usize,
         max_len: usize,
     ) -> Result<(TokenizedPrompt, usize, usize)> {
+        let removed_tokens = (content.len() + added).saturating_sub(max_len);
         let removed_text = if content.len() + added > max_len {
             // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
             let start = max_len - added;
@@ -306,7 +315,7 @@ impl PromptTokenizer {
             .ok_or_else(|| self.err("post-processing changed the content tokens"))?;
         let mut ids: Vec<i64> = full_ids.iter().map(|&i| i64::from(i)).collect();
         ids.resize(max_len, i64::from(self.pad_id));
-        Ok((TokenizedPrompt { ids, removed_text }, first, kept.len()))
+        Ok((TokenizedPrompt { ids, removed_text, removed_tokens }, first, kept.len()))
     }
 
     /// Tokenizes weighted prompt segments to exactly `max_len` ids, with one weight per id.

@@ -144,7 +144,7 @@ fn cancellation_callbacks_and_panics_stop_with_typed_errors() {
 #[test]
 fn previews_come_every_k_evaluations_and_at_the_end() {
     let mut l = plain(None);
-    l.preview_every = Some(3);
+    l.preview_every = Some((3, crate::preview::LatentRgbFactors::sd3()));
     // Previews need SD3's 16 latent channels.
     let mut x = Array4::zeros((1, 16, 2, 2));
     let mut with_previews = Vec::new();
