@@ -10,6 +10,7 @@ bash scripts/setup-ort.sh
 # The library loads ONNX Runtime only from ORT_DYLIB_PATH or the builder option (.cargo/config.toml sets the
 # same for cargo commands; programs started outside cargo need the variable).
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
+echo "building and running the tests (the first build takes several minutes)" >&2
 cargo test "$@"
 # Hub downloads (feature `download`): the hub module's unit tests and tests/hub.rs, which serves the tiny fixture
 # from a local hub on 127.0.0.1 (no network needed).
