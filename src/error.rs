@@ -28,7 +28,8 @@
 //! returned by [`std::error::Error::source`]: ONNX Runtime's error for [`Error::RuntimeLoad`],
 //! [`Error::GraphLoad`], [`Error::Inference`] and [`Error::ExecutionProviderUnavailable`]; the tokenizers
 //! library's for [`Error::Tokenizer`]; serde_json's for [`Error::InvalidConfig`]; the PNG decoder's for
-//! [`Error::Image`]; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
+//! [`Error::Image`]; the [`std::io::Error`] or serde_json's for [`Error::Lora`] when reading the file or its header
+//! failed; the HTTP client's, the connection's or the json parser's for `HubUnreachable`,
 //! `HubInterrupted` and `HubResponse` (feature `download`); the [`std::io::Error`] for [`Error::Io`],
 //! `HubDiskFull` and, when the file system reported one (`NotFound`, `PermissionDenied`, ...), for
 //! [`Error::MissingFile`]. Foreign errors are boxed ([`BoxError`]), so no other crate's type is part of this
@@ -339,6 +340,36 @@ pub enum Error {
         /// The PNG decoder's or encoder's error.
         #[source]
         source: Option<BoxError>,
+    },
+
+    /// A LoRA file cannot be used: unreadable, not a valid `.safetensors` file, no key in a format we read, or
+    /// the model's transformer graph is not LoRA-ready (docs/lora.md).
+    #[error("LoRA {}: {}", .path.display(), sentence(.message))]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        message: String,
+        /// The I/O or JSON error behind it, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A LoRA's matrices do not fit the model's layer: it was made for another architecture.
+    #[error(
+        "LoRA {}: module `{module}` is {}x{} ([out, in]) in the LoRA but {}x{} in this model; the LoRA was made \
+         for another model",
+        .path.display(), .lora_shape[0], .lora_shape[1], .model_shape[0], .model_shape[1]
+    )]
+    LoraShapeMismatch {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The component and diffusers module name, e.g. `transformer.transformer_blocks.0.attn.to_q`.
+        module: String,
+        /// `[out, in]` implied by the LoRA's `lora_B` rows and `lora_A` columns.
+        lora_shape: [usize; 2],
+        /// `[out, in]` of the model's layer.
+        model_shape: [usize; 2],
     },
 
     /// Running a graph failed: ONNX Runtime reported an error (out of memory is the common one; its error is the

@@ -63,6 +63,7 @@ pub mod hub;
 pub mod imageio;
 pub mod latents;
 mod layout;
+mod lora;
 pub mod model_config;
 mod pipeline;
 pub mod preview;

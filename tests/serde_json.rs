@@ -31,6 +31,9 @@ fn full_request() -> GenerationRequest {
         .skip_layer_guidance(SkipLayerGuidance::new(3.5).window(0.05, 0.5).layers(vec![1, 2]))
         .sampler(SamplerKind::DpmSolverPlusPlus2M)
         .preview_every(2)
+        .prompt_weighting(false)
+        .lora("style", 0.5)
+        .lora("character", -0.25)
 }
 
 #[test]
@@ -54,7 +57,9 @@ fn request_round_trips_with_every_field_set() {
             "strength": 0.35,
             "skip_layer_guidance": {"scale": 3.5, "start": 0.05, "stop": 0.5, "layers": [1, 2]},
             "sampler": "dpmpp_2m",
-            "preview_every": 2
+            "preview_every": 2,
+            "prompt_weighting": false,
+            "loras": [["style", 0.5], ["character", -0.25]]
         })
     );
     let text = serde_json::to_string_pretty(&request).unwrap();
@@ -85,7 +90,8 @@ fn minimal_json_is_a_request_with_the_defaults() {
             "prompt": "a red cube", "negative_prompt": "", "width": null, "height": null, "steps": 28,
             "guidance": 7.0, "seed": null, "images_per_prompt": 1, "max_sequence_length": 256,
             "no_t5_padding": "max_sequence_length", "clip_skip": null,
-            "strength": 0.6, "skip_layer_guidance": null, "sampler": "euler", "preview_every": null
+            "strength": 0.6, "skip_layer_guidance": null, "sampler": "euler", "preview_every": null,
+            "prompt_weighting": true, "loras": []
         })
     );
     // Explicit nulls read as unset.
@@ -192,6 +198,7 @@ fn warnings_are_tagged_objects() {
         Warning::InputResized { input: "mask", from: (32, 32), to: (64, 64) },
         Warning::UnknownWords { input: "negative_prompt", words: vec!["astronaut".into()] },
         Warning::UntrainedSize { requested: (64, 64), trained: (128, 128), only: true },
+        Warning::LoraKeysIgnored { lora: "style".into(), keys: vec!["lora_te3_x.lora_down.weight".into()] },
     ];
     let value = serde_json::to_value(&warnings).unwrap();
     assert_eq!(
@@ -202,7 +209,8 @@ fn warnings_are_tagged_objects() {
             {"kind": "execution_provider_fallback", "component": "transformer", "reason": "no CUDA"},
             {"kind": "input_resized", "input": "mask", "from": [32, 32], "to": [64, 64]},
             {"kind": "unknown_words", "input": "negative_prompt", "words": ["astronaut"]},
-            {"kind": "untrained_size", "requested": [64, 64], "trained": [128, 128], "only": true}
+            {"kind": "untrained_size", "requested": [64, 64], "trained": [128, 128], "only": true},
+            {"kind": "lora_keys_ignored", "lora": "style", "keys": ["lora_te3_x.lora_down.weight"]}
         ])
     );
     assert_eq!(serde_json::from_value::<Vec<Warning>>(value).unwrap(), warnings);

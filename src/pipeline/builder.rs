@@ -281,6 +281,7 @@ impl Sd3PipelineBuilder {
             limits: self.limits,
             preview_factors,
             vocabularies,
+            lora: Default::default(),
         })
     }
 }

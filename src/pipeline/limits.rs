@@ -32,6 +32,9 @@ pub struct Limits {
     /// Longest prompt or negative prompt in bytes (default 1 MiB). Longer prompts are truncated by the
     /// tokenizers anyway; this bounds the tokenizers' work and memory.
     pub max_prompt_bytes: usize,
+    /// Largest LoRA file [`Sd3Pipeline::load_lora`](crate::Sd3Pipeline::load_lora) reads, in bytes (default 4 GiB;
+    /// a rank-128 LoRA on every linear layer of SD3.5-large is under 2 GiB). The file is checked before it is read.
+    pub max_lora_bytes: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             max_images: MAX_IMAGES_PER_PROMPT,
             max_steps: 1000,
             max_prompt_bytes: 1 << 20,
+            max_lora_bytes: 4 << 30,
         }
     }
 }
@@ -79,6 +83,13 @@ impl Limits {
     #[must_use]
     pub fn max_prompt_bytes(mut self, bytes: usize) -> Self {
         self.max_prompt_bytes = bytes;
+        self
+    }
+
+    /// Sets [`max_lora_bytes`](Self::max_lora_bytes).
+    #[must_use]
+    pub fn max_lora_bytes(mut self, bytes: u64) -> Self {
+        self.max_lora_bytes = bytes;
         self
     }
 }

@@ -65,6 +65,7 @@ pub struct Sd3Pipeline {
     /// The token ids each text encoder's export kept (`tokenizer*/kept_token_ids.json`), for
     /// [`Warning::UnknownWords`].
     vocabularies: Vec<crate::text::KeptVocabulary>,
+    lora: crate::lora::LoraState,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -202,18 +203,47 @@ impl Sd3Pipeline {
             .collect()
     }
 
-    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests). Without T5,
-    /// `max_sequence_length` zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
+    /// Encodes a prompt into the transformer's conditioning (exposed for inspection and tests), with prompt
+    /// weighting as [`GenerationRequest::prompt_weighting`] does by default. Without T5, `max_sequence_length`
+    /// zero tokens follow the CLIP tokens ([`NoT5Padding::MaxSequenceLength`]).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
     ) -> Result<(TextConditioning, Vec<Warning>)> {
+        self.encode_prompt_inner(prompt, max_sequence_length, clip_skip, true)
+    }
+
+    /// [`encode_prompt`](Self::encode_prompt) without prompt weighting: brackets are plain text.
+    pub fn encode_prompt_literal(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+    ) -> Result<(TextConditioning, Vec<Warning>)> {
+        self.encode_prompt_inner(prompt, max_sequence_length, clip_skip, false)
+    }
+
+    fn encode_prompt_inner(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+        weighting: bool,
+    ) -> Result<(TextConditioning, Vec<Warning>)> {
         check_sequence_length(max_sequence_length)?;
+        // Without a request there are no LoRAs: the text encoders run on their own weights.
+        self.apply_loras(&[])?;
         let mut truncations = Vec::new();
-        let cond =
-            self.text.encode(prompt, max_sequence_length, clip_skip, NoT5Padding::default(), &mut truncations)?;
+        let cond = self.text.encode(
+            prompt,
+            max_sequence_length,
+            clip_skip,
+            NoT5Padding::default(),
+            weighting,
+            &mut truncations,
+        )?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 
@@ -263,6 +293,43 @@ impl Sd3Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Loads a LoRA from a `.safetensors` file in the diffusers / PEFT layout (`transformer.<module>.lora_A.weight`,
+    /// `lora_B.weight`, alpha from the file's `lora_adapter_metadata` or `<module>.alpha` tensors) under `name`, for
+    /// requests to choose with [`GenerationRequest::lora`]. Loading replaces a LoRA of the same name; the
+    /// transformer session is neither reloaded nor re-created, now or when requests switch LoRAs.
+    ///
+    /// The model folder must be LoRA-ready (`models/export/lora_inputs.py`, once; docs/lora.md). Keys that are not
+    /// applied (text-encoder LoRAs, modules the graph does not expose, other formats) come back as a
+    /// [`Warning::LoraKeysIgnored`]; matrices that do not fit the model are [`Error::LoraShapeMismatch`]; files
+    /// that cannot be read are [`Error::Lora`].
+    pub fn load_lora(&mut self, path: impl AsRef<Path>, name: impl Into<String>) -> Result<Vec<Warning>> {
+        let name = name.into();
+        let keys = self.lora.load(&self.model_dir, path.as_ref(), name.clone(), self.limits.max_lora_bytes)?;
+        Ok(if keys.is_empty() { Vec::new() } else { vec![Warning::LoraKeysIgnored { lora: name, keys }] })
+    }
+
+    /// Gives the graphs the merged weights of the LoRAs `chosen` (name, scale), merging only when the set
+    /// changed since the last call; no LoRA (or only scale 0) leaves every graph on its own weights.
+    fn apply_loras(&mut self, chosen: &[(String, f32)]) -> Result<()> {
+        if !self.lora.activate(chosen)? {
+            return Ok(());
+        }
+        self.transformer.overrides = self.lora.take_merged("transformer");
+        self.text.clip_l.graph_mut().overrides = self.lora.take_merged("text_encoder");
+        self.text.clip_g.graph_mut().overrides = self.lora.take_merged("text_encoder_2");
+        Ok(())
+    }
+
+    /// Forgets the LoRA loaded under `name`; `false` when there was none.
+    pub fn unload_lora(&mut self, name: &str) -> bool {
+        self.lora.unload(name)
+    }
+
+    /// The names of the loaded LoRAs, sorted.
+    pub fn lora_names(&self) -> Vec<String> {
+        self.lora.loaded.keys().cloned().collect()
     }
 
     /// Generates an image.
@@ -326,12 +393,18 @@ impl Sd3Pipeline {
         let model = self.model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let mut parameters = Vec::with_capacity(images.len());
         for (request, seed) in run.owners.iter().zip(&run.seeds) {
+            let hashes: Vec<(String, String)> = requests[*request]
+                .loras
+                .iter()
+                .filter_map(|(n, _)| Some((n.clone(), self.lora.loaded.get(n)?.short_hash.clone())))
+                .collect();
             parameters.push(output::a1111_parameters(
                 &requests[*request],
                 *seed,
                 run.size,
                 &model,
                 self.scheduler.shift,
+                &hashes,
             ));
         }
         Ok(GenerationOutput {
@@ -386,6 +459,8 @@ impl Sd3Pipeline {
             || requests.iter().any(|r| r.cancellation.as_ref().is_some_and(CancellationToken::is_cancelled));
 
         let t = Instant::now();
+        // LoRAs: the batch shares them (plan::check_batch); merged only when they changed since the last run.
+        self.apply_loras(&requests[0].loras)?;
         let (batch, positives) = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings)?;
         self.release(&[Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]);
         let text_encoding = t.elapsed();
@@ -413,6 +488,8 @@ impl Sd3Pipeline {
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
         ])?;
+        // Merged LoRA weights (set by `apply_loras` before the text encoders ran).
+        self.transformer.bind_overrides(&mut bound)?;
         let mut skip_bound = match (&mut self.transformer_skip, &positives) {
             (Some((graph, _)), Some(p)) => Some(graph.bind(&[
                 ("encoder_hidden_states", Input::Float(p.context.view())),
@@ -467,8 +544,14 @@ impl Sd3Pipeline {
                 return Err(Error::Cancelled { step: 0 });
             }
             let mut truncations = Vec::new();
-            let cond =
-                self.text.encode(&r.prompt, r.max_sequence_length, r.clip_skip, r.no_t5_padding, &mut truncations)?;
+            let cond = self.text.encode(
+                &r.prompt,
+                r.max_sequence_length,
+                r.clip_skip,
+                r.no_t5_padding,
+                r.prompt_weighting,
+                &mut truncations,
+            )?;
             warnings.extend(truncations.drain(..).map(Warning::from));
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
@@ -477,6 +560,7 @@ impl Sd3Pipeline {
                     r.max_sequence_length,
                     None,
                     r.no_t5_padding,
+                    r.prompt_weighting,
                     &mut truncations,
                 )?;
                 warnings.extend(truncations.drain(..).map(|t| Warning::from(t).for_negative_prompt()));

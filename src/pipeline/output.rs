@@ -56,6 +56,14 @@ pub enum Warning {
         /// The request's size.
         to: (u32, u32),
     },
+    /// Keys of a LoRA file that were not applied: another component's (T5, or a text encoder whose folder is not LoRA-ready), a
+    /// format we do not read (kohya: convert it, docs/lora.md), or modules the model's graph does not expose.
+    LoraKeysIgnored {
+        /// The name the LoRA was loaded under.
+        lora: String,
+        /// The keys, sorted.
+        keys: Vec<String>,
+    },
     /// The prompt has words whose tokens this model's export did not keep: its text encoders map them all to one
     /// shared embedding that it never learned (the nano model keeps only its training vocabulary; the kept ids
     /// are listed in `tokenizer*/kept_token_ids.json`). Such words have no effect on the image.
@@ -151,6 +159,19 @@ impl fmt::Display for Warning {
                 "{input} resized from {}x{} to {}x{} (Lanczos; not bit-identical to diffusers' PIL resize)",
                 from.0, from.1, to.0, to.1
             ),
+            Warning::LoraKeysIgnored { lora, keys } => {
+                const SHOWN: usize = 8;
+                write!(
+                    f,
+                    "LoRA {lora}: {} keys not applied: {}",
+                    keys.len(),
+                    keys[..keys.len().min(SHOWN)].join(", ")
+                )?;
+                if keys.len() > SHOWN {
+                    write!(f, ", ...")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -415,6 +436,10 @@ mod serde_support {
             trained: (u32, u32),
             only: bool,
         },
+        LoraKeysIgnored {
+            lora: String,
+            keys: Vec<String>,
+        },
     }
 
     // By hand: a derived `Deserialize` would need `'de: 'static` for `InputResized`'s `&'static str`.
@@ -441,6 +466,7 @@ mod serde_support {
                 WarningRepr::UntrainedSize { requested, trained, only } => {
                     Warning::UntrainedSize { requested, trained, only }
                 }
+                WarningRepr::LoraKeysIgnored { lora, keys } => Warning::LoraKeysIgnored { lora, keys },
                 WarningRepr::ExecutionProviderFallback { component, reason } => {
                     Warning::ExecutionProviderFallback { component, reason }
                 }
@@ -476,8 +502,13 @@ pub(crate) fn a1111_parameters(
     size: (u32, u32),
     model: &str,
     shift: f64,
+    lora_hashes: &[(String, String)],
 ) -> String {
     let mut text = request.prompt.clone();
+    // AUTOMATIC1111 keeps `<lora:name:scale>` in the prompt text and lists the files' short hashes.
+    for (name, scale) in &request.loras {
+        text.push_str(&format!(" <lora:{name}:{scale}>"));
+    }
     if !request.negative_prompt.is_empty() {
         text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
     }
@@ -508,6 +539,10 @@ pub(crate) fn a1111_parameters(
             let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
             text.push_str(&format!(", SLG layers: {}", names.join(" ")));
         }
+    }
+    if !lora_hashes.is_empty() {
+        let list: Vec<String> = lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+        text.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
     }
     text
 }

@@ -51,6 +51,7 @@ struct Shared<'a> {
     skip_layer_guidance: Option<&'a SkipLayerGuidance>,
     sampler: SamplerKind,
     preview_every: Option<usize>,
+    loras: Vec<(&'a str, u32)>,
 }
 
 impl<'a> Shared<'a> {
@@ -63,6 +64,7 @@ impl<'a> Shared<'a> {
             latents: _,
             images_per_prompt: _,
             cancellation: _,
+            prompt_weighting: _,
             // Shared by the whole batch.
             width,
             height,
@@ -77,6 +79,7 @@ impl<'a> Shared<'a> {
             skip_layer_guidance,
             sampler,
             preview_every,
+            loras,
         } = request;
         Shared {
             width: *width,
@@ -92,6 +95,7 @@ impl<'a> Shared<'a> {
             skip_layer_guidance: skip_layer_guidance.as_ref(),
             sampler: *sampler,
             preview_every: *preview_every,
+            loras: loras.iter().map(|(n, s)| (n.as_str(), s.to_bits())).collect(),
         }
     }
 }
@@ -150,6 +154,14 @@ impl Sd3Pipeline {
 
     /// Checks a request against the model and resolves size, latents and schedule.
     pub(super) fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
+        self.lora.check(&req.loras)?;
+        if req.skip_layer_guidance.is_some() && req.loras.iter().any(|(_, s)| *s != 0.0) {
+            return Err(Error::request(
+                "loras",
+                format!("{:?}", req.loras),
+                "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
+            ));
+        }
         let (width, height) = self.bounds().check(req, warnings)?;
         let info = &self.info;
         let f = info.vae_scale_factor;

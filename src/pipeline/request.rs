@@ -207,6 +207,16 @@ pub struct GenerationRequest {
     /// [`StepProgress::previews`](crate::StepProgress::previews)); `None` (default) makes none.
     #[cfg_attr(feature = "serde", serde(default))]
     pub preview_every: Option<usize>,
+    /// Emphasis syntax in the prompt and negative prompt (`(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, `\(`
+    /// for a literal bracket) weighs their tokens as ComfyUI does (default `true`). A prompt without brackets
+    /// is encoded the same either way; `false` makes brackets plain text. See docs/prompt-weighting.md.
+    #[cfg_attr(feature = "serde", serde(default = "defaults::prompt_weighting"))]
+    pub prompt_weighting: bool,
+    /// LoRAs to apply, by the name they were loaded under ([`Sd3Pipeline::load_lora`](crate::Sd3Pipeline::load_lora)),
+    /// each with its scale (diffusers' `set_adapters` weights); empty (default) runs the base model. JSON:
+    /// `[["style", 0.8], ["character", 0.5]]`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub loras: Vec<(String, f32)>,
 }
 
 /// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.42.1, unchanged since 0.35.2,
@@ -227,6 +237,9 @@ mod defaults {
     }
     pub(super) fn strength() -> f64 {
         0.6
+    }
+    pub(super) fn prompt_weighting() -> bool {
+        true
     }
 }
 
@@ -252,6 +265,8 @@ impl Default for GenerationRequest {
             skip_layer_guidance: None,
             preview_every: None,
             sampler: SamplerKind::Euler,
+            prompt_weighting: defaults::prompt_weighting(),
+            loras: Vec::new(),
         }
     }
 }
@@ -380,6 +395,21 @@ impl GenerationRequest {
     #[must_use]
     pub fn preview_every(mut self, steps: usize) -> Self {
         self.preview_every = Some(steps);
+        self
+    }
+
+    /// Turns prompt weighting on (the default) or off (brackets are plain text).
+    #[must_use]
+    pub fn prompt_weighting(mut self, on: bool) -> Self {
+        self.prompt_weighting = on;
+        self
+    }
+
+    /// Adds a LoRA (loaded with [`Sd3Pipeline::load_lora`](crate::Sd3Pipeline::load_lora)) at `scale`; call it
+    /// again for several.
+    #[must_use]
+    pub fn lora(mut self, name: impl Into<String>, scale: f32) -> Self {
+        self.loras.push((name.into(), scale));
         self
     }
 

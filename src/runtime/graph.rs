@@ -121,7 +121,14 @@ pub(crate) struct Graph {
     pub run_time: Duration,
     /// Total time spent loading the session again after [`Graph::unload`].
     pub reload_time: Duration,
+    /// Values fed to overridable initializers (weights the graph also lists as inputs, with their own values as
+    /// defaults, which ONNX Runtime does not report among the inputs) on every run: merged LoRA weights, with
+    /// their element type in the graph. Empty: the graph runs on its own weights.
+    pub overrides: Vec<WeightOverride>,
 }
+
+/// A value for an overridable initializer: its graph input name, the value, and its element type in the graph.
+pub(crate) type WeightOverride = (String, ndarray::ArrayD<f32>, ElementType);
 
 /// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
 #[derive(Clone)]
@@ -277,6 +284,7 @@ impl Graph {
             outputs,
             run_time: Duration::ZERO,
             reload_time: Duration::ZERO,
+            overrides: Vec::new(),
         })
     }
 
@@ -423,6 +431,9 @@ impl Graph {
             };
             values.push((name.to_string(), value));
         }
+        for (name, w, dtype) in &self.overrides {
+            values.push((name.clone(), self.value_as(name, &Input::Float(w.view()), *dtype)?.into()));
+        }
         let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
         self.ensure_loaded()?;
         let session = live(&mut self.session, component)?;
@@ -452,9 +463,13 @@ impl Graph {
 
     /// Converts an input to an owned ONNX Runtime value of the element type the graph declares.
     fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
+        self.value_as(name, input, self.input_type(name)?)
+    }
+
+    /// Converts an input to an owned ONNX Runtime value of element type `dtype`.
+    fn value_as(&self, name: &str, input: &Input<'_>, dtype: ElementType) -> Result<DynTensor> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
-        let dtype = self.input_type(name)?;
         Ok(match (input, dtype) {
             (Input::Float(a), ElementType::Float32) => Tensor::from_array(a.to_owned()).map_err(infer)?.upcast(),
             (Input::Float(a), ElementType::Float16) => {
@@ -494,6 +509,23 @@ impl Graph {
             }
         }
         Ok(Binding { inner: binding })
+    }
+
+    /// Binds the [`overrides`](Self::overrides) (merged LoRA weights) for the runs of `binding`.
+    pub(crate) fn bind_overrides(&mut self, binding: &mut Binding) -> Result<()> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        for (name, w, dtype) in &self.overrides {
+            let value = self.value_as(name, &Input::Float(w.view()), *dtype)?;
+            match self.device() {
+                Some((device, id)) => {
+                    let on_device = value.to(device, id).map_err(infer)?;
+                    binding.inner.bind_input(name.as_str(), &on_device).map_err(infer)?;
+                }
+                None => binding.inner.bind_input(name.as_str(), &value).map_err(infer)?,
+            }
+        }
+        Ok(())
     }
 
     /// Runs with `binding`'s fixed inputs plus `inputs`, and returns the named outputs in host memory as `f32`.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use graph::ElementType;
-pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
+pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig, WeightOverride};
 pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
 
 use crate::error::{boxed, Error, Result};

@@ -11,6 +11,8 @@
 use ndarray::{concatenate, s, Array2, Array3, Axis};
 
 use super::encoders::{ClipEncoder, T5Encoder};
+use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
+use super::weighting::{self, Segment};
 use crate::error::{Component, Error, Result};
 
 /// What the transformer sees in place of the T5 states when the pipeline has no T5 encoder
@@ -85,27 +87,30 @@ pub(crate) struct TextEncoders {
 
 impl TextEncoders {
     /// Encodes one prompt. Truncations are appended to `truncations`. `no_t5` applies only without a T5 encoder.
+    /// With `weighting`, emphasis syntax (`(word:1.3)`, see `weighting.rs`) weighs tokens as ComfyUI does; a
+    /// prompt without it is encoded exactly as with `weighting` off.
     pub fn encode(
         &mut self,
         prompt: &str,
         max_sequence_length: usize,
         clip_skip: Option<usize>,
         no_t5: NoT5Padding,
+        weighting: bool,
         truncations: &mut Vec<Truncation>,
     ) -> Result<TextConditioning> {
+        let segments = if weighting { weighting::parse(prompt)? } else { None };
+        let segments = segments.as_deref();
         let mut clip_states = Vec::with_capacity(2);
         let mut pooled = Vec::with_capacity(2);
         for enc in [&mut self.clip_l, &mut self.clip_g] {
-            let tokens = enc.tokenizer.encode(prompt, self.clip_len)?;
-            if let Some(removed) = &tokens.removed_text {
-                truncations.push(Truncation {
-                    encoder: enc.component(),
-                    max_tokens: self.clip_len,
-                    removed_text: removed.clone(),
-                    removed_tokens: tokens.removed_tokens,
-                });
+            let (tokens, weights) =
+                tokenize(&enc.tokenizer, enc.component(), prompt, segments, self.clip_len, truncations)?;
+            // ComfyUI's pooled output is the one of the weighted tokens themselves (`first_pooled`).
+            let (mut h, p) = enc.encode(&tokens, clip_skip)?;
+            if let Some(weights) = weights {
+                let (empty, _) = enc.encode(&enc.tokenizer.encode("", self.clip_len)?, clip_skip)?;
+                apply_weights(enc.component(), &mut h, &empty, &weights)?;
             }
-            let (h, p) = enc.encode(&tokens, clip_skip)?;
             clip_states.push(h);
             pooled.push(p);
         }
@@ -120,16 +125,20 @@ impl TextEncoders {
         }
         let t5 = match &mut self.t5 {
             Some(t5) => {
-                let tokens = t5.tokenizer.encode(prompt, max_sequence_length)?;
-                if let Some(removed) = &tokens.removed_text {
-                    truncations.push(Truncation {
-                        encoder: Component::TextEncoderT5,
-                        max_tokens: max_sequence_length,
-                        removed_text: removed.clone(),
-                        removed_tokens: tokens.removed_tokens,
-                    });
+                let (tokens, weights) = tokenize(
+                    &t5.tokenizer,
+                    Component::TextEncoderT5,
+                    prompt,
+                    segments,
+                    max_sequence_length,
+                    truncations,
+                )?;
+                let mut states = t5.encode(&tokens)?;
+                if let Some(weights) = weights {
+                    let empty = t5.encode(&t5.tokenizer.encode("", max_sequence_length)?)?;
+                    apply_weights(Component::TextEncoderT5, &mut states, &empty, &weights)?;
                 }
-                t5.encode(&tokens)?
+                states
             }
             None => Array2::zeros((self.no_t5_tokens(max_sequence_length, no_t5), self.joint_dim)),
         };
@@ -167,4 +176,57 @@ impl TextEncoders {
     fn shape_error(&self, message: String) -> Error {
         Error::inference(Component::Model, message, None)
     }
+}
+
+/// Tokenizes a prompt for one encoder, plain or from weighted segments; the weights are returned only when one
+/// differs from 1.0 (ComfyUI `ClipTokenWeightEncoder.encode_token_weights`: `has_weights`).
+fn tokenize(
+    tokenizer: &PromptTokenizer,
+    encoder: Component,
+    prompt: &str,
+    segments: Option<&[Segment]>,
+    max_tokens: usize,
+    truncations: &mut Vec<Truncation>,
+) -> Result<(TokenizedPrompt, Option<Vec<f32>>)> {
+    let (tokens, weights) = match segments {
+        Some(segments) => {
+            let (tokens, weights) = tokenizer.encode_weighted(segments, max_tokens)?;
+            let weighted = weights.iter().any(|&w| w != 1.0);
+            (tokens, weighted.then_some(weights))
+        }
+        None => (tokenizer.encode(prompt, max_tokens)?, None),
+    };
+    if let Some(removed) = &tokens.removed_text {
+        truncations.push(Truncation {
+            encoder,
+            max_tokens,
+            removed_text: removed.clone(),
+            removed_tokens: tokens.removed_tokens,
+        });
+    }
+    Ok((tokens, weights))
+}
+
+/// ComfyUI's token weighting (`comfy/sd1_clip.py`, `ClipTokenWeightEncoder.encode_token_weights`): each token's
+/// state moves away from the empty prompt's state at the same position by its weight,
+/// `z[j] = (z[j] - z_empty[j]) * w[j] + z_empty[j]`; tokens of weight 1.0 are left untouched.
+fn apply_weights(component: Component, states: &mut Array2<f32>, empty: &Array2<f32>, weights: &[f32]) -> Result<()> {
+    if states.shape() != empty.shape() || states.shape()[0] != weights.len() {
+        return Err(Error::inference(
+            component,
+            format!(
+                "states of shape {:?} for {} tokens, the empty prompt's {:?}: cannot weigh tokens",
+                states.shape(),
+                weights.len(),
+                empty.shape()
+            ),
+            None,
+        ));
+    }
+    for ((mut row, e), &w) in states.outer_iter_mut().zip(empty.outer_iter()).zip(weights) {
+        if w != 1.0 {
+            row.zip_mut_with(&e, |z, &e| *z = (*z - e) * w + e);
+        }
+    }
+    Ok(())
 }

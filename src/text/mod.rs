@@ -4,6 +4,7 @@ mod conditioning;
 pub(crate) mod encoders;
 mod tokenizer;
 mod vocabulary;
+mod weighting;
 
 pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};

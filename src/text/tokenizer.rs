@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
+use super::weighting::Segment;
 use crate::error::{boxed, require_file, Component, Error, Result};
 
 /// A prompt turned into exactly `max_len` token ids.
@@ -265,6 +266,13 @@ impl PromptTokenizer {
     /// the closing special token survives, then padded with the pad id (transformers' `padding="max_length",
     /// truncation=True`).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<TokenizedPrompt> {
+        let added = self.check_room(max_len)?;
+        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        Ok(self.finish_encoding(content, added, max_len)?.0)
+    }
+
+    /// The number of special tokens the post-processor adds, checked to leave room for text in `max_len`.
+    fn check_room(&self, max_len: usize) -> Result<usize> {
         let processor_tokens = self.inner.get_post_processor().map(|p| {
             use tokenizers::PostProcessor;
             p.added_tokens(false)
@@ -273,7 +281,17 @@ impl PromptTokenizer {
         if max_len <= added {
             return Err(self.err(format!("max length {max_len} leaves no room for text after {added} special tokens")));
         }
-        let content: Encoding = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        Ok(added)
+    }
+
+    /// Truncates content tokens, adds the special tokens and pads: the prompt, and the position of the first
+    /// content token and the number of content tokens kept.
+    fn finish_encoding(
+        &self,
+        content: Encoding,
+        added: usize,
+        max_len: usize,
+    ) -> Result<(TokenizedPrompt, usize, usize)> {
         let removed_tokens = (content.len() + added).saturating_sub(max_len);
         let removed_text = if content.len() + added > max_len {
             // diffusers decodes untruncated_ids[max_len - 1 : -1]: the content tokens that were cut.
@@ -285,13 +303,44 @@ impl PromptTokenizer {
         };
         let mut content = content;
         content.truncate(max_len - added, 0, TruncationDirection::Right);
+        let kept: Vec<u32> = content.get_ids().to_vec();
         let full = self.inner.post_process(content, None, true).map_err(|e| self.failed(e))?;
-        let mut ids: Vec<i64> = full.get_ids().iter().map(|&i| i64::from(i)).collect();
-        if ids.len() > max_len {
-            return Err(self.err(format!("post-processing produced {} ids for a limit of {max_len}", ids.len())));
+        let full_ids = full.get_ids();
+        if full_ids.len() > max_len {
+            return Err(self.err(format!("post-processing produced {} ids for a limit of {max_len}", full_ids.len())));
         }
+        // Where the content sits among the special tokens (CLIP: after <|startoftext|>; T5: first).
+        let first = (0..=full_ids.len().saturating_sub(kept.len()))
+            .find(|&f| full_ids[f..f + kept.len()] == kept[..])
+            .ok_or_else(|| self.err("post-processing changed the content tokens"))?;
+        let mut ids: Vec<i64> = full_ids.iter().map(|&i| i64::from(i)).collect();
         ids.resize(max_len, i64::from(self.pad_id));
-        Ok(TokenizedPrompt { ids, removed_text, removed_tokens })
+        Ok((TokenizedPrompt { ids, removed_text, removed_tokens }, first, kept.len()))
+    }
+
+    /// Tokenizes weighted prompt segments to exactly `max_len` ids, with one weight per id.
+    ///
+    /// Each segment is split at whitespace and every word is tokenized on its own, without special tokens
+    /// (ComfyUI `SDTokenizer.tokenize_with_weights`); the words' tokens are joined in order, each with its
+    /// segment's weight, then truncated from the right, given the special tokens and padded exactly as
+    /// [`encode`](Self::encode) does. Special and padding tokens weigh 1.0; a truncated token's weight goes
+    /// with it.
+    pub(crate) fn encode_weighted(&self, segments: &[Segment], max_len: usize) -> Result<(TokenizedPrompt, Vec<f32>)> {
+        let added = self.check_room(max_len)?;
+        let mut words = Vec::new();
+        let mut weights = Vec::new();
+        for segment in segments {
+            for word in segment.text.split_whitespace() {
+                let e = self.inner.encode(word, false).map_err(|e| self.failed(e))?;
+                weights.extend(std::iter::repeat_n(segment.weight, e.len()));
+                words.push(e);
+            }
+        }
+        let content = Encoding::merge(words, false);
+        let (prompt, first, kept) = self.finish_encoding(content, added, max_len)?;
+        let mut per_id = vec![1.0f32; max_len];
+        per_id[first..first + kept].copy_from_slice(&weights[..kept]);
+        Ok((prompt, per_id))
     }
 }
 
