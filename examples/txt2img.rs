@@ -153,6 +153,16 @@ struct Cli {
     #[arg(long, value_name = "X")]
     shift: Option<f64>,
 
+    /// A LoRA file (.safetensors, diffusers/PEFT keys) and its scale [default scale: 1]; repeat for several. The
+    /// model folder must be LoRA-ready (models/export/lora_inputs.py). Named after the file's stem in the PNG
+    /// parameters
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    lora: Vec<(PathBuf, f32)>,
+
+    /// Read parentheses and brackets in prompts literally, not as (word:1.3) weights
+    #[arg(long)]
+    no_prompt_weighting: bool,
+
     /// No progress and no summary; warnings and errors still go to stderr
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -182,6 +192,22 @@ impl From<Sampler> for SamplerKind {
             Sampler::DpmPP2M => SamplerKind::DpmSolverPlusPlus2M,
         }
     }
+}
+
+/// `FILE[:SCALE]`: the scale is what follows the last `:` when it is a number (so paths with colons still work).
+fn parse_lora(s: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((file, scale)) = s.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f32>() {
+            if !scale.is_finite() {
+                return Err(format!("the scale `{scale}` is not a finite number"));
+            }
+            if file.is_empty() {
+                return Err("no file before the scale".into());
+            }
+            return Ok((PathBuf::from(file), scale));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -326,6 +352,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--lora` files with the names they go by (their file stems), checked before anything is loaded: each
+/// file is readable, names are distinct, and the model folder is LoRA-ready.
+fn lora_names(loras: &[(PathBuf, f32)], dir: &Path) -> Result<Vec<(String, PathBuf, f32)>, Failure> {
+    if loras.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ready = ["transformer", "text_encoder", "text_encoder_2"]
+        .iter()
+        .any(|c| dir.join(c).join("lora_targets.json").is_file());
+    if !ready {
+        return Err(Failure::Run(format!(
+            "--lora: the model {} is not LoRA-ready; rewrite it once with `python models/export/lora_inputs.py {}` \
+             (docs/lora.md)",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let mut out: Vec<(String, PathBuf, f32)> = Vec::new();
+    for (path, scale) in loras {
+        std::fs::File::open(path).map_err(|e| Failure::Usage(format!("--lora {}: {e}", path.display())))?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if out.iter().any(|(n, ..)| *n == name) {
+            return Err(Failure::Usage(format!(
+                "--lora {}: another LoRA is also named `{name}` (LoRAs go by their file stems); rename one",
+                path.display()
+            )));
+        }
+        out.push((name, path.clone(), *scale));
+    }
+    Ok(out)
+}
+
 fn given(matches: &ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
 }
@@ -371,6 +429,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     request.sampler = cli.sampler.into();
     request.strength = cli.strength;
     request.preview_every = cli.preview_every;
+    request.prompt_weighting = !cli.no_prompt_weighting;
     request.skip_layer_guidance = cli.slg_scale.map(|scale| {
         let mut slg = SkipLayerGuidance::new(scale).window(cli.slg_start, cli.slg_stop);
         slg.layers = cli.slg_layers.clone();
@@ -409,6 +468,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         })?;
         request.latents = Some(array);
     }
+    let loras = lora_names(&cli.lora, &dir)?;
+    for (name, _, scale) in &loras {
+        request = request.lora(name.clone(), *scale);
+    }
     for w in card.check(&request)? {
         report.warn(&w);
     }
@@ -430,6 +493,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         builder = builder.shift(shift);
     }
     let mut pipe = builder.build()?;
+    for (name, path, _) in &loras {
+        for w in pipe.load_lora(path, name.clone())? {
+            report.warn(&w);
+        }
+    }
     let load = t.elapsed();
     let placements: Vec<String> = pipe.placements().iter().map(|(c, p)| format!("{c}: {p}")).collect();
     report.done(

@@ -464,3 +464,67 @@ fn the_wrapper_script_resolves_paths_against_the_callers_folder() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("a value is required for '--steps <N>'"), "{}", stderr(&o));
 }
+
+#[test]
+fn lora_flags_are_checked_before_loading_and_recorded_in_the_png() {
+    let dir = scratch("lora");
+    let goldens = repo().join("models/goldens/lora/tiny-sd3");
+    let one = goldens.join("one.safetensors").display().to_string();
+    // Before loading: a model that is not LoRA-ready (graphs are junk: loading them would fail differently), a
+    // missing file, two files with one name, a scale that is not finite.
+    let junk = junk_graphs("lora-junk").display().to_string();
+    let o = run_in(&dir, &["--model", &junk, "--prompt", "x", "--lora", &one]).0;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is not LoRA-ready") && stderr(&o).contains("lora_inputs.py"), "{}", stderr(&o));
+    let model = common::lora_ready("cli-lora");
+    let ready = model.dir.display().to_string();
+    let o = run_in(&dir, &["--model", &ready, "--prompt", "x", "--lora", "/no/such/file.safetensors:0.5"]).0;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--lora /no/such/file.safetensors"), "{}", stderr(&o));
+    let o = run_in(&dir, &["--model", &ready, "--prompt", "x", "--lora", &one, "--lora", &format!("{one}:0.2")]).0;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("another LoRA is also named `one`"), "{}", stderr(&o));
+    let o = run_in(&dir, &["--model", &ready, "--prompt", "x", "--lora", &format!("{one}:inf")]).0;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // The image: the library's with the same LoRA and scale, exactly; the PNG records it as AUTOMATIC1111 does.
+    let args = ["--model", &ready, "--prompt", "a cat", "--steps", "3", "--seed", "5", "-q"];
+    let one_08 = format!("{one}:0.8");
+    let with = [&args[..], &["--lora", &one_08, "-o", "with.png"]].concat();
+    let o = run_in(&dir, &with).0;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_in(&dir, &[&args[..], &["-o", "without.png"]].concat()).0;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cli_with = sd3_onnx::image::open(dir.join("with.png")).unwrap().to_rgb8();
+    let cli_without = sd3_onnx::image::open(dir.join("without.png")).unwrap().to_rgb8();
+    assert_ne!(cli_with, cli_without, "the LoRA changes the image");
+    let mut pipe = sd3_onnx::Sd3Pipeline::builder(&model.dir).onnxruntime_library(ort()).build().unwrap();
+    pipe.load_lora(&one, "one").unwrap();
+    let mut req = pipe.request("a cat");
+    req.steps = 3;
+    req.seed = Some(5);
+    let lib = pipe.generate(&req.lora("one", 0.8)).unwrap();
+    assert_eq!(lib.images[0], cli_with, "the CLI's image is the library's");
+    let p = sd3_onnx::imageio::read_png_parameters(dir.join("with.png")).unwrap().unwrap();
+    assert!(p.starts_with("a cat <lora:one:0.8>"), "{p}");
+    assert!(p.contains("Lora hashes: \"one: "), "{p}");
+}
+
+#[test]
+fn prompt_weights_are_read_unless_turned_off() {
+    let dir = scratch("weighting");
+    let args = ["--model", &nano(), "--prompt", "a (red:1.6) circle", "--steps", "4", "--seed", "3", "-q"];
+    for (extra, name) in [(&[][..], "weighted.png"), (&["--no-prompt-weighting"][..], "literal.png")] {
+        let o = run_in(&dir, &[&args[..], extra, &["-o", name]].concat()).0;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let weighted = sd3_onnx::image::open(dir.join("weighted.png")).unwrap().to_rgb8();
+    let literal = sd3_onnx::image::open(dir.join("literal.png")).unwrap().to_rgb8();
+    let mut pipe = sd3_onnx::Sd3Pipeline::builder(nano()).onnxruntime_library(ort()).build().unwrap();
+    let mut req = pipe.request("a (red:1.6) circle");
+    req.steps = 4;
+    req.seed = Some(3);
+    assert_eq!(pipe.generate(&req).unwrap().images[0], weighted, "weights on by default");
+    assert_eq!(pipe.generate(&req.prompt_weighting(false)).unwrap().images[0], literal, "the flag turns them off");
+    assert_ne!(weighted, literal);
+}

@@ -13,11 +13,10 @@ use sd3_onnx::{Error, GenerationRequest, Sd3Pipeline, Warning};
 /// diffusers ran the PyTorch originals of the same weights; our goldens elsewhere hold 1 level (tests/golden_images.rs).
 const MAX_LEVELS: u8 = 1;
 
-/// tiny-sd3 with its transformer made LoRA-ready by models/export/lora_inputs.py (models/fixtures/tiny-sd3-lora).
+/// tiny-sd3 with its transformer and CLIPs made LoRA-ready as models/export/lora_inputs.py does
+/// (tests/common: `lora_ready`, from models/fixtures/tiny-sd3-lora).
 fn lora_model(tag: &str) -> ScratchModel {
-    let m = ScratchModel::new("tiny-sd3", tag);
-    copy_dir(&fixture("tiny-sd3-lora"), &m.dir);
-    m
+    lora_ready(tag)
 }
 
 fn goldens() -> PathBuf {
@@ -62,8 +61,12 @@ fn lora_images_match_diffusers_and_switching_reuses_the_session() {
     assert_eq!(zero.images[0], base.images[0]);
     assert_close(&zero.images[0], "one_0.png");
     assert_eq!(pipe.generate(&request()).unwrap().images[0], base.images[0]);
-    // Back to the first LoRA: the same image as before.
-    assert_eq!(pipe.generate(&request().lora("one", 0.8)).unwrap().images[0], one.images[0]);
+    // Back to the first LoRA: the same image as before. Merges are timed when the set changes, and only then.
+    let again = pipe.generate(&request().lora("one", 0.8)).unwrap();
+    assert_eq!(again.images[0], one.images[0]);
+    assert!(one.timings.lora > Duration::ZERO && again.timings.lora > Duration::ZERO);
+    let same = pipe.generate(&request().lora("one", 0.8)).unwrap();
+    assert_eq!((same.timings.lora, &same.images[0]), (Duration::ZERO, &one.images[0]));
 
     // PNG parameters as AUTOMATIC1111 writes them.
     let p = &both.parameters[0];
@@ -75,6 +78,11 @@ fn lora_images_match_diffusers_and_switching_reuses_the_session() {
     assert!(!pipe.unload_lora("two"));
     let e = pipe.generate(&request().lora("two", 1.0)).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { parameter: "loras", .. }), "{e}");
+    // Unloading the last LoRA frees the base copies; loading again reads them again and gives the same image.
+    assert!(pipe.unload_lora("one"));
+    assert_eq!(pipe.generate(&request()).unwrap().images[0], base.images[0]);
+    pipe.load_lora(goldens().join("one.safetensors"), "one").unwrap();
+    assert_eq!(pipe.generate(&request().lora("one", 0.8)).unwrap().images[0], one.images[0]);
 }
 
 /// A wrong scale (alpha / rank ignored: scale 1 instead of 2/4) or the LoRA on the other stream moves the image

@@ -119,13 +119,25 @@ def rewrite(path: Path, pattern: re.Pattern, all_linear: bool):
             add(n, name, w, layout)
     if not modules:
         raise SystemExit(f"{path}: no LoRA-targetable MatMul/Gemm weights found")
-    onnx.save(model, str(path))
+    save(model, path)
     from safetensors.numpy import save_file
 
     save_file(base, str(path.parent / "lora_base.safetensors"))
     (path.parent / "lora_targets.json").write_text(
         json.dumps({"version": 1, "modules": modules}, indent=1, sort_keys=True) + "\n")
     print(f"{path}: {len(modules)} LoRA targets")
+
+
+def save(model: onnx.ModelProto, path: Path):
+    """Writes the graph in place; over ~1.8 GB of weights (protobuf's 2 GB limit) into `model.onnx.data` beside it,
+    as models/export/export_sd3.py does (onnx.load has read the old external data into memory already)."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000:
+        data = path.parent / (path.name + ".data")
+        data.unlink(missing_ok=True)  # onnx appends to an existing file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
 
 
 def main():

@@ -13,12 +13,14 @@ pub(crate) mod safetensors;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use half::f16;
 use ndarray::Array2;
+use ort::value::{DynTensor, Tensor};
 use serde_json::Value;
 
 use self::safetensors::SafeTensors;
 use crate::error::{boxed, Component, Error, Result};
-use crate::runtime::{ElementType, WeightOverride};
+use crate::runtime::ElementType;
 
 /// The metadata key diffusers' `save_lora_weights` writes the adapters' `LoraConfig`s under (diffusers
 /// `loaders/lora_base.py`, `LORA_ADAPTER_METADATA_KEY`), each key prefixed with the component (`transformer.`).
@@ -73,29 +75,47 @@ pub(crate) struct Lora {
     pub short_hash: String,
 }
 
-/// What a LoRA-ready component folder says: the targetable weights and their base values.
+/// What a LoRA-ready component folder says: the targetable weights, and the file of their base values until
+/// they are handed to the graph ([`LoraState::take_bases`]).
 #[derive(Debug)]
 struct Targets {
     modules: BTreeMap<String, Target>,
-    base: BTreeMap<String, Array2<f32>>,
+    base: Option<SafeTensors>,
 }
 
-/// The LoRAs loaded into a pipeline and the merged weights of the active set.
+/// One weight to merge: `Y = W + left @ right` for the graph input `input` (the weight's own layout; the LoRAs'
+/// scales are folded into the factors and several LoRAs on one module are concatenated along the rank).
+#[derive(Debug)]
+pub(crate) struct MergeJob {
+    pub input: String,
+    pub dtype: ElementType,
+    pub left: Array2<f32>,
+    pub right: Array2<f32>,
+}
+
+/// The merges that give the graphs a new LoRA set, per component prefix; [`LoraState::applied`] records the set
+/// once the graphs have them.
+#[derive(Debug)]
+pub(crate) struct Activation {
+    active: Vec<(String, u32)>,
+    pub jobs: BTreeMap<&'static str, Vec<MergeJob>>,
+}
+
+/// The LoRAs loaded into a pipeline and which set the graphs have.
 #[derive(Debug)]
 pub(crate) struct LoraState {
     /// Per component prefix: `None` when its folder is not LoRA-ready. Read on the first load.
     targets: Option<BTreeMap<&'static str, Option<Targets>>>,
     pub loaded: BTreeMap<String, Lora>,
-    /// The set whose merge `merged` holds and the graphs were given: (name, scale bits), in request order.
+    /// The set the graphs were given: (name, scale bits), in request order.
     /// `None` after loading or unloading a LoRA it may contain: merge again.
     applied: Option<Vec<(String, u32)>>,
-    merged: BTreeMap<&'static str, Vec<WeightOverride>>,
 }
 
 impl Default for LoraState {
     fn default() -> Self {
         // The graphs start without overrides: the empty set is applied.
-        LoraState { targets: None, loaded: BTreeMap::new(), applied: Some(Vec::new()), merged: BTreeMap::new() }
+        LoraState { targets: None, loaded: BTreeMap::new(), applied: Some(Vec::new()) }
     }
 }
 
@@ -120,7 +140,7 @@ fn read_targets(component: Component, dir: &Path) -> Result<Option<Targets>> {
     let modules = v.get("modules").and_then(Value::as_object).ok_or_else(|| bad("no `modules` object".into()))?;
     let base_path = dir.join("lora_base.safetensors");
     let base_file = SafeTensors::read(&base_path, u64::MAX)?;
-    let mut t = Targets { modules: BTreeMap::new(), base: BTreeMap::new() };
+    let mut t = Targets { modules: BTreeMap::new(), base: None };
     for (name, m) in modules {
         let target = (|| -> Option<Target> {
             let shape = m.get("shape")?.as_array()?;
@@ -144,12 +164,24 @@ fn read_targets(component: Component, dir: &Path) -> Result<Option<Targets>> {
             })
         })()
         .ok_or_else(|| bad(format!("module `{name}`: needs input, shape [a, b], layout and dtype")))?;
-        let w = base_file.f32(name)?;
-        let w = Array2::from_shape_vec(target.shape, w)
-            .map_err(|_| lora_error(&base_path, format!("`{name}` does not have the shape {:?}", target.shape)))?;
-        t.base.insert(name.clone(), w);
+        let entry = base_file
+            .tensors
+            .get(name)
+            .ok_or_else(|| lora_error(&base_path, format!("no base weight `{name}` (lora_targets.json lists it)")))?;
+        if entry.shape.iter().product::<usize>() != target.shape[0] * target.shape[1]
+            || !matches!(entry.dtype.as_str(), "F32" | "F16" | "BF16" | "F64")
+        {
+            return Err(lora_error(
+                &base_path,
+                format!(
+                    "`{name}` is {} {:?}, not a float weight of the shape {:?}",
+                    entry.dtype, entry.shape, target.shape
+                ),
+            ));
+        }
         t.modules.insert(name.clone(), target);
     }
+    t.base = Some(base_file);
     Ok(Some(t))
 }
 
@@ -187,6 +219,10 @@ impl LoraState {
         let found = self.loaded.remove(name).is_some();
         if found {
             self.applied = None;
+            if self.loaded.is_empty() {
+                // The graphs drop their base copies too (Sd3Pipeline::unload_lora); a later load reads them again.
+                self.targets = None;
+            }
         }
         found
     }
@@ -211,58 +247,96 @@ impl LoraState {
         Ok(())
     }
 
-    /// Merges the weights for `chosen` (name, scale) when the set differs from the last one; returns whether it
-    /// changed, after which [`merged`](Self::merged) holds the new weights. LoRAs of scale 0 are left out, so a
-    /// set of only those merges nothing: the graphs run on their own weights.
-    pub fn activate(&mut self, chosen: &[(String, f32)]) -> Result<bool> {
+    /// The merges that give the graphs the LoRAs `chosen` (name, scale), or `None` when that set is the one the
+    /// graphs already have. LoRAs of scale 0 are left out, so a set of only those has no merges: the graphs run on
+    /// their own weights. Until [`applied`](Self::applied) is called the state counts as having no set.
+    pub fn activate(&mut self, chosen: &[(String, f32)]) -> Result<Option<Activation>> {
         self.check(chosen)?;
         let active: Vec<(String, u32)> =
             chosen.iter().filter(|(_, s)| *s != 0.0).map(|(n, s)| (n.clone(), s.to_bits())).collect();
         if self.applied.as_ref() == Some(&active) {
-            return Ok(false);
+            return Ok(None);
         }
-        self.merged.clear();
-        self.applied = None; // until the merge below succeeds
-        let Some(targets) = self.targets.as_ref() else {
-            self.applied = Some(active);
-            return Ok(true);
-        };
-        let mut sums: BTreeMap<(&'static str, &str), Array2<f32>> = BTreeMap::new();
+        self.applied = None; // until the graphs have the new set
+        let mut per_module: BTreeMap<(&'static str, &str), Vec<(&Module, f32)>> = BTreeMap::new();
         for (name, bits) in &active {
             let scale = f32::from_bits(*bits);
-            let lora = &self.loaded[name];
-            for ((prefix, module), m) in &lora.modules {
-                let t = targets.get(prefix).and_then(Option::as_ref);
-                let (Some(target), Some(base)) =
-                    (t.and_then(|t| t.modules.get(module)), t.and_then(|t| t.base.get(module)))
-                else {
-                    return Err(Error::internal(format!("LoRA module {prefix}.{module} has no target")));
-                };
-                let delta = m.b.dot(&m.a) * (scale * m.scale);
-                let delta = if target.out_in { delta } else { delta.reversed_axes() };
-                let sum = sums.entry((*prefix, module.as_str())).or_insert_with(|| base.clone());
-                if sum.shape() != delta.shape() {
-                    return Err(Error::internal(format!(
-                        "LoRA {name}: {module} delta {:?} vs weight {:?}",
-                        delta.shape(),
-                        sum.shape()
-                    )));
-                }
-                *sum += &delta;
+            for ((prefix, module), m) in &self.loaded[name].modules {
+                per_module.entry((*prefix, module.as_str())).or_default().push((m, scale * m.scale));
             }
         }
-        for ((prefix, module), w) in sums {
-            let target = &targets[prefix].as_ref().ok_or_else(|| Error::internal("LoRA targets"))?.modules[module];
-            self.merged.entry(prefix).or_default().push((target.input.clone(), w.into_dyn(), target.dtype));
+        let mut jobs: BTreeMap<&'static str, Vec<MergeJob>> = BTreeMap::new();
+        for ((prefix, module), parts) in per_module {
+            let target = self
+                .targets
+                .as_ref()
+                .and_then(|t| t.get(prefix)?.as_ref()?.modules.get(module))
+                .ok_or_else(|| Error::internal(format!("LoRA module {prefix}.{module} has no target")))?;
+            // delta W [out, in] = sum_i s_i B_i A_i = [s_1 B_1 | s_2 B_2 ...] @ [A_1; A_2; ...]; for weights stored
+            // [in, out] the transpose: [A_1^T | A_2^T ...] @ [s_1 B_1^T; s_2 B_2^T; ...].
+            let scaled_b: Vec<Array2<f32>> = parts.iter().map(|(m, s)| &m.b * *s).collect();
+            let b_views: Vec<_> = scaled_b.iter().map(|b| b.view()).collect();
+            let a_views: Vec<_> = parts.iter().map(|(m, _)| m.a.view()).collect();
+            let join = |axis: usize, views: &[ndarray::ArrayView2<'_, f32>]| {
+                ndarray::concatenate(ndarray::Axis(axis), views)
+                    .map_err(|e| Error::internal(format!("LoRA {module}: joining factors: {e}")))
+            };
+            let (left, right) = if target.out_in {
+                (join(1, &b_views)?, join(0, &a_views)?)
+            } else {
+                let at: Vec<_> = a_views.iter().map(|a| a.t()).collect();
+                let bt: Vec<_> = b_views.iter().map(|b| b.t()).collect();
+                (join(1, &at)?.as_standard_layout().to_owned(), join(0, &bt)?.as_standard_layout().to_owned())
+            };
+            if [left.nrows(), right.ncols()] != target.shape {
+                return Err(Error::internal(format!(
+                    "LoRA {module}: delta {:?} vs weight {:?}",
+                    [left.nrows(), right.ncols()],
+                    target.shape
+                )));
+            }
+            jobs.entry(prefix).or_default().push(MergeJob {
+                input: target.input.clone(),
+                dtype: target.dtype,
+                left,
+                right,
+            });
         }
-        self.applied = Some(active);
-        Ok(true)
+        Ok(Some(Activation { active, jobs }))
     }
 
-    /// Hands over the merged weights of the active set for one component (by its prefix), once after
-    /// [`activate`](Self::activate) returned `true`: the graphs keep the only copy.
-    pub fn take_merged(&mut self, prefix: &str) -> Vec<WeightOverride> {
-        self.merged.remove(prefix).unwrap_or_default()
+    /// Records that the graphs now have `activation`'s set.
+    pub fn applied(&mut self, activation: Activation) {
+        self.applied = Some(activation.active);
+    }
+
+    /// The base weights of one component (by its prefix) as tensors of the graph's element types, keyed by graph
+    /// input, the first time they are asked for after the folder's targets were read; `None` afterwards (the
+    /// graph keeps them). The host copy of the file is freed.
+    pub fn take_bases(&mut self, prefix: &str) -> Result<Option<Vec<(String, DynTensor)>>> {
+        let Some(targets) = self.targets.as_mut().and_then(|t| t.get_mut(prefix)?.as_mut()) else {
+            return Ok(None);
+        };
+        let Some(file) = targets.base.take() else { return Ok(None) };
+        let mut out = Vec::with_capacity(targets.modules.len());
+        for (module, target) in &targets.modules {
+            let shape = target.shape.to_vec();
+            let tensor = match target.dtype {
+                ElementType::Float16 => {
+                    let (dtype, data) = file.raw(module)?;
+                    let values: Vec<f16> = if dtype == "F16" {
+                        data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()
+                    } else {
+                        file.f32(module)?.into_iter().map(f16::from_f32).collect()
+                    };
+                    Tensor::from_array((shape, values)).map(|t| t.upcast())
+                }
+                _ => Tensor::from_array((shape, file.f32(module)?)).map(|t| t.upcast()),
+            }
+            .map_err(|e| Error::internal(format!("LoRA base weight {module}: {e}")))?;
+            out.push((target.input.clone(), tensor));
+        }
+        Ok(Some(out))
     }
 }
 

@@ -154,6 +154,12 @@ impl SafeTensors {
         })
     }
 
+    /// A tensor's dtype name and its bytes (little-endian).
+    pub fn raw(&self, name: &str) -> Result<(&str, &[u8])> {
+        let e = self.tensors.get(name).ok_or_else(|| bad(&self.path, format!("no tensor `{name}`")))?;
+        Ok((e.dtype.as_str(), &self.bytes[self.data_start + e.begin..self.data_start + e.end]))
+    }
+
     /// The bytes after the header: what AUTOMATIC1111's "addnet" LoRA hash covers.
     pub fn data(&self) -> &[u8] {
         &self.bytes[self.data_start..]

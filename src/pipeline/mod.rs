@@ -77,6 +77,7 @@ struct Denoised {
     size: (u32, u32),
     warnings: Vec<Warning>,
     text_encoding: Duration,
+    lora: Duration,
     denoising: Duration,
     steps: Vec<Duration>,
 }
@@ -311,20 +312,54 @@ impl Sd3Pipeline {
     }
 
     /// Gives the graphs the merged weights of the LoRAs `chosen` (name, scale), merging only when the set
-    /// changed since the last call; no LoRA (or only scale 0) leaves every graph on its own weights.
-    fn apply_loras(&mut self, chosen: &[(String, f32)]) -> Result<()> {
-        if !self.lora.activate(chosen)? {
-            return Ok(());
+    /// changed since the last call; no LoRA (or only scale 0) leaves every graph on its own weights. The merges run
+    /// on each graph's own provider (src/runtime/merge.rs); returns the time they took.
+    fn apply_loras(&mut self, chosen: &[(String, f32)]) -> Result<std::time::Duration> {
+        let started = Instant::now();
+        let Some(mut activation) = self.lora.activate(chosen)? else { return Ok(std::time::Duration::ZERO) };
+        let result = (|| -> Result<()> {
+            for prefix in ["transformer", "text_encoder", "text_encoder_2"] {
+                let bases = self.lora.take_bases(prefix)?;
+                let graph = match prefix {
+                    "transformer" => &mut self.transformer,
+                    "text_encoder" => self.text.clip_l.graph_mut(),
+                    _ => self.text.clip_g.graph_mut(),
+                };
+                graph.overrides.clear();
+                if let Some(bases) = bases {
+                    graph.set_lora_bases(bases)?;
+                }
+                for job in activation.jobs.remove(prefix).unwrap_or_default() {
+                    graph.merge_override(&job.input, job.dtype, job.left.view(), job.right.view())?;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.lora.applied(activation);
+                Ok(started.elapsed())
+            }
+            Err(e) => {
+                // Leave no graph half-merged: back to their own weights (the state counts as no set applied).
+                self.transformer.overrides.clear();
+                self.text.clip_l.graph_mut().overrides.clear();
+                self.text.clip_g.graph_mut().overrides.clear();
+                Err(e)
+            }
         }
-        self.transformer.overrides = self.lora.take_merged("transformer");
-        self.text.clip_l.graph_mut().overrides = self.lora.take_merged("text_encoder");
-        self.text.clip_g.graph_mut().overrides = self.lora.take_merged("text_encoder_2");
-        Ok(())
     }
 
-    /// Forgets the LoRA loaded under `name`; `false` when there was none.
+    /// Forgets the LoRA loaded under `name`; `false` when there was none. Unloading the last one also frees the
+    /// copies of the base weights the merges start from (a later [`load_lora`](Self::load_lora) reads them again).
     pub fn unload_lora(&mut self, name: &str) -> bool {
-        self.lora.unload(name)
+        let found = self.lora.unload(name);
+        if found && self.lora.loaded.is_empty() {
+            self.transformer.clear_lora();
+            self.text.clip_l.graph_mut().clear_lora();
+            self.text.clip_g.graph_mut().clear_lora();
+        }
+        found
     }
 
     /// The names of the loaded LoRAs, sorted.
@@ -382,6 +417,7 @@ impl Sd3Pipeline {
             onnx_runtime: Duration::ZERO,
             components: Vec::new(),
             load: self.graphs().iter().map(|g| g.reload_time).sum::<Duration>().saturating_sub(loads_before),
+            lora: run.lora,
         };
         for (g, b) in self.graphs().iter().zip(before) {
             let spent = g.run_time.saturating_sub(b);
@@ -460,7 +496,7 @@ impl Sd3Pipeline {
 
         let t = Instant::now();
         // LoRAs: the batch shares them (plan::check_batch); merged only when they changed since the last run.
-        self.apply_loras(&requests[0].loras)?;
+        let lora = self.apply_loras(&requests[0].loras)?;
         let (batch, positives) = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings)?;
         self.release(&[Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]);
         let text_encoding = t.elapsed();
@@ -522,6 +558,7 @@ impl Sd3Pipeline {
             size: (width as u32, height as u32),
             warnings,
             text_encoding,
+            lora,
             denoising: t.elapsed(),
             steps,
         })

@@ -225,13 +225,17 @@ pub struct Timings {
     /// stage times.
     #[cfg_attr(feature = "serde", serde(rename = "load_ms", with = "serde_support::ms"))]
     pub load: Duration,
+    /// Time spent merging LoRA weights because the request's LoRAs differ from the previous request's (zero
+    /// otherwise; docs/lora.md). Included in `text_encoding`, which it precedes.
+    #[cfg_attr(feature = "serde", serde(rename = "lora_ms", default, with = "serde_support::ms"))]
+    pub lora: Duration,
 }
 
 impl Timings {
     /// Time spent outside ONNX Runtime (our own code: tokenization, conversions, scheduler, guidance, images),
-    /// graph loads in low-memory mode excluded.
+    /// graph loads in low-memory mode and LoRA merges (which run in ONNX Runtime) excluded.
     pub fn outside_onnx_runtime(&self) -> Duration {
-        self.total.saturating_sub(self.onnx_runtime).saturating_sub(self.load)
+        self.total.saturating_sub(self.onnx_runtime).saturating_sub(self.load).saturating_sub(self.lora)
     }
 
     /// Time inside `Session::run` for one component.

@@ -125,10 +125,16 @@ pub(crate) struct Graph {
     /// defaults, which ONNX Runtime does not report among the inputs) on every run: merged LoRA weights, with
     /// their element type in the graph. Empty: the graph runs on its own weights.
     pub overrides: Vec<WeightOverride>,
+    /// The base values of the LoRA-targetable weights (by graph input), in the memory the graph computes in, kept
+    /// from the first LoRA merge until the LoRAs are unloaded ([`clear_lora`](Self::clear_lora)).
+    lora_base: std::collections::HashMap<String, DynTensor>,
+    /// The sessions that merge LoRA weights on this graph's provider (src/runtime/merge.rs).
+    mergers: super::merge::Mergers,
 }
 
-/// A value for an overridable initializer: its graph input name, the value, and its element type in the graph.
-pub(crate) type WeightOverride = (String, ndarray::ArrayD<f32>, ElementType);
+/// A value for an overridable initializer: its graph input name and the value, of the graph's element type, in
+/// the memory the graph computes in.
+pub(crate) type WeightOverride = (String, DynValue);
 
 /// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
 #[derive(Clone)]
@@ -285,6 +291,8 @@ impl Graph {
             run_time: Duration::ZERO,
             reload_time: Duration::ZERO,
             overrides: Vec::new(),
+            lora_base: std::collections::HashMap::new(),
+            mergers: super::merge::Mergers::default(),
         })
     }
 
@@ -416,6 +424,7 @@ impl Graph {
     pub fn run(&mut self, inputs: &[(&str, Input<'_>)], wanted: &[&str]) -> Result<Vec<ArrayD<f32>>> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        self.ensure_loaded()?;
         let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, input) in inputs {
             let dtype = self.input_type(name)?;
@@ -431,11 +440,10 @@ impl Graph {
             };
             values.push((name.to_string(), value));
         }
-        for (name, w, dtype) in &self.overrides {
-            values.push((name.clone(), self.value_as(name, &Input::Float(w.view()), *dtype)?.into()));
+        for (name, w) in &self.overrides {
+            values.push((name.clone(), w.into()));
         }
         let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
-        self.ensure_loaded()?;
         let session = live(&mut self.session, component)?;
         let started = Instant::now();
         let outputs = session.run(values).map_err(infer)?;
@@ -511,20 +519,98 @@ impl Graph {
         Ok(Binding { inner: binding })
     }
 
-    /// Binds the [`overrides`](Self::overrides) (merged LoRA weights) for the runs of `binding`.
+    /// Binds the [`overrides`](Self::overrides) (merged LoRA weights, already in the graph's memory) for the
+    /// runs of `binding`.
     pub(crate) fn bind_overrides(&mut self, binding: &mut Binding) -> Result<()> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
-        for (name, w, dtype) in &self.overrides {
-            let value = self.value_as(name, &Input::Float(w.view()), *dtype)?;
-            match self.device() {
-                Some((device, id)) => {
-                    let on_device = value.to(device, id).map_err(infer)?;
-                    binding.inner.bind_input(name.as_str(), &on_device).map_err(infer)?;
-                }
-                None => binding.inner.bind_input(name.as_str(), &value).map_err(infer)?,
-            }
+        for (name, w) in &self.overrides {
+            binding.inner.bind_input(name.as_str(), w).map_err(infer)?;
         }
+        Ok(())
+    }
+
+    /// Keeps the base values of the LoRA-targetable weights (graph input, value in the graph's element type), moved
+    /// to the graph's device.
+    pub(crate) fn set_lora_bases(&mut self, bases: Vec<(String, DynTensor)>) -> Result<()> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, format!("LoRA base weights: {e}"), boxed(e));
+        for (name, value) in bases {
+            let value = match self.device() {
+                Some((device, id)) => value.to(device, id).map_err(infer)?,
+                None => value,
+            };
+            self.lora_base.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// Drops the LoRA weights: the merged ones (the graph runs on its own weights again) and the base copies.
+    pub(crate) fn clear_lora(&mut self) {
+        self.overrides.clear();
+        self.lora_base.clear();
+    }
+
+    /// The merge session for weights of `dtype` on this graph's provider (TensorRT graphs merge on CUDA: a
+    /// TensorRT engine per merge shape would cost more than the merge), created on first use.
+    fn merger(&mut self, dtype: ElementType) -> Result<usize> {
+        if let Some(i) = self.mergers.sessions.iter().position(|(t, _)| *t == dtype) {
+            return Ok(i);
+        }
+        let component = self.component;
+        let err =
+            |e: ort::Error| Error::inference(component, format!("creating the LoRA merge session: {e}"), boxed(e));
+        let bytes = super::merge::merge_graph(dtype).ok_or_else(|| {
+            self.mismatch(format!("LoRA-targetable weights of element type {dtype} cannot be merged"))
+        })?;
+        let provider = match &self.provider {
+            ExecutionProvider::TensorRt(o) => ExecutionProvider::cuda(o.device_id),
+            other => other.clone(),
+        };
+        let mut builder = Session::builder(&self.source.env).map_err(err)?;
+        if let Some(n) = self.source.config.intra_threads {
+            builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
+        }
+        let mut builder = provider.register(builder, component)?;
+        let session = builder.commit_from_memory(&bytes).map_err(err)?;
+        self.mergers.sessions.push((dtype, session));
+        Ok(self.mergers.sessions.len() - 1)
+    }
+
+    /// Adds the override `input = base + left @ right`, computed on the graph's provider from the base value
+    /// given by [`set_lora_bases`](Self::set_lora_bases); the result stays in the graph's memory.
+    pub(crate) fn merge_override(
+        &mut self,
+        input: &str,
+        dtype: ElementType,
+        left: ndarray::ArrayView2<'_, f32>,
+        right: ndarray::ArrayView2<'_, f32>,
+    ) -> Result<()> {
+        let component = self.component;
+        let infer =
+            |e: ort::Error| Error::inference(component, format!("merging LoRA weight `{input}`: {e}"), boxed(e));
+        let index = self.merger(dtype)?;
+        let memory = match self.device() {
+            Some((device, id)) => MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default),
+            None => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
+        }
+        .map_err(infer)?;
+        let base =
+            self.lora_base.get(input).ok_or_else(|| Error::internal(format!("no LoRA base weight for `{input}`")))?;
+        let session = &mut self.mergers.sessions[index].1;
+        let left = Tensor::from_array(left.as_standard_layout().into_owned()).map_err(infer)?;
+        let right = Tensor::from_array(right.as_standard_layout().into_owned()).map_err(infer)?;
+        let mut binding = session.create_binding().map_err(infer)?;
+        binding.bind_input("W", base).map_err(infer)?;
+        binding.bind_input("L", &left).map_err(infer)?;
+        binding.bind_input("R", &right).map_err(infer)?;
+        binding.bind_output_to_device("Y", &memory).map_err(infer)?;
+        let merged = session
+            .run_binding(&binding)
+            .map_err(infer)?
+            .remove("Y")
+            .ok_or_else(|| Error::internal("the LoRA merge graph gave no output"))?;
+        self.overrides.push((input.to_string(), merged));
         Ok(())
     }
 

@@ -7,13 +7,14 @@
 pub(crate) mod discovery;
 mod graph;
 pub(crate) mod kernels;
+mod merge;
 mod provider;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use graph::ElementType;
-pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig, WeightOverride};
+pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
 pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
 
 use crate::error::{boxed, Error, Result};

@@ -178,3 +178,109 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// tiny-sd3 made LoRA-ready as `models/export/lora_inputs.py` makes a folder, without Python: the fixture folder
+/// `models/fixtures/tiny-sd3-lora` keeps what the tool writes besides the graphs (`lora_targets.json`,
+/// `lora_base.safetensors` per component); each graph is tiny-sd3's with the targeted initializers also declared
+/// as graph inputs, the tool's only change to `model.onnx` ([`declare_inputs`]).
+pub fn lora_ready(tag: &str) -> ScratchModel {
+    let m = ScratchModel::new("tiny-sd3", tag);
+    let overlay = fixture("tiny-sd3-lora");
+    for component in ["transformer", "text_encoder", "text_encoder_2"] {
+        copy_dir(&overlay.join(component), &m.path(component));
+        let targets = read_json(&overlay.join(component).join("lora_targets.json"));
+        let inputs: Vec<(String, i64, Vec<i64>)> = targets["modules"]
+            .as_object()
+            .expect("modules")
+            .values()
+            .map(|t| {
+                let dtype = match t["dtype"].as_str() {
+                    Some("float32") => 1,
+                    Some("float16") => 10,
+                    other => panic!("dtype {other:?}"),
+                };
+                let shape = t["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+                (t["input"].as_str().unwrap().to_string(), dtype, shape)
+            })
+            .collect();
+        let graph = m.path(component).join("model.onnx");
+        let bytes = std::fs::read(&graph).unwrap();
+        std::fs::write(&graph, declare_inputs(&bytes, &inputs)).unwrap();
+    }
+    m
+}
+
+/// Appends graph inputs (name, ONNX element type, shape) to an ONNX model's graph, in protobuf wire format
+/// (`ModelProto.graph` is field 7, `GraphProto.input` field 11: repeated fields may come in any order, so new
+/// entries at the end of the graph message extend the input list, as `graph.input.append` in Python does).
+pub fn declare_inputs(model: &[u8], inputs: &[(String, i64, Vec<i64>)]) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn field(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+        varint(out, (number << 3) | 2);
+        varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+    fn read_varint(b: &[u8], at: &mut usize) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[*at];
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut extra = Vec::new();
+    for (name, elem_type, shape) in inputs {
+        let mut dims = Vec::new();
+        for d in shape {
+            let mut dim = Vec::new();
+            varint(&mut dim, 1 << 3); // Dimension.dim_value
+            varint(&mut dim, *d as u64);
+            field(&mut dims, 1, &dim);
+        }
+        let mut tensor = Vec::new();
+        varint(&mut tensor, 1 << 3); // TypeProto.Tensor.elem_type
+        varint(&mut tensor, *elem_type as u64);
+        field(&mut tensor, 2, &dims);
+        let mut ty = Vec::new();
+        field(&mut ty, 1, &tensor);
+        let mut info = Vec::new();
+        field(&mut info, 1, name.as_bytes());
+        field(&mut info, 2, &ty);
+        field(&mut extra, 11, &info);
+    }
+    let (mut out, mut at) = (Vec::with_capacity(model.len() + extra.len() + 16), 0);
+    while at < model.len() {
+        let start = at;
+        let key = read_varint(model, &mut at);
+        match key & 7 {
+            0 => {
+                read_varint(model, &mut at);
+            }
+            1 => at += 8,
+            5 => at += 4,
+            2 => {
+                let len = read_varint(model, &mut at) as usize;
+                if key >> 3 == 7 {
+                    let graph = [&model[at..at + len], &extra[..]].concat();
+                    field(&mut out, 7, &graph);
+                    at += len;
+                    continue;
+                }
+                at += len;
+            }
+            wire => panic!("protobuf wire type {wire} in ModelProto"),
+        }
+        out.extend_from_slice(&model[start..at]);
+    }
+    out
+}
