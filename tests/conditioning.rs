@@ -63,8 +63,14 @@ fn final_latents_match_diffusers() {
         // diffusers ran the graphs' PyTorch originals: float noise only.
         let d = max_abs_diff(&latents, &npy(&path));
         assert!(d <= 1e-3, "{fixture}: final latents differ from diffusers by {d}");
-        // optimum ran the same ONNX graphs on the same ONNX Runtime: the same numbers up to summation order.
-        let d = max_abs_diff(&latents, &npy(&case.join("optimum_final_latents.npy")));
-        assert!(d <= 1e-5, "{fixture}: final latents differ from optimum by {d}");
+        // optimum ran the same ONNX graphs on the same ONNX Runtime: the same numbers up to summation order, which
+        // depends on the CPU: ONNX Runtime picks its CPU kernels by instruction set at run time, and the two kinds
+        // of development machine seen so far give final latents 1.1e-5 apart (values up to ~10.6). optimum's
+        // latents from each are kept (docs/diffusers-versions.md); ours equal one of them within 1e-5 (on this
+        // project's 2-core AMD EPYC with AVX-512, 2026-12-03: exactly the first).
+        let kinds = ["optimum_final_latents.npy", "optimum_final_latents_2026-12-02.npy"];
+        let diffs: Vec<f32> = kinds.iter().map(|k| max_abs_diff(&latents, &npy(&case.join(k)))).collect();
+        let best = diffs.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!(best <= 1e-5, "{fixture}: final latents differ from optimum's ({kinds:?}) by {diffs:?}");
     }
 }
