@@ -1979,7 +1979,9 @@ def stage_readme():
         "[1, pooled], `final_latents` [1, 16, h, w] (after the last step, before `/ scaling_factor + "
         "shift_factor`), `sigmas` [steps+1], `timesteps` [steps] (what the transformer is fed), and "
         "`optimum_final_latents.npy`, optimum's final latents, which the numpy-ORT reference below reproduces bit "
-        "for bit. ORT vs PyTorch on these: prompt embeddings differ by up to ~2e-5, final latents by up to ~3e-5.")
+        "for bit. ORT vs PyTorch on these: prompt embeddings differ by up to ~2e-5, final latents by up to ~3e-5. "
+        "`optimum_final_latents_2026-12-02.npy`: the same made on another development machine, 1.1e-5 away (ONNX "
+        "Runtime's CPU kernels depend on the instruction set; see docs/diffusers-versions.md).")
     add("")
     add("Pixel differences (0..255) per case: diffusers vs optimum, and a plain numpy + ONNX Runtime "
         "re-implementation of the pipeline (`OrtReference` in make_fixtures.py, f32 host math as docs/design.md "
