@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -81,7 +82,19 @@ def fused_weights(node) -> list[tuple[str, str]]:
     return []
 
 
+def own_data(path: Path):
+    """Gives `model.onnx.data` its own copy when it is hard-linked (fused_kernels.py links the weights it keeps
+    unchanged to the stock folder's file): onnx refuses to load hard-linked external data, and the rewrite must not
+    change the other folder's weights."""
+    data = path.parent / (path.name + ".data")
+    if data.is_file() and data.stat().st_nlink > 1:
+        tmp = data.with_suffix(".data.own")
+        shutil.copyfile(data, tmp)
+        tmp.replace(data)
+
+
 def rewrite(path: Path, pattern: re.Pattern, all_linear: bool):
+    own_data(path)
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
