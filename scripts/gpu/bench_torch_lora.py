@@ -51,7 +51,7 @@ def main():
         return round((time.perf_counter() - t) * 1e3, 1)
 
     def step(label, switch_ms=None, model=None):
-        ms = round(time_transformer(model or tr, args, args.iters), 2)
+        ms = round(time_transformer(tr if model is None else model, args, args.iters), 2)
         rows.append({"case": label, "switch_ms": switch_ms, "transformer_ms_per_step": ms})
         print(f"{label}: switch {switch_ms} ms, transformer {ms} ms/step", flush=True)
 
