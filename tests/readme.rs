@@ -57,3 +57,24 @@ fn readme_relative_links_point_at_files_in_the_repository() {
     }
     assert!(checked > 10, "only {checked} relative links found: is the parser broken?");
 }
+
+/// The package's README (crates.io's page, Cargo.toml `readme`) has the same example and dependency line, and
+/// only absolute links: crates.io resolves relative ones against a repository URL the crate does not name.
+#[test]
+fn crate_readme_has_the_downstream_program_and_absolute_links_only() {
+    let readme = read("CRATE-README.md");
+    assert_eq!(block_after(&readme, "## Example", "rust,no_run"), read("downstream/src/main.rs"));
+    let manifest = read("downstream/Cargo.toml");
+    let deps = &manifest[manifest.find("[dependencies]\n").expect("no [dependencies]")..];
+    assert_eq!(block_after(&readme, "## Use", "toml").trim(), deps.split("\n\n").next().unwrap().trim());
+    let mut links = 0;
+    for (i, _) in readme.match_indices("](") {
+        let rest = &readme[i + 2..];
+        let target = &rest[..rest.find(')').expect("unclosed link")];
+        assert!(target.starts_with("https://"), "CRATE-README.md links to {target}: use an absolute https link");
+        links += 1;
+    }
+    assert!(links >= 3, "only {links} links found: is the parser broken?");
+    let cargo = read("Cargo.toml");
+    assert!(cargo.contains("readme = \"CRATE-README.md\"") && cargo.contains("\"/CRATE-README.md\""));
+}
