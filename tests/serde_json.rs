@@ -233,17 +233,22 @@ fn timings_are_milliseconds() {
     timings.onnx_runtime = Duration::from_nanos(1);
     timings.components = vec![(Component::Transformer, Duration::from_millis(200))];
     timings.load = Duration::ZERO;
+    timings.lora = Duration::from_micros(3_500);
     let value = serde_json::to_value(&timings).unwrap();
     assert_eq!(
         value,
         json!({
             "text_encoding_ms": 12.345678, "denoising_ms": 250.0, "steps_ms": [124.999999, 125.000001],
             "vae_decode_ms": 0.007, "total_ms": 1_728_000_999.999999, "onnx_runtime_ms": 0.000001,
-            "components": [{"component": "transformer", "ms": 200.0}], "load_ms": 0.0
+            "components": [{"component": "transformer", "ms": 200.0}], "load_ms": 0.0, "lora_ms": 3.5
         })
     );
     let back: Timings = serde_json::from_str(&serde_json::to_string(&timings).unwrap()).unwrap();
     assert_eq!(back, timings);
+    // Summaries written before `lora_ms` existed still read (as zero).
+    let mut old = value.clone();
+    old.as_object_mut().unwrap().remove("lora_ms");
+    assert_eq!(serde_json::from_value::<Timings>(old).unwrap().lora, Duration::ZERO);
 
     let mut negative = value.clone();
     negative["total_ms"] = json!(-1.0);
