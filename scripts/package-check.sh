@@ -15,7 +15,10 @@
 #      downloads nothing (this machine cannot reach pyke's CDN) and nothing is linked, so this checks that our
 #      code and the feature forwarding compile, not that the download works;
 #   6. `cargo check` of the packaged crate with the oldest ort its requirement allows (2.0.0-rc.14).
-# Builds share target/ with the main build (only sd3-onnx and the downstream crate compile again).
+# Steps 1, 2 and 5 use target/ with the main build; the builds of the unpacked package (3, 4, 6) use their own
+# target/package-check/: the packaged crate's unit-test binary has the same name and hash as the repository's, so
+# in a shared folder the next `cargo test` of the repository could run the packaged one (seen: its fixture test,
+# skipped here, then failed for want of the repository's fixtures).
 # Needs crates.io (cargo publish --dry-run reads the index). Usage: bash scripts/package-check.sh
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,13 +65,14 @@ fi
 echo "== 3. unit tests and doctests of the packaged crate (default features)"
 # One unit test drives a real session on the repository's fused test fixture (models/fixtures, not packaged); it runs
 # in the repository's own `cargo test` above and is skipped here by name.
-(cd "$unpacked" && cargo test --quiet --locked --lib -- --skip a_kernel_panic_inside_a_session_fails_the_run_not_the_process &&
-  cargo test --quiet --locked --doc)
+pkg_target="$root/target/package-check"
+(cd "$unpacked" && CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --lib -- --skip a_kernel_panic_inside_a_session_fails_the_run_not_the_process &&
+  CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --doc)
 
 echo "== 4. downstream/ against the packaged crate"
 patch="patch.crates-io.$name.path=\"$unpacked\""
-cargo build --quiet --locked --manifest-path downstream/Cargo.toml --config "$patch"
-bin="$CARGO_TARGET_DIR/debug/sd3-onnx-downstream"
+CARGO_TARGET_DIR="$pkg_target" cargo build --quiet --locked --manifest-path downstream/Cargo.toml --config "$patch"
+bin="$pkg_target/debug/sd3-onnx-downstream"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work" # not the repository: nothing may be found relative to it
@@ -106,5 +110,5 @@ echo "== 6. the packaged crate with the oldest ort it allows"
 oldest="$root/target/package-ort-oldest"
 rm -rf "$oldest" && cp -r "$unpacked" "$oldest"
 (cd "$oldest" && cargo update --quiet -p ort --precise 2.0.0-rc.14 &&
-  cargo check --quiet --lib --features cuda,tensorrt,directml,download)
+  CARGO_TARGET_DIR="$pkg_target" cargo check --quiet --lib --features cuda,tensorrt,directml,download)
 echo "package checks passed"
