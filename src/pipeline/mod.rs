@@ -289,7 +289,12 @@ impl Sd3Pipeline {
             if input == "negative_prompt" && !request.uses_guidance() {
                 continue;
             }
-            let words = self.unknown_words(text)?;
+            // With prompt weighting the encoders see the words without the emphasis syntax.
+            let words = if request.prompt_weighting {
+                self.unknown_words(&crate::text::words_of(text))?
+            } else {
+                self.unknown_words(text)?
+            };
             if !words.is_empty() {
                 warnings.push(Warning::UnknownWords { input, words });
             }

@@ -5,6 +5,7 @@ pub(crate) mod encoders;
 mod tokenizer;
 mod vocabulary;
 mod weighting;
+pub(crate) use weighting::words_of;
 
 pub use conditioning::{NoT5Padding, TextConditioning};
 pub(crate) use conditioning::{TextEncoders, Truncation};

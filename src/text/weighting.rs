@@ -162,9 +162,29 @@ pub(crate) fn parse(prompt: &str) -> Result<Option<Vec<Segment>>> {
     Ok(Some(out))
 }
 
+/// The words `prompt` is encoded from, without the emphasis syntax (`(word:1.3)` -> `word`): what the vocabulary
+/// check reads. A prompt without syntax, or one the parser refuses (the request fails on it anyway), is returned as
+/// it is.
+pub(crate) fn words_of(prompt: &str) -> String {
+    match parse(prompt) {
+        Ok(Some(segments)) => segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" "),
+        _ => prompt.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_leave_the_syntax_out() {
+        assert_eq!(
+            words_of("a (red:1.6) [blue] circle").split_whitespace().collect::<Vec<_>>(),
+            ["a", "red", "blue", "circle"]
+        );
+        assert_eq!(words_of("no syntax, 4k"), "no syntax, 4k");
+        assert_eq!(words_of(r"a \(literal\) x"), r"a (literal) x");
+    }
 
     fn seg(text: &str, weight: f32) -> Segment {
         Segment { text: text.to_string(), weight }
