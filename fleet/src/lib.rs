@@ -36,6 +36,7 @@ mod conn;
 mod error;
 pub mod job;
 pub mod keys;
+pub mod local;
 mod protocol;
 pub mod worker;
 
