@@ -102,13 +102,15 @@ impl Fleet {
     /// Restarts the workers that ended.
     pub fn poll(&mut self) {
         for k in 0..self.slots.len() {
-            let ended = match self.slots[k].child.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(status))) => status,
+            match self.slots[k].child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => {
+                    let consumer = self.slots[k].consumer();
+                    self.slots[k].ended.push((consumer, status));
+                    self.slots[k].child = None;
+                }
+                None => {} // ended before: restarted now if restarting
                 _ => continue,
-            };
-            let consumer = self.slots[k].consumer();
-            self.slots[k].ended.push((consumer, ended));
-            self.slots[k].child = None;
+            }
             if self.restart {
                 let mut slot = std::mem::replace(
                     &mut self.slots[k],
