@@ -1,9 +1,9 @@
 //! The fleet's throughput and queue overhead on this machine: a local redis-server and `sd3-worker` processes
-//! on the CPU with the nano model (its defaults: 128x128, 28 steps, guidance 5).
+//! on the CPU with the nano model (its defaults: 128x128, 28 steps, guidance 5, 77 T5 tokens).
 //!
 //! ```text
 //! cargo build --release -p sd3-onnx-fleet --bins --examples
-//! target/release/examples/fleet_bench [--jobs 40] [--latency-jobs 20] [--model models/sd3-nano]
+//! ORT_DYLIB_PATH=$PWD/.ort/lib/libonnxruntime.so target/release/examples/fleet_bench [--jobs 40] [--latency-jobs 20] [--model models/sd3-nano]
 //! ```
 //!
 //! 1. Throughput: for 1 worker with 1 intra-op thread, 1 worker with 2, and 2 workers with 1 each, the workers
@@ -26,8 +26,14 @@ use sd3_onnx_fleet::client::{Client, Followed};
 use sd3_onnx_fleet::job::{Job, JobResult, JobStatus};
 use sd3_onnx_fleet::local::RedisServer;
 
-const PROMPTS: [&str; 6] =
-    ["three red circles", "a blue star in the top left corner", "two green triangles", "a yellow square", "the word HELLO", "a large purple cross"];
+const PROMPTS: [&str; 6] = [
+    "three red circles",
+    "a blue star in the top left corner",
+    "two green triangles",
+    "a yellow square",
+    "the word HELLO",
+    "a large purple cross",
+];
 
 struct Workers(Vec<Child>);
 
@@ -44,7 +50,8 @@ impl Drop for Workers {
 }
 
 fn request(k: usize) -> GenerationRequest {
-    GenerationRequest::new(PROMPTS[k % PROMPTS.len()]).steps(28).guidance(5.0).seed(k as u64)
+    // The nano model card's defaults (what `Sd3Pipeline::request` gives): 28 steps, guidance 5, 77 T5 tokens.
+    GenerationRequest::new(PROMPTS[k % PROMPTS.len()]).steps(28).guidance(5.0).max_sequence_length(77).seed(k as u64)
 }
 
 fn start_workers(
@@ -70,7 +77,23 @@ fn start_workers(
                 .expect("starting sd3-worker")
         })
         .collect();
-    Workers(workers)
+    let mut workers = Workers(workers);
+    // Wait for every worker to load its model (or fail: then say why and stop).
+    for k in 0..n {
+        let log = logs.join(format!("{prefix}-{k}.log"));
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("serving") {
+                break;
+            }
+            if let Ok(Some(status)) = workers.0[k].try_wait() {
+                eprintln!("worker {prefix}-{k} ended ({status}):\n{text}");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    workers
 }
 
 fn run_jobs(client: &mut Client, jobs: &[Job]) -> (Vec<JobResult>, Vec<u64>, Duration) {
@@ -97,7 +120,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn main() {
@@ -122,9 +147,12 @@ fn main() {
         eprintln!("{} is missing: cargo build --release -p sd3-onnx-fleet --bins --examples", bin.display());
         std::process::exit(1);
     }
+    if std::env::var_os("ORT_DYLIB_PATH").is_none() {
+        eprintln!("set ORT_DYLIB_PATH (e.g. $PWD/.ort/lib/libonnxruntime.so; cargo run sets it in this repository)");
+        std::process::exit(1);
+    }
     let redis = RedisServer::start().expect("redis-server (scripts/setup-redis.sh)");
     let logs = redis.dir().to_path_buf();
-    let mut client = Client::connect(&redis.url(), "bench").unwrap();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!("machine: {cores} cores; load average at start {}", loadavg());
 
@@ -138,7 +166,8 @@ fn main() {
         let jobs: Vec<Job> = (0..jobs_n).map(|k| Job::new("nano", request(k))).collect();
         let (results, _, elapsed) = run_jobs(&mut c, &jobs);
         let per_min = jobs_n as f64 / elapsed.as_secs_f64() * 60.0;
-        let mut runs: Vec<f64> = results.iter().map(|r| (r.times.finished_us - r.times.started_us) as f64 / 1000.0).collect();
+        let mut runs: Vec<f64> =
+            results.iter().map(|r| (r.times.finished_us - r.times.started_us) as f64 / 1000.0).collect();
         runs.sort_by(f64::total_cmp);
         if (workers, threads) == (1, 1) {
             base = Some(per_min);
@@ -176,6 +205,5 @@ fn main() {
     for (name, v) in [("enqueue -> start", &to_start), ("finish -> result visible", &to_visible)] {
         println!("| {name} | {:.2} ms | {:.2} ms | {:.2} ms |", percentile(v, 0.5), percentile(v, 0.9), v[v.len() - 1]);
     }
-    drop(client);
     println!("\nload average at the end {}", loadavg());
 }

@@ -85,7 +85,11 @@ impl Client {
         &self.keys
     }
 
-    fn run<T>(&mut self, what: &str, f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T, FleetError> {
+    fn run<T>(
+        &mut self,
+        what: &str,
+        f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, FleetError> {
         let deadline = Some(Instant::now() + self.patience);
         self.conn.retry(what, None, deadline, f)
     }
@@ -184,7 +188,15 @@ impl Client {
             let ids: Vec<String> = keys.iter().map(|k| last.get(k).cloned().unwrap_or_else(|| "0-0".into())).collect();
             let block_ms = BLOCK.min(deadline.saturating_duration_since(Instant::now())).as_millis().max(1) as u64;
             let reply: Value = self.run("XREAD", |c| {
-                redis::cmd("XREAD").arg("COUNT").arg(100).arg("BLOCK").arg(block_ms).arg("STREAMS").arg(&keys).arg(&ids).query(c)
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(100)
+                    .arg("BLOCK")
+                    .arg(block_ms)
+                    .arg("STREAMS")
+                    .arg(&keys)
+                    .arg(&ids)
+                    .query(c)
             })?;
             for (key, entries) in protocol::read_reply(&reply) {
                 let Some(job_id) = by_key.get(&key) else { continue };
@@ -225,7 +237,12 @@ impl Client {
         let stream = self.keys.jobs(model);
         let reply: Result<Value, _> = self.run("XPENDING", |c| redis::cmd("XPENDING").arg(&stream).arg(GROUP).query(c));
         match reply {
-            Ok(Value::Array(items)) => Ok(items.first().and_then(bytes).and_then(|b| String::from_utf8(b).ok()).and_then(|t| t.parse().ok()).unwrap_or(0)),
+            Ok(Value::Array(items)) => Ok(items
+                .first()
+                .and_then(bytes)
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0)),
             Ok(other) => Err(FleetError::Protocol(format!("XPENDING replied {other:?}"))),
             Err(FleetError::Redis { source, .. }) if source.code() == Some("NOGROUP") => Ok(0),
             Err(e) => Err(e),
@@ -249,8 +266,11 @@ pub fn save_result(dir: &Path, result: &JobResult) -> Result<Vec<PathBuf>, Fleet
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut written = Vec::new();
     for (k, png) in result.images.iter().enumerate() {
-        let name =
-            if result.images.len() == 1 { format!("{}.png", result.job_id) } else { format!("{}-{k}.png", result.job_id) };
+        let name = if result.images.len() == 1 {
+            format!("{}.png", result.job_id)
+        } else {
+            format!("{}-{k}.png", result.job_id)
+        };
         let path = dir.join(name);
         std::fs::write(&path, png).map_err(io(&path))?;
         written.push(path);

@@ -51,8 +51,8 @@ impl Conn {
     /// A connection to `url` (`redis://host:port/db`, `rediss://`, `redis+unix:///path`), opened on first use.
     /// `read_timeout` bounds every reply (blocking reads need it longer than their BLOCK time).
     pub fn open(url: &str, read_timeout: Option<Duration>) -> Result<Conn, FleetError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| FleetError::InvalidSetting(format!("the Redis URL {url:?}: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| FleetError::InvalidSetting(format!("the Redis URL {url:?}: {e}")))?;
         Ok(Conn { client, conn: None, read_timeout, failures: 0, last_attempt: None })
     }
 
@@ -97,7 +97,7 @@ impl Conn {
                         return Err(FleetError::redis(what, e));
                     }
                     let wait = backoff(self.failures);
-                    if self.failures == 1 || self.failures % 10 == 0 {
+                    if self.failures == 1 || self.failures.is_multiple_of(10) {
                         log(format_args!(
                             "redis: {what}: {e} (attempt {}); retrying in {} ms",
                             self.failures,

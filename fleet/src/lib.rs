@@ -45,8 +45,5 @@ pub use error::FleetError;
 /// Microseconds since the Unix epoch (the clock every timestamp of the protocol uses; workers and clients on
 /// different hosts should run NTP).
 pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }

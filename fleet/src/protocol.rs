@@ -104,7 +104,8 @@ pub(crate) fn range_reply(v: &Value) -> Vec<Entry> {
 /// Creates the consumer group of `stream` (and the stream) if it does not exist. The group starts at the
 /// stream's beginning, so jobs enqueued before the first worker started are read too.
 pub(crate) fn ensure_group(conn: &mut Connection, stream: &str) -> RedisResult<()> {
-    let r: RedisResult<()> = redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
+    let r: RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
     match r {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other,

@@ -52,7 +52,9 @@ impl Device {
                     FleetError::InvalidSetting(format!("--devices: {item:?} is neither `cpu` nor a GPU ordinal"))
                 })?;
                 if ordinal < 0 || devices.contains(&Device::Gpu(ordinal)) {
-                    return Err(FleetError::InvalidSetting(format!("--devices: GPU {ordinal} is negative or repeated")));
+                    return Err(FleetError::InvalidSetting(format!(
+                        "--devices: GPU {ordinal} is negative or repeated"
+                    )));
                 }
                 devices.push(Device::Gpu(ordinal));
             }
@@ -245,8 +247,10 @@ struct DeviceWorker<'a> {
 
 fn run_device(cfg: &WorkerConfig, device: Device, stop: &AtomicBool) -> Result<WorkerReport, FleetError> {
     let consumer = format!("{}-{}", cfg.name, device.name());
-    let mut builder =
-        Sd3Pipeline::builder(&cfg.model_dir).execution_provider(device.provider()).limits(cfg.limits).cpu_fallback(false);
+    let mut builder = Sd3Pipeline::builder(&cfg.model_dir)
+        .execution_provider(device.provider())
+        .limits(cfg.limits)
+        .cpu_fallback(false);
     if let Some(threads) = cfg.intra_threads {
         builder = builder.intra_threads(threads);
     }
@@ -279,7 +283,8 @@ fn run_device(cfg: &WorkerConfig, device: Device, stop: &AtomicBool) -> Result<W
 impl DeviceWorker<'_> {
     fn main_loop(&mut self) -> Result<(), FleetError> {
         let stream = self.stream.clone();
-        self.conn.retry("creating the consumer group", Some(self.stop), None, |c| protocol::ensure_group(c, &stream))?;
+        self.conn
+            .retry("creating the consumer group", Some(self.stop), None, |c| protocol::ensure_group(c, &stream))?;
         let claim_every = (self.cfg.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut cursor = "0-0".to_string();
         let mut next_claim = Instant::now();
@@ -401,7 +406,11 @@ impl DeviceWorker<'_> {
         if raw.len() > self.cfg.max_job_bytes {
             return Err(JobError {
                 kind: ErrorKind::TooLarge,
-                message: format!("the job is {} bytes, over the worker's limit of {}", raw.len(), self.cfg.max_job_bytes),
+                message: format!(
+                    "the job is {} bytes, over the worker's limit of {}",
+                    raw.len(),
+                    self.cfg.max_job_bytes
+                ),
             });
         }
         let job: Job = serde_json::from_slice(raw).map_err(|e| bad(format!("the job is not a valid job JSON: {e}")))?;
@@ -411,7 +420,10 @@ impl DeviceWorker<'_> {
         if job.model != self.cfg.model_name {
             return Err(JobError {
                 kind: ErrorKind::WrongModel,
-                message: format!("the job is for model {:?}; this stream's workers serve {:?}", job.model, self.cfg.model_name),
+                message: format!(
+                    "the job is for model {:?}; this stream's workers serve {:?}",
+                    job.model, self.cfg.model_name
+                ),
             });
         }
         Ok(job)
@@ -537,7 +549,17 @@ impl DeviceWorker<'_> {
         let (stream, id) = (self.stream.clone(), entry.id.clone());
         let deadline = Some(Instant::now() + self.cfg.store_give_up);
         self.conn.retry("XACK", None, deadline, |c| {
-            redis::pipe().cmd("XACK").arg(&stream).arg(GROUP).arg(&id).ignore().cmd("XDEL").arg(&stream).arg(&id).ignore().query::<()>(c)
+            redis::pipe()
+                .cmd("XACK")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&id)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&stream)
+                .arg(&id)
+                .ignore()
+                .query::<()>(c)
         })
     }
 

@@ -178,7 +178,12 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
         let summary = r.summary.as_ref().unwrap();
         assert_eq!(summary.seeds, vec![job.request.seed]);
         let local = local_png(&mut pipe, &job.request, &scratch.0);
-        assert!(r.images[0] == local, "job {} ({:?}): the fleet's PNG differs from the local run's", job.id, job.request.prompt);
+        assert!(
+            r.images[0] == local,
+            "job {} ({:?}): the fleet's PNG differs from the local run's",
+            job.id,
+            job.request.prompt
+        );
     }
     let killed_result = by_id[killed_job.as_str()];
     assert!(killed_result.deliveries >= 2, "the killed worker's job was not redelivered: {killed_result:?}");
@@ -198,9 +203,11 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
     let r = by_id[cancelled.id.as_str()];
     assert_eq!(r.status, JobStatus::Cancelled, "{r:?}");
     assert!(r.images.is_empty());
-    for (id, kind) in
-        [(&over_limits.id, ErrorKind::BadRequest), (&too_large.id, ErrorKind::TooLarge), (&malformed_id, ErrorKind::BadRequest)]
-    {
+    for (id, kind) in [
+        (&over_limits.id, ErrorKind::BadRequest),
+        (&too_large.id, ErrorKind::TooLarge),
+        (&malformed_id, ErrorKind::BadRequest),
+    ] {
         let r = by_id[id.as_str()];
         assert_eq!((r.status, r.error.as_ref().map(|e| e.kind)), (JobStatus::Failed, Some(kind)), "{r:?}");
         assert_eq!(r.deliveries, 1, "a failed job is not retried: {r:?}");
@@ -224,9 +231,17 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
     use std::os::unix::process::ExitStatusExt;
     let sigkilled = ended.iter().filter(|(_, s)| s.signal() == Some(libc::SIGKILL)).count();
     let aborted = ended.iter().filter(|(_, s)| s.signal() == Some(libc::SIGABRT)).count();
-    assert_eq!((sigkilled, aborted, ended.len()), (1, MAX_DELIVERIES as usize, 1 + MAX_DELIVERIES as usize), "{ended:?}");
+    assert_eq!(
+        (sigkilled, aborted, ended.len()),
+        (1, MAX_DELIVERIES as usize, 1 + MAX_DELIVERIES as usize),
+        "{ended:?}"
+    );
     for (consumer, status) in fleet.shutdown(Duration::from_secs(60)) {
-        assert!(status.is_some_and(|s| s.success()), "{consumer} did not exit 0 on SIGTERM: {status:?}\n{}", fleet.logs());
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{consumer} did not exit 0 on SIGTERM: {status:?}\n{}",
+            fleet.logs()
+        );
     }
     // The workers saw Redis go away and came back to it (the backoff's log line).
     let logs = fleet.all_logs();

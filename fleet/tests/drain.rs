@@ -45,7 +45,7 @@ fn sigterm_finishes_the_held_job_and_reads_no_more() {
     }
     let mut signalled = false;
     let results = client
-        .wait(&[long.id.clone()], Duration::from_secs(300), |f| {
+        .wait(std::slice::from_ref(&long.id), Duration::from_secs(300), |f| {
             if let Followed::Progress { event: Event::Step { .. }, .. } = f {
                 if !signalled {
                     signal(fleet.slots[0].child.as_ref().unwrap(), libc::SIGTERM);
@@ -79,7 +79,8 @@ fn sigterm_finishes_the_held_job_and_reads_no_more() {
     fleet.restart = true;
     fleet.poll();
     let ids: Vec<String> = short.iter().map(|j| j.id.clone()).collect();
-    let results = client.wait(&ids, Duration::from_secs(300), |_| {}).unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let results =
+        client.wait(&ids, Duration::from_secs(300), |_| {}).unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
     assert!(results.iter().all(|r| r.status == JobStatus::Succeeded && r.worker == "w0-r1-cpu0"), "{results:?}");
     for (consumer, status) in fleet.shutdown(Duration::from_secs(60)) {
         assert!(status.is_some_and(|s| s.success()), "{consumer}: {status:?}");

@@ -47,6 +47,10 @@ struct Args {
     /// Image size, WIDTHxHEIGHT.
     #[arg(long)]
     size: Option<String>,
+    /// T5 token count (the library's default is 256; model cards often use less: the nano model 77). The client
+    /// does not know the model's own defaults: a job carries every setting.
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// Negative prompt.
     #[arg(long)]
     negative_prompt: Option<String>,
@@ -102,6 +106,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let (w, h) = size.split_once('x').ok_or("--size is WIDTHxHEIGHT")?;
             r = r.size(w.parse()?, h.parse()?);
         }
+        if let Some(t) = args.max_sequence_length {
+            r = r.max_sequence_length(t);
+        }
         if let Some(n) = &args.negative_prompt {
             r = r.negative_prompt(n.clone());
         }
@@ -142,7 +149,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Followed::Progress { job_id, event: Event::Started { worker, delivery } } => {
                 eprintln!("{job_id}: started on {worker} (delivery {delivery})")
             }
-            Followed::Progress { job_id, event: Event::Step { step, steps } } if (step + 1) % 10 == 0 || step + 1 == *steps => {
+            Followed::Progress { job_id, event: Event::Step { step, steps } }
+                if (step + 1) % 10 == 0 || step + 1 == *steps =>
+            {
                 eprintln!("{job_id}: step {}/{steps}", step + 1)
             }
             Followed::Result { result, .. } => match &result.error {

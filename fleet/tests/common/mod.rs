@@ -164,7 +164,8 @@ impl Fleet {
     pub fn logs(&self) -> String {
         let mut all = String::new();
         if let Ok(dir) = std::fs::read_dir(&self.logs) {
-            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+            let mut files: Vec<_> =
+                dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
             files.sort();
             for f in files {
                 let text = std::fs::read_to_string(&f).unwrap_or_default();
