@@ -29,7 +29,7 @@ struct Args {
     /// The model to run the jobs on (the workers' model name).
     #[arg(long, required_unless_present = "cancel")]
     model: Option<String>,
-    /// Where the results go: <job id>.png and <job id>.json.
+    /// Where the results go: `JOB_ID.png` and `JOB_ID.json`.
     #[arg(long, default_value = "results")]
     out: PathBuf,
     /// Requests as JSON lines (the library's GenerationRequest form), one job each, after the prompts.

@@ -19,7 +19,7 @@ use sd3_onnx_fleet::worker::{self, Device, WorkerConfig};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Redis URL (redis://[:password@]host:port/db, rediss:// for TLS).
+    /// Redis URL (`redis://[:password@]host:port/db`, `rediss://` for TLS).
     #[arg(long, env = "SD3_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis: String,
     /// Prefix of every Redis key of this fleet (use a hash tag such as `{sd3}` with Redis Cluster).
