@@ -122,6 +122,8 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
 
     // Follow the jobs; the chaos happens from the progress events.
     let mut chaos = Client::connect(&redis.url(), PREFIX).unwrap();
+    let url = redis.url();
+    let mut probe = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
     let mut started_on: HashMap<String, String> = HashMap::new(); // job -> consumer of its latest start
     let mut cancel_sent = false;
     let mut killed: Option<(String, String)> = None; // (job, consumer)
@@ -139,7 +141,27 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
             // SIGKILL the worker running a long job, in its middle (its result not stored yet).
             if killed.is_none() && long_ids.contains(*job_id) && *step >= 2 && results_seen >= 5 {
                 let Some(consumer) = started_on.get(*job_id) else { return };
-                if chaos.result(job_id).unwrap().is_some() {
+                // Events may be read late: look at the job's latest event, and kill only well before its end.
+                let latest: Vec<(String, Vec<String>)> = match redis::cmd("XREVRANGE")
+                    .arg(format!("{PREFIX}:progress:{job_id}"))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(&mut probe)
+                {
+                    Ok(latest) => latest,
+                    Err(_) => {
+                        // The connection from before the Redis restart: a new one for the next event.
+                        probe = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+                        return;
+                    }
+                };
+                let latest_step = latest.first().and_then(|(_, f)| {
+                    let step = f.chunks(2).find(|kv| kv[0] == "step")?;
+                    step[1].parse::<usize>().ok()
+                });
+                if !latest_step.is_some_and(|s| s < LONG_STEPS - 10) {
                     return;
                 }
                 let fleet = supervisor.fleet.lock().unwrap();
