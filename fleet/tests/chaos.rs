@@ -161,7 +161,7 @@ fn a_fleet_survives_a_killed_worker_a_redis_restart_a_poison_job_and_a_cancellat
                     let step = f.chunks(2).find(|kv| kv[0] == "step")?;
                     step[1].parse::<usize>().ok()
                 });
-                if !latest_step.is_some_and(|s| s < LONG_STEPS - 10) {
+                if latest_step.is_none_or(|s| s >= LONG_STEPS - 10) {
                     return;
                 }
                 let fleet = supervisor.fleet.lock().unwrap();
