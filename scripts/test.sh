@@ -21,15 +21,23 @@ cargo test --features serde --test serde_json
 cargo test --quiet --features serde --doc GenerationRequest
 # The pipeline from tokio (spawn_blocking, a run cancelled from an async task); exits non-zero on anything unexpected.
 cargo run --quiet --features serde --example tokio -- models/sd3-nano
+# The worker fleet (fleet/, docs/scale-out.md): its unit tests, and the chaos and drain tests against a real
+# redis-server that the tests start on 127.0.0.1 at a free port (scripts/setup-redis.sh installs the Debian package
+# when it is missing). `fault-injection` lets the chaos test's poison job abort workers.
+bash scripts/setup-redis.sh
+cargo test -p sd3-onnx-fleet --features fault-injection
 # Lints and docs: warnings are errors. Clippy runs without features and with all of them: the execution-provider
 # code paths (cuda, tensorrt, directml) compile behind their features without their libraries, and the example
 # has code for both sides of `download`. Without clippy in the toolchain, `cargo check` does the compiling.
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --quiet --all-targets -- -D warnings
   cargo clippy --quiet --all-targets --features cuda,tensorrt,directml,download,serde -- -D warnings
+  cargo clippy --quiet -p sd3-onnx-fleet --all-targets --features fault-injection,cuda,tensorrt -- -D warnings
 else
   cargo check --quiet --features cuda,tensorrt,directml,download,serde --all-targets
+  cargo check --quiet -p sd3-onnx-fleet --all-targets --features fault-injection,cuda,tensorrt
 fi
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --features download,serde
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps -p sd3-onnx-fleet
 # The crate as published, and a project that uses it.
 bash scripts/package-check.sh
