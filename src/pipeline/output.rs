@@ -49,7 +49,7 @@ pub enum Warning {
     /// with PIL, whose Lanczos filter rounds differently: pass pictures of the request's size for identical
     /// results.
     InputResized {
-        /// `"init_image"` or `"mask"`.
+        /// `"init_image"`, `"mask"` or `"control_image"` (a ControlNet's).
         input: &'static str,
         /// Its size, width x height.
         from: (u32, u32),
@@ -478,8 +478,12 @@ mod serde_support {
                     let input = match input.as_str() {
                         "init_image" => "init_image",
                         "mask" => "mask",
+                        "control_image" => "control_image",
                         other => {
-                            return Err(D::Error::invalid_value(Unexpected::Str(other), &"\"init_image\" or \"mask\""))
+                            return Err(D::Error::invalid_value(
+                                Unexpected::Str(other),
+                                &"\"init_image\", \"mask\" or \"control_image\"",
+                            ))
                         }
                     };
                     Warning::InputResized { input, from, to }
