@@ -3,7 +3,7 @@
 diffusers 0.42.1 supports, the tiny-sd3 transformer exported with a residual input, and diffusers'
 `StableDiffusion3ControlNetPipeline` images on the same weights.
 
-    .venv-diffusers-cn/bin/python models/make_controlnet_fixtures.py   # pins: models/requirements-diffusers-0.42.1.txt
+    .venv-diffusers-cn/bin/python models/make_controlnet_fixtures.py   # pins: models/requirements-controlnet.txt
 
 No PyTorch checkpoint is needed: the tiny-sd3 transformer and VAE are rebuilt from the committed ONNX graphs'
 initializers (named ones by name, MatMul weights by the node that consumes them, transposed) and the script checks

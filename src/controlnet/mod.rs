@@ -8,12 +8,16 @@
 //! needs `transformer/model_controlnet.onnx`, its transformer taking the ControlNets' block residuals.
 //! See docs/controlnet.md.
 
+mod canny;
+
 use std::path::Path;
 
 use image::RgbImage;
 use serde_json::Value;
 
 use crate::error::{Component, Error, Result};
+
+pub use canny::{canny, canny_gray, rgb_to_gray};
 
 /// Which of diffusers' two SD3 ControlNet conventions a ControlNet follows. diffusers tells them apart only by
 /// `force_zeros_for_pooled_projection` in its `config.json` (pipeline_stable_diffusion_3_controlnet.py lines 1058-1062
@@ -53,7 +57,7 @@ pub struct ControlNetInfo {
 pub struct ControlNetUnit {
     /// The name it was loaded under ([`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet)).
     pub name: String,
-    /// The control image (e.g. edges from [`canny`](crate::canny)); resized to the request's size with a
+    /// The control image (e.g. edges from [`canny`]); resized to the request's size with a
     /// warning when it differs, as diffusers' image processor does.
     pub image: RgbImage,
     /// `controlnet_conditioning_scale`: the residuals are multiplied by it (default 1).
