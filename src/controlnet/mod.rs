@@ -66,12 +66,15 @@ pub struct ControlNetUnit {
     pub start: f64,
     /// `control_guidance_end`: the share of steps after which it is off (default 1).
     pub end: f64,
+    /// How the control image was made (e.g. `"canny 100 200"`), for the PNG parameters only; `None` (default)
+    /// records `none`.
+    pub preprocessor: Option<String>,
 }
 
 impl ControlNetUnit {
     /// The ControlNet `name` with `image`, at scale 1 over every step.
     pub fn new(name: impl Into<String>, image: RgbImage) -> Self {
-        ControlNetUnit { name: name.into(), image, scale: 1.0, start: 0.0, end: 1.0 }
+        ControlNetUnit { name: name.into(), image, scale: 1.0, start: 0.0, end: 1.0, preprocessor: None }
     }
 
     /// Sets `controlnet_conditioning_scale`.
@@ -84,6 +87,12 @@ impl ControlNetUnit {
     pub fn window(mut self, start: f64, end: f64) -> Self {
         self.start = start;
         self.end = end;
+        self
+    }
+
+    /// Records how the control image was made (see [`preprocessor`](Self::preprocessor)).
+    pub fn preprocessor(mut self, label: impl Into<String>) -> Self {
+        self.preprocessor = Some(label.into());
         self
     }
 

@@ -548,6 +548,17 @@ pub(crate) fn a1111_parameters(
             text.push_str(&format!(", SLG layers: {}", names.join(" ")));
         }
     }
+    // As the AUTOMATIC1111 ControlNet extension records its units.
+    for (k, u) in request.controlnets.iter().enumerate() {
+        text.push_str(&format!(
+            ", ControlNet {k}: \"Model: {}, Module: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+            u.name,
+            u.preprocessor.as_deref().unwrap_or("none"),
+            u.scale,
+            u.start,
+            u.end
+        ));
+    }
     if !lora_hashes.is_empty() {
         let list: Vec<String> = lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
         text.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
