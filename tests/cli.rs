@@ -590,8 +590,8 @@ fn controlnet_flags_run_the_library_and_are_recorded_in_the_png() {
     assert!(o.status.success(), "{}", stderr(&o));
     let cli = sd3_onnx::image::open(dir.join("cn.png")).unwrap().to_rgb8();
     let mut pipe = sd3_onnx::Sd3Pipeline::builder(&model.dir).onnxruntime_library(ort()).build().unwrap();
-    pipe.load_controlnet("instantx", &nets.join("instantx")).unwrap();
-    pipe.load_controlnet("instantx-b", &nets.join("instantx-b")).unwrap();
+    pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+    pipe.load_controlnet("instantx-b", nets.join("instantx-b")).unwrap();
     let photo_img = sd3_onnx::imageio::load_rgb(&photo).unwrap();
     let b_img = sd3_onnx::imageio::load_rgb(&control_b).unwrap();
     let mut req = pipe.request("a cat");
