@@ -127,7 +127,7 @@ fn controlnet_info_follows_config() {
     let ix = pipe.load_controlnet("x", nets().join("instantx")).unwrap();
     assert_eq!(
         (ix.kind, ix.num_layers, ix.inner_dim, ix.text_input, ix.use_pos_embed),
-        (ControlNetKind::InstantX, 1, 16, true, true)
+        (ControlNetKind::InstantX, 2, 16, true, true)
     );
     let sd = pipe.load_controlnet("s", nets().join("sd35")).unwrap();
     assert_eq!((sd.kind, sd.text_input, sd.use_pos_embed), (ControlNetKind::Sd35, false, false));
