@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use common::*;
 use sd3_onnx::controlnet::controlnet_block_index;
-use sd3_onnx::{Component, ControlNetKind, ControlNetUnit, Error, GenerationRequest, Sd3Pipeline, Warning};
+use sd3_onnx::{Component, ControlNetKind, ControlNetUnit, Error, GenerationRequest, ModelCard, Sd3Pipeline, Warning};
 
 /// As tests/golden_images.rs and tests/lora.rs: diffusers ran the PyTorch originals of the same weights.
 const MAX_LEVELS: u8 = 1;
@@ -198,4 +198,14 @@ fn bad_inputs_are_typed_errors() {
     let mut p = Sd3Pipeline::builder(&plain.dir).build().unwrap();
     let e = p.load_controlnet("instantx", nets().join("instantx")).unwrap_err();
     assert!(matches!(e, Error::MissingFile { component: Component::TransformerControlNet, .. }), "{e}");
+
+    // The same checks from the configs alone (ModelCard, before any graph loads).
+    let unit = ControlNetUnit::new("instantx", control.clone());
+    let card = ModelCard::read(&plain.dir).unwrap();
+    let e = card.check(&base().controlnet(unit.clone())).unwrap_err();
+    assert!(matches!(e, Error::MissingFile { component: Component::TransformerControlNet, .. }), "{e}");
+    let card = ModelCard::read(&m.dir).unwrap();
+    assert!(card.check(&base().controlnet(unit.clone())).is_ok());
+    let e = card.check(&base().controlnet(unit.window(0.5, 1.2))).unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest { .. }), "{e}");
 }

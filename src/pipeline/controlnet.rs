@@ -150,7 +150,7 @@ impl Sd3Pipeline {
         let path = graph_path(&self.model_dir, Component::TransformerControlNet);
         require_file(Component::TransformerControlNet, &path, || {
             "ControlNets need the transformer exported with a residual input beside transformer/model.onnx \
-             (see docs/controlnet.md)"
+             (models/export/export_controlnet.py --model-folder; docs/controlnet.md)"
                 .into()
         })?;
         let g = self.transformer.load_like(Component::TransformerControlNet, &path)?;
