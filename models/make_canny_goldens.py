@@ -53,8 +53,8 @@ def main() -> None:
                                      "edges": f"{name}_{low}_{high}.png",
                                      "edge_pixels": int((edges > 0).sum()), "pixels": int(edges.size)})
     # RGB -> gray as OpenCV does it, for the Rust rgb_to_gray check.
-    rgb = np.asarray(Image.open(ROOT / "goldens" / "controlnet" / "tiny-sd3" / "sd35.png").convert("RGB"))
-    Image.fromarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)).save(OUT / "sd35_gray.png")
+    rgb = np.asarray(Image.open(ROOT / "goldens" / "tiny-sd3" / "cfg_negative" / "diffusers.png").convert("RGB"))
+    Image.fromarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)).save(OUT / "rgb_gray.png")
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["cases"], indent=0))
 

@@ -44,8 +44,8 @@ fn canny_matches_opencv() {
 #[test]
 fn rgb_to_gray_matches_opencv_and_canny_is_three_channel() {
     let dir = repo().join("models/goldens/canny");
-    let rgb = load_png(&repo().join("models/goldens/controlnet/tiny-sd3/sd35.png"));
-    let want = gray(&dir.join("sd35_gray.png"));
+    let rgb = load_png(&repo().join("models/goldens/tiny-sd3/cfg_negative/diffusers.png"));
+    let want = gray(&dir.join("rgb_gray.png"));
     assert_eq!(rgb_to_gray(&rgb), want);
     let edges = canny(&rgb, 100.0, 200.0);
     assert!(edges.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
