@@ -88,9 +88,11 @@ pub enum Component {
     TransformerSkipLayers,
     /// `transformer/model_controlnet.onnx`: the MMDiT taking ControlNet block residuals
     /// (`models/make_controlnet_fixtures.py`, `models/export/export_sd3.py --controlnet`).
+    #[cfg_attr(feature = "serde", serde(rename = "transformer_controlnet"))]
     TransformerControlNet,
     /// A ControlNet folder (`config.json` + `model.onnx` of an `SD3ControlNetModel`), loaded with
     /// [`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet).
+    #[cfg_attr(feature = "serde", serde(rename = "controlnet"))]
     ControlNet,
     /// `vae_decoder/`: latents to pixels.
     VaeDecoder,

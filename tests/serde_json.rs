@@ -222,6 +222,8 @@ fn warnings_are_tagged_objects() {
             .contains("invalid value: string \"latents\", expected \"init_image\", \"mask\" or \"control_image\""),
         "{e}"
     );
+    let names = serde_json::to_value([Component::ControlNet, Component::TransformerControlNet]).unwrap();
+    assert_eq!(names, json!(["controlnet", "transformer_controlnet"]));
     let cn = json!({"kind": "input_resized", "input": "control_image", "from": [1, 1], "to": [2, 2]});
     let w = serde_json::from_value::<Warning>(cn).unwrap();
     assert_eq!(w, Warning::InputResized { input: "control_image", from: (1, 1), to: (2, 2) });
