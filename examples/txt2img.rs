@@ -29,8 +29,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sd3_onnx::image::ImageFormat;
 use sd3_onnx::latents::read_npy_f32;
 use sd3_onnx::{
-    ExecutionProvider, GenerationOutput, GenerationRequest, ModelCard, SamplerKind, Sd3Pipeline, SkipLayerGuidance,
-    StepProgress, Variant, Warning,
+    ControlNetUnit, ExecutionProvider, GenerationOutput, GenerationRequest, ModelCard, SamplerKind, Sd3Pipeline,
+    SkipLayerGuidance, StepProgress, Variant, Warning,
 };
 
 /// Text to image with Stable Diffusion 3 / 3.5 ONNX models on ONNX Runtime.
@@ -159,6 +159,32 @@ struct Cli {
     #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
     lora: Vec<(PathBuf, f32)>,
 
+    /// A ControlNet folder (config.json + model.onnx of an SD3ControlNetModel; docs/controlnet.md); repeat for
+    /// several. The model folder needs transformer/model_controlnet.onnx. Each needs its --control-image
+    #[arg(long, value_name = "DIR")]
+    controlnet: Vec<PathBuf>,
+
+    /// The control image of the ControlNet in the same position (resized to the output size, with a warning)
+    #[arg(long, value_name = "FILE")]
+    control_image: Vec<PathBuf>,
+
+    /// controlnet_conditioning_scale: one for every ControlNet, or one per ControlNet [default: 1]
+    #[arg(long, value_name = "S")]
+    control_scale: Vec<f32>,
+
+    /// control_guidance_start, a share of the steps: one for all, or one per ControlNet [default: 0]
+    #[arg(long, value_name = "F")]
+    control_start: Vec<f64>,
+
+    /// control_guidance_end, a share of the steps: one for all, or one per ControlNet [default: 1]
+    #[arg(long, value_name = "F")]
+    control_stop: Vec<f64>,
+
+    /// Turn the control images into Canny edges first (OpenCV's cv2.Canny thresholds): one for all, or one per
+    /// ControlNet
+    #[arg(long, value_name = "LOW,HIGH", value_parser = parse_canny)]
+    canny: Vec<(f32, f32)>,
+
     /// Read parentheses and brackets in prompts literally, not as (word:1.3) weights
     #[arg(long)]
     no_prompt_weighting: bool,
@@ -192,6 +218,72 @@ impl From<Sampler> for SamplerKind {
             Sampler::DpmPP2M => SamplerKind::DpmSolverPlusPlus2M,
         }
     }
+}
+
+/// `LOW,HIGH`: two thresholds.
+fn parse_canny(s: &str) -> Result<(f32, f32), String> {
+    let (low, high) = s.split_once(',').ok_or_else(|| format!("{s:?}: expected LOW,HIGH (e.g. 100,200)"))?;
+    let num = |v: &str| v.trim().parse::<f32>().map_err(|_| format!("{v:?} is not a number"));
+    let (low, high) = (num(low)?, num(high)?);
+    if !(low.is_finite() && high.is_finite()) || low < 0.0 || high < low {
+        return Err(format!("{s:?}: thresholds must satisfy 0 <= LOW <= HIGH"));
+    }
+    Ok((low, high))
+}
+
+/// The value for ControlNet `k` of a repeatable per-ControlNet flag: none (the default), one for all, or one each.
+fn per_net<T: Copy>(flag: &str, values: &[T], nets: usize, k: usize, default: T) -> Result<T, Failure> {
+    match values.len() {
+        0 => Ok(default),
+        1 => Ok(values[0]),
+        n if n == nets => Ok(values[k]),
+        n => Err(Failure::Usage(format!(
+            "--{flag} is given {n} times for {nets} --controlnet; give it once or {nets} times"
+        ))),
+    }
+}
+
+/// The `--controlnet` units, with their names (folder names, numbered when two are alike) and folders; checked
+/// before anything is loaded.
+fn controlnet_units(cli: &Cli) -> Result<Vec<(ControlNetUnit, PathBuf)>, Failure> {
+    let n = cli.controlnet.len();
+    if cli.control_image.len() != n {
+        return Err(Failure::Usage(format!(
+            "{n} --controlnet and {} --control-image: give one control image per ControlNet",
+            cli.control_image.len()
+        )));
+    }
+    if n == 0 {
+        for (flag, given) in [
+            ("control-scale", !cli.control_scale.is_empty()),
+            ("control-start", !cli.control_start.is_empty()),
+            ("control-stop", !cli.control_stop.is_empty()),
+            ("canny", !cli.canny.is_empty()),
+        ] {
+            if given {
+                return Err(Failure::Usage(format!("--{flag} needs --controlnet")));
+            }
+        }
+        return Ok(Vec::new());
+    }
+    let mut units: Vec<(ControlNetUnit, PathBuf)> = Vec::with_capacity(n);
+    for (k, (dir, image_path)) in cli.controlnet.iter().zip(&cli.control_image).enumerate() {
+        let base = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "controlnet".into());
+        let name = if units.iter().any(|(u, _)| u.name == base) { format!("{base}-{k}") } else { base };
+        let mut image = sd3_onnx::imageio::load_rgb(image_path)?;
+        let canny = per_net("canny", &cli.canny.iter().map(|c| Some(*c)).collect::<Vec<_>>(), n, k, None)?;
+        let mut unit = ControlNetUnit::new(name, image.clone());
+        if let Some((low, high)) = canny {
+            image = sd3_onnx::controlnet::canny(&image, low, high);
+            unit = ControlNetUnit::new(unit.name.clone(), image).preprocessor(format!("canny {low} {high}"));
+        }
+        let unit = unit.scale(per_net("control-scale", &cli.control_scale, n, k, 1.0)?).window(
+            per_net("control-start", &cli.control_start, n, k, 0.0)?,
+            per_net("control-stop", &cli.control_stop, n, k, 1.0)?,
+        );
+        units.push((unit, dir.clone()));
+    }
+    Ok(units)
 }
 
 /// `FILE[:SCALE]`: the scale is what follows the last `:` when it is a number (so paths with colons still work).
@@ -403,8 +495,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     // 2. The model's configs (a hub model is fetched first), and the request checked against them.
     let dir = match cli.model.strip_prefix("hf:") {
         Some(spec) => {
-            let needs =
-                Needs { t5: !cli.no_t5, vae_encoder: cli.init_image.is_some(), skip_layers: cli.slg_scale.is_some() };
+            let needs = Needs {
+                t5: !cli.no_t5,
+                vae_encoder: cli.init_image.is_some() || !cli.controlnet.is_empty(),
+                skip_layers: cli.slg_scale.is_some(),
+            };
             hub_model(spec, needs, &report)?
         }
         None => PathBuf::from(&cli.model),
@@ -472,6 +567,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     for (name, _, scale) in &loras {
         request = request.lora(name.clone(), *scale);
     }
+    let controlnets = controlnet_units(&cli)?;
+    for (unit, _) in &controlnets {
+        request = request.controlnet(unit.clone());
+    }
     for w in card.check(&request)? {
         report.warn(&w);
     }
@@ -497,6 +596,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         for w in pipe.load_lora(path, name.clone())? {
             report.warn(&w);
         }
+    }
+    for (unit, dir) in &controlnets {
+        pipe.load_controlnet(unit.name.clone(), dir)?;
     }
     let load = t.elapsed();
     let placements: Vec<String> = pipe.placements().iter().map(|(c, p)| format!("{c}: {p}")).collect();

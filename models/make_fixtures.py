@@ -2114,6 +2114,12 @@ def stage_readme():
         "step-by-step trajectories on a closed-form fake model |")
     add("| `goldens/torch_randn/` | `models/make_rng_goldens.py` | `torch.randn` draws from seeded CPU generators, "
         "for the bit-exact noise test |")
+    add("| `fixtures/controlnet/`, `goldens/controlnet/tiny-sd3/` | `models/make_controlnet_fixtures.py` | tiny "
+        "random SD3 ControlNets of both kinds (InstantX-style and SD3.5), tiny-sd3's transformer with a residual "
+        "input (`transformer/model_controlnet.onnx`), diffusers' ControlNet pipeline images (VAE posterior mean) and "
+        "sabotaged variants (docs/controlnet.md) |")
+    add("| `goldens/canny/` | `models/make_canny_goldens.py` | `cv2.Canny` edges of three test images at three "
+        "threshold pairs |")
     add("| `fixtures/tiny-sd35/transformer/model_skip_layers.onnx` | `models/export/make_skip_fixture.py` | the "
         "fixture's transformer with block 1 skipped (`skip_layers` metadata `[1]`), for skip-layer guidance |")
     add("")

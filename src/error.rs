@@ -86,6 +86,14 @@ pub enum Component {
     Transformer,
     /// `transformer/model_skip_layers.onnx`: the MMDiT with some blocks skipped, for skip-layer guidance.
     TransformerSkipLayers,
+    /// `transformer/model_controlnet.onnx`: the MMDiT taking ControlNet block residuals
+    /// (`models/make_controlnet_fixtures.py`, `models/export/export_sd3.py --controlnet`).
+    #[cfg_attr(feature = "serde", serde(rename = "transformer_controlnet"))]
+    TransformerControlNet,
+    /// A ControlNet folder (`config.json` + `model.onnx` of an `SD3ControlNetModel`), loaded with
+    /// [`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet).
+    #[cfg_attr(feature = "serde", serde(rename = "controlnet"))]
+    ControlNet,
     /// `vae_decoder/`: latents to pixels.
     VaeDecoder,
     /// `vae_encoder/`: pixels to latents.
@@ -106,6 +114,8 @@ impl fmt::Display for Component {
             Component::TextEncoderT5 => "T5 text encoder (text_encoder_3/)",
             Component::Transformer => "MMDiT transformer (transformer/)",
             Component::TransformerSkipLayers => "skip-layer MMDiT (transformer/model_skip_layers.onnx)",
+            Component::TransformerControlNet => "ControlNet-residual MMDiT (transformer/model_controlnet.onnx)",
+            Component::ControlNet => "ControlNet",
             Component::VaeDecoder => "VAE decoder (vae_decoder/)",
             Component::VaeEncoder => "VAE encoder (vae_encoder/)",
             Component::Scheduler => "scheduler (scheduler/)",

@@ -16,6 +16,9 @@ pub(crate) const GRAPH_FILE: &str = "model.onnx";
 /// The skip-layer transformer graph, beside the transformer's own (`models/export/export_sd3.py --skip-layers`).
 pub(crate) const SKIP_LAYERS_GRAPH_FILE: &str = "model_skip_layers.onnx";
 
+/// The transformer taking ControlNet residuals, beside the transformer's own.
+pub(crate) const CONTROLNET_TRANSFORMER_GRAPH_FILE: &str = "model_controlnet.onnx";
+
 /// In each tokenizer folder of a model whose export kept only some rows of that text encoder's token-embedding
 /// table (`models/export/export_sd3.py --keep-token-ids`): `{"vocab_size": N, "kept": [ids]}`. Read for
 /// `Warning::UnknownWords`.
@@ -50,10 +53,13 @@ impl Component {
             Component::TextEncoderClipL => "text_encoder",
             Component::TextEncoderClipG => "text_encoder_2",
             Component::TextEncoderT5 => "text_encoder_3",
-            Component::Transformer | Component::TransformerSkipLayers => "transformer",
+            Component::Transformer | Component::TransformerSkipLayers | Component::TransformerControlNet => {
+                "transformer"
+            }
             Component::VaeDecoder => "vae_decoder",
             Component::VaeEncoder => "vae_encoder",
             Component::Scheduler => "scheduler",
+            Component::ControlNet => "",
         }
     }
 
@@ -65,7 +71,9 @@ impl Component {
             | Component::TextEncoderT5
             | Component::Transformer
             | Component::VaeDecoder
-            | Component::VaeEncoder => Some(GRAPH_FILE),
+            | Component::VaeEncoder
+            | Component::ControlNet => Some(GRAPH_FILE),
+            Component::TransformerControlNet => Some(CONTROLNET_TRANSFORMER_GRAPH_FILE),
             Component::TransformerSkipLayers => Some(SKIP_LAYERS_GRAPH_FILE),
             _ => None,
         }

@@ -56,6 +56,7 @@
 pub use image;
 pub use ndarray;
 
+pub mod controlnet;
 pub mod error;
 #[cfg(feature = "download")]
 #[cfg_attr(docsrs, doc(cfg(feature = "download")))]
@@ -72,6 +73,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod text;
 
+pub use controlnet::{ControlNetInfo, ControlNetKind, ControlNetUnit};
 pub use error::{Component, Error, Result};
 pub use model_config::Variant;
 #[cfg(feature = "serde")]

@@ -532,3 +532,92 @@ fn prompt_weights_are_read_unless_turned_off() {
     assert_eq!(pipe.generate(&req.prompt_weighting(false)).unwrap().images[0], literal, "the flag turns them off");
     assert_ne!(weighted, literal);
 }
+
+#[test]
+fn controlnet_flags_run_the_library_and_are_recorded_in_the_png() {
+    let dir = scratch("controlnet");
+    let model = common::ScratchModel::new("tiny-sd3", "cli-controlnet");
+    let nets = repo().join("models/fixtures/controlnet");
+    std::fs::copy(nets.join("transformer/model_controlnet.onnx"), model.path("transformer/model_controlnet.onnx"))
+        .unwrap();
+    let m = model.dir.display().to_string();
+    let (ix, ixb) = (nets.join("instantx").display().to_string(), nets.join("instantx-b").display().to_string());
+    let goldens = repo().join("models/goldens/controlnet/tiny-sd3");
+    let photo = repo().join("models/goldens/tiny-sd3/cfg_negative/diffusers.png").display().to_string();
+    let control_b = goldens.join("control_b.png").display().to_string();
+
+    // Usage errors before anything loads: a missing control image, a flag count that fits neither rule, a bad
+    // window (typed error from the library's check), --canny without ControlNet.
+    let o = run_in(&dir, &["--model", &m, "--prompt", "x", "--controlnet", &ix]).0;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--control-image"), "{}", stderr(&o));
+    let two = ["--controlnet", &ix, "--control-image", &photo, "--controlnet", &ixb, "--control-image", &control_b];
+    let o = run_in(
+        &dir,
+        &[
+            &["--model", &m, "--prompt", "x"][..],
+            &two,
+            &["--control-scale", "1", "--control-scale", "2", "--control-scale", "3"],
+        ]
+        .concat(),
+    )
+    .0;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run_in(&dir, &["--model", &m, "--prompt", "x", "--canny", "100,200"]).0;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run_in(
+        &dir,
+        &["--model", &m, "--prompt", "x", "--controlnet", &ix, "--control-image", &photo, "--control-stop", "1.5"],
+    )
+    .0;
+    assert!(!o.status.success() && stderr(&o).contains("window"), "{}", stderr(&o));
+
+    // Two ControlNets, Canny on the first image, per-net scales, one window for both: the library's image exactly.
+    let args = [
+        &["--model", &m, "--prompt", "a cat", "--steps", "3", "--seed", "5", "-q", "-o", "cn.png"][..],
+        &two,
+        &[
+            "--canny",
+            "100,200",
+            "--canny",
+            "0,0",
+            "--control-scale",
+            "0.7",
+            "--control-scale",
+            "0.5",
+            "--control-stop",
+            "0.7",
+        ],
+    ]
+    .concat();
+    let o = run_in(&dir, &args).0;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cli = sd3_onnx::image::open(dir.join("cn.png")).unwrap().to_rgb8();
+    let mut pipe = sd3_onnx::Sd3Pipeline::builder(&model.dir).onnxruntime_library(ort()).build().unwrap();
+    pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+    pipe.load_controlnet("instantx-b", nets.join("instantx-b")).unwrap();
+    let photo_img = sd3_onnx::imageio::load_rgb(&photo).unwrap();
+    let b_img = sd3_onnx::imageio::load_rgb(&control_b).unwrap();
+    let mut req = pipe.request("a cat");
+    req.steps = 3;
+    req.seed = Some(5);
+    let req = req
+        .controlnet(
+            sd3_onnx::ControlNetUnit::new("instantx", sd3_onnx::controlnet::canny(&photo_img, 100.0, 200.0))
+                .scale(0.7)
+                .window(0.0, 0.7),
+        )
+        .controlnet(
+            sd3_onnx::ControlNetUnit::new("instantx-b", sd3_onnx::controlnet::canny(&b_img, 0.0, 0.0))
+                .scale(0.5)
+                .window(0.0, 0.7),
+        );
+    let lib = pipe.generate(&req).unwrap();
+    assert_eq!(lib.images[0], cli, "the CLI's image is the library's");
+    let p = sd3_onnx::imageio::read_png_parameters(dir.join("cn.png")).unwrap().unwrap();
+    assert!(
+        p.contains("ControlNet 0: \"Model: instantx, Module: canny 100 200, Weight: 0.7, Guidance Start: 0, Guidance End: 0.7\""),
+        "{p}"
+    );
+    assert!(p.contains("ControlNet 1: \"Model: instantx-b, Module: canny 0 0, Weight: 0.5"), "{p}");
+}

@@ -217,7 +217,16 @@ fn warnings_are_tagged_objects() {
 
     let bad = json!({"kind": "input_resized", "input": "latents", "from": [1, 1], "to": [2, 2]});
     let e = serde_json::from_value::<Warning>(bad).unwrap_err();
-    assert!(e.to_string().contains("invalid value: string \"latents\", expected \"init_image\" or \"mask\""), "{e}");
+    assert!(
+        e.to_string()
+            .contains("invalid value: string \"latents\", expected \"init_image\", \"mask\" or \"control_image\""),
+        "{e}"
+    );
+    let names = serde_json::to_value([Component::ControlNet, Component::TransformerControlNet]).unwrap();
+    assert_eq!(names, json!(["controlnet", "transformer_controlnet"]));
+    let cn = json!({"kind": "input_resized", "input": "control_image", "from": [1, 1], "to": [2, 2]});
+    let w = serde_json::from_value::<Warning>(cn).unwrap();
+    assert_eq!(w, Warning::InputResized { input: "control_image", from: (1, 1), to: (2, 2) });
     let e = serde_json::from_value::<Warning>(json!({"kind": "out_of_memory"})).unwrap_err();
     assert!(e.to_string().contains("unknown variant `out_of_memory`"), "{e}");
 }

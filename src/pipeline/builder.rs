@@ -282,6 +282,7 @@ impl Sd3PipelineBuilder {
             preview_factors,
             vocabularies,
             lora: Default::default(),
+            controlnets: Default::default(),
         })
     }
 }

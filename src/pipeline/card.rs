@@ -179,6 +179,27 @@ impl ModelCard {
                 None,
             ));
         }
+        // ControlNets: scale and window, and the residual transformer in the folder (the ControlNets themselves are
+        // checked when loaded).
+        for unit in &request.controlnets {
+            unit.check()?;
+        }
+        if !request.controlnets.is_empty() {
+            let path = graph_path(&self.dir, Component::TransformerControlNet);
+            crate::error::require_file(Component::TransformerControlNet, &path, || {
+                "ControlNets need the transformer exported with a residual input (models/export/export_controlnet.py \
+                 --model-folder; docs/controlnet.md)"
+                    .into()
+            })?;
+            if !graph_path(&self.dir, Component::VaeEncoder).is_file() {
+                return Err(Error::missing(
+                    Component::VaeEncoder,
+                    graph_path(&self.dir, Component::VaeEncoder),
+                    "ControlNets encode the control image with the VAE encoder; export vae_encoder/ too",
+                    None,
+                ));
+            }
+        }
         let uses_negative = request.uses_guidance();
         for (input, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
             if input == "negative_prompt" && !uses_negative {

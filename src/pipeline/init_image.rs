@@ -11,14 +11,16 @@ use crate::error::{Error, Result};
 
 /// The picture as the VAE encoder takes it: `[1, 3, H, W]` in [-1, 1]. diffusers: `np.array(img) / 255.0` in
 /// float32 (`pil_to_numpy`), then `2.0 * x - 1.0` (`normalize`).
-pub(super) fn image_tensor(image: &RgbImage, width: usize, height: usize, warnings: &mut Vec<Warning>) -> Array4<f32> {
+pub(super) fn image_tensor(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+    input: &'static str,
+    warnings: &mut Vec<Warning>,
+) -> Array4<f32> {
     let resized;
     let image = if (image.width() as usize, image.height() as usize) != (width, height) {
-        warnings.push(Warning::InputResized {
-            input: "init_image",
-            from: image.dimensions(),
-            to: (width as u32, height as u32),
-        });
+        warnings.push(Warning::InputResized { input, from: image.dimensions(), to: (width as u32, height as u32) });
         resized = image::imageops::resize(image, width as u32, height as u32, FilterType::Lanczos3);
         &resized
     } else {

@@ -7,6 +7,7 @@
 
 mod builder;
 mod card;
+mod controlnet;
 mod decode;
 mod denoise;
 #[cfg(feature = "download")]
@@ -67,6 +68,8 @@ pub struct Sd3Pipeline {
     /// [`Warning::UnknownWords`].
     vocabularies: Vec<crate::text::KeptVocabulary>,
     lora: crate::lora::LoraState,
+    /// Loaded ControlNets and the residual transformer ([`Sd3Pipeline::load_controlnet`]).
+    controlnets: controlnet::ControlNetState,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -137,6 +140,10 @@ impl Sd3Pipeline {
         if let Some(g) = &self.vae_encoder {
             v.push(g);
         }
+        if let Some((g, _)) = &self.controlnets.transformer {
+            v.push(g);
+        }
+        v.extend(self.controlnets.nets.values().map(|n| &n.graph));
         v
     }
 
@@ -178,6 +185,10 @@ impl Sd3Pipeline {
         if let Some(g) = &mut self.vae_encoder {
             v.push(g);
         }
+        if let Some((g, _)) = &mut self.controlnets.transformer {
+            v.push(g);
+        }
+        v.extend(self.controlnets.nets.values_mut().map(|n| &mut n.graph));
         v
     }
 
@@ -441,6 +452,7 @@ impl Sd3Pipeline {
         let mut inpaints = Vec::with_capacity(images);
         let mut seeds = Vec::with_capacity(images);
         let mut owners = Vec::with_capacity(images);
+        let per_request: Vec<usize> = plans.iter().map(|p| p.seeds.len()).collect();
         for (i, plan) in plans.into_iter().enumerate() {
             let (start, inpaint) = self.initial_latents(&plan)?;
             starts.extend(start);
@@ -448,6 +460,16 @@ impl Sd3Pipeline {
             seeds.extend(plan.seeds.iter().copied());
             owners.extend(std::iter::repeat_n(i, plan.seeds.len()));
         }
+        // ControlNets: control latents through the VAE encoder, and the ControlNets' bindings.
+        let mut control = self.prepare_controlnets(
+            requests,
+            &per_request,
+            (width, height),
+            cfg,
+            &batch.context,
+            &batch.pooled,
+            sampler.len(),
+        )?;
         self.release(&[Component::VaeEncoder]);
         let views: Vec<_> = starts.iter().map(|a| a.view()).collect();
         let mut latents =
@@ -478,14 +500,21 @@ impl Sd3Pipeline {
                 _ => None,
             },
         };
-        let (transformer, skip) = (&mut self.transformer, &mut self.transformer_skip);
+        let patch = self.info.patch_size;
+        let (transformer, skip, nets) = (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
         let model = |pass: Pass, x: &Array4<f32>, timestep: f32| match (pass, skip.as_mut(), skip_bound.as_mut()) {
-            (Pass::Full, _, _) => velocity(transformer, &mut bound, x, batch.batch(), timestep),
+            (Pass::Full, _, _) => match control.as_mut() {
+                Some(run) => {
+                    let hidden = batched(x, batch.batch())?;
+                    controlnet::controlled_velocity(nets, run, &hidden, timestep, patch)
+                }
+                None => velocity(transformer, &mut bound, x, batch.batch(), timestep),
+            },
             (Pass::SkipLayers, Some((graph, _)), Some(sb)) => velocity(graph, sb, x, images, timestep),
             (Pass::SkipLayers, _, _) => Err(Error::internal("skip-layer evaluation without a skip-layer graph")),
         };
         let steps = denoise.run(&mut latents, model, cancelled, progress, t)?;
-        self.release(&[Component::Transformer, Component::TransformerSkipLayers]);
+        self.release(&[Component::Transformer, Component::TransformerSkipLayers, Component::TransformerControlNet]);
         Ok(Denoised {
             latents,
             seeds,
@@ -584,13 +613,7 @@ fn velocity(
     batch: usize,
     timestep: f32,
 ) -> Result<Vec<f32>> {
-    let all = latents.as_slice().ok_or_else(|| Error::internal("latents are not contiguous"))?;
-    let mut shape = latents.shape().to_vec();
-    let copies = batch / shape[0].max(1);
-    shape[0] = batch;
-    // With guidance the batch is [latents..., latents...]: the unconditional then the conditional half.
-    let hidden = ArrayD::from_shape_vec(shape, all.repeat(copies))
-        .map_err(|e| Error::internal(format!("batching the latents: {e}")))?;
+    let hidden = batched(latents, batch)?;
     let t = Array1::from_elem(batch, timestep).into_dyn();
     let mut out = graph.run_bound(
         bound,
@@ -606,6 +629,16 @@ fn velocity(
         ));
     }
     Ok(v.as_standard_layout().into_owned().into_raw_vec_and_offset().0)
+}
+
+/// `batch` copies of the latents' images: with guidance `[latents..., latents...]`, the unconditional then the
+/// conditional half.
+fn batched(latents: &Array4<f32>, batch: usize) -> Result<ArrayD<f32>> {
+    let all = latents.as_slice().ok_or_else(|| Error::internal("latents are not contiguous"))?;
+    let mut shape = latents.shape().to_vec();
+    let copies = batch / shape[0].max(1);
+    shape[0] = batch;
+    ArrayD::from_shape_vec(shape, all.repeat(copies)).map_err(|e| Error::internal(format!("batching the latents: {e}")))
 }
 
 /// The error for img2img / inpainting without `vae_encoder/`.

@@ -49,7 +49,7 @@ pub enum Warning {
     /// with PIL, whose Lanczos filter rounds differently: pass pictures of the request's size for identical
     /// results.
     InputResized {
-        /// `"init_image"` or `"mask"`.
+        /// `"init_image"`, `"mask"` or `"control_image"` (a ControlNet's).
         input: &'static str,
         /// Its size, width x height.
         from: (u32, u32),
@@ -478,8 +478,12 @@ mod serde_support {
                     let input = match input.as_str() {
                         "init_image" => "init_image",
                         "mask" => "mask",
+                        "control_image" => "control_image",
                         other => {
-                            return Err(D::Error::invalid_value(Unexpected::Str(other), &"\"init_image\" or \"mask\""))
+                            return Err(D::Error::invalid_value(
+                                Unexpected::Str(other),
+                                &"\"init_image\", \"mask\" or \"control_image\"",
+                            ))
                         }
                     };
                     Warning::InputResized { input, from, to }
@@ -543,6 +547,17 @@ pub(crate) fn a1111_parameters(
             let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
             text.push_str(&format!(", SLG layers: {}", names.join(" ")));
         }
+    }
+    // As the AUTOMATIC1111 ControlNet extension records its units.
+    for (k, u) in request.controlnets.iter().enumerate() {
+        text.push_str(&format!(
+            ", ControlNet {k}: \"Model: {}, Module: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+            u.name,
+            u.preprocessor.as_deref().unwrap_or("none"),
+            u.scale,
+            u.start,
+            u.end
+        ));
     }
     if !lora_hashes.is_empty() {
         let list: Vec<String> = lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();

@@ -52,6 +52,8 @@ struct Shared<'a> {
     sampler: SamplerKind,
     preview_every: Option<usize>,
     loras: Vec<(&'a str, u32)>,
+    /// Name, scale and window of each ControlNet unit (the control images may differ per request).
+    controlnets: Vec<(&'a str, u32, u64, u64)>,
 }
 
 impl<'a> Shared<'a> {
@@ -80,6 +82,7 @@ impl<'a> Shared<'a> {
             sampler,
             preview_every,
             loras,
+            controlnets,
         } = request;
         Shared {
             width: *width,
@@ -96,6 +99,10 @@ impl<'a> Shared<'a> {
             sampler: *sampler,
             preview_every: *preview_every,
             loras: loras.iter().map(|(n, s)| (n.as_str(), s.to_bits())).collect(),
+            controlnets: controlnets
+                .iter()
+                .map(|u| (u.name.as_str(), u.scale.to_bits(), u.start.to_bits(), u.end.to_bits()))
+                .collect(),
         }
     }
 }
@@ -163,6 +170,7 @@ impl Sd3Pipeline {
             ));
         }
         let (width, height) = self.bounds().check(req, warnings)?;
+        self.check_controlnets(req, width, height, warnings)?;
         let info = &self.info;
         let f = info.vae_scale_factor;
         let c = info.latent_channels;
@@ -281,7 +289,7 @@ impl Sd3Pipeline {
             None => None,
         };
         Ok(Some(InitInputs {
-            image: init_image::image_tensor(image, width, height, warnings),
+            image: init_image::image_tensor(image, width, height, "init_image", warnings),
             mask,
             full_strength: req.strength == 1.0,
         }))

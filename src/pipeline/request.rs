@@ -217,6 +217,10 @@ pub struct GenerationRequest {
     /// `[["style", 0.8], ["character", 0.5]]`.
     #[cfg_attr(feature = "serde", serde(default))]
     pub loras: Vec<(String, f32)>,
+    /// ControlNets to apply (loaded with [`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet)),
+    /// each with its control image, scale and window; empty (default) runs without. Not serialised (images).
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub controlnets: Vec<crate::controlnet::ControlNetUnit>,
 }
 
 /// The defaults of diffusers' `StableDiffusion3Pipeline.__call__` (diffusers 0.42.1, unchanged since 0.35.2,
@@ -267,6 +271,7 @@ impl Default for GenerationRequest {
             sampler: SamplerKind::Euler,
             prompt_weighting: defaults::prompt_weighting(),
             loras: Vec::new(),
+            controlnets: Vec::new(),
         }
     }
 }
@@ -410,6 +415,14 @@ impl GenerationRequest {
     #[must_use]
     pub fn lora(mut self, name: impl Into<String>, scale: f32) -> Self {
         self.loras.push((name.into(), scale));
+        self
+    }
+
+    /// Adds a ControlNet unit (diffusers' `controlnet_conditioning_scale`, `control_guidance_start/end` and
+    /// `control_image` for one ControlNet); call it again for several (diffusers' `SD3MultiControlNetModel`).
+    #[must_use]
+    pub fn controlnet(mut self, unit: crate::controlnet::ControlNetUnit) -> Self {
+        self.controlnets.push(unit);
         self
     }
 

@@ -296,6 +296,13 @@ impl Graph {
         })
     }
 
+    /// Loads another graph with this one's ONNX Runtime environment, provider and session settings (without its
+    /// dimension overrides): the ControlNet graphs open like the transformer they feed.
+    pub fn load_like(&self, component: Component, path: &Path) -> Result<Graph> {
+        let config = SessionConfig { dimension_overrides: Vec::new(), ..self.source.config.clone() };
+        Graph::load(&self.source.env, component, path, &self.source.requested, &config)
+    }
+
     /// Frees the session (its weights and memory arenas) while keeping what is known about the graph; the next
     /// run loads it again with the same settings. Used by low-memory mode between stages.
     pub fn unload(&mut self) {

@@ -18,12 +18,12 @@ fn image_is_scaled_to_minus_one_one() {
     let mut img = RgbImage::new(2, 1);
     img.put_pixel(0, 0, Rgb([0, 255, 128]));
     let mut w = Vec::new();
-    let t = image_tensor(&img, 2, 1, &mut w);
+    let t = image_tensor(&img, 2, 1, "init_image", &mut w);
     assert!(w.is_empty());
     assert_eq!(t[[0, 0, 0, 0]], -1.0);
     assert_eq!(t[[0, 1, 0, 0]], 1.0);
     assert_eq!(t[[0, 2, 0, 0]], 2.0 * (128.0f32 / 255.0) - 1.0);
-    let t = image_tensor(&img, 4, 2, &mut w);
+    let t = image_tensor(&img, 4, 2, "init_image", &mut w);
     assert_eq!(t.shape(), &[1, 3, 2, 4]);
     assert!(matches!(w[0], Warning::InputResized { input: "init_image", from: (2, 1), to: (4, 2) }));
 }

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Exports a diffusers SD3 ControlNet (`SD3ControlNetModel`) to a folder `Sd3Pipeline::load_controlnet` loads, and
+the model's transformer with a residual input (`transformer/model_controlnet.onnx`) into the model folder.
+
+    python models/export/export_controlnet.py --controlnet InstantX/SD3-Controlnet-Canny \\
+        --base stabilityai/stable-diffusion-3-medium-diffusers --out controlnets/canny \\
+        --model-folder models/sd3-medium-onnx [--dtype fp16]
+
+Pins: models/requirements-controlnet.txt (diffusers 0.42.1, torch 2.8.0). The graphs (docs/controlnet.md):
+
+  <out>/model.onnx          inputs hidden_states [B, C, h, w], controlnet_cond [B, C, h, w] (the control latents),
+                            timestep [B], pooled_projections [B, P], and encoder_hidden_states [B, S, J] when the
+                            config has joint_attention_dim; output controlnet_block_samples [num_layers, B, h*w/p^2, D]
+                            (conditioning_scale 1: the crate scales). For `use_pos_embed: false` ControlNets (SD3.5)
+                            the base transformer's pos_embed is copied in first, as StableDiffusion3ControlNetPipeline
+                            does at construction (pipeline_stable_diffusion_3_controlnet.py lines 211-224).
+  <out>/config.json         the ControlNet's diffusers config (the crate reads the kind from it).
+  <model-folder>/transformer/model_controlnet.onnx
+                            the base transformer's inputs plus controlnet_residuals [N, B, h*w/p^2, D] and
+                            controlnet_block_index int64 [num_layers] (which residual each block adds; computed by
+                            the crate with diffusers' interval rule). Written only with --model-folder; one per model,
+                            shared by all its ControlNets.
+
+Why a second transformer graph rather than an input on transformer/model.onnx: the plain graph stays exactly what it
+was (no zero residuals to feed per step, existing exports and goldens untouched), and the crate needs the second
+graph only once a ControlNet is loaded. The cost is the transformer's weights twice on disk.
+
+--dtype fp16 casts the modules to float16 before export (inputs and outputs float16; the crate converts). Graphs
+larger than 2 GB are written with external data beside them (torch.onnx.export does so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from make_controlnet_fixtures import ControlNetWrapper, ResidualTransformer, block_index  # noqa: E402
+
+from diffusers import SD3ControlNetModel, SD3Transformer2DModel  # noqa: E402
+
+OPSET = 17
+
+
+def export(module, args, inputs, outputs, dyn, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dyn,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    onnx.checker.check_model(str(path))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--controlnet", required=True, help="diffusers SD3ControlNetModel folder or Hub id")
+    ap.add_argument("--base", required=True, help="the SD3 / SD3.5 diffusers pipeline folder or Hub id")
+    ap.add_argument("--out", required=True, type=Path, help="the ControlNet folder to write")
+    ap.add_argument("--model-folder", type=Path, help="the ONNX model folder: writes transformer/model_controlnet.onnx")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    a = ap.parse_args()
+    dtype = torch.float16 if a.dtype == "fp16" else torch.float32
+    torch.set_grad_enabled(False)
+
+    transformer = SD3Transformer2DModel.from_pretrained(a.base, subfolder="transformer").eval()
+    cn = SD3ControlNetModel.from_pretrained(a.controlnet).eval()
+    if cn.config.use_pos_embed is False:
+        cn.pos_embed = cn._get_pos_embed_from_transformer(transformer)
+    cn, transformer = cn.to(dtype), transformer.to(dtype)
+    tc = transformer.config
+    text = cn.config.joint_attention_dim is not None
+    c, p = tc.in_channels, tc.patch_size
+    h, w = 2 * p * 2, 3 * p * 2
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    args = [r(2, c, h, w), r(2, c, h, w), torch.tensor([500.0, 500.0], dtype=dtype), r(2, tc.pooled_projection_dim)]
+    inputs = ["hidden_states", "controlnet_cond", "timestep", "pooled_projections"]
+    dyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+           "controlnet_cond": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
+           "pooled_projections": {0: "batch_size"}, "controlnet_block_samples": {1: "batch_size", 2: "image_tokens"}}
+    if text:
+        args.append(r(2, 7, tc.joint_attention_dim))
+        inputs.append("encoder_hidden_states")
+        dyn["encoder_hidden_states"] = {0: "batch_size", 1: "sequence_length"}
+    if a.out.exists():
+        shutil.rmtree(a.out)
+    export(ControlNetWrapper(cn, text), tuple(args), inputs, ["controlnet_block_samples"], dyn, a.out / "model.onnx")
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cn.config).items()}
+    cfg["_class_name"] = "SD3ControlNetModel"
+    (a.out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {a.out} ({'InstantX-style' if cn.config.force_zeros_for_pooled_projection else 'SD3.5-style'}, "
+          f"{cn.config.num_layers} blocks, {a.dtype})")
+
+    if a.model_folder is not None:
+        inner = tc.num_attention_heads * tc.attention_head_dim
+        tokens = (h // p) * (w // p)
+        targs = (args[0], r(2, 7, tc.joint_attention_dim), args[3], args[2], r(1, 2, tokens, inner),
+                 torch.tensor(block_index(tc.num_layers, 1), dtype=torch.int64))
+        tdyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+                "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+                "pooled_projections": {0: "batch_size"}, "timestep": {0: "step"},
+                "controlnet_residuals": {0: "residuals", 1: "batch_size", 2: "image_tokens"},
+                "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
+        path = a.model_folder / "transformer" / "model_controlnet.onnx"
+        export(ResidualTransformer(transformer), targs,
+               ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "controlnet_residuals",
+                "controlnet_block_index"], ["out_hidden_states"], tdyn, path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
