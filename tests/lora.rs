@@ -303,3 +303,20 @@ fn fused_kernels_graph_takes_loras() {
     let (moved, _) = pixel_diff(&one.images[0], &base.images[0]);
     assert!(moved > 3, "the LoRA moved the fused image by only {moved} levels");
 }
+
+/// The ControlNet transformer graph (`transformer/model_controlnet.onnx`) is not made LoRA-ready, so a request with
+/// both is refused rather than run without the LoRA's transformer weights.
+#[test]
+fn loras_with_controlnets_are_refused() {
+    let m = lora_model("lora-controlnet");
+    let nets = fixture("controlnet");
+    std::fs::copy(nets.join("transformer/model_controlnet.onnx"), m.path("transformer/model_controlnet.onnx")).unwrap();
+    let mut pipe = Sd3Pipeline::builder(&m.dir).build().unwrap();
+    pipe.load_lora(goldens().join("one.safetensors"), "one").unwrap();
+    pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+    let control = load_png(&repo().join("models/goldens/controlnet/tiny-sd3/control.png"));
+    let req = request().lora("one", 0.8).controlnet(sd3_onnx::ControlNetUnit::new("instantx", control));
+    let e = pipe.generate(&req).unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest { parameter: "loras", .. }), "{e}");
+    assert!(e.to_string().contains("ControlNets"), "{e}");
+}

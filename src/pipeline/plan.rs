@@ -169,6 +169,14 @@ impl Sd3Pipeline {
                 "LoRAs and skip-layer guidance cannot be combined yet (the skip-layer graph takes no LoRA weights)",
             ));
         }
+        if !req.controlnets.is_empty() && req.loras.iter().any(|(_, s)| *s != 0.0) {
+            return Err(Error::request(
+                "loras",
+                format!("{:?}", req.loras),
+                "LoRAs and ControlNets cannot be combined yet (transformer/model_controlnet.onnx takes no LoRA \
+                 weights: models/export/lora_inputs.py does not rewrite it)",
+            ));
+        }
         let (width, height) = self.bounds().check(req, warnings)?;
         self.check_controlnets(req, width, height, warnings)?;
         let info = &self.info;
