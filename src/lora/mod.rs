@@ -286,7 +286,7 @@ impl LoraState {
             } else {
                 let at: Vec<_> = a_views.iter().map(|a| a.t()).collect();
                 let bt: Vec<_> = b_views.iter().map(|b| b.t()).collect();
-                (join(1, &at)?.as_standard_layout().to_owned(), join(0, &bt)?.as_standard_layout().to_owned())
+                (join(1, &at)?, join(0, &bt)?)
             };
             if [left.nrows(), right.ncols()] != target.shape {
                 return Err(Error::internal(format!(

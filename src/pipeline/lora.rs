@@ -45,7 +45,7 @@ impl Sd3Pipeline {
                     graph.set_lora_bases(bases)?;
                 }
                 for job in activation.jobs.remove(prefix).unwrap_or_default() {
-                    graph.merge_override(&job.input, job.dtype, job.left.view(), job.right.view())?;
+                    graph.merge_override(&job.input, job.dtype, job.left, job.right)?;
                 }
             }
             Ok(())

@@ -590,8 +590,8 @@ impl Graph {
         &mut self,
         input: &str,
         dtype: ElementType,
-        left: ndarray::ArrayView2<'_, f32>,
-        right: ndarray::ArrayView2<'_, f32>,
+        left: ndarray::Array2<f32>,
+        right: ndarray::Array2<f32>,
     ) -> Result<()> {
         let component = self.component;
         let infer =
@@ -605,8 +605,11 @@ impl Graph {
         let base =
             self.lora_base.get(input).ok_or_else(|| Error::internal(format!("no LoRA base weight for `{input}`")))?;
         let session = &mut self.mergers.sessions[index].1;
-        let left = Tensor::from_array(left.as_standard_layout().into_owned()).map_err(infer)?;
-        let right = Tensor::from_array(right.as_standard_layout().into_owned()).map_err(infer)?;
+        // The factors are moved in; only a non-standard layout (a concatenation of transposes may give one) is copied.
+        let contiguous =
+            |a: ndarray::Array2<f32>| if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        let left = Tensor::from_array(contiguous(left)).map_err(infer)?;
+        let right = Tensor::from_array(contiguous(right)).map_err(infer)?;
         let mut binding = session.create_binding().map_err(infer)?;
         binding.bind_input("W", base).map_err(infer)?;
         binding.bind_input("L", &left).map_err(infer)?;
