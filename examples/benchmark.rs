@@ -5,8 +5,12 @@
 //! cargo run --release --features cuda --example benchmark -- --model DIR --ep cuda \
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
-//!     [--attention auto|flash|efficient|cudnn|math]
+//!     [--attention auto|flash|efficient|cudnn|math] [--controlnet DIR [--control-scale 0.7]]
 //! ```
+//!
+//! `--controlnet DIR` loads a ControlNet folder (the model folder needs `transformer/model_controlnet.onnx`) and
+//! generates with it, on a synthetic control image (white lines on black, the request's size); the table then
+//! also has the ControlNet's and the residual transformer's `Session::run` time per step.
 //!
 //! Prints the process's peak resident memory (Linux `VmHWM`) at the end, for comparing memory modes.
 
@@ -14,7 +18,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use sd3_onnx::{Component, CudaAttention, ExecutionProvider, GenerationRequest, Sd3Pipeline, StaticShape, Timings};
+use sd3_onnx::{
+    Component, ControlNetUnit, CudaAttention, ExecutionProvider, GenerationRequest, Sd3Pipeline, StaticShape, Timings,
+};
 
 struct Args {
     model: PathBuf,
@@ -29,6 +35,8 @@ struct Args {
     low_memory: bool,
     vae_tiling: bool,
     attention: CudaAttention,
+    controlnet: Option<PathBuf>,
+    control_scale: f32,
 }
 
 fn parse() -> Result<Args, String> {
@@ -47,6 +55,8 @@ fn parse() -> Result<Args, String> {
         low_memory: false,
         vae_tiling: false,
         attention: CudaAttention::Auto,
+        controlnet: None,
+        control_scale: 0.7,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
@@ -76,6 +86,8 @@ fn parse() -> Result<Args, String> {
             "--output" => a.output = Some(PathBuf::from(v)),
             "--profile" => a.profile = Some(PathBuf::from(v)),
             "--attention" => a.attention = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
+            "--controlnet" => a.controlnet = Some(PathBuf::from(v)),
+            "--control-scale" => a.control_scale = num(&v)? as f32,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -128,11 +140,20 @@ fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
 fn run(a: Args) -> Result<(), String> {
     let t = Instant::now();
     let mut pipe = builder(&a)?.build().map_err(|e| e.to_string())?;
+    if let Some(dir) = &a.controlnet {
+        pipe.load_controlnet("bench", dir).map_err(|e| e.to_string())?;
+    }
     let load = t.elapsed();
     let info = pipe.info().clone();
+    let mut request = a.request.clone();
+    if a.controlnet.is_some() {
+        let w = a.request.width.unwrap_or(info.default_size as u32);
+        let h = a.request.height.unwrap_or(info.default_size as u32);
+        request = request.controlnet(ControlNetUnit::new("bench", control_image(w, h)).scale(a.control_scale));
+    }
     let mut all: Vec<Timings> = Vec::new();
     for i in 0..a.warmup + a.runs {
-        let out = pipe.generate(&a.request).map_err(|e| e.to_string())?;
+        let out = pipe.generate(&request).map_err(|e| e.to_string())?;
         eprintln!("{} {}: {:.1} ms", if i < a.warmup { "warm-up" } else { "run" }, i, ms(out.timings.total));
         if i == 0 {
             if let Some(p) = &a.output {
@@ -145,7 +166,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     let steps = a.request.steps as f64;
     let col = |f: &dyn Fn(&Timings) -> f64| median(all.iter().map(f).collect());
-    let rows: Vec<(&str, f64)> = vec![
+    let mut rows: Vec<(&str, f64)> = vec![
         ("end to end", col(&|t| ms(t.total))),
         ("text encoding", col(&|t| ms(t.text_encoding))),
         ("denoising loop", col(&|t| ms(t.denoising))),
@@ -156,13 +177,24 @@ fn run(a: Args) -> Result<(), String> {
         ("inside ONNX Runtime", col(&|t| ms(t.onnx_runtime))),
         ("outside ONNX Runtime (our code)", col(&|t| ms(t.outside_onnx_runtime()))),
     ];
+    if a.controlnet.is_some() {
+        rows.insert(
+            5,
+            (
+                "  residual transformer Session::run per step",
+                col(&|t| ms(t.component(Component::TransformerControlNet)) / steps),
+            ),
+        );
+        rows.insert(5, ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / steps)));
+        rows.push(("VAE encode (control image)", col(&|t| ms(t.component(Component::VaeEncoder)))));
+    }
     let size = format!(
         "{}x{}",
         a.request.width.map_or(info.default_size as u32, |v| v),
         a.request.height.map_or(info.default_size as u32, |v| v)
     );
     println!(
-        "\nsd3-onnx on {} | {}{} | {size}, {} steps, guidance {} | load {:.0} ms | median of {} runs\n",
+        "\nsd3-onnx on {} | {}{} | {size}, {} steps, guidance {}{} | load {:.0} ms | median of {} runs\n",
         a.ep,
         [(a.static_shape, "static shape | "), (a.low_memory, "low memory | "), (a.vae_tiling, "VAE tiling | ")]
             .iter()
@@ -177,6 +209,7 @@ fn run(a: Args) -> Result<(), String> {
         a.model.display(),
         a.request.steps,
         a.request.guidance,
+        a.controlnet.as_ref().map_or(String::new(), |d| format!(" | ControlNet {} (scale {})", d.display(), a.control_scale)),
         ms(load),
         a.runs
     );
@@ -191,8 +224,11 @@ fn run(a: Args) -> Result<(), String> {
         // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
         drop(pipe);
         let mut profiled = builder(&a)?.profiling(dir).build().map_err(|e| e.to_string())?;
+        if let Some(dir) = &a.controlnet {
+            profiled.load_controlnet("bench", dir).map_err(|e| e.to_string())?;
+        }
         for _ in 0..2 {
-            profiled.generate(&a.request).map_err(|e| e.to_string())?;
+            profiled.generate(&request).map_err(|e| e.to_string())?;
         }
         for f in profiled.end_profiling().map_err(|e| e.to_string())? {
             eprintln!("profile: {}", f.display());
@@ -210,6 +246,18 @@ fn run(a: Args) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// A control image for the benchmark: white lines and rectangles on black (an edge map's statistics).
+fn control_image(w: u32, h: u32) -> sd3_onnx::image::RgbImage {
+    sd3_onnx::image::RgbImage::from_fn(w, h, |x, y| {
+        let on = x % 64 == 0 || y % 96 == 0 || (x + y) % 128 == 0;
+        if on {
+            sd3_onnx::image::Rgb([255, 255, 255])
+        } else {
+            sd3_onnx::image::Rgb([0, 0, 0])
+        }
+    })
 }
 
 /// The process's peak resident set size in KiB (`VmHWM` in /proc/self/status; Linux only).

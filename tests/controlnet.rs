@@ -43,14 +43,18 @@ fn pipeline(m: &ScratchModel) -> Sd3Pipeline {
 /// The golden case's request (models/goldens/tiny-sd3/cfg_negative: prompt, negative prompt, latents, 64x64,
 /// 4 steps, guidance 5) with the units of `summary.json`'s case.
 fn request(case: &str) -> GenerationRequest {
-    let summary = read_json(&goldens().join("summary.json"));
+    request_in(&goldens(), case)
+}
+
+fn request_in(goldens: &std::path::Path, case: &str) -> GenerationRequest {
+    let summary = read_json(&goldens.join("summary.json"));
     let c = &summary["cases"][case];
     let mut req = golden_request(&golden_dir("tiny-sd3").join("cfg_negative"));
     if let Some(g) = c["guidance"].as_f64() {
         req = req.guidance(g as f32);
     }
     for u in c["controlnets"].as_array().expect("controlnets") {
-        let image = load_png(&goldens().join(u["image"].as_str().unwrap()));
+        let image = load_png(&goldens.join(u["image"].as_str().unwrap()));
         req = req.controlnet(
             ControlNetUnit::new(u["name"].as_str().unwrap(), image)
                 .scale(u["scale"].as_f64().unwrap() as f32)
@@ -82,6 +86,43 @@ fn images_match_diffusers_and_sabotaged_variants_are_told_apart() {
         let target = s["mimics_a_bug_in"].as_str().unwrap();
         let d = levels(&images[target], &format!("sabotaged_{name}.png"));
         eprintln!("sabotaged {name}: ours is {d} levels from it (case {target})");
+        assert!(d > 3, "{name}: ours is only {d} levels from the sabotaged image");
+    }
+}
+
+/// ControlNets with fewer blocks than the transformer (models/make_controlnet_deep_fixtures.py): a 4-block
+/// transformer and 2-block ControlNets, so diffusers' interval is 2 and blocks 0 and 1 add residual 0, block 2
+/// residual 1 (block 3, the last, none): every residual index is used. Each image within 1 level of diffusers; the
+/// sabotaged diffusers images (interval taken as 1, residual 1 dropped, block 1 without its residual, no
+/// ControlNet) are all more than 3 levels from ours.
+#[test]
+fn deeper_transformer_uses_every_residual() {
+    let goldens = repo().join("models/goldens/controlnet/deep");
+    let nets = fixture("controlnet-deep");
+    let m = ScratchModel::new("tiny-sd3", "deep");
+    std::fs::remove_dir_all(m.path("transformer")).unwrap();
+    copy_dir(&nets.join("transformer"), &m.path("transformer"));
+    let mut pipe = Sd3Pipeline::builder(&m.dir).build().unwrap();
+    for name in ["instantx", "instantx-b", "sd35"] {
+        let info = pipe.load_controlnet(name, nets.join(name)).unwrap();
+        assert_eq!(info.num_layers, 2);
+    }
+    let summary = read_json(&goldens.join("summary.json"));
+    assert_eq!(summary["block_index"], serde_json::json!([0, 0, 1, 1]));
+    assert_eq!(controlnet_block_index(4, 2), vec![0, 0, 1, 1]);
+    let mut images = std::collections::HashMap::new();
+    for case in ["instantx", "sd35", "multi"] {
+        let out = pipe.generate(&request_in(&goldens, case)).unwrap();
+        assert!(out.warnings.is_empty(), "{case}: {:?}", out.warnings);
+        let (max, mean) = pixel_diff(&out.images[0], &load_png(&goldens.join(format!("{case}.png"))));
+        eprintln!("deep {case}: max {max} levels, mean {mean:.4} from diffusers");
+        assert!(max <= MAX_LEVELS, "deep {case}: {max} levels from diffusers (mean {mean:.3}) > {MAX_LEVELS}");
+        images.insert(case, out.images[0].clone());
+    }
+    for (name, s) in summary["sabotaged"].as_object().unwrap() {
+        let target = s["mimics_a_bug_in"].as_str().unwrap();
+        let d = pixel_diff(&images[target], &load_png(&goldens.join(format!("sabotaged_{name}.png")))).0;
+        eprintln!("deep, sabotaged {name}: ours is {d} levels from it (case {target})");
         assert!(d > 3, "{name}: ours is only {d} levels from the sabotaged image");
     }
 }

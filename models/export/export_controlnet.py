@@ -57,6 +57,33 @@ def export(module, args, inputs, outputs, dyn, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
+def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype) -> None:
+    """`cn` (already in `dtype`, with the base transformer's pos_embed for `use_pos_embed: false`) to
+    out/model.onnx and out/config.json. Shapes come from the ControlNet's own config."""
+    cc = cn.config
+    text = cc.joint_attention_dim is not None
+    c, p = cc.in_channels, cc.patch_size
+    h, w = 2 * p * 2, 3 * p * 2
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    args = [r(2, c, h, w), r(2, c, h, w), torch.tensor([500.0, 500.0], dtype=dtype), r(2, cc.pooled_projection_dim)]
+    inputs = ["hidden_states", "controlnet_cond", "timestep", "pooled_projections"]
+    dyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+           "controlnet_cond": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
+           "pooled_projections": {0: "batch_size"}, "controlnet_block_samples": {1: "batch_size", 2: "image_tokens"}}
+    if text:
+        args.append(r(2, 7, cc.joint_attention_dim))
+        inputs.append("encoder_hidden_states")
+        dyn["encoder_hidden_states"] = {0: "batch_size", 1: "sequence_length"}
+    if out.exists():
+        shutil.rmtree(out)
+    export(ControlNetWrapper(cn, text), tuple(args), inputs, ["controlnet_block_samples"], dyn, out / "model.onnx")
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cn.config).items()}
+    cfg["_class_name"] = "SD3ControlNetModel"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out} ({'InstantX-style' if cc.force_zeros_for_pooled_projection else 'SD3.5-style'}, "
+          f"{cc.num_layers} blocks, {str(dtype).replace('torch.', '')})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--controlnet", required=True, help="diffusers SD3ControlNetModel folder or Hub id")
@@ -74,32 +101,15 @@ def main() -> None:
         cn.pos_embed = cn._get_pos_embed_from_transformer(transformer)
     cn, transformer = cn.to(dtype), transformer.to(dtype)
     tc = transformer.config
-    text = cn.config.joint_attention_dim is not None
+    write_controlnet(cn, a.out, dtype)
     c, p = tc.in_channels, tc.patch_size
     h, w = 2 * p * 2, 3 * p * 2
     r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
-    args = [r(2, c, h, w), r(2, c, h, w), torch.tensor([500.0, 500.0], dtype=dtype), r(2, tc.pooled_projection_dim)]
-    inputs = ["hidden_states", "controlnet_cond", "timestep", "pooled_projections"]
-    dyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
-           "controlnet_cond": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
-           "pooled_projections": {0: "batch_size"}, "controlnet_block_samples": {1: "batch_size", 2: "image_tokens"}}
-    if text:
-        args.append(r(2, 7, tc.joint_attention_dim))
-        inputs.append("encoder_hidden_states")
-        dyn["encoder_hidden_states"] = {0: "batch_size", 1: "sequence_length"}
-    if a.out.exists():
-        shutil.rmtree(a.out)
-    export(ControlNetWrapper(cn, text), tuple(args), inputs, ["controlnet_block_samples"], dyn, a.out / "model.onnx")
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cn.config).items()}
-    cfg["_class_name"] = "SD3ControlNetModel"
-    (a.out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {a.out} ({'InstantX-style' if cn.config.force_zeros_for_pooled_projection else 'SD3.5-style'}, "
-          f"{cn.config.num_layers} blocks, {a.dtype})")
-
     if a.model_folder is not None:
         inner = tc.num_attention_heads * tc.attention_head_dim
         tokens = (h // p) * (w // p)
-        targs = (args[0], r(2, 7, tc.joint_attention_dim), args[3], args[2], r(1, 2, tokens, inner),
+        targs = (r(2, c, h, w), r(2, 7, tc.joint_attention_dim), r(2, tc.pooled_projection_dim),
+                 torch.tensor([500.0, 500.0], dtype=dtype), r(1, 2, tokens, inner),
                  torch.tensor(block_index(tc.num_layers, 1), dtype=torch.int64))
         tdyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
                 "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},

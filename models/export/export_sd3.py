@@ -320,6 +320,9 @@ class SkipLayersTransformerWrapper(torch.nn.Module):
 SKIP_COMPONENT = "transformer_skip_layers"
 SKIP_FILE = "model_skip_layers.onnx"
 SKIP_METADATA_KEY = "skip_layers"
+# The transformer taking ControlNet residuals (--controlnet-graph): transformer/model_controlnet.onnx.
+CONTROLNET_COMPONENT = "transformer_controlnet"
+CONTROLNET_FILE = "model_controlnet.onnx"
 
 
 def parse_skip_layers(text: str) -> list[int]:
@@ -380,10 +383,12 @@ class VaeEncoderWrapper(torch.nn.Module):
         return h
 
 
-def export_spec(component: str, module, skip_layers: list[int] | None = None) -> dict:
+def export_spec(component: str, module, skip_layers: list[int] | None = None, controlnet: bool = False) -> dict:
     """Wrapper, example inputs, names and dynamic axes of one component. Example inputs are small: every axis that
     varies in use is dynamic, so the example size does not matter. skip_layers (transformer only): the
-    skip-layer-guidance graph, same inputs and outputs."""
+    skip-layer-guidance graph, same inputs and outputs. controlnet (transformer only): the graph that takes
+    ControlNet residuals (docs/controlnet.md: the inputs of model.onnx plus `controlnet_residuals` [N, B, S, D] and
+    `controlnet_block_index` int64 [num_layers])."""
     if skip_layers is not None and component != "transformer":
         raise ValueError("skip_layers is for the transformer only")
     if component in ("text_encoder", "text_encoder_2"):
@@ -411,6 +416,19 @@ def export_spec(component: str, module, skip_layers: list[int] | None = None) ->
                "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
                "pooled_projections": {0: "batch_size"}, "timestep": {0: "batch_size"},
                "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
+        if controlnet:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from make_controlnet_fixtures import ResidualTransformer, block_index
+
+            inner = c.num_attention_heads * c.attention_head_dim
+            tokens = (8 // c.patch_size) ** 2
+            args = args + (torch.randn(1, 2, tokens, inner),
+                           torch.tensor(block_index(c.num_layers, 1), dtype=torch.int64))
+            dyn["controlnet_residuals"] = {0: "residuals", 1: "batch_size", 2: "image_tokens"}
+            return dict(wrapper=ResidualTransformer(module), args=args,
+                        inputs=["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                "controlnet_residuals", "controlnet_block_index"],
+                        outputs=["out_hidden_states"], dynamic_axes=dyn, model_type="mmdit")
         wrapper = TransformerWrapper(module) if skip_layers is None else SkipLayersTransformerWrapper(module,
                                                                                                     skip_layers)
         return dict(wrapper=wrapper, args=args,
@@ -1113,26 +1131,34 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                      release_torch: bool = False, skip_layers: list[int] | None = None,
                      keep_token_ids: list[int] | None = None, weights_fp16: bool = False,
                      weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None,
-                     fused_kernels: bool = False) -> dict:
+                     fused_kernels: bool = False, controlnet_graph: bool = False) -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
     skip_layers (component "transformer" only): the skip-layer-guidance graph instead, out_dir/transformer/
     model_skip_layers.onnx: the same export, rewrites and precision conversion as model.onnx, of a wrapper that
     calls the transformer with `skip_layers=[...]` fixed; the sorted list is stored as JSON in the ONNX metadata
-    key `skip_layers`."""
+    key `skip_layers`.
+
+    controlnet_graph (component "transformer" only): out_dir/transformer/model_controlnet.onnx instead, the
+    transformer that adds ControlNet residuals after its blocks (docs/controlnet.md), through the same rewrites and
+    precision conversion as model.onnx."""
     t0 = time.time()
     opset = opset or default_opset(exporter, attention)
     filename = "model.onnx"
+    if controlnet_graph:
+        if component != "transformer" or skip_layers is not None:
+            raise ValueError("controlnet_graph is for the transformer only, without skip_layers")
+        filename = CONTROLNET_FILE
     if skip_layers is not None:
         if component != "transformer":
             raise ValueError("skip_layers is for the transformer only")
         skip_layers = validate_skip_layers(skip_layers, module.config.num_layers)
         filename = SKIP_FILE
-    spec = export_spec(component, module, skip_layers)
+    spec = export_spec(component, module, skip_layers, controlnet=controlnet_graph)
     info: dict = dict(exporter=exporter, opset=opset, attention=attention, dtype=dtype)
     fuse = None
-    if fused_kernels and component == "transformer" and skip_layers is None:
+    if fused_kernels and component == "transformer" and skip_layers is None and not controlnet_graph:
         if dtype != "fp16" or exporter != "torchscript":
             raise SystemExit("error: --fused-kernels needs --dtype fp16 and the torchscript exporter")
         cfg = module.config
@@ -1433,6 +1459,10 @@ def parse_args(argv=None):
                     help="comma-separated subset of: " + ",".join(ALL_COMPONENTS) + f" (default: all), or "
                          f"{SKIP_COMPONENT}: only transformer/{SKIP_FILE} (needs --skip-layers), e.g. into a folder "
                          "exported before from the same weights")
+    ap.add_argument("--controlnet-graph", action="store_true",
+                    help="with the transformer: also export transformer/" + CONTROLNET_FILE + ", the transformer "
+                         "taking ControlNet residuals (docs/controlnet.md); not with --fused-kernels (its rewrite "
+                         "does not handle the residual additions between blocks: the graph stays unfused)")
     ap.add_argument("--skip-layers", default=None, metavar="I,J,...",
                     help="skip-layer guidance (SD3.5-medium: 7,8,9): also export transformer/" + SKIP_FILE + ", the "
                          "transformer with these MMDiT blocks (0-based) skipped, as diffusers' "
@@ -1519,6 +1549,13 @@ def main(argv=None):
         log(f"[transformer] removing {skip_path} (from an earlier export; pass --skip-layers to export it again)")
         _remove_graph(skip_path)
         manifest["components"].pop(SKIP_COMPONENT, None)
+    cn_path = out / "transformer" / CONTROLNET_FILE
+    if "transformer" in components and not args.controlnet_graph and cn_path.exists():
+        log(f"[transformer] removing {cn_path} (from an earlier export; pass --controlnet-graph to export it again)")
+        _remove_graph(cn_path)
+        manifest["components"].pop(CONTROLNET_COMPONENT, None)
+    if args.controlnet_graph and "transformer" not in components:
+        raise SystemExit("error: --controlnet-graph needs transformer in --components")
     if SKIP_COMPONENT in components and "transformer" not in components:
         if manifest.get("source") not in (None, source.describe()):
             log(f"[{SKIP_COMPONENT}] warning: {out} was exported from {manifest['source']}, the skip graph comes "
@@ -1529,6 +1566,8 @@ def main(argv=None):
         graphs = [component]
         if component == "transformer" and skip_layers is not None:
             graphs = [SKIP_COMPONENT, "transformer"]  # the skip graph first: the main export frees the weights
+        if component == "transformer" and args.controlnet_graph:
+            graphs = [CONTROLNET_COMPONENT] + graphs
         kind = "transformer" if component == SKIP_COMPONENT else component
         log(f"[{component}] loading")
         module = source.load(kind)
@@ -1545,7 +1584,8 @@ def main(argv=None):
                                     release_torch=i == len(graphs) - 1, skip_layers=skip,
                                     keep_token_ids=keep_ids, weights_fp16=args.weights_fp16,
                                     weights_int8=args.weights_int8, keep_t5_token_ids=keep_t5_ids,
-                                    fused_kernels=args.fused_kernels)
+                                    fused_kernels=args.fused_kernels,
+                                    controlnet_graph=graph == CONTROLNET_COMPONENT)
             manifest["components"][graph] = info
             log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
