@@ -25,7 +25,11 @@ start t5 $ET --components text_encoder_3 --out /tmp/sd3m
 # Transformer: TorchScript + ORT fusions (round 1 on an H200: 49.7 ms/step vs 55.1 for the dynamo export).
 # CLIPs and VAE: dynamo, whose ONNX Attention fuses their attention (the TorchScript path leaves the VAE's
 # 16384-token attention unfused at 1024 px).
-start transformer bash -c "$E --components transformer --out /tmp/sd3m && { $ET --exporter dynamo --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $ET --components text_encoder,text_encoder_2,vae_decoder --out /tmp/sd3m; }; }"
+# CONTROLNET=1: also transformer/model_controlnet.onnx (--controlnet-graph, same weights) and vae_encoder/ (control
+# images go through it).
+CN_FLAG=""; VAES=vae_decoder
+if [ "${CONTROLNET:-0}" = 1 ]; then CN_FLAG="--controlnet-graph"; VAES=vae_decoder,vae_encoder; fi
+start transformer bash -c "$E --components transformer $CN_FLAG --out /tmp/sd3m && { $ET --exporter dynamo --components text_encoder,text_encoder_2,$VAES --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $ET --components text_encoder,text_encoder_2,$VAES --out /tmp/sd3m; }; }"
 if [ "${DYNAMO_TRANSFORMER:-0}" = 1 ]; then
   start dynamo $E --exporter dynamo --components transformer --out /tmp/sd3m-dyn
 else
