@@ -66,7 +66,11 @@ struct Repo {
 
 /// `models/fixtures/tiny-sd3` as repository files, with a README and a .gitattributes as real repositories have.
 fn fixture_repo() -> Repo {
-    let root = fixture("tiny-sd3");
+    folder_repo(&fixture("tiny-sd3"))
+}
+
+/// A folder's files as a repository's, with a README and a .gitattributes.
+fn folder_repo(root: &Path) -> Repo {
     let mut files = BTreeMap::new();
     fn walk(dir: &Path, prefix: &str, files: &mut BTreeMap<String, RepoFile>) {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
@@ -78,7 +82,7 @@ fn fixture_repo() -> Repo {
             }
         }
     }
-    walk(&root, "", &mut files);
+    walk(root, "", &mut files);
     for (name, text) in
         [("README.md", "# tiny-sd3\n"), (".gitattributes", "*.onnx filter=lfs diff=lfs merge=lfs -text\n")]
     {
@@ -855,4 +859,86 @@ fn serve_for_manual_checks() {
     println!("local hub at {} serving {REPO} for {secs} s", server.hub);
     std::thread::sleep(std::time::Duration::from_secs(secs));
     println!("{} requests", server.log().len());
+}
+
+/// ControlNets from the hub: the model with `transformer/model_controlnet.onnx` (`controlnet_graph`), a ControlNet
+/// repository (its `config.json` and `model.onnx`, nothing else), loaded under a name; the image equals the one
+/// from the fixture folders. A repository without the residual graph, or a ControlNet repository of PyTorch
+/// weights only, is `HubFileNotFound` naming the missing file.
+#[test]
+fn controlnets_come_from_the_hub_and_draw_what_the_fixture_folders_draw() {
+    const CN: &str = "test/tiny-controlnet";
+    let nets = fixture("controlnet");
+    let mut model = fixture_repo();
+    let graph = std::fs::read(nets.join("transformer/model_controlnet.onnx")).unwrap();
+    model
+        .files
+        .insert("transformer/model_controlnet.onnx".into(), RepoFile::new("transformer/model_controlnet.onnx", graph));
+    let mut cn = folder_repo(&nets.join("instantx"));
+    cn.files.insert(
+        "diffusion_pytorch_model.safetensors".into(),
+        RepoFile::new("diffusion_pytorch_model.safetensors", vec![0; 64]),
+    );
+    let mut torch_only = folder_repo(&nets.join("instantx"));
+    torch_only.files.remove("model.onnx");
+    torch_only.files.insert(
+        "diffusion_pytorch_model.safetensors".into(),
+        RepoFile::new("diffusion_pytorch_model.safetensors", vec![0; 64]),
+    );
+    let server = HubServer::start(vec![(REPO, model), (CN, cn), ("test/torch-only", torch_only)]);
+    let cache = scratch("controlnet");
+    let opts = options(&server, &cache);
+
+    // Without the option the residual graph stays on the hub; with it, it comes along.
+    let plain = hub::download(&repo(REPO), &opts).unwrap();
+    assert!(!plain.files.iter().any(|f| f.contains("controlnet")), "{:?}", plain.files);
+    let with = hub::download(&repo(REPO), &opts.clone().controlnet_graph(true)).unwrap();
+    assert!(with.files.iter().any(|f| f == "transformer/model_controlnet.onnx"), "{:?}", with.files);
+    assert!(with.files.iter().any(|f| f == "vae_encoder/model.onnx"), "{:?}", with.files);
+    assert_eq!(with.files.len(), plain.files.len() + 3); // the graph, vae_encoder/model.onnx and its config
+
+    let snapshot = hub::download_controlnet(&repo(CN), &opts).unwrap();
+    assert_eq!(snapshot.files, vec!["config.json".to_string(), "model.onnx".to_string()]);
+
+    let request = || {
+        let control =
+            image::open(common::repo().join("models/goldens/controlnet/tiny-sd3/control.png")).unwrap().to_rgb8();
+        GenerationRequest::new("a red cube on a blue floor")
+            .steps(2)
+            .seed(7)
+            .size(64, 64)
+            .controlnet(sd3_onnx::ControlNetUnit::new("canny", control).scale(0.7))
+    };
+    let mut from_hub =
+        Sd3Pipeline::from_hub_with(&repo(REPO), &opts.clone().controlnet_graph(true)).unwrap().build().unwrap();
+    let info = from_hub.load_controlnet_from_hub_with("canny", &repo(CN), &opts).unwrap();
+    assert_eq!(info.num_layers, 2);
+    let hub_image = from_hub.generate(&request()).unwrap().images.remove(0);
+
+    let local = common::ScratchModel::new("tiny-sd3", "hub-controlnet");
+    std::fs::copy(nets.join("transformer/model_controlnet.onnx"), local.path("transformer/model_controlnet.onnx"))
+        .unwrap();
+    let mut direct = Sd3Pipeline::builder(&local.dir).build().unwrap();
+    direct.load_controlnet("canny", nets.join("instantx")).unwrap();
+    let direct_image = direct.generate(&request()).unwrap().images.remove(0);
+    assert_eq!(hub_image, direct_image);
+    // And the ControlNet matters: without it the image is another one.
+    let mut without = request();
+    without.controlnets.clear();
+    assert_ne!(direct.generate(&without).unwrap().images[0], direct_image);
+
+    // The model repository without the residual graph.
+    let bare = HubServer::start(vec![(REPO, fixture_repo())]);
+    let err =
+        hub::download(&repo(REPO), &options(&bare, &scratch("controlnet-bare")).controlnet_graph(true)).unwrap_err();
+    assert!(
+        matches!(&err, Error::HubFileNotFound { file, .. } if file == "transformer/model_controlnet.onnx"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--controlnet-graph"), "{err}");
+    // A ControlNet repository of PyTorch weights.
+    let err = hub::download_controlnet(&repo("test/torch-only"), &opts).unwrap_err();
+    assert!(matches!(&err, Error::HubFileNotFound { file, .. } if file == "model.onnx"), "{err:?}");
+    assert!(err.to_string().contains("export_controlnet.py"), "{err}");
+    let _ = std::fs::remove_dir_all(&cache);
 }

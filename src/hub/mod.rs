@@ -14,6 +14,10 @@
 //!   against the hash the hub announces (sha256 for LFS files, the git blob sha1 for small files) before it gets
 //!   its name in `blobs/`, so a crash or a corrupt transfer never leaves a file that a later run would load.
 //!
+//! ControlNets are repositories of their own (an ONNX ControlNet folder at the root): [`download_controlnet`], or
+//! [`Sd3Pipeline::load_controlnet_from_hub`](crate::Sd3Pipeline::load_controlnet_from_hub); the model then needs
+//! `transformer/model_controlnet.onnx` ([`DownloadOptions::controlnet_graph`]).
+//!
 //! Downloads are blocking (reqwest's blocking client, one file at a time); from async code, run them on a blocking
 //! thread (e.g. tokio's `spawn_blocking`).
 //!
@@ -168,6 +172,7 @@ pub struct DownloadOptions {
     pub(crate) t5: bool,
     pub(crate) vae_encoder: bool,
     pub(crate) skip_layers: bool,
+    pub(crate) controlnet_graph: bool,
     pub(crate) retries: u32,
     progress: Option<ProgressFn>,
 }
@@ -182,6 +187,7 @@ impl Default for DownloadOptions {
             t5: true,
             vae_encoder: false,
             skip_layers: false,
+            controlnet_graph: false,
             retries: 5,
             progress: None,
         }
@@ -203,6 +209,7 @@ impl fmt::Debug for DownloadOptions {
             .field("t5", &self.t5)
             .field("vae_encoder", &self.vae_encoder)
             .field("skip_layers", &self.skip_layers)
+            .field("controlnet_graph", &self.controlnet_graph)
             .field("retries", &self.retries)
             .field("progress", &self.progress.is_some())
             .finish()
@@ -273,6 +280,15 @@ impl DownloadOptions {
         self
     }
 
+    /// `true` also fetches `transformer/model_controlnet.onnx`, the transformer that takes ControlNet residuals,
+    /// and `vae_encoder/` (it encodes the control images): what
+    /// [`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet) needs (docs/controlnet.md). The
+    /// ControlNets themselves are repositories of their own: [`download_controlnet`].
+    pub fn controlnet_graph(mut self, fetch: bool) -> Self {
+        self.controlnet_graph = fetch;
+        self
+    }
+
     /// How often a broken transfer is resumed within one call before [`Error::HubInterrupted`] (default 5).
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
@@ -312,23 +328,55 @@ pub struct Snapshot {
 /// [`Error::Io`].
 pub fn download(repo: &HubRepo, options: &DownloadOptions) -> Result<Snapshot> {
     let settings = Settings::resolve(options, |name| std::env::var(name).ok());
-    fetch_snapshot(repo, options, &settings)
+    fetch_snapshot(repo, options, &settings, Selection::Pipeline)
 }
 
-fn fetch_snapshot(repo: &HubRepo, options: &DownloadOptions, settings: &Settings) -> Result<Snapshot> {
+/// Fetches a ControlNet repository (an ONNX ControlNet folder at its root: `config.json` and `model.onnx` with
+/// any external data, as models/export/export_controlnet.py writes it) into the cache, like [`download`]; the
+/// snapshot's `dir` is the folder to give [`Sd3Pipeline::load_controlnet`](crate::Sd3Pipeline::load_controlnet).
+/// `options`' T5, VAE-encoder and graph choices do not apply. Errors as [`download`].
+pub fn download_controlnet(repo: &HubRepo, options: &DownloadOptions) -> Result<Snapshot> {
+    let settings = Settings::resolve(options, |name| std::env::var(name).ok());
+    fetch_snapshot(repo, options, &settings, Selection::ControlNet)
+}
+
+/// What a download takes from a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Selection {
+    /// A model folder (docs/models.md).
+    Pipeline,
+    /// A ControlNet folder (docs/controlnet.md).
+    ControlNet,
+}
+
+impl Selection {
+    fn files(self, files: &[String], options: &DownloadOptions) -> std::result::Result<Vec<String>, select::Missing> {
+        match self {
+            Selection::Pipeline => select::pipeline_files(files, options),
+            Selection::ControlNet => select::controlnet_files(files),
+        }
+    }
+}
+
+fn fetch_snapshot(
+    repo: &HubRepo,
+    options: &DownloadOptions,
+    settings: &Settings,
+    selection: Selection,
+) -> Result<Snapshot> {
     let cache = RepoCache::new(&settings.cache_dir, repo.id());
     if settings.offline {
-        return from_cache(repo, options, &cache);
+        return from_cache(repo, options, &cache, selection);
     }
     let client = HubClient::new(settings)?;
     let listing = match client.listing(repo) {
         Ok(listing) => listing,
         // As huggingface_hub: with the hub out of reach, a complete snapshot in the cache will do.
-        Err(e @ Error::HubUnreachable { .. }) => return from_cache(repo, options, &cache).map_err(|_| e),
+        Err(e @ Error::HubUnreachable { .. }) => return from_cache(repo, options, &cache, selection).map_err(|_| e),
         Err(e) => return Err(e),
     };
     let commit = listing.commit;
-    let files = select::pipeline_files(&listing.files, options).map_err(|m| Error::HubFileNotFound {
+    let files = selection.files(&listing.files, options).map_err(|m| Error::HubFileNotFound {
         repo: repo.id().to_string(),
         revision: repo.revision().to_string(),
         file: m.file,
@@ -417,7 +465,7 @@ fn fetch_snapshot(repo: &HubRepo, options: &DownloadOptions, settings: &Settings
 }
 
 /// Offline: the revision through `refs/` (or itself, a commit hash), the files from the snapshot folder.
-fn from_cache(repo: &HubRepo, options: &DownloadOptions, cache: &RepoCache) -> Result<Snapshot> {
+fn from_cache(repo: &HubRepo, options: &DownloadOptions, cache: &RepoCache, selection: Selection) -> Result<Snapshot> {
     let not_cached = |missing: String| Error::HubNotCached {
         repo: repo.id().to_string(),
         revision: repo.revision().to_string(),
@@ -434,11 +482,11 @@ fn from_cache(repo: &HubRepo, options: &DownloadOptions, cache: &RepoCache) -> R
         return Err(not_cached(format!("no snapshots/{commit}")));
     }
     let local = cache.local_files(&commit);
-    let files = select::pipeline_files(&local, options).map_err(|m| not_cached(m.file))?;
+    let files = selection.files(&local, options).map_err(|m| not_cached(m.file))?;
     // Online, T5 is fetched when the repository has it. Offline the listing is unknown, so model_index.json says
     // whether the model has a T5; one that is not in the cache is an error rather than a silent no-T5 run.
     let t5 = crate::layout::repo_path(Component::TextEncoderT5, crate::layout::GRAPH_FILE);
-    if options.t5 && !local.contains(&t5) && names_t5(&dir) {
+    if selection == Selection::Pipeline && options.t5 && !local.contains(&t5) && names_t5(&dir) {
         return Err(not_cached(format!("{t5} (or download without T5)")));
     }
     for (index, file) in files.iter().enumerate() {

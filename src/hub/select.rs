@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::DownloadOptions;
 use crate::error::Component;
-use crate::layout::{self, repo_path, GRAPH_FILE, SKIP_LAYERS_GRAPH_FILE};
+use crate::layout::{self, repo_path, CONTROLNET_TRANSFORMER_GRAPH_FILE, GRAPH_FILE, SKIP_LAYERS_GRAPH_FILE};
 
 /// A required file the listing lacks, with what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +49,15 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
         graphs.push(Component::TextEncoderT5);
         tokenizers.push(Component::TokenizerT5);
     }
-    if options.vae_encoder {
+    // ControlNets encode their control images with the VAE encoder.
+    if options.vae_encoder || options.controlnet_graph {
         graphs.push(Component::VaeEncoder);
     }
     for component in graphs {
         let folder = component.folder();
         let hint = if component == Component::VaeEncoder {
-            "img2img and inpainting need the VAE encoder graph; download without the VAE encoder for text-to-image"
+            "img2img, inpainting and ControlNets need the VAE encoder graph; download without the VAE encoder (and \
+             without the ControlNet graph) for text-to-image"
                 .to_string()
         } else {
             not_onnx()
@@ -82,6 +84,17 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
             )
         })?;
     }
+    if options.controlnet_graph {
+        graph(files, Component::TransformerControlNet.folder(), CONTROLNET_TRANSFORMER_GRAPH_FILE, &mut picked)
+            .map_err(|f| {
+                missing(
+                    &f,
+                    "ControlNets need the transformer that takes their residuals (models/export/export_sd3.py \
+                     --controlnet-graph, docs/controlnet.md); download without it otherwise"
+                        .to_string(),
+                )
+            })?;
+    }
     for folder in tokenizers.into_iter().map(Component::folder) {
         let before = picked.len();
         // Every file of a tokenizer folder: the tokenizer itself in either layout and its small configs.
@@ -90,6 +103,28 @@ pub(crate) fn pipeline_files(files: &[String], options: &DownloadOptions) -> Res
             return Err(missing(&format!("{folder}/tokenizer.json"), not_onnx()));
         }
     }
+    Ok(picked.into_iter().collect())
+}
+
+/// The files of a ControlNet repository that `Sd3Pipeline::load_controlnet` reads: `config.json` and `model.onnx`
+/// (with its external data) at the repository's root (docs/controlnet.md), sorted.
+pub(crate) fn controlnet_files(files: &[String]) -> Result<Vec<String>, Missing> {
+    let mut picked = BTreeSet::new();
+    let hint = if files.iter().any(|f| f.ends_with(".safetensors") || f.ends_with(".bin")) {
+        "the repository holds PyTorch weights, not an ONNX export: export it first with \
+         models/export/export_controlnet.py (docs/controlnet.md)"
+    } else {
+        "a ControlNet folder holds config.json and model.onnx (models/export/export_controlnet.py)"
+    };
+    let missing = |file: &str| Missing { file: file.to_string(), hint: hint.to_string() };
+    if !files.iter().any(|f| f == "config.json") {
+        return Err(missing("config.json"));
+    }
+    picked.insert("config.json".to_string());
+    if !files.iter().any(|f| f == GRAPH_FILE) {
+        return Err(missing(GRAPH_FILE));
+    }
+    picked.extend(files.iter().filter(|f| !f.contains('/') && f.starts_with(GRAPH_FILE)).cloned());
     Ok(picked.into_iter().collect())
 }
 

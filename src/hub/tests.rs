@@ -273,3 +273,30 @@ fn cache_layout_matches_huggingface_hub() {
     assert!(dir.join(format!(".locks/models--org--name/{etag}.lock")).is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn controlnet_selection() {
+    let files = repo_files();
+    let mut with = files.clone();
+    with.extend(["transformer/model_controlnet.onnx", "transformer/model_controlnet.onnx.data"].map(String::from));
+    let picked = pipeline_files(&with, &DownloadOptions::new().controlnet_graph(true)).unwrap();
+    for f in ["transformer/model_controlnet.onnx", "transformer/model_controlnet.onnx.data", "vae_encoder/model.onnx"] {
+        assert!(picked.iter().any(|m| m == f), "{f} missing from {picked:?}");
+    }
+    let plain = pipeline_files(&with, &DownloadOptions::new()).unwrap();
+    assert!(plain.iter().all(|f| !f.contains("controlnet") && !f.starts_with("vae_encoder/")), "{plain:?}");
+    let missing = pipeline_files(&files, &DownloadOptions::new().controlnet_graph(true)).unwrap_err();
+    assert_eq!(missing.file, "transformer/model_controlnet.onnx");
+
+    let cn: Vec<String> =
+        ["README.md", "config.json", "model.onnx", "model.onnx.data", "sub/model.onnx", "x.safetensors"]
+            .map(String::from)
+            .to_vec();
+    assert_eq!(super::select::controlnet_files(&cn).unwrap(), ["config.json", "model.onnx", "model.onnx.data"]);
+    let torch: Vec<String> = ["config.json", "diffusion_pytorch_model.safetensors"].map(String::from).to_vec();
+    let m = super::select::controlnet_files(&torch).unwrap_err();
+    assert_eq!(m.file, "model.onnx");
+    assert!(m.hint.contains("PyTorch weights"), "{}", m.hint);
+    let m = super::select::controlnet_files(&["model.onnx".to_string()]).unwrap_err();
+    assert_eq!(m.file, "config.json");
+}

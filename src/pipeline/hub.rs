@@ -1,8 +1,9 @@
 //! Models from the Hugging Face Hub (feature `download`): the pipeline's side of [`crate::hub`].
 
 use super::{Sd3Pipeline, Sd3PipelineBuilder};
+use crate::controlnet::ControlNetInfo;
 use crate::error::Result;
-use crate::hub::{download, DownloadOptions, HubRepo};
+use crate::hub::{download, download_controlnet, DownloadOptions, HubRepo};
 
 impl Sd3Pipeline {
     /// Downloads `repo` (`org/name` or `org/name@revision`) from the Hugging Face Hub into the cache, with the
@@ -25,5 +26,35 @@ impl Sd3Pipeline {
         let snapshot = download(repo, options)?;
         let builder = Sd3Pipeline::builder(snapshot.dir);
         Ok(builder.t5(options.t5))
+    }
+
+    /// Downloads the ControlNet repository `repo` (`org/name` or `org/name@revision`: an ONNX ControlNet folder,
+    /// docs/controlnet.md) into the cache with the settings of the environment and loads it under `name`, as
+    /// [`Sd3Pipeline::load_controlnet`] does. The model needs `transformer/model_controlnet.onnx`
+    /// ([`DownloadOptions::controlnet_graph`] fetches it with the model). Needs the `download` feature.
+    ///
+    /// ```no_run
+    /// # fn main() -> sd3_onnx::Result<()> {
+    /// use sd3_onnx::hub::{DownloadOptions, HubRepo};
+    /// let options = DownloadOptions::new().controlnet_graph(true);
+    /// let mut pipe = sd3_onnx::Sd3Pipeline::from_hub_with(&HubRepo::parse("org/sd3-medium-onnx")?, &options)?.build()?;
+    /// pipe.load_controlnet_from_hub("canny", "org/sd3-canny-onnx")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load_controlnet_from_hub(&mut self, name: impl Into<String>, repo: &str) -> Result<ControlNetInfo> {
+        self.load_controlnet_from_hub_with(name, &HubRepo::parse(repo)?, &DownloadOptions::new())
+    }
+
+    /// [`Sd3Pipeline::load_controlnet_from_hub`] with options (endpoint, cache, token, progress; the model-folder
+    /// choices do not apply).
+    pub fn load_controlnet_from_hub_with(
+        &mut self,
+        name: impl Into<String>,
+        repo: &HubRepo,
+        options: &DownloadOptions,
+    ) -> Result<ControlNetInfo> {
+        let snapshot = download_controlnet(repo, options)?;
+        self.load_controlnet(name, snapshot.dir)
     }
 }
