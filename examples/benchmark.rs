@@ -185,7 +185,10 @@ fn run(a: Args) -> Result<(), String> {
                 col(&|t| ms(t.component(Component::TransformerControlNet)) / steps),
             ),
         );
-        rows.insert(5, ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / steps)));
+        rows.insert(
+            5,
+            ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / steps)),
+        );
         rows.push(("VAE encode (control image)", col(&|t| ms(t.component(Component::VaeEncoder)))));
     }
     let size = format!(
@@ -209,7 +212,11 @@ fn run(a: Args) -> Result<(), String> {
         a.model.display(),
         a.request.steps,
         a.request.guidance,
-        a.controlnet.as_ref().map_or(String::new(), |d| format!(" | ControlNet {} (scale {})", d.display(), a.control_scale)),
+        a.controlnet.as_ref().map_or(String::new(), |d| format!(
+            " | ControlNet {} (scale {})",
+            d.display(),
+            a.control_scale
+        )),
         ms(load),
         a.runs
     );
