@@ -54,13 +54,22 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script on the tiny variant")
     args = ap.parse_args()
     from export_sd3 import Source
 
-    dev = "cuda"
+    dev = args.device
     tr = Source(None, args.variant, Path(args.tokenizers_from), args.seed).load("transformer")
     tr = tr.to(dev, torch.float16).eval()
-    cn = random_controlnet(args.seed).to(dev, torch.float16)
+    cn = random_controlnet(args.seed)
+    if dev == "cpu":  # dry run: a ControlNet the tiny variant's shape
+        from diffusers import SD3ControlNetModel
+        c = tr.config
+        cn = SD3ControlNetModel(**{k: c[k] for k in ("attention_head_dim", "caption_projection_dim", "in_channels",
+                                                     "joint_attention_dim", "num_attention_heads", "out_channels",
+                                                     "patch_size", "pooled_projection_dim", "pos_embed_max_size",
+                                                     "sample_size")}, num_layers=1)
+    cn = cn.to(dev, torch.float16).eval()
     cfg = tr.config
     h = args.size // 8
     batch = 2 if args.guidance > 1 else 1
@@ -86,6 +95,11 @@ def main():
         with torch.no_grad():
             for _ in range(3):
                 fn(a, b)
+            if dev != "cuda":
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    fn(a, b)
+                return round((time.perf_counter() - t0) * 1e3 / args.iters, 2)
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -98,9 +112,11 @@ def main():
     rows = []
 
     def row(label, ms, compile_s=None):
-        torch.cuda.synchronize()
-        rows.append({"case": label, "ms_per_step": ms, "compile_s": compile_s,
-                     "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20)})
+        peak = None
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            peak = round(torch.cuda.max_memory_allocated() / 2**20)
+        rows.append({"case": label, "ms_per_step": ms, "compile_s": compile_s, "peak_mib": peak})
         print(f"{label}: {ms} ms/step", flush=True)
 
     row("eager, transformer alone", timed(alone, tr, cn))
@@ -113,7 +129,7 @@ def main():
         t0 = time.time()
         ms = timed(step, ctr, ccn)
         row("torch.compile, ControlNet + transformer", ms, round(time.time() - t0, 1))
-    card = torch.cuda.get_device_name(0)
+    card = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU (dry run)"
     print(f"\nPyTorch {torch.__version__} on {card}, {args.size}x{args.size}, CFG batch {batch}, ControlNet "
           f"{INSTANTX_CANNY['num_layers']} blocks, text {77 + args.max_sequence_length} tokens\n")
     print("| case | ms/step | compile s | peak allocated MiB |\n|---|---:|---:|---:|")
