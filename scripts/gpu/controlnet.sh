@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 
 smi=$!
 ARGS="--model /tmp/sd3m --ep cuda --width 1024 --height 1024 --steps 28 --guidance 7 --runs ${RUNS:-3} --warmup 1"
 for v in plain controlnet; do
-  extra=""; [ $v = controlnet ] && extra="--controlnet /tmp/cn-sd3m --control-scale 0.7"
+  extra="${LOOP_FLAG:-}"; [ $v = controlnet ] && extra="$extra --controlnet /tmp/cn-sd3m --control-scale 0.7"
   echo "== ours: $v ($(date +%T))" | tee -a "$OUT/gpu-memory.csv.marks"
   timeout ${OURS_TIMEOUT:-240} ./.device-bin/benchmark $ARGS $extra --json "$OUT/ours-$v.json" --output "$OUT/ours-$v.png" \
     2>&1 | tail -22 | tee "$OUT/ours-$v.md"
