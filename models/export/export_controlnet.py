@@ -57,9 +57,33 @@ def export(module, args, inputs, outputs, dyn, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype) -> None:
+def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype, optimize: bool = False) -> None:
     """`cn` (already in `dtype`, with the base transformer's pos_embed for `use_pos_embed: false`) to
-    out/model.onnx and out/config.json. Shapes come from the ControlNet's own config."""
+    out/model.onnx and out/config.json. Shapes come from the ControlNet's own config.
+
+    optimize: through models/export/export_sd3.py's pipeline instead, as the transformer's model.onnx is made: a
+    float32 TorchScript export, ONNX Runtime's MMDiT fusions (fused attention for the InstantX kind's joint blocks),
+    then the float16 conversion with the timestep and its sinusoidal embedding kept float32; weights over 2 GB go to
+    model.onnx.data."""
+    if optimize:
+        import tempfile
+
+        from export_sd3 import export_component
+
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cn.config).items()}
+        if out.exists():
+            shutil.rmtree(out)
+        with tempfile.TemporaryDirectory(prefix="controlnet-") as tmp:
+            info = export_component("controlnet", cn.float(), Path(tmp), exporter="torchscript", attention="fused",
+                                    dtype="fp16" if dtype == torch.float16 else "fp32", opset=None,
+                                    t5_precision="mixed")
+            out.mkdir(parents=True)
+            for f in info["files"]:
+                shutil.move(str(Path(tmp) / f), out / Path(f).name)
+        cfg["_class_name"] = "SD3ControlNetModel"
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {out} (optimized, {info['nodes_final']})")
+        return
     cc = cn.config
     text = cc.joint_attention_dim is not None
     c, p = cc.in_channels, cc.patch_size
@@ -91,6 +115,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path, help="the ControlNet folder to write")
     ap.add_argument("--model-folder", type=Path, help="the ONNX model folder: writes transformer/model_controlnet.onnx")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--optimize", action="store_true",
+                    help="the ControlNet through export_sd3.py's pipeline (ONNX Runtime's fusions, then float16 "
+                         "with a float32 timestep): faster on a GPU; the residual transformer for real models comes "
+                         "from export_sd3.py --controlnet-graph the same way")
     a = ap.parse_args()
     dtype = torch.float16 if a.dtype == "fp16" else torch.float32
     torch.set_grad_enabled(False)
@@ -101,7 +129,7 @@ def main() -> None:
         cn.pos_embed = cn._get_pos_embed_from_transformer(transformer)
     cn, transformer = cn.to(dtype), transformer.to(dtype)
     tc = transformer.config
-    write_controlnet(cn, a.out, dtype)
+    write_controlnet(cn, a.out, dtype, optimize=a.optimize)
     c, p = tc.in_channels, tc.patch_size
     h, w = 2 * p * 2, 3 * p * 2
     r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731

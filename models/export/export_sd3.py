@@ -434,6 +434,26 @@ def export_spec(component: str, module, skip_layers: list[int] | None = None, co
         return dict(wrapper=wrapper, args=args,
                     inputs=["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
                     outputs=["out_hidden_states"], dynamic_axes=dyn, model_type="mmdit")
+    if component == "controlnet":
+        # An SD3ControlNetModel (docs/controlnet.md: models/export/export_controlnet.py's graph, conditioning scale 1).
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from make_controlnet_fixtures import ControlNetWrapper
+
+        c = module.config
+        text = c.joint_attention_dim is not None
+        args = [torch.randn(2, c.in_channels, 8, 8), torch.randn(2, c.in_channels, 8, 8), torch.tensor([500.0, 250.0]),
+                torch.randn(2, c.pooled_projection_dim)]
+        inputs = ["hidden_states", "controlnet_cond", "timestep", "pooled_projections"]
+        dyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+               "controlnet_cond": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
+               "pooled_projections": {0: "batch_size"},
+               "controlnet_block_samples": {1: "batch_size", 2: "image_tokens"}}
+        if text:
+            args.append(torch.randn(2, 12, c.joint_attention_dim))
+            inputs.append("encoder_hidden_states")
+            dyn["encoder_hidden_states"] = {0: "batch_size", 1: "sequence_length"}
+        return dict(wrapper=ControlNetWrapper(module, text), args=tuple(args), inputs=inputs,
+                    outputs=["controlnet_block_samples"], dynamic_axes=dyn, model_type="mmdit")
     if component == "vae_decoder":
         c = module.config
         dyn = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
@@ -781,7 +801,7 @@ def to_half(model: onnx.ModelProto, component: str, dtype: str, t5_precision: st
     keep_io: list[str] = []
     info = {}
     node_block += index_math_nodes(model)
-    if component == "transformer":
+    if component in ("transformer", "controlnet"):
         keep_io = ["timestep"]
         node_block += time_projection_nodes(model)
     if component == "text_encoder_3" and t5_precision == "mixed":
@@ -1415,7 +1435,7 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str):
 
 def export_spec_model_type(component: str) -> str:
     return {"text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5", "transformer": "mmdit",
-            "vae_decoder": "vae", "vae_encoder": "vae"}[component]
+            "controlnet": "mmdit", "vae_decoder": "vae", "vae_encoder": "vae"}[component]
 
 
 def write_component_config(component: str, module, out_dir: Path):

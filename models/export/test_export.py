@@ -19,6 +19,9 @@ small   --weights-fp16 and --keep-token-ids (models/nano's size options): output
 int8    quantize_int8 (per-channel scales, float16-valued, zero channels) and --weights-int8 --keep-t5-token-ids:
         transformer, VAE decoder and T5 vs torch with the same dequantized weights (tight), DequantizeLinear nodes,
         files smaller than --weights-fp16.
+controlnet  ControlNets (issue 21): --controlnet-graph's transformer/model_controlnet.onnx (fp32 and fp16, the same
+        fusions as model.onnx) vs diffusers' transformer(..., block_controlnet_hidden_states) with 1 and 2 residuals,
+        and export_controlnet.py's optimized ControlNet graphs of both kinds (InstantX, SD3.5) vs the torch module.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -721,12 +724,81 @@ def test_int8():
             FAILURES.append(f"int8: manifest lacks the T5 pruned_vocabulary: {man['components']['text_encoder_3']}")
 
 
+def test_controlnet():
+    print("[controlnet] residual transformer and optimized ControlNets vs torch (errors relative to max|ref|)",
+          flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from diffusers import SD3ControlNetModel
+    from make_controlnet_fixtures import ControlNetWrapper, block_index
+
+    from export_controlnet import write_controlnet
+
+    src = ex.Source(None, "tiny", TOKENIZERS, seed=0)
+    tr = src.load("transformer")
+    c = tr.config
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, c.in_channels, 8, 12, generator=g)
+    ctx = torch.randn(2, 7, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=g)
+    t = torch.tensor([700.0, 300.0])
+    inner = c.num_attention_heads * c.attention_head_dim
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype, tol in (("fp32", 1e-5), ("fp16", 5e-3)):
+            out = Path(tmp) / dtype
+            ex.export_component("transformer", tr, out, exporter="torchscript", attention="fused", dtype=dtype,
+                                opset=None, t5_precision="mixed", controlnet_graph=True)
+            for n in (1, 2):
+                r = torch.randn(n, 2, 8 * 12 // 4, inner, generator=g)
+                with torch.no_grad():
+                    ref = tr(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                             block_controlnet_hidden_states=list(r)).sample.numpy()
+                got = run(out / "transformer" / ex.CONTROLNET_FILE,
+                          {"hidden_states": x.numpy(), "encoder_hidden_states": ctx.numpy(),
+                           "pooled_projections": pooled.numpy(), "timestep": t.numpy(), "controlnet_residuals": r.numpy(),
+                           "controlnet_block_index": np.array(block_index(c.num_layers, n), dtype=np.int64)})
+                got = next(iter(got.values()))
+                check(f"residual transformer {dtype}, {n} residual(s)", float(np.abs(got - ref).max()) /
+                      float(np.abs(ref).max()), tol)
+        common = dict(attention_head_dim=c.attention_head_dim, caption_projection_dim=c.caption_projection_dim,
+                      in_channels=c.in_channels, num_attention_heads=c.num_attention_heads, num_layers=2,
+                      out_channels=c.out_channels, patch_size=c.patch_size, pooled_projection_dim=c.pooled_projection_dim,
+                      pos_embed_max_size=c.pos_embed_max_size, sample_size=c.sample_size)
+        torch.manual_seed(7)
+        nets = {"instantx": SD3ControlNetModel(joint_attention_dim=c.joint_attention_dim, **common),
+                "sd35": SD3ControlNetModel(joint_attention_dim=None, use_pos_embed=False,
+                                           force_zeros_for_pooled_projection=False, **common)}
+        nets["sd35"].pos_embed = nets["sd35"]._get_pos_embed_from_transformer(tr)
+        cond = torch.randn(2, c.in_channels, 8, 12, generator=g)
+        for kind, cn in nets.items():
+            with torch.no_grad():  # zero_module() leaves the outputs at zero: redraw every weight
+                for name, p in cn.named_parameters():
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in name and name.endswith(
+                        "weight") else 0.0))
+            cn.eval()
+            text = kind == "instantx"
+            args = [x, cond, t, pooled] + ([ctx] if text else [])
+            names = ["hidden_states", "controlnet_cond", "timestep", "pooled_projections", "encoder_hidden_states"]
+            with torch.no_grad():
+                ref = ControlNetWrapper(cn, text)(*args).numpy()
+            for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+                out = Path(tmp) / f"cn-{kind}-{dtype}"
+                with torch.no_grad():
+                    write_controlnet(cn, out, dtype, optimize=True)
+                got = next(iter(run(out / "model.onnx", {n: a.numpy() for n, a in zip(names, args)}).values()))
+                mha = sum(n.op_type == "MultiHeadAttention" for n in __import__("onnx").load(
+                    str(out / "model.onnx")).graph.node)
+                check(f"ControlNet {kind} optimized {str(dtype)[6:]} ({mha} fused attention)",
+                      float(np.abs(got - ref).max()) / float(np.abs(ref).max()), tol)
+                if text and mha == 0:
+                    FAILURES.append(f"ControlNet {kind}: no fused attention in the optimized graph")
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
-         "small": test_small, "int8": test_int8}[name]()
+         "small": test_small, "int8": test_int8, "controlnet": test_controlnet}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)
