@@ -29,6 +29,7 @@ pub struct Sd3PipelineBuilder {
     low_memory: bool,
     shift: Option<f64>,
     limits: Limits,
+    device_loop: Option<bool>,
 }
 
 impl Sd3PipelineBuilder {
@@ -47,6 +48,7 @@ impl Sd3PipelineBuilder {
             low_memory: false,
             shift: None,
             limits: Limits::default(),
+            device_loop: None,
         }
     }
 
@@ -128,6 +130,21 @@ impl Sd3PipelineBuilder {
     /// checkpoints). Ignored by the schedule when the config uses dynamic shifting, as in diffusers.
     pub fn shift(mut self, shift: f64) -> Self {
         self.shift = Some(shift);
+        self
+    }
+
+    /// Runs the denoising loop on the transformer's device (`true`) or on the host (`false`). Default: on when
+    /// the transformer runs on CUDA or TensorRT, off otherwise.
+    ///
+    /// On the device the latents and the transformer's output stay in the transformer's memory between steps:
+    /// guidance, the sampler step and the inpainting blend run as small ONNX graphs on the transformer's own
+    /// execution provider, and the latents come back to the host once, after the last step. It covers the Euler,
+    /// Heun and DPM-Solver++ samplers with and without guidance, batches, img2img and inpainting; runs with
+    /// skip-layer guidance, ControlNets or previews use the host loop whatever this says. The arithmetic is the
+    /// host loop's, in the same order (on the CPU the two give the same latents), so `true` on the CPU is for
+    /// testing it. [`Timings::device_loop`](crate::Timings::device_loop) says which loop a run used.
+    pub fn device_loop(mut self, enable: bool) -> Self {
+        self.device_loop = Some(enable);
         self
     }
 
@@ -283,6 +300,7 @@ impl Sd3PipelineBuilder {
             vocabularies,
             lora: Default::default(),
             controlnets: Default::default(),
+            device_loop: self.device_loop,
         })
     }
 }

@@ -168,7 +168,7 @@ fn previews(
 }
 
 /// The text of a caught panic (`panic!("...")` payloads are `&str` or `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -10,6 +10,7 @@ mod card;
 mod controlnet;
 mod decode;
 mod denoise;
+mod device_loop;
 #[cfg(feature = "download")]
 mod hub;
 mod info;
@@ -70,6 +71,9 @@ pub struct Sd3Pipeline {
     lora: crate::lora::LoraState,
     /// Loaded ControlNets and the residual transformer ([`Sd3Pipeline::load_controlnet`]).
     controlnets: controlnet::ControlNetState,
+    /// [`Sd3PipelineBuilder::device_loop`]: `None` is automatic (on when the transformer runs on CUDA or
+    /// TensorRT).
+    device_loop: Option<bool>,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -84,6 +88,8 @@ struct Denoised {
     lora: Duration,
     denoising: Duration,
     steps: Vec<Duration>,
+    /// Whether the loop ran on the transformer's device (src/pipeline/device_loop.rs).
+    device_loop: bool,
 }
 
 impl Sd3Pipeline {
@@ -364,6 +370,7 @@ impl Sd3Pipeline {
             components: Vec::new(),
             load: self.graphs().iter().map(|g| g.reload_time).sum::<Duration>().saturating_sub(loads_before),
             lora: run.lora,
+            device_loop: run.device_loop,
         };
         for (g, b) in self.graphs().iter().zip(before) {
             let spent = g.run_time.saturating_sub(b);
@@ -500,20 +507,33 @@ impl Sd3Pipeline {
                 _ => None,
             },
         };
-        let patch = self.info.patch_size;
-        let (transformer, skip, nets) = (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
-        let model = |pass: Pass, x: &Array4<f32>, timestep: f32| match (pass, skip.as_mut(), skip_bound.as_mut()) {
-            (Pass::Full, _, _) => match control.as_mut() {
-                Some(run) => {
-                    let hidden = batched(x, batch.batch())?;
-                    controlnet::controlled_velocity(nets, run, &hidden, timestep, patch)
-                }
-                None => velocity(transformer, &mut bound, x, batch.batch(), timestep),
-            },
-            (Pass::SkipLayers, Some((graph, _)), Some(sb)) => velocity(graph, sb, x, images, timestep),
-            (Pass::SkipLayers, _, _) => Err(Error::internal("skip-layer evaluation without a skip-layer graph")),
+        // The loop on the transformer's device where it covers the run (src/pipeline/device_loop.rs); the host
+        // loop otherwise (skip-layer guidance, ControlNets, previews), with the same results.
+        let on_device = control.is_none()
+            && denoise.fits_device()
+            && self.device_loop.unwrap_or(matches!(
+                self.transformer.provider,
+                ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)
+            ));
+        let steps = if on_device {
+            denoise.run_on_device(&mut latents, &mut self.transformer, &mut bound, batch.batch(), cancelled, progress, t)?
+        } else {
+            let patch = self.info.patch_size;
+            let (transformer, skip, nets) =
+                (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
+            let model = |pass: Pass, x: &Array4<f32>, timestep: f32| match (pass, skip.as_mut(), skip_bound.as_mut()) {
+                (Pass::Full, _, _) => match control.as_mut() {
+                    Some(run) => {
+                        let hidden = batched(x, batch.batch())?;
+                        controlnet::controlled_velocity(nets, run, &hidden, timestep, patch)
+                    }
+                    None => velocity(transformer, &mut bound, x, batch.batch(), timestep),
+                },
+                (Pass::SkipLayers, Some((graph, _)), Some(sb)) => velocity(graph, sb, x, images, timestep),
+                (Pass::SkipLayers, _, _) => Err(Error::internal("skip-layer evaluation without a skip-layer graph")),
+            };
+            denoise.run(&mut latents, model, cancelled, progress, t)?
         };
-        let steps = denoise.run(&mut latents, model, cancelled, progress, t)?;
         self.release(&[Component::Transformer, Component::TransformerSkipLayers, Component::TransformerControlNet]);
         Ok(Denoised {
             latents,
@@ -525,6 +545,7 @@ impl Sd3Pipeline {
             lora,
             denoising: t.elapsed(),
             steps,
+            device_loop: on_device,
         })
     }
 

@@ -229,6 +229,11 @@ pub struct Timings {
     /// otherwise; docs/lora.md). Included in `text_encoding`, which it precedes.
     #[cfg_attr(feature = "serde", serde(rename = "lora_ms", default, with = "serde_support::ms"))]
     pub lora: Duration,
+    /// Whether the denoising loop ran on the transformer's device
+    /// ([`Sd3PipelineBuilder::device_loop`](crate::Sd3PipelineBuilder::device_loop)). Its step graphs (guidance,
+    /// the sampler step) count as our code: they are not in `onnx_runtime`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub device_loop: bool,
 }
 
 impl Timings {

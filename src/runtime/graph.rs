@@ -112,9 +112,9 @@ pub(crate) struct Graph {
     /// Why it runs on the CPU instead of the provider asked for, when it fell back.
     pub fallback: Option<String>,
     /// `None` after [`Graph::unload`]; the next run loads it again.
-    session: Option<Session>,
+    pub(super) session: Option<Session>,
     /// What is needed to load the session again.
-    source: Source,
+    pub(super) source: Source,
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     /// Total time spent in `Session::run`.
@@ -130,6 +130,8 @@ pub(crate) struct Graph {
     lora_base: std::collections::HashMap<String, DynTensor>,
     /// The sessions that merge LoRA weights on this graph's provider (src/runtime/merge.rs).
     mergers: super::merge::Mergers,
+    /// The device loop's step sessions on this graph's provider (src/runtime/step.rs).
+    pub(super) steppers: super::step::Steppers,
 }
 
 /// A value for an overridable initializer: its graph input name and the value, of the graph's element type, in
@@ -138,10 +140,10 @@ pub(crate) type WeightOverride = (String, DynValue);
 
 /// How a graph was loaded, kept so that an unloaded graph can be loaded again (low-memory mode).
 #[derive(Clone)]
-struct Source {
-    env: ort::environment::Environment,
+pub(super) struct Source {
+    pub(super) env: ort::environment::Environment,
     requested: ExecutionProvider,
-    config: SessionConfig,
+    pub(super) config: SessionConfig,
 }
 
 impl fmt::Debug for Graph {
@@ -293,6 +295,7 @@ impl Graph {
             overrides: Vec::new(),
             lora_base: std::collections::HashMap::new(),
             mergers: super::merge::Mergers::default(),
+            steppers: super::step::Steppers::default(),
         })
     }
 
@@ -331,7 +334,7 @@ impl Graph {
     }
 
     /// Loads the session again if [`unload`](Self::unload) freed it.
-    fn ensure_loaded(&mut self) -> Result<()> {
+    pub(super) fn ensure_loaded(&mut self) -> Result<()> {
         if self.session.is_none() {
             let started = Instant::now();
             let Source { env, requested, config } = &self.source;
@@ -462,12 +465,12 @@ impl Graph {
 /// Inputs bound once and reused across runs of the same graph (IO binding). On a GPU provider the values
 /// live in device memory, so e.g. the text conditioning is uploaded once per image instead of once per step.
 pub(crate) struct Binding {
-    inner: IoBinding,
+    pub(super) inner: IoBinding,
 }
 
 impl Graph {
     /// The device memory this graph's provider computes in.
-    fn device(&self) -> Option<(AllocationDevice<'static>, i32)> {
+    pub(super) fn device(&self) -> Option<(AllocationDevice<'static>, i32)> {
         match &self.provider {
             ExecutionProvider::Cuda(o) => Some((AllocationDevice::CUDA, o.device_id)),
             ExecutionProvider::TensorRt(o) => Some((AllocationDevice::CUDA, o.device_id)),
@@ -477,12 +480,12 @@ impl Graph {
     }
 
     /// Converts an input to an owned ONNX Runtime value of the element type the graph declares.
-    fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
+    pub(super) fn value(&self, name: &str, input: &Input<'_>) -> Result<DynTensor> {
         self.value_as(name, input, self.input_type(name)?)
     }
 
     /// Converts an input to an owned ONNX Runtime value of element type `dtype`.
-    fn value_as(&self, name: &str, input: &Input<'_>, dtype: ElementType) -> Result<DynTensor> {
+    pub(super) fn value_as(&self, name: &str, input: &Input<'_>, dtype: ElementType) -> Result<DynTensor> {
         let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         Ok(match (input, dtype) {
@@ -653,7 +656,7 @@ impl Graph {
 }
 
 /// The loaded session (callers load it first with `Graph::ensure_loaded`).
-fn live(session: &mut Option<Session>, component: Component) -> Result<&mut Session> {
+pub(super) fn live(session: &mut Option<Session>, component: Component) -> Result<&mut Session> {
     session.as_mut().ok_or_else(|| Error::internal(format!("{component}: the session is not loaded")))
 }
 

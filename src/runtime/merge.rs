@@ -13,7 +13,7 @@ use ort::session::Session;
 use super::ElementType;
 
 /// ONNX `TensorProto.DataType` codes (onnx/onnx.proto).
-fn onnx_type(t: ElementType) -> Option<i64> {
+pub(super) fn onnx_type(t: ElementType) -> Option<i64> {
     match t {
         ElementType::Float32 => Some(1),
         ElementType::Float16 => Some(10),
@@ -24,10 +24,10 @@ fn onnx_type(t: ElementType) -> Option<i64> {
 
 /// Protobuf wire format (https://protobuf.dev/programming-guides/encoding/): the few field kinds ONNX's
 /// `ModelProto` needs here.
-struct Message(Vec<u8>);
+pub(super) struct Message(pub(super) Vec<u8>);
 
 impl Message {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Message(Vec::new())
     }
 
@@ -39,24 +39,24 @@ impl Message {
         self.0.push(v as u8);
     }
 
-    fn int(mut self, field: u64, v: i64) -> Self {
+    pub(super) fn int(mut self, field: u64, v: i64) -> Self {
         self.varint(field << 3);
         self.varint(v as u64);
         self
     }
 
-    fn bytes(mut self, field: u64, b: &[u8]) -> Self {
+    pub(super) fn bytes(mut self, field: u64, b: &[u8]) -> Self {
         self.varint((field << 3) | 2);
         self.varint(b.len() as u64);
         self.0.extend_from_slice(b);
         self
     }
 
-    fn str(self, field: u64, s: &str) -> Self {
+    pub(super) fn str(self, field: u64, s: &str) -> Self {
         self.bytes(field, s.as_bytes())
     }
 
-    fn msg(self, field: u64, m: Message) -> Self {
+    pub(super) fn msg(self, field: u64, m: Message) -> Self {
         self.bytes(field, &m.0)
     }
 }

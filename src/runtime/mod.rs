@@ -9,12 +9,14 @@ mod graph;
 pub(crate) mod kernels;
 mod merge;
 mod provider;
+mod step;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use graph::ElementType;
 pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
+pub(crate) use step::{DeviceTensor, StepKind, StepSpec};
 pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
 
 use crate::error::{boxed, Error, Result};

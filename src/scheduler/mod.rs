@@ -16,6 +16,7 @@ mod config;
 mod samplers;
 
 pub use config::{FlowMatchConfig, TimeShiftType};
+pub(crate) use samplers::StepScalars;
 pub use samplers::{Sampler, SamplerKind};
 
 use crate::error::{Error, Result};

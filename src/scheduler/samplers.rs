@@ -344,6 +344,75 @@ impl Sampler {
     }
 }
 
+/// What one evaluation's update needs besides the tensors, for a loop that runs the arithmetic elsewhere (the
+/// device loop's small ONNX graphs, src/runtime/step.rs): the same scalars, computed by the same code, as
+/// [`Sampler::step`] uses, and which form of the update applies. The element-wise formulas are those of
+/// `euler_step`, `heun_step` and `dpm_step`, in the same order of operations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum StepScalars {
+    /// `x + dt * v`.
+    Euler { dt: f32 },
+    /// Heun's first-order half: `d = (x - (x - v * sigma)) / sigma_hat`, `x + d * dt`; keeps `d` and `x`.
+    HeunFirst { sigma: f32, sigma_hat: f32, dt: f32 },
+    /// Heun's second-order half: `d = 0.5 * (d1 + (x - (x - v * sigma_next)) / sigma_next)`, `saved + d * dt`.
+    HeunSecond { sigma_next: f32, dt: f32 },
+    /// DPM-Solver++ first order: `x0 = x - sigma * v`, `ratio * x - coef * x0`; keeps `x0`.
+    DpmFirst { sigma: f32, ratio: f32, coef: f32 },
+    /// DPM-Solver++ second order: `x0 = x - sigma * v`, `ratio * x - coef * x0 - half_coef * (inv_r0 * (x0 -
+    /// prev_x0))`; keeps `x0`.
+    DpmSecond { sigma: f32, inv_r0: f32, ratio: f32, coef: f32, half_coef: f32 },
+}
+
+impl Sampler {
+    /// Advances by one evaluation like [`Sampler::step`], without the tensors: returns the scalars of the update
+    /// the caller applies itself (the device loop), and keeps the sampler's scalar state (Heun's `dt`, DPM's
+    /// `lower_order_nums`). A sampler is driven either by `step` or by `advance`, not both in one run.
+    pub(crate) fn advance(&mut self) -> Result<StepScalars> {
+        let i = self.index;
+        if i >= self.timesteps.len() || self.sigmas.len() <= i + 1 {
+            return Err(Error::request(
+                "step",
+                i,
+                format!("the {} run has {} evaluations and all are done", self.kind, self.timesteps.len()),
+            ));
+        }
+        let last = self.timesteps.len() - 1;
+        let scalars = match &mut self.state {
+            State::Euler => StepScalars::Euler { dt: self.sigmas[i + 1] - self.sigmas[i] },
+            State::Heun { dt, .. } => match *dt {
+                None => {
+                    // heun_step's first half: sigma_hat = sigma (gamma = 0), dt = sigma_next - sigma_hat.
+                    let sigma = self.sigmas[i];
+                    let step_dt = self.sigmas[i + 1] - sigma;
+                    *dt = Some(step_dt);
+                    StepScalars::HeunFirst { sigma, sigma_hat: sigma, dt: step_dt }
+                }
+                Some(step_dt) => {
+                    *dt = None;
+                    StepScalars::HeunSecond { sigma_next: self.sigmas[i], dt: step_dt }
+                }
+            },
+            State::Dpm { lower_order_nums, .. } => {
+                let sigma = self.sigmas[i];
+                let out = if *lower_order_nums < 1 || i == last {
+                    let (ratio, coef) = dpm_first_order_scalars(self.sigmas[i + 1], sigma);
+                    StepScalars::DpmFirst { sigma, ratio, coef }
+                } else {
+                    let (inv_r0, ratio, coef, half_coef) =
+                        dpm_second_order_scalars(self.sigmas[i + 1], sigma, self.sigmas[i - 1]);
+                    StepScalars::DpmSecond { sigma, inv_r0, ratio, coef, half_coef }
+                };
+                if *lower_order_nums < 2 {
+                    *lower_order_nums += 1;
+                }
+                out
+            }
+        };
+        self.index += 1;
+        Ok(scalars)
+    }
+}
+
 /// Checks shared by every sampler: the step count, the training range, `shift` and `mu`.
 fn check_common(config: &FlowMatchConfig, steps: usize, mu: Option<f64>) -> Result<()> {
     let n_train = config.num_train_timesteps;
@@ -605,26 +674,26 @@ fn dpm_step(
     }
 }
 
+/// The scalars of [`dpm_first_order`]: `(sigma_t / sigma_s, alpha_t * (exp(-h) - 1.0))`.
+fn dpm_first_order_scalars(sigma_t: f32, sigma_s: f32) -> (f32, f32) {
+    let (alpha_t, lambda_t) = dpm_alpha_lambda(sigma_t);
+    let (_, lambda_s) = dpm_alpha_lambda(sigma_s);
+    let h = lambda_t - lambda_s;
+    (sigma_t / sigma_s, alpha_t * (exp_f32(-h) - 1.0))
+}
+
 /// `dpm_solver_first_order_update`, dpmsolver++: `h = lambda_t - lambda_s`,
 /// `x_t = (sigma_t / sigma_s) * sample - (alpha_t * (exp(-h) - 1.0)) * x0`. With `sigma_t = 0` (the final step)
 /// `h = +inf` and this is `0 * sample + x0`.
 fn dpm_first_order(sigma_t: f32, sigma_s: f32, x0: &[f32], sample: &mut [f32]) {
-    let (alpha_t, lambda_t) = dpm_alpha_lambda(sigma_t);
-    let (_, lambda_s) = dpm_alpha_lambda(sigma_s);
-    let h = lambda_t - lambda_s;
-    let ratio = sigma_t / sigma_s;
-    let coef = alpha_t * (exp_f32(-h) - 1.0);
+    let (ratio, coef) = dpm_first_order_scalars(sigma_t, sigma_s);
     for (x, d0) in sample.iter_mut().zip(x0) {
         *x = ratio * *x - coef * d0;
     }
 }
 
-/// `multistep_dpm_solver_second_order_update`, dpmsolver++ midpoint: with `m0 = x0` (this evaluation),
-/// `m1 = prev_x0`, `h = lambda_t - lambda_s0`, `h_0 = lambda_s0 - lambda_s1`, `r0 = h_0 / h`, `D0 = m0`,
-/// `D1 = (1.0 / r0) * (m0 - m1)`:
-/// `x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (exp(-h) - 1.0)) * D0 - 0.5 * (alpha_t * (exp(-h) - 1.0)) * D1`,
-/// evaluated left to right.
-fn dpm_second_order(sigma_t: f32, sigma_s0: f32, sigma_s1: f32, x0: &[f32], prev_x0: &[f32], sample: &mut [f32]) {
+/// The scalars of [`dpm_second_order`]: `(1 / r0, sigma_t / sigma_s0, coef, 0.5 * coef)`.
+fn dpm_second_order_scalars(sigma_t: f32, sigma_s0: f32, sigma_s1: f32) -> (f32, f32, f32, f32) {
     let (alpha_t, lambda_t) = dpm_alpha_lambda(sigma_t);
     let (_, lambda_s0) = dpm_alpha_lambda(sigma_s0);
     let (_, lambda_s1) = dpm_alpha_lambda(sigma_s1);
@@ -634,7 +703,16 @@ fn dpm_second_order(sigma_t: f32, sigma_s0: f32, sigma_s1: f32, x0: &[f32], prev
     let inv_r0 = 1.0 / r0; // Tensor.__rtruediv__: r0.reciprocal() * 1.0
     let ratio = sigma_t / sigma_s0;
     let coef = alpha_t * (exp_f32(-h) - 1.0);
-    let half_coef = 0.5 * coef;
+    (inv_r0, ratio, coef, 0.5 * coef)
+}
+
+/// `multistep_dpm_solver_second_order_update`, dpmsolver++ midpoint: with `m0 = x0` (this evaluation),
+/// `m1 = prev_x0`, `h = lambda_t - lambda_s0`, `h_0 = lambda_s0 - lambda_s1`, `r0 = h_0 / h`, `D0 = m0`,
+/// `D1 = (1.0 / r0) * (m0 - m1)`:
+/// `x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (exp(-h) - 1.0)) * D0 - 0.5 * (alpha_t * (exp(-h) - 1.0)) * D1`,
+/// evaluated left to right.
+fn dpm_second_order(sigma_t: f32, sigma_s0: f32, sigma_s1: f32, x0: &[f32], prev_x0: &[f32], sample: &mut [f32]) {
+    let (inv_r0, ratio, coef, half_coef) = dpm_second_order_scalars(sigma_t, sigma_s0, sigma_s1);
     for ((x, m0), m1) in sample.iter_mut().zip(x0).zip(prev_x0) {
         let d1 = inv_r0 * (m0 - m1);
         *x = ratio * *x - coef * m0 - half_coef * d1;

@@ -1,0 +1,200 @@
+//! The denoising loop on the transformer's device: the latents, the transformer's output and the sampler's
+//! state stay in the memory the transformer computes in (GPU memory on CUDA and TensorRT) from the first step to
+//! the last. Guidance, the sampler update, the inpainting blend and the next transformer input run as one small
+//! ONNX graph per evaluation on the transformer's own execution provider (src/runtime/step.rs). The host uploads
+//! the starting latents (and the inpainting references) once and copies the final latents back once.
+//!
+//! Covered: Euler (also over a truncated schedule: img2img, inpainting), Heun and DPM-Solver++ (2M), with and
+//! without classifier-free guidance, batches, inpainting. Everything else (skip-layer guidance, ControlNets,
+//! previews) runs the host loop ([`DenoiseLoop::run`]); `Sd3Pipeline::run_denoise` chooses
+//! ([`DenoiseLoop::fits_device`]). On the CPU provider the two loops give the same latents to the bit
+//! (tests/device_loop.rs).
+
+use std::time::{Duration, Instant};
+
+use ndarray::{Array1, Array4, Axis, Ix4};
+
+use super::denoise::{panic_message, DenoiseLoop};
+use crate::error::{Error, Result};
+use crate::progress::{ControlFlow, StepProgress};
+use crate::runtime::{Binding, DeviceTensor, ElementType, Graph, Input, StepKind, StepSpec};
+use crate::scheduler::StepScalars;
+
+impl DenoiseLoop {
+    /// Whether this loop can run on the device: no skip-layer guidance and no previews (ControlNets are the
+    /// caller's to check).
+    pub fn fits_device(&self) -> bool {
+        self.skip_layers.is_none() && self.preview_every.is_none()
+    }
+
+    /// Runs every evaluation on the transformer's device, like [`DenoiseLoop::run`] (same cancellation, progress
+    /// reports and errors), and writes the final latents back into `latents`.
+    ///
+    /// `bound` is the transformer's binding with the text conditioning; `batch` the transformer's batch (twice
+    /// the images with guidance).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_on_device(
+        mut self,
+        latents: &mut Array4<f32>,
+        transformer: &mut Graph,
+        bound: &mut Binding,
+        batch: usize,
+        cancelled: impl Fn() -> bool,
+        progress: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
+        started: Instant,
+    ) -> Result<Vec<Duration>> {
+        if !self.fits_device() {
+            return Err(Error::internal("the device loop was asked for a run it does not cover"));
+        }
+        let images = latents.shape()[0];
+        if self.inpaints.len() != images {
+            return Err(Error::internal(format!("{} inpainting states for {images} images", self.inpaints.len())));
+        }
+        let guidance = self.guidance;
+        if batch != images * if guidance.is_some() { 2 } else { 1 } {
+            return Err(Error::internal(format!("a transformer batch of {batch} for {images} images")));
+        }
+        let hidden_type = port_type(&transformer.inputs, "hidden_states")?;
+        let velocity_type = port_type(&transformer.outputs, "out_hidden_states")?;
+
+        // Uploads: the latents (float32), the first transformer input, the inpainting references.
+        let mut x = transformer.upload("latents", latents.view().into_dyn(), ElementType::Float32)?;
+        let mut hidden = transformer.upload("hidden_states", super::batched(latents, batch)?.view(), hidden_type)?;
+        let inpaint = self.inpaints.iter().any(Option::is_some);
+        let references = if inpaint { Some(self.upload_inpaint(latents, transformer)?) } else { None };
+
+        let evaluations = self.sampler.len();
+        let mut durations = Vec::with_capacity(evaluations);
+        // Heun's first-half derivative and starting sample; DPM-Solver++'s previous data prediction.
+        let (mut derivative, mut saved, mut previous_x0): (Option<DeviceTensor>, Option<DeviceTensor>, Option<_>) =
+            (None, None, None);
+        for i in 0..evaluations {
+            if cancelled() {
+                return Err(Error::Cancelled { step: i });
+            }
+            let step_start = Instant::now();
+            let timestep = self.sampler.timesteps()[i];
+            let (sigma, next) = (self.sampler.sigma(i), self.sampler.sigma(i + 1));
+            let t = Array1::from_elem(batch, timestep).into_dyn();
+            let v = transformer.run_bound_device(
+                bound,
+                &[("hidden_states", &hidden)],
+                &[("timestep", Input::Float(t.view()))],
+                "out_hidden_states",
+            )?;
+            if v.shape() != hidden.shape() {
+                return Err(Error::inference(
+                    transformer.component,
+                    format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
+                    None,
+                ));
+            }
+            let step = self.sampler.advance()?;
+            let (kind, mut scalars) = match step {
+                StepScalars::Euler { dt } => (StepKind::Euler, vec![dt]),
+                StepScalars::HeunFirst { sigma, sigma_hat, dt } => (StepKind::HeunFirst, vec![sigma, sigma_hat, dt]),
+                StepScalars::HeunSecond { sigma_next, dt } => (StepKind::HeunSecond, vec![sigma_next, dt, 0.5]),
+                StepScalars::DpmFirst { sigma, ratio, coef } => (StepKind::DpmFirst, vec![sigma, ratio, coef]),
+                StepScalars::DpmSecond { sigma, inv_r0, ratio, coef, half_coef } => {
+                    (StepKind::DpmSecond, vec![sigma, inv_r0, ratio, coef, half_coef])
+                }
+            };
+            if let Some(g) = guidance {
+                scalars.insert(0, g);
+            }
+            if inpaint {
+                // Pulled back to the image noised to the next level; after the last step, to the image itself
+                // (0 * noise + 1 * image).
+                let level = if i + 1 < evaluations { next } else { 0.0 };
+                scalars.extend([level, 1.0 - level, 1.0]);
+            }
+            let spec = StepSpec { kind, guidance: guidance.is_some(), inpaint, hidden: hidden_type, velocity: velocity_type };
+            let mut tensors: Vec<(&str, &DeviceTensor)> = vec![("x", &x), ("v", &v)];
+            let missing = || Error::internal(format!("the {kind:?} step has no state from the step before"));
+            match kind {
+                StepKind::HeunSecond => {
+                    tensors.push(("d1", derivative.as_ref().ok_or_else(missing)?));
+                    tensors.push(("saved", saved.as_ref().ok_or_else(missing)?));
+                }
+                StepKind::DpmSecond => tensors.push(("m1", previous_x0.as_ref().ok_or_else(missing)?)),
+                _ => {}
+            }
+            if let Some([image, noise, mask]) = &references {
+                tensors.extend([("image", image), ("noise", noise), ("mask", mask)]);
+            }
+            let mut out = transformer.run_step(&spec, &tensors, &scalars)?.into_iter();
+            drop(tensors);
+            let (Some(x_next), Some(hidden_next)) = (out.next(), out.next()) else {
+                return Err(Error::internal("the step graph gave fewer outputs than it declares"));
+            };
+            let extra = out.next();
+            match kind {
+                StepKind::HeunFirst => {
+                    derivative = extra;
+                    saved = Some(x);
+                }
+                StepKind::HeunSecond => {
+                    derivative = None;
+                    saved = None;
+                }
+                StepKind::DpmFirst | StepKind::DpmSecond => previous_x0 = extra,
+                StepKind::Euler => {}
+            }
+            x = x_next;
+            hidden = hidden_next;
+            durations.push(step_start.elapsed());
+            let report = StepProgress { step: i, steps: evaluations, sigma, elapsed: started.elapsed(), previews: Vec::new() };
+            let flow = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| progress(&report)))
+                .map_err(|payload| Error::CallbackPanicked { step: i, message: panic_message(payload.as_ref()) })?;
+            if flow.is_break() {
+                return Err(Error::Cancelled { step: i + 1 });
+            }
+        }
+        if cancelled() {
+            return Err(Error::Cancelled { step: evaluations });
+        }
+        let host = transformer.download(&x)?;
+        *latents = host
+            .into_dimensionality::<Ix4>()
+            .map_err(|e| Error::internal(format!("the device loop's latents: {e}")))?;
+        Ok(durations)
+    }
+
+    /// The inpainting references of the whole batch in the transformer's memory: image latents and noise
+    /// (zeros for images without a mask) and the masks `[images, 1, h, w]` (ones, "all generated", for images
+    /// without a mask, which the blend then leaves as they are).
+    fn upload_inpaint(&self, latents: &Array4<f32>, transformer: &Graph) -> Result<[DeviceTensor; 3]> {
+        let shape = latents.raw_dim();
+        let (h, w) = (shape[2], shape[3]);
+        let mut image = Array4::<f32>::zeros(shape);
+        let mut noise = Array4::<f32>::zeros(shape);
+        let mut mask = Array4::<f32>::ones((shape[0], 1, h, w));
+        for (k, inpaint) in self.inpaints.iter().enumerate() {
+            let Some(inp) = inpaint else { continue };
+            if inp.image_latents.len() != h * w * shape[1] || inp.noise.len() != inp.image_latents.len() {
+                return Err(Error::internal("inpainting latents do not match the image's latents"));
+            }
+            if inp.mask.len() != h * w {
+                return Err(Error::internal("the inpainting mask does not match the latents"));
+            }
+            image.index_axis_mut(Axis(0), k).assign(&inp.image_latents.index_axis(Axis(0), 0));
+            noise.index_axis_mut(Axis(0), k).assign(&inp.noise.index_axis(Axis(0), 0));
+            let plane = ndarray::ArrayView2::from_shape((h, w), &inp.mask)
+                .map_err(|e| Error::internal(format!("inpainting mask: {e}")))?;
+            mask.index_axis_mut(Axis(0), k).index_axis_mut(Axis(0), 0).assign(&plane);
+        }
+        Ok([
+            transformer.upload("image", image.view().into_dyn(), ElementType::Float32)?,
+            transformer.upload("noise", noise.view().into_dyn(), ElementType::Float32)?,
+            transformer.upload("mask", mask.view().into_dyn(), ElementType::Float32)?,
+        ])
+    }
+}
+
+fn port_type(ports: &[crate::runtime::Port], name: &str) -> Result<ElementType> {
+    ports
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.dtype)
+        .ok_or_else(|| Error::internal(format!("the transformer has no port `{name}`")))
+}
