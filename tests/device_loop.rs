@@ -1,7 +1,7 @@
 //! The denoising loop on the transformer's device (`Sd3PipelineBuilder::device_loop`) against the host loop, on
 //! the CPU provider with the tiny fixtures: every case the device loop covers gives the host loop's image within
 //! 1 level per 8-bit channel (measured: 0) and its final latents within 1e-5 (measured: equal to the bit), and
-//! the runs it does not cover (skip-layer guidance, previews) fall back to the host loop and so give its results.
+//! the runs it does not cover (ControlNets, previews) fall back to the host loop and so give its results.
 //!
 //! The comparison has power: a request with the guidance scale off by 0.5 moves the image by more than 1 level
 //! (checked below), and so does any sabotage of the step graph's arithmetic (docs/performance.md, "The loop on
@@ -173,17 +173,41 @@ fn heun_and_dpm_solver() {
 }
 
 #[test]
-fn uncovered_runs_fall_back_to_the_host_loop() {
-    // Skip-layer guidance (tiny-sd35 has a skip-layer graph) and previews (tiny-sd3: SD3's preview factors).
+fn skip_layer_guidance() {
+    // tiny-sd35 has a skip-layer graph (block 1); the window covers part of the run (tests/skip_layer_guidance.rs).
     let (mut host, mut device, _scratch) = pipelines("tiny-sd35");
     let req = golden("tiny-sd35", "cfg_negative");
-    let slg = SkipLayerGuidance::new(2.8).window(0.0, 0.5).layers(vec![1]);
-    check("tiny-sd35 skip-layer guidance", &mut host, &mut device, &[req.clone().skip_layer_guidance(slg)], false);
-    let (mut host3, mut device3, _) = pipelines("tiny-sd3");
-    let previews = golden("tiny-sd3", "cfg_negative").preview_every(2);
-    check("tiny-sd3 previews", &mut host3, &mut device3, &[previews], false);
+    for (start, stop) in [(0.0, 0.5), (0.0, 1.0), (0.3, 0.8)] {
+        let slg = SkipLayerGuidance::new(2.8).window(start, stop).layers(vec![1]);
+        let r = req.clone().skip_layer_guidance(slg);
+        check(&format!("tiny-sd35 skip-layer guidance {start}-{stop}"), &mut host, &mut device, std::slice::from_ref(&r), true);
+        let seeded = GenerationRequest::new("a red cube").size(64, 64).steps(6).guidance(5.0).seed(11);
+        let two = seeded.images_per_prompt(2).skip_layer_guidance(r.skip_layer_guidance.clone().unwrap());
+        check(&format!("tiny-sd35 skip-layer guidance {start}-{stop} x2"), &mut host, &mut device, &[two], true);
+        check(&format!("tiny-sd35 skip-layer guidance {start}-{stop} heun"), &mut host, &mut device, &[r.sampler(SamplerKind::Heun)], true);
+    }
+}
+
+#[test]
+fn uncovered_runs_fall_back_to_the_host_loop() {
+    // Previews (tiny-sd3: SD3's preview factors).
+    let (mut host, mut device, _) = pipelines("tiny-sd3");
+    let req = golden("tiny-sd3", "cfg_negative");
+    check("tiny-sd3 previews", &mut host, &mut device, &[req.clone().preview_every(2)], false);
+    // ControlNets (tests/controlnet.rs's fixtures).
+    let m = ScratchModel::new("tiny-sd3", "device-loop-controlnet");
+    let nets = fixture("controlnet");
+    std::fs::copy(nets.join("transformer/model_controlnet.onnx"), m.path("transformer/model_controlnet.onnx")).unwrap();
+    let mut host = Sd3Pipeline::builder(&m.dir).device_loop(false).build().unwrap();
+    let mut device = Sd3Pipeline::builder(&m.dir).device_loop(true).build().unwrap();
+    for pipe in [&mut host, &mut device] {
+        pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+    }
+    let control = load_png(&repo().join("models/goldens/controlnet/tiny-sd3/control.png"));
+    let unit = sd3_onnx::ControlNetUnit::new("instantx", control).scale(0.8);
+    check("tiny-sd3 controlnet", &mut host, &mut device, &[req.clone().controlnet(unit)], false);
     // Without the builder option, the CPU provider runs the host loop.
-    let mut auto = Sd3Pipeline::builder(fixture("tiny-sd35")).build().expect("fixture loads");
+    let mut auto = Sd3Pipeline::builder(fixture("tiny-sd3")).build().expect("fixture loads");
     assert!(!auto.generate(&req).unwrap().timings.device_loop);
 }
 

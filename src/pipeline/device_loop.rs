@@ -21,17 +21,19 @@ use crate::runtime::{Binding, DeviceTensor, ElementType, Graph, Input, StepKind,
 use crate::scheduler::StepScalars;
 
 impl DenoiseLoop {
-    /// Whether this loop can run on the device: no skip-layer guidance and no previews (ControlNets are the
-    /// caller's to check).
-    pub fn fits_device(&self) -> bool {
-        self.skip_layers.is_none() && self.preview_every.is_none()
+    /// Whether this loop can run on the device: no previews, and skip-layer guidance only with a skip-layer graph
+    /// that runs where the transformer runs (`skip_graph_alongside`). ControlNets are the caller's to check.
+    pub fn fits_device(&self, skip_graph_alongside: bool) -> bool {
+        let slg = self.skip_layers.is_some() && self.guidance.is_some();
+        self.preview_every.is_none() && (!slg || skip_graph_alongside)
     }
 
     /// Runs every evaluation on the transformer's device, like [`DenoiseLoop::run`] (same cancellation, progress
     /// reports and errors), and writes the final latents back into `latents`.
     ///
     /// `bound` is the transformer's binding with the text conditioning; `batch` the transformer's batch (twice
-    /// the images with guidance).
+    /// the images with guidance); `skip` the skip-layer graph and its binding (the positive prompts' conditioning),
+    /// on the transformer's provider, for skip-layer guidance.
     #[allow(clippy::too_many_arguments)]
     pub fn run_on_device(
         mut self,
@@ -39,11 +41,12 @@ impl DenoiseLoop {
         transformer: &mut Graph,
         bound: &mut Binding,
         batch: usize,
+        mut skip: Option<(&mut Graph, &mut Binding)>,
         cancelled: impl Fn() -> bool,
         progress: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
         started: Instant,
     ) -> Result<Vec<Duration>> {
-        if !self.fits_device() {
+        if !self.fits_device(skip.is_some()) {
             return Err(Error::internal("the device loop was asked for a run it does not cover"));
         }
         let images = latents.shape()[0];
@@ -60,6 +63,15 @@ impl DenoiseLoop {
         // Uploads: the latents (float32), the first transformer input, the inpainting references.
         let mut x = transformer.upload("latents", latents.view().into_dyn(), ElementType::Float32)?;
         let mut hidden = transformer.upload("hidden_states", super::batched(latents, batch)?.view(), hidden_type)?;
+        // Skip-layer guidance: with guidance only, as in the host loop; its graph sees the images once.
+        let slg = match (&self.skip_layers, guidance) {
+            (Some(slg), Some(_)) => Some(slg.clone()),
+            _ => None,
+        };
+        let mut single = match &slg {
+            Some(_) => Some(transformer.upload("hidden_states", latents.view().into_dyn(), hidden_type)?),
+            None => None,
+        };
         let inpaint = self.inpaints.iter().any(Option::is_some);
         let references = if inpaint { Some(self.upload_inpaint(latents, transformer)?) } else { None };
 
@@ -89,6 +101,27 @@ impl DenoiseLoop {
                     None,
                 ));
             }
+            let skipped = match (&slg, single.as_ref(), skip.as_mut()) {
+                (Some((s, steps)), Some(h), Some((graph, sb))) if s.applies(i, *steps) => {
+                    let t = Array1::from_elem(images, timestep).into_dyn();
+                    let vs = graph.run_bound_device(
+                        sb,
+                        &[("hidden_states", h)],
+                        &[("timestep", Input::Float(t.view()))],
+                        "out_hidden_states",
+                    )?;
+                    if vs.shape() != h.shape() {
+                        return Err(Error::internal(format!(
+                            "the skip-layer transformer returned shape {:?} for latents of shape {:?}",
+                            vs.shape(),
+                            h.shape()
+                        )));
+                    }
+                    Some((vs, s.scale))
+                }
+                (Some(_), _, None) => return Err(Error::internal("skip-layer guidance without a skip-layer graph")),
+                _ => None,
+            };
             let step = self.sampler.advance()?;
             let (kind, mut scalars) = match step {
                 StepScalars::Euler { dt } => (StepKind::Euler, vec![dt]),
@@ -99,6 +132,9 @@ impl DenoiseLoop {
                     (StepKind::DpmSecond, vec![sigma, inv_r0, ratio, coef, half_coef])
                 }
             };
+            if let Some((_, scale)) = &skipped {
+                scalars.insert(0, *scale);
+            }
             if let Some(g) = guidance {
                 scalars.insert(0, g);
             }
@@ -108,7 +144,15 @@ impl DenoiseLoop {
                 let level = if i + 1 < evaluations { next } else { 0.0 };
                 scalars.extend([level, 1.0 - level, 1.0]);
             }
-            let spec = StepSpec { kind, guidance: guidance.is_some(), inpaint, hidden: hidden_type, velocity: velocity_type };
+            let spec = StepSpec {
+                kind,
+                guidance: guidance.is_some(),
+                skip: skipped.is_some(),
+                single: slg.is_some(),
+                inpaint,
+                hidden: hidden_type,
+                velocity: velocity_type,
+            };
             let mut tensors: Vec<(&str, &DeviceTensor)> = vec![("x", &x), ("v", &v)];
             let missing = || Error::internal(format!("the {kind:?} step has no state from the step before"));
             match kind {
@@ -119,6 +163,9 @@ impl DenoiseLoop {
                 StepKind::DpmSecond => tensors.push(("m1", previous_x0.as_ref().ok_or_else(missing)?)),
                 _ => {}
             }
+            if let Some((vs, _)) = &skipped {
+                tensors.push(("vs", vs));
+            }
             if let Some([image, noise, mask]) = &references {
                 tensors.extend([("image", image), ("noise", noise), ("mask", mask)]);
             }
@@ -127,7 +174,10 @@ impl DenoiseLoop {
             let (Some(x_next), Some(hidden_next)) = (out.next(), out.next()) else {
                 return Err(Error::internal("the step graph gave fewer outputs than it declares"));
             };
-            let extra = out.next();
+            let extra = if kind.extra_output().is_some() { out.next() } else { None };
+            if spec.single {
+                single = out.next();
+            }
             match kind {
                 StepKind::HeunFirst => {
                     derivative = extra;

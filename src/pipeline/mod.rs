@@ -509,14 +509,23 @@ impl Sd3Pipeline {
         };
         // The loop on the transformer's device where it covers the run (src/pipeline/device_loop.rs); the host
         // loop otherwise (skip-layer guidance, ControlNets, previews), with the same results.
+        let skip_alongside = matches!(
+            (&self.transformer_skip, &skip_bound),
+            (Some((g, _)), Some(_)) if g.provider == self.transformer.provider
+        );
         let on_device = control.is_none()
-            && denoise.fits_device()
+            && denoise.fits_device(skip_alongside)
             && self.device_loop.unwrap_or(matches!(
                 self.transformer.provider,
                 ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)
             ));
         let steps = if on_device {
-            denoise.run_on_device(&mut latents, &mut self.transformer, &mut bound, batch.batch(), cancelled, progress, t)?
+            let skip = match (self.transformer_skip.as_mut(), skip_bound.as_mut()) {
+                (Some((graph, _)), Some(sb)) if skip_alongside => Some((graph, sb)),
+                _ => None,
+            };
+            let (transformer, batch_size) = (&mut self.transformer, batch.batch());
+            denoise.run_on_device(&mut latents, transformer, &mut bound, batch_size, skip, cancelled, progress, t)?
         } else {
             let patch = self.info.patch_size;
             let (transformer, skip, nets) =

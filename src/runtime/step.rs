@@ -55,7 +55,8 @@ impl StepKind {
         }
     }
 
-    fn extra_output(self) -> Option<&'static str> {
+    /// The extra output of this kind (Heun's first-half derivative, DPM-Solver++'s data prediction).
+    pub fn extra_output(self) -> Option<&'static str> {
         match self {
             StepKind::HeunFirst => Some("derivative"),
             StepKind::DpmFirst | StepKind::DpmSecond => Some("x0"),
@@ -68,16 +69,22 @@ impl StepKind {
 ///
 /// Inputs: `x` (float32 `[n, c, h, w]`, the sample), `v` (`velocity` type, `[b, c, h, w]`: the transformer's
 /// output, `[uncond..., cond...]` with guidance), `s` (float32 `[k]`: the scalars, in order: the guidance
-/// scale when `guidance`, the kind's scalars, then with `inpaint` the reference's `sigma`, `1 - sigma` and 1),
+/// scale when `guidance`, the skip-layer guidance scale when `skip`, the kind's scalars, then with `inpaint` the reference's `sigma`, `1 - sigma` and 1),
 /// the kind's extra inputs (float32 like `x`), and with `inpaint` `image` and `noise` (like `x`) and `mask`
 /// (float32 `[n, 1, h, w]`, 1 where the image is generated).
 ///
 /// Outputs: `x_next` (float32 like `x`), `hidden` (`hidden` type, `[b, c, h, w]`: the next transformer input,
-/// `[x_next, x_next]` with guidance), and the kind's extra output (float32 like `x`).
+/// `[x_next, x_next]` with guidance), the kind's extra output (float32 like `x`) and with `single`
+/// `hidden_single` (`hidden` type, like `x`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct StepSpec {
     pub kind: StepKind,
     pub guidance: bool,
+    /// Skip-layer guidance at this evaluation (with `guidance` only): input `vs`, the skip-layer graph's output
+    /// on the conditional half, and a scalar, the scale, after the guidance scale.
+    pub skip: bool,
+    /// Output `hidden_single` too: the next input of the skip-layer graph (`x_next` cast, not doubled).
+    pub single: bool,
     pub inpaint: bool,
     /// The transformer's `hidden_states` element type.
     pub hidden: ElementType,
@@ -88,13 +95,16 @@ pub(crate) struct StepSpec {
 impl StepSpec {
     /// How many scalars `s` holds.
     pub fn scalars(&self) -> usize {
-        usize::from(self.guidance) + self.kind.scalars() + if self.inpaint { 3 } else { 0 }
+        usize::from(self.guidance) + usize::from(self.skip) + self.kind.scalars() + if self.inpaint { 3 } else { 0 }
     }
 
     /// The output names, in the order [`Graph::run_step`] returns them.
     pub fn outputs(&self) -> Vec<&'static str> {
         let mut v = vec!["x_next", "hidden"];
         v.extend(self.kind.extra_output());
+        if self.single {
+            v.push("hidden_single");
+        }
         v
     }
 }
@@ -214,6 +224,9 @@ pub(crate) fn step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
     for name in spec.kind.extra_inputs() {
         g.input(name, F32, &x_dims);
     }
+    if spec.skip {
+        g.input("vs", tv, &x_dims);
+    }
     if spec.inpaint {
         g.input("image", F32, &x_dims);
         g.input("noise", F32, &x_dims);
@@ -239,7 +252,17 @@ pub(crate) fn step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
         g.node("Split", &[&v32], &["uncond", "cond"], &[("axis", 0), ("num_outputs", 2)]);
         let diff = g.op("Sub", &["cond", "uncond"]);
         let scaled = g.op("Mul", &[scale, &diff]);
-        g.op("Add", &["uncond", &scaled])
+        let guided = g.op("Add", &["uncond", &scaled]);
+        if spec.skip {
+            // Skip-layer guidance (DenoiseLoop::run): guided + (cond - skipped) * scale.
+            let slg_scale = next();
+            let vs32 = g.cast("vs", tv, F32);
+            let diff = g.op("Sub", &["cond", &vs32]);
+            let scaled = g.op("Mul", &[&diff, slg_scale]);
+            g.op("Add", &[&guided, &scaled])
+        } else {
+            guided
+        }
     } else {
         v32
     };
@@ -324,6 +347,10 @@ pub(crate) fn step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
     if let (Some(name), Some(value)) = (spec.kind.extra_output(), extra) {
         g.node("Identity", &[&value], &[name], &[]);
         g.output(name, F32, &x_dims);
+    }
+    if spec.single {
+        g.node("Identity", &[&cast], &["hidden_single"], &[]);
+        g.output("hidden_single", th, &x_dims);
     }
     Some(g.finish())
 }
@@ -476,21 +503,28 @@ mod tests {
         for kind in [StepKind::Euler, StepKind::HeunFirst, StepKind::HeunSecond, StepKind::DpmFirst, StepKind::DpmSecond] {
             for guidance in [false, true] {
                 for inpaint in [false, true] {
+                    let skip = guidance && inpaint;
                     let spec = StepSpec {
                         kind,
                         guidance,
+                        skip,
+                        single: guidance,
                         inpaint,
                         hidden: ElementType::Float16,
                         velocity: ElementType::Float16,
                     };
                     assert!(step_graph(&spec).is_some_and(|b| !b.is_empty()));
-                    assert_eq!(spec.scalars(), usize::from(guidance) + kind.scalars() + 3 * usize::from(inpaint));
+                    let expected = usize::from(guidance) + usize::from(skip) + kind.scalars() + 3 * usize::from(inpaint);
+                    assert_eq!(spec.scalars(), expected);
+                    assert_eq!(spec.outputs().len(), 2 + usize::from(kind.extra_output().is_some()) + usize::from(guidance));
                 }
             }
         }
         let spec = StepSpec {
             kind: StepKind::Euler,
             guidance: false,
+            skip: false,
+            single: false,
             inpaint: false,
             hidden: ElementType::Int64,
             velocity: ElementType::Float32,
