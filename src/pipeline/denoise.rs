@@ -153,7 +153,7 @@ impl DenoiseLoop {
 }
 
 /// Previews of every image: the predicted clean latents `x - sigma * v` through the model's preview factors.
-fn previews(
+pub(super) fn previews(
     latents: &Array4<f32>,
     velocity: &[f32],
     sigma: f32,

@@ -5,9 +5,10 @@
 //! the starting latents (and the inpainting references) once and copies the final latents back once.
 //!
 //! Covered: Euler (also over a truncated schedule: img2img, inpainting), Heun and DPM-Solver++ (2M), with and
-//! without classifier-free guidance, batches, inpainting. Everything else (skip-layer guidance, ControlNets,
-//! previews) runs the host loop ([`DenoiseLoop::run`]); `Sd3Pipeline::run_denoise` chooses
-//! ([`DenoiseLoop::fits_device`]). On the CPU provider the two loops give the same latents to the bit
+//! without classifier-free guidance, batches, inpainting, skip-layer guidance (when the skip-layer graph runs on
+//! the transformer's provider) and previews (the sample and the guided velocity come back to the host at the
+//! preview steps only). ControlNets run the host loop ([`DenoiseLoop::run`]); `Sd3Pipeline::run_denoise`
+//! chooses ([`DenoiseLoop::fits_device`]). On the CPU provider the two loops give the same latents to the bit
 //! (tests/device_loop.rs).
 
 use std::time::{Duration, Instant};
@@ -21,11 +22,11 @@ use crate::runtime::{Binding, DeviceTensor, ElementType, Graph, Input, StepKind,
 use crate::scheduler::StepScalars;
 
 impl DenoiseLoop {
-    /// Whether this loop can run on the device: no previews, and skip-layer guidance only with a skip-layer graph
-    /// that runs where the transformer runs (`skip_graph_alongside`). ControlNets are the caller's to check.
+    /// Whether this loop can run on the device: skip-layer guidance only with a skip-layer graph that runs where
+    /// the transformer runs (`skip_graph_alongside`). ControlNets are the caller's to check.
     pub fn fits_device(&self, skip_graph_alongside: bool) -> bool {
         let slg = self.skip_layers.is_some() && self.guidance.is_some();
-        self.preview_every.is_none() && (!slg || skip_graph_alongside)
+        !slg || skip_graph_alongside
     }
 
     /// Runs every evaluation on the transformer's device, like [`DenoiseLoop::run`] (same cancellation, progress
@@ -144,11 +145,21 @@ impl DenoiseLoop {
                 let level = if i + 1 < evaluations { next } else { 0.0 };
                 scalars.extend([level, 1.0 - level, 1.0]);
             }
+            // Previews: the sample before the step and the guided velocity come back to the host at these steps.
+            let preview = match &self.preview_every {
+                Some((k, factors)) if *k > 0 && ((i + 1) % k == 0 || i + 1 == evaluations) => Some(factors.clone()),
+                _ => None,
+            };
+            let before = match &preview {
+                Some(_) => Some(transformer.download(&x)?),
+                None => None,
+            };
             let spec = StepSpec {
                 kind,
                 guidance: guidance.is_some(),
                 skip: skipped.is_some(),
                 single: slg.is_some(),
+                guided: preview.is_some(),
                 inpaint,
                 hidden: hidden_type,
                 velocity: velocity_type,
@@ -178,6 +189,17 @@ impl DenoiseLoop {
             if spec.single {
                 single = out.next();
             }
+            let previews = match (preview, before, out.next()) {
+                (Some(factors), Some(before), Some(guided)) => {
+                    let before = before
+                        .into_dimensionality::<Ix4>()
+                        .map_err(|e| Error::internal(format!("the device loop's latents: {e}")))?;
+                    let guided = transformer.download(&guided)?;
+                    let v = guided.as_slice().ok_or_else(|| Error::internal("the guided velocity is not contiguous"))?;
+                    super::denoise::previews(&before, v, sigma, images, &factors)?
+                }
+                _ => Vec::new(),
+            };
             match kind {
                 StepKind::HeunFirst => {
                     derivative = extra;
@@ -193,7 +215,7 @@ impl DenoiseLoop {
             x = x_next;
             hidden = hidden_next;
             durations.push(step_start.elapsed());
-            let report = StepProgress { step: i, steps: evaluations, sigma, elapsed: started.elapsed(), previews: Vec::new() };
+            let report = StepProgress { step: i, steps: evaluations, sigma, elapsed: started.elapsed(), previews };
             let flow = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| progress(&report)))
                 .map_err(|payload| Error::CallbackPanicked { step: i, message: panic_message(payload.as_ref()) })?;
             if flow.is_break() {

@@ -75,7 +75,7 @@ impl StepKind {
 ///
 /// Outputs: `x_next` (float32 like `x`), `hidden` (`hidden` type, `[b, c, h, w]`: the next transformer input,
 /// `[x_next, x_next]` with guidance), the kind's extra output (float32 like `x`) and with `single`
-/// `hidden_single` (`hidden` type, like `x`).
+/// `hidden_single` (`hidden` type, like `x`); with `guided` the guided velocity `guided` (float32 like `x`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct StepSpec {
     pub kind: StepKind,
@@ -85,6 +85,8 @@ pub(crate) struct StepSpec {
     pub skip: bool,
     /// Output `hidden_single` too: the next input of the skip-layer graph (`x_next` cast, not doubled).
     pub single: bool,
+    /// Output `guided` too: the guided velocity (float32 like `x`), for previews.
+    pub guided: bool,
     pub inpaint: bool,
     /// The transformer's `hidden_states` element type.
     pub hidden: ElementType,
@@ -104,6 +106,9 @@ impl StepSpec {
         v.extend(self.kind.extra_output());
         if self.single {
             v.push("hidden_single");
+        }
+        if self.guided {
+            v.push("guided");
         }
         v
     }
@@ -352,6 +357,10 @@ pub(crate) fn step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
         g.node("Identity", &[&cast], &["hidden_single"], &[]);
         g.output("hidden_single", th, &x_dims);
     }
+    if spec.guided {
+        g.node("Identity", &[&guided], &["guided"], &[]);
+        g.output("guided", F32, &x_dims);
+    }
     Some(g.finish())
 }
 
@@ -509,6 +518,7 @@ mod tests {
                         guidance,
                         skip,
                         single: guidance,
+                        guided: inpaint,
                         inpaint,
                         hidden: ElementType::Float16,
                         velocity: ElementType::Float16,
@@ -516,7 +526,8 @@ mod tests {
                     assert!(step_graph(&spec).is_some_and(|b| !b.is_empty()));
                     let expected = usize::from(guidance) + usize::from(skip) + kind.scalars() + 3 * usize::from(inpaint);
                     assert_eq!(spec.scalars(), expected);
-                    assert_eq!(spec.outputs().len(), 2 + usize::from(kind.extra_output().is_some()) + usize::from(guidance));
+                    let extra = usize::from(kind.extra_output().is_some()) + usize::from(guidance) + usize::from(inpaint);
+                    assert_eq!(spec.outputs().len(), 2 + extra);
                 }
             }
         }
@@ -525,6 +536,7 @@ mod tests {
             guidance: false,
             skip: false,
             single: false,
+            guided: false,
             inpaint: false,
             hidden: ElementType::Int64,
             velocity: ElementType::Float32,
