@@ -6,7 +6,15 @@
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
 //!     [--attention auto|flash|efficient|cudnn|math] [--controlnet DIR [--control-scale 0.7]]
+//!     [--loop auto|host|device|both] [--sampler euler|heun|dpmpp_2m]
 //! ```
+//!
+//! `--loop` picks the denoising loop (`Sd3PipelineBuilder::device_loop`): `auto` (default: on the device with
+//! CUDA / TensorRT), `host`, `device`, or `both`: the same measurement with the host loop, then with the device
+//! loop (a pipeline each, one after the other), side by side in one table. The rows "time per step" and
+//! "outside Session::run per step" (our overhead: everything in a step but the transformer's `Session::run`) are
+//! the ones to compare; the json then has both columns (`medians_ms` is the last one's), and the table is followed
+//! by the two loops' difference (first image, and final latents of one more run).
 //!
 //! `--controlnet DIR` loads a ControlNet folder (the model folder needs `transformer/model_controlnet.onnx`) and
 //! generates with it, on a synthetic control image (white lines on black, the request's size); the table then
@@ -37,6 +45,8 @@ struct Args {
     attention: CudaAttention,
     controlnet: Option<PathBuf>,
     control_scale: f32,
+    /// The loops to measure: `None` is the builder's automatic choice.
+    loops: Vec<Option<bool>>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -57,6 +67,7 @@ fn parse() -> Result<Args, String> {
         attention: CudaAttention::Auto,
         controlnet: None,
         control_scale: 0.7,
+        loops: vec![None],
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
@@ -88,6 +99,19 @@ fn parse() -> Result<Args, String> {
             "--attention" => a.attention = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--controlnet" => a.controlnet = Some(PathBuf::from(v)),
             "--control-scale" => a.control_scale = num(&v)? as f32,
+            "--sampler" => {
+                let kind: sd3_onnx::SamplerKind = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?;
+                a.request = a.request.clone().sampler(kind);
+            }
+            "--loop" => {
+                a.loops = match v.as_str() {
+                    "auto" => vec![None],
+                    "host" => vec![Some(false)],
+                    "device" => vec![Some(true)],
+                    "both" => vec![Some(false), Some(true)],
+                    other => return Err(format!("--loop: {other:?} is not auto, host, device or both")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -116,13 +140,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
+fn builder(a: &Args, device_loop: Option<bool>) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
     // The attention kernels are an option of the CUDA provider.
     let ep = match &a.ep {
         ExecutionProvider::Cuda(o) => ExecutionProvider::Cuda(o.clone().attention(a.attention)),
         other => other.clone(),
     };
     let mut b = Sd3Pipeline::builder(&a.model).execution_provider(ep).low_memory(a.low_memory).vae_tiling(a.vae_tiling);
+    if let Some(on) = device_loop {
+        b = b.device_loop(on);
+    }
     if a.static_shape {
         let (w, h) = match (a.request.width, a.request.height) {
             (Some(w), Some(h)) => (w, h),
@@ -137,9 +164,21 @@ fn builder(a: &Args) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
     Ok(b)
 }
 
-fn run(a: Args) -> Result<(), String> {
+/// One loop's measurement: the timings of the timed runs and the load time.
+struct Measured {
+    timings: Vec<Timings>,
+    /// The first run's first image and the final latents of one more run (`Sd3Pipeline::denoise`), to compare
+    /// the loops.
+    image: sd3_onnx::image::RgbImage,
+    latents: sd3_onnx::ndarray::Array4<f32>,
+    load: Duration,
+    info: sd3_onnx::ModelInfo,
+    request: GenerationRequest,
+}
+
+fn measure(a: &Args, device_loop: Option<bool>, compare: bool) -> Result<(Measured, Sd3Pipeline), String> {
     let t = Instant::now();
-    let mut pipe = builder(&a)?.build().map_err(|e| e.to_string())?;
+    let mut pipe = builder(a, device_loop)?.build().map_err(|e| e.to_string())?;
     if let Some(dir) = &a.controlnet {
         pipe.load_controlnet("bench", dir).map_err(|e| e.to_string())?;
     }
@@ -152,45 +191,108 @@ fn run(a: Args) -> Result<(), String> {
         request = request.controlnet(ControlNetUnit::new("bench", control_image(w, h)).scale(a.control_scale));
     }
     let mut all: Vec<Timings> = Vec::new();
+    let mut image = None;
     for i in 0..a.warmup + a.runs {
         let out = pipe.generate(&request).map_err(|e| e.to_string())?;
-        eprintln!("{} {}: {:.1} ms", if i < a.warmup { "warm-up" } else { "run" }, i, ms(out.timings.total));
+        if image.is_none() {
+            image = out.images.first().cloned();
+        }
+        eprintln!(
+            "{} {}: {:.1} ms ({} loop)",
+            if i < a.warmup { "warm-up" } else { "run" },
+            i,
+            ms(out.timings.total),
+            if out.timings.device_loop { "device" } else { "host" }
+        );
         if i == 0 {
             if let Some(p) = &a.output {
-                out.images[0].save(p).map_err(|e| e.to_string())?;
+                // With several loops: FILE-host.png, FILE-device.png.
+                let path = match (a.loops.len(), device_loop) {
+                    (1, _) | (_, None) => p.clone(),
+                    (_, Some(on)) => p.with_file_name(format!(
+                        "{}-{}.png",
+                        p.file_stem().map_or("out".into(), |s| s.to_string_lossy()),
+                        if on { "device" } else { "host" }
+                    )),
+                };
+                out.images[0].save(&path).map_err(|e| e.to_string())?;
             }
         }
         if i >= a.warmup {
             all.push(out.timings);
         }
     }
-    let steps = a.request.steps as f64;
+    let image = image.ok_or("no image")?;
+    let latents = if compare { pipe.denoise(&request).map_err(|e| e.to_string())? } else { Default::default() };
+    Ok((Measured { timings: all, image, latents, load, info, request }, pipe))
+}
+
+/// The `Session::run` time of the graphs the denoising loop runs.
+fn loop_runs(t: &Timings) -> Duration {
+    [Component::Transformer, Component::TransformerSkipLayers, Component::ControlNet, Component::TransformerControlNet]
+        .iter()
+        .map(|c| t.component(*c))
+        .sum()
+}
+
+fn rows(m: &Measured, controlnet: bool) -> Vec<(&'static str, f64)> {
+    let all = &m.timings;
     let col = |f: &dyn Fn(&Timings) -> f64| median(all.iter().map(f).collect());
+    // Per transformer evaluation (Heun evaluates 2 * steps - 1 times).
+    let evals = |t: &Timings| t.steps.len().max(1) as f64;
     let mut rows: Vec<(&str, f64)> = vec![
         ("end to end", col(&|t| ms(t.total))),
         ("text encoding", col(&|t| ms(t.text_encoding))),
         ("denoising loop", col(&|t| ms(t.denoising))),
-        ("  per step (whole loop / steps)", col(&|t| ms(t.denoising) / steps)),
-        ("  transformer Session::run per step", col(&|t| ms(t.component(Component::Transformer)) / steps)),
+        ("  per step (whole loop / steps)", col(&|t| ms(t.denoising) / evals(t))),
+        ("  transformer Session::run per step", col(&|t| ms(t.component(Component::Transformer)) / evals(t))),
+        ("  time per step (mean of the steps)", col(&|t| ms(t.steps.iter().sum::<Duration>()) / evals(t))),
+        (
+            "  outside Session::run per step (our overhead)",
+            col(&|t| ms(t.steps.iter().sum::<Duration>().saturating_sub(loop_runs(t))) / evals(t)),
+        ),
+        ("  outside Session::run in the loop, per image", col(&|t| ms(t.denoising.saturating_sub(loop_runs(t))))),
         ("VAE decode", col(&|t| ms(t.vae_decode))),
         ("graph loads during the run (low-memory mode)", col(&|t| ms(t.load))),
         ("inside ONNX Runtime", col(&|t| ms(t.onnx_runtime))),
         ("outside ONNX Runtime (our code)", col(&|t| ms(t.outside_onnx_runtime()))),
+        ("device loop (1 = used)", col(&|t| f64::from(u8::from(t.device_loop)))),
     ];
-    if a.controlnet.is_some() {
+    if controlnet {
         rows.insert(
             5,
             (
                 "  residual transformer Session::run per step",
-                col(&|t| ms(t.component(Component::TransformerControlNet)) / steps),
+                col(&|t| ms(t.component(Component::TransformerControlNet)) / evals(t)),
             ),
         );
-        rows.insert(
-            5,
-            ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / steps)),
-        );
+        rows.insert(5, ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / evals(t))));
         rows.push(("VAE encode (control image)", col(&|t| ms(t.component(Component::VaeEncoder)))));
     }
+    rows
+}
+
+fn loop_name(l: Option<bool>) -> &'static str {
+    match l {
+        None => "auto",
+        Some(false) => "host loop",
+        Some(true) => "device loop",
+    }
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let mut measured = Vec::new();
+    let mut pipe = None;
+    for l in &a.loops {
+        drop(pipe.take()); // one pipeline at a time
+        let (m, p) = measure(&a, *l, a.loops.len() > 1)?;
+        measured.push((*l, m));
+        pipe = Some(p);
+    }
+    let (_, last) = measured.last().ok_or("no measurement")?;
+    let (info, request) = (last.info.clone(), last.request.clone());
+    let tables: Vec<(Option<bool>, Vec<(&str, f64)>)> =
+        measured.iter().map(|(l, m)| (*l, rows(m, a.controlnet.is_some()))).collect();
     let size = format!(
         "{}x{}",
         a.request.width.map_or(info.default_size as u32, |v| v),
@@ -212,17 +314,32 @@ fn run(a: Args) -> Result<(), String> {
         a.model.display(),
         a.request.steps,
         a.request.guidance,
-        a.controlnet.as_ref().map_or(String::new(), |d| format!(
-            " | ControlNet {} (scale {})",
-            d.display(),
-            a.control_scale
-        )),
-        ms(load),
+        a.controlnet.as_ref().map_or(String::new(), |d| format!(" | ControlNet {} (scale {})", d.display(), a.control_scale)),
+        ms(last.load),
         a.runs
     );
-    println!("| stage | ms |\n|---|---:|");
-    for (name, v) in &rows {
-        println!("| {name} | {v:.2} |");
+    if tables.len() == 1 {
+        println!("| stage | ms |\n|---|---:|");
+    } else {
+        let heads: Vec<String> = tables.iter().map(|(l, _)| format!("{} ms", loop_name(*l))).collect();
+        println!("| stage | {} |\n|---|{}", heads.join(" | "), "---:|".repeat(heads.len()));
+    }
+    for (i, (name, _)) in tables[0].1.iter().enumerate() {
+        let cells: Vec<String> = tables.iter().map(|(_, r)| format!("{:.2}", r[i].1)).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    if let [(_, first), (_, second)] = &measured[..] {
+        let (mut max, mut sum) = (0u8, 0u64);
+        for (p, q) in first.image.as_raw().iter().zip(second.image.as_raw()) {
+            let d = p.abs_diff(*q);
+            max = max.max(d);
+            sum += u64::from(d);
+        }
+        let mean = sum as f64 / first.image.as_raw().len().max(1) as f64;
+        let latents = first.latents.iter().zip(&second.latents).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        println!(
+            "\nhost loop vs device loop: first image max {max} levels, mean {mean:.4}; final latents max |diff| {latents:.3e}"
+        );
     }
     if let Some(kib) = peak_rss_kib() {
         println!("\npeak host memory (VmHWM): {:.1} MiB", kib as f64 / 1024.0);
@@ -230,7 +347,8 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(dir) = &a.profile {
         // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
         drop(pipe);
-        let mut profiled = builder(&a)?.profiling(dir).build().map_err(|e| e.to_string())?;
+        let l = *a.loops.last().unwrap_or(&None);
+        let mut profiled = builder(&a, l)?.profiling(dir).build().map_err(|e| e.to_string())?;
         if let Some(dir) = &a.controlnet {
             profiled.load_controlnet("bench", dir).map_err(|e| e.to_string())?;
         }
@@ -242,12 +360,16 @@ fn run(a: Args) -> Result<(), String> {
         }
     }
     if let Some(path) = a.json {
-        let obj: serde_json::Map<String, serde_json::Value> =
-            rows.iter().map(|(k, v)| (k.trim().to_string(), serde_json::json!(v))).collect();
+        let obj = |rows: &[(&str, f64)]| -> serde_json::Map<String, serde_json::Value> {
+            rows.iter().map(|(k, v)| (k.trim().to_string(), serde_json::json!(v))).collect()
+        };
+        let by_loop: serde_json::Map<String, serde_json::Value> =
+            tables.iter().map(|(l, r)| (loop_name(*l).to_string(), serde_json::Value::Object(obj(r)))).collect();
         let doc = serde_json::json!({
             "provider": a.ep.to_string(), "model": a.model.display().to_string(), "size": size,
-            "steps": a.request.steps, "guidance": a.request.guidance, "runs": a.runs, "load_ms": ms(load),
-            "medians_ms": obj,
+            "steps": a.request.steps, "guidance": a.request.guidance, "runs": a.runs, "load_ms": ms(last.load),
+            "medians_ms": obj(&tables[tables.len() - 1].1),
+            "medians_ms_by_loop": by_loop,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?)
             .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -454,10 +454,14 @@ impl Graph {
             ExecutionProvider::TensorRt(o) => ExecutionProvider::cuda(o.device_id),
             other => other.clone(),
         };
-        let mut builder = Session::builder(&self.source.env).map_err(err)?;
-        if let Some(n) = self.source.config.intra_threads {
-            builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
-        }
+        // A few element-wise nodes: one thread, no spinning (a thread pool's wake-ups cost more than the work at
+        // these sizes on the CPU, and on a GPU the CPU threads only launch kernels).
+        let builder = Session::builder(&self.source.env)
+            .map_err(err)?
+            .with_intra_threads(1)
+            .and_then(|b| b.with_inter_threads(1))
+            .and_then(|b| b.with_config_entry("session.intra_op.allow_spinning", "0"))
+            .map_err(|e| err(e.into()))?;
         let mut builder = provider.register(builder, component)?;
         let session = builder.commit_from_memory(&bytes).map_err(err)?;
         self.steppers.sessions.push((*spec, session));
