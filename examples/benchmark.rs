@@ -235,7 +235,10 @@ fn loop_runs(t: &Timings) -> Duration {
         .sum()
 }
 
-fn rows(m: &Measured, controlnet: bool) -> Vec<(&'static str, f64)> {
+/// A table column: (row name, milliseconds).
+type Rows = Vec<(&'static str, f64)>;
+
+fn rows(m: &Measured, controlnet: bool) -> Rows {
     let all = &m.timings;
     let col = |f: &dyn Fn(&Timings) -> f64| median(all.iter().map(f).collect());
     // Per transformer evaluation (Heun evaluates 2 * steps - 1 times).
@@ -266,7 +269,10 @@ fn rows(m: &Measured, controlnet: bool) -> Vec<(&'static str, f64)> {
                 col(&|t| ms(t.component(Component::TransformerControlNet)) / evals(t)),
             ),
         );
-        rows.insert(5, ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / evals(t))));
+        rows.insert(
+            5,
+            ("  ControlNet Session::run per step", col(&|t| ms(t.component(Component::ControlNet)) / evals(t))),
+        );
         rows.push(("VAE encode (control image)", col(&|t| ms(t.component(Component::VaeEncoder)))));
     }
     rows
@@ -291,7 +297,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     let (_, last) = measured.last().ok_or("no measurement")?;
     let (info, request) = (last.info.clone(), last.request.clone());
-    let tables: Vec<(Option<bool>, Vec<(&str, f64)>)> =
+    let tables: Vec<(Option<bool>, Rows)> =
         measured.iter().map(|(l, m)| (*l, rows(m, a.controlnet.is_some()))).collect();
     let size = format!(
         "{}x{}",
@@ -314,7 +320,11 @@ fn run(a: Args) -> Result<(), String> {
         a.model.display(),
         a.request.steps,
         a.request.guidance,
-        a.controlnet.as_ref().map_or(String::new(), |d| format!(" | ControlNet {} (scale {})", d.display(), a.control_scale)),
+        a.controlnet.as_ref().map_or(String::new(), |d| format!(
+            " | ControlNet {} (scale {})",
+            d.display(),
+            a.control_scale
+        )),
         ms(last.load),
         a.runs
     );

@@ -113,7 +113,8 @@ fn batches() {
     let (mut host, mut device, _scratch) = pipelines("tiny-sd3");
     let req = GenerationRequest::new("a red cube on a table").size(64, 64).steps(4).guidance(5.0).seed(7);
     check("batch of 2 (images_per_prompt)", &mut host, &mut device, &[req.clone().images_per_prompt(2)], true);
-    let other = GenerationRequest::new("a blue sphere").negative_prompt("blurry").size(64, 64).steps(4).guidance(5.0).seed(3);
+    let other =
+        GenerationRequest::new("a blue sphere").negative_prompt("blurry").size(64, 64).steps(4).guidance(5.0).seed(3);
     check("batch of 2 requests", &mut host, &mut device, &[req.clone(), other.clone()], true);
     check(
         "batch of 2 requests, no cfg",
@@ -180,11 +181,23 @@ fn skip_layer_guidance() {
     for (start, stop) in [(0.0, 0.5), (0.0, 1.0), (0.3, 0.8)] {
         let slg = SkipLayerGuidance::new(2.8).window(start, stop).layers(vec![1]);
         let r = req.clone().skip_layer_guidance(slg);
-        check(&format!("tiny-sd35 skip-layer guidance {start}-{stop}"), &mut host, &mut device, std::slice::from_ref(&r), true);
+        check(
+            &format!("tiny-sd35 skip-layer guidance {start}-{stop}"),
+            &mut host,
+            &mut device,
+            std::slice::from_ref(&r),
+            true,
+        );
         let seeded = GenerationRequest::new("a red cube").size(64, 64).steps(6).guidance(5.0).seed(11);
         let two = seeded.images_per_prompt(2).skip_layer_guidance(r.skip_layer_guidance.clone().unwrap());
         check(&format!("tiny-sd35 skip-layer guidance {start}-{stop} x2"), &mut host, &mut device, &[two], true);
-        check(&format!("tiny-sd35 skip-layer guidance {start}-{stop} heun"), &mut host, &mut device, &[r.sampler(SamplerKind::Heun)], true);
+        check(
+            &format!("tiny-sd35 skip-layer guidance {start}-{stop} heun"),
+            &mut host,
+            &mut device,
+            &[r.sampler(SamplerKind::Heun)],
+            true,
+        );
     }
 }
 
@@ -194,7 +207,7 @@ fn previews() {
     let (mut host, mut device, _) = pipelines("tiny-sd3");
     let req = golden("tiny-sd3", "cfg_negative").preview_every(3);
     check("tiny-sd3 previews", &mut host, &mut device, std::slice::from_ref(&req), true);
-    let mut collect = |pipe: &mut Sd3Pipeline| {
+    let collect = |pipe: &mut Sd3Pipeline| {
         let mut seen = Vec::new();
         let out = pipe
             .generate_with_progress(&req, |p| {

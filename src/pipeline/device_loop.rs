@@ -195,7 +195,8 @@ impl DenoiseLoop {
                         .into_dimensionality::<Ix4>()
                         .map_err(|e| Error::internal(format!("the device loop's latents: {e}")))?;
                     let guided = transformer.download(&guided)?;
-                    let v = guided.as_slice().ok_or_else(|| Error::internal("the guided velocity is not contiguous"))?;
+                    let v =
+                        guided.as_slice().ok_or_else(|| Error::internal("the guided velocity is not contiguous"))?;
                     super::denoise::previews(&before, v, sigma, images, &factors)?
                 }
                 _ => Vec::new(),

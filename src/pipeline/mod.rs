@@ -528,8 +528,7 @@ impl Sd3Pipeline {
             denoise.run_on_device(&mut latents, transformer, &mut bound, batch_size, skip, cancelled, progress, t)?
         } else {
             let patch = self.info.patch_size;
-            let (transformer, skip, nets) =
-                (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
+            let (transformer, skip, nets) = (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
             let model = |pass: Pass, x: &Array4<f32>, timestep: f32| match (pass, skip.as_mut(), skip_bound.as_mut()) {
                 (Pass::Full, _, _) => match control.as_mut() {
                     Some(run) => {

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 
 pub use graph::ElementType;
 pub(crate) use graph::{Binding, Graph, Input, Port, SessionConfig};
-pub(crate) use step::{DeviceTensor, StepKind, StepSpec};
 pub use provider::{CudaAttention, CudaOptions, DirectMlOptions, ExecutionProvider, TensorRtOptions};
+pub(crate) use step::{DeviceTensor, StepKind, StepSpec};
 
 use crate::error::{boxed, Error, Result};
 

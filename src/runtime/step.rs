@@ -431,7 +431,8 @@ impl Graph {
         binding.inner.bind_output_to_device(output, &memory).map_err(infer)?;
         let started = Instant::now();
         self.ensure_loaded()?;
-        let mut outputs = super::graph::live(&mut self.session, component)?.run_binding(&binding.inner).map_err(infer)?;
+        let mut outputs =
+            super::graph::live(&mut self.session, component)?.run_binding(&binding.inner).map_err(infer)?;
         self.run_time += started.elapsed();
         let value = outputs
             .remove(output)
@@ -456,12 +457,10 @@ impl Graph {
         };
         // A few element-wise nodes: one thread, no spinning (a thread pool's wake-ups cost more than the work at
         // these sizes on the CPU, and on a GPU the CPU threads only launch kernels).
-        let builder = Session::builder(&self.source.env)
-            .map_err(err)?
-            .with_intra_threads(1)
-            .and_then(|b| b.with_inter_threads(1))
-            .and_then(|b| b.with_config_entry("session.intra_op.allow_spinning", "0"))
-            .map_err(|e| err(e.into()))?;
+        let builder = Session::builder(&self.source.env).map_err(err)?;
+        let builder = builder.with_intra_threads(1).map_err(|e| err(e.into()))?;
+        let builder = builder.with_inter_threads(1).map_err(|e| err(e.into()))?;
+        let builder = builder.with_config_entry("session.intra_op.allow_spinning", "0").map_err(|e| err(e.into()))?;
         let mut builder = provider.register(builder, component)?;
         let session = builder.commit_from_memory(&bytes).map_err(err)?;
         self.steppers.sessions.push((*spec, session));
@@ -513,7 +512,9 @@ mod tests {
 
     #[test]
     fn every_spec_has_a_graph_and_its_scalar_count() {
-        for kind in [StepKind::Euler, StepKind::HeunFirst, StepKind::HeunSecond, StepKind::DpmFirst, StepKind::DpmSecond] {
+        for kind in
+            [StepKind::Euler, StepKind::HeunFirst, StepKind::HeunSecond, StepKind::DpmFirst, StepKind::DpmSecond]
+        {
             for guidance in [false, true] {
                 for inpaint in [false, true] {
                     let skip = guidance && inpaint;
@@ -528,9 +529,11 @@ mod tests {
                         velocity: ElementType::Float16,
                     };
                     assert!(step_graph(&spec).is_some_and(|b| !b.is_empty()));
-                    let expected = usize::from(guidance) + usize::from(skip) + kind.scalars() + 3 * usize::from(inpaint);
+                    let expected =
+                        usize::from(guidance) + usize::from(skip) + kind.scalars() + 3 * usize::from(inpaint);
                     assert_eq!(spec.scalars(), expected);
-                    let extra = usize::from(kind.extra_output().is_some()) + usize::from(guidance) + usize::from(inpaint);
+                    let extra =
+                        usize::from(kind.extra_output().is_some()) + usize::from(guidance) + usize::from(inpaint);
                     assert_eq!(spec.outputs().len(), 2 + extra);
                 }
             }
