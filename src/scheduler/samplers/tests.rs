@@ -246,3 +246,59 @@ fn samplers_are_deterministic_and_clone_mid_run() {
         assert!(x.iter().all(|v| v.is_finite()));
     }
 }
+
+/// `Sampler::advance` (the device loop's scalars) applied with the formulas of src/runtime/step.rs gives the
+/// trajectory of `Sampler::step` to the bit, for every sampler, also over a truncated Euler schedule.
+#[test]
+fn advance_reproduces_step() {
+    let truncated = Sampler::euler(sd3().schedule(10, None).unwrap().skip(4));
+    let samplers = [
+        Sampler::new(SamplerKind::Euler, &sd3(), 7, None).unwrap(),
+        Sampler::new(SamplerKind::Heun, &sd3(), 7, None).unwrap(),
+        Sampler::new(SamplerKind::DpmSolverPlusPlus2M, &sd3(), 7, None).unwrap(),
+        Sampler::new(SamplerKind::DpmSolverPlusPlus2M, &dynamic(), 5, Some(0.8)).unwrap(),
+        truncated,
+    ];
+    for reference in samplers {
+        let mut stepped = reference.clone();
+        let mut advanced = reference.clone();
+        let mut x = start();
+        let mut y = start();
+        let (mut d1, mut saved, mut prev_x0) = (Vec::new(), Vec::new(), Vec::new());
+        while stepped.index() < stepped.len() {
+            let t = stepped.timesteps()[stepped.index()];
+            let v: Vec<f32> = x.iter().map(|x| 0.7 * x + (t / 1000.0) - 0.05 * x * x).collect();
+            stepped.step(&v, &mut x).unwrap();
+            let w: Vec<f32> = y.iter().map(|y| 0.7 * y + (t / 1000.0) - 0.05 * y * y).collect();
+            match advanced.advance().unwrap() {
+                StepScalars::Euler { dt } => y.iter_mut().zip(&w).for_each(|(y, v)| *y += dt * v),
+                StepScalars::HeunFirst { sigma, sigma_hat, dt } => {
+                    saved = y.clone();
+                    d1 = y.iter().zip(&w).map(|(y, v)| (y - (y - v * sigma)) / sigma_hat).collect();
+                    y.iter_mut().zip(&d1).for_each(|(y, d)| *y += d * dt);
+                }
+                StepScalars::HeunSecond { sigma_next, dt } => {
+                    for (((y, v), d1), s) in y.iter_mut().zip(&w).zip(&d1).zip(&saved) {
+                        let d = 0.5 * (d1 + (*y - (*y - v * sigma_next)) / sigma_next);
+                        *y = s + d * dt;
+                    }
+                }
+                StepScalars::DpmFirst { sigma, ratio, coef } => {
+                    let x0: Vec<f32> = y.iter().zip(&w).map(|(y, v)| y - sigma * v).collect();
+                    y.iter_mut().zip(&x0).for_each(|(y, m)| *y = ratio * *y - coef * m);
+                    prev_x0 = x0;
+                }
+                StepScalars::DpmSecond { sigma, inv_r0, ratio, coef, half_coef } => {
+                    let x0: Vec<f32> = y.iter().zip(&w).map(|(y, v)| y - sigma * v).collect();
+                    for ((y, m0), m1) in y.iter_mut().zip(&x0).zip(&prev_x0) {
+                        *y = ratio * *y - coef * m0 - half_coef * (inv_r0 * (m0 - m1));
+                    }
+                    prev_x0 = x0;
+                }
+            }
+            assert_eq!(x, y, "{} evaluation {}", reference.kind(), stepped.index() - 1);
+        }
+        assert_eq!(advanced.index(), advanced.len());
+        assert!(advanced.advance().is_err(), "a complete run has nothing to advance");
+    }
+}
