@@ -249,7 +249,8 @@ fn timings_are_milliseconds() {
         json!({
             "text_encoding_ms": 12.345678, "denoising_ms": 250.0, "steps_ms": [124.999999, 125.000001],
             "vae_decode_ms": 0.007, "total_ms": 1_728_000_999.999999, "onnx_runtime_ms": 0.000001,
-            "components": [{"component": "transformer", "ms": 200.0}], "load_ms": 0.0, "lora_ms": 3.5
+            "components": [{"component": "transformer", "ms": 200.0}], "load_ms": 0.0, "lora_ms": 3.5,
+            "device_loop": false
         })
     );
     let back: Timings = serde_json::from_str(&serde_json::to_string(&timings).unwrap()).unwrap();
@@ -258,6 +259,10 @@ fn timings_are_milliseconds() {
     let mut old = value.clone();
     old.as_object_mut().unwrap().remove("lora_ms");
     assert_eq!(serde_json::from_value::<Timings>(old).unwrap().lora, Duration::ZERO);
+    // And before `device_loop` existed (as false).
+    let mut old = value.clone();
+    old.as_object_mut().unwrap().remove("device_loop");
+    assert!(!serde_json::from_value::<Timings>(old).unwrap().device_loop);
 
     let mut negative = value.clone();
     negative["total_ms"] = json!(-1.0);
