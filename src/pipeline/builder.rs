@@ -138,11 +138,13 @@ impl Sd3PipelineBuilder {
     ///
     /// On the device the latents and the transformer's output stay in the transformer's memory between steps:
     /// guidance, the sampler step and the inpainting blend run as small ONNX graphs on the transformer's own
-    /// execution provider, and the latents come back to the host once, after the last step. It covers the Euler,
-    /// Heun and DPM-Solver++ samplers with and without guidance, batches, img2img and inpainting; runs with
-    /// skip-layer guidance, ControlNets or previews use the host loop whatever this says. The arithmetic is the
-    /// host loop's, in the same order (on the CPU the two give the same latents), so `true` on the CPU is for
-    /// testing it. [`Timings::device_loop`](crate::Timings::device_loop) says which loop a run used.
+    /// execution provider, and the latents come back to the host once, after the last step (with previews, also
+    /// at the preview steps). It covers the Euler, Heun and DPM-Solver++ samplers with and without guidance,
+    /// batches, img2img, inpainting and skip-layer guidance; runs with ControlNets, or with skip-layer guidance
+    /// whose graph runs on another provider than the transformer, use the host loop whatever this says. The
+    /// arithmetic is the host loop's, in the same order (on the CPU the two give the same latents), so `true` on
+    /// the CPU is for testing it. [`Timings::device_loop`](crate::Timings::device_loop) says which loop a run
+    /// used.
     pub fn device_loop(mut self, enable: bool) -> Self {
         self.device_loop = Some(enable);
         self
