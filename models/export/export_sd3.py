@@ -132,6 +132,11 @@ RANDOM_VARIANTS = {
     # The tiny shapes with SD3.5's q/k RMS-norm (norm weights drawn in 0.5..1.5 so that image and context norms
     # differ): for the --fused-kernels HeadRmsNorm fixture (make_export_fixtures.py).
     "tiny-qk": dict(TINY, transformer=dict(TINY["transformer"], qk_norm="rms_norm"), shift=3.0),
+    # The tiny shapes as SD3.5-medium's MMDiT-X: q/k RMS-norm and dual attention (attn2) in blocks 0 and 1 of 4
+    # (dual -> dual -> plain -> last, as SD3.5-medium's blocks 12 -> 13 -> ... -> 23), norm weights drawn like
+    # tiny-qk: for the --fused-kernels dual-attention fixture (make_export_fixtures.py).
+    "tiny-dual": dict(TINY, transformer=dict(TINY["transformer"], qk_norm="rms_norm", num_layers=4,
+                                             dual_attention_layers=[0, 1]), shift=3.0),
 }
 
 
@@ -217,7 +222,7 @@ class Source:
                 if "dual_attention_layers" in cfg:
                     cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < self.layers - 1]
             m = SD3Transformer2DModel(**cfg).eval()
-            if self.variant == "tiny-qk":
+            if self.variant in ("tiny-qk", "tiny-dual"):
                 with torch.no_grad():
                     for name, prm in m.named_parameters():
                         if ".norm_" in name and name.endswith(".weight"):
