@@ -1499,7 +1499,7 @@ def parse_args(argv=None):
                     help="with --dtype fp16: rewrite the transformer to the crate's fused operators (domain sd3onnx: "
                          "cuBLASLt bias/GELU epilogues, one gate+residual+adaLN-LayerNorm kernel, no attention "
                          "transposes; models/export/fused_kernels.py). For the CUDA provider; the CPU runs them "
-                         "too. Not applied to the --skip-layers graph; SD3.5-medium's dual attention is refused")
+                         "too. Not applied to the --skip-layers graph; SD3.5-medium's dual-attention blocks included")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,

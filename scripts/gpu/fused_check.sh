@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine: the fused operators (src/runtime/kernels, CUDA versions) against their CPU versions and
-# against the unfused float16 graphs, on the tiny fixtures (models/fixtures/export-tiny-fp16{,-fused} and
-# export-tiny-qk-fp16{,-fused}, each in a copy of tiny-sd3), through .device-bin/benchmark (built with --features
+# against the unfused float16 graphs, on the tiny fixtures (models/fixtures/export-tiny-fp16{,-fused},
+# export-tiny-qk-fp16{,-fused} and export-tiny-dual-fp16{,-fused} (dual attention), each in a copy of tiny-sd3), through .device-bin/benchmark (built with --features
 # cuda; one run, its fixed seed). Prints the pixel differences; writes the images to $OUT. Arguments, in pairs A B (two model folders, e.g.
 # /tmp/sd3m /tmp/sd3m-fused): one full-size image of each (1024x1024, 4 steps, CUDA), compared.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for v in tiny tiny-fused tiny-qk tiny-qk-fused; do
+for v in tiny tiny-fused tiny-qk tiny-qk-fused tiny-dual tiny-dual-fused; do
   d=/tmp/tf-$v; rm -rf "$d"; cp -r models/fixtures/tiny-sd3 "$d"
   src=models/fixtures/export-${v/-fused/}-fp16; [ "${v%-fused}" != "$v" ] && src=$src-fused
   cp "$src/transformer/model.onnx" "$d/transformer/model.onnx"
@@ -33,7 +33,7 @@ def img(n):
     p = os.path.join(out, n)
     return np.asarray(Image.open(p)).astype(np.int32) if os.path.exists(p) else None
 pairs = []
-for t in ("tiny", "tiny-qk"):
+for t in ("tiny", "tiny-qk", "tiny-dual"):
     pairs += [(f"{t}-fused-cuda.png", f"{t}-fused-cpu.png", f"{t}: fused ops, CUDA vs CPU kernels"),
               (f"{t}-fused-cuda.png", f"{t}-cuda.png", f"{t}: CUDA, fused vs unfused fp16 graph"),
               (f"{t}-cuda.png", f"{t}-cpu.png", f"{t}: unfused fp16 graph, CUDA vs CPU")]
