@@ -235,8 +235,9 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
                        num_heads=heads)[0]
             w, b = weight(f"{p}/attn2", "to_out.0")
             o_img2 = mk("Linear", [attn2, w, b], [f"{f}/o_img2"], f"{f}/attn2/out", activation=0)[0]
-            # h += gate_msa * attn (this ModNorm's LayerNorm output is not read), then h += gate_msa2 * attn2
-            # with norm2; each sum rounded to float16 as the unfused graph's Adds
+            # h += gate_msa * attn (this ModNorm's LayerNorm output is not read, but keeps a name: the CUDA kernel
+            # does nothing when output 0 is absent), then h += gate_msa2 * attn2 with norm2; each sum rounded to
+            # float16 as the unfused graph's Adds
             h = mk("ModNorm", [h, o_img, mods[i], mods[i]], [f"{f}/n_unused", f"{f}/h1a_img"], f"{f}/attn_residual",
                    gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D, epsilon=epsilon)[1]
             o_img, gate = o_img2, 8 * D

@@ -25,7 +25,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 FINAL=$OUT; OUT=/tmp/sd35m-results; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
 collect() {  # at most 8 files back
-  cat "$OUT"/card.txt "$OUT"/build.log "$OUT"/rewrite.log "$OUT"/ours-*.log "$OUT"/peak-*.txt "$OUT"/torch.log \
+  tail -n +1 "$OUT"/card.txt "$OUT"/build.log "$OUT"/rewrite.log "$OUT"/ours-*.log "$OUT"/peak-*.txt "$OUT"/torch.log \
     2>/dev/null > "$FINAL/log.txt"
   for f in table.md fused_check.txt ours-sd35m.json ours-sd35m-fused.json torch.json check/full-sd35m.png \
            check/full-sd35m-fused.png; do
@@ -37,7 +37,8 @@ want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ] || { [ "$STAGE" = measure ] &
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 t0=$(date +%s)
 if want build || [ ! -f /tmp/sd35m-fused/transformer/model.onnx ]; then
-  if [ ! -f /tmp/sd35m/transformer/model.onnx ]; then
+  if [ ! -f /tmp/sd35m/transformer/model.onnx ] && [ ! -f /tmp/sd35m.started ]; then  # once: the jobs run on
+    touch /tmp/sd35m.started                                                            # after a call that ends
     RANDOM_VARIANT=sd3.5-medium DIR=/tmp/sd35m TEXT_LAYERS=1 bash scripts/gpu/build_sd3m.sh || exit 1
   fi
   bash scripts/gpu/wait.sh ${BUILD_WAIT:-480} > "$OUT/build.log" 2>&1; tail -8 "$OUT/build.log"
