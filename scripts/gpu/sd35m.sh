@@ -12,9 +12,16 @@
 #           GPU memory of each process (nvidia-smi every 20 ms, minus the idle reading), then diffusers' transformer
 #           alone (bench_torch.py --transformer-only: eager, then torch.compile; CUDA events over 20 calls);
 #           the table (table.py) goes to $OUT/table.md.
-# STAGE=build | check | time | measure (check + time) | all (default). Carry .whl (diffusers 0.42.1), .ort-cuda (the
-# CUDA bundle) and .device-bin (benchmark or benchmark.xz, built with --features cuda; the rewrite uses only the
-# operators of round 8 + HeadRmsNorm, so any binary since HeadRmsNorm runs it). Everything is written to
+# STAGE=build | check | time | measure (check + time) | all (default). Needs .whl (diffusers 0.42.1, for the build
+# and PyTorch), .ort-cuda (the CUDA bundle, in pieces) and .device-bin (benchmark or benchmark.xz, built with
+# --features cuda; the rewrite uses only the operators of round 8 + HeadRmsNorm, so any binary since HeadRmsNorm
+# runs it). A call moves at most 64 MiB, tree included (about 30.6 MiB), so they may come in different calls: each
+# call keeps what it carried on the machine (diffusers in /tmp/site, the bundle's pieces in /opt/ort/parts through
+# .ort-cuda/env.sh, the binary in /tmp/sd35m-bin), e.g.
+#   1. STAGE=build    carry .whl .device-bin/benchmark.xz .ort-cuda/env.sh .ort-cuda/VERSION   (~38 MiB, 5-9 min)
+#   2. STAGE=build    carry .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/a              (~63 MiB, seconds)
+#   3. STAGE=measure  carry .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/b              (~57 MiB, 6-8 min)
+# each call within the machine's warm window of the previous one. Everything is written to
 # /tmp/sd35m-results; $OUT gets at most 8 files (what the device tool brings back): table.md, fused_check.txt,
 # log.txt (build, rewrite, our runs, peaks, PyTorch), ours-sd35m{,-fused}.json, torch.json and the two full-size
 # images of the check (full-sd35m{,-fused}.png).
@@ -36,6 +43,18 @@ trap collect EXIT
 want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ] || { [ "$STAGE" = measure ] && [ "$1" != build ]; }; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 t0=$(date +%s)
+# keep what this call carried (see above)
+[ -f .ort-cuda/env.sh ] && ( source .ort-cuda/env.sh )
+BIN=/tmp/sd35m-bin/benchmark; mkdir -p /tmp/sd35m-bin
+if [ -x .device-bin/benchmark ]; then
+  cp .device-bin/benchmark "$BIN"
+elif [ -f .device-bin/benchmark.xz ]; then
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" .device-bin/benchmark.xz "$BIN"
+  chmod +x "$BIN"
+fi
+if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
+  mkdir -p /tmp/site && pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl
+fi
 if want build || [ ! -f /tmp/sd35m-fused/transformer/model.onnx ]; then
   if [ ! -f /tmp/sd35m/transformer/model.onnx ] && [ ! -f /tmp/sd35m.started ]; then  # once: the jobs run on
     touch /tmp/sd35m.started                                                            # after a call that ends
@@ -52,13 +71,12 @@ if want build || [ ! -f /tmp/sd35m-fused/transformer/model.onnx ]; then
 fi
 [ "$STAGE" = build ] && exit 0
 source .ort-cuda/env.sh
-if [ -f .device-bin/benchmark.xz ] && [ ! -x .device-bin/benchmark ]; then
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" .device-bin/benchmark.xz .device-bin/benchmark
-  chmod +x .device-bin/benchmark
-fi
+[ -f "$(dirname "${ORT_DYLIB_PATH:-/opt/ort/x}")/libonnxruntime_providers_cuda.so" ] \
+  || { echo "the CUDA bundle is not complete: carry its other pieces (.ort-cuda/parts/a or b)"; exit 1; }
+[ -x "$BIN" ] || { echo "no benchmark binary: carry .device-bin/benchmark.xz"; exit 1; }
 if want check; then
   echo "== fused_check ($(date +%T))"
-  OUT="$OUT/check" timeout ${CHECK_TIMEOUT:-300} bash scripts/gpu/fused_check.sh /tmp/sd35m /tmp/sd35m-fused 2>&1 | tee "$OUT/fused_check.txt"
+  BIN="$BIN" OUT="$OUT/check" timeout ${CHECK_TIMEOUT:-300} bash scripts/gpu/fused_check.sh /tmp/sd35m /tmp/sd35m-fused 2>&1 | tee "$OUT/fused_check.txt"
 fi
 if want time; then
   for v in sd35m sd35m-fused; do
@@ -66,11 +84,13 @@ if want time; then
     idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "/tmp/mem-$v.txt" &
     poll=$!
-    timeout ${OURS_TIMEOUT:-240} ./.device-bin/benchmark --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
+    timeout ${OURS_TIMEOUT:-240} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
       --guidance 7 --runs ${RUNS:-3} --warmup 1 --json "$OUT/ours-$v.json" --output "$OUT/ours-$v.png" 2>&1 \
       | tail -16 | tee "$OUT/ours-$v.log"
-    kill $poll 2>/dev/null; wait $poll 2>/dev/null
-    echo "$(( $(sort -n "/tmp/mem-$v.txt" | tail -1) - idle )) MiB (peak minus idle $idle MiB)" | tee "$OUT/peak-$v.txt"
+    kill $poll 2>/dev/null; sleep 0.2
+    peak=$(sort -n "/tmp/mem-$v.txt" | tail -1)
+    if [ -n "$peak" ]; then echo "$(( peak - idle )) MiB (peak minus idle $idle MiB)"; else echo "not sampled"; fi \
+      | tee "$OUT/peak-$v.txt"
   done
   if [ "${TORCH:-1}" = 1 ]; then
     echo "== diffusers, transformer only ($(date +%T))"

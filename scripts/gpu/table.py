@@ -21,7 +21,8 @@ for f in sorted(out.glob("ours-*.json")):
     name = "sd3-onnx, ORT CUDA" + notes.get(variant, f" ({variant})")
     # peak GPU memory of the whole process (sd35m.sh: nvidia-smi sampled during the run, minus the idle reading)
     peak = out / f"peak-{variant}.txt"
-    peak = float(peak.read_text().split()[0]) if peak.exists() and peak.read_text().split() else None
+    peak = peak.read_text().split() if peak.exists() else []
+    peak = float(peak[0]) if peak and peak[0].lstrip("-").isdigit() else None
     rows.append((name, m["transformer Session::run per step"], m["per step (whole loop / steps)"], m["end to end"],
                  m["text encoding"], m["VAE decode"], m["outside ONNX Runtime (our code)"], peak))
 t = out / "torch.json"
