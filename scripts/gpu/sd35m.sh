@@ -21,7 +21,8 @@
 #   1. STAGE=build    carry .whl .device-bin/benchmark.xz .ort-cuda/env.sh .ort-cuda/VERSION   (~38 MiB, 5-9 min)
 #   2. STAGE=build    carry .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/a              (~63 MiB, seconds)
 #   3. STAGE=measure  carry .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/b              (~57 MiB, 6-8 min)
-# each call within the machine's warm window of the previous one. Everything is written to
+# each call within the machine's warm window of the previous one. STAGE=check (~2-3 min) and STAGE=time (~4-5 min)
+# split the last call if needed; CHECK_TIMEOUT, OURS_TIMEOUT and TORCH_TIMEOUT bound each step. Everything is written to
 # /tmp/sd35m-results; $OUT gets at most 8 files (what the device tool brings back): table.md, fused_check.txt,
 # log.txt (build, rewrite, our runs, peaks, PyTorch), ours-sd35m{,-fused}.json, torch.json and the two full-size
 # images of the check (full-sd35m{,-fused}.png).
@@ -77,6 +78,7 @@ source .ort-cuda/env.sh
 if want check; then
   echo "== fused_check ($(date +%T))"
   BIN="$BIN" OUT="$OUT/check" timeout ${CHECK_TIMEOUT:-300} bash scripts/gpu/fused_check.sh /tmp/sd35m /tmp/sd35m-fused 2>&1 | tee "$OUT/fused_check.txt"
+  collect  # also after each step: a command killed at the device tool's limit keeps what was done
 fi
 if want time; then
   for v in sd35m sd35m-fused; do
@@ -91,6 +93,7 @@ if want time; then
     peak=$(sort -n "/tmp/mem-$v.txt" | tail -1)
     if [ -n "$peak" ]; then echo "$(( peak - idle )) MiB (peak minus idle $idle MiB)"; else echo "not sampled"; fi \
       | tee "$OUT/peak-$v.txt"
+    python3 scripts/gpu/table.py "$OUT" > "$OUT/table.md"; collect
   done
   if [ "${TORCH:-1}" = 1 ]; then
     echo "== diffusers, transformer only ($(date +%T))"
