@@ -222,8 +222,11 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
                 if norm:
                     wn = norm_weight(p, f"norm_{norm}", "attn2")
                     if wn is None:
-                        if norm_weight(p, f"norm_{'k' if norm == 'q' else 'q'}", "attn2") is not None:
-                            raise FusedKernelsError(f"--fused-kernels: {p}/attn2 has only one of norm_q / norm_k")
+                        # no q/k norm, unless the export has the norm under names the lookup missed: never leave
+                        # one out silently
+                        if (norm_weight(p, f"norm_{'k' if norm == 'q' else 'q'}", "attn2") is not None
+                                or any(o.startswith(f"{p}/attn2/norm_{norm}/") for o in producers)):
+                            raise FusedKernelsError(f"--fused-kernels: cannot find the weight of {p}/attn2/norm_{norm}")
                     else:
                         # every row is an image row (like_a = the image stream): only w_a is read
                         wn = fp16_weight(wn)
