@@ -132,6 +132,11 @@ RANDOM_VARIANTS = {
     # The tiny shapes with SD3.5's q/k RMS-norm (norm weights drawn in 0.5..1.5 so that image and context norms
     # differ): for the --fused-kernels HeadRmsNorm fixture (make_export_fixtures.py).
     "tiny-qk": dict(TINY, transformer=dict(TINY["transformer"], qk_norm="rms_norm"), shift=3.0),
+    # The tiny shapes as SD3.5-medium's MMDiT-X: q/k RMS-norm and dual attention (attn2) in blocks 0 and 1 of 4
+    # (dual -> dual -> plain -> last, as SD3.5-medium's blocks 12 -> 13 -> ... -> 23), norm weights drawn like
+    # tiny-qk: for the --fused-kernels dual-attention fixture (make_export_fixtures.py).
+    "tiny-dual": dict(TINY, transformer=dict(TINY["transformer"], qk_norm="rms_norm", num_layers=4,
+                                             dual_attention_layers=[0, 1]), shift=3.0),
 }
 
 
@@ -217,7 +222,7 @@ class Source:
                 if "dual_attention_layers" in cfg:
                     cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < self.layers - 1]
             m = SD3Transformer2DModel(**cfg).eval()
-            if self.variant == "tiny-qk":
+            if self.variant in ("tiny-qk", "tiny-dual"):
                 with torch.no_grad():
                     for name, prm in m.named_parameters():
                         if ".norm_" in name and name.endswith(".weight"):
@@ -1514,7 +1519,7 @@ def parse_args(argv=None):
                     help="with --dtype fp16: rewrite the transformer to the crate's fused operators (domain sd3onnx: "
                          "cuBLASLt bias/GELU epilogues, one gate+residual+adaLN-LayerNorm kernel, no attention "
                          "transposes; models/export/fused_kernels.py). For the CUDA provider; the CPU runs them "
-                         "too. Not applied to the --skip-layers graph; SD3.5-medium's dual attention is refused")
+                         "too. Not applied to the --skip-layers graph; SD3.5-medium's dual-attention blocks included")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,

@@ -22,8 +22,22 @@ SD3 numerics the rewrite relies on (diffusers 0.35.2):
   `HeadRmsNorm` on each joint q / k tensor: norm_q / norm_k weights on the image rows, norm_added_q / norm_added_k
   on the context rows.
 
-Blocks with a second attention (SD3.5 medium's MMDiT-X, `attn2`) are not handled yet: the rewrite refuses them with
-an error rather than write a wrong graph."""
+- SD3.5-medium's MMDiT-X blocks (`use_dual_attention`, diffusers 0.42.1): SD35AdaLayerNormZeroX.forward
+  (models/normalization.py) chunks the adaLN output in 9 = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+  gate_mlp, shift_msa2, scale_msa2, gate_msa2 and modulates ONE LayerNorm(h) twice (offsets 0/D and 6D/7D);
+  JointTransformerBlock.forward: h += gate_msa * attn; h += gate_msa2 * attn2(norm_hidden_states2); then norm2 as
+  above. attn2 is self-attention on the image rows only (JointAttnProcessor2_0 without encoder_hidden_states), with
+  its own q/k RMS-norms and to_out. The rewrite, with the existing operators:
+    * a second `ModNorm` without residual on the block's input h (shift 6D, scale 7D) for attn2's input (the
+      unfused graph has a second folded LayerNormalization there too);
+    * `Linear` for attn2's to_q, to_k, to_v (bias in the epilogue), `HeadRmsNorm` on q and k with like_a = the
+      image stream itself (every row is an image row, so only w_a is used; w_b is the same weight),
+      `com.microsoft::MultiHeadAttention`, `Linear` for to_out.0;
+    * the two gated residuals as two `ModNorm`s: h1 = h + gate_msa * attn (offset 2D; its LayerNorm output is
+      not used), then h1 + gate_msa2 * attn2 (offset 8D) with norm2's modulation (3D / 4D). Each sum is rounded
+      to float16 like the unfused graph's two Adds.
+  No new operator: what a dual-residual / two-modulation ModNorm would save is a few [B, S, D] passes per dual
+  block (about 0.1 GB per block at 1024x1024 with CFG; docs/performance.md)."""
 from __future__ import annotations
 
 import onnx
@@ -74,10 +88,6 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
     if len(eps) > 1:
         raise FusedKernelsError(f"--fused-kernels: LayerNorms with different epsilons {sorted(eps)}")
     epsilon = eps.pop() if eps else 1e-6  # diffusers AdaLayerNormZero / norm2: eps=1e-6 (models/attention.py)
-    for n in g.node:
-        if "/attn2/" in n.name:
-            raise FusedKernelsError("--fused-kernels: dual attention (SD3.5 medium's MMDiT-X blocks) is not supported "
-                                    "yet; export without --fused-kernels")
 
     # The exporter wraps the model (export_sd3.py: self.m), so names start with a root like "/m".
     roots = [n.name[: -len("/transformer_blocks.0/norm1/linear/Gemm")] for n in g.node
@@ -92,11 +102,13 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
 
     producers = {o: n for n in g.node for o in n.output}
 
-    def norm_weight(p: str, module: str) -> str | None:
-        """The weight initializer of RMSNorm `module` of block `p`'s attention, found through the node that produces
-        its output (the export names it "<p>/attn/<module>/Mul_1_output_0", fused or not; the exporter may share
-        one initializer between equal weights, so the weight's own name may be gone), or None without q/k norm."""
-        node = producers.get(f"{p}/attn/{module}/Mul_1_output_0")
+    def norm_weight(p: str, module: str, attn: str = "attn") -> str | None:
+        """The weight initializer of RMSNorm `module` of block `p`'s attention `attn` ("attn" or "attn2"), found
+        through the node that produces its output (the export names it "<p>/<attn>/<module>/Mul_1_output_0", fused
+        or not, with "_BSNH" appended where ORT's attention fusion reshapes it; the exporter may share one
+        initializer between equal weights, so the weight's own name may be gone), or None without q/k norm."""
+        out = f"{p}/{attn}/{module}/Mul_1_output_0"
+        node = producers.get(out, producers.get(out + "_BSNH"))
         if node is None:
             return None
         def resolve(name: str) -> str:  # the exporter shares equal weights through Identity nodes
@@ -107,7 +119,7 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
 
         ws = [w for w in (resolve(i) for i in node.input) if w in inits]
         if len(ws) != 1:
-            raise FusedKernelsError(f"--fused-kernels: cannot find the weight of {p}/attn/{module}")
+            raise FusedKernelsError(f"--fused-kernels: cannot find the weight of {p}/{attn}/{module}")
         return ws[0]
 
     def fp16_weight(name: str) -> str:
@@ -133,6 +145,10 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
     def pre_only(i: int) -> bool:
         return f"{R}/transformer_blocks.{i}/attn/to_add_out/MatMul" not in nodes
 
+    def dual(i: int) -> bool:
+        """SD3.5-medium's MMDiT-X block: a second attention (attn2) on the image stream."""
+        return f"{R}/transformer_blocks.{i}/attn2/to_q/MatMul" in nodes
+
     def residual_input(add_name: str, mul_name: str) -> str:
         add = node(add_name)
         mul_out = node(mul_name).output[0]
@@ -144,7 +160,15 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
     if num_layers < 2 or pre_only(0):
         raise FusedKernelsError("--fused-kernels: needs at least two joint blocks")
     h = residual_input(f"{R}/transformer_blocks.0/Add", f"{R}/transformer_blocks.0/Mul")
-    c = residual_input(f"{R}/transformer_blocks.0/Add_4", f"{R}/transformer_blocks.0/Mul_3")
+    if dual(0):
+        # the dual block's second gated residual (Mul_1 / Add_1) shifts the context stream's names by one
+        c_mul = node(f"{R}/transformer_blocks.0/Mul_4")
+        if f"{R}/transformer_blocks.0/attn/to_add_out/Add_output_0" not in c_mul.input:
+            raise FusedKernelsError("--fused-kernels: block 0's context gate is not where the dual-attention "
+                                    "rewrite expects it")
+        c = residual_input(f"{R}/transformer_blocks.0/Add_5", f"{R}/transformer_blocks.0/Mul_4")
+    else:
+        c = residual_input(f"{R}/transformer_blocks.0/Add_4", f"{R}/transformer_blocks.0/Mul_3")
     mods = [node(f"{R}/transformer_blocks.{i}/norm1/linear/Gemm").output[0] for i in range(num_layers)]
     cmods = [node(f"{R}/transformer_blocks.{i}/norm1_context/linear/Gemm").output[0] for i in range(num_layers)]
     out_mod = node(f"{R}/norm_out/linear/Gemm").output[0]
@@ -187,8 +211,44 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         else:
             o_img = mk("LinearSplit", [attn, wo, bo, "", "", h], [f"{f}/o_img"], f"{f}/attn/out")[0]
         # image stream: h += gate_msa * attn; norm2 with (shift_mlp, scale_mlp); ff; h += gate_mlp * ff
+        if dual(i):
+            # MMDiT-X: attn2 on norm1's second modulation of the block input h (shift_msa2 6D, scale_msa2 7D)
+            n_img2 = mk("ModNorm", [h, "", "", mods[i]], [f"{f}/n_img2"], f"{f}/norm1_msa2",
+                        shift_offset=6 * D, scale_offset=7 * D, epsilon=epsilon)[0]
+            qkv2 = []
+            for a, norm in (("to_q", "q"), ("to_k", "k"), ("to_v", None)):
+                w, b = weight(f"{p}/attn2", a)
+                t = mk("Linear", [n_img2, w, b], [f"{f}/attn2_{a}"], f"{f}/attn2/{a}", activation=0)[0]
+                if norm:
+                    wn = norm_weight(p, f"norm_{norm}", "attn2")
+                    if wn is None:
+                        # no q/k norm, unless the export has the norm under names the lookup missed: never leave
+                        # one out silently
+                        if (norm_weight(p, f"norm_{'k' if norm == 'q' else 'q'}", "attn2") is not None
+                                or any(o.startswith(f"{p}/attn2/norm_{norm}/") for o in producers)):
+                            raise FusedKernelsError(f"--fused-kernels: cannot find the weight of {p}/attn2/norm_{norm}")
+                    else:
+                        # every row is an image row (like_a = the image stream): only w_a is read
+                        wn = fp16_weight(wn)
+                        t = mk("HeadRmsNorm", [t, wn, wn, h], [f"{f}/attn2_{a}_normed"], f"{f}/attn2/norm_{norm}",
+                               epsilon=1e-6)[0]
+                        counts["qk_norms"] = counts.get("qk_norms", 0) + 1
+                qkv2.append(t)
+            attn2 = mk("MultiHeadAttention", qkv2, [f"{f}/attn2"], f"{f}/attn2/mha", domain="com.microsoft",
+                       num_heads=heads)[0]
+            w, b = weight(f"{p}/attn2", "to_out.0")
+            o_img2 = mk("Linear", [attn2, w, b], [f"{f}/o_img2"], f"{f}/attn2/out", activation=0)[0]
+            # h += gate_msa * attn (this ModNorm's LayerNorm output is not read, but keeps a name: the CUDA kernel
+            # does nothing when output 0 is absent), then h += gate_msa2 * attn2 with norm2; each sum rounded to
+            # float16 as the unfused graph's Adds
+            h = mk("ModNorm", [h, o_img, mods[i], mods[i]], [f"{f}/n_unused", f"{f}/h1a_img"], f"{f}/attn_residual",
+                   gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D, epsilon=epsilon)[1]
+            o_img, gate = o_img2, 8 * D
+            counts["dual_attention_blocks"] = counts.get("dual_attention_blocks", 0) + 1
+        else:
+            gate = 2 * D
         n2, h1 = mk("ModNorm", [h, o_img, mods[i], mods[i]], [f"{f}/n2_img", f"{f}/h1_img"], f"{f}/norm2",
-                    gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D, epsilon=epsilon)
+                    gate_offset=gate, shift_offset=3 * D, scale_offset=4 * D, epsilon=epsilon)
         w1, b1 = weight(f"{p}/ff", "net.0.proj")
         w2, b2 = weight(f"{p}/ff", "net.2")
         ff1 = mk("Linear", [n2, w1, b1], [f"{f}/ff1_img"], f"{f}/ff/net.0", activation=1)[0]

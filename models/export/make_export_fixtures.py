@@ -8,6 +8,9 @@
                                                                runs them, so tests/export_parity.rs checks it)
     models/fixtures/export-tiny-qk-fp16{,-fused}/transformer/model.onnx  random tiny transformer with SD3.5's q/k
                                                                RMS-norm, float16, without / with --fused-kernels
+    models/fixtures/export-tiny-dual-fp16{,-fused}/transformer/model.onnx  random tiny SD3.5-medium-like transformer
+                                                               (MMDiT-X dual attention in blocks 0-1 of 4, q/k
+                                                               RMS-norm), float16, without / with --fused-kernels
 
 Both come from the SAME weights as models/fixtures/tiny-sd3/transformer/model.onnx: the diffusers transformer is
 rebuilt by models/make_fixtures.py's own deterministic construction (build_pipeline: seeded init + informative
@@ -16,6 +19,7 @@ committed optimum graph of tiny-sd3 on random inputs (they must agree to float32
 make_fixtures.py that changes the weights is caught here instead of producing a silently different fixture.
 
     /work/pyenv/bin/python models/export/make_export_fixtures.py
+    /work/pyenv/bin/python models/export/make_export_fixtures.py --only dual   # the dual-attention pair only
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def run_onnx(path: Path, feeds: dict) -> np.ndarray:
 
 def main():
     torch.set_num_threads(1)
+    if sys.argv[1:] == ["--only", "dual"]:
+        dual_fixtures()
+        return
     fixture = MODELS / "fixtures" / "tiny-sd3" / "transformer" / "model.onnx"
     module = rebuild_tiny_sd3_transformer()
     feeds = transformer_inputs(module.config)
@@ -104,6 +111,7 @@ def main():
                        "models/fixtures/tiny-sd3 transformer (make_fixtures.build_pipeline, spec tiny-sd3)",
                        dtype, fused, info, e)
     qk_fixtures(feeds)
+    dual_fixtures(feeds)
 
 
 def write_manifest(out: Path, tool: str, weights: str, dtype: str, fused: bool, info: dict, err: float | None):
@@ -146,6 +154,34 @@ def qk_fixtures(feeds: dict):
         write_manifest(out, "models/export/make_export_fixtures.py (qk_fixtures) -> export_sd3.export_component",
                        "export_sd3.py --random tiny-qk --seed 0 transformer (tiny-sd3 shapes, qk_norm rms_norm)",
                        "fp16", fused, info, e)
+
+
+def dual_fixtures(feeds: dict | None = None):
+    """export-tiny-dual-fp16{,-fused}: random tiny-shaped transformer like SD3.5-medium's MMDiT-X (export_sd3.py
+    variant tiny-dual, seed 0: 4 blocks, dual attention in blocks 0 and 1, q/k RMS-norm with norm weights drawn in
+    0.5..1.5), float16, without and with --fused-kernels. Same input and output shapes as tiny-sd3, so
+    tests/export_parity.rs overlays them on it and compares the fused graph's images with the unfused one's."""
+    source = ex.Source(None, "tiny-dual", MODELS / "fixtures" / "tiny-sd3", 0)
+    module = source.load("transformer")
+    feeds = feeds or transformer_inputs(module.config)
+    with torch.no_grad():
+        ref = module(**feeds, return_dict=False)[0].numpy()
+    for name, fused in (("export-tiny-dual-fp16", False), ("export-tiny-dual-fp16-fused", True)):
+        out = MODELS / "fixtures" / name
+        info = ex.export_component("transformer", module, out, exporter="torchscript", attention="fused",
+                                   dtype="fp16", opset=None, t5_precision="mixed", external=False,
+                                   fused_kernels=fused)
+        e = None
+        if not fused:
+            e = float(np.abs(run_onnx(out / "transformer" / "model.onnx", feeds) - ref).max())
+            print(f"{name}: {info['node_count']} nodes, max abs vs torch fp32 {e:.3g} (tolerance 5e-2)")
+            if not e <= 5e-2:
+                raise SystemExit(f"{name}: error {e} above 5e-2")
+        else:
+            print(f"{name}: {info['node_count']} nodes, {info['fused_kernels']}")
+        write_manifest(out, "models/export/make_export_fixtures.py (dual_fixtures) -> export_sd3.export_component",
+                       "export_sd3.py --random tiny-dual --seed 0 transformer (tiny-sd3 shapes, 4 blocks, dual "
+                       "attention in blocks 0-1, qk_norm rms_norm)", "fp16", fused, info, e)
 
 
 if __name__ == "__main__":

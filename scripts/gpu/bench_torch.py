@@ -8,6 +8,10 @@ CUDA events over --iters calls.
 
 Run on the GPU machine (needs diffusers on PYTHONPATH, see scripts/gpu/README.md):
   python3 scripts/gpu/bench_torch.py --variant sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --json out.json
+
+--transformer-only builds only the transformer (no text encoders or VAE: no end-to-end time) and reports, per mode,
+the transformer's time per call and the peak GPU memory PyTorch allocated during that mode's calls
+(torch.cuda.max_memory_allocated, weights included).
 """
 import argparse
 import json
@@ -106,6 +110,31 @@ def time_transformer(transformer, args, iters):
     return start.elapsed_time(end) / iters
 
 
+def transformer_only(args, result):
+    src = Source(None, args.variant, Path(args.tokenizers_from), args.seed)
+    dt = torch.float16 if args.device == "cuda" else torch.float32
+    t = time.time()
+    transformer = src.load("transformer").to(args.device, dt)
+    print(f"built transformer in {time.time() - t:.1f} s", flush=True)
+    for mode in args.modes.split(","):
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if mode == "compile":
+            t = time.time()
+            transformer = torch.compile(transformer)
+            step_ms = time_transformer(transformer, args, args.iters)  # includes compiling in the warm-up
+            result["compile_s"] = round(time.time() - t, 1)
+        else:
+            step_ms = time_transformer(transformer, args, args.iters)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+        result[mode] = {"transformer_ms_per_step": round(step_ms, 2), "end_to_end_ms": None,
+                        "peak_gpu_mib": None if peak is None else round(peak)}
+        print(f"{mode}: transformer {step_ms:.2f} ms/step, peak allocated {peak or 0:.0f} MiB", flush=True)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", default="sd3-medium")
@@ -123,6 +152,8 @@ def main():
     ap.add_argument("--modes", default="eager,compile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")
+    ap.add_argument("--transformer-only", action="store_true",
+                    help="time the transformer alone (no pipeline: no text encoders, VAE or end-to-end time)")
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -130,6 +161,9 @@ def main():
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "variant": args.variant,
               "size": args.size, "steps": args.steps, "guidance": args.guidance}
+    if args.transformer_only:
+        transformer_only(args, result)
+        return
     pipe = build_pipeline(args)
     for mode in args.modes.split(","):
         if mode == "compile":

@@ -3,13 +3,15 @@
 # /tmp/sd3m (TorchScript + ORT fusions, fp16, T5 mixed precision) and a dynamo-exported transformer variant in
 # /tmp/sd3m-dyn, as background jobs logging to /tmp/build-*.log. Wait for them with scripts/gpu/wait.sh.
 # Needs diffusers: carry .whl/ (pip download --no-deps diffusers==0.42.1 -d .whl).
+# RANDOM_VARIANT (default sd3-medium; e.g. sd3.5-medium) and DIR (default /tmp/sd3m) pick another model and folder.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 mkdir -p /tmp/site
 [ -d /tmp/site/diffusers ] || pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl
 export PYTHONPATH=/tmp/site
 python3 -c "import torch, transformers, diffusers, onnx, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
-E="python3 models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16"
+RANDOM_VARIANT=${RANDOM_VARIANT:-sd3-medium}; DIR=${DIR:-/tmp/sd3m}
+E="python3 models/export/export_sd3.py --random $RANDOM_VARIANT --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16"
 # TEXT_LAYERS=N: text encoders at full width but N layers (quick builds for transformer-only measurements).
 ET="$E ${TEXT_LAYERS:+--text-layers $TEXT_LAYERS}"
 # Smoke test the tool on this machine's library versions first (seconds).
@@ -21,7 +23,7 @@ start() { # name, command...
     echo "exit $rc after $(( $(date +%s) - t )) s" >> "/tmp/build-$name.log"; touch "/tmp/build-$name.done" ) &
 }
 rm -f /tmp/build-*.done
-start t5 $ET --components text_encoder_3 --out /tmp/sd3m
+start t5 $ET --components text_encoder_3 --out $DIR
 # Transformer: TorchScript + ORT fusions (round 1 on an H200: 49.7 ms/step vs 55.1 for the dynamo export).
 # CLIPs and VAE: dynamo, whose ONNX Attention fuses their attention (the TorchScript path leaves the VAE's
 # 16384-token attention unfused at 1024 px).
@@ -29,7 +31,7 @@ start t5 $ET --components text_encoder_3 --out /tmp/sd3m
 # images go through it).
 CN_FLAG=""; VAES=vae_decoder
 if [ "${CONTROLNET:-0}" = 1 ]; then CN_FLAG="--controlnet-graph"; VAES=vae_decoder,vae_encoder; fi
-start transformer bash -c "$E --components transformer $CN_FLAG --out /tmp/sd3m && { $ET --exporter dynamo --components text_encoder,text_encoder_2,$VAES --out /tmp/sd3m || { echo 'dynamo failed: TorchScript encoders'; $ET --components text_encoder,text_encoder_2,$VAES --out /tmp/sd3m; }; }"
+start transformer bash -c "$E --components transformer $CN_FLAG --out $DIR && { $ET --exporter dynamo --components text_encoder,text_encoder_2,$VAES --out $DIR || { echo 'dynamo failed: TorchScript encoders'; $ET --components text_encoder,text_encoder_2,$VAES --out $DIR; }; }"
 if [ "${DYNAMO_TRANSFORMER:-0}" = 1 ]; then
   start dynamo $E --exporter dynamo --components transformer --out /tmp/sd3m-dyn
 else

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Checks a `--fused-kernels` transformer against the unfused float16 graph it was rewritten from, without the crate:
+the fused graph runs in onnx's ReferenceEvaluator with numpy versions of the `sd3onnx` operators (float16 in and
+out, float32 arithmetic, as src/runtime/kernels/cpu.rs) and com.microsoft::MultiHeadAttention; the unfused graph
+runs in ONNX Runtime's CPU provider. Prints the max and mean absolute difference of the transformer outputs on one
+random input (batch 2, 8x12 latent patches' worth of tokens, 29 context tokens). For checking a rewrite at real
+widths (e.g. `export_sd3.py --random sd3.5-medium --layers 3`) on a machine without a GPU; slow on big graphs.
+
+    python models/export/fused_reference.py UNFUSED/transformer/model.onnx FUSED/transformer/model.onnx
+
+Measured (issue 19): models/fixtures/export-tiny-dual-fp16{,-fused}: max 2.1e-3, mean 4.5e-4 (outputs of mean
+magnitude 0.52); SD3.5-medium widths, 3 blocks (dual attention in 0-1): max 2.0e-3, mean 4.2e-4 (0.48).
+"""
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+F16, F32 = np.float16, np.float32
+
+
+def _mm(x, w, b):
+    return x.astype(F32) @ w.astype(F32) + b.astype(F32)
+
+
+class Linear(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, x, w, b, activation=0):
+        y = _mm(x, w, b)
+        if activation == 1:  # tanh GELU
+            y = 0.5 * y * (1 + np.tanh(0.7978846 * (y + 0.044715 * y ** 3)))
+        return (y.astype(F16),)
+
+
+class LinearConcat(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, xa, wa, ba, xb, wb, bb):
+        return (np.concatenate([_mm(xa, wa, ba), _mm(xb, wb, bb)], 1).astype(F16),)
+
+
+class LinearSplit(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, x, wa, ba, wb=None, bb=None, like_a=None):
+        sa = like_a.shape[1]
+        ya = _mm(x[:, :sa], wa, ba).astype(F16)
+        return (ya,) if wb is None else (ya, _mm(x[:, sa:], wb, bb).astype(F16))
+
+
+class ModNorm(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, h, y=None, gate_mod=None, norm_mod=None, gate_offset=0, shift_offset=0, scale_offset=0,
+             epsilon=1e-6):
+        d = h.shape[-1]
+        hf = h.astype(F32)
+        if y is not None:  # the residual stream is stored in float16 and the norm reads the stored value
+            gate = gate_mod.astype(F32)[:, None, gate_offset:gate_offset + d]
+            hf = (hf + gate * y.astype(F32)).astype(F16).astype(F32)
+        m = norm_mod.astype(F32)
+        shift, scale = m[:, None, shift_offset:shift_offset + d], m[:, None, scale_offset:scale_offset + d]
+        mean = hf.mean(-1, keepdims=True)
+        var = ((hf - mean) ** 2).mean(-1, keepdims=True)
+        n = ((hf - mean) / np.sqrt(var + epsilon) * (1 + scale) + shift).astype(F16)
+        return (n, hf.astype(F16)) if y is not None else (n,)
+
+
+class HeadRmsNorm(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, x, w_a, w_b, like_a, epsilon=1e-6):
+        b, s, d = x.shape
+        hd = w_a.shape[0]
+        xf = x.astype(F32).reshape(b, s, d // hd, hd)
+        r = 1 / np.sqrt((xf ** 2).mean(-1, keepdims=True) + epsilon)
+        w = np.where((np.arange(s) < like_a.shape[1])[None, :, None, None], w_a.astype(F32), w_b.astype(F32))
+        return ((xf * r * w).reshape(b, s, d).astype(F16),)
+
+
+class MultiHeadAttention(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, q, k, v, num_heads=1):
+        b, s, d = q.shape
+        hd = d // num_heads
+
+        def heads(t):
+            return t.astype(F32).reshape(b, -1, num_heads, hd).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        a = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        return ((a @ v).transpose(0, 2, 1, 3).reshape(b, s, d).astype(F16),)
+
+
+def main(unfused: str, fused: str):
+    sess = ort.InferenceSession(unfused, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        last = i.shape[-1] if i.shape and isinstance(i.shape[-1], int) else None
+        shape = {"hidden_states": (2, 16, 8, 12), "encoder_hidden_states": (2, 29, last or 32),
+                 "pooled_projections": (2, last or 20), "timestep": (2,)}[i.name]
+        a = np.array([981.5, 3.25], F32) if i.name == "timestep" else rng.standard_normal(shape).astype(F32)
+        feeds[i.name] = a.astype(F16) if i.type == "tensor(float16)" else a
+    ref = sess.run(None, feeds)[0].astype(F32)
+    ev = ReferenceEvaluator(onnx.load(fused),
+                            new_ops=[Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention])
+    got = ev.run(None, feeds)[0].astype(F32)
+    d = np.abs(got - ref)
+    print(f"fused (numpy operators) vs unfused (ONNX Runtime CPU): max {d.max():.3g}, mean {d.mean():.3g}; "
+          f"output mean magnitude {np.abs(ref).mean():.3g}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
