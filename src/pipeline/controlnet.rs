@@ -15,7 +15,7 @@ use super::{init_image, GenerationRequest, Sd3Pipeline, Warning};
 use crate::controlnet::{controlnet_block_index, ControlNetConfig, ControlNetInfo, ControlNetKind, ControlNetUnit};
 use crate::error::{require_file, Component, Error, Result};
 use crate::layout::{graph_path, GRAPH_FILE};
-use crate::runtime::{Binding, ElementType, Graph, Input};
+use crate::runtime::{Binding, DeviceTensor, ElementType, Graph, Input};
 
 /// A loaded ControlNet.
 #[derive(Debug)]
@@ -49,6 +49,8 @@ pub(super) struct ControlRun {
     pub evaluations: usize,
     pub num_layers: usize,
     pub inner_dim: usize,
+    /// Zero residuals in the residual transformer's memory, for evaluations outside every unit's window.
+    pub zeros: Option<DeviceTensor>,
 }
 
 impl Sd3Pipeline {
@@ -365,7 +367,7 @@ impl Sd3Pipeline {
             ("pooled_projections", Input::Float(pooled.view())),
             ("controlnet_block_index", Input::Int64(index.view())),
         ])?;
-        Ok(Some(ControlRun { units, transformer_binding, calls: 0, evaluations, num_layers, inner_dim }))
+        Ok(Some(ControlRun { units, transformer_binding, calls: 0, evaluations, num_layers, inner_dim, zeros: None }))
     }
 }
 
@@ -386,7 +388,10 @@ pub(super) fn controlled_velocity(
     let tokens = (shape[2] / patch) * (shape[3] / patch);
     let expected = [run.num_layers, batch, tokens, run.inner_dim];
     let t = Array1::from_elem(batch, timestep).into_dyn();
-    let mut sum: Option<ArrayD<f32>> = None;
+    // The residuals stay in the memory the graphs compute in (on a GPU: device memory): each ControlNet's output,
+    // the scaled sum (a small graph on the residual transformer's provider, src/runtime/step.rs `mix_graph`) and
+    // the transformer's input. Only the velocity comes back.
+    let mut active = Vec::with_capacity(run.units.len());
     for prepared in &mut run.units {
         let unit = &prepared.unit;
         let scale = (f64::from(unit.scale) * unit.keep(i, run.evaluations)) as f32;
@@ -397,12 +402,12 @@ pub(super) fn controlled_velocity(
         let Some(net) = state.nets.get_mut(&unit.name) else {
             return Err(Error::internal(format!("ControlNet {} vanished", unit.name)));
         };
-        let mut out = net.graph.run_bound(
+        let r = net.graph.run_bound_device(
             &mut prepared.binding,
+            &[],
             &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
-            &["controlnet_block_samples"],
+            "controlnet_block_samples",
         )?;
-        let mut r = out.pop().ok_or_else(|| Error::internal("the ControlNet session returned no output"))?;
         if r.shape() != expected {
             return Err(Error::inference(
                 Component::ControlNet,
@@ -410,23 +415,33 @@ pub(super) fn controlled_velocity(
                 None,
             ));
         }
-        r.mapv_inplace(|v| v * scale);
-        sum = Some(match sum {
-            None => r,
-            Some(acc) => acc + r,
-        });
+        active.push((r, scale));
     }
-    let residuals = sum.unwrap_or_else(|| ArrayD::zeros(expected.to_vec()));
     let Some((graph, _)) = state.transformer.as_mut() else {
         return Err(Error::internal("the ControlNet transformer is not loaded"));
     };
+    let residuals = if active.is_empty() {
+        // No unit inside its window at this evaluation: zero residuals, uploaded once per run.
+        if run.zeros.is_none() {
+            let dtype = graph.input_type("controlnet_residuals")?;
+            let zeros = ArrayD::<f32>::zeros(expected.to_vec());
+            run.zeros = Some(graph.upload("controlnet_residuals", zeros.view(), dtype)?);
+        }
+        None
+    } else {
+        let tensors: Vec<_> = active.iter().map(|(r, _)| r).collect();
+        let scales: Vec<f32> = active.iter().map(|(_, s)| *s).collect();
+        Some(graph.mix("controlnet_residuals", &tensors, &scales)?)
+    };
+    let bound = match (&residuals, &run.zeros) {
+        (Some(r), _) => r,
+        (None, Some(z)) => z,
+        (None, None) => return Err(Error::internal("no residuals to bind")),
+    };
+    graph.bind_device(&mut run.transformer_binding, "controlnet_residuals", bound)?;
     let mut out = graph.run_bound(
         &mut run.transformer_binding,
-        &[
-            ("hidden_states", Input::Float(hidden.view())),
-            ("timestep", Input::Float(t.view())),
-            ("controlnet_residuals", Input::Float(residuals.view())),
-        ],
+        &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
         &["out_hidden_states"],
     )?;
     let v = out.pop().ok_or_else(|| Error::internal("the transformer session returned no output"))?;

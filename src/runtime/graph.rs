@@ -35,7 +35,7 @@ pub enum ElementType {
 }
 
 impl ElementType {
-    fn from_ort(t: TensorElementType) -> Self {
+    pub(crate) fn from_ort(t: TensorElementType) -> Self {
         match t {
             TensorElementType::Float32 => ElementType::Float32,
             TensorElementType::Float16 => ElementType::Float16,
@@ -414,7 +414,7 @@ impl Graph {
         Ok(())
     }
 
-    fn input_type(&self, name: &str) -> Result<ElementType> {
+    pub(crate) fn input_type(&self, name: &str) -> Result<ElementType> {
         self.inputs
             .iter()
             .find(|p| p.name == name)

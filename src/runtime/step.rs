@@ -129,6 +129,45 @@ impl DeviceTensor {
     }
 }
 
+impl DeviceTensor {
+    /// The tensor's element type, `None` for a value that is not a tensor.
+    pub fn element_type(&self) -> Option<ElementType> {
+        match self.0.dtype() {
+            ort::value::ValueType::Tensor { ty, .. } => Some(ElementType::from_ort(*ty)),
+            _ => None,
+        }
+    }
+}
+
+/// The ControlNet residual mix of `n` ControlNets: inputs `r0 .. r{n-1}` (the ControlNets' block samples, of
+/// element type `from`, `[layers, batch, tokens, width]`) and `s0 .. s{n-1}` (float32 `[1]`, each unit's
+/// `scale * keep`); output `residuals` of element type `to` = `r0 * s0 + r1 * s1 + ...`, every product and sum in
+/// float32 in that order: the host code's arithmetic (`controlled_velocity`: the residuals converted to f32,
+/// multiplied by the scale, added unit by unit, then converted at the transformer's input). `None` for element
+/// types we cannot cast, or `n == 0`.
+pub(crate) fn mix_graph(n: usize, from: ElementType, to: ElementType) -> Option<Vec<u8>> {
+    const F32: i64 = 1;
+    let (tf, tt) = (onnx_type(from)?, onnx_type(to)?);
+    if n == 0 {
+        return None;
+    }
+    let dims = ["l", "b", "s", "d"];
+    let mut g = Builder::new();
+    let mut acc = String::new();
+    for k in 0..n {
+        let (r, sc) = (format!("r{k}"), format!("s{k}"));
+        g.input(&r, tf, &dims);
+        g.input(&sc, F32, &["one"]);
+        let r32 = g.cast(&r, tf, F32);
+        let scaled = g.op("Mul", &[&r32, &sc]);
+        acc = if k == 0 { scaled } else { g.op("Add", &[&acc, &scaled]) };
+    }
+    let out = g.cast(&acc, F32, tt);
+    g.node("Identity", &[&out], &["residuals"], &[]);
+    g.output("residuals", tt, &dims);
+    Some(g.finish())
+}
+
 /// Builds a `GraphProto` node by node.
 struct Builder {
     nodes: Vec<Message>,
@@ -368,6 +407,8 @@ pub(crate) fn step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
 #[derive(Default)]
 pub(crate) struct Steppers {
     pub sessions: Vec<(StepSpec, Session)>,
+    /// The ControlNet residual mixes ([`mix_graph`]), by unit count and element types.
+    pub mixers: Vec<((usize, ElementType, ElementType), Session)>,
 }
 
 impl Graph {
@@ -446,11 +487,18 @@ impl Graph {
         if let Some(i) = self.steppers.sessions.iter().position(|(s, _)| s == spec) {
             return Ok(i);
         }
-        let component = self.component;
-        let err = |e: ort::Error| Error::inference(component, format!("creating the step session: {e}"), boxed(e));
         let bytes = step_graph(spec).ok_or_else(|| {
             Error::internal(format!("no step graph for element types {} / {}", spec.hidden, spec.velocity))
         })?;
+        let session = self.small_session(&bytes, "the step session")?;
+        self.steppers.sessions.push((*spec, session));
+        Ok(self.steppers.sessions.len() - 1)
+    }
+
+    /// A session of a small element-wise graph on this graph's provider (TensorRT graphs run them on CUDA).
+    fn small_session(&self, bytes: &[u8], what: &str) -> Result<Session> {
+        let component = self.component;
+        let err = |e: ort::Error| Error::inference(component, format!("creating {what}: {e}"), boxed(e));
         let provider = match &self.provider {
             ExecutionProvider::TensorRt(o) => ExecutionProvider::cuda(o.device_id),
             other => other.clone(),
@@ -462,9 +510,58 @@ impl Graph {
         let builder = builder.with_inter_threads(1).map_err(|e| err(e.into()))?;
         let builder = builder.with_config_entry("session.intra_op.allow_spinning", "0").map_err(|e| err(e.into()))?;
         let mut builder = provider.register(builder, component)?;
-        let session = builder.commit_from_memory(&bytes).map_err(err)?;
-        self.steppers.sessions.push((*spec, session));
-        Ok(self.steppers.sessions.len() - 1)
+        builder.commit_from_memory(bytes).map_err(err)
+    }
+
+    /// Binds `tensor` (in any memory ONNX Runtime can read for this graph) as input `name` of `binding`.
+    pub(crate) fn bind_device(&self, binding: &mut super::Binding, name: &str, tensor: &DeviceTensor) -> Result<()> {
+        let component = self.component;
+        binding
+            .inner
+            .bind_input(name, &tensor.0)
+            .map_err(|e| Error::inference(component, format!("binding `{name}`: {e}"), boxed(e)))
+    }
+
+    /// `sum_k tensors[k] * scales[k]` ([`mix_graph`]) as this graph's input `name` wants it, computed in the memory
+    /// this graph computes in.
+    pub(crate) fn mix(&mut self, name: &str, tensors: &[&DeviceTensor], scales: &[f32]) -> Result<DeviceTensor> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, format!("the ControlNet residual mix: {e}"), boxed(e));
+        let (Some(first), true) = (tensors.first(), tensors.len() == scales.len()) else {
+            return Err(Error::internal(format!("{} residual tensors for {} scales", tensors.len(), scales.len())));
+        };
+        let from = first.element_type().ok_or_else(|| Error::internal("the ControlNet output is not a tensor"))?;
+        if tensors.iter().any(|t| t.element_type() != Some(from)) {
+            return Err(Error::internal("the ControlNets' outputs have different element types"));
+        }
+        let to = self.input_type(name)?;
+        let key = (tensors.len(), from, to);
+        let index = match self.steppers.mixers.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let bytes = mix_graph(key.0, from, to)
+                    .ok_or_else(|| Error::internal(format!("no residual mix for element types {from} -> {to}")))?;
+                let session = self.small_session(&bytes, "the ControlNet residual mix")?;
+                self.steppers.mixers.push((key, session));
+                self.steppers.mixers.len() - 1
+            }
+        };
+        let memory = self.compute_memory().map_err(infer)?;
+        let session = &mut self.steppers.mixers[index].1;
+        let mut binding = session.create_binding().map_err(infer)?;
+        let mut scalars = Vec::with_capacity(scales.len());
+        for (k, (tensor, scale)) in tensors.iter().zip(scales).enumerate() {
+            binding.bind_input(format!("r{k}"), &tensor.0).map_err(infer)?;
+            scalars.push(Tensor::from_array(([1usize], vec![*scale])).map_err(infer)?);
+        }
+        for (k, s) in scalars.iter().enumerate() {
+            binding.bind_input(format!("s{k}"), s).map_err(infer)?;
+        }
+        binding.bind_output_to_device("residuals", &memory).map_err(infer)?;
+        let mut outputs = session.run_binding(&binding).map_err(infer)?;
+        let value = outputs.remove("residuals").ok_or_else(|| Error::internal("the residual mix gave no output"))?;
+        drop(outputs);
+        Ok(DeviceTensor(value))
     }
 
     /// Runs the step graph of `spec` on `tensors` (every input of [`StepSpec`] but `s`, by name) and `scalars`
