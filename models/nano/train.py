@@ -405,7 +405,9 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
 def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift, scale, used_ids):
     """Saves the weights as float16 (what the export stores; the export tool and --resume load them as float32),
     with the CLIP token-embedding rows of ids no caption uses set to zero (they never change from their random
-    initialisation, and zeros compress: the folder travels between device calls)."""
+    initialisation, and zeros compress: the folder travels between device calls). With --init-from-onnx or
+    --resume the VAE is saved as float32: its decoder holds the committed graph's int8 x scale values, which the
+    export's int8 quantization gives back exactly from float32 (not from their float16 roundings)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +420,8 @@ def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift,
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731  (the models stay float32 for --eval)
     half(transformer).save_pretrained(out / "transformer")
     vae.register_to_config(shift_factor=float(shift), scaling_factor=float(scale))
-    half(vae).save_pretrained(out / "vae")
+    exact = args.init_from_onnx is not None or args.resume is not None  # a VAE this run did not train: as loaded
+    (copy.deepcopy(vae).float() if exact else half(vae)).save_pretrained(out / "vae")
     half(text.te1).save_pretrained(out / "text_encoder")
     half(text.te2).save_pretrained(out / "text_encoder_2")
     half(text.te3).save_pretrained(out / "text_encoder_3")
