@@ -86,7 +86,8 @@ def kept_ids(model_dir: Path, component: str) -> list[int] | None:
 # probes
 # ---------------------------------------------------------------------------------------------------------------
 
-def export_probe(component: str, module, work: Path, *, like_committed: bool, keep: list[int] | None) -> onnx.ModelProto:
+def export_probe(component: str, module, work: Path, *, like_committed: bool,
+                 keep: list[int] | None) -> onnx.ModelProto:
     """export_sd3.export_component of ``module`` as export_nano.py calls it (like_committed) or in plain float32."""
     out = work / ("struct" if like_committed else "values")
     kw = dict(exporter="torchscript", attention="fused", dtype="fp32", opset=None, t5_precision="fp32")

@@ -120,7 +120,8 @@ HELDOUT: dict[str, frozenset] = {
     # relation x shape, by geometry (whatever the caption's word order): the object on that side of a stated
     # relation (the left one of a left/right pair, the upper one of an above/below pair, ...) is never that shape;
     # side k with shape 2k+1 mod 5
-    "side_shape": frozenset((side, SHAPES[(2 * k + 1) % 5]) for k, side in enumerate(("left", "right", "top", "bottom"))),
+    "side_shape": frozenset((side, SHAPES[(2 * k + 1) % 5])
+                            for k, side in enumerate(("left", "right", "top", "bottom"))),
 }
 # evaluation category -> held-out family and the attributes its prompts state (the checker checks exactly these)
 CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {

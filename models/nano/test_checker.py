@@ -215,6 +215,16 @@ def test_eval_prompts_v2():
     assert sides == set(S.HELDOUT["side_shape"])
     with open(S.EVAL_PROMPTS_V2_PATH) as f:
         assert json.load(f) == ps, "eval_prompts_v2.json is stale: python models/nano/scenes.py --write-eval-v2"
+    # the "heldout2" split: every scene is one of the six categories' held-out scenes
+    rng = np.random.default_rng(8)
+    cats = collections.Counter()
+    for _ in range(600):
+        sc = S.sample_scene(rng, "heldout2").to_dict()
+        hits = [c for c, (fams, st) in S.CATEGORIES_V2.items() if set(fams) & set(S.heldout_combos(sc))
+                and sc["stated"] == list(st)]
+        assert hits, sc
+        cats[hits[0] if len(hits) == 1 else sc["stated"][0]] += 1
+    assert len(cats) >= 5, cats
 
 
 def test_selftest_figures_v2():

@@ -39,8 +39,8 @@ def main():
     ids_l, ids_g, ids_t = tokenize(toks, sorted(caps), a.t5_len)
     clip = sorted(set(ids_l.unique().tolist()) | set(ids_g.unique().tolist()))
     t5 = sorted(set(ids_t.unique().tolist()))
-    prompts = [p["prompt"] for f in ("eval_prompts.json", "eval_prompts_v2.json") if (a.check_v2 or f == "eval_prompts.json")
-               for p in json.loads((HERE / f).read_text())]
+    files = ["eval_prompts.json"] + (["eval_prompts_v2.json"] if a.check_v2 else [])
+    prompts = [p["prompt"] for f in files for p in json.loads((HERE / f).read_text())]
     el, eg, et = tokenize(toks, prompts, a.t5_len)
     missing_clip = (set(el.unique().tolist()) | set(eg.unique().tolist())) - set(clip)
     missing_t5 = set(et.unique().tolist()) - set(t5)
