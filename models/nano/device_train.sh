@@ -24,11 +24,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python3 -c 'import torch, diffusers, transformers, PIL, numpy; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__, "numpy", numpy.__version__)' | tee -a "$OUT/gpu.txt"
 LIMIT=${TRAIN_LIMIT:-540}
 if [ "${FINETUNE:-0}" = 1 ]; then
-  # issue 22: VAE encoder against the committed decoder (75 s), then transformer + text encoders on train4 (the
-  # cosine spans the 285 s left before --stop-by after rendering, tokenizing, the encoder and torch.compile)
+  # issue 22: VAE encoder against the committed decoder (75 s, with 2048 latents the model draws itself for the
+  # cycle term), then transformer + text encoders on train4 (the cosine spans the 275 s left before --stop-by after
+  # rendering, tokenizing, the encoder and torch.compile)
   set -- --init-from-onnx /tmp/resume/pipeline --split train4 --n-train 150000 --seed 22 --t5-len 77 \
-    --infer-shift 3 --enc-seconds 75 --enc-batch 128 --enc-lr 1e-3 --dit-batch 256 --dit-lr 3e-4 \
-    --dit-seconds 285 --schedule-seconds 285 --warmup 100 --compile --eval "$@"
+    --infer-shift 3 --enc-seconds 75 --enc-batch 128 --enc-lr 1e-3 --enc-cycle 2048 --dit-batch 256 \
+    --dit-lr 3e-4 --dit-seconds 275 --schedule-seconds 275 --warmup 100 --compile --eval "$@"
 fi
 timeout --signal=INT "$LIMIT" python3 models/nano/train.py --out "$RUN" --workers 16 --stop-by $((LIMIT - 30)) "$@" 2>&1 \
   | grep -v -i warn | tee "$OUT/train.log"

@@ -38,7 +38,7 @@ def test_finetune_path(work: Path | None = None):
         work = work or Path(tmp)
         run("train.py", "--out", work / "run", "--init-from-onnx", MODEL, "--split", "train4", "--n-train", 96,
             "--workers", 1, "--seed", 22, "--t5-len", 77, "--infer-shift", 3, "--enc-steps", 3, "--enc-batch", 4,
-            "--dit-steps", 3, "--dit-batch", 4, "--warmup", 1)
+            "--enc-cycle", 4, "--enc-cycle-steps", 2, "--dit-steps", 3, "--dit-batch", 4, "--warmup", 1)
         log = json.loads((work / "run" / "train_log.json").read_text())
         assert log["vae_encoder"]["steps"] == 3 and log["dit"]["steps"] == 3, log
         assert all(r["max_abs_diff"] < 2e-4 for r in log["from_onnx"].values()), log["from_onnx"]

@@ -174,7 +174,20 @@ def train_vae(vae, images, args, dev, logs):
     return vae
 
 
-def train_vae_encoder(vae, images, shift, scale, args, dev, logs):
+@torch.no_grad()
+def cycle_set(transformer, text, vae, toks, captions, args, dev, shift, scale):
+    """Latents the model itself draws (the first --enc-cycle training captions, guidance 5, --enc-cycle-steps Euler
+    steps, the model's shift) and their decodings: pairs (D(z), z) on the latent manifold the transformer was trained
+    on, for the encoder's cycle term."""
+    text.eval()
+    transformer.eval()
+    z = sample(transformer, text, vae, toks, captions[:args.enc_cycle], args, dev, 5.0, args.seed + 4, shift, scale,
+               args.infer_shift, args.enc_cycle_steps, latents_only=True).to(dev)
+    x = torch.cat([vae.decode(z[i:i + 256]).sample.clamp(-1, 1) for i in range(0, z.shape[0], 256)])
+    return x, z
+
+
+def train_vae_encoder(vae, images, shift, scale, args, dev, logs, cycle=None):
     """Fine-tune mode (--init-from-onnx): a new VAE encoder against the frozen decoder of the exported model (whose
     encoder was never shipped). Loss: L1 + L2 reconstruction through the frozen decoder (the decoder's latent space
     is fixed, so the encoder has to learn to produce it), a small KL term as in train_vae, and latent statistics:
@@ -217,6 +230,13 @@ def train_vae_encoder(vae, images, shift, scale, args, dev, logs):
         zn = (post.mean.float() - shift) * scale
         stats = zn.mean() ** 2 + (zn.std() - 1.0) ** 2
         loss = l1 + l2 + args.vae_kl * kl + args.enc_stats * stats
+        cyc = torch.zeros((), device=dev)
+        if cycle is not None:  # E(D(z)) = z on the model's own latents (normalised units)
+            j = torch.randint(0, cycle[0].shape[0], (args.enc_batch,), device=dev, generator=g)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                zc = vae.encode(cycle[0][j]).latent_dist.mean
+            cyc = ((zc.float() - cycle[1][j]) * scale).pow(2).mean()
+            loss = loss + args.enc_cycle_weight * cyc
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,10 +244,10 @@ def train_vae_encoder(vae, images, shift, scale, args, dev, logs):
         if step % args.enc_log_every == 0:
             hist.append(dict(step=step, t=round(time.time() - t_start, 1), l1=l1.item(), l2=l2.item(), kl=kl.item(),
                              latent_mean=zn.mean().item(), latent_std=zn.std().item(),
-                             posterior_std=post.std.float().mean().item()))
+                             posterior_std=post.std.float().mean().item(), cycle=cyc.item()))
             log(f"vae encoder step {step} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/elt {kl.item():.3f} "
                 f"normalised latent means: mean {zn.mean().item():.3f} std {zn.std().item():.3f}; "
-                f"posterior std {post.std.float().mean().item():.4f}")
+                f"posterior std {post.std.float().mean().item():.4f}; cycle {cyc.item():.4f}")
         step += 1
     vae.requires_grad_(True)
     logs["vae_encoder"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=args.enc_batch,
@@ -357,8 +377,10 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
 
 
 @torch.no_grad()
-def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shift, scale, infer_shift, steps):
-    """Plain flow-matching Euler with CFG, as StableDiffusion3Pipeline (sigmas = linspace(1, 1/N, N), shifted)."""
+def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shift, scale, infer_shift, steps,
+           latents_only=False):
+    """Plain flow-matching Euler with CFG, as StableDiffusion3Pipeline (sigmas = linspace(1, 1/N, N), shifted).
+    uint8 images [N, H, W, 3]; with latents_only the final latents in the VAE's space (x / scale + shift)."""
     out = []
     ids = tokenize(toks, list(prompts), args.t5_len)
     neg = tokenize(toks, [""] * len(prompts), args.t5_len)
@@ -385,9 +407,12 @@ def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shi
                 v = transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=tt,
                                 return_dict=False)[0]
             x = x + (sig[k + 1] - sig[k]) * v
+        if latents_only:
+            out.append((x / scale + shift).cpu())
+            continue
         img = vae.decode(x / scale + shift).sample
         out.append(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    return torch.cat(out) if latents_only else np.concatenate(out)
 
 
 def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Path, logs):
@@ -525,6 +550,11 @@ def main():
     ap.add_argument("--enc-lr", type=float, default=1e-3)
     ap.add_argument("--enc-stats", type=float, default=1.0, help="weight of the latent-statistics term")
     ap.add_argument("--enc-log-every", type=int, default=100)
+    ap.add_argument("--enc-cycle", type=int, default=0,
+                    help="latents the model draws for the encoder's cycle term E(D(z)) = z (0: none); the decoder "
+                         "alone does not pin the latent directions it ignores, the transformer's own samples do")
+    ap.add_argument("--enc-cycle-steps", type=int, default=28)
+    ap.add_argument("--enc-cycle-weight", type=float, default=1.0)
     ap.add_argument("--enc-logvar-init", type=float, default=-8.0,
                     help="the new encoder's logvar channels start at this value (weights zero)")
     ap.add_argument("--eval-n", type=int, default=None, help="only the first N prompts of each eval file")
@@ -615,9 +645,15 @@ def main():
         vae.train()
         train_vae(vae, images, args, dev, logs)
     if args.init_from_onnx is not None:
+        sh, sc = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+        cycle = None
+        if args.enc_cycle > 0:
+            t = time.time()
+            cycle = cycle_set(transformer, text, vae, toks, captions, args, dev, sh, sc)
+            log(f"cycle set: {cycle[1].shape[0]} latents drawn by the model in {time.time() - t:.1f} s")
         vae.train()
-        train_vae_encoder(vae, images, float(vae.config.shift_factor), float(vae.config.scaling_factor), args, dev,
-                          logs)
+        train_vae_encoder(vae, images, sh, sc, args, dev, logs, cycle)
+        del cycle
     vae.eval()
     lat_mean, lat_std = encode_latents(vae, images, dev)
     if fresh_vae:
