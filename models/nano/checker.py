@@ -62,6 +62,13 @@ WORD_IOU = 0.45
 WORD_REL_AREA = 0.1
 WORD_MARGIN = 0.03
 COLOR_MAX_DIST = 130.0
+# Pair scenes (issue 22): their two objects may differ in size (a small star has about 150 px, a large square 4000),
+# so their components count from PAIR_MIN_AREA px and PAIR_REL_AREA of the largest (not 20%). A relation holds when
+# the second object's bbox center is at least REL_MARGIN px away from the first's along the relation's axis, in
+# the stated direction, and no farther along the other axis than along that one.
+PAIR_MIN_AREA = 40
+PAIR_REL_AREA = 0.02
+REL_MARGIN = 10.0
 
 _PALETTE_NAMES = list(S.COLORS)
 _PALETTE = np.array([S.COLORS[c] for c in _PALETTE_NAMES], np.float32)
@@ -270,7 +277,68 @@ def _word_template(word: str, w: int, h: int) -> np.ndarray:
 # Checking
 
 _ALL = {"object": ["color", "shape", "size", "position"], "count": ["count", "shape", "color"],
-        "word": ["word", "color", "position"]}
+        "word": ["word", "color", "position"],
+        "pair": ["shape", "color", "size", "shape2", "color2", "size2", "relation"]}
+_PAIR_OBJ_ATTRS = {"shape": (0, "shape"), "color": (0, "color"), "size": (0, "size"),
+                   "shape2": (1, "shape"), "color2": (1, "color"), "size2": (1, "size")}
+
+
+def relation_holds(rel: str, a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether the object with bbox center ``a`` is ``rel`` ("left", "right", "above", "below") of the one at ``b``
+    (pixels, y down): along the relation's axis at least REL_MARGIN apart in that direction, and no farther apart
+    along the other axis."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    along, across = {"left": (dx, dy), "right": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[rel]
+    return along >= REL_MARGIN and abs(across) <= along
+
+
+def _size_band(c: dict) -> str:
+    long = max(c["x1"] - c["x0"], c["y1"] - c["y0"]) + 1
+    return "small" if long < SIZE_BANDS[0] else "medium" if long < SIZE_BANDS[1] else "large"
+
+
+def _center(c: dict) -> tuple[float, float]:
+    return (c["x0"] + c["x1"] + 1) / 2, (c["y0"] + c["y1"] + 1) / 2
+
+
+def check_pair(a: "Analysis", scene: dict, stated: list[str], info: dict) -> dict:
+    """Two objects, each with its own stated attributes: the image must have exactly two components ("pair"), and
+    one assignment of the two components to the two stated objects must satisfy every stated attribute (so a red
+    circle and a blue square fail "a blue circle and a red square"). Per attribute, the results of the assignment
+    that satisfies the most are reported."""
+    big = a.comps[0]["area"] if a.comps else 0
+    comps = [c for c in a.comps if c["area"] >= max(PAIR_MIN_AREA, PAIR_REL_AREA * big)]
+    info["n_pair_comps"] = len(comps)
+    res = {"pair": len(comps) == 2}
+    if len(comps) < 2:
+        return dict(res, **{attr: False for attr in stated})
+    comps = comps[:2]
+    feats = []
+    for c in comps:
+        col, d, dbg = a.color_of(c["mask"])
+        feats.append({"shape": a.shape_of(c)[0], "color": (col, d, dbg), "size": _size_band(c), "center": _center(c)})
+    objs = [{"shape": scene["shape"], "color": scene["color"], "size": scene.get("size")},
+            {"shape": scene["shape2"], "color": scene["color2"], "size": scene.get("size2")}]
+    best = None
+    for perm in ((0, 1), (1, 0)):
+        r = {}
+        for attr in stated:
+            if attr == "relation":
+                r[attr] = relation_holds(scene["relation"], feats[perm[0]]["center"], feats[perm[1]]["center"])
+                continue
+            k, what = _PAIR_OBJ_ATTRS[attr]
+            f, want = feats[perm[k]], objs[k][what]
+            if what == "color":
+                n, d, dbg = f["color"]
+                r[attr] = n == want and d <= COLOR_MAX_DIST and d < dbg
+            else:
+                r[attr] = f[what] == want
+        if best is None or sum(r.values()) > sum(best[1].values()):
+            best = (perm, r)
+    info["pair_assignment"] = best[0]
+    info["pair_features"] = [{k: v for k, v in f.items()} for f in feats]
+    res.update(best[1])
+    return res
 
 
 def _cell(cx: float, cy: float) -> tuple[int, int]:
@@ -287,7 +355,9 @@ def check(image: np.ndarray, scene: dict, detail: bool = False) -> dict:
     stated = list(scene.get("stated") or _ALL[kind])
     res: dict = {}
     info: dict = {"T": a.T, "n_sig": len(a.sig)}
-    if kind in ("object", "count"):
+    if kind == "pair":
+        res = check_pair(a, scene, stated, info)
+    elif kind in ("object", "count"):
         main = a.sig[0] if a.sig else None
         comps = a.sig if kind == "count" else a.sig[:1]
         if kind == "object":
@@ -394,18 +464,49 @@ def down_up(img: np.ndarray, f: int = 4) -> np.ndarray:
 
 
 def _stated_values(sc: dict) -> tuple:
+    if sc["kind"] == "pair":  # "a circle and a square" is "a square and a circle"
+        st = sc["stated"]
+        o1 = tuple(sc.get(k) for k in ("shape", "color", "size") if k in st)
+        o2 = tuple(sc.get(k + "2") for k in ("shape", "color", "size") if k in st or k + "2" in st)
+        rel = tuple(sorted(S.pair_sides(sc).items())) if "relation" in st else ()
+        return tuple(sorted([o1, o2])), rel
     return tuple(sc.get(k) for k in sc["stated"])
 
 
 def _swap_attr(sc: dict, attr: str, rng: np.random.Generator) -> dict:
+    """The scene with ``attr`` changed to another value. Old kinds: only that attribute stated. Pair scenes keep
+    every stated attribute (a pair prompt stating one object's color alone can match the other object); a shape is
+    changed to one neither object has."""
     d = dict(sc)
+    base = attr.rstrip("2")
     choices = {"color": list(S.COLORS), "shape": list(S.SHAPES), "size": list(S.SIZES),
                "position": list(S.POSITIONS) if sc["kind"] != "word" else list(S.WORD_POSITIONS),
-               "count": [1, 2, 3, 4], "word": list(S.WORDS)}[attr]
-    others = [c for c in choices if c != sc[attr]]
+               "count": [1, 2, 3, 4], "word": list(S.WORDS), "relation": list(S.RELATIONS)}[base]
+    avoid = {sc[attr]} | ({sc["shape"], sc["shape2"]} if sc["kind"] == "pair" and base == "shape" else set())
+    others = [c for c in choices if c not in avoid]
     d[attr] = others[int(rng.integers(len(others)))]
-    d["stated"] = [attr]
+    if sc["kind"] != "pair":
+        d["stated"] = [attr]
     return d
+
+
+def exchanges(sc: dict) -> dict[str, dict]:
+    """Pair prompts with the two objects' attributes exchanged, which a faithful image must FAIL: "colors" (a red
+    circle and a blue square -> a blue circle and a red square; when both colors are stated), "shapes" (when both
+    shapes and something that tells the objects apart are stated: colors or a relation), "relation" (reversed:
+    left <-> right, above <-> below)."""
+    st = sc.get("stated") or []
+    out = {}
+    if sc["kind"] != "pair":
+        return out
+    if "color" in st and "color2" in st:
+        out["colors"] = dict(sc, color=sc["color2"], color2=sc["color"])
+    if "shape" in st and "shape2" in st and ("color" in st or "relation" in st):
+        out["shapes"] = dict(sc, shape=sc["shape2"], shape2=sc["shape"])
+    if "relation" in st:
+        out["relation"] = dict(sc, relation={"left": "right", "right": "left", "above": "below",
+                                             "below": "above"}[sc["relation"]])
+    return out
 
 
 def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
@@ -433,14 +534,20 @@ def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
         table[name] = adherence(ims, prompts)
     # negative 3: one stated attribute swapped, checked on the clean and degraded renders of the original
     swap: dict[str, list[int]] = {}
+    exch: dict[str, list[int]] = {}
     for im_set, tag in ((clean, "clean"), (degraded, "degraded"), (coarse, "4x down/up")):
         srng = np.random.default_rng(99)
         for im, p in zip(im_set, prompts):
             for attr in p["scene"]["stated"]:
                 r = check(im, _swap_attr(p["scene"], attr, srng))
                 s = swap.setdefault(f"{attr} ({tag})", [0, 0])
-                s[0] += bool(r[attr])
+                # pair prompts: the whole swapped prompt (the per-attribute result depends on the assignment)
+                s[0] += bool(prompt_pass(r) if p["scene"]["kind"] == "pair" else r[attr])
                 s[1] += 1
+            for what, sc in exchanges(p["scene"]).items():
+                e = exch.setdefault(f"{what} ({tag})", [0, 0])
+                e[0] += prompt_pass(check(im, sc))
+                e[1] += 1
     if verbose:
         w = max(len(c) for c in cats + ["overall"])
         print(f"{'pass rate':<{w}} " + " ".join(f"{n:>16}" for n in table))
@@ -455,8 +562,13 @@ def selftest(prompts: list[dict] | None = None, verbose: bool = True) -> dict:
         for k in sorted(swap):
             ps, t = swap[k]
             print(f"  {k:<24} {ps:>4}/{t:<4} {100 * ps / t:5.1f}%")
+        if exch:
+            print("\nfalse pass of a pair prompt with the two objects' attributes exchanged:")
+            for k in sorted(exch):
+                ps, t = exch[k]
+                print(f"  {k:<24} {ps:>4}/{t:<4} {100 * ps / t:5.1f}%")
     return {"table": {n: {"per_category": v["per_category"], "overall": v["overall"]} for n, v in table.items()},
-            "swap": {k: tuple(v) for k, v in swap.items()}}
+            "swap": {k: tuple(v) for k, v in swap.items()}, "exchange": {k: tuple(v) for k, v in exch.items()}}
 
 
 def check_dir(images: str, prompts_path: str, pattern: str = "{i:03d}.png", verbose: bool = False) -> dict:

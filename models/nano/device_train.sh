@@ -4,6 +4,9 @@
 #          and, to continue from an earlier call, .nano-resume.tgz (that call's $OUT/pipeline.tgz), extracted to
 #          /tmp/resume: pass --resume /tmp/resume/pipeline or --init-from /tmp/resume/pipeline
 #   TRAIN_LIMIT=seconds bash models/nano/device_train.sh [train.py options]
+# Fine-tune of issue 22 (one call, about 9 minutes): .nano-resume.tgz from prepare_finetune.sh, then
+#   TRAIN_LIMIT=540 bash models/nano/device_train.sh --init-from-onnx /tmp/resume/pipeline --split train4 ...
+#   (the exact options: README.md, "Fine-tune on pairs"); FINETUNE=1 picks them (below).
 # The device image's own torch is used (its version is recorded in train_log.json); diffusers, transformers,
 # tokenizers, huggingface_hub and Pillow come from the carried wheels, pinned as here. train.py runs under
 # `timeout $TRAIN_LIMIT` (default 540 s) and ends its training 30 s before that (--stop-by; a fresh machine's first
@@ -20,6 +23,14 @@ if [ -f .nano-resume.tgz ]; then mkdir -p /tmp/resume && tar -C /tmp/resume -xzf
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, diffusers, transformers, PIL, numpy; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__, "numpy", numpy.__version__)' | tee -a "$OUT/gpu.txt"
 LIMIT=${TRAIN_LIMIT:-540}
+if [ "${FINETUNE:-0}" = 1 ]; then
+  # issue 22: VAE encoder against the committed decoder (75 s, with 2048 latents the model draws itself for the
+  # cycle term), then transformer + text encoders on train4 (the cosine spans the 275 s left before --stop-by after
+  # rendering, tokenizing, the encoder and torch.compile)
+  set -- --init-from-onnx /tmp/resume/pipeline --split train4 --n-train 150000 --seed 22 --t5-len 77 \
+    --infer-shift 3 --enc-seconds 75 --enc-batch 128 --enc-lr 1e-3 --enc-cycle 2048 --dit-batch 256 \
+    --dit-lr 3e-4 --dit-seconds 275 --schedule-seconds 275 --warmup 100 --compile --eval "$@"
+fi
 timeout --signal=INT "$LIMIT" python3 models/nano/train.py --out "$RUN" --workers 16 --stop-by $((LIMIT - 30)) "$@" 2>&1 \
   | grep -v -i warn | tee "$OUT/train.log"
 cp "$RUN"/train_log.json "$RUN"/clip_token_ids.json "$RUN"/eval_*.png "$OUT"/ 2>/dev/null

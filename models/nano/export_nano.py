@@ -9,14 +9,16 @@ the project's export tool, then makes the folder small:
   those tokens);
 - `tokenizer_2/vocab.json` and `merges.txt` as relative symlinks to `tokenizer/` (same bytes; CLIP-G's pad token
   "!" lives in tokenizer_2's own configs); `tokenizer_3/spiece.model` dropped (our T5 loader reads tokenizer.json);
-- the VAE encoder is not exported (img2img is not offered for the nano model);
+- the VAE encoder only with `--vae-encoder` (issue 22: the encoder train.py --init-from-onnx trains against the
+  committed decoder; `vae_encoder/model.onnx` takes `sample` [B, 3, H, W] and gives `latent_parameters`
+  [B, 32, H/8, W/8], mean ++ logvar, what the crate's img2img and inpainting need; the models before had none);
 - `--shift X` writes the sampling shift into the scheduler config (the one `sweep.py` chose on tuning prompts);
 - tensor names shortened and node names dropped (the exporter's long names are ~10% of a small graph).
 
     python models/nano/token_ids.py --runs 0:200000 1:200000 2:200000 --clip runs/clip_token_ids.json \
         --t5 runs/t5_token_ids.json
     python models/nano/export_nano.py --pipeline RUN/pipeline --token-ids runs/clip_token_ids.json \
-        --t5-token-ids runs/t5_token_ids.json --out models/sd3-nano [--shift 3]
+        --t5-token-ids runs/t5_token_ids.json --out models/sd3-nano [--shift 3] [--vae-encoder]
 """
 from __future__ import annotations
 
@@ -84,15 +86,19 @@ def main():
     ap.add_argument("--shift", type=float, default=None,
                     help="the sampling shift to write into scheduler/scheduler_config.json (default: the pipeline's, "
                          "train.py --infer-shift); sweep.py picks it on tuning prompts")
+    ap.add_argument("--vae-encoder", action="store_true",
+                    help="also export vae_encoder/ (a pipeline whose VAE encoder was trained: train.py "
+                         "--init-from-onnx, or a run that trained the whole VAE)")
     a = ap.parse_args()
     src = a.pipeline
+    components = COMPONENTS + (",vae_encoder" if a.vae_encoder else "")
     if not (src / "tokenizer").is_dir():
         for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             shutil.copytree(a.tokenizers_from / t, src / t, symlinks=True)
     if a.out.exists():
         shutil.rmtree(a.out)
     export_sd3.main(["--model", str(src), "--dtype", "fp32", "--weights-int8", "--keep-token-ids", str(a.token_ids),
-                     "--keep-t5-token-ids", str(a.t5_token_ids), "--components", COMPONENTS, "--out", str(a.out)])
+                     "--keep-t5-token-ids", str(a.t5_token_ids), "--components", components, "--out", str(a.out)])
     out = a.out
     for name in ("vocab.json", "merges.txt"):
         one, two = out / "tokenizer" / name, out / "tokenizer_2" / name

@@ -82,8 +82,19 @@ KIND_WEIGHTS = (0.45, 0.3, 0.25)
 # scenes, so the weights are not the shares: train3 ends up about 36% object, 29% count and 35% word scenes, train3c
 # about 33% object, 45% count and 22% word scenes (test_checker.py).
 KIND_WEIGHTS_TRAIN3C = (0.4, 0.45, 0.15)
+# Pair scenes (issue 22): two different shapes, each with its own color and size; the first object stands in
+# RELATIONS[k] to the second (its bbox center clearly left of / right of / above / below the second's, boxes apart by
+# a gap along that axis, the other axis' offset at most half of it), or anywhere ("and": relation None).
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+# sizes of pair objects (two large ones do not fit side by side at 128 px: never both large)
+PAIR_SIZES: tuple[str, ...] = ("small", "medium", "large")
+# The "train4" split (issue 22): train3's kinds plus pair scenes, the kind weights for KINDS4. Held-out combinations
+# are redrawn, and about 4 in 5 pair scenes hit one (two objects, five pair families), so the shares of the kinds in
+# the data are about 20% object, 23% count, 17% word and 40% pair scenes (test_checker.py asserts them).
+KINDS4: tuple[str, ...] = ("object", "count", "word", "pair")
+KIND_WEIGHTS_TRAIN4 = (0.1, 0.1, 0.05, 0.75)
 # the splits sample_scene draws training scenes for (train.py --split)
-TRAIN_SPLITS: tuple[str, ...] = ("train", "train3", "train3c")
+TRAIN_SPLITS: tuple[str, ...] = ("train", "train3", "train3c", "train4")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Held-out combinations (deterministic, a fixed rule over the vocabulary order)
@@ -100,6 +111,17 @@ HELDOUT: dict[str, frozenset] = {
     "count_shape": frozenset({(2, "triangle"), (2, "star"), (3, "circle"), (3, "cross"), (4, "square")}),
     # each word is held out with one color (color index 3i mod 8)
     "word_color": frozenset((w, _C[(3 * i) % 8]) for i, w in enumerate(WORDS)),
+    # pair scenes (issue 22), unordered pairs as sorted tuples. Colors: color i with color i+3 mod 8 (8 of the 28
+    # pairs; each color in two of them, with five other partners left for training)
+    "color_pair": frozenset(tuple(sorted((c, _C[(i + 3) % 8]))) for i, c in enumerate(_C)),
+    # shapes: shape i with shape i+2 mod 5 for i = 0, 1, 2 (3 of the 10 pairs: circle+triangle, square+star,
+    # triangle+cross; every shape keeps two or more partners)
+    "shape_pair": frozenset(tuple(sorted((SHAPES[i], SHAPES[(i + 2) % 5]))) for i in range(3)),
+    # relation x shape, by geometry (whatever the caption's word order): the object on that side of a stated
+    # relation (the left one of a left/right pair, the upper one of an above/below pair, ...) is never that shape;
+    # side k with shape 2k+1 mod 5
+    "side_shape": frozenset((side, SHAPES[(2 * k + 1) % 5])
+                            for k, side in enumerate(("left", "right", "top", "bottom"))),
 }
 # evaluation category -> held-out family and the attributes its prompts state (the checker checks exactly these)
 CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -109,6 +131,32 @@ CATEGORIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "count": ("count_shape", ("count", "shape", "color")),
     "word": ("word_color", ("word", "color")),
 }
+# The six GenEval-style categories of eval_prompts_v2.json (issue 22): category -> (held-out families cycled through,
+# the attributes its prompts state). "single" (exactly one significant object) and "pair" (exactly two) are checked
+# for every object and pair prompt without being stated.
+CATEGORIES_V2: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "single_object": (("color_shape", "size_shape", "shape_position"), ("shape",)),
+    "two_objects": (("shape_pair",), ("shape", "shape2")),
+    "counting": (("count_shape",), ("count", "shape")),
+    "colors": (("color_shape",), ("color", "shape")),
+    "position": (("side_shape",), ("shape", "shape2", "relation")),
+    "color_attr": (("color_pair",), ("shape", "color", "shape2", "color2")),
+}
+
+
+def pair_sides(d: dict) -> dict[str, str]:
+    """{"left"/"right"/"top"/"bottom": shape} of a pair scene with a stated-able relation (empty for "and")."""
+    rel = d.get("relation")
+    if rel is None:
+        return {}
+    a, b = d["shape"], d["shape2"]
+    if rel == "left":
+        return {"left": a, "right": b}
+    if rel == "right":
+        return {"left": b, "right": a}
+    if rel == "above":
+        return {"top": a, "bottom": b}
+    return {"top": b, "bottom": a}
 
 
 def heldout_combos(scene: "Scene | dict") -> list[str]:
@@ -127,6 +175,19 @@ def heldout_combos(scene: "Scene | dict") -> list[str]:
         out.append("count_shape")
     if k == "word" and (d["word"], d["color"]) in HELDOUT["word_color"]:
         out.append("word_color")
+    if k == "pair":
+        # each object on its own is held to the single-object rules (color x shape, size x shape)
+        objs = ((d["color"], d["shape"], d["size"]), (d["color2"], d["shape2"], d["size2"]))
+        if any((c, sh) in HELDOUT["color_shape"] for c, sh, _ in objs):
+            out.append("color_shape")
+        if any((sz, sh) in HELDOUT["size_shape"] for _, sh, sz in objs):
+            out.append("size_shape")
+        if tuple(sorted((d["color"], d["color2"]))) in HELDOUT["color_pair"]:
+            out.append("color_pair")
+        if tuple(sorted((d["shape"], d["shape2"]))) in HELDOUT["shape_pair"]:
+            out.append("shape_pair")
+        if any(x in HELDOUT["side_shape"] for x in pair_sides(d).items()):
+            out.append("side_shape")
     return out
 
 
@@ -136,7 +197,7 @@ def heldout_combos(scene: "Scene | dict") -> list[str]:
 
 @dataclasses.dataclass
 class Scene:
-    kind: str  # "object" | "count" | "word"
+    kind: str  # "object" | "count" | "word" | "pair"
     color: str
     background: dict  # {"style": one of BACKGROUNDS, "colors": [bg color name(s)], "seed": int}
     shape: str | None = None
@@ -148,9 +209,17 @@ class Scene:
     items: list = dataclasses.field(default_factory=list)
     # attributes the caption states (None: decided by caption()); eval prompts set it, the checker checks it
     stated: list | None = None
+    # pair scenes only: the second object (items[1]) and the relation of the first to the second (None: "and")
+    shape2: str | None = None
+    color2: str | None = None
+    size2: str | None = None
+    relation: str | None = None
 
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in _FIELDS}
+        for f in _PAIR_FIELDS:  # absent unless set: the dicts of the older kinds (eval_prompts.json) stay as they were
+            if d[f] is None:
+                del d[f]
         d["background"] = dict(self.background, colors=list(self.background["colors"]))
         d["items"] = [list(it) for it in self.items]
         d["stated"] = None if self.stated is None else list(self.stated)
@@ -165,6 +234,7 @@ class Scene:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Scene))
+_PAIR_FIELDS = ("shape2", "color2", "size2", "relation")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,14 +364,81 @@ def _place_count(n: int, rng: np.random.Generator) -> list[list[float]]:
     raise RuntimeError("could not place objects")
 
 
+_PAIR_GAP = (0.06, 0.2)  # gap between the two boxes along the relation's axis: 8-26 px at 128
+
+
+def _place_pair(s1: float, s2: float, relation: str | None, rng: np.random.Generator) -> list[list[float]]:
+    """Centers of two boxes of half-sizes s1, s2: the first in ``relation`` to the second (boxes apart by a gap of
+    8+ px along the axis, the offset along the other axis at most half the offset along it), or anywhere with a gap
+    of 6+ px ("and", None)."""
+    lo = lambda s: _MARGIN + s  # noqa: E731
+    hi = lambda s: 1 - _MARGIN - s  # noqa: E731
+    for _ in range(1000):
+        if relation is None:
+            c1 = [float(rng.uniform(lo(s1), hi(s1))), float(rng.uniform(lo(s1), hi(s1)))]
+            c2 = [float(rng.uniform(lo(s2), hi(s2))), float(rng.uniform(lo(s2), hi(s2)))]
+            if max(abs(c1[0] - c2[0]), abs(c1[1] - c2[1])) - s1 - s2 >= 0.05:
+                return [[c1[0], c1[1], s1], [c2[0], c2[1], s2]]
+            continue
+        # along the axis: a = the object first along it (left / top), b = the other
+        first_is_1 = relation in ("left", "above")
+        sa, sb = (s1, s2) if first_is_1 else (s2, s1)
+        room = 1 - 2 * _MARGIN - 2 * sa - 2 * sb
+        if room < _PAIR_GAP[0]:
+            raise ValueError("pair does not fit")
+        gap = float(rng.uniform(_PAIR_GAP[0], min(_PAIR_GAP[1], room)))
+        pa = float(rng.uniform(lo(sa), 1 - _MARGIN - 2 * sb - gap - sa))
+        pb = pa + sa + gap + sb
+        qa = float(rng.uniform(lo(sa), hi(sa)))
+        qb = float(rng.uniform(lo(sb), hi(sb)))
+        if abs(qa - qb) > 0.5 * (pb - pa):
+            continue
+        ca, cb = ([pa, qa], [pb, qb]) if relation in ("left", "right") else ([qa, pa], [qb, pb])
+        c1, c2 = (ca, cb) if first_is_1 else (cb, ca)
+        return [[c1[0], c1[1], s1], [c2[0], c2[1], s2]]
+    raise RuntimeError("could not place the pair")
+
+
 def _make_scene(rng: np.random.Generator, kind: str, **kw) -> Scene:
     sc = _make_scene_raw(rng, kind, **kw)
     sc.items = [[round(float(v), 4) for v in it] for it in sc.items]  # short, exact JSON
     return sc
 
 
+_HALF = {"small": _SMALL, "medium": _MEDIUM, "large": _LARGE}
+_NO_REL = "and"  # relation=_NO_REL asks _make_scene for a pair with no relation (None would draw one)
+
+
+def _make_pair(rng: np.random.Generator, color=None, shape=None, size=None, color2=None, shape2=None, size2=None,
+               relation=None) -> Scene:
+    color = color or _C[int(rng.integers(len(_C)))]
+    if color2 is None:
+        others = [c for c in _C if c != color]
+        color2 = others[int(rng.integers(len(others)))]
+    bg = _sample_background(rng)
+    shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
+    if shape2 is None:
+        others = [x for x in SHAPES if x != shape]
+        shape2 = others[int(rng.integers(len(others)))]
+    if relation is None:  # 80% with a relation, 20% "and"
+        k = int(rng.integers(5))
+        relation = RELATIONS[k] if k < 4 else _NO_REL
+    size = size or PAIR_SIZES[int(rng.integers(len(PAIR_SIZES)))]
+    if size2 is None:
+        opts = [x for x in PAIR_SIZES if not (x == "large" and size == "large")]
+        size2 = opts[int(rng.integers(len(opts)))]
+    s1 = float(rng.uniform(*_HALF[size]))
+    s2 = float(rng.uniform(*_HALF[size2]))
+    rel = None if relation == _NO_REL else relation
+    items = _place_pair(s1, s2, rel, rng)
+    return Scene("pair", color, bg, shape=shape, size=size, items=items, shape2=shape2, color2=color2, size2=size2,
+                 relation=rel)
+
+
 def _make_scene_raw(rng: np.random.Generator, kind: str, *, color=None, shape=None, size=None, position=None,
-                    count=None, word=None, sizes: tuple[str, ...] = SIZES) -> Scene:
+                    count=None, word=None, sizes: tuple[str, ...] = SIZES, **pair) -> Scene:
+    if kind == "pair":
+        return _make_pair(rng, color=color, shape=shape, size=size, **pair)
     color = color or _C[int(rng.integers(len(_C)))]
     bg = _sample_background(rng)
     if kind == "object":
@@ -342,8 +479,15 @@ def _make_scene_raw(rng: np.random.Generator, kind: str, *, color=None, shape=No
 
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """One random scene. "train": never a held-out combination. "train3": the same with three object sizes
-    (TRAIN3_SIZES). "train3c": train3 with the kind weights KIND_WEIGHTS_TRAIN3C (more count scenes). "heldout":
-    always at least one held-out combination."""
+    (TRAIN3_SIZES). "train3c": train3 with the kind weights KIND_WEIGHTS_TRAIN3C (more count scenes). "train4":
+    train3's kinds plus pair scenes (KIND_WEIGHTS_TRAIN4). "heldout": always at least one held-out combination of
+    the five old families; "heldout2": a scene of one of the CATEGORIES_V2 (pairs included)."""
+    if split == "train4":
+        while True:
+            kind = KINDS4[int(rng.choice(len(KINDS4), p=KIND_WEIGHTS_TRAIN4))]
+            sc = _make_scene(rng, kind, sizes=TRAIN3_SIZES) if kind == "object" else _make_scene(rng, kind)
+            if not heldout_combos(sc):
+                return sc
     if split in TRAIN_SPLITS:
         sizes = SIZES if split == "train" else TRAIN3_SIZES
         weights = KIND_WEIGHTS_TRAIN3C if split == "train3c" else KIND_WEIGHTS
@@ -355,7 +499,10 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     if split == "heldout":
         cat = list(CATEGORIES)[int(rng.integers(len(CATEGORIES)))]
         return _heldout_scene(rng, cat)
-    raise ValueError(f"split must be 'train', 'train3', 'train3c' or 'heldout', got {split!r}")
+    if split == "heldout2":
+        cat = list(CATEGORIES_V2)[int(rng.integers(len(CATEGORIES_V2)))]
+        return heldout_scene_v2(rng, cat)
+    raise ValueError(f"split must be one of {TRAIN_SPLITS + ('heldout', 'heldout2')}, got {split!r}")
 
 
 def _heldout_scene(rng: np.random.Generator, category: str) -> Scene:
@@ -374,6 +521,43 @@ def _heldout_scene(rng: np.random.Generator, category: str) -> Scene:
         sc = _make_scene(rng, "word", word=combo[0], color=combo[1])
     sc.stated = list(stated)
     assert fam in heldout_combos(sc)
+    return sc
+
+
+def heldout_scene_v2(rng: np.random.Generator, category: str, k: int | None = None) -> Scene:
+    """A scene of CATEGORIES_V2[category] built on a held-out combination (the k-th of the category's families'
+    sorted combinations, cycled; random when k is None), ``stated`` set to what its prompts state."""
+    fams, stated = CATEGORIES_V2[category]
+    combos = [(f, c) for f in fams for c in sorted(HELDOUT[f])]
+    fam, combo = combos[(int(rng.integers(len(combos))) if k is None else k) % len(combos)]
+    for _ in range(1000):
+        if fam == "color_shape":
+            sc = _make_scene(rng, "object", color=combo[0], shape=combo[1])
+        elif fam == "size_shape":
+            sc = _make_scene(rng, "object", size=combo[0], shape=combo[1])
+        elif fam == "shape_position":
+            sc = _make_scene(rng, "object", shape=combo[0], position=combo[1])
+        elif fam == "count_shape":
+            sc = _make_scene(rng, "count", count=combo[0], shape=combo[1])
+        elif fam == "shape_pair":
+            a, b = combo if rng.random() < 0.5 else combo[::-1]
+            sc = _make_scene(rng, "pair", shape=a, shape2=b, relation=_NO_REL)
+        elif fam == "color_pair":
+            a, b = combo if rng.random() < 0.5 else combo[::-1]
+            sc = _make_scene(rng, "pair", color=a, color2=b, relation=_NO_REL)
+        else:  # side_shape: that shape on that side of a stated relation, as the first or the second object
+            side, shape = combo
+            rel = {"left": ("left", "right"), "right": ("right", "left"), "top": ("above", "below"),
+                   "bottom": ("below", "above")}[side]
+            if rng.random() < 0.5:  # the first object is on `side`
+                sc = _make_scene(rng, "pair", shape=shape, relation=rel[0])
+            else:
+                others = [x for x in SHAPES if x != shape]
+                sc = _make_scene(rng, "pair", shape=others[int(rng.integers(4))], shape2=shape, relation=rel[1])
+        if fam in heldout_combos(sc):
+            break
+    sc.stated = list(stated)
+    assert fam in heldout_combos(sc), (fam, sc)
     return sc
 
 
@@ -431,9 +615,47 @@ def _stated_for(scene: Scene, rng: np.random.Generator) -> list[str]:
         st = ["shape"] + [a for a, p in (("color", 0.85), ("size", 0.6), ("position", 0.7)) if rng.random() < p]
     elif scene.kind == "count":
         st = ["count", "shape"] + (["color"] if rng.random() < 0.85 else [])
+    elif scene.kind == "pair":
+        st = ["shape", "shape2"]
+        both_colors = rng.random() < 0.85
+        st += [a for a, p in (("color", 0.85), ("color2", 0.85)) if both_colors or rng.random() < 0.5]
+        st += [a for a, p in (("size", 0.3), ("size2", 0.3)) if rng.random() < p]
+        if scene.relation is not None and rng.random() < 0.9:
+            st.append("relation")
     else:
         st = ["word"] + [a for a, p in (("color", 0.8), ("position", 0.3)) if rng.random() < p]
     return st
+
+
+_REL_PHRASES = {
+    "left": ["to the left of", "on the left of", "left of"],
+    "right": ["to the right of", "on the right of", "right of"],
+    "above": ["above", "over", "above"],
+    "below": ["below", "under", "beneath"],
+}
+_INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def _pair_caption(scene: Scene, st: list[str], rng: np.random.Generator) -> str:
+    def np_(shape, color, size, c_attr, s_attr):
+        adjs = ([_pick(rng, _SIZE_SYN[size])] if s_attr in st else []) + ([color] if c_attr in st else [])
+        p = " ".join(adjs + [_pick(rng, _SHAPE_SYN[shape])])
+        return f"{_article(p)} {p}"
+
+    a = np_(scene.shape, scene.color, scene.size, "color", "size")
+    b = np_(scene.shape2, scene.color2, scene.size2, "color2", "size2")
+    intro = _pick(rng, ["a picture of", "an image of", "a drawing of", "there is"])
+    if "relation" in st:
+        rel = scene.relation
+        if rng.random() < 0.3:  # the same scene said the other way round: "b right of a"
+            a, b, rel = b, a, _INVERSE[rel]
+        t = int(rng.integers(3))
+        core = f"{a} {_pick(rng, _REL_PHRASES[rel])} {b}"
+        return [core, f"{intro} {core}", core][t]
+    if rng.random() < 0.5:
+        a, b = b, a
+    t = int(rng.integers(4))
+    return [f"{a} and {b}", f"{intro} {a} and {b}", f"{a} together with {b}", f"{a} and {b}"][t]
 
 
 def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
@@ -464,6 +686,8 @@ def caption(scene: Scene | dict, rng: np.random.Generator) -> str:
             s = f"there is {_article(np_)} {np_}{pos}"
         else:
             s = f"{_article(np_)} {np_}{pos}"
+    elif scene.kind == "pair":
+        s = _pair_caption(scene, st, rng)
     elif scene.kind == "count":
         n = scene.count
         noun = _pick(rng, _SHAPE_SYN[scene.shape] if n == 1 else _SHAPE_SYN_PL[scene.shape])
@@ -523,8 +747,9 @@ def render_background(bg: dict, size: int = 128) -> np.ndarray:
     return c0[None, None, :] + (up + fine)[:, :, None]
 
 
-def render_mask(scene: Scene | dict, size: int = 128) -> np.ndarray:
-    """float32 [size, size] coverage (0..1) of the scene's foreground, drawn at 2x and box-downsampled."""
+def render_mask(scene: Scene | dict, size: int = 128, obj: int = 0) -> np.ndarray:
+    """float32 [size, size] coverage (0..1) of the scene's foreground, drawn at 2x and box-downsampled (pair
+    scenes: of object ``obj``, 0 or 1)."""
     if isinstance(scene, dict):
         scene = Scene.from_dict(scene)
     S = 2 * size
@@ -533,6 +758,9 @@ def render_mask(scene: Scene | dict, size: int = 128) -> np.ndarray:
     if scene.kind in ("object", "count"):
         for cx, cy, s in scene.items:
             draw_shape(d, scene.shape, cx * S, cy * S, s * S)
+    elif scene.kind == "pair":
+        cx, cy, s = scene.items[obj]
+        draw_shape(d, scene.shape if obj == 0 else scene.shape2, cx * S, cy * S, s * S)
     else:
         cx, cy, f = scene.items[0]
         draw_word(d, scene.word, cx * S, cy * S, max(8, round(f * S)))
@@ -548,6 +776,9 @@ def render(scene: Scene | dict, size: int = 128) -> np.ndarray:
     a = render_mask(scene, size)[:, :, None]
     col = np.array(COLORS[scene.color], np.float32)
     out = bg * (1.0 - a) + col * a
+    if scene.kind == "pair":  # the second object over the first (they never overlap)
+        a = render_mask(scene, size, 1)[:, :, None]
+        out = out * (1.0 - a) + np.array(COLORS[scene.color2], np.float32) * a
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -555,7 +786,7 @@ def render(scene: Scene | dict, size: int = 128) -> np.ndarray:
 # Datasets
 
 CHUNK = 512
-_SPLIT_ID = {"train": 0, "heldout": 1, "train3": 2, "train3c": 3}
+_SPLIT_ID = {"train": 0, "heldout": 1, "train3": 2, "train3c": 3, "train4": 4, "heldout2": 5}
 
 
 def _chunk_rng(seed: int, split: str, chunk: int) -> np.random.Generator:
@@ -657,15 +888,39 @@ def eval_prompts(n: int = 240, seed: int = 0) -> list[dict]:
     return out
 
 
+EVAL_PROMPTS_V2_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompts_v2.json")
+
+
+def eval_prompts_v2(per_category: int = 50, seed: int = 0) -> list[dict]:
+    """The held-out prompts of the six GenEval-style categories (CATEGORIES_V2), ``per_category`` each, round robin
+    over the categories, cycling within a category through its families' held-out combinations. Each is
+    {"prompt", "category", "scene"} with scene["stated"] set (the checker checks exactly that, plus "single" /
+    "pair"). A generator of its own (seed, 22, 6), so eval_prompts() is unchanged."""
+    cats = list(CATEGORIES_V2)
+    rng = np.random.default_rng([int(seed), 22, 6])
+    out = []
+    for i in range(per_category * len(cats)):
+        cat = cats[i % len(cats)]
+        sc = heldout_scene_v2(rng, cat, i // len(cats))
+        out.append({"prompt": caption(sc, rng), "category": cat, "scene": sc.to_dict()})
+    return out
+
+
+def write_eval_prompts_v2(path: str = EVAL_PROMPTS_V2_PATH, per_category: int = 50, seed: int = 0) -> None:
+    ps = eval_prompts_v2(per_category, seed)
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(p, sort_keys=True) for p in ps) + "\n]\n")
+
+
 def write_eval_prompts(path: str = EVAL_PROMPTS_PATH, n: int = 240, seed: int = 0) -> None:
     ps = eval_prompts(n, seed)
     with open(path, "w") as f:
         f.write("[\n" + ",\n".join(json.dumps(p, sort_keys=True) for p in ps) + "\n]\n")
 
 
-def contact_sheet(path: str, n: int = 32, seed: int = 1, cols: int = 8) -> None:
-    """Grid of train images with their captions below (for the README)."""
-    imgs, caps, _ = make_dataset(n, seed, "train", workers=1)
+def contact_sheet(path: str, n: int = 32, seed: int = 1, cols: int = 8, split: str = "train") -> None:
+    """Grid of training images with their captions below (for the README)."""
+    imgs, caps, _ = make_dataset(n, seed, split, workers=1)
     cell_w, cell_h, pad = 128, 128 + 50, 4
     rows = (n + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
@@ -698,18 +953,23 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-eval", action="store_true", help="write models/nano/eval_prompts.json")
+    ap.add_argument("--write-eval-v2", action="store_true", help="write models/nano/eval_prompts_v2.json")
     ap.add_argument("--sheet", help="write a contact sheet of train images to this PNG")
     ap.add_argument("--bench", type=int, default=0, help="time make_dataset(N)")
+    ap.add_argument("--split", default="train", help="the split of --sheet and --bench")
     ap.add_argument("--workers", type=int, default=None)
     a = ap.parse_args()
     if a.write_eval:
         write_eval_prompts()
         print("wrote", EVAL_PROMPTS_PATH)
+    if a.write_eval_v2:
+        write_eval_prompts_v2()
+        print("wrote", EVAL_PROMPTS_V2_PATH)
     if a.sheet:
-        contact_sheet(a.sheet)
+        contact_sheet(a.sheet, split=a.split)
         print("wrote", a.sheet)
     if a.bench:
         t = time.perf_counter()
-        im, cp, sc = make_dataset(a.bench, 0, "train", workers=a.workers)
+        im, cp, sc = make_dataset(a.bench, 0, a.split, workers=a.workers)
         dt = time.perf_counter() - t
         print(f"{a.bench} images in {dt:.2f} s ({a.bench / dt:.0f} img/s, workers={a.workers or os.cpu_count()})")

@@ -109,6 +109,185 @@ def test_train3c_split():
     assert S.make_captions(300, 7, "train3c") != S.make_captions(300, 7, "train3")
 
 
+def test_train4_split():
+    # issue 22: train3's kinds plus pair scenes; no held-out combination of any family, every single value (and every
+    # allowed pair value) still seen; the older splits are untouched (test_dataset_deterministic pins "train")
+    rng = np.random.default_rng(4)
+    kinds = collections.Counter()
+    seen = collections.defaultdict(set)
+    n = 20000
+    for _ in range(n):
+        sc = S.sample_scene(rng, "train4")
+        assert not S.heldout_combos(sc), sc
+        kinds[sc.kind] += 1
+        if sc.kind != "pair":
+            continue
+        d = sc.to_dict()
+        assert sc.shape != sc.shape2 and sc.color != sc.color2, d
+        assert not (sc.size == "large" and sc.size2 == "large"), d
+        seen["color"] |= {sc.color, sc.color2}
+        seen["shape"] |= {sc.shape, sc.shape2}
+        seen["size"] |= {sc.size, sc.size2}
+        seen["relation"].add(sc.relation)
+        seen["color_pair"].add(tuple(sorted((sc.color, sc.color2))))
+        seen["shape_pair"].add(tuple(sorted((sc.shape, sc.shape2))))
+        seen["side_shape"] |= set(S.pair_sides(d).items())
+        seen["color_shape"] |= {(sc.color, sc.shape), (sc.color2, sc.shape2)}
+    assert 0.36 < kinds["pair"] / n < 0.44 and 0.2 < kinds["count"] / n < 0.27, kinds
+    assert 0.17 < kinds["object"] / n < 0.23 and 0.14 < kinds["word"] / n < 0.2, kinds
+    assert seen["color"] == set(S.COLORS) and seen["shape"] == set(S.SHAPES), seen
+    assert seen["size"] == set(S.PAIR_SIZES) and seen["relation"] == set(S.RELATIONS) | {None}, seen
+    all_cp = {tuple(sorted((a, b))) for a in S.COLORS for b in S.COLORS if a != b}
+    all_sp = {tuple(sorted((a, b))) for a in S.SHAPES for b in S.SHAPES if a != b}
+    all_ss = {(side, sh) for side in ("left", "right", "top", "bottom") for sh in S.SHAPES}
+    assert seen["color_pair"] == all_cp - S.HELDOUT["color_pair"], all_cp - seen["color_pair"]
+    assert seen["shape_pair"] == all_sp - S.HELDOUT["shape_pair"]
+    assert seen["side_shape"] == all_ss - S.HELDOUT["side_shape"]
+    assert seen["color_shape"] == {(c, sh) for c in S.COLORS for sh in S.SHAPES} - S.HELDOUT["color_shape"]
+    # every held-out pair value is made of values seen in training, each still with some partner
+    for a, b in S.HELDOUT["color_pair"] | S.HELDOUT["shape_pair"]:
+        assert a in seen["color"] | seen["shape"] and b in seen["color"] | seen["shape"]
+    for fam in ("color_pair", "shape_pair", "side_shape"):
+        assert S.HELDOUT[fam]
+    caps = S.make_captions(600, 7, "train4")
+    assert caps == S.make_dataset(600, 7, "train4", workers=1)[1]
+    assert any(" left of " in c for c in caps) and any(" above " in c for c in caps) and any(" and " in c for c in caps)
+    assert S.make_captions(300, 7, "train4") != S.make_captions(300, 7, "train3c")
+
+
+def test_pair_geometry_and_captions():
+    # the stated relation holds for the checker on the render (bbox centers, margin), the two boxes never overlap,
+    # both stay in the frame, and the caption names both shapes (and the relation word when stated)
+    rng = np.random.default_rng(5)
+    words = {"left": ("left",), "right": ("right",), "above": ("above", "over"), "below": ("below", "under", "beneath")}
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    n_rel = 0
+    for _ in range(400):
+        sc = S._make_scene(rng, "pair")
+        (x1, y1, s1), (x2, y2, s2) = sc.items
+        for x, y, s in sc.items:
+            assert s <= x <= 1 - s and s <= y <= 1 - s, sc
+        assert max(abs(x1 - x2) - s1 - s2, abs(y1 - y2) - s1 - s2) >= 0.049, sc
+        if sc.relation is not None:
+            n_rel += 1
+            assert C.relation_holds(sc.relation, (x1 * 128, y1 * 128), (x2 * 128, y2 * 128)), sc
+            inv = {"left": "right", "right": "left", "above": "below", "below": "above"}[sc.relation]
+            assert not C.relation_holds(inv, (x1 * 128, y1 * 128), (x2 * 128, y2 * 128)), sc
+        sc.stated = None
+        c = S.caption(sc, rng)
+        assert c.isascii() and len(c.split()) <= 20, c
+        syn = lambda sh: S._SHAPE_SYN[sh]  # noqa: E731
+        assert any(w in c for w in syn(sc.shape)) and any(w in c for w in syn(sc.shape2)), c
+    assert n_rel > 250
+    # stated relations show in the caption
+    for _ in range(200):
+        sc = S._make_scene(rng, "pair", relation=S.RELATIONS[int(rng.integers(4))])
+        sc.stated = ["shape", "shape2", "relation"]
+        c = S.caption(sc, rng)
+        # said in the scene's order ("A left of B") or the other way round ("B right of A")
+        first = min(c.find(w) for w in S._SHAPE_SYN[sc.shape] if w in c)
+        second = min(c.find(w) for w in S._SHAPE_SYN[sc.shape2] if w in c)
+        rel = sc.relation if first < second else opposite[sc.relation]
+        assert any(f" {w} " in f" {c} " for w in words[rel]), c
+        assert not any(f" {w} " in f" {c} " for w in words[opposite[rel]]), c
+
+
+def test_eval_prompts_v2():
+    ps = S.eval_prompts_v2()
+    assert len(ps) == 300
+    cnt = collections.Counter(p["category"] for p in ps)
+    assert cnt == {c: 50 for c in S.CATEGORIES_V2}, cnt
+    for p in ps:
+        fams, stated = S.CATEGORIES_V2[p["category"]]
+        assert set(fams) & set(S.heldout_combos(p["scene"])), p
+        assert p["scene"]["stated"] == list(stated)
+        assert p["prompt"].isascii() and len(p["prompt"].split()) <= 20
+    # every held-out combination of the pair families is asked about
+    for cat, fam in (("two_objects", "shape_pair"), ("color_attr", "color_pair")):
+        got = {tuple(sorted((p["scene"]["shape" if fam == "shape_pair" else "color"],
+                             p["scene"]["shape2" if fam == "shape_pair" else "color2"]))) for p in ps
+               if p["category"] == cat}
+        assert got == set(S.HELDOUT[fam]), (cat, got)
+    sides = set()
+    for p in ps:
+        if p["category"] == "position":
+            sides |= set(S.pair_sides(p["scene"]).items()) & S.HELDOUT["side_shape"]
+    assert sides == set(S.HELDOUT["side_shape"])
+    with open(S.EVAL_PROMPTS_V2_PATH) as f:
+        assert json.load(f) == ps, "eval_prompts_v2.json is stale: python models/nano/scenes.py --write-eval-v2"
+    # the "heldout2" split: every scene is one of the six categories' held-out scenes
+    rng = np.random.default_rng(8)
+    cats = collections.Counter()
+    for _ in range(600):
+        sc = S.sample_scene(rng, "heldout2").to_dict()
+        hits = [c for c, (fams, st) in S.CATEGORIES_V2.items() if set(fams) & set(S.heldout_combos(sc))
+                and sc["stated"] == list(st)]
+        assert hits, sc
+        cats[hits[0] if len(hits) == 1 else sc["stated"][0]] += 1
+    assert len(cats) >= 5, cats
+
+
+def test_selftest_figures_v2():
+    ps = S.eval_prompts_v2()
+    rep = C.selftest(ps, verbose=False)
+    t = rep["table"]
+    for cat, (ok, tot) in t["clean"]["per_category"].items():
+        assert ok == tot, (cat, ok, tot)
+    for name in ("degraded", "4x down/up"):
+        for cat, (ok, tot) in t[name]["per_category"].items():
+            assert ok / tot >= 0.95, (name, cat, ok, tot)
+    ok, tot = t["other prompt"]["overall"]
+    assert ok / tot <= 0.02, t["other prompt"]
+    assert t["background only"]["overall"][0] == 0, t["background only"]
+    for k, (ok, tot) in rep["swap"].items():
+        assert ok / tot <= 0.02, (k, ok, tot)
+    # the two objects' colors (shapes, relation) exchanged: a faithful image must fail every one
+    assert {k.split()[0] for k in rep["exchange"]} == {"colors", "shapes", "relation"}
+    for k, (ok, tot) in rep["exchange"].items():
+        assert ok == 0 and tot >= 50, (k, ok, tot)
+
+
+def test_pair_negatives():
+    sc = _scene("pair", color="red", shape="circle", size="medium", color2="blue", shape2="square", size2="small",
+                relation="left")
+    sc.stated = ["shape", "color", "shape2", "color2", "relation"]
+    img = S.render(sc)
+    r = C.check(img, sc)
+    assert C.prompt_pass(r) and r["pair"], r
+    # one object missing: only the first drawn
+    one = S.Scene.from_dict(sc.to_dict())
+    one.items = [one.items[0], [0.5, 0.5, 0.0]]
+    r = C.check(S.render(one), sc)
+    assert not r["pair"] and not C.prompt_pass(r), r
+    # a third object (a green star at the bottom) breaks "pair"
+    extra = _scene("object", color="green", shape="star", size="small", position="bottom")
+    three = np.where(S.render_mask(extra)[:, :, None] > 0.5, np.array(S.COLORS["green"], np.uint8), img)
+    r = C.check(three, sc)
+    assert not r["pair"] and not C.prompt_pass(r), r
+    # both objects in one color: the second color is wrong
+    mono = S.Scene.from_dict(dict(sc.to_dict(), color2="red"))
+    r = C.check(S.render(mono), sc)
+    assert not C.prompt_pass(r), r
+    # the relation reversed by moving the objects; and stated the other way round it passes again
+    flipped = S.Scene.from_dict(sc.to_dict())
+    (x1, y1, s1), (x2, y2, s2) = flipped.items
+    flipped.items = [[1 - x1, y1, s1], [1 - x2, y2, s2]]
+    r = C.check(S.render(flipped), sc)
+    assert not r["relation"] and r["color"] and r["shape"], r
+    assert C.prompt_pass(C.check(S.render(flipped), dict(sc.to_dict(), relation="right")))
+    # shapes without colors, in either order
+    two = dict(sc.to_dict(), stated=["shape", "shape2"])
+    assert C.prompt_pass(C.check(img, two))
+    assert C.prompt_pass(C.check(img, dict(two, shape="square", shape2="circle")))
+    assert not C.prompt_pass(C.check(img, dict(two, shape2="star")))
+    # a small star beside a large square still counts as two objects (pair area thresholds)
+    sm = _scene("pair", color="yellow", shape="star", size="small", color2="black", shape2="square", size2="large",
+                relation="above")
+    sm.stated = ["shape", "color", "shape2", "color2", "relation", "size", "size2"]
+    r = C.check(S.render(sm), sm)
+    assert C.prompt_pass(r), r
+
+
 def test_captions():
     rng = np.random.default_rng(1)
     for split in ("train", "heldout"):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The CLIP and T5 token ids of the nano model's training captions (scenes.make_captions for the given seeds and
 sizes, plus the empty caption that caption dropout trains), for export_nano.py's embedding-table pruning. Checks
-that every prompt of eval_prompts.json is made of these ids only (exits 1 otherwise).
+that every prompt of eval_prompts.json (with --check-v2 also eval_prompts_v2.json) is made of these ids only
+(exits 1 otherwise).
 
     python models/nano/token_ids.py --runs 0:200000 1:200000 2:200000 --clip OUT/clip.json --t5 OUT/t5.json
 """
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
     ap.add_argument("--clip", type=Path, required=True)
     ap.add_argument("--t5", type=Path, required=True)
+    ap.add_argument("--check-v2", action="store_true",
+                    help="also check eval_prompts_v2.json's prompts (issue 22: runs on the train4 split)")
     a = ap.parse_args()
     caps = {""}
     for r in a.runs:
@@ -36,7 +39,8 @@ def main():
     ids_l, ids_g, ids_t = tokenize(toks, sorted(caps), a.t5_len)
     clip = sorted(set(ids_l.unique().tolist()) | set(ids_g.unique().tolist()))
     t5 = sorted(set(ids_t.unique().tolist()))
-    prompts = [p["prompt"] for p in json.loads((HERE / "eval_prompts.json").read_text())]
+    files = ["eval_prompts.json"] + (["eval_prompts_v2.json"] if a.check_v2 else [])
+    prompts = [p["prompt"] for f in files for p in json.loads((HERE / f).read_text())]
     el, eg, et = tokenize(toks, prompts, a.t5_len)
     missing_clip = (set(el.unique().tolist()) | set(eg.unique().tolist())) - set(clip)
     missing_t5 = set(et.unique().tolist()) - set(t5)

@@ -175,6 +175,115 @@ def train_vae(vae, images, args, dev, logs):
 
 
 @torch.no_grad()
+def cycle_set(transformer, text, vae, toks, captions, args, dev, shift, scale):
+    """Latents the model itself draws (the first --enc-cycle training captions, guidance 5, --enc-cycle-steps Euler
+    steps, the model's shift) and their decodings: pairs (D(z), z) on the latent manifold the transformer was trained
+    on, for the encoder's cycle term."""
+    text.eval()
+    transformer.eval()
+    z = sample(transformer, text, vae, toks, captions[:args.enc_cycle], args, dev, 5.0, args.seed + 4, shift, scale,
+               args.infer_shift, args.enc_cycle_steps, latents_only=True).to(dev)
+    x = torch.cat([vae.decode(z[i:i + 256]).sample.clamp(-1, 1) for i in range(0, z.shape[0], 256)])
+    return x, z
+
+
+def train_vae_encoder(vae, images, shift, scale, args, dev, logs, cycle=None):
+    """Fine-tune mode (--init-from-onnx): a new VAE encoder against the frozen decoder of the exported model (whose
+    encoder was never shipped). Loss: L1 + L2 reconstruction through the frozen decoder (the decoder's latent space
+    is fixed, so the encoder has to learn to produce it), a small KL term as in train_vae, and latent statistics:
+    (mean z')^2 + (std z' - 1)^2 with z' = (posterior mean - shift_factor) * scaling_factor, the committed numbers, so
+    that the latents the transformer is fine-tuned on have the scale it was trained in."""
+    vae.decoder.requires_grad_(False)
+    if vae.post_quant_conv is not None:
+        vae.post_quant_conv.requires_grad_(False)
+    # A freshly initialised encoder gives logvar ~ 0 (posterior std ~ 1): latents far noisier than the decoder and
+    # the transformer were trained on (a CPU check: std 0.62 after 63 steps, the transformer's loss 4.5 against
+    # run 11's 0.06). Its logvar channels start at -8 instead (std 0.018), and the statistics term uses the posterior
+    # mean, so it cannot be met by noise.
+    with torch.no_grad():
+        conv = vae.encoder.conv_out
+        c = conv.out_channels // 2
+        conv.weight[c:].zero_()
+        conv.bias[c:].fill_(args.enc_logvar_init)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.enc_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator(device=dev).manual_seed(args.seed + 3)
+    n = images.shape[0]
+    t_start = time.time()
+    step = 0
+    hist = []
+    while (step < args.enc_steps and time.time() - t_start < args.enc_seconds
+           and (args.stop_by is None or time.time() - T0 < args.stop_by)):
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(max(step / args.enc_steps, (time.time() - t_start) / args.enc_seconds), step,
+                             args.enc_lr, min(200, max(1, args.enc_steps // 10)))
+        idx = torch.randint(0, n, (args.enc_batch,), device=dev, generator=g)
+        x = images[idx].float() / 127.5 - 1.0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, device=dev, generator=g)
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        l2 = ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        zn = (post.mean.float() - shift) * scale
+        stats = zn.mean() ** 2 + (zn.std() - 1.0) ** 2
+        loss = l1 + l2 + args.vae_kl * kl + args.enc_stats * stats
+        cyc = torch.zeros((), device=dev)
+        if cycle is not None:  # E(D(z)) = z on the model's own latents (normalised units)
+            j = torch.randint(0, cycle[0].shape[0], (args.enc_batch,), device=dev, generator=g)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                zc = vae.encode(cycle[0][j]).latent_dist.mean
+            cyc = ((zc.float() - cycle[1][j]) * scale).pow(2).mean()
+            loss = loss + args.enc_cycle_weight * cyc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.enc_log_every == 0:
+            hist.append(dict(step=step, t=round(time.time() - t_start, 1), l1=l1.item(), l2=l2.item(), kl=kl.item(),
+                             latent_mean=zn.mean().item(), latent_std=zn.std().item(),
+                             posterior_std=post.std.float().mean().item(), cycle=cyc.item()))
+            log(f"vae encoder step {step} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/elt {kl.item():.3f} "
+                f"normalised latent means: mean {zn.mean().item():.3f} std {zn.std().item():.3f}; "
+                f"posterior std {post.std.float().mean().item():.4f}; cycle {cyc.item():.4f}")
+        step += 1
+    vae.requires_grad_(True)
+    logs["vae_encoder"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=args.enc_batch,
+                               history=hist)
+    return vae
+
+
+def load_from_onnx(src: Path, logs):
+    """The modules of an exported nano model: rebuilt from its ONNX graphs (a model folder with
+    transformer/model.onnx; needs onnx and onnxruntime, and the export tool's torch: from_onnx.py) or from a folder
+    that `from_onnx.py --out` wrote (what device_train.sh carries: the device's torch need not reproduce the
+    committed graphs). Returns the modules and the CLIP / T5 token ids the export had kept."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    if (src / "transformer" / "model.onnx").is_file():
+        import from_onnx
+
+        mods, reps = from_onnx.rebuild_all(src)
+        logs["from_onnx"] = reps
+        kept = {c: from_onnx.kept_ids(src, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+        te1, te2, te3 = mods["text_encoder"], mods["text_encoder_2"], mods["text_encoder_3"]
+        transformer, vae = mods["transformer"], mods["vae_decoder"]
+    else:
+        te1 = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder")
+        te2 = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder_2")
+        te3 = T5EncoderModel.from_pretrained(src / "text_encoder_3")
+        transformer = SD3Transformer2DModel.from_pretrained(src / "transformer")
+        vae = AutoencoderKL.from_pretrained(src / "vae")
+        kept = json.loads((src / "onnx_kept_token_ids.json").read_text())
+    for m in (te1, te2, te3, transformer, vae):
+        m.float()
+    return te1, te2, te3, transformer, vae, kept
+
+
+@torch.no_grad()
 def encode_latents(vae, images, dev, bs=512):
     means, stds = [], []
     for i in range(0, images.shape[0], bs):
@@ -268,8 +377,10 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
 
 
 @torch.no_grad()
-def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shift, scale, infer_shift, steps):
-    """Plain flow-matching Euler with CFG, as StableDiffusion3Pipeline (sigmas = linspace(1, 1/N, N), shifted)."""
+def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shift, scale, infer_shift, steps,
+           latents_only=False):
+    """Plain flow-matching Euler with CFG, as StableDiffusion3Pipeline (sigmas = linspace(1, 1/N, N), shifted).
+    uint8 images [N, H, W, 3]; with latents_only the final latents in the VAE's space (x / scale + shift)."""
     out = []
     ids = tokenize(toks, list(prompts), args.t5_len)
     neg = tokenize(toks, [""] * len(prompts), args.t5_len)
@@ -296,33 +407,43 @@ def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shi
                 v = transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=tt,
                                 return_dict=False)[0]
             x = x + (sig[k + 1] - sig[k]) * v
+        if latents_only:
+            out.append((x / scale + shift).cpu())
+            continue
         img = vae.decode(x / scale + shift).sample
         out.append(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    return torch.cat(out) if latents_only else np.concatenate(out)
 
 
 def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Path, logs):
+    """The held-out prompts of eval_prompts.json (and, with --split train4, eval_prompts_v2.json: "v2_" files and
+    log keys) drawn by the PyTorch model and scored by checker.py. --eval-n limits the prompts per file."""
     import checker
     from PIL import Image
 
-    prompts = json.loads((HERE / "eval_prompts.json").read_text())
-    res = {}
-    for name, guidance in (("cfg", args.eval_guidance), ("nocfg", 1.0)):
-        imgs = sample(transformer, text, vae, toks, [p["prompt"] for p in prompts], args, dev, guidance, 0, shift,
-                      scale, args.infer_shift, args.eval_steps)
-        a = checker.adherence(list(imgs), prompts)
-        res[name] = {c: round(100.0 * k / n_, 1) for c, (k, n_) in a["per_category"].items()}
-        res[name]["overall"] = round(100.0 * a["overall"][0] / a["overall"][1], 1)
-        log(f"eval {name} (guidance {guidance}):", res[name])
-        grid = np.concatenate([np.concatenate(list(imgs[r * 16:(r + 1) * 16]), axis=1) for r in range(4)], axis=0)
-        Image.fromarray(grid).save(out_dir / f"eval_{name}.png")
-    logs["eval_torch"] = res
+    files = [("", "eval_prompts.json")] + ([("v2_", "eval_prompts_v2.json")] if args.split == "train4" else [])
+    for tag, fname in files:
+        prompts = json.loads((HERE / fname).read_text())[:args.eval_n]
+        res = {}
+        for name, guidance in (("cfg", args.eval_guidance), ("nocfg", 1.0)):
+            imgs = sample(transformer, text, vae, toks, [p["prompt"] for p in prompts], args, dev, guidance, 0,
+                          shift, scale, args.infer_shift, args.eval_steps)
+            a = checker.adherence(list(imgs), prompts)
+            res[name] = {c: round(100.0 * k / n_, 1) for c, (k, n_) in a["per_category"].items()}
+            res[name]["overall"] = round(100.0 * a["overall"][0] / a["overall"][1], 1)
+            log(f"eval {tag}{name} (guidance {guidance}):", res[name])
+            rows = [imgs[r * 16:(r + 1) * 16] for r in range(min(4, len(imgs) // 16))] or [imgs]
+            grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+            Image.fromarray(grid).save(out_dir / f"eval_{tag}{name}.png")
+        logs[f"eval_torch{('_' + tag.rstrip('_')) if tag else ''}"] = res
 
 
 def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift, scale, used_ids):
     """Saves the weights as float16 (what the export stores; the export tool and --resume load them as float32),
     with the CLIP token-embedding rows of ids no caption uses set to zero (they never change from their random
-    initialisation, and zeros compress: the folder travels between device calls)."""
+    initialisation, and zeros compress: the folder travels between device calls). With --init-from-onnx or
+    --resume the VAE is saved as float32: its decoder holds the committed graph's int8 x scale values, which the
+    export's int8 quantization gives back exactly from float32 (not from their float16 roundings)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +456,8 @@ def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift,
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731  (the models stay float32 for --eval)
     half(transformer).save_pretrained(out / "transformer")
     vae.register_to_config(shift_factor=float(shift), scaling_factor=float(scale))
-    half(vae).save_pretrained(out / "vae")
+    exact = args.init_from_onnx is not None or args.resume is not None  # a VAE this run did not train: as loaded
+    (copy.deepcopy(vae).float() if exact else half(vae)).save_pretrained(out / "vae")
     half(text.te1).save_pretrained(out / "text_encoder")
     half(text.te2).save_pretrained(out / "text_encoder_2")
     half(text.te3).save_pretrained(out / "text_encoder_3")
@@ -365,7 +487,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", choices=scenes.TRAIN_SPLITS, default="train",
                     help="training data: scenes.py split (train3: three object sizes, small / medium / large; "
-                         "train3c: train3 with about 45%% count scenes instead of 29%%)")
+                         "train3c: train3 with about 45%% count scenes instead of 29%%; train4: train3's kinds "
+                         "plus about 40%% pair scenes, issue 22)")
     ap.add_argument("--n-train", type=int, default=120_000)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=128)
@@ -415,6 +538,26 @@ def main():
                     help="a pipeline folder whose VAE (and latent scale) and text encoders start this run; the "
                          "transformer starts from random weights")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer and text encoders")
+    ap.add_argument("--init-from-onnx", type=Path, default=None,
+                    help="fine-tune an exported model (issue 22): a model folder (ONNX graphs, e.g. models/sd3-nano; "
+                         "rebuilt by from_onnx.py) or a folder from_onnx.py --out wrote. Its decoder (frozen), latent "
+                         "shift/scale, text encoders and transformer start this run; a VAE encoder is trained "
+                         "against the decoder first (--enc-*), then the transformer and text encoders are trained "
+                         "further on --split (new token rows start as the export's shared row)")
+    ap.add_argument("--enc-steps", type=int, default=20000)
+    ap.add_argument("--enc-seconds", type=float, default=90)
+    ap.add_argument("--enc-batch", type=int, default=128)
+    ap.add_argument("--enc-lr", type=float, default=1e-3)
+    ap.add_argument("--enc-stats", type=float, default=1.0, help="weight of the latent-statistics term")
+    ap.add_argument("--enc-log-every", type=int, default=100)
+    ap.add_argument("--enc-cycle", type=int, default=0,
+                    help="latents the model draws for the encoder's cycle term E(D(z)) = z (0: none); the decoder "
+                         "alone does not pin the latent directions it ignores, the transformer's own samples do")
+    ap.add_argument("--enc-cycle-steps", type=int, default=28)
+    ap.add_argument("--enc-cycle-weight", type=float, default=1.0)
+    ap.add_argument("--enc-logvar-init", type=float, default=-8.0,
+                    help="the new encoder's logvar channels start at this value (weights zero)")
+    ap.add_argument("--eval-n", type=int, default=None, help="only the first N prompts of each eval file")
     ap.add_argument("--resume", type=Path, default=None,
                     help="a pipeline folder saved by an earlier run: its VAE is kept (no VAE training), its "
                          "transformer and text encoders are trained further")
@@ -436,7 +579,12 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
 
     clip_l, clip_g, t5c, ditc, vaec = configs(args)
-    if args.init_from is not None:
+    onnx_kept = None
+    if sum(x is not None for x in (args.init_from, args.init_from_onnx, args.resume)) > 1:
+        raise SystemExit("--init-from, --init-from-onnx and --resume exclude each other")
+    if args.init_from_onnx is not None:
+        te1, te2, te3, transformer, vae, onnx_kept = load_from_onnx(args.init_from_onnx, logs)
+    elif args.init_from is not None:
         te1 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder")
         te2 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder_2")
         te3 = T5EncoderModel.from_pretrained(args.init_from / "text_encoder_3")
@@ -490,10 +638,22 @@ def main():
     (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
     log("CLIP token ids used by the captions:", len(used))
 
-    fresh_vae = args.resume is None and args.init_from is None
+    if onnx_kept is not None:  # rows the export kept stay as they are in the saved tables (save_pipeline)
+        used = sorted(set(used) | set(onnx_kept["text_encoder"]) | set(onnx_kept["text_encoder_2"]))
+    fresh_vae = args.resume is None and args.init_from is None and args.init_from_onnx is None
     if fresh_vae:
         vae.train()
         train_vae(vae, images, args, dev, logs)
+    if args.init_from_onnx is not None:
+        sh, sc = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+        cycle = None
+        if args.enc_cycle > 0:
+            t = time.time()
+            cycle = cycle_set(transformer, text, vae, toks, captions, args, dev, sh, sc)
+            log(f"cycle set: {cycle[1].shape[0]} latents drawn by the model in {time.time() - t:.1f} s")
+        vae.train()
+        train_vae_encoder(vae, images, sh, sc, args, dev, logs, cycle)
+        del cycle
     vae.eval()
     lat_mean, lat_std = encode_latents(vae, images, dev)
     if fresh_vae:
@@ -501,7 +661,10 @@ def main():
         scale = 1.0 / lat_mean.sub(shift).pow(2).mean().add(lat_std.pow(2).mean()).sqrt().item()
     else:  # the transformer was trained in this latent scale: keep it
         shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
-    logs["latents"] = dict(shift_factor=shift, scaling_factor=scale)
+    logs["latents"] = dict(shift_factor=shift, scaling_factor=scale,
+                           normalised_mean=lat_mean.sub(shift).mul(scale).mean().item(),  # the rms: E[z'^2]^0.5
+                           normalised_rms=math.sqrt(lat_mean.sub(shift).mul(scale).pow(2).mean().item()
+                                                    + lat_std.mul(scale).pow(2).mean().item()))
     log(f"latents shift_factor {shift:.4f} scaling_factor {scale:.4f}")
     with torch.no_grad():  # reconstruction quality on held-out scenes
         him, _, _ = scenes.make_dataset(256, seed=args.seed + 999, split="heldout", workers=args.workers)
