@@ -11,7 +11,6 @@ mod common;
 
 use common::*;
 use ndarray::Array4;
-use sd3_onnx::imageio::{load_mask, load_rgb};
 use sd3_onnx::{GenerationOutput, GenerationRequest, SamplerKind, Sd3Pipeline, SkipLayerGuidance};
 
 /// Largest allowed per-channel difference, in 8-bit levels.
@@ -127,20 +126,7 @@ fn batches() {
 
 /// The request of a feature case (tests/img2img.rs).
 fn feature_request(fixture_name: &str, name: &str) -> GenerationRequest {
-    let case = feature_case(fixture_name, name);
-    let j = read_json(&case.join("request.json"));
-    let mut req = GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
-        .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
-        .size(j["width"].as_u64().expect("width") as u32, j["height"].as_u64().expect("height") as u32)
-        .steps(j["steps"].as_u64().expect("steps") as usize)
-        .guidance(j["guidance"].as_f64().expect("guidance") as f32)
-        .strength(j["strength"].as_f64().expect("strength"))
-        .seed(j["seed"].as_u64().expect("seed"))
-        .init_image(load_rgb(case.join(j["init_image"].as_str().expect("init_image"))).expect("init.png"));
-    if let Some(mask) = j["mask_image"].as_str() {
-        req = req.mask(load_mask(case.join(mask)).expect("mask.png"));
-    }
-    req
+    feature_case_request(&feature_case(fixture_name, name))
 }
 
 #[test]

@@ -17,7 +17,7 @@ mod common;
 
 use common::*;
 use ndarray::Ix4;
-use sd3_onnx::imageio::{load_mask, load_rgb};
+use sd3_onnx::imageio::load_rgb;
 use sd3_onnx::{GenerationRequest, Sd3Pipeline};
 
 /// Largest allowed per-channel difference, in 8-bit levels.
@@ -27,19 +27,7 @@ const TOLERANCE: u8 = 1;
 const LATENT_TOLERANCE: f32 = 1e-3;
 
 fn request(case: &std::path::Path) -> GenerationRequest {
-    let j = read_json(&case.join("request.json"));
-    let mut req = GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
-        .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
-        .size(j["width"].as_u64().expect("width") as u32, j["height"].as_u64().expect("height") as u32)
-        .steps(j["steps"].as_u64().expect("steps") as usize)
-        .guidance(j["guidance"].as_f64().expect("guidance") as f32)
-        .strength(j["strength"].as_f64().expect("strength"))
-        .seed(j["seed"].as_u64().expect("seed"))
-        .init_image(load_rgb(case.join(j["init_image"].as_str().expect("init_image"))).expect("init.png"));
-    if let Some(mask) = j["mask_image"].as_str() {
-        req = req.mask(load_mask(case.join(mask)).expect("mask.png"));
-    }
-    req
+    feature_case_request(case)
 }
 
 fn check(fixture: &str, name: &str, golden_png: &str) {

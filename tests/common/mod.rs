@@ -284,3 +284,22 @@ pub fn declare_inputs(model: &[u8], inputs: &[(String, i64, Vec<i64>)]) -> Vec<u
     }
     out
 }
+
+/// The request of a feature case folder (models/make_feature_goldens.py: img2img and inpainting), from its
+/// `request.json`, init image and mask.
+pub fn feature_case_request(case: &Path) -> GenerationRequest {
+    use sd3_onnx::imageio::{load_mask, load_rgb};
+    let j = read_json(&case.join("request.json"));
+    let mut req = GenerationRequest::new(j["prompt"].as_str().expect("prompt"))
+        .negative_prompt(j["negative_prompt"].as_str().unwrap_or(""))
+        .size(j["width"].as_u64().expect("width") as u32, j["height"].as_u64().expect("height") as u32)
+        .steps(j["steps"].as_u64().expect("steps") as usize)
+        .guidance(j["guidance"].as_f64().expect("guidance") as f32)
+        .strength(j["strength"].as_f64().expect("strength"))
+        .seed(j["seed"].as_u64().expect("seed"))
+        .init_image(load_rgb(case.join(j["init_image"].as_str().expect("init_image"))).expect("init.png"));
+    if let Some(mask) = j["mask_image"].as_str() {
+        req = req.mask(load_mask(case.join(mask)).expect("mask.png"));
+    }
+    req
+}
