@@ -18,7 +18,9 @@ Pins: models/requirements-controlnet.txt (diffusers 0.42.1, torch 2.8.0). The gr
   <model-folder>/transformer/model_controlnet.onnx
                             the base transformer's inputs plus controlnet_residuals [N, B, h*w/p^2, D] and
                             controlnet_block_index int64 [num_layers] (which residual each block adds; computed by
-                            the crate with diffusers' interval rule). Written only with --model-folder; one per model,
+                            the crate with diffusers' interval rule), made as export_sd3.py --controlnet-graph
+                            makes it (ONNX Runtime's fusions; fp16 with a float32 timestep). Written only with
+                            --model-folder; one per model,
                             shared by all its ControlNets.
 
 Why a second transformer graph rather than an input on transformer/model.onnx: the plain graph stays exactly what it
@@ -41,7 +43,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from make_controlnet_fixtures import ControlNetWrapper, ResidualTransformer, block_index  # noqa: E402
+from make_controlnet_fixtures import ControlNetWrapper  # noqa: E402
 
 from diffusers import SD3ControlNetModel, SD3Transformer2DModel  # noqa: E402
 
@@ -127,29 +129,15 @@ def main() -> None:
     cn = SD3ControlNetModel.from_pretrained(a.controlnet).eval()
     if cn.config.use_pos_embed is False:
         cn.pos_embed = cn._get_pos_embed_from_transformer(transformer)
-    cn, transformer = cn.to(dtype), transformer.to(dtype)
-    tc = transformer.config
+    cn = cn.to(dtype)  # the transformer stays float32: export_component converts after the fusions
     write_controlnet(cn, a.out, dtype, optimize=a.optimize)
-    c, p = tc.in_channels, tc.patch_size
-    h, w = 2 * p * 2, 3 * p * 2
-    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
     if a.model_folder is not None:
-        inner = tc.num_attention_heads * tc.attention_head_dim
-        tokens = (h // p) * (w // p)
-        targs = (r(2, c, h, w), r(2, 7, tc.joint_attention_dim), r(2, tc.pooled_projection_dim),
-                 torch.tensor([500.0, 500.0], dtype=dtype), r(1, 2, tokens, inner),
-                 torch.tensor(block_index(tc.num_layers, 1), dtype=torch.int64))
-        tdyn = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
-                "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-                "pooled_projections": {0: "batch_size"}, "timestep": {0: "step"},
-                "controlnet_residuals": {0: "residuals", 1: "batch_size", 2: "image_tokens"},
-                "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
-        path = a.model_folder / "transformer" / "model_controlnet.onnx"
-        export(ResidualTransformer(transformer), targs,
-               ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "controlnet_residuals",
-                "controlnet_block_index"], ["out_hidden_states"], tdyn, path)
-        print(f"wrote {path}")
+        # The residual transformer through export_sd3.py's pipeline, as `export_sd3.py --controlnet-graph` makes it.
+        from export_sd3 import CONTROLNET_FILE, export_component
 
+        export_component("transformer", transformer, a.model_folder, exporter="torchscript",
+                         attention="fused", dtype=a.dtype, opset=None, t5_precision="mixed", controlnet_graph=True)
+        print(f"wrote {a.model_folder / 'transformer' / CONTROLNET_FILE}")
 
 if __name__ == "__main__":
     main()
