@@ -13,8 +13,11 @@
 # torch.compile took 70 s where a warm one took 8 s, and a run that timed out in training lost everything); it saves
 # the pipeline before its evaluation, so a run cut short there still brings the weights back.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-nano/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
+# NANO_SITE: where the wheels go (default /tmp/site); another folder keeps them apart from a diffusers 0.42.1 that
+# another job on the same machine (scripts/gpu/build_sd3m.sh) imports from /tmp/site.
+SITE=${NANO_SITE:-/tmp/site}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl-nano/*.whl \
+  && export PYTHONPATH="$SITE" || exit 1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nano-out}
 RUN=${RUN:-.nano-run}
