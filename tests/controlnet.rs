@@ -127,6 +127,44 @@ fn deeper_transformer_uses_every_residual() {
     }
 }
 
+/// `--fused-kernels` on ControlNet runs (models/export/make_fused_controlnet_fixtures.py): the float16 residual
+/// transformer of the 4-block deep fixture and a 2-block InstantX ControlNet, exported through export_sd3.py's
+/// pipeline as they are (`controlnet-deep-fp16`, ONNX Runtime's stock operators) and rewritten to the crate's fused
+/// operators (`controlnet-deep-fp16-fused`, run by their CPU kernels). The deep case's request (blocks 0 and 1 add
+/// residual 0, block 2 residual 1) must give the same image within FUSED_LEVELS; the ControlNet must matter (the
+/// image without it is more than 3 levels away), so a rewrite that lost the residuals between the fused blocks
+/// could not pass.
+#[test]
+fn fused_kernels_controlnet_graphs_match_the_unfused_ones() {
+    /// The float16 graphs' tolerance of tests/export_parity.rs (FP16_TOLERANCE). Measured here: max 3 levels, mean
+    /// 0.16 (the fused operators round once per product where the stock ones round the product and the bias
+    /// addition). Sabotaged fused residual graphs fail: the residual additions dropped, 110 levels; residual 1 added
+    /// in place of residual 0, 69 levels.
+    const FUSED_LEVELS: u8 = 3;
+    let goldens = repo().join("models/goldens/controlnet/deep");
+    let mut images = Vec::new();
+    for variant in ["controlnet-deep-fp16", "controlnet-deep-fp16-fused"] {
+        let nets = fixture(variant);
+        let m = ScratchModel::new("tiny-sd3", variant);
+        std::fs::remove_dir_all(m.path("transformer")).unwrap();
+        copy_dir(&nets.join("transformer"), &m.path("transformer"));
+        let mut pipe = Sd3Pipeline::builder(&m.dir).build().unwrap();
+        pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+        let with = pipe.generate(&request_in(&goldens, "instantx")).unwrap();
+        assert!(with.warnings.is_empty(), "{variant}: {:?}", with.warnings);
+        let mut without = request_in(&goldens, "instantx");
+        without.controlnets.clear();
+        let without = pipe.generate(&without).unwrap();
+        let effect = pixel_diff(&with.images[0], &without.images[0]).0;
+        eprintln!("{variant}: the ControlNet moves the image by {effect} levels");
+        assert!(effect > 3, "{variant}: the ControlNet moves the image by only {effect} levels");
+        images.push(with.images[0].clone());
+    }
+    let (max, mean) = pixel_diff(&images[0], &images[1]);
+    eprintln!("fused vs stock operators, float16 ControlNet run: max {max} levels, mean {mean:.4}");
+    assert!(max <= FUSED_LEVELS, "fused ControlNet graphs are {max} levels from the unfused ones (mean {mean:.3})");
+}
+
 #[test]
 fn batches_and_scale_zero() {
     let m = model("batch");

@@ -59,14 +59,16 @@ def export(module, args, inputs, outputs, dyn, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype, optimize: bool = False) -> None:
+def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype, optimize: bool = False,
+                     fused_kernels: bool = False) -> None:
     """`cn` (already in `dtype`, with the base transformer's pos_embed for `use_pos_embed: false`) to
     out/model.onnx and out/config.json. Shapes come from the ControlNet's own config.
 
     optimize: through models/export/export_sd3.py's pipeline instead, as the transformer's model.onnx is made: a
     float32 TorchScript export, ONNX Runtime's MMDiT fusions (fused attention for the InstantX kind's joint blocks),
     then the float16 conversion with the timestep and its sinusoidal embedding kept float32; weights over 2 GB go to
-    model.onnx.data."""
+    model.onnx.data. fused_kernels (with optimize and float16; the InstantX kind only): then rewritten to the
+    crate's fused operators (models/export/fused_kernels.py, as the transformer's --fused-kernels)."""
     if optimize:
         import tempfile
 
@@ -78,7 +80,7 @@ def write_controlnet(cn: SD3ControlNetModel, out: Path, dtype: torch.dtype, opti
         with tempfile.TemporaryDirectory(prefix="controlnet-") as tmp:
             info = export_component("controlnet", cn.float(), Path(tmp), exporter="torchscript", attention="fused",
                                     dtype="fp16" if dtype == torch.float16 else "fp32", opset=None,
-                                    t5_precision="mixed")
+                                    t5_precision="mixed", fused_kernels=fused_kernels)
             out.mkdir(parents=True)
             for f in info["files"]:
                 shutil.move(str(Path(tmp) / f), out / Path(f).name)
@@ -121,7 +123,13 @@ def main() -> None:
                     help="the ControlNet through export_sd3.py's pipeline (ONNX Runtime's fusions, then float16 "
                          "with a float32 timestep): faster on a GPU; the residual transformer for real models comes "
                          "from export_sd3.py --controlnet-graph the same way")
+    ap.add_argument("--fused-kernels", action="store_true",
+                    help="with --optimize --dtype fp16: the ControlNet (InstantX kind) and, with --model-folder, the "
+                         "residual transformer rewritten to the crate's fused operators (as export_sd3.py "
+                         "--fused-kernels); for the CUDA provider")
     a = ap.parse_args()
+    if a.fused_kernels and not (a.optimize and a.dtype == "fp16"):
+        raise SystemExit("error: --fused-kernels needs --optimize and --dtype fp16")
     dtype = torch.float16 if a.dtype == "fp16" else torch.float32
     torch.set_grad_enabled(False)
 
@@ -130,13 +138,14 @@ def main() -> None:
     if cn.config.use_pos_embed is False:
         cn.pos_embed = cn._get_pos_embed_from_transformer(transformer)
     cn = cn.to(dtype)  # the transformer stays float32: export_component converts after the fusions
-    write_controlnet(cn, a.out, dtype, optimize=a.optimize)
+    write_controlnet(cn, a.out, dtype, optimize=a.optimize, fused_kernels=a.fused_kernels)
     if a.model_folder is not None:
         # The residual transformer through export_sd3.py's pipeline, as `export_sd3.py --controlnet-graph` makes it.
         from export_sd3 import CONTROLNET_FILE, export_component
 
         export_component("transformer", transformer, a.model_folder, exporter="torchscript",
-                         attention="fused", dtype=a.dtype, opset=None, t5_precision="mixed", controlnet_graph=True)
+                         attention="fused", dtype=a.dtype, opset=None, t5_precision="mixed", controlnet_graph=True,
+                         fused_kernels=a.fused_kernels)
         print(f"wrote {a.model_folder / 'transformer' / CONTROLNET_FILE}")
 
 if __name__ == "__main__":

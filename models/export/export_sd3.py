@@ -1183,11 +1183,17 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
     spec = export_spec(component, module, skip_layers, controlnet=controlnet_graph)
     info: dict = dict(exporter=exporter, opset=opset, attention=attention, dtype=dtype)
     fuse = None
-    if fused_kernels and component == "transformer" and skip_layers is None and not controlnet_graph:
+    if fused_kernels and ((component == "transformer" and skip_layers is None) or component == "controlnet"):
         if dtype != "fp16" or exporter != "torchscript":
             raise SystemExit("error: --fused-kernels needs --dtype fp16 and the torchscript exporter")
         cfg = module.config
-        fuse = (cfg.num_layers, cfg.num_attention_heads, cfg.num_attention_heads * cfg.attention_head_dim)
+        if component == "controlnet" and cfg.joint_attention_dim is None:
+            raise SystemExit("error: --fused-kernels: this ControlNet is of the SD3.5 kind (no text input; its "
+                             "blocks are SD3SingleTransformerBlocks, which the rewrite does not cover): export it "
+                             "without --fused-kernels")
+        # the residual transformer (controlnet_graph) too: fused_kernels.py adds the residuals between the blocks
+        fuse = (cfg.num_layers, cfg.num_attention_heads, cfg.num_attention_heads * cfg.attention_head_dim,
+                component == "controlnet")
     if skip_layers is not None:
         info["skip_layers"] = skip_layers
     with tempfile.TemporaryDirectory(prefix=f"export-{component}-") as tmp:
@@ -1486,8 +1492,8 @@ def parse_args(argv=None):
                          "exported before from the same weights")
     ap.add_argument("--controlnet-graph", action="store_true",
                     help="with the transformer: also export transformer/" + CONTROLNET_FILE + ", the transformer "
-                         "taking ControlNet residuals (docs/controlnet.md); not with --fused-kernels (its rewrite "
-                         "does not handle the residual additions between blocks: the graph stays unfused)")
+                         "taking ControlNet residuals (docs/controlnet.md); with --fused-kernels rewritten like "
+                         "model.onnx, the residuals added between the fused blocks")
     ap.add_argument("--skip-layers", default=None, metavar="I,J,...",
                     help="skip-layer guidance (SD3.5-medium: 7,8,9): also export transformer/" + SKIP_FILE + ", the "
                          "transformer with these MMDiT blocks (0-based) skipped, as diffusers' "

@@ -57,8 +57,16 @@ def _index(model: onnx.ModelProto):
     return nodes, inits
 
 
-def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int) -> dict:
-    """Rewrites `model` in place; returns counts for the export manifest."""
+def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int, controlnet: bool = False) -> dict:
+    """Rewrites `model` in place; returns counts for the export manifest.
+
+    Also takes the transformer that adds ControlNet residuals (export_sd3.py --controlnet-graph): a residual added to
+    a block's output between the block and the next block's norm1 (diffusers SD3Transformer2DModel.forward:
+    `hidden_states = hidden_states + block_controlnet_hidden_states[...]` after the block) becomes that block's
+    last ModNorm without its norm output read, the graph's own float16 Add, and a ModNorm without residual for the
+    next block's norm1 (one LayerNorm pass more than without residuals, the same roundings as the unfused graph).
+    controlnet=True: an InstantX-style SD3ControlNetModel (joint blocks, none context_pre_only, no norm_out or
+    proj_out; each block's image output read by its controlnet_blocks.i linear layer)."""
     g = model.graph
     nodes, inits = _index(model)
 
@@ -81,7 +89,11 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         mm = node(f"{prefix}/{'/'.join(parts)}/MatMul")
         bias = f"{prefix.strip('/').replace('/', '.')}.{module}.bias"
         if bias not in inits:
-            raise FusedKernelsError(f"--fused-kernels: bias {bias} not found")
+            # the export wrapper's attribute ("m.", "cn.") may prefix parameter names but not node names
+            found = [n for n in inits if n.endswith("." + bias)]
+            if len(found) != 1:
+                raise FusedKernelsError(f"--fused-kernels: bias {bias} not found")
+            bias = found[0]
         return mm.input[1], bias
 
     eps = {a.f for n in g.node if n.op_type == "LayerNormalization" for a in n.attribute if a.name == "epsilon"}
@@ -157,7 +169,7 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
             raise FusedKernelsError(f"--fused-kernels: unexpected inputs of {add_name}")
         return others[0]
 
-    if num_layers < 2 or pre_only(0):
+    if (num_layers < 2 and not controlnet) or pre_only(0):
         raise FusedKernelsError("--fused-kernels: needs at least two joint blocks")
     h = residual_input(f"{R}/transformer_blocks.0/Add", f"{R}/transformer_blocks.0/Mul")
     if dual(0):
@@ -171,7 +183,44 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         c = residual_input(f"{R}/transformer_blocks.0/Add_4", f"{R}/transformer_blocks.0/Mul_3")
     mods = [node(f"{R}/transformer_blocks.{i}/norm1/linear/Gemm").output[0] for i in range(num_layers)]
     cmods = [node(f"{R}/transformer_blocks.{i}/norm1_context/linear/Gemm").output[0] for i in range(num_layers)]
-    out_mod = node(f"{R}/norm_out/linear/Gemm").output[0]
+    out_mod = None if controlnet else node(f"{R}/norm_out/linear/Gemm").output[0]
+
+    consumers: dict[str, list] = {}
+    for n_ in g.node:
+        for x in n_.input:
+            consumers.setdefault(x, []).append(n_)
+
+    def block_output(i: int) -> str:
+        """The unfused graph's image-stream output of block i: the Add after the gate of ff's output
+        (h + gate_mlp * ff(...), diffusers JointTransformerBlock.forward)."""
+        p = f"{R}/transformer_blocks.{i}"
+        ff = node(f"{p}/ff/net.2/MatMul").output[0]
+        for _ in range(3):  # MatMul -> bias Add -> gate Mul -> residual Add
+            nxt = [c for c in consumers.get(ff, []) if c.name.startswith(p + "/")]
+            if len(nxt) != 1:
+                break
+            ff = nxt[0].output[0]
+            if nxt[0].op_type == "Add" and nxt[0].name != f"{p}/ff/net.2/Add":
+                return ff
+        raise FusedKernelsError(f"--fused-kernels: cannot find the output of {p}")
+
+    def outside(n_) -> bool:
+        return not n_.name.startswith(f"{R}/transformer_blocks.")
+
+    def residual_of(i: int):
+        """(Add node, residual tensor) where the graph adds a ControlNet residual to block i's output, else None."""
+        t = block_output(i)
+        adds = [c for c in consumers.get(t, []) if outside(c) and c.op_type == "Add"]
+        if not adds:
+            return None
+        if len(adds) > 1:
+            raise FusedKernelsError(f"--fused-kernels: block {i}'s output has {len(adds)} residual additions")
+        other = [x for x in adds[0].input if x != t]
+        if len(other) != 1:
+            raise FusedKernelsError(f"--fused-kernels: unexpected inputs of {adds[0].name}")
+        return adds[0], other[0]
+
+    rewired: dict[str, str] = {}  # unfused block outputs read outside the blocks -> their fused tensors
 
     # norm1 of block 0 (later blocks get theirs from the previous block's last ModNorm)
     n_img = mk("ModNorm", [h, "", "", mods[0]], ["/fk/0/n_img"], "/fk/0/norm1",
@@ -253,12 +302,32 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
         w2, b2 = weight(f"{p}/ff", "net.2")
         ff1 = mk("Linear", [n2, w1, b1], [f"{f}/ff1_img"], f"{f}/ff/net.0", activation=1)[0]
         ff2 = mk("Linear", [ff1, w2, b2], [f"{f}/ff2_img"], f"{f}/ff/net.2", activation=0)[0]
-        if last:  # norm_out: AdaLayerNormContinuous, chunk(2) = scale, shift
+        if last and controlnet:  # nothing normalises the last block's output: the norm output is not read
+            nmod, so, co = mods[i], 0, D
+        elif last:  # norm_out: AdaLayerNormContinuous, chunk(2) = scale, shift
             nmod, so, co = out_mod, D, 0
         else:  # next block's norm1: AdaLayerNormZero, shift_msa 0, scale_msa D
             nmod, so, co = mods[i + 1], 0, D
-        n_img, h = mk("ModNorm", [h1, ff2, mods[i], nmod], [f"{f}/n_next_img", f"{f}/h2_img"], f"{f}/ff_residual",
-                      gate_offset=5 * D, shift_offset=so, scale_offset=co, epsilon=epsilon)
+        res = residual_of(i)
+        if res is None:
+            n_img, h = mk("ModNorm", [h1, ff2, mods[i], nmod], [f"{f}/n_next_img", f"{f}/h2_img"],
+                          f"{f}/ff_residual", gate_offset=5 * D, shift_offset=so, scale_offset=co, epsilon=epsilon)
+            out_t = h
+        else:
+            # h + gate_mlp * ff rounded to float16, + the ControlNet residual (float16 Add, as unfused), then
+            # the next norm on the sum
+            add, r = res
+            h_raw = mk("ModNorm", [h1, ff2, mods[i], nmod], [f"{f}/n_unused_img", f"{f}/h2_img"],
+                       f"{f}/ff_residual", gate_offset=5 * D, shift_offset=so, scale_offset=co, epsilon=epsilon)[1]
+            out_t = h_raw
+            h = mk("Add", [h_raw, r], [f"{f}/h2_img_residual"], f"{f}/controlnet_residual", domain="")[0]
+            n_img = mk("ModNorm", [h, "", "", nmod], [f"{f}/n_next_img"], f"{f}/norm_next",
+                       shift_offset=so, scale_offset=co, epsilon=epsilon)[0]
+            rewired[add.output[0]] = h
+            counts["controlnet_residuals"] = counts.get("controlnet_residuals", 0) + 1
+        rewired[block_output(i)] = out_t
+        if last and controlnet:
+            break  # the last block's context output is not used (SD3ControlNetModel.forward)
         if ctx_out:
             n2c, c1 = mk("ModNorm", [c, o_ctx, cmods[i], cmods[i]], [f"{f}/n2_ctx", f"{f}/h1_ctx"],
                          f"{f}/norm2_context", gate_offset=2 * D, shift_offset=3 * D, scale_offset=4 * D,
@@ -274,8 +343,16 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int)
             n_ctx, c = mk("ModNorm", [c1, ff2, cmods[i], cmods[i + 1]], [f"{f}/n_next_ctx", f"{f}/h2_ctx"],
                           f"{f}/ff_context_residual", gate_offset=5 * D, shift_offset=so, scale_offset=co,
                           epsilon=epsilon)
-    proj = node(f"{R}/proj_out/MatMul")
-    proj.input[0] = n_img
+    if not controlnet:
+        proj = node(f"{R}/proj_out/MatMul")
+        proj.input[0] = n_img
+    # what reads a block's output outside the blocks (a ControlNet's controlnet_blocks.i, a residual Add's
+    # consumers) now reads the fused tensors
+    for n_ in g.node:
+        if outside(n_) and not any(o in rewired for o in n_.output):
+            for k, x in enumerate(n_.input):
+                if x in rewired:
+                    n_.input[k] = rewired[x]
     g.node.extend(new)
     removed = dead_code_elimination(model)
     if not any(o.domain == DOMAIN for o in model.opset_import):
@@ -338,15 +415,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("src", type=Path, help="model folder from export_sd3.py --dtype fp16 (TorchScript, fused attention)")
     ap.add_argument("dst", type=Path, help="new model folder (components linked to src, transformer rewritten)")
+    ap.add_argument("--controlnet", action="store_true",
+                    help="src and dst are ControlNet folders (export_controlnet.py --optimize --dtype fp16, the "
+                         "InstantX kind) instead of model folders")
     args = ap.parse_args(argv)
     src, dst = args.src.resolve(), args.dst.resolve()
-    cfg = json.loads((src / "transformer" / "config.json").read_text())
-    model = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False)
-    heads = cfg["num_attention_heads"]
-    counts = fuse_mmdit(model, cfg["num_layers"], heads, heads * cfg["attention_head_dim"])
     from export_sd3 import topological_sort
 
-    topological_sort(model)
+    def rewrite(cfg_path: Path, graph: Path, controlnet: bool):
+        cfg = json.loads(cfg_path.read_text())
+        if controlnet and cfg.get("joint_attention_dim") is None:
+            raise FusedKernelsError("--fused-kernels: this ControlNet is of the SD3.5 kind (SD3SingleTransformerBlocks, "
+                                    "no text input), which the rewrite does not cover: use it unfused")
+        model = onnx.load(str(graph), load_external_data=False)
+        heads = cfg["num_attention_heads"]
+        counts = fuse_mmdit(model, cfg["num_layers"], heads, heads * cfg["attention_head_dim"], controlnet)
+        topological_sort(model)
+        return model, counts
+
     import shutil
 
     # Hard links (the crate refuses symlinks that resolve outside the model folder): no copy of the weights.
@@ -356,6 +442,19 @@ def main(argv=None):
         except OSError:
             shutil.copy2(a, b)
 
+    if args.controlnet:
+        model, counts = rewrite(src / "config.json", src / "model.onnx", True)
+        dst.mkdir(parents=True, exist_ok=True)
+        for entry in src.iterdir():
+            if entry.name != "model.onnx" and not (dst / entry.name).exists():
+                link(entry, dst / entry.name)
+        onnx.save(model, str(dst / "model.onnx"))
+        print(f"wrote {dst}/model.onnx: {counts}, {len(model.graph.node)} nodes")
+        return
+    model, counts = rewrite(src / "transformer" / "config.json", src / "transformer" / "model.onnx", False)
+    # the residual transformer of ControlNet runs (export_sd3.py --controlnet-graph), when there is one
+    residual = src / "transformer" / "model_controlnet.onnx"
+    cn = rewrite(src / "transformer" / "config.json", residual, False) if residual.is_file() else None
     (dst / "transformer").mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
         if entry.name != "transformer" and not (dst / entry.name).exists():
@@ -364,10 +463,13 @@ def main(argv=None):
             else:
                 link(entry, dst / entry.name)
     for entry in (src / "transformer").iterdir():
-        if entry.name != "model.onnx" and not (dst / "transformer" / entry.name).exists():
+        if entry.name not in ("model.onnx", "model_controlnet.onnx") and not (dst / "transformer" / entry.name).exists():
             link(entry, dst / "transformer" / entry.name)
     onnx.save(model, str(dst / "transformer" / "model.onnx"))
     print(f"wrote {dst}/transformer/model.onnx: {counts}, {len(model.graph.node)} nodes")
+    if cn is not None:
+        onnx.save(cn[0], str(dst / "transformer" / "model_controlnet.onnx"))
+        print(f"wrote {dst}/transformer/model_controlnet.onnx: {cn[1]}, {len(cn[0].graph.node)} nodes")
 
 
 if __name__ == "__main__":

@@ -103,12 +103,25 @@ def main(unfused: str, fused: str):
     sess = ort.InferenceSession(unfused, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {}
+    names = {i.name for i in sess.get_inputs()}
     for i in sess.get_inputs():
         last = i.shape[-1] if i.shape and isinstance(i.shape[-1], int) else None
-        shape = {"hidden_states": (2, 16, 8, 12), "encoder_hidden_states": (2, 29, last or 32),
-                 "pooled_projections": (2, last or 20), "timestep": (2,)}[i.name]
+        if i.name == "controlnet_block_index":  # residual transformer: block j adds residual j // 2 (interval 2)
+            feeds[i.name] = np.arange(i.shape[0], dtype=np.int64) // 2
+            continue
+        channels = 16
+        if i.name == "controlnet_residuals":  # [N, B, S, D]: 8x12 latents in 2x2 patches
+            shape = (max(1, (i.shape[0] if isinstance(i.shape[0], int) else 2)), 2, 24, last)
+        else:
+            shape = {"hidden_states": (2, channels, 8, 12), "controlnet_cond": (2, channels, 8, 12),
+                     "encoder_hidden_states": (2, 29, last or 32), "pooled_projections": (2, last or 20),
+                     "timestep": (2,)}[i.name]
         a = np.array([981.5, 3.25], F32) if i.name == "timestep" else rng.standard_normal(shape).astype(F32)
         feeds[i.name] = a.astype(F16) if i.type == "tensor(float16)" else a
+    if "controlnet_residuals" in names:
+        n = int(feeds["controlnet_block_index"].max()) + 1
+        feeds["controlnet_residuals"] = feeds["controlnet_residuals"][:1].repeat(n, 0) * np.arange(
+            1, n + 1, dtype=np.float32).reshape(n, 1, 1, 1).astype(feeds["controlnet_residuals"].dtype)
     ref = sess.run(None, feeds)[0].astype(F32)
     ev = ReferenceEvaluator(onnx.load(fused),
                             new_ops=[Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention])
