@@ -138,8 +138,8 @@ fn deeper_transformer_uses_every_residual() {
 fn fused_kernels_controlnet_graphs_match_the_unfused_ones() {
     /// The float16 graphs' tolerance of tests/export_parity.rs (FP16_TOLERANCE). Measured here: max 3 levels, mean
     /// 0.16 (the fused operators round once per product where the stock ones round the product and the bias
-    /// addition). Sabotaged fused residual graphs fail: the residual additions dropped, 110 levels; residual 1 added
-    /// in place of residual 0, 69 levels.
+    /// addition). Sabotaged fused residual graphs fail: the residual additions dropped (the ControlNet's effect falls
+    /// to 0 levels), block 0 adding residual 1 instead of residual 0 (132 levels from the unfused image).
     const FUSED_LEVELS: u8 = 3;
     let goldens = repo().join("models/goldens/controlnet/deep");
     let mut images = Vec::new();
