@@ -8,7 +8,7 @@
 #      times);
 #   2. ours (examples/benchmark, .device-bin/) without and with the ControlNet, then diffusers
 #      (bench_torch_controlnet.py: the ControlNet + transformer calls of one pipeline step).
-# STAGE=build runs stage 1 only. Results go to $OUT. Carry .whl (diffusers 0.42.1), .ort-cuda (the CUDA bundle)
+# STAGE=build runs stage 1 only. FUSED=0 skips the --fused-kernels variant. Results go to $OUT. Carry .whl (diffusers 0.42.1), .ort-cuda (the CUDA bundle)
 # and .device-bin (benchmark or benchmark.xz, built with --features cuda).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -36,11 +36,21 @@ fi
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu-memory.csv" &
 smi=$!
 ARGS="--model /tmp/sd3m --ep cuda --width 1024 --height 1024 --steps 28 --guidance 7 --runs ${RUNS:-3} --warmup 1"
-for v in plain controlnet; do
-  extra="${LOOP_FLAG:-}"; [ $v = controlnet ] && extra="$extra --controlnet /tmp/cn-sd3m --control-scale 0.7"
+# FUSED=1 (default): also the --fused-kernels rewrite of both graphs (fused_kernels.py: /tmp/sd3m-fused holds the
+# fused model.onnx and model_controlnet.onnx, /tmp/cn-sd3m-fused the fused ControlNet; seconds, weights hard-linked)
+VARIANTS="plain controlnet"
+if [ "${FUSED:-1}" = 1 ]; then
+  [ -f /tmp/sd3m-fused/transformer/model_controlnet.onnx ] || python3 models/export/fused_kernels.py /tmp/sd3m /tmp/sd3m-fused 2>&1 | tail -2
+  [ -f /tmp/cn-sd3m-fused/model.onnx ] || python3 models/export/fused_kernels.py --controlnet /tmp/cn-sd3m /tmp/cn-sd3m-fused 2>&1 | tail -1
+  VARIANTS="$VARIANTS controlnet-fused"
+fi
+for v in $VARIANTS; do
+  extra="${LOOP_FLAG:-}"; model=/tmp/sd3m
+  [ $v = controlnet ] && extra="$extra --controlnet /tmp/cn-sd3m --control-scale 0.7"
+  [ $v = controlnet-fused ] && { model=/tmp/sd3m-fused; extra="$extra --controlnet /tmp/cn-sd3m-fused --control-scale 0.7"; }
   echo "== ours: $v ($(date +%T))" | tee -a "$OUT/gpu-memory.csv.marks"
-  timeout ${OURS_TIMEOUT:-240} ./.device-bin/benchmark $ARGS $extra --json "$OUT/ours-$v.json" --output "$OUT/ours-$v.png" \
-    2>&1 | tail -22 | tee "$OUT/ours-$v.md"
+  timeout ${OURS_TIMEOUT:-240} ./.device-bin/benchmark ${ARGS/--model \/tmp\/sd3m/--model $model} $extra --json "$OUT/ours-$v.json" \
+    --output "$OUT/ours-$v.png" 2>&1 | tail -22 | tee "$OUT/ours-$v.md"
 done
 if [ "${TORCH:-1}" = 1 ]; then
   echo "== diffusers ($(date +%T))" | tee -a "$OUT/gpu-memory.csv.marks"
