@@ -28,6 +28,7 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod fp8;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -43,7 +44,10 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cpu::LinearConcatOp)?
         .add(cpu::LinearSplitOp)?
         .add(cpu::ModNormOp)?
-        .add(cpu::HeadRmsNormOp)?;
+        .add(cpu::HeadRmsNormOp)?
+        .add(cpu::LinearFp8Op)?
+        .add(cpu::LinearConcatFp8Op)?
+        .add(cpu::LinearSplitFp8Op)?;
     #[cfg(feature = "cuda")]
     let d = d
         .add(cuda::LinearOp)?
@@ -90,6 +94,32 @@ pub(crate) mod shapes {
         }
         let rows: i64 = x[..x.len() - 1].iter().product();
         Ok((rows as usize, k as usize, w[1] as usize))
+    }
+
+    /// `[.., K] x [N, K]^T` (the FP8 operators' weights are stored `[N, K]`, K-major): returns (rows, K, N).
+    pub fn linear_nk(op: &str, x: &[i64], w: &[i64], b: &[i64]) -> ort::Result<(usize, usize, usize)> {
+        if w.len() != 2 {
+            return Err(err(op, format!("expects the E4M3 weight as [N, K], got {w:?}")));
+        }
+        linear(op, x, &nk_to_kn(w), b).map_err(|_| {
+            err(op, format!("x {x:?}, w {w:?} and bias {b:?} do not agree (x[-1] = K, w = [N, K], bias = [N])"))
+        })
+    }
+
+    /// The shape `[K, N]` of a weight stored `[N, K]` (other ranks unchanged, for the checks to refuse).
+    pub fn nk_to_kn(w: &[i64]) -> Vec<i64> {
+        match w {
+            [n, k] => vec![*k, *n],
+            _ => w.to_vec(),
+        }
+    }
+
+    /// A per-tensor FP8 scale (input `i`): one positive finite float32.
+    pub fn fp8_scale(op: &str, i: usize, data: &[f32]) -> ort::Result<f32> {
+        match data {
+            [s] if s.is_finite() && *s > 0.0 => Ok(*s),
+            _ => Err(err(op, format!("input {i} must be one positive finite float32 scale, got {data:?}"))),
+        }
     }
 
     /// The head size of a `HeadRmsNorm`: both weights `[H]` with `H` dividing the width `d`.
