@@ -98,9 +98,55 @@ pub(crate) fn quantize(x: &[f32], scale: f32) -> Vec<f32> {
     x.iter().map(|v| TABLE[encode(v / scale) as usize]).collect()
 }
 
+/// The oldest GPUs with FP8 tensor cores (and cuBLASLt FP8 matmuls): compute capability 8.9 (Ada; Hopper is 9.0).
+/// cuBLAS documentation, cublasLtMatmul, "FP8" data type table: E4M3 A/B need compute capability 8.9 or newer.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA kernels and the tests
+pub(crate) const MIN_CAPABILITY: (i32, i32) = (8, 9);
+
+/// An FP8 graph on a GPU without FP8 matrix products.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA kernels and the tests
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fp8Unsupported {
+    pub major: i32,
+    pub minor: i32,
+}
+
+impl std::fmt::Display for Fp8Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FP8 needs compute capability {}.{} or newer (Ada/Hopper); this GPU is {}.{}: export without --fp8",
+            MIN_CAPABILITY.0, MIN_CAPABILITY.1, self.major, self.minor
+        )
+    }
+}
+
+impl std::error::Error for Fp8Unsupported {}
+
+/// Whether a GPU of compute capability `major.minor` runs the FP8 operators.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA kernels and the tests
+pub(crate) fn check_capability(major: i32, minor: i32) -> Result<(), Fp8Unsupported> {
+    if (major, minor) >= MIN_CAPABILITY {
+        Ok(())
+    } else {
+        Err(Fp8Unsupported { major, minor })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_needs_ada_or_hopper() {
+        assert!(check_capability(8, 9).is_ok() && check_capability(9, 0).is_ok() && check_capability(10, 0).is_ok());
+        let e = check_capability(8, 6).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "FP8 needs compute capability 8.9 or newer (Ada/Hopper); this GPU is 8.6: export without --fp8"
+        );
+        assert!(check_capability(7, 5).is_err() && check_capability(8, 0).is_err());
+    }
 
     /// torch 2.8.0's conversions (models/export/e4m3_table.py): every code's value, and the saturating conversion
     /// of round-trip values, ties and their neighbours, subnormals, saturation, NaN and random values.

@@ -54,7 +54,10 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cuda::LinearConcatOp)?
         .add(cuda::LinearSplitOp)?
         .add(cuda::ModNormOp)?
-        .add(cuda::HeadRmsNormOp)?;
+        .add(cuda::HeadRmsNormOp)?
+        .add(cuda::LinearFp8Op)?
+        .add(cuda::LinearConcatFp8Op)?
+        .add(cuda::LinearSplitFp8Op)?;
     Ok(d)
 }
 
@@ -326,7 +329,11 @@ mod tests {
 
     /// Runs `graph` (relative to models/fixtures) on the CPU with the fixture's first `inputs` tensors and returns
     /// (name, ours, the Python emulation's) for each output.
-    fn run_fp8_fixture(graph: &str, stem: &str, inputs: usize) -> Vec<(String, ndarray::ArrayD<f32>, ndarray::ArrayD<f32>)> {
+    fn run_fp8_fixture(
+        graph: &str,
+        stem: &str,
+        inputs: usize,
+    ) -> Vec<(String, ndarray::ArrayD<f32>, ndarray::ArrayD<f32>)> {
         use crate::runtime::graph::{Graph, Input, SessionConfig};
         let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(graph);
