@@ -123,11 +123,11 @@ fn fused_kernels_dual_attention_matches_the_unfused_graph() {
 ///
 /// | fixture | cfg_negative | guidance_1 | long_prompt | non_square |
 /// |---|---|---|---|---|
-/// | export-tiny-fp16-fused (tiny-sd3's weights, widths 32-128) | 42, 3.13 | 11, 0.74 | 22, 1.92 | 38, 2.12 |
+/// | export-tiny-fp16-fused (tiny-sd3's weights, widths 16 and 64) | 42, 3.13 | 11, 0.74 | 22, 1.92 | 38, 2.12 |
 /// | export-tiny-dual-fp16-fused (random MMDiT-X) | 20, 0.87 | 5, 0.28 | 14, 0.73 | 13, 0.62 |
 ///
 /// That is far more than float16 moves these images (1-2 levels): E4M3 keeps 3 mantissa bits, and these tiny
-/// models' dot products are only 32-128 long, so rounding averages out little (SD3-medium's are 1536-6144
+/// models' dot products are only 16-64 long, so rounding averages out little (SD3-medium's are 1536-6144
 /// long); classifier-free guidance then amplifies the difference of two predictions. The bounds are the
 /// measured values plus about 20%. What FP8 does to SD3-medium's images is measured by scripts/gpu/fp8.sh
 /// (not run yet). The arithmetic itself is checked against the Python emulation in src/runtime/kernels/mod.rs.

@@ -312,7 +312,7 @@ def e4m3_weight(w16, name: str):
     import torch
     from onnx import numpy_helper
 
-    w = torch.from_numpy(np.ascontiguousarray(w16)).float().t().contiguous()  # [N, K]: K-major, cuBLASLt's "TN"
+    w = torch.from_numpy(np.array(w16, copy=True)).float().t().contiguous()  # [N, K]: K-major, cuBLASLt's "TN"
     amax = w.abs().amax()
     scale = amax / E4M3_MAX if float(amax) > 0 else torch.tensor(1.0)
     q = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
