@@ -362,6 +362,12 @@ def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict
             w = ins[wi]
             return [done[w], done[w] + "_scale", ins[bi]] if w else ["", "", ""]
         scales = (act_scales or {}).get(n.name, [])
+        want = 2 if n.op_type == "LinearConcat" else 1
+        if act_scales is not None and len(scales) != want:
+            raise FusedKernelsError(f"--fp8-scales: {n.name} ({n.op_type}) needs {want} scale(s), the file has "
+                                    f"{len(scales)}; calibrate this very graph (models/export/fp8_calibrate.py)")
+        if act_scales is not None:
+            counts["fp8_static_scales"] = counts.get("fp8_static_scales", 0) + len(scales)
         names = []
         for j, s in enumerate(scales):
             sname = f"{n.name}/x_scale_{j}"
@@ -464,6 +470,9 @@ def main(argv=None):
                     help="also store the blocks' matrix-product weights as E4M3 with per-tensor scales (LinearFp8, "
                          "LinearConcatFp8, LinearSplitFp8; activations scaled on the fly): needs a GPU of compute "
                          "capability 8.9 or newer (Ada/Hopper) on CUDA; the CPU kernels emulate it (issue 19)")
+    ap.add_argument("--fp8-scales", type=Path,
+                    help="with --fp8: static activation scales ({node: [scale, ...]}, models/export/fp8_calibrate.py) "
+                         "stored in the graph instead of dynamic per-tensor scaling")
     ap.add_argument("--from-fused", action="store_true",
                     help="src's transformer is already rewritten (--fused-kernels); only --fp8 is applied")
     args = ap.parse_args(argv)
@@ -480,7 +489,9 @@ def main(argv=None):
     blobs = None
     if args.fp8:
         ext = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        counts.update(to_fp8(model, base_dir=str(src / "transformer"), external="model_fp8.onnx_data" if ext else None))
+        scales = json.loads(args.fp8_scales.read_text()) if args.fp8_scales else None
+        counts.update(to_fp8(model, base_dir=str(src / "transformer"), act_scales=scales,
+                             external="model_fp8.onnx_data" if ext else None))
         blobs = counts.pop("_external", None)
     from export_sd3 import topological_sort
 
