@@ -83,7 +83,9 @@ if want check; then
   {
     echo "== 1. FP8 kernels on CUDA vs the Python emulation ($(date +%T))"
     if [ -x /tmp/fp8-bin/sd3onnx-lib-tests ]; then
-      timeout ${CHECK_TIMEOUT:-300} /tmp/fp8-bin/sd3onnx-lib-tests --ignored --nocapture --test-threads 1 fp8_cuda 2>&1 \
+      # SD3ONNX_REPO: the fixtures of this checkout (the binary was built elsewhere)
+      SD3ONNX_REPO=$PWD timeout ${CHECK_TIMEOUT:-300} /tmp/fp8-bin/sd3onnx-lib-tests --ignored --nocapture \
+        --test-threads 1 fp8_cuda 2>&1 \
         | grep -E "CUDA|test result|panicked|FP8 needs" | tail -20
     else
       echo "no lib test binary: carry .device-bin/sd3onnx-lib-tests(.xz)"

@@ -316,9 +316,18 @@ mod tests {
         }
     }
 
+    /// `models/fixtures` of this repository: `SD3ONNX_REPO/models/fixtures` when that variable is set (a test binary
+    /// carried to another machine, scripts/gpu/fp8.sh), else the source folder it was built from.
+    fn fixtures() -> std::path::PathBuf {
+        std::env::var_os("SD3ONNX_REPO")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("models/fixtures")
+    }
+
     /// `models/fixtures/fp8/<stem>.txt/.bin` (models/export/make_fp8_fixtures.py): named float32 tensors.
     fn fp8_tensors(stem: &str) -> Vec<(String, ndarray::ArrayD<f32>)> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/fp8");
+        let dir = fixtures().join("fp8");
         let index = std::fs::read_to_string(dir.join(format!("{stem}.txt"))).unwrap();
         let bin = std::fs::read(dir.join(format!("{stem}.bin"))).unwrap();
         let mut at = 0;
@@ -355,7 +364,7 @@ mod tests {
     ) -> Vec<(String, ndarray::ArrayD<f32>, ndarray::ArrayD<f32>)> {
         use crate::runtime::graph::{Graph, Input, SessionConfig};
         let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(graph);
+        let path = fixtures().join(graph);
         let mut g = Graph::load(&env, crate::Component::Transformer, &path, provider, &SessionConfig::default())
             .unwrap_or_else(|e| panic!("{graph}: {e}"));
         let tensors = fp8_tensors(stem);
