@@ -328,8 +328,8 @@ def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict
     tensor; the bytes are the same) and a float32 scale. Activations are scaled on the fly (amax / 448 per tensor)
     unless `act_scales` maps a node name to its stored activation scale(s) (one per activation input: two for
     LinearConcat). `base_dir`: where external weight data lives; `external`: a file name in the model's folder for
-    the new weights (for graphs whose weights are external); the new tensors are returned by name -> (uint8 array)
-    in the counts under "_external" for the caller to write. Returns counts for the manifest."""
+    the new weights (for graphs whose weights are external): their bytes are then returned in the counts under
+    "_external" as (offset, bytes) pairs for `write_external`. Returns counts for the manifest."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -478,6 +478,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     src, dst = args.src.resolve(), args.dst.resolve()
     model = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False)
+    if args.fp8_scales and not args.fp8:
+        raise SystemExit("--fp8-scales needs --fp8")
     if args.from_fused:
         if not args.fp8:
             raise SystemExit("--from-fused only makes sense with --fp8")
