@@ -523,7 +523,7 @@ impl Align {
                 op,
                 format!(
                     "misaligned tensors for the FP8 product (w {w:p}, x {x:p}, y {d:p}, bias {bias:p}; batch strides \
-                     {} / {} values): cuBLASLt's FP8 matmul needs 16-byte alignment (K a multiple of 16, N of 8)",
+                     {} / {} values): cuBLASLt's FP8 matmul needs 16-byte alignment (K and N multiples of 16)",
                     g.x_stride, g.d_stride
                 ),
             ));
@@ -1281,10 +1281,14 @@ fn weight8_need(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Dev> {
     weight8_dev(ctx, op, i)?.ok_or_else(|| err(op, format!("input {i} (E4M3 weight) is missing")))
 }
 
-/// K a multiple of 16 and N of 8: cuBLASLt's FP8 matmul needs 16-byte aligned rows of both operands and of D.
+/// K and N multiples of 16: cuBLASLt's FP8 matmuls need 16-byte aligned pointers and leading dimensions (cuBLAS
+/// documentation, cublasLtMatmul, FP8 requirements), and its heuristic refuses an FP8 problem whose `m` (our N,
+/// the output features) is not a multiple of 16 ("Unsupported M dimension for FP8 matrix multiplication. M must be
+/// divisible by 16", CUBLASLT_LOG_LEVEL=5, as reported in vllm-project/vllm#4691). The rows (tokens: cuBLASLt's
+/// `n`, e.g. SD3's 333 context rows) have no such rule.
 fn fp8_dims(op: &str, k: usize, n: usize) -> ort::Result<()> {
-    if !k.is_multiple_of(16) || !n.is_multiple_of(8) {
-        return Err(err(op, format!("the CUDA FP8 product needs K a multiple of 16 and N of 8, got K {k}, N {n}")));
+    if !k.is_multiple_of(16) || !n.is_multiple_of(16) {
+        return Err(err(op, format!("the CUDA FP8 product needs K and N multiples of 16, got K {k}, N {n}")));
     }
     Ok(())
 }
