@@ -32,11 +32,13 @@ FIX = HERE.parent / "fixtures"
 F16, F32 = np.float16, np.float32
 
 
-def write_tensors(stem: pathlib.Path, tensors: list):
+def write_tensors(stem: pathlib.Path, tensors: list, dtype: str = "<f4"):
+    """`dtype` "<f2" (float16, for values that are float16 anyway: half the bytes) marks the .txt with "#f16"."""
     with open(stem.with_suffix(".bin"), "wb") as f:
         for _, a in tensors:
-            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
-    stem.with_suffix(".txt").write_text("".join(f"{n} {' '.join(map(str, a.shape))}\n" for n, a in tensors))
+            f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
+    head = "#f16\n" if dtype == "<f2" else ""
+    stem.with_suffix(".txt").write_text(head + "".join(f"{n} {' '.join(map(str, a.shape))}\n" for n, a in tensors))
 
 
 def transformer_feeds(model: onnx.ModelProto) -> dict:
@@ -71,6 +73,8 @@ def fp8_transformer(src: str, dst: str) -> dict:
                  output_mean_magnitude=float(np.abs(y16).mean()))
     print(f"{dst}: {counts}; FP8 vs float16 fused (Python emulation): {stats}")
     write_tensors(FIX / "fp8" / dst, [(k, v.astype(F32)) for k, v in feeds.items()] + [(name, y8)])
+    if dst == "export-tiny-fp16-fused-fp8":  # (the dual fixture's would be 240 KB more; same operators)
+        probe_graph(dst, model, feeds)
     # the float16 fused graph's output from the same numpy operators: how far the emulation of the graph's other
     # operators (ONNX's reference implementations, numpy float16) is from ONNX Runtime's, without FP8
     write_tensors(FIX / "fp8" / (src + "-numpy"), [(k, v.astype(F32)) for k, v in feeds.items()] + [(name, y16)])
@@ -80,6 +84,45 @@ def fp8_transformer(src: str, dst: str) -> dict:
                     files={"transformer/model.onnx": dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())})
     (FIX / dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return stats
+
+
+def probe_graph(dst: str, model: onnx.ModelProto, feeds: dict):
+    """models/fixtures/fp8/<dst>-nodes.onnx: every FP8 node of the transformer `model` on its own, with the
+    activations it reads in the Python emulation's run on `feeds` as graph inputs (same names) and its weights as
+    initializers, so that the Rust test can run the crate's kernels on the transformer's real activations and
+    compare node by node (exact up to the accumulation order), free of the numpy-vs-ONNX Runtime differences of
+    the graph's other operators. Inputs and the emulation's outputs go to <dst>-nodes.txt/.bin."""
+    ev = ReferenceEvaluator(model, new_ops=fused_reference.OPS)
+    values = ev.run(None, feeds, intermediate=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == "sd3onnx" and n.op_type.endswith("Fp8")]
+    used = []
+    for n in nodes:
+        for i in n.input:
+            if i and i not in used:
+                used.append(i)
+    acts = [i for i in used if i not in inits]
+    outs = [o for n in nodes for o in n.output if o]
+    # outputs renamed (":out"): a node's output may be another node's recorded input (ff1 -> ff2)
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto.FromString(n.SerializeToString())
+        for k, o in enumerate(c.output):
+            if o:
+                c.output[k] = o + ":out"
+        copies.append(c)
+    f16 = TensorProto.FLOAT16
+    g = helper.make_graph(copies, "fp8_nodes",
+                          [helper.make_tensor_value_info(a, f16, list(values[a].shape)) for a in acts],
+                          [helper.make_tensor_value_info(o + ":out", f16, None) for o in outs],
+                          [inits[i] for i in used if i in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sd3onnx", 1)])
+    m.ir_version = 8
+    onnx.save(m, str(FIX / "fp8" / f"{dst}-nodes.onnx"))
+    write_tensors(FIX / "fp8" / f"{dst}-nodes", [(a, values[a]) for a in acts] +
+                  [(o + ":out", values[o]) for o in outs], dtype="<f2")
+    print(f"{dst}-nodes.onnx: {len(nodes)} nodes, {len(acts)} activations, {len(outs)} outputs")
+    return len(acts)
 
 
 def ops_graph():
