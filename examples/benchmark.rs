@@ -6,8 +6,12 @@
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
 //!     [--attention auto|flash|efficient|cudnn|math] [--controlnet DIR [--control-scale 0.7]]
-//!     [--loop auto|host|device|both] [--sampler euler|heun|dpmpp_2m]
+//!     [--loop auto|host|device|both] [--sampler euler|heun|dpmpp_2m] [--latents FILE]
 //! ```
+//!
+//! `--latents FILE` writes the final latents of one more run (`Sd3Pipeline::denoise`, same request and seed) as
+//! little-endian float32, shape `[1, 16, height / 8, width / 8]`: two model folders (e.g. float16 and FP8
+//! transformers, scripts/gpu/fp8.sh) can then be compared on the same latents.
 //!
 //! `--loop` picks the denoising loop (`Sd3PipelineBuilder::device_loop`): `auto` (default: on the device with
 //! CUDA / TensorRT), `host`, `device`, or `both`: the same measurement with the host loop, then with the device
@@ -45,6 +49,7 @@ struct Args {
     attention: CudaAttention,
     controlnet: Option<PathBuf>,
     control_scale: f32,
+    latents: Option<PathBuf>,
     /// The loops to measure: `None` is the builder's automatic choice.
     loops: Vec<Option<bool>>,
 }
@@ -67,6 +72,7 @@ fn parse() -> Result<Args, String> {
         attention: CudaAttention::Auto,
         controlnet: None,
         control_scale: 0.7,
+        latents: None,
         loops: vec![None],
     };
     let mut it = std::env::args().skip(1);
@@ -99,6 +105,7 @@ fn parse() -> Result<Args, String> {
             "--attention" => a.attention = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?,
             "--controlnet" => a.controlnet = Some(PathBuf::from(v)),
             "--control-scale" => a.control_scale = num(&v)? as f32,
+            "--latents" => a.latents = Some(PathBuf::from(v)),
             "--sampler" => {
                 let kind: sd3_onnx::SamplerKind = v.parse().map_err(|e: sd3_onnx::Error| e.to_string())?;
                 a.request = a.request.clone().sampler(kind);
@@ -223,7 +230,15 @@ fn measure(a: &Args, device_loop: Option<bool>, compare: bool) -> Result<(Measur
         }
     }
     let image = image.ok_or("no image")?;
-    let latents = if compare { pipe.denoise(&request).map_err(|e| e.to_string())? } else { Default::default() };
+    let latents = if compare || a.latents.is_some() {
+        pipe.denoise(&request).map_err(|e| e.to_string())?
+    } else {
+        Default::default()
+    };
+    if let Some(p) = &a.latents {
+        let bytes: Vec<u8> = latents.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
     Ok((Measured { timings: all, image, latents, load, info, request }, pipe))
 }
 

@@ -8,6 +8,8 @@
 - `ModNorm` does gate * y + residual and the next adaLN-modulated LayerNorm in one pass, reading gate, shift and
   scale at offsets of the adaLN linear outputs: no Mul/Add/Slice/Unsqueeze for the modulation.
 - `Linear` (activation 1) is the feed-forward's first layer with bias and tanh-GELU in the epilogue.
+- `--fp8` (issue 19, `to_fp8`): those three become LinearFp8 / LinearConcatFp8 / LinearSplitFp8 with E4M3 weights
+  ([N, K] bytes, one float32 scale each) and activations quantized per tensor on the fly.
 
 SD3 numerics the rewrite relies on (diffusers 0.35.2):
 - AdaLayerNormZero.forward (models/normalization.py): emb.chunk(6) = shift_msa, scale_msa, gate_msa, shift_mlp,
@@ -363,6 +365,132 @@ def fuse_mmdit(model: onnx.ModelProto, num_layers: int, heads: int, hidden: int,
     return counts
 
 
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn: OCP OFP8 spec rev. 1.0 table 1; torch.finfo(torch.float8_e4m3fn).max
+
+# Which products become FP8 (`--fp8`, issue 19): exactly the ones the rewrite above turns into Linear / LinearConcat /
+# LinearSplit, i.e. the transformer blocks' attention projections (q, k, v of both streams and of attn2; to_out,
+# to_add_out) and feed-forwards: nearly all of the MMDiT's matrix-product FLOPs. What stays float16, and why:
+# - the adaLN linear layers (norm1 / norm1_context / norm_out Gemms): one row per sample, so FP8 saves nothing, and
+#   their outputs scale and shift every normalised activation of the block (an error there is applied everywhere);
+# - the timestep / pooled-text embedders and the context embedder: few rows (or one pass per image, not per
+#   block), and T5's hidden states have large outlier features that a per-tensor scale would crush;
+# - the patch embedding (Conv) and the final proj_out: the first and the last layer, which quantization studies
+#   keep in higher precision as a rule; proj_out writes the velocity itself;
+# - attention (MultiHeadAttention) stays float16: FP8 attention is another kernel, not part of this change.
+FP8_OPS = {"Linear": ("LinearFp8", [(1, 2)]), "LinearConcat": ("LinearConcatFp8", [(1, 2), (4, 5)]),
+           "LinearSplit": ("LinearSplitFp8", [(1, 2), (3, 4)])}
+
+
+def e4m3_weight(w16, name: str):
+    """(E4M3 bytes [N, K] as a uint8 TensorProto `name`, float32 scale TensorProto `name_scale`) for a float16 MatMul
+    weight `w16` ([K, N]): scale = amax / 448 (1 for an all-zero weight), q = e4m3(W^T / scale), saturating, ties
+    to even (torch's float8_e4m3fn cast of the clamped values; src/runtime/kernels/fp8.rs does the same)."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    w = torch.from_numpy(np.array(w16, copy=True)).float().t().contiguous()  # [N, K]: K-major, cuBLASLt's "TN"
+    amax = w.abs().amax()
+    scale = amax / E4M3_MAX if float(amax) > 0 else torch.tensor(1.0)
+    q = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return (numpy_helper.from_array(q, name),
+            numpy_helper.from_array(np.array([float(scale)], np.float32), name + "_scale"))
+
+
+def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict | None = None,
+           external: str | None = None) -> dict:
+    """Rewrites the fused graph's Linear / LinearConcat / LinearSplit nodes in place to LinearFp8 /
+    LinearConcatFp8 / LinearSplitFp8 (src/runtime/kernels/mod.rs): each float16 weight becomes E4M3 bytes [N, K]
+    (UINT8: ONNX Runtime's ort crate has no Rust element type for FLOAT8E4M3FN, so kernels could not read such a
+    tensor; the bytes are the same) and a float32 scale. Activations are scaled on the fly (amax / 448 per tensor)
+    unless `act_scales` maps a node name to its stored activation scale(s) (one per activation input: two for
+    LinearConcat). `base_dir`: where external weight data lives; `external`: a file name in the model's folder for
+    the new weights (for graphs whose weights are external): their bytes are then returned in the counts under
+    "_external" as (offset, bytes) pairs for `write_external`. Returns counts for the manifest."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    done: dict[str, str] = {}
+    counts = {"fp8_nodes": 0, "fp8_weights": 0, "fp8_weight_bytes": 0}
+    new_inits = []
+    for n in g.node:
+        if n.domain != DOMAIN or n.op_type not in FP8_OPS:
+            continue
+        op, pairs = FP8_OPS[n.op_type]
+        ins = list(n.input) + [""] * (6 - len(n.input)) if n.op_type == "LinearSplit" else list(n.input)
+        for wi, _ in pairs:
+            w = ins[wi]
+            if not w or w in done:
+                continue
+            t = inits.get(w)
+            if t is None:
+                raise FusedKernelsError(f"--fp8: weight {w} of {n.name} is not an initializer")
+            arr = numpy_helper.to_array(t, base_dir=base_dir or "")
+            if arr.dtype != np.float16 or arr.ndim != 2:
+                raise FusedKernelsError(f"--fp8: weight {w} of {n.name} is {arr.dtype} {arr.shape}, not float16 [K, N]")
+            q, sc = e4m3_weight(arr, w + "_e4m3")
+            new_inits += [q, sc]
+            done[w] = q.name
+            counts["fp8_weights"] += 1
+            counts["fp8_weight_bytes"] += int(np.prod(arr.shape))
+        def fp8(wi, bi):
+            w = ins[wi]
+            return [done[w], done[w] + "_scale", ins[bi]] if w else ["", "", ""]
+        scales = (act_scales or {}).get(n.name, [])
+        want = 2 if n.op_type == "LinearConcat" else 1
+        if act_scales is not None and len(scales) != want:
+            raise FusedKernelsError(f"--fp8-scales: {n.name} ({n.op_type}) needs {want} scale(s), the file has "
+                                    f"{len(scales)}; calibrate this very graph (models/export/fp8_calibrate.py)")
+        if act_scales is not None:
+            counts["fp8_static_scales"] = counts.get("fp8_static_scales", 0) + len(scales)
+        names = []
+        for j, s in enumerate(scales):
+            sname = f"{n.name}/x_scale_{j}"
+            new_inits.append(numpy_helper.from_array(np.array([s], np.float32), sname))
+            names.append(sname)
+        if n.op_type == "Linear":
+            new_in = [ins[0], *fp8(1, 2), *(names[:1] or [""])]
+        elif n.op_type == "LinearConcat":
+            new_in = [ins[0], *fp8(1, 2), ins[3], *fp8(4, 5), *(names[:2] or ["", ""])]
+        else:
+            new_in = [ins[0], *fp8(1, 2), *fp8(3, 4), ins[5], *(names[:1] or [""])]
+        del n.input[:]
+        n.input.extend(new_in)
+        n.op_type = op
+        counts["fp8_nodes"] += 1
+    if external:
+        # big graphs: the E4M3 weights go to one new external data file beside model.onnx (the float16 ones they
+        # replace stay in the source's data file, hard-linked, unread)
+        offset = 0
+        blobs = []
+        for t in new_inits:
+            if t.data_type != onnx.TensorProto.UINT8:
+                continue
+            raw = t.raw_data
+            offset = (offset + 4095) // 4096 * 4096
+            blobs.append((offset, raw))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", external), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(raw)
+        counts["_external"] = blobs
+    g.initializer.extend(new_inits)
+    dead_code_elimination(model)
+    return counts
+
+
+def write_external(path, blobs) -> None:
+    """Writes `to_fp8(..., external=...)`'s blobs at their offsets."""
+    with open(path, "wb") as f:
+        for off, raw in blobs:
+            f.seek(off)
+            f.write(raw)
+
+
 def dead_code_elimination(model: onnx.ModelProto) -> int:
     """Drops nodes whose outputs reach no graph output, and initializers nothing reads; returns the node count."""
     g = model.graph
@@ -418,8 +546,24 @@ def main(argv=None):
     ap.add_argument("--controlnet", action="store_true",
                     help="src and dst are ControlNet folders (export_controlnet.py --optimize --dtype fp16, the "
                          "InstantX kind) instead of model folders")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also store the blocks' matrix-product weights as E4M3 with per-tensor scales (LinearFp8, "
+                         "LinearConcatFp8, LinearSplitFp8; activations scaled on the fly): needs a GPU of compute "
+                         "capability 8.9 or newer (Ada/Hopper) on CUDA; the CPU kernels emulate it (issue 19). "
+                         "transformer/model.onnx only (not the ControlNet graphs)")
+    ap.add_argument("--fp8-scales", type=Path,
+                    help="with --fp8: static activation scales ({node: [scale, ...]}, models/export/fp8_calibrate.py) "
+                         "stored in the graph instead of dynamic per-tensor scaling")
+    ap.add_argument("--from-fused", action="store_true",
+                    help="src's transformer is already rewritten (--fused-kernels); only --fp8 is applied")
     args = ap.parse_args(argv)
     src, dst = args.src.resolve(), args.dst.resolve()
+    if args.fp8_scales and not args.fp8:
+        raise SystemExit("--fp8-scales needs --fp8")
+    if args.from_fused and not args.fp8:
+        raise SystemExit("--from-fused only makes sense with --fp8")
+    if args.controlnet and (args.fp8 or args.from_fused):
+        raise SystemExit("--controlnet does not take --fp8 or --from-fused")
     from export_sd3 import topological_sort
 
     def rewrite(cfg_path: Path, graph: Path, controlnet: bool):
@@ -451,7 +595,18 @@ def main(argv=None):
         onnx.save(model, str(dst / "model.onnx"))
         print(f"wrote {dst}/model.onnx: {counts}, {len(model.graph.node)} nodes")
         return
-    model, counts = rewrite(src / "transformer" / "config.json", src / "transformer" / "model.onnx", False)
+    if args.from_fused:
+        model, counts = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False), {}
+    else:
+        model, counts = rewrite(src / "transformer" / "config.json", src / "transformer" / "model.onnx", False)
+    blobs = None
+    if args.fp8:
+        ext = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        scales = json.loads(args.fp8_scales.read_text()) if args.fp8_scales else None
+        counts.update(to_fp8(model, base_dir=str(src / "transformer"), act_scales=scales,
+                             external="model_fp8.onnx_data" if ext else None))
+        blobs = counts.pop("_external", None)
+        topological_sort(model)
     # the residual transformer of ControlNet runs (export_sd3.py --controlnet-graph), when there is one
     residual = src / "transformer" / "model_controlnet.onnx"
     cn = rewrite(src / "transformer" / "config.json", residual, False) if residual.is_file() else None
@@ -465,6 +620,8 @@ def main(argv=None):
     for entry in (src / "transformer").iterdir():
         if entry.name not in ("model.onnx", "model_controlnet.onnx") and not (dst / "transformer" / entry.name).exists():
             link(entry, dst / "transformer" / entry.name)
+    if blobs is not None:
+        write_external(dst / "transformer" / "model_fp8.onnx_data", blobs)
     onnx.save(model, str(dst / "transformer" / "model.onnx"))
     print(f"wrote {dst}/transformer/model.onnx: {counts}, {len(model.graph.node)} nodes")
     if cn is not None:

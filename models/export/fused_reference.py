@@ -8,6 +8,9 @@ widths (e.g. `export_sd3.py --random sd3.5-medium --layers 3`) on a machine with
 
     python models/export/fused_reference.py UNFUSED/transformer/model.onnx FUSED/transformer/model.onnx
 
+FP8 graphs (`fused_kernels.py --fp8`) run with torch emulations of LinearFp8 / LinearConcatFp8 / LinearSplitFp8
+(float8_e4m3fn casts), so the same command measures what FP8 costs against the float16 graph.
+
 Measured (issue 19): models/fixtures/export-tiny-dual-fp16{,-fused}: max 2.1e-3, mean 4.5e-4 (outputs of mean
 magnitude 0.52); SD3.5-medium widths, 3 blocks (dual attention in 0-1): max 2.0e-3, mean 4.2e-4 (0.48).
 """
@@ -50,6 +53,68 @@ class LinearSplit(OpRun):
         sa = like_a.shape[1]
         ya = _mm(x[:, :sa], wa, ba).astype(F16)
         return (ya,) if wb is None else (ya, _mm(x[:, sa:], wb, bb).astype(F16))
+
+
+# FP8 operators (issue 19): torch's float8_e4m3fn cast does the E4M3 rounding (of values clamped to +-448: the
+# kernels saturate, torch's cast would give NaN beyond 464). The arithmetic of src/runtime/kernels/cpu.rs and of
+# cuBLASLt's FP8 matmul: q_x = e4m3(x / x_scale), x_scale = amax(|x|) / 448 (1 for all zeros) unless stored;
+# y = (q_x @ q_w^T) * (x_scale * w_scale) + b in float32; GELU; float16.
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; OCP OFP8 spec rev. 1.0
+
+
+def e4m3(t):
+    import torch
+    return t.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def act_scale(x, stored=None):
+    """float32 scale of activation x (a numpy float16 array): the stored one, or amax / 448."""
+    import torch
+    if stored is not None:
+        return torch.tensor(np.float32(np.asarray(stored).reshape(-1)[0]))
+    amax = torch.from_numpy(np.abs(x.astype(F32))).amax()
+    return amax / E4M3_MAX if float(amax) > 0 else torch.tensor(1.0)
+
+
+def _mm8(x, xs, w8, ws, b):
+    """x float16 [.., K] (quantized with float32 scale xs), w8 uint8 [N, K], ws [1], b float16 [N]."""
+    import torch
+    qx = e4m3(torch.from_numpy(x.astype(F32)) / xs)
+    qw = torch.from_numpy(np.array(w8, copy=True)).view(torch.float8_e4m3fn).float()
+    alpha = xs * torch.tensor(np.float32(ws.reshape(-1)[0]))
+    return ((qx @ qw.T) * alpha + torch.from_numpy(b.astype(F32))).numpy()
+
+
+class LinearFp8(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, x, w, w_scale, b, x_scale=None, activation=0):
+        y = _mm8(x, act_scale(x, x_scale), w, w_scale, b)
+        if activation == 1:
+            y = 0.5 * y * (1 + np.tanh(np.float32(0.7978846) * (y + np.float32(0.044715) * y ** 3)))
+        return (y.astype(F16),)
+
+
+class LinearConcatFp8(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, xa, wa, wa_scale, ba, xb, wb, wb_scale, bb, xa_scale=None, xb_scale=None):
+        ya = _mm8(xa, act_scale(xa, xa_scale), wa, wa_scale, ba)
+        yb = _mm8(xb, act_scale(xb, xb_scale), wb, wb_scale, bb)
+        return (np.concatenate([ya, yb], 1).astype(F16),)
+
+
+class LinearSplitFp8(OpRun):
+    op_domain = "sd3onnx"
+
+    def _run(self, x, wa, wa_scale, ba, wb=None, wb_scale=None, bb=None, like_a=None, x_scale=None):
+        sa = like_a.shape[1]
+        xs = act_scale(x, x_scale)  # one scale for the whole x
+        ya = _mm8(x[:, :sa], xs, wa, wa_scale, ba).astype(F16)
+        return (ya,) if wb is None else (ya, _mm8(x[:, sa:], xs, wb, wb_scale, bb).astype(F16))
+
+
+OPS = None  # set below: every operator of the sd3onnx domain, and com.microsoft::MultiHeadAttention
 
 
 class ModNorm(OpRun):
@@ -99,6 +164,10 @@ class MultiHeadAttention(OpRun):
         return ((a @ v).transpose(0, 2, 1, 3).reshape(b, s, d).astype(F16),)
 
 
+OPS = [Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention, LinearFp8, LinearConcatFp8,
+       LinearSplitFp8]
+
+
 def main(unfused: str, fused: str):
     sess = ort.InferenceSession(unfused, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -123,8 +192,7 @@ def main(unfused: str, fused: str):
         feeds["controlnet_residuals"] = feeds["controlnet_residuals"][:1].repeat(n, 0) * np.arange(
             1, n + 1, dtype=np.float32).reshape(n, 1, 1, 1).astype(feeds["controlnet_residuals"].dtype)
     ref = sess.run(None, feeds)[0].astype(F32)
-    ev = ReferenceEvaluator(onnx.load(fused),
-                            new_ops=[Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention])
+    ev = ReferenceEvaluator(onnx.load(fused), new_ops=OPS)
     got = ev.run(None, feeds)[0].astype(F32)
     d = np.abs(got - ref)
     print(f"fused (numpy operators) vs unfused (ONNX Runtime CPU): max {d.max():.3g}, mean {d.mean():.3g}; "

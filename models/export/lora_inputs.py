@@ -97,6 +97,12 @@ def rewrite(path: Path, pattern: re.Pattern, all_linear: bool):
     own_data(path)
     model = onnx.load(str(path))
     g = model.graph
+    fp8 = sorted({n.op_type for n in g.node if n.domain == "sd3onnx" and n.op_type.endswith("Fp8")})
+    if fp8:
+        # the block products' weights are E4M3 bytes with a per-tensor scale: a LoRA delta added at run time would
+        # need re-quantizing every merged weight, which the crate does not do
+        raise SystemExit(f"{path}: an FP8 graph ({', '.join(fp8)}; fused_kernels.py --fp8) cannot be made LoRA-ready: "
+                         "its matrix-product weights are E4M3. Run lora_inputs.py on the float16 fused graph instead")
     inits = {i.name: i for i in g.initializer}
     uses = Counter(x for n in g.node for x in n.input)
     existing_inputs = {i.name for i in g.input}

@@ -349,3 +349,189 @@ impl HeadRmsNormCpu {
         write(ctx, op, 0, xs, &y)
     }
 }
+
+// FP8 operators (issue 19; `fp8.rs`, `mod.rs`): E4M3 weights as UINT8 bytes `[N, K]` with a float32 per-tensor
+// scale, float16 activations quantized to E4M3 with a per-tensor scale (computed from the activation's amax, or a
+// stored one given as the optional last input(s)). The arithmetic the GPU does, up to the order of the float32
+// accumulation: y = sum(q_x * q_w) * (x_scale * w_scale) + bias, GELU where asked, rounded to float16.
+
+const W8: OperatorInput = OperatorInput::required(TensorElementType::Uint8);
+const W8_OPT: OperatorInput = OperatorInput::optional(TensorElementType::Uint8);
+const SCALE: OperatorInput = OperatorInput::required(TensorElementType::Float32);
+const SCALE_OPT: OperatorInput = OperatorInput::optional(TensorElementType::Float32);
+
+cpu_op!(LinearFp8Op, "LinearFp8", [REQ, W8, SCALE, REQ, SCALE_OPT], [OUT], LinearFp8Cpu);
+cpu_op!(
+    LinearConcatFp8Op,
+    "LinearConcatFp8",
+    [REQ, W8, SCALE, REQ, REQ, W8, SCALE, REQ, SCALE_OPT, SCALE_OPT],
+    [OUT],
+    LinearConcatFp8Cpu
+);
+cpu_op!(
+    LinearSplitFp8Op,
+    "LinearSplitFp8",
+    [REQ, W8, SCALE, REQ, W8_OPT, SCALE_OPT, OPT, REQ, SCALE_OPT],
+    [OUT, OUT_OPT],
+    LinearSplitFp8Cpu
+);
+
+/// An E4M3 weight (`[N, K]` bytes) decoded to float32, with its shape.
+fn weight8(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<(Vec<i64>, Vec<f32>)>> {
+    let Some(v) = ctx.input(i)? else { return Ok(None) };
+    let (shape, data) = v.try_extract_tensor::<u8>().map_err(|e| shapes::err(op, format!("input {i}: {e}")))?;
+    Ok(Some((shape.to_vec(), data.iter().map(|c| super::fp8::TABLE[*c as usize]).collect())))
+}
+
+/// A per-tensor scale: one positive, finite float32.
+fn scale(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<f32>> {
+    let Some(v) = ctx.input(i)? else { return Ok(None) };
+    let (_, data) = v.try_extract_tensor::<f32>().map_err(|e| shapes::err(op, format!("input {i}: {e}")))?;
+    shapes::fp8_scale(op, i, data).map(Some)
+}
+
+fn scale_req(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<f32> {
+    scale(ctx, op, i)?.ok_or_else(|| shapes::err(op, format!("input {i} (weight scale) is missing")))
+}
+
+fn weight8_req(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<(Vec<i64>, Vec<f32>)> {
+    weight8(ctx, op, i)?.ok_or_else(|| shapes::err(op, format!("input {i} (E4M3 weight) is missing")))
+}
+
+/// The activation `x` quantized to E4M3 values (unscaled) with the stored scale, or with `amax(x) / 448`.
+fn quantize_x(x: &[f32], stored: Option<f32>) -> (Vec<f32>, f32) {
+    let s = stored.unwrap_or_else(|| super::fp8::scale_of(super::fp8::amax(x)));
+    (super::fp8::quantize(x, s), s)
+}
+
+/// `xq` (`[rows, k]`, E4M3 values) times `w` (`[n, k]`, E4M3 values) transposed, times `alpha`, plus `b`, appended
+/// to `out`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_fp8_rows(
+    op: &str,
+    xq: &[f32],
+    w: &[f32],
+    alpha: f32,
+    b: &[f32],
+    k: usize,
+    n: usize,
+    act: i64,
+    out: &mut Vec<f32>,
+) -> ort::Result<()> {
+    let rows = xq.len().checked_div(k).unwrap_or(0);
+    let start = out.len();
+    out.resize(start + rows * n, 0.0);
+    let bad = |e: ndarray::ShapeError| shapes::err(op, format!("tensor data does not match its shape: {e}"));
+    let xv = ArrayView2::from_shape((rows, k), xq).map_err(bad)?;
+    let wv = ArrayView2::from_shape((n, k), w).map_err(bad)?;
+    let mut yv = ArrayViewMut2::from_shape((rows, n), &mut out[start..]).map_err(bad)?;
+    general_mat_mul(1.0, &xv, &wv.t(), 0.0, &mut yv);
+    for row in out[start..].chunks_exact_mut(n.max(1)) {
+        for (y, bias) in row.iter_mut().zip(b) {
+            let v = *y * alpha + bias;
+            *y = if act == 1 { gelu_tanh(v) } else { v };
+        }
+    }
+    Ok(())
+}
+
+pub(crate) struct LinearFp8Cpu {
+    activation: i64,
+}
+impl LinearFp8Cpu {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let activation = k.get::<i64>("activation").unwrap_or(0);
+        if !(0..=1).contains(&activation) {
+            return Err(shapes::err("LinearFp8", format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
+        }
+        Ok(Self { activation })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearFp8";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (ws, w) = weight8_req(ctx, op, 1)?;
+        let w_scale = scale_req(ctx, op, 2)?;
+        let (bs, b) = required(ctx, op, 3)?;
+        let (rows, k, n) = shapes::linear_nk(op, &xs, &ws, &bs)?;
+        let (xq, x_scale) = quantize_x(&x, scale(ctx, op, 4)?);
+        let mut y = Vec::with_capacity(rows * n);
+        matmul_fp8_rows(op, &xq, &w, x_scale * w_scale, &b, k, n, self.activation, &mut y)?;
+        let mut shape = xs.clone();
+        *shape.last_mut().unwrap_or(&mut 0) = n as i64;
+        write(ctx, op, 0, shape, &y)
+    }
+}
+
+pub(crate) struct LinearConcatFp8Cpu;
+impl LinearConcatFp8Cpu {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self)
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearConcatFp8";
+        let (xas, xa) = required(ctx, op, 0)?;
+        let (was, wa) = weight8_req(ctx, op, 1)?;
+        let wa_scale = scale_req(ctx, op, 2)?;
+        let (bas, ba) = required(ctx, op, 3)?;
+        let (xbs, xb) = required(ctx, op, 4)?;
+        let (wbs, wb) = weight8_req(ctx, op, 5)?;
+        let wb_scale = scale_req(ctx, op, 6)?;
+        let (bbs, bb) = required(ctx, op, 7)?;
+        let (t_wa, t_wb) = (shapes::nk_to_kn(&was), shapes::nk_to_kn(&wbs));
+        let (batch, sa, sb, k, kb, n) = shapes::linear_concat(&xas, &t_wa, &bas, &xbs, &t_wb, &bbs)?;
+        let (xaq, xa_scale) = quantize_x(&xa, scale(ctx, op, 8)?);
+        let (xbq, xb_scale) = quantize_x(&xb, scale(ctx, op, 9)?);
+        let mut y = Vec::with_capacity(batch * (sa + sb) * n);
+        for bi in 0..batch {
+            let (ra, rb) = (&xaq[bi * sa * k..(bi + 1) * sa * k], &xbq[bi * sb * kb..(bi + 1) * sb * kb]);
+            matmul_fp8_rows(op, ra, &wa, xa_scale * wa_scale, &ba, k, n, 0, &mut y)?;
+            matmul_fp8_rows(op, rb, &wb, xb_scale * wb_scale, &bb, kb, n, 0, &mut y)?;
+        }
+        write(ctx, op, 0, vec![batch as i64, (sa + sb) as i64, n as i64], &y)
+    }
+}
+
+pub(crate) struct LinearSplitFp8Cpu;
+impl LinearSplitFp8Cpu {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self)
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearSplitFp8";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (was, wa) = weight8_req(ctx, op, 1)?;
+        let wa_scale = scale_req(ctx, op, 2)?;
+        let (bas, ba) = required(ctx, op, 3)?;
+        let wb = weight8(ctx, op, 4)?;
+        let wb_scale = scale(ctx, op, 5)?;
+        let bb = input(ctx, op, 6)?;
+        let like = ctx.input(7)?.ok_or_else(|| shapes::err(op, "input 7 (like_a) is missing"))?;
+        let like_shape = like.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let (batch, s, sa, k, na) = shapes::linear_split(&xs, &shapes::nk_to_kn(&was), &bas, &like_shape)?;
+        let sb = s - sa;
+        // one scale for the whole x (both row ranges): one amax pass
+        let (xq, x_scale) = quantize_x(&x, scale(ctx, op, 8)?);
+        let mut ya = Vec::with_capacity(batch * sa * na);
+        for bi in 0..batch {
+            let base = bi * s * k;
+            matmul_fp8_rows(op, &xq[base..base + sa * k], &wa, x_scale * wa_scale, &ba, k, na, 0, &mut ya)?;
+        }
+        write(ctx, op, 0, vec![batch as i64, sa as i64, na as i64], &ya)?;
+        match (wb, wb_scale, bb) {
+            (Some((wbs, wb)), Some(wb_scale), Some((bbs, bb))) => {
+                let (_, _, nb) = shapes::linear_nk(op, &xs, &wbs, &bbs)?;
+                let mut yb = Vec::with_capacity(batch * sb * nb);
+                for bi in 0..batch {
+                    let base = bi * s * k + sa * k;
+                    matmul_fp8_rows(op, &xq[base..base + sb * k], &wb, x_scale * wb_scale, &bb, k, nb, 0, &mut yb)?;
+                }
+                write(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64], &yb)
+            }
+            (None, None, None) => Ok(()),
+            _ => Err(shapes::err(op, "wb, wb_scale and bb (inputs 4-6) go together: give all three or none")),
+        }
+    }
+}

@@ -34,6 +34,8 @@ use super::guarded;
 use super::shapes::{self, err};
 
 const PTX: &str = concat!(include_str!("mod_norm.ptx"), "\0");
+/// The FP8 activation kernels (`fp8.cu`): loaded only by the FP8 operators, after the capability check.
+const FP8_PTX: &str = concat!(include_str!("fp8.ptx"), "\0");
 const EP: &str = "CUDAExecutionProvider";
 /// cuBLASLt workspace per stream (NVIDIA's cuBLASLt samples use 32 MiB on Hopper; ONNX Runtime's own cuBLAS
 /// workspace is of the same order).
@@ -71,6 +73,10 @@ struct Api {
     cu_ctx_pop_current: unsafe extern "C" fn(*mut Handle) -> CuResult,
     cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
     cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
+    cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    cu_memset_d32_async: unsafe extern "C" fn(u64, u32, usize, Handle) -> CuResult,
+    cu_stream_synchronize: unsafe extern "C" fn(Handle) -> CuResult,
     lt_create: unsafe extern "C" fn(*mut Handle) -> c_int,
     lt_destroy: unsafe extern "C" fn(Handle) -> c_int,
     lt_desc_create: unsafe extern "C" fn(*mut Handle, c_int, c_int) -> c_int,
@@ -154,6 +160,23 @@ const PREF_MIN_ALIGNMENT_C_BYTES: c_int = 7;
 const PREF_MIN_ALIGNMENT_D_BYTES: c_int = 8;
 const EPILOGUE_BIAS: u32 = 4;
 const EPILOGUE_GELU_BIAS: u32 = 32 | 4;
+// FP8 (issue 19). library_types.h (CUDA 12.8): CUDA_R_8F_E4M3 = 28. cublasLt.h (cuBLAS 12.8.4, the
+// nvidia-cublas-cu12 wheel): CUBLASLT_MATMUL_DESC_A_SCALE_POINTER = 17, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER = 18
+// (device pointers to one value of the scale type, float32 here), CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26;
+// cublas_api.h: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1. cuda.h: CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75,
+// CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76. CUBLASLT_MATMUL_DESC_FAST_ACCUM (25) stays at its default 0:
+// cuBLASLt then promotes the FP8 tensor cores' partial sums to float32 periodically (more accurate, slower).
+const CUDA_R_8F_E4M3: c_int = 28;
+const DESC_A_SCALE_POINTER: c_int = 17;
+const DESC_B_SCALE_POINTER: c_int = 18;
+const DESC_BIAS_DATA_TYPE: c_int = 26;
+const OP_N: c_int = 0;
+const OP_T: c_int = 1;
+const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
+const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: c_int = 76;
+/// Bytes before the quantized activations in a stream's FP8 buffer: two amax slots (uint32 at 0 and 4) and two
+/// scale slots (float32 at 16 and 20); 256 keeps the E4M3 data as aligned as cuBLASLt likes.
+const FP8_HEADER: usize = 256;
 
 fn open(names: &[&str]) -> Result<libloading::Library, String> {
     let mut last = String::new();
@@ -202,6 +225,10 @@ impl Api {
             cu_ctx_pop_current: sym!(cuda, b"cuCtxPopCurrent_v2\0"),
             cu_ctx_synchronize: sym!(cuda, b"cuCtxSynchronize\0"),
             cu_get_error_string: sym!(cuda, b"cuGetErrorString\0"),
+            cu_ctx_get_device: sym!(cuda, b"cuCtxGetDevice\0"),
+            cu_device_get_attribute: sym!(cuda, b"cuDeviceGetAttribute\0"),
+            cu_memset_d32_async: sym!(cuda, b"cuMemsetD32Async\0"),
+            cu_stream_synchronize: sym!(cuda, b"cuStreamSynchronize\0"),
             lt_create: sym!(lt, b"cublasLtCreate\0"),
             lt_destroy: sym!(lt, b"cublasLtDestroy\0"),
             lt_desc_create: sym!(lt, b"cublasLtMatmulDescCreate\0"),
@@ -304,6 +331,9 @@ pub(crate) struct Scratch {
     stream: usize,
     lt: usize,
     workspace: u64,
+    /// The FP8 operators' buffer (device address, bytes): amax and scale slots, then the E4M3 activations. Grown on
+    /// demand (`fp8_buffer`); 0 until an FP8 operator runs on the stream.
+    fp8: Mutex<(u64, usize)>,
 }
 
 impl Scratch {
@@ -320,7 +350,30 @@ impl Scratch {
             unsafe { (api.lt_destroy)(lt) };
             return Err(e);
         }
-        Ok(Scratch { ctx: ctx as usize, stream: stream as usize, lt: lt as usize, workspace })
+        Ok(Scratch { ctx: ctx as usize, stream: stream as usize, lt: lt as usize, workspace, fp8: Mutex::new((0, 0)) })
+    }
+
+    /// The stream's FP8 buffer, at least `bytes` long. Growing it waits for the stream (queued products may still
+    /// read the old buffer) and frees the old one; that happens on the first steps only (shapes are fixed after).
+    fn fp8_buffer(&self, api: &Api, bytes: usize) -> ort::Result<u64> {
+        let mut b = self.fp8.lock().unwrap_or_else(|p| p.into_inner());
+        if b.1 >= bytes {
+            return Ok(b.0);
+        }
+        if b.0 != 0 {
+            // SAFETY: `stream` is this scratch's stream, in the current context (the caller runs a kernel on it).
+            api.check("cuStreamSynchronize", unsafe { (api.cu_stream_synchronize)(self.stream as Handle) })?;
+            // SAFETY: the old buffer was allocated by cuMemAlloc below; the stream is idle, and only this stream's
+            // work uses it, so nothing reads it any more.
+            unsafe { (api.cu_mem_free)(b.0) };
+            *b = (0, 0);
+        }
+        let size = bytes.next_multiple_of(1 << 20);
+        let mut p: u64 = 0;
+        // SAFETY: out-pointer to a local; allocated in the current context, the one of this scratch.
+        api.check("cuMemAlloc (FP8 activations)", unsafe { (api.cu_mem_alloc)(&mut p, size) })?;
+        *b = (p, size);
+        Ok(p)
     }
 
     fn lt(&self) -> Handle {
@@ -342,6 +395,10 @@ impl Drop for Scratch {
             }
             if (api.cu_ctx_synchronize)() == 0 {
                 (api.cu_mem_free)(self.workspace);
+                let fp8 = self.fp8.lock().map(|b| b.0).unwrap_or_else(|p| p.into_inner().0);
+                if fp8 != 0 {
+                    (api.cu_mem_free)(fp8);
+                }
                 (api.lt_destroy)(self.lt as Handle);
             }
             let mut popped: Handle = ptr::null_mut();
@@ -444,9 +501,41 @@ impl Align {
     }
 }
 
+impl Align {
+    /// FP8 operands (1-byte E4M3 W and X, float16 D): cuBLASLt's FP8 matmuls want 16-byte aligned matrices
+    /// (cuBLAS documentation, cublasLtMatmul, FP8 requirements), so less is refused here with a clear message.
+    fn of_fp8(
+        op: &str,
+        g: Gemm,
+        w: *const c_void,
+        x: *const c_void,
+        d: *const c_void,
+        bias: *const c_void,
+    ) -> ort::Result<Align> {
+        let steps = |s: usize, size: usize| if g.batch > 1 { s * size } else { 0 };
+        let a = Align {
+            w: alignment(w as usize, 0),
+            x: alignment(x as usize, steps(g.x_stride, 1)),
+            d: alignment(d as usize, steps(g.d_stride, std::mem::size_of::<f16>())),
+        };
+        if a.w < 16 || a.x < 16 || a.d < 16 || !(bias as usize).is_multiple_of(BIAS_ALIGNMENT) {
+            return Err(err(
+                op,
+                format!(
+                    "misaligned tensors for the FP8 product (w {w:p}, x {x:p}, y {d:p}, bias {bias:p}; batch strides \
+                     {} / {} values): cuBLASLt's FP8 matmul needs 16-byte alignment (K and N multiples of 16)",
+                    g.x_stride, g.d_stride
+                ),
+            ));
+        }
+        Ok(a)
+    }
+}
+
 /// A cuBLASLt plan for one [`Gemm`] at given alignments, made with one handle.
 struct Plan {
-    key: (Gemm, Align, bool, usize),
+    /// (product, alignments, GELU, cuBLASLt handle, FP8)
+    key: (Gemm, Align, bool, usize, bool),
     desc: Handle,
     a: Handle,
     b: Handle,
@@ -458,10 +547,11 @@ struct Plan {
 unsafe impl Send for Plan {}
 
 impl Plan {
-    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool) -> ort::Result<Plan> {
+    /// `fp8`: E4M3 `W` stored `[N, K]` and E4M3 `X` (the FP8 operators), else float16 `W` `[K, N]` and `X`.
+    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool, fp8: bool) -> ort::Result<Plan> {
         let Gemm { rows, k, n, batch, x_stride, d_stride } = g;
         let mut plan = Plan {
-            key: (g, al, gelu, scratch.lt),
+            key: (g, al, gelu, scratch.lt, fp8),
             desc: ptr::null_mut(),
             a: ptr::null_mut(),
             b: ptr::null_mut(),
@@ -476,13 +566,34 @@ impl Plan {
         unsafe {
             api.lt("cublasLtMatmulDescCreate", (api.lt_desc_create)(&mut plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F))?;
             let desc = plan.desc;
-            let op_n: c_int = 0;
-            api.lt("set TRANSA", (api.lt_desc_set)(desc, DESC_TRANSA, (&op_n as *const c_int).cast(), 4))?;
+            // FP8: cuBLASLt's FP8 matmuls take only the "TN" form (cuBLAS documentation, cublasLtMatmul: "A must be
+            // transposed and B non-transposed"), both operands K-major: A is W stored row-major [N, K], i.e.
+            // column-major k x n (ld k), used transposed; B is X as above. Scales: D = alpha * a_scale * b_scale *
+            // op(A) op(B), then the bias (float16, set explicitly) and GELU epilogue; no D scale (D is float16).
+            let op_a: c_int = if fp8 { OP_T } else { OP_N };
+            let op_n: c_int = OP_N;
+            api.lt("set TRANSA", (api.lt_desc_set)(desc, DESC_TRANSA, (&op_a as *const c_int).cast(), 4))?;
             api.lt("set TRANSB", (api.lt_desc_set)(desc, DESC_TRANSB, (&op_n as *const c_int).cast(), 4))?;
             let epi: u32 = if gelu { EPILOGUE_GELU_BIAS } else { EPILOGUE_BIAS };
             api.lt("set EPILOGUE", (api.lt_desc_set)(desc, DESC_EPILOGUE, (&epi as *const u32).cast(), 4))?;
-            api.lt("layout W", (api.lt_layout_create)(&mut plan.a, CUDA_R_16F, n as u64, k as u64, n as i64))?;
-            api.lt("layout X", (api.lt_layout_create)(&mut plan.b, CUDA_R_16F, k as u64, rows as u64, k as i64))?;
+            if fp8 {
+                let bias_type: c_int = CUDA_R_16F;
+                api.lt(
+                    "set BIAS_DATA_TYPE",
+                    (api.lt_desc_set)(desc, DESC_BIAS_DATA_TYPE, (&bias_type as *const c_int).cast(), 4),
+                )?;
+                api.lt(
+                    "layout W (E4M3)",
+                    (api.lt_layout_create)(&mut plan.a, CUDA_R_8F_E4M3, k as u64, n as u64, k as i64),
+                )?;
+                api.lt(
+                    "layout X (E4M3)",
+                    (api.lt_layout_create)(&mut plan.b, CUDA_R_8F_E4M3, k as u64, rows as u64, k as i64),
+                )?;
+            } else {
+                api.lt("layout W", (api.lt_layout_create)(&mut plan.a, CUDA_R_16F, n as u64, k as u64, n as i64))?;
+                api.lt("layout X", (api.lt_layout_create)(&mut plan.b, CUDA_R_16F, k as u64, rows as u64, k as i64))?;
+            }
             api.lt("layout Y", (api.lt_layout_create)(&mut plan.d, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
             if batch > 1 {
                 let count = batch as c_int;
@@ -525,8 +636,8 @@ impl Plan {
             (api.lt_pref_destroy)(pref);
             if rc != 0 || found < 1 {
                 return Err(Error::cuda(format!(
-                    "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, alignment \
-                     {}/{}/{} bytes): status {rc}",
+                    "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, fp8 {fp8}, \
+                     alignment {}/{}/{} bytes): status {rc}",
                     al.w, al.x, al.d
                 )));
             }
@@ -547,6 +658,10 @@ impl Plan {
     ///   the plan (`Align::of` on these pointers).
     /// - `y` overlaps none of the inputs, and nothing else writes it or reads it before the stream gets there.
     #[allow(clippy::too_many_arguments)]
+    ///
+    /// FP8 plans: `x` and `w` hold E4M3 bytes (`w` `[N, K]`), and `scales` gives the device addresses of W's and
+    /// X's float32 scales, valid until the stream gets there.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
         api: &Api,
@@ -556,9 +671,24 @@ impl Plan {
         w: *const c_void,
         bias: *const c_void,
         y: *mut c_void,
+        scales: Option<(*const c_void, *const c_void)>,
     ) -> ort::Result<()> {
         let alpha: f32 = 1.0;
         let beta: f32 = 0.0;
+        if let Some((w_scale, x_scale)) = scales {
+            // SAFETY: the scale pointer attributes take the pointers' 8 bytes, read from live locals (cuBLASLt reads
+            // the scale values themselves on the device when the stream runs the product).
+            unsafe {
+                api.lt(
+                    "set A_SCALE_POINTER",
+                    (api.lt_desc_set)(self.desc, DESC_A_SCALE_POINTER, (&w_scale as *const *const c_void).cast(), 8),
+                )?;
+                api.lt(
+                    "set B_SCALE_POINTER",
+                    (api.lt_desc_set)(self.desc, DESC_B_SCALE_POINTER, (&x_scale as *const *const c_void).cast(), 8),
+                )?;
+            }
+        }
         // SAFETY: BIAS_POINTER takes the pointer's 8 bytes, read from a live local. The plan is owned by the
         // calling kernel (`&mut self` in compute), so no other call changes the descriptor in between.
         api.lt("set BIAS_POINTER", unsafe {
@@ -676,14 +806,46 @@ impl Launch {
         y: *mut c_void,
     ) -> ort::Result<()> {
         let al = Align::of(op, g, w, x, y, bias)?;
-        let key = (g, al, gelu, self.scratch.lt);
+        let key = (g, al, gelu, self.scratch.lt, false);
         let plan = match slot {
             Some(p) if p.key == key => p,
-            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu)?),
+            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, false)?),
         };
         // SAFETY: the plan was made with this stream's handle for `g` at the alignments of these very pointers;
         // the buffers are the caller's contract.
-        unsafe { plan.run(api, &self.scratch, self.stream, x, w, bias, y) }
+        unsafe { plan.run(api, &self.scratch, self.stream, x, w, bias, y, None) }
+    }
+
+    /// The FP8 product `y = act((x_scale * w_scale) * (q_x @ q_w^T) + bias)` as `g` says (`g.x_stride` in E4M3
+    /// values, i.e. bytes), with the plan in `slot`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Launch::gemm`], with `q_x` `batch` blocks of `rows * k` E4M3 bytes, `w` `n * k` E4M3 bytes (`[N, K]`)
+    /// and `w_scale` / `x_scale` device addresses of one float32 each, all live until the stream gets there.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_fp8(
+        &self,
+        api: &Api,
+        op: &str,
+        slot: &mut Option<Plan>,
+        g: Gemm,
+        gelu: bool,
+        q_x: *const c_void,
+        w: *const c_void,
+        scales: (*const c_void, *const c_void),
+        bias: *const c_void,
+        y: *mut c_void,
+    ) -> ort::Result<()> {
+        let al = Align::of_fp8(op, g, w, q_x, y, bias)?;
+        let key = (g, al, gelu, self.scratch.lt, true);
+        let plan = match slot {
+            Some(p) if p.key == key => p,
+            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, true)?),
+        };
+        // SAFETY: as in `gemm`: plan made for this handle, shapes and alignments; buffers and scales are the
+        // caller's contract.
+        unsafe { plan.run(api, &self.scratch, self.stream, q_x, w, bias, y, Some(scales)) }
     }
 }
 
@@ -1021,5 +1183,388 @@ impl HeadRmsNormCuda {
         // type; x and y hold batch * rows * d halves, the weights h (`shapes::head_norm`); the kernel returns early
         // for warps past `segments`; all 4-byte aligned (checked above); y is fresh, aliasing no input.
         unsafe { launch(api, "cuLaunchKernel (head_rms_norm_f16)", func, blocks as u32, threads, s, &mut params) }
+    }
+}
+
+// ---- FP8 operators (issue 19) ------------------------------------------------------------------------------------
+//
+// LinearFp8 / LinearConcatFp8 / LinearSplitFp8: the CPU kernels' arithmetic (cpu.rs, fp8.rs) on the GPU. Per call:
+// (1) with no stored activation scale, zero the amax slot and reduce max |x| into it (`fp8_amax_f16`); (2) quantize
+// x to E4M3 into the stream's FP8 buffer (`fp8_quantize_f16`, which also writes the scale amax / 448 for
+// cuBLASLt); (3) the cuBLASLt FP8 matmul with W's and x's scale pointers, bias (+ GELU) epilogue, float16 out.
+// Everything is queued on ONNX Runtime's stream: no host synchronisation.
+
+/// Our FP8 module's functions in one context: (context, `fp8_amax_f16`, `fp8_quantize_f16`), as addresses.
+static FP8_MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+/// (`fp8_amax_f16`, `fp8_quantize_f16`) in the current context `ctx`.
+fn fp8_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
+    let mut modules = FP8_MODULES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
+        return Ok((f as Handle, g as Handle));
+    }
+    let mut module: Handle = ptr::null_mut();
+    let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
+    // SAFETY: as in `functions`: a NUL-terminated PTX image and names, out-pointers to locals, `ctx` current.
+    unsafe {
+        api.check("cuModuleLoadData (fp8.ptx)", (api.cu_module_load_data)(&mut module, FP8_PTX.as_ptr().cast()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"fp8_amax_f16".as_ptr()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"fp8_quantize_f16".as_ptr()))?;
+    }
+    modules.push((ctx as usize, f as usize, g as usize));
+    Ok((f, g))
+}
+
+/// The compute capability of the current context's device.
+fn capability(api: &Api) -> ort::Result<(i32, i32)> {
+    let mut dev: c_int = 0;
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: out-pointers to locals; a context is current (the callers checked it or run inside a kernel call).
+    unsafe {
+        api.check("cuCtxGetDevice", (api.cu_ctx_get_device)(&mut dev))?;
+        api.check(
+            "cuDeviceGetAttribute",
+            (api.cu_device_get_attribute)(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        )?;
+        api.check(
+            "cuDeviceGetAttribute",
+            (api.cu_device_get_attribute)(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+        )?;
+    }
+    Ok((major, minor))
+}
+
+/// Refuses GPUs without FP8 matrix products (`fp8::check_capability`), naming the operator.
+fn require_fp8(api: &Api, op: &str) -> ort::Result<()> {
+    let (major, minor) = capability(api)?;
+    super::fp8::check_capability(major, minor).map_err(|e| err(op, e))
+}
+
+/// The check when the kernel is created: done when ONNX Runtime has a context current on this thread (it then
+/// fails the session's creation with the message); otherwise the first `compute` does it.
+fn fp8_checked_at_creation(op: &str) -> ort::Result<bool> {
+    let Ok(api) = api() else { return Ok(false) };
+    let mut ctx: Handle = ptr::null_mut();
+    // SAFETY: cuCtxGetCurrent writes one handle to the local out-pointer.
+    if unsafe { (api.cu_ctx_get_current)(&mut ctx) } != 0 || ctx.is_null() {
+        return Ok(false);
+    }
+    require_fp8(api, op)?;
+    Ok(true)
+}
+
+/// A float32 scale tensor on the device: one value.
+fn scale_dev(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<*const c_void>> {
+    let Some(v) = ctx.input(i)? else { return Ok(None) };
+    let t = v.downcast::<DynTensorValueType>().map_err(|e| err(op, format!("input {i}: {e}")))?;
+    if *t.data_type() != TensorElementType::Float32 || t.shape().iter().product::<i64>() != 1 {
+        return Err(err(op, format!("input {i} must be one float32 scale, got {:?} {:?}", t.data_type(), t.shape())));
+    }
+    Ok(Some(t.data_ptr()))
+}
+
+fn scale_need(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<*const c_void> {
+    scale_dev(ctx, op, i)?.ok_or_else(|| err(op, format!("input {i} (weight scale) is missing")))
+}
+
+/// An E4M3 weight (UINT8 `[N, K]`) on the device.
+fn weight8_dev(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<Dev>> {
+    let Some(v) = ctx.input(i)? else { return Ok(None) };
+    let t = v.downcast::<DynTensorValueType>().map_err(|e| err(op, format!("input {i}: {e}")))?;
+    if *t.data_type() != TensorElementType::Uint8 {
+        return Err(err(op, format!("input {i} is {:?}; FP8 weights are E4M3 bytes (uint8)", t.data_type())));
+    }
+    Ok(Some(Dev { shape: t.shape().to_vec(), ptr: t.data_ptr() }))
+}
+
+fn weight8_need(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Dev> {
+    weight8_dev(ctx, op, i)?.ok_or_else(|| err(op, format!("input {i} (E4M3 weight) is missing")))
+}
+
+/// K and N multiples of 16: cuBLASLt's FP8 matmuls need 16-byte aligned pointers and leading dimensions (cuBLAS
+/// documentation, cublasLtMatmul, FP8 requirements), and its heuristic refuses an FP8 problem whose `m` (our N,
+/// the output features) is not a multiple of 16 ("Unsupported M dimension for FP8 matrix multiplication. M must be
+/// divisible by 16", CUBLASLT_LOG_LEVEL=5, as reported in vllm-project/vllm#4691). The rows (tokens: cuBLASLt's
+/// `n`, e.g. SD3's 333 context rows) have no such rule.
+fn fp8_dims(op: &str, k: usize, n: usize) -> ort::Result<()> {
+    if !k.is_multiple_of(16) || !n.is_multiple_of(16) {
+        return Err(err(op, format!("the CUDA FP8 product needs K and N multiples of 16, got K {k}, N {n}")));
+    }
+    Ok(())
+}
+
+/// Quantizes `n` float16 values at `x` to E4M3 at `q` on `stream`, with the stored scale or `amax / 448`
+/// computed into `slot` (the amax at `slot`, the scale at `slot + 16`); returns the device address of the scale
+/// used, for cuBLASLt.
+///
+/// # Safety
+///
+/// `x` holds `n` float16 values and `q` room for `n` bytes, `slot` 20 bytes, `stored` (when given) one float32,
+/// all device memory of the current context live until `stream`'s queued work is done; `stream` belongs to it.
+unsafe fn quantize(
+    api: &Api,
+    stream: Handle,
+    x: *const c_void,
+    n: usize,
+    stored: Option<*const c_void>,
+    slot: u64,
+    q: u64,
+) -> ort::Result<*const c_void> {
+    let (amax_fn, quant_fn) = fp8_functions(api, current_context(api)?)?;
+    const THREADS: u32 = 256;
+    let blocks = |cap: usize| n.div_ceil(THREADS as usize).clamp(1, cap) as u32;
+    let mut xp = x;
+    let mut count = n as i64;
+    let mut amax = slot as usize as *mut c_void;
+    let scale_slot = (slot + 16) as usize as *mut c_void;
+    if stored.is_none() {
+        // SAFETY: `slot` is 4 bytes of device memory (the caller's contract); queued on `stream`.
+        api.check("cuMemsetD32Async (FP8 amax)", unsafe { (api.cu_memset_d32_async)(slot, 0, 1, stream) })?;
+        let mut params: [*mut c_void; 3] = [
+            (&mut xp as *mut *const c_void).cast(),
+            (&mut count as *mut i64).cast(),
+            (&mut amax as *mut *mut c_void).cast(),
+        ];
+        // SAFETY: params follow fp8_amax_f16's signature in fp8.cu, each pointing to a live local; grid-stride loop
+        // over n values of x; the amax slot was zeroed above on the same stream.
+        unsafe { launch(api, "cuLaunchKernel (fp8_amax_f16)", amax_fn, blocks(1024), THREADS, stream, &mut params) }?;
+    }
+    let mut st = stored.unwrap_or(ptr::null());
+    let mut so = scale_slot;
+    let mut qp = q as usize as *mut c_void;
+    let mut params: [*mut c_void; 6] = [
+        (&mut xp as *mut *const c_void).cast(),
+        (&mut count as *mut i64).cast(),
+        (&mut st as *mut *const c_void).cast(),
+        (&mut amax as *mut *mut c_void).cast(),
+        (&mut so as *mut *mut c_void).cast(),
+        (&mut qp as *mut *mut c_void).cast(),
+    ];
+    // SAFETY: params follow fp8_quantize_f16's signature; x has n values, q room for n bytes; grid-stride loop.
+    unsafe {
+        launch(api, "cuLaunchKernel (fp8_quantize_f16)", quant_fn, blocks(65_535), THREADS, stream, &mut params)
+    }?;
+    Ok(stored.unwrap_or(scale_slot.cast_const()))
+}
+
+const U8_IN: OperatorInput = OperatorInput::required(TensorElementType::Uint8);
+const U8_OPT: OperatorInput = OperatorInput::optional(TensorElementType::Uint8);
+const F32_IN: OperatorInput = OperatorInput::required(TensorElementType::Float32);
+const F32_OPT: OperatorInput = OperatorInput::optional(TensorElementType::Float32);
+
+cuda_op!(LinearFp8Op, "LinearFp8", [REQ, U8_IN, F32_IN, REQ, F32_OPT], [OUT], LinearFp8Cuda);
+cuda_op!(
+    LinearConcatFp8Op,
+    "LinearConcatFp8",
+    [REQ, U8_IN, F32_IN, REQ, REQ, U8_IN, F32_IN, REQ, F32_OPT, F32_OPT],
+    [OUT],
+    LinearConcatFp8Cuda
+);
+cuda_op!(
+    LinearSplitFp8Op,
+    "LinearSplitFp8",
+    [REQ, U8_IN, F32_IN, REQ, U8_OPT, F32_OPT, OPT, REQ, F32_OPT],
+    [OUT, OUT_OPT],
+    LinearSplitFp8Cuda
+);
+
+/// Bytes of the FP8 buffer for activations of `a` and `b` values: header, then each 256-aligned.
+fn fp8_bytes(a: usize, b: usize) -> usize {
+    FP8_HEADER + a.next_multiple_of(256) + b.next_multiple_of(256)
+}
+
+pub(crate) struct LinearFp8Cuda {
+    gelu: bool,
+    checked: bool,
+    plan: Option<Plan>,
+    streams: Streams,
+}
+impl LinearFp8Cuda {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let op = "LinearFp8";
+        let activation = k.get::<i64>("activation").unwrap_or(0);
+        if !(0..=1).contains(&activation) {
+            return Err(err(op, format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
+        }
+        let checked = fp8_checked_at_creation(op)?;
+        Ok(Self { gelu: activation == 1, checked, plan: None, streams: Streams::default() })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearFp8";
+        let api = api()?;
+        if !self.checked {
+            require_fp8(api, op)?;
+            self.checked = true;
+        }
+        let (x, w, w_scale, b) =
+            (need(ctx, op, 0)?, weight8_need(ctx, op, 1)?, scale_need(ctx, op, 2)?, need(ctx, op, 3)?);
+        let stored = scale_dev(ctx, op, 4)?;
+        let (rows, k, n) = shapes::linear_nk(op, &x.shape, &w.shape, &b.shape)?;
+        fp8_dims(op, k, n)?;
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = n as i64;
+        }
+        let Some(y) = out(ctx, op, 0, shape)? else { return Ok(()) };
+        if rows == 0 {
+            return Ok(());
+        }
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let buf = l.scratch.fp8_buffer(api, fp8_bytes(rows * k, 0))?;
+        let q = buf + FP8_HEADER as u64;
+        // SAFETY: x holds rows * K float16 values (`shapes::linear_nk`); the buffer has the header slots and room
+        // for rows * K bytes at q; the stored scale (if any) is one float32 (`scale_dev`); all on this call's stream.
+        let x_scale = unsafe { quantize(api, l.stream, x.ptr, rows * k, stored, buf, q) }?;
+        let g = Gemm { rows, k, n, batch: 1, x_stride: 0, d_stride: 0 };
+        // SAFETY: q holds rows * K E4M3 bytes (queued before on the same stream), w N * K bytes, b N float16 values,
+        // the scales one float32 each; y is the fresh [.., N] output.
+        unsafe {
+            l.gemm_fp8(
+                api,
+                op,
+                &mut self.plan,
+                g,
+                self.gelu,
+                q as usize as *const c_void,
+                w.ptr,
+                (w_scale, x_scale),
+                b.ptr,
+                y,
+            )
+        }
+    }
+}
+
+pub(crate) struct LinearConcatFp8Cuda {
+    checked: bool,
+    plans: [Option<Plan>; 2],
+    streams: Streams,
+}
+impl LinearConcatFp8Cuda {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        let checked = fp8_checked_at_creation("LinearConcatFp8")?;
+        Ok(Self { checked, plans: [None, None], streams: Streams::default() })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearConcatFp8";
+        let api = api()?;
+        if !self.checked {
+            require_fp8(api, op)?;
+            self.checked = true;
+        }
+        let (xa, wa, wsa, ba) =
+            (need(ctx, op, 0)?, weight8_need(ctx, op, 1)?, scale_need(ctx, op, 2)?, need(ctx, op, 3)?);
+        let (xb, wb, wsb, bb) =
+            (need(ctx, op, 4)?, weight8_need(ctx, op, 5)?, scale_need(ctx, op, 6)?, need(ctx, op, 7)?);
+        let (stored_a, stored_b) = (scale_dev(ctx, op, 8)?, scale_dev(ctx, op, 9)?);
+        let (batch, sa, sb, ka, kb, n) = shapes::linear_concat(
+            &xa.shape,
+            &shapes::nk_to_kn(&wa.shape),
+            &ba.shape,
+            &xb.shape,
+            &shapes::nk_to_kn(&wb.shape),
+            &bb.shape,
+        )?;
+        fp8_dims(op, ka, n)?;
+        fp8_dims(op, kb, n)?;
+        let st = sa + sb;
+        let Some(y) = out(ctx, op, 0, vec![batch as i64, st as i64, n as i64])? else { return Ok(()) };
+        if batch == 0 || st == 0 {
+            return Ok(());
+        }
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let (na, nb) = (batch * sa * ka, batch * sb * kb);
+        let buf = l.scratch.fp8_buffer(api, fp8_bytes(na, nb))?;
+        let (qa, qb) = (buf + FP8_HEADER as u64, buf + (FP8_HEADER + na.next_multiple_of(256)) as u64);
+        let [pa, pb] = &mut self.plans;
+        if sa > 0 {
+            // SAFETY: xa holds B * Sa * Ka float16 values; slots at buf (amax, scale at +16), qa has room for them.
+            let xs = unsafe { quantize(api, l.stream, xa.ptr, na, stored_a, buf, qa) }?;
+            let g = Gemm { rows: sa, k: ka, n, batch, x_stride: sa * ka, d_stride: st * n };
+            // SAFETY: as LinearConcat's float16 product, with E4M3 qa ([B, Sa, Ka] bytes) and wa ([N, Ka] bytes).
+            unsafe { l.gemm_fp8(api, op, pa, g, false, qa as usize as *const c_void, wa.ptr, (wsa, xs), ba.ptr, y) }?;
+        }
+        if sb > 0 {
+            // SAFETY: the second pair of slots (amax at buf + 4, scale at buf + 20), so xa's scale stays valid for
+            // the product queued above; qb has room for B * Sb * Kb bytes.
+            let xs = unsafe { quantize(api, l.stream, xb.ptr, nb, stored_b, buf + 4, qb) }?;
+            // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
+            let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
+            let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
+            // SAFETY: as LinearConcat's second float16 product, with E4M3 qb and wb.
+            unsafe { l.gemm_fp8(api, op, pb, g, false, qb as usize as *const c_void, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct LinearSplitFp8Cuda {
+    checked: bool,
+    plans: [Option<Plan>; 2],
+    streams: Streams,
+}
+impl LinearSplitFp8Cuda {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        let checked = fp8_checked_at_creation("LinearSplitFp8")?;
+        Ok(Self { checked, plans: [None, None], streams: Streams::default() })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearSplitFp8";
+        let api = api()?;
+        if !self.checked {
+            require_fp8(api, op)?;
+            self.checked = true;
+        }
+        let (x, wa, wsa, ba) =
+            (need(ctx, op, 0)?, weight8_need(ctx, op, 1)?, scale_need(ctx, op, 2)?, need(ctx, op, 3)?);
+        let (wb, wsb, bb) = (weight8_dev(ctx, op, 4)?, scale_dev(ctx, op, 5)?, dev(ctx, op, 6)?);
+        let like = need(ctx, op, 7)?;
+        let stored = scale_dev(ctx, op, 8)?;
+        let (batch, st, sa, k, na) =
+            shapes::linear_split(&x.shape, &shapes::nk_to_kn(&wa.shape), &ba.shape, &like.shape)?;
+        fp8_dims(op, k, na)?;
+        let sb = st - sa;
+        let total = batch * st * k;
+        if total == 0 {
+            // empty outputs: nothing to compute, but ONNX Runtime still wants them allocated
+            out(ctx, op, 0, vec![batch as i64, sa as i64, na as i64])?;
+            return Ok(());
+        }
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let buf = l.scratch.fp8_buffer(api, fp8_bytes(total, 0))?;
+        let q = buf + FP8_HEADER as u64;
+        // SAFETY: x holds B * St * K float16 values; one scale for all of x (both row ranges), as the CPU kernel.
+        let xs = unsafe { quantize(api, l.stream, x.ptr, total, stored, buf, q) }?;
+        let [pa, pb] = &mut self.plans;
+        if let Some(ya) = out(ctx, op, 0, vec![batch as i64, sa as i64, na as i64])? {
+            if sa > 0 && batch > 0 {
+                let g = Gemm { rows: sa, k, n: na, batch, x_stride: st * k, d_stride: sa * na };
+                // SAFETY: rows 0..Sa of each batch of q ([B, St, K] E4M3 bytes), wa [Na, K] bytes, ba [Na]; ya fresh.
+                unsafe {
+                    l.gemm_fp8(api, op, pa, g, false, q as usize as *const c_void, wa.ptr, (wsa, xs), ba.ptr, ya)
+                }?;
+            }
+        }
+        match (wb, wsb, bb) {
+            (Some(wb), Some(wsb), Some(bb)) => {
+                let (_, _, nb) = shapes::linear_nk(op, &x.shape, &wb.shape, &bb.shape)?;
+                fp8_dims(op, k, nb)?;
+                if let Some(yb) = out(ctx, op, 1, vec![batch as i64, sb as i64, nb as i64])? {
+                    if sb > 0 && batch > 0 {
+                        let qb = (q + (sa * k) as u64) as usize as *const c_void;
+                        let g = Gemm { rows: sb, k, n: nb, batch, x_stride: st * k, d_stride: sb * nb };
+                        // SAFETY: rows Sa..St of each batch of q (ending at the batch's end), wb [Nb, K] bytes, bb
+                        // [Nb]; yb is the fresh [B, Sb, Nb] output.
+                        unsafe { l.gemm_fp8(api, op, pb, g, false, qb, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+                    }
+                }
+                Ok(())
+            }
+            (None, None, None) => Ok(()),
+            _ => Err(err(op, "wb, wb_scale and bb (inputs 4-6) go together: give all three or none")),
+        }
     }
 }
