@@ -1,7 +1,7 @@
 //! The denoising loop on the transformer's device (`Sd3PipelineBuilder::device_loop`) against the host loop, on
 //! the CPU provider with the tiny fixtures: every case the device loop covers gives the host loop's image within
 //! 1 level per 8-bit channel (measured: 0) and its final latents within 1e-5 (measured: equal to the bit), and
-//! the runs it does not cover (ControlNets) fall back to the host loop and so give its results.
+//! the runs it does not cover fall back to the host loop and so give its results.
 //!
 //! The comparison has power: a request with the guidance scale off by 0.5 moves the image by more than 1 level
 //! (checked below), and so does any sabotage of the step graph's arithmetic (docs/performance.md, "The loop on
@@ -219,22 +219,47 @@ fn previews() {
     assert!(shown >= 2, "{shown} previews");
 }
 
+/// ControlNets on the device loop (tests/controlnet.rs's fixtures): the ControlNets read the loop's
+/// `hidden_states` where it is, their scaled residual sum and the residual transformer's velocity stay there, and
+/// the loop steps on the residual transformer. One ControlNet; two with scales and
+/// windows, so some evaluations have no unit inside its window (zero residuals); a batch of two requests with their
+/// own control images; Heun (two evaluations per step, the window counted per evaluation as diffusers counts it);
+/// and without guidance. Each gives the host loop's images (and, single requests, latents): measured equal (0
+/// levels, latents to the bit). Sabotaged, the device loop's ControlNet evaluation counting each evaluation twice
+/// (the windows one evaluation off) fails the windowed cases.
 #[test]
-fn uncovered_runs_fall_back_to_the_host_loop() {
+fn controlnets_on_the_device_loop() {
     let req = golden("tiny-sd3", "cfg_negative");
-    // ControlNets (tests/controlnet.rs's fixtures).
     let m = ScratchModel::new("tiny-sd3", "device-loop-controlnet");
     let nets = fixture("controlnet");
     std::fs::copy(nets.join("transformer/model_controlnet.onnx"), m.path("transformer/model_controlnet.onnx")).unwrap();
     let mut host = Sd3Pipeline::builder(&m.dir).device_loop(false).build().unwrap();
     let mut device = Sd3Pipeline::builder(&m.dir).device_loop(true).build().unwrap();
     for pipe in [&mut host, &mut device] {
-        pipe.load_controlnet("instantx", nets.join("instantx")).unwrap();
+        for name in ["instantx", "instantx-b"] {
+            pipe.load_controlnet(name, nets.join(name)).unwrap();
+        }
     }
-    let control = load_png(&repo().join("models/goldens/controlnet/tiny-sd3/control.png"));
-    let unit = sd3_onnx::ControlNetUnit::new("instantx", control).scale(0.8);
-    check("tiny-sd3 controlnet", &mut host, &mut device, &[req.clone().controlnet(unit)], false);
-    // Without the builder option, the CPU provider runs the host loop.
+    let goldens = repo().join("models/goldens/controlnet/tiny-sd3");
+    let control = load_png(&goldens.join("control.png"));
+    let control_b = load_png(&goldens.join("control_b.png"));
+    let one = sd3_onnx::ControlNetUnit::new("instantx", control.clone()).scale(0.8);
+    check("controlnet", &mut host, &mut device, &[req.clone().controlnet(one.clone())], true);
+    let two = req
+        .clone()
+        .controlnet(sd3_onnx::ControlNetUnit::new("instantx", control.clone()).scale(0.7).window(0.0, 0.5))
+        .controlnet(sd3_onnx::ControlNetUnit::new("instantx-b", control_b.clone()).scale(1.2).window(0.25, 0.5));
+    check("two controlnets, windows", &mut host, &mut device, &[two.clone()], true);
+    let mut other = req.clone().negative_prompt("").controlnet(one.clone());
+    other.controlnets[0].image = control_b;
+    check("controlnet batch", &mut host, &mut device, &[req.clone().controlnet(one.clone()), other], true);
+    check("controlnet heun", &mut host, &mut device, &[two.sampler(SamplerKind::Heun)], true);
+    check("controlnet no cfg", &mut host, &mut device, &[req.clone().guidance(1.0).controlnet(one)], true);
+}
+
+#[test]
+fn cpu_provider_runs_the_host_loop_by_default() {
+    let req = golden("tiny-sd3", "cfg_negative");
     let mut auto = Sd3Pipeline::builder(fixture("tiny-sd3")).build().expect("fixture loads");
     assert!(!auto.generate(&req).unwrap().timings.device_loop);
 }

@@ -51,6 +51,8 @@ pub(super) struct ControlRun {
     pub inner_dim: usize,
     /// Zero residuals in the residual transformer's memory, for evaluations outside every unit's window.
     pub zeros: Option<DeviceTensor>,
+    /// The current evaluation's scaled residual sum, bound as the transformer's input.
+    pub mixed: Option<DeviceTensor>,
 }
 
 impl Sd3Pipeline {
@@ -367,8 +369,46 @@ impl Sd3Pipeline {
             ("pooled_projections", Input::Float(pooled.view())),
             ("controlnet_block_index", Input::Int64(index.view())),
         ])?;
-        Ok(Some(ControlRun { units, transformer_binding, calls: 0, evaluations, num_layers, inner_dim, zeros: None }))
+        Ok(Some(ControlRun {
+            units,
+            transformer_binding,
+            calls: 0,
+            evaluations,
+            num_layers,
+            inner_dim,
+            zeros: None,
+            mixed: None,
+        }))
     }
+}
+
+/// The transformer's input `hidden_states` of one controlled evaluation: on the host (the host loop) or already
+/// in the graphs' memory (the device loop, src/pipeline/device_loop.rs).
+pub(super) enum Hidden<'a> {
+    Host(&'a ArrayD<f32>),
+    Device(&'a DeviceTensor),
+}
+
+impl Hidden<'_> {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Hidden::Host(a) => a.shape().to_vec(),
+            Hidden::Device(t) => t.shape().to_vec(),
+        }
+    }
+}
+
+/// Whether the device loop can run `run`'s controlled evaluations: every ControlNet on the residual
+/// transformer's provider and reading `hidden_states` in the element type the transformer reads it in (the device
+/// loop hands both the same tensor).
+pub(super) fn fits_device(state: &ControlNetState, run: &ControlRun) -> bool {
+    let Some((graph, _)) = state.transformer.as_ref() else { return false };
+    let Ok(hidden) = graph.input_type("hidden_states") else { return false };
+    run.units.iter().all(|p| {
+        state.nets.get(&p.unit.name).is_some_and(|n| {
+            n.graph.provider == graph.provider && n.graph.input_type("hidden_states").ok() == Some(hidden)
+        })
+    })
 }
 
 /// One controlled evaluation on `hidden` (`[batch, C, h, w]`, already batched for guidance): every unit's
@@ -381,64 +421,10 @@ pub(super) fn controlled_velocity(
     timestep: f32,
     patch: usize,
 ) -> Result<Vec<f32>> {
-    let i = run.calls;
-    run.calls += 1;
-    let shape = hidden.shape().to_vec();
-    let batch = shape[0];
-    let tokens = (shape[2] / patch) * (shape[3] / patch);
-    let expected = [run.num_layers, batch, tokens, run.inner_dim];
-    let t = Array1::from_elem(batch, timestep).into_dyn();
-    // The residuals stay in the memory the graphs compute in (on a GPU: device memory): each ControlNet's output,
-    // the scaled sum (a small graph on the residual transformer's provider, src/runtime/step.rs `mix_graph`) and
-    // the transformer's input. Only the velocity comes back.
-    let mut active = Vec::with_capacity(run.units.len());
-    for prepared in &mut run.units {
-        let unit = &prepared.unit;
-        let scale = (f64::from(unit.scale) * unit.keep(i, run.evaluations)) as f32;
-        if scale == 0.0 {
-            // diffusers runs it and multiplies by 0: adding zeros changes nothing.
-            continue;
-        }
-        let Some(net) = state.nets.get_mut(&unit.name) else {
-            return Err(Error::internal(format!("ControlNet {} vanished", unit.name)));
-        };
-        let r = net.graph.run_bound_device(
-            &mut prepared.binding,
-            &[],
-            &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
-            "controlnet_block_samples",
-        )?;
-        if r.shape() != expected {
-            return Err(Error::inference(
-                Component::ControlNet,
-                format!("controlnet_block_samples has shape {:?}, expected {expected:?}", r.shape()),
-                None,
-            ));
-        }
-        active.push((r, scale));
-    }
     let Some((graph, _)) = state.transformer.as_mut() else {
         return Err(Error::internal("the ControlNet transformer is not loaded"));
     };
-    let residuals = if active.is_empty() {
-        // No unit inside its window at this evaluation: zero residuals, uploaded once per run.
-        if run.zeros.is_none() {
-            let dtype = graph.input_type("controlnet_residuals")?;
-            let zeros = ArrayD::<f32>::zeros(expected.to_vec());
-            run.zeros = Some(graph.upload("controlnet_residuals", zeros.view(), dtype)?);
-        }
-        None
-    } else {
-        let tensors: Vec<_> = active.iter().map(|(r, _)| r).collect();
-        let scales: Vec<f32> = active.iter().map(|(_, s)| *s).collect();
-        Some(graph.mix("controlnet_residuals", &tensors, &scales)?)
-    };
-    let bound = match (&residuals, &run.zeros) {
-        (Some(r), _) => r,
-        (None, Some(z)) => z,
-        (None, None) => return Err(Error::internal("no residuals to bind")),
-    };
-    graph.bind_device(&mut run.transformer_binding, "controlnet_residuals", bound)?;
+    let t = bind_residuals(&mut state.nets, run, graph, Hidden::Host(hidden), timestep, patch)?;
     let mut out = graph.run_bound(
         &mut run.transformer_binding,
         &[("hidden_states", Input::Float(hidden.view())), ("timestep", Input::Float(t.view()))],
@@ -453,4 +439,112 @@ pub(super) fn controlled_velocity(
         ));
     }
     Ok(v.as_standard_layout().into_owned().into_raw_vec_and_offset().0)
+}
+
+/// [`controlled_velocity`] with `hidden` and the velocity in the graphs' memory (the device loop): `graph` is
+/// the residual transformer (`state.transformer`, lent by the caller, which steps on it).
+pub(super) fn controlled_velocity_device(
+    nets: &mut BTreeMap<String, LoadedControlNet>,
+    run: &mut ControlRun,
+    graph: &mut Graph,
+    hidden: &DeviceTensor,
+    timestep: f32,
+    patch: usize,
+) -> Result<DeviceTensor> {
+    let t = bind_residuals(nets, run, graph, Hidden::Device(hidden), timestep, patch)?;
+    let v = graph.run_bound_device(
+        &mut run.transformer_binding,
+        &[("hidden_states", hidden)],
+        &[("timestep", Input::Float(t.view()))],
+        "out_hidden_states",
+    )?;
+    if v.shape() != hidden.shape() {
+        return Err(Error::inference(
+            Component::TransformerControlNet,
+            format!("out_hidden_states has shape {:?}, expected {:?}", v.shape(), hidden.shape()),
+            None,
+        ));
+    }
+    Ok(v)
+}
+
+/// Runs the evaluation's ControlNets on `hidden` and binds their scaled sum as `controlnet_residuals` of the
+/// residual transformer's binding; returns the evaluation's timestep input (`[batch]`).
+fn bind_residuals(
+    nets: &mut BTreeMap<String, LoadedControlNet>,
+    run: &mut ControlRun,
+    graph: &mut Graph,
+    hidden: Hidden<'_>,
+    timestep: f32,
+    patch: usize,
+) -> Result<ArrayD<f32>> {
+    let i = run.calls;
+    run.calls += 1;
+    let shape = hidden.shape();
+    if shape.len() != 4 || patch == 0 {
+        return Err(Error::internal(format!("controlled evaluation on hidden states of shape {shape:?}")));
+    }
+    let batch = shape[0];
+    let tokens = (shape[2] / patch) * (shape[3] / patch);
+    let expected = [run.num_layers, batch, tokens, run.inner_dim];
+    let t = Array1::from_elem(batch, timestep).into_dyn();
+    // The residuals stay in the memory the graphs compute in (on a GPU: device memory): each ControlNet's output,
+    // the scaled sum (a small graph on the residual transformer's provider, src/runtime/step.rs `mix_graph`) and
+    // the transformer's input. Only the velocity comes back (the host loop) or nothing (the device loop).
+    let mut active = Vec::with_capacity(run.units.len());
+    for prepared in &mut run.units {
+        let unit = &prepared.unit;
+        let scale = (f64::from(unit.scale) * unit.keep(i, run.evaluations)) as f32;
+        if scale == 0.0 {
+            // diffusers runs it and multiplies by 0: adding zeros changes nothing.
+            continue;
+        }
+        let Some(net) = nets.get_mut(&unit.name) else {
+            return Err(Error::internal(format!("ControlNet {} vanished", unit.name)));
+        };
+        let r = match hidden {
+            Hidden::Host(h) => net.graph.run_bound_device(
+                &mut prepared.binding,
+                &[],
+                &[("hidden_states", Input::Float(h.view())), ("timestep", Input::Float(t.view()))],
+                "controlnet_block_samples",
+            )?,
+            Hidden::Device(h) => net.graph.run_bound_device(
+                &mut prepared.binding,
+                &[("hidden_states", h)],
+                &[("timestep", Input::Float(t.view()))],
+                "controlnet_block_samples",
+            )?,
+        };
+        if r.shape() != expected {
+            return Err(Error::inference(
+                Component::ControlNet,
+                format!("controlnet_block_samples has shape {:?}, expected {expected:?}", r.shape()),
+                None,
+            ));
+        }
+        active.push((r, scale));
+    }
+    let residuals = if active.is_empty() {
+        // No unit inside its window at this evaluation: zero residuals, uploaded once per run.
+        if run.zeros.is_none() {
+            let dtype = graph.input_type("controlnet_residuals")?;
+            let zeros = ArrayD::<f32>::zeros(expected.to_vec());
+            run.zeros = Some(graph.upload("controlnet_residuals", zeros.view(), dtype)?);
+        }
+        None
+    } else {
+        let tensors: Vec<_> = active.iter().map(|(r, _)| r).collect();
+        let scales: Vec<f32> = active.iter().map(|(_, s)| *s).collect();
+        Some(graph.mix("controlnet_residuals", &tensors, &scales)?)
+    };
+    // Kept in `run` until the next evaluation replaces it: the binding refers to it until the transformer has run.
+    run.mixed = residuals;
+    let bound = match (&run.mixed, &run.zeros) {
+        (Some(r), _) => r,
+        (None, Some(z)) => z,
+        (None, None) => return Err(Error::internal("no residuals to bind")),
+    };
+    graph.bind_device(&mut run.transformer_binding, "controlnet_residuals", bound)?;
+    Ok(t)
 }

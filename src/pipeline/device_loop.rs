@@ -7,23 +7,35 @@
 //! Covered: Euler (also over a truncated schedule: img2img, inpainting), Heun and DPM-Solver++ (2M), with and
 //! without classifier-free guidance, batches, inpainting, skip-layer guidance (when the skip-layer graph runs on
 //! the transformer's provider) and previews (the sample and the guided velocity come back to the host at the
-//! preview steps only). ControlNets run the host loop ([`DenoiseLoop::run`]); `Sd3Pipeline::run_denoise`
-//! chooses ([`DenoiseLoop::fits_device`]). On the CPU provider the two loops give the same latents to the bit
+//! preview steps only), and ControlNets (their outputs, the scaled residual sum and the residual transformer's
+//! input and output stay in that memory; src/pipeline/controlnet.rs). `Sd3Pipeline::run_denoise` chooses
+//! ([`DenoiseLoop::fits_device`], `controlnet::fits_device`). On the CPU provider the two loops give the same latents to the bit
 //! (tests/device_loop.rs).
 
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array4, Axis, Ix4};
 
+use std::collections::BTreeMap;
+
+use super::controlnet::{self, ControlRun, LoadedControlNet};
 use super::denoise::{panic_message, DenoiseLoop};
 use crate::error::{Error, Result};
 use crate::progress::{ControlFlow, StepProgress};
 use crate::runtime::{Binding, DeviceTensor, ElementType, Graph, Input, StepKind, StepSpec};
 use crate::scheduler::StepScalars;
 
+/// What one evaluation of the device loop runs: the transformer with its text conditioning bound, or the
+/// ControlNets and the residual transformer (then the loop's `transformer` is the residual transformer).
+pub(super) enum DeviceModel<'a> {
+    Plain(&'a mut Binding),
+    Controlled { nets: &'a mut BTreeMap<String, LoadedControlNet>, run: &'a mut ControlRun, patch: usize },
+}
+
 impl DenoiseLoop {
     /// Whether this loop can run on the device: skip-layer guidance only with a skip-layer graph that runs where
-    /// the transformer runs (`skip_graph_alongside`). ControlNets are the caller's to check.
+    /// the transformer runs (`skip_graph_alongside`). ControlNets are the caller's to check
+    /// (`controlnet::fits_device`).
     pub fn fits_device(&self, skip_graph_alongside: bool) -> bool {
         let slg = self.skip_layers.is_some() && self.guidance.is_some();
         !slg || skip_graph_alongside
@@ -40,7 +52,7 @@ impl DenoiseLoop {
         mut self,
         latents: &mut Array4<f32>,
         transformer: &mut Graph,
-        bound: &mut Binding,
+        mut model: DeviceModel<'_>,
         batch: usize,
         mut skip: Option<(&mut Graph, &mut Binding)>,
         cancelled: impl Fn() -> bool,
@@ -89,12 +101,17 @@ impl DenoiseLoop {
             let timestep = self.sampler.timesteps()[i];
             let (sigma, next) = (self.sampler.sigma(i), self.sampler.sigma(i + 1));
             let t = Array1::from_elem(batch, timestep).into_dyn();
-            let v = transformer.run_bound_device(
-                bound,
-                &[("hidden_states", &hidden)],
-                &[("timestep", Input::Float(t.view()))],
-                "out_hidden_states",
-            )?;
+            let v = match &mut model {
+                DeviceModel::Plain(bound) => transformer.run_bound_device(
+                    bound,
+                    &[("hidden_states", &hidden)],
+                    &[("timestep", Input::Float(t.view()))],
+                    "out_hidden_states",
+                )?,
+                DeviceModel::Controlled { nets, run, patch } => {
+                    controlnet::controlled_velocity_device(nets, run, transformer, &hidden, timestep, *patch)?
+                }
+            };
             if v.shape() != hidden.shape() {
                 return Err(Error::inference(
                     transformer.component,

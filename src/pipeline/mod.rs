@@ -42,6 +42,7 @@ use crate::runtime::{Binding, ExecutionProvider, Graph, Input};
 use crate::scheduler::{calculate_shift, FlowMatchConfig, Schedule};
 use crate::text::{NoT5Padding, TextConditioning, TextEncoders};
 use denoise::{DenoiseLoop, Pass};
+use device_loop::DeviceModel;
 use limits::check_sequence_length;
 
 /// A loaded SD3 / SD3.5 pipeline. Build one with [`Sd3Pipeline::builder`], then call
@@ -508,24 +509,42 @@ impl Sd3Pipeline {
             },
         };
         // The loop on the transformer's device where it covers the run (src/pipeline/device_loop.rs); the host
-        // loop otherwise (skip-layer guidance, ControlNets, previews), with the same results.
+        // loop otherwise (a skip-layer graph elsewhere, ControlNets on other providers or element types), with the
+        // same results.
         let skip_alongside = matches!(
             (&self.transformer_skip, &skip_bound),
             (Some((g, _)), Some(_)) if g.provider == self.transformer.provider
         );
-        let on_device = control.is_none()
+        // With ControlNets the loop steps on the residual transformer, which must then run where they run.
+        let (stepping_provider, control_fits) = match (&control, &self.controlnets.transformer) {
+            (Some(run), Some((graph, _))) => (&graph.provider, controlnet::fits_device(&self.controlnets, run)),
+            (Some(_), None) => return Err(Error::internal("the ControlNet transformer is not loaded")),
+            (None, _) => (&self.transformer.provider, true),
+        };
+        let on_device = control_fits
             && denoise.fits_device(skip_alongside)
-            && self.device_loop.unwrap_or(matches!(
-                self.transformer.provider,
-                ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)
-            ));
+            && self
+                .device_loop
+                .unwrap_or(matches!(stepping_provider, ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)));
         let steps = if on_device {
             let skip = match (self.transformer_skip.as_mut(), skip_bound.as_mut()) {
                 (Some((graph, _)), Some(sb)) if skip_alongside => Some((graph, sb)),
                 _ => None,
             };
-            let (transformer, batch_size) = (&mut self.transformer, batch.batch());
-            denoise.run_on_device(&mut latents, transformer, &mut bound, batch_size, skip, cancelled, progress, t)?
+            let batch_size = batch.batch();
+            match (control.as_mut(), self.controlnets.transformer.as_mut()) {
+                (Some(run), Some((graph, _))) => {
+                    let model =
+                        DeviceModel::Controlled { nets: &mut self.controlnets.nets, run, patch: self.info.patch_size };
+                    denoise.run_on_device(&mut latents, graph, model, batch_size, skip, cancelled, progress, t)?
+                }
+                (Some(_), None) => return Err(Error::internal("the ControlNet transformer is not loaded")),
+                (None, _) => {
+                    let model = DeviceModel::Plain(&mut bound);
+                    let transformer = &mut self.transformer;
+                    denoise.run_on_device(&mut latents, transformer, model, batch_size, skip, cancelled, progress, t)?
+                }
+            }
         } else {
             let patch = self.info.patch_size;
             let (transformer, skip, nets) = (&mut self.transformer, &mut self.transformer_skip, &mut self.controlnets);
