@@ -226,7 +226,7 @@ fn previews() {
 /// own control images; Heun (two evaluations per step, the window counted per evaluation as diffusers counts it);
 /// and without guidance. Each gives the host loop's images (and, single requests, latents): measured equal (0
 /// levels, latents to the bit). Sabotaged, the device loop's ControlNet evaluation counting each evaluation twice
-/// (the windows one evaluation off) fails the windowed cases.
+/// (windows and scales read at the wrong evaluation) fails at once: 255 levels (mean 34.6) on the first case.
 #[test]
 fn controlnets_on_the_device_loop() {
     let req = golden("tiny-sd3", "cfg_negative");
