@@ -140,8 +140,10 @@ impl Sd3PipelineBuilder {
     /// guidance, the sampler step and the inpainting blend run as small ONNX graphs on the transformer's own
     /// execution provider, and the latents come back to the host once, after the last step (with previews, also
     /// at the preview steps). It covers the Euler, Heun and DPM-Solver++ samplers with and without guidance,
-    /// batches, img2img, inpainting and skip-layer guidance; runs with ControlNets, or with skip-layer guidance
-    /// whose graph runs on another provider than the transformer, use the host loop whatever this says. The
+    /// batches, img2img, inpainting, skip-layer guidance and ControlNets (then the loop runs on the residual
+    /// transformer's provider); runs with skip-layer guidance whose graph runs on another provider than the
+    /// transformer, or with a ControlNet on another provider or reading another element type than the residual
+    /// transformer, use the host loop whatever this says. The
     /// arithmetic is the host loop's, in the same order (on the CPU the two give the same latents), so `true` on
     /// the CPU is for testing it. [`Timings::device_loop`](crate::Timings::device_loop) says which loop a run
     /// used.
