@@ -249,7 +249,7 @@ fn controlnets_on_the_device_loop() {
         .clone()
         .controlnet(sd3_onnx::ControlNetUnit::new("instantx", control.clone()).scale(0.7).window(0.0, 0.5))
         .controlnet(sd3_onnx::ControlNetUnit::new("instantx-b", control_b.clone()).scale(1.2).window(0.25, 0.5));
-    check("two controlnets, windows", &mut host, &mut device, &[two.clone()], true);
+    check("two controlnets, windows", &mut host, &mut device, std::slice::from_ref(&two), true);
     let mut other = req.clone().negative_prompt("").controlnet(one.clone());
     other.controlnets[0].image = control_b;
     check("controlnet batch", &mut host, &mut device, &[req.clone().controlnet(one.clone()), other], true);
