@@ -15,7 +15,7 @@ the project's export tool, then makes the folder small:
 - `--only-vae-encoder`: the encoder alone, added to an existing model folder (`--out`) whose every other file stays
   byte-identical. The pipeline's decoder must be the folder's: both VAE graphs are exported to a scratch folder
   with the same options, and the scratch decoder must equal the committed `vae_decoder/model.onnx` byte for byte
-  (else nothing is written). issue 22 shipped run 13's encoder this way (its fine-tuned transformer was worse).
+  (else nothing is written). Issue 22 shipped run 13's encoder this way (its fine-tuned transformer was worse).
 - `--shift X` writes the sampling shift into the scheduler config (the one `sweep.py` chose on tuning prompts);
 - tensor names shortened and node names dropped (the exporter's long names are ~10% of a small graph).
 
