@@ -621,3 +621,63 @@ fn controlnet_flags_run_the_library_and_are_recorded_in_the_png() {
     );
     assert!(p.contains("ControlNet 1: \"Model: instantx-b, Module: canny 0 0, Weight: 0.5"), "{p}");
 }
+
+/// Splits a README command line as the shell would here: words separated by spaces, "double quotes" kept together.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            _ => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    assert!(!quoted, "unclosed quote in {line:?}");
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// README.md's img2img and inpainting commands on the default model run as written (from the repository's root,
+/// as the README says; the output goes to a scratch folder instead) and draw the pictures README shows,
+/// docs/images/nano_<output>: at most 2 levels per channel apart (nano_parity's tolerance; same machine: 0).
+#[test]
+fn readme_img2img_and_inpainting_commands_draw_the_readme_pictures() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = &readme[readme.find("### img2img and inpainting on the default model").expect("README section")..];
+    let block = &section[section.find("```sh\n").expect("a sh block") + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let commands: Vec<&str> = block.lines().filter(|l| l.starts_with("scripts/txt2img.sh ")).collect();
+    assert_eq!(commands.len(), 2, "{block}");
+    let dir = scratch("readme-edit");
+    for command in commands {
+        let mut args = shell_words(command);
+        assert_eq!(args.remove(0), "scripts/txt2img.sh");
+        assert!(args.iter().any(|a| a == "--init-image"), "{command}");
+        let i = args.iter().position(|a| a == "--output").expect("--output") + 1;
+        let name = args[i].clone();
+        args[i] = dir.join(&name).display().to_string();
+        // What scripts/txt2img.sh adds (tests/cli.rs checks the script itself), run in the repository's root.
+        let mut all = vec!["--model".to_string(), nano()];
+        all.extend(args);
+        let (o, _) = run_in(&repo(), &all.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{command}: {}", stderr(&o));
+        let ours = common::load_png(&dir.join(&name));
+        let shown = common::load_png(&repo().join("docs/images").join(format!("nano_{name}")));
+        let (max, mean) = common::pixel_diff(&ours, &shown);
+        eprintln!("{name}: max {max} mean {mean:.4} levels from the README's picture");
+        assert!(max <= 2, "{command}: {max} levels (mean {mean:.3}) from docs/images/nano_{name}");
+    }
+}
