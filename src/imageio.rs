@@ -23,16 +23,33 @@ pub fn tensor_to_rgb(chw: ArrayView3<'_, f32>) -> Result<RgbImage> {
             message: format!("a {w}x{h} image is too large for a picture (at most {} pixels a side)", u32::MAX),
         });
     };
-    let mut img = RgbImage::new(w32, h32);
-    for (x, y, px) in img.enumerate_pixels_mut() {
-        let (xi, yi) = (x as usize, y as usize);
-        for ch in 0..3 {
-            let v = (chw[[ch, yi, xi]] / 2.0 + 0.5).clamp(0.0, 1.0);
-            // NaN clamps to NaN and casts to 0: a broken graph gives black pixels, never a panic.
-            px[ch] = (v * 255.0).round_ties_even() as u8;
-        }
+    // Plane by plane over contiguous memory (a 1024x1024 image is 3M values: indexing `chw[[c, y, x]]` per value
+    // cost about 12 ms on a 2-core machine).
+    let standard = chw.as_standard_layout();
+    let plane = h * w;
+    let (r, g, b) = match standard.as_slice() {
+        Some(s) if s.len() == 3 * plane => (&s[..plane], &s[plane..2 * plane], &s[2 * plane..]),
+        _ => return Err(Error::internal("the decoded image is not contiguous")),
+    };
+    let mut raw = vec![0u8; 3 * plane];
+    for (px, ((r, g), b)) in raw.chunks_exact_mut(3).zip(r.iter().zip(g).zip(b)) {
+        px[0] = to_level(*r);
+        px[1] = to_level(*g);
+        px[2] = to_level(*b);
     }
-    Ok(img)
+    RgbImage::from_raw(w32, h32, raw).ok_or_else(|| Error::internal("image buffer of the wrong size"))
+}
+
+/// A value in `[-1, 1]` as an 8-bit level: `(v / 2 + 0.5).clamp(0, 1) * 255`, rounded half to even (diffusers'
+/// `(image / 2 + 0.5).clamp(0, 1)`, then numpy's `round`). NaN clamps to NaN and casts to 0: a broken graph gives
+/// black pixels, never a panic.
+#[inline]
+fn to_level(v: f32) -> u8 {
+    // Rounding half to even by adding and subtracting 2^23: exact for 0 <= x < 2^23 in f32's default rounding
+    // mode, and it compiles to two additions where `round_ties_even` is a library call on baseline x86-64.
+    const MAGIC: f32 = 8_388_608.0;
+    let x = (v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0;
+    ((x + MAGIC) - MAGIC) as u8
 }
 
 /// Converts a batch `[B, 3, H, W]` in `[-1, 1]` to images.

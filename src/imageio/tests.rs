@@ -17,6 +17,64 @@ fn maps_range_and_rounds_half_to_even() {
     assert_eq!(img.get_pixel(0, 0)[1], 128); // 0.0 -> 127.5 -> 128 (ties to even)
 }
 
+/// The plane-by-plane conversion equals the per-value definition (x = column, y = row) on a non-square image, a
+/// transposed (non-standard layout) view and the special values (NaN -> 0, infinities clamp).
+#[test]
+fn conversion_matches_the_definition_pixel_by_pixel() {
+    let (h, w) = (5, 7);
+    let mut t = Array3::<f32>::zeros((3, h, w));
+    for ((c, y, x), v) in t.indexed_iter_mut() {
+        *v = ((c * 31 + y * 7 + x) as f32 * 0.137).sin() * 1.3;
+    }
+    t[[0, 0, 0]] = f32::NAN;
+    t[[1, 4, 6]] = f32::INFINITY;
+    t[[2, 2, 3]] = f32::NEG_INFINITY;
+    let def = |v: f32| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
+    let check = |chw: ndarray::ArrayView3<'_, f32>| {
+        let img = tensor_to_rgb(chw).unwrap();
+        let (_, hh, ww) = chw.dim();
+        assert_eq!((img.width() as usize, img.height() as usize), (ww, hh));
+        for y in 0..hh {
+            for x in 0..ww {
+                for c in 0..3 {
+                    assert_eq!(img.get_pixel(x as u32, y as u32)[c], def(chw[[c, y, x]]), "({c}, {y}, {x})");
+                }
+            }
+        }
+    };
+    check(t.view());
+    let transposed = t.view().permuted_axes([0, 2, 1]);
+    assert!(!transposed.is_standard_layout());
+    check(transposed);
+    let img = tensor_to_rgb(t.view()).unwrap();
+    assert_eq!(img.get_pixel(0, 0)[0], 0, "NaN");
+    assert_eq!(img.get_pixel(6, 4)[1], 255, "+inf");
+    assert_eq!(img.get_pixel(3, 2)[2], 0, "-inf");
+}
+
+/// The add-and-subtract rounding equals `round_ties_even` over [-1.1, 1.1] (4.4M evenly spaced values, every
+/// value whose level is an exact tie k + 0.5, and their neighbours).
+#[test]
+fn level_rounding_is_round_half_to_even() {
+    let def = |v: f32| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
+    for i in 0..=4_400_000u32 {
+        let v = -1.1 + i as f32 * 5e-7;
+        assert_eq!(to_level(v), def(v), "{v}");
+    }
+    for k in 0..255u32 {
+        // v with (v / 2 + 0.5) * 255 as close to k + 0.5 as f32 allows, and the f32 values around it
+        let v = ((k as f32 + 0.5) / 255.0 - 0.5) * 2.0;
+        let mut u = v;
+        for _ in 0..8 {
+            u = f32::from_bits(u.to_bits().wrapping_sub(1));
+        }
+        for _ in 0..16 {
+            assert_eq!(to_level(u), def(u), "{u}");
+            u = f32::from_bits(u.to_bits().wrapping_add(1));
+        }
+    }
+}
+
 #[test]
 fn wrong_channel_count_is_an_error() {
     let t = Array3::<f32>::zeros((4, 2, 2));
