@@ -248,6 +248,27 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// The transformer cannot run as a CUDA graph ([`CudaOptions::cuda_graph`](crate::CudaOptions::cuda_graph)):
+    /// ONNX Runtime refused to create the session because not every node of the graph runs on the CUDA
+    /// provider (some fall back to the CPU, and a recording cannot contain host work), or the transformer was
+    /// placed on another provider than CUDA (a [`cpu_fallback`](crate::Sd3PipelineBuilder::cpu_fallback)).
+    #[error(
+        "{component}: CUDA graphs cannot be used for {path}: {reason}. Build the pipeline without \
+         CudaOptions::cuda_graph",
+        reason = sentence(.reason)
+    )]
+    CudaGraphUnsupported {
+        /// The component (the transformer).
+        component: Component,
+        /// The `.onnx` file.
+        path: PathBuf,
+        /// Why, with ONNX Runtime's message when it refused.
+        reason: String,
+        /// ONNX Runtime's error, when it refused the session.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// A graph's inputs or outputs do not have the names, ranks or element types the pipeline needs.
     #[error(
         "{component}: graph {path} does not match the SD3 contract: {message}. Export it with the supported tools \

@@ -287,3 +287,32 @@ fn cancellation_and_progress_on_the_device_loop() {
     });
     assert!(matches!(err, Err(sd3_onnx::Error::Cancelled { step: 2 })), "{err:?}");
 }
+
+/// `CudaOptions::cuda_graph` without a static shape, or with the device loop off, is refused before anything is
+/// loaded; a transformer that falls back to the CPU (no CUDA here) is refused with `Error::CudaGraphUnsupported`
+/// instead of running without the graph it asked for.
+#[test]
+fn cuda_graph_is_refused_where_it_cannot_run() {
+    use sd3_onnx::{CudaOptions, Error, ExecutionProvider, StaticShape};
+    let cuda = ExecutionProvider::Cuda(CudaOptions::new(0).cuda_graph(true));
+    let shape = StaticShape::new(64, 64);
+    let e = Sd3Pipeline::builder(fixture("tiny-sd3")).execution_provider(cuda.clone()).build().unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest { parameter: "cuda_graph", .. }), "{e:?}");
+    assert!(e.to_string().contains("static_shape"), "{e}");
+    let e = Sd3Pipeline::builder(fixture("tiny-sd3"))
+        .execution_provider(cuda.clone())
+        .static_shape(shape)
+        .device_loop(false)
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest { parameter: "cuda_graph", .. }), "{e:?}");
+    // Only the transformer on CUDA, the rest on the CPU: the fallback is the transformer's.
+    let e = Sd3Pipeline::builder(fixture("tiny-sd3"))
+        .component_provider(sd3_onnx::Component::Transformer, cuda)
+        .static_shape(shape)
+        .cpu_fallback(true)
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, Error::CudaGraphUnsupported { .. }), "{e:?}");
+    eprintln!("{e}");
+}

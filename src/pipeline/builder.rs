@@ -30,6 +30,9 @@ pub struct Sd3PipelineBuilder {
     shift: Option<f64>,
     limits: Limits,
     device_loop: Option<bool>,
+    /// The device loop with the transformer's inputs and output in fixed buffers (`DeviceModel::Fixed`): on
+    /// with `CudaOptions::cuda_graph`; on the CPU only for the tests that compare it with the plain device loop.
+    fixed_buffers: bool,
 }
 
 impl Sd3PipelineBuilder {
@@ -49,7 +52,15 @@ impl Sd3PipelineBuilder {
             shift: None,
             limits: Limits::default(),
             device_loop: None,
+            fixed_buffers: false,
         }
+    }
+
+    /// The fixed-buffer device loop without a CUDA graph, for the tests that compare it with the plain one.
+    #[cfg(test)]
+    pub(crate) fn fixed_buffers(mut self) -> Self {
+        self.fixed_buffers = true;
+        self
     }
 
     /// Runs every graph on `provider` (default: CPU). A provider that cannot be used fails `build()`.
@@ -176,6 +187,22 @@ impl Sd3PipelineBuilder {
             });
         }
         check_contained(&dir)?;
+        // CUDA graphs (CudaOptions::cuda_graph): the transformer's shapes fixed, the loop on the device.
+        let cuda_graph = self.provider_for(Component::Transformer).cuda_graph();
+        if cuda_graph && self.static_shape.is_none() {
+            return Err(Error::request(
+                "cuda_graph",
+                true,
+                "CUDA graphs need a transformer with every dimension fixed: add Sd3PipelineBuilder::static_shape",
+            ));
+        }
+        if cuda_graph && self.device_loop == Some(false) {
+            return Err(Error::request(
+                "cuda_graph",
+                true,
+                "CUDA graphs run in the loop on the device, which device_loop(false) turns off",
+            ));
+        }
         let mut scheduler = FlowMatchConfig::from_file(layout::config_path(&dir, Component::Scheduler))?;
         if let Some(shift) = self.shift {
             if !shift.is_finite() || shift <= 0.0 {
@@ -229,7 +256,14 @@ impl Sd3PipelineBuilder {
             }
             None => None,
         };
-        let mut transformer = load(Component::Transformer)?;
+        // With a CUDA graph, the first load (which only reads the dimension names for the static shape) opens
+        // without it: ONNX Runtime would refuse the graph with its dimensions still symbolic.
+        let mut transformer = if cuda_graph {
+            let provider = self.provider_for(Component::Transformer).without_cuda_graph();
+            Graph::load(&env, Component::Transformer, &graph_path(&dir, Component::Transformer), &provider, &session)?
+        } else {
+            load(Component::Transformer)?
+        };
         let vae_decoder = settle(load(Component::VaeDecoder)?);
         let vae_encoder = if graph_path(&dir, Component::VaeEncoder).is_file() {
             let g = load(Component::VaeEncoder)?;
@@ -248,6 +282,18 @@ impl Sd3PipelineBuilder {
             drop(transformer);
             transformer =
                 Graph::load(&env, Component::Transformer, &path, self.provider_for(Component::Transformer), &config)?;
+        }
+        if cuda_graph && !transformer.provider.cuda_graph() {
+            return Err(Error::CudaGraphUnsupported {
+                component: Component::Transformer,
+                path: transformer.path.clone(),
+                reason: format!(
+                    "the transformer runs on {} ({})",
+                    transformer.provider,
+                    transformer.fallback.as_deref().unwrap_or("not on CUDA")
+                ),
+                source: None,
+            });
         }
         let transformer_skip = if graph_path(&dir, Component::TransformerSkipLayers).is_file() {
             let mut g = load(Component::TransformerSkipLayers)?;
@@ -305,6 +351,7 @@ impl Sd3PipelineBuilder {
             lora: Default::default(),
             controlnets: Default::default(),
             device_loop: self.device_loop,
+            fixed_buffers: self.fixed_buffers || cuda_graph,
         })
     }
 }

@@ -29,6 +29,10 @@ use crate::scheduler::StepScalars;
 /// ControlNets and the residual transformer (then the loop's `transformer` is the residual transformer).
 pub(super) enum DeviceModel<'a> {
     Plain(&'a mut Binding),
+    /// The transformer with its inputs and output in fixed buffers (`Graph::bind_fixed`): each evaluation copies
+    /// the next `hidden_states` and the timestep into them, so every run reads and writes the same addresses, as
+    /// a CUDA graph's replay needs (`CudaOptions::cuda_graph`; on the CPU, for testing it).
+    Fixed(&'a mut Binding),
     Controlled { nets: &'a mut BTreeMap<String, LoadedControlNet>, run: &'a mut ControlRun, patch: usize },
 }
 
@@ -85,6 +89,9 @@ impl DenoiseLoop {
             Some(_) => Some(transformer.upload("hidden_states", latents.view().into_dyn(), hidden_type)?),
             None => None,
         };
+        if let DeviceModel::Fixed(bound) = &mut model {
+            transformer.bind_fixed_step(bound, &hidden.shape(), hidden_type, velocity_type)?;
+        }
         let inpaint = self.inpaints.iter().any(Option::is_some);
         let references = if inpaint { Some(self.upload_inpaint(latents, transformer)?) } else { None };
 
@@ -108,6 +115,7 @@ impl DenoiseLoop {
                     &[("timestep", Input::Float(t.view()))],
                     "out_hidden_states",
                 )?,
+                DeviceModel::Fixed(bound) => transformer.run_fixed(bound, &hidden, timestep)?,
                 DeviceModel::Controlled { nets, run, patch } => {
                     controlnet::controlled_velocity_device(nets, run, transformer, &hidden, timestep, *patch)?
                 }
@@ -287,4 +295,65 @@ fn port_type(ports: &[crate::runtime::Port], name: &str) -> Result<ElementType> 
         .find(|p| p.name == name)
         .map(|p| p.dtype)
         .ok_or_else(|| Error::internal(format!("the transformer has no port `{name}`")))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fixed-buffer loop (`DeviceModel::Fixed`, the CUDA graph's loop) against the plain device loop on the
+    //! CPU provider, capture off: the same latents and images to the bit, over a sequence of requests on one
+    //! pipeline (new prompts, batch sizes, sizes and samplers reuse or remake the buffers).
+
+    use std::path::PathBuf;
+
+    use crate::{GenerationRequest, SamplerKind, Sd3Pipeline};
+
+    fn fixture(name: &str) -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
+    }
+
+    #[test]
+    fn fixed_buffers_give_the_device_loops_latents_and_images_to_the_bit() {
+        for name in ["tiny-sd3", "tiny-sd35"] {
+            let mut plain = Sd3Pipeline::builder(fixture(name)).device_loop(true).build().expect("fixture loads");
+            let mut fixed =
+                Sd3Pipeline::builder(fixture(name)).device_loop(true).fixed_buffers().build().expect("fixture loads");
+            let cube = GenerationRequest::new("a red cube on a table").size(64, 64).steps(4).guidance(5.0).seed(7);
+            let sphere = GenerationRequest::new("a blue sphere")
+                .negative_prompt("blurry")
+                .size(64, 64)
+                .steps(4)
+                .guidance(5.0)
+                .seed(3);
+            let requests = [
+                ("euler cfg", cube.clone()),
+                // Another prompt on the same buffers: the text conditioning is copied in again.
+                ("another prompt", sphere.clone()),
+                ("no cfg (batch 1)", sphere.clone().guidance(1.0)),
+                ("cfg again (batch 2)", cube.clone().seed(8)),
+                ("heun", cube.clone().sampler(SamplerKind::Heun)),
+                ("dpm-solver++", sphere.clone().sampler(SamplerKind::DpmSolverPlusPlus2M)),
+                ("other size", cube.clone().size(48, 64)),
+                // Previews: SD3's preview factors fit tiny-sd3's VAE only.
+                ("previews", cube.clone().preview_every(2)),
+            ];
+            for (case, req) in &requests {
+                if req.preview_every.is_some() && name != "tiny-sd3" {
+                    continue;
+                }
+                let a = plain.denoise(req).unwrap_or_else(|e| panic!("{name} {case}, device loop: {e}"));
+                let b = fixed.denoise(req).unwrap_or_else(|e| panic!("{name} {case}, fixed buffers: {e}"));
+                let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                let same = a.shape() == b.shape() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                eprintln!("{name} {case}: latents max difference {worst:e}, equal to the bit: {same}");
+                assert!(same, "{name} {case}: the fixed-buffer loop's latents differ (max {worst:e})");
+                let a = plain.generate(req).unwrap_or_else(|e| panic!("{name} {case}, device loop: {e}"));
+                let b = fixed.generate(req).unwrap_or_else(|e| panic!("{name} {case}, fixed buffers: {e}"));
+                assert!(a.timings.device_loop && b.timings.device_loop, "{name} {case}: the device loop ran");
+                assert_eq!(a.images.len(), b.images.len());
+                for (x, y) in a.images.iter().zip(&b.images) {
+                    assert!(x.as_raw() == y.as_raw(), "{name} {case}: the fixed-buffer loop's image differs");
+                }
+            }
+        }
+    }
 }

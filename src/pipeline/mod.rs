@@ -75,6 +75,9 @@ pub struct Sd3Pipeline {
     /// [`Sd3PipelineBuilder::device_loop`]: `None` is automatic (on when the transformer runs on CUDA or
     /// TensorRT).
     device_loop: Option<bool>,
+    /// The device loop keeps the transformer's inputs and output in fixed buffers (`DeviceModel::Fixed`): with
+    /// `CudaOptions::cuda_graph`, and in tests on the CPU.
+    fixed_buffers: bool,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -484,11 +487,17 @@ impl Sd3Pipeline {
             concatenate(Axis(0), &views).map_err(|e| Error::internal(format!("joining starting latents: {e}")))?;
         drop(starts);
 
-        // The text conditioning is the same at every step: bind it once (on a GPU: upload it once).
-        let mut bound = self.transformer.bind(&[
+        // The text conditioning is the same at every step: bind it once (on a GPU: upload it once). The
+        // fixed-buffer loop copies it into the buffers its earlier runs used.
+        let conditioning = [
             ("encoder_hidden_states", Input::Float(batch.context.view())),
             ("pooled_projections", Input::Float(batch.pooled.view())),
-        ])?;
+        ];
+        let mut bound = if self.fixed_buffers {
+            self.transformer.bind_fixed(&conditioning)?
+        } else {
+            self.transformer.bind(&conditioning)?
+        };
         // Merged LoRA weights (set by `apply_loras` before the text encoders ran).
         self.transformer.bind_overrides(&mut bound)?;
         let mut skip_bound = match (&mut self.transformer_skip, &positives) {
@@ -526,6 +535,9 @@ impl Sd3Pipeline {
             && self
                 .device_loop
                 .unwrap_or(matches!(stepping_provider, ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)));
+        if self.fixed_buffers && (!on_device || control.is_some()) {
+            return Err(Error::internal("the fixed-buffer (CUDA graph) pipeline was asked for a run off its loop"));
+        }
         let steps = if on_device {
             let skip = match (self.transformer_skip.as_mut(), skip_bound.as_mut()) {
                 (Some((graph, _)), Some(sb)) if skip_alongside => Some((graph, sb)),
@@ -540,7 +552,8 @@ impl Sd3Pipeline {
                 }
                 (Some(_), None) => return Err(Error::internal("the ControlNet transformer is not loaded")),
                 (None, _) => {
-                    let model = DeviceModel::Plain(&mut bound);
+                    let model =
+                        if self.fixed_buffers { DeviceModel::Fixed(&mut bound) } else { DeviceModel::Plain(&mut bound) };
                     let transformer = &mut self.transformer;
                     denoise.run_on_device(&mut latents, transformer, model, batch_size, skip, cancelled, progress, t)?
                 }

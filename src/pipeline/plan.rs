@@ -162,6 +162,24 @@ impl Sd3Pipeline {
     /// Checks a request against the model and resolves size, latents and schedule.
     pub(super) fn plan(&self, req: &GenerationRequest, warnings: &mut Vec<Warning>) -> Result<Plan> {
         self.lora.check(&req.loras)?;
+        if self.transformer.provider.cuda_graph() {
+            // A replay reads the weights and inputs its recording read: merged LoRA weights and ControlNet
+            // residuals would be bound at other addresses (CudaOptions::cuda_graph).
+            if req.loras.iter().any(|(_, s)| *s != 0.0) {
+                return Err(Error::request(
+                    "loras",
+                    format!("{:?}", req.loras),
+                    "a pipeline whose transformer runs as a CUDA graph (CudaOptions::cuda_graph) takes no LoRAs",
+                ));
+            }
+            if !req.controlnets.is_empty() {
+                return Err(Error::request(
+                    "controlnets",
+                    format!("{} ControlNet(s)", req.controlnets.len()),
+                    "a pipeline whose transformer runs as a CUDA graph (CudaOptions::cuda_graph) takes no ControlNets",
+                ));
+            }
+        }
         if req.skip_layer_guidance.is_some() && req.loras.iter().any(|(_, s)| *s != 0.0) {
             return Err(Error::request(
                 "loras",

@@ -132,6 +132,10 @@ pub(crate) struct Graph {
     mergers: super::merge::Mergers,
     /// The device loop's step sessions on this graph's provider (src/runtime/step.rs).
     pub(super) steppers: super::step::Steppers,
+    /// The device loop's fixed input and output buffers, by port name, in the memory the graph computes in: made
+    /// once and kept for the graph's life, so that every run reads and writes the same addresses (what a CUDA
+    /// graph's replay needs; src/runtime/step.rs, `Graph::run_fixed`).
+    pub(super) fixed: std::collections::HashMap<String, DynTensor>,
 }
 
 /// A value for an overridable initializer: its graph input name and the value, of the graph's element type, in
@@ -228,7 +232,25 @@ fn open_session(
         }
         Err(e) => return Err(e),
     };
-    let session = commit_serialising_first(|| builder.commit_from_file(path)).map_err(&load_err)?;
+    let session = commit_serialising_first(|| builder.commit_from_file(path)).map_err(|e| {
+        // ONNX Runtime's refusal of a CUDA graph ("This session cannot use the graph capture feature as requested
+        // by the user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider", or "...
+        // as the model has control flow nodes ..."), a typed error of its own.
+        let message = e.to_string();
+        if provider.cuda_graph() && component == Component::Transformer && message.contains("graph capture") {
+            let reason = if message.contains("partitioned") {
+                format!(
+                    "not every node of the graph runs on the CUDA execution provider (some run on the CPU, which a \
+                     CUDA graph cannot record; ONNX Runtime: {message})"
+                )
+            } else {
+                format!("ONNX Runtime refused CUDA graph capture for this graph ({message})")
+            };
+            Error::CudaGraphUnsupported { component, path: path.to_path_buf(), reason, source: boxed(e) }
+        } else {
+            load_err(e)
+        }
+    })?;
     Ok((session, provider, fallback))
 }
 
@@ -296,6 +318,7 @@ impl Graph {
             lora_base: std::collections::HashMap::new(),
             mergers: super::merge::Mergers::default(),
             steppers: super::step::Steppers::default(),
+            fixed: std::collections::HashMap::new(),
         })
     }
 

@@ -21,6 +21,9 @@ pub struct CudaOptions {
     pub device_id: i32,
     /// The attention kernels ONNX Runtime may pick for fused attention operators (default: its own choice).
     pub attention: CudaAttention,
+    /// Capture the transformer's run as a CUDA graph and replay it at later steps (ONNX Runtime's
+    /// `enable_cuda_graph`); see [`CudaOptions::cuda_graph`]. Default `false`.
+    pub cuda_graph: bool,
 }
 
 impl CudaOptions {
@@ -32,6 +35,29 @@ impl CudaOptions {
     #[must_use]
     pub fn attention(mut self, attention: CudaAttention) -> Self {
         self.attention = attention;
+        self
+    }
+    /// Runs the transformer as a CUDA graph (ONNX Runtime's `enable_cuda_graph`): ONNX Runtime records the
+    /// transformer's kernels once and replays the recording at later steps instead of launching each kernel from
+    /// the host. Applies to the transformer only: the other components on this provider run as usual. Off by
+    /// default; not measured on a GPU yet (docs/performance.md, "CUDA graphs").
+    ///
+    /// A replay reads and writes the device addresses it recorded, so the pipeline then keeps the transformer's
+    /// inputs and output in buffers that live as long as the pipeline and copies each step's values into them.
+    /// Requirements, each checked with a typed error:
+    /// - [`Sd3PipelineBuilder::static_shape`](crate::Sd3PipelineBuilder::static_shape), which fixes every
+    ///   dimension of the transformer (requests of another size, guidance or sequence length are then refused
+    ///   with [`Error::InvalidRequest`](crate::Error::InvalidRequest));
+    /// - the loop on the device ([`Sd3PipelineBuilder::device_loop`](crate::Sd3PipelineBuilder::device_loop)
+    ///   not `false`);
+    /// - no LoRAs and no ControlNets in requests (their weights and residuals would change what the recording
+    ///   reads);
+    /// - every node of the transformer on the CUDA provider: ONNX Runtime refuses to create the session
+    ///   otherwise, reported as [`Error::CudaGraphUnsupported`](crate::Error::CudaGraphUnsupported), and so is
+    ///   a transformer that fell back to the CPU ([`Sd3PipelineBuilder::cpu_fallback`](crate::Sd3PipelineBuilder::cpu_fallback)).
+    #[must_use]
+    pub fn cuda_graph(mut self, enable: bool) -> Self {
+        self.cuda_graph = enable;
         self
     }
 }
@@ -133,6 +159,20 @@ impl ExecutionProvider {
         }
     }
 
+    /// Whether these are CUDA options asking for a CUDA graph ([`CudaOptions::cuda_graph`]).
+    pub(crate) fn cuda_graph(&self) -> bool {
+        matches!(self, ExecutionProvider::Cuda(o) if o.cuda_graph)
+    }
+
+    /// The same provider without a CUDA graph: the small sessions that run beside the transformer (step graphs,
+    /// LoRA merges) and the transformer's first load before its dimensions are fixed.
+    pub(crate) fn without_cuda_graph(&self) -> ExecutionProvider {
+        match self {
+            ExecutionProvider::Cuda(o) => ExecutionProvider::Cuda(CudaOptions { cuda_graph: false, ..o.clone() }),
+            other => other.clone(),
+        }
+    }
+
     /// ONNX Runtime's name for the provider.
     pub fn name(&self) -> &'static str {
         match self {
@@ -153,7 +193,10 @@ impl ExecutionProvider {
         };
         match self {
             ExecutionProvider::Cpu => Ok(builder),
-            ExecutionProvider::Cuda(options) => register_cuda(builder, options).map_err(unavailable),
+            // CUDA graphs for the transformer only (CudaOptions::cuda_graph).
+            ExecutionProvider::Cuda(options) => {
+                register_cuda(builder, options, component == Component::Transformer).map_err(unavailable)
+            }
             ExecutionProvider::TensorRt(options) => register_tensorrt(builder, options).map_err(unavailable),
             ExecutionProvider::DirectMl(options) => register_directml(builder, options).map_err(unavailable),
         }
@@ -247,7 +290,11 @@ impl FromStr for CudaAttention {
 }
 
 #[cfg(feature = "cuda")]
-fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result::Result<SessionBuilder, Unavailable> {
+fn register_cuda(
+    builder: SessionBuilder,
+    options: &CudaOptions,
+    transformer: bool,
+) -> std::result::Result<SessionBuilder, Unavailable> {
     use ort::ep::ExecutionProvider as _;
     ensure_in_build(
         ort::ep::CUDA::is_available(),
@@ -266,12 +313,19 @@ fn register_cuda(builder: SessionBuilder, options: &CudaOptions) -> std::result:
     if let Some(b) = backend {
         cuda = cuda.with_attention_backend(b);
     }
+    if options.cuda_graph && transformer {
+        cuda = cuda.with_cuda_graph(true);
+    }
     let ep = cuda.build().error_on_failure();
     builder.with_execution_providers([ep]).map_err(Unavailable::ort)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn register_cuda(_builder: SessionBuilder, _options: &CudaOptions) -> std::result::Result<SessionBuilder, Unavailable> {
+fn register_cuda(
+    _builder: SessionBuilder,
+    _options: &CudaOptions,
+    _transformer: bool,
+) -> std::result::Result<SessionBuilder, Unavailable> {
     Err("sd3-onnx was compiled without the `cuda` feature; rebuild with `--features cuda`".into())
 }
 

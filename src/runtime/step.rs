@@ -15,7 +15,7 @@ use std::time::Instant;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor};
 
 use super::graph::Graph;
 use super::merge::{onnx_type, Message};
@@ -478,6 +478,120 @@ impl Graph {
         let value = outputs
             .remove(output)
             .ok_or_else(|| Error::internal(format!("{component}: output `{output}` was asked for and not produced")))?;
+        Ok(DeviceTensor(value))
+    }
+
+    /// Makes the fixed buffer of port `name` (`shape`, `dtype`, in the memory this graph computes in) unless one
+    /// of that shape and type exists. The buffers live as long as the graph: with a CUDA graph a replay reads
+    /// and writes the addresses it recorded, so a buffer of another shape is then an error instead of a new one
+    /// (`static_shape` refuses such requests before they get here).
+    fn fixed_buffer(&mut self, name: &str, shape: &[usize], dtype: ElementType) -> Result<()> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, format!("the fixed `{name}` buffer: {e}"), boxed(e));
+        if let Some(existing) = self.fixed.get(name) {
+            let (dims, ty): (Vec<usize>, _) = match existing.dtype() {
+                ort::value::ValueType::Tensor { ty, shape, .. } => (
+                    shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).collect(),
+                    Some(ElementType::from_ort(*ty)),
+                ),
+                _ => (Vec::new(), None),
+            };
+            if dims == shape && ty == Some(dtype) {
+                return Ok(());
+            }
+            if self.provider.cuda_graph() {
+                return Err(Error::internal(format!(
+                    "the CUDA graph's fixed `{name}` buffer is {dims:?} ({ty:?}) and this run needs {shape:?} \
+                     ({dtype}); the static shape should have refused the request"
+                )));
+            }
+        }
+        let zeros = ArrayD::<f32>::zeros(IxDyn(shape));
+        let host = self.value_as(name, &Input::Float(zeros.view()), dtype)?;
+        // A copy made by ONNX Runtime (also on the CPU): a value it allocated, which IO binding accepts as an
+        // output buffer (values over Rust memory it does not).
+        let (device, id) = self.device().unwrap_or((AllocationDevice::CPU, 0));
+        let buffer = host.to(device, id).map_err(infer)?;
+        self.fixed.insert(name.to_string(), buffer);
+        Ok(())
+    }
+
+    fn fixed_mut(&mut self, name: &str) -> Result<&mut DynTensor> {
+        self.fixed.get_mut(name).ok_or_else(|| Error::internal(format!("no fixed buffer `{name}`")))
+    }
+
+    /// Like [`Graph::bind`], but each input is copied into this graph's fixed buffer of that name (made on first
+    /// use, kept for later calls) and the buffer is bound: the text conditioning of the fixed-buffer loop.
+    pub(crate) fn bind_fixed(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<super::Binding> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        self.ensure_loaded()?;
+        for (name, input) in inputs {
+            let shape = match input {
+                Input::Float(a) => a.shape().to_vec(),
+                Input::Int64(a) => a.shape().to_vec(),
+            };
+            let dtype = self.input_type(name)?;
+            let host = self.value(name, input)?;
+            self.fixed_buffer(name, &shape, dtype)?;
+            host.copy_into(self.fixed_mut(name)?).map_err(infer)?;
+        }
+        let mut binding = super::graph::live(&mut self.session, component)?.create_binding().map_err(infer)?;
+        for (name, _) in inputs {
+            binding.bind_input(*name, &*self.fixed_mut(name)?).map_err(infer)?;
+        }
+        Ok(super::Binding { inner: binding })
+    }
+
+    /// Binds the fixed buffers of the transformer's `hidden_states` (`shape`, `hidden` type), `timestep`
+    /// (`[shape[0]]`) and output `out_hidden_states` (`shape`, `velocity` type) to `binding`, made on first use.
+    pub(crate) fn bind_fixed_step(
+        &mut self,
+        binding: &mut super::Binding,
+        shape: &[usize],
+        hidden: ElementType,
+        velocity: ElementType,
+    ) -> Result<()> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        let batch = shape.first().copied().ok_or_else(|| Error::internal("hidden_states without a batch axis"))?;
+        let timestep = self.input_type("timestep")?;
+        self.fixed_buffer("hidden_states", shape, hidden)?;
+        self.fixed_buffer("timestep", &[batch], timestep)?;
+        self.fixed_buffer("out_hidden_states", shape, velocity)?;
+        binding.inner.bind_input("hidden_states", &*self.fixed_mut("hidden_states")?).map_err(infer)?;
+        binding.inner.bind_input("timestep", &*self.fixed_mut("timestep")?).map_err(infer)?;
+        binding.inner.bind_output("out_hidden_states", self.fixed_mut("out_hidden_states")?).map_err(infer)?;
+        Ok(())
+    }
+
+    /// One transformer evaluation of the fixed-buffer loop: copies `hidden` into the fixed `hidden_states`
+    /// buffer (device to device) and the timestep (`batch` copies of `timestep`) into the fixed `timestep` buffer
+    /// (host to device), runs with `binding` ([`bind_fixed`](Self::bind_fixed), then
+    /// [`bind_fixed_step`](Self::bind_fixed_step)), and returns the output, which lives in the fixed
+    /// `out_hidden_states` buffer: it is overwritten by the next evaluation.
+    pub(crate) fn run_fixed(
+        &mut self,
+        binding: &mut super::Binding,
+        hidden: &DeviceTensor,
+        timestep: f32,
+    ) -> Result<DeviceTensor> {
+        let component = self.component;
+        let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
+        let batch = hidden.shape().first().copied().unwrap_or(0);
+        let source = hidden.0.view().downcast::<DynTensorValueType>().map_err(infer)?;
+        source.copy_into(self.fixed_mut("hidden_states")?).map_err(infer)?;
+        let t = ndarray::Array1::from_elem(batch, timestep).into_dyn();
+        let host = self.value("timestep", &Input::Float(t.view()))?;
+        host.copy_into(self.fixed_mut("timestep")?).map_err(infer)?;
+        let started = Instant::now();
+        self.ensure_loaded()?;
+        let mut outputs =
+            super::graph::live(&mut self.session, component)?.run_binding(&binding.inner).map_err(infer)?;
+        self.run_time += started.elapsed();
+        let value = outputs
+            .remove("out_hidden_states")
+            .ok_or_else(|| Error::internal(format!("{component}: output `out_hidden_states` was not produced")))?;
         Ok(DeviceTensor(value))
     }
 
