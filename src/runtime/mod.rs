@@ -10,6 +10,8 @@ pub(crate) mod kernels;
 mod merge;
 mod provider;
 mod step;
+#[cfg(test)]
+mod static_graph_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
