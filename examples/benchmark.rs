@@ -6,7 +6,7 @@
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
 //!     [--attention auto|flash|efficient|cudnn|math] [--controlnet DIR [--control-scale 0.7]]
-//!     [--loop auto|host|device|both] [--sampler euler|heun|dpmpp_2m] [--latents FILE]
+//!     [--loop auto|host|device|both] [--cuda-graph] [--sampler euler|heun|dpmpp_2m] [--latents FILE]
 //! ```
 //!
 //! `--latents FILE` writes the final latents of one more run (`Sd3Pipeline::denoise`, same request and seed) as
@@ -19,6 +19,10 @@
 //! "outside Session::run per step" (our overhead: everything in a step but the transformer's `Session::run`) are
 //! the ones to compare; the json then has both columns (`medians_ms` is the last one's), and the table is followed
 //! by the two loops' difference (first image, and final latents of one more run).
+//!
+//! `--cuda-graph` (with `--ep cuda`) measures the device loop with a static shape twice, without and then with
+//! the transformer as a CUDA graph (`CudaOptions::cuda_graph`), side by side like `--loop both`, followed by the
+//! two runs' difference; it implies `--static` and replaces `--loop`.
 //!
 //! `--controlnet DIR` loads a ControlNet folder (the model folder needs `transformer/model_controlnet.onnx`) and
 //! generates with it, on a synthetic control image (white lines on black, the request's size); the table then
@@ -51,7 +55,23 @@ struct Args {
     control_scale: f32,
     latents: Option<PathBuf>,
     /// The loops to measure: `None` is the builder's automatic choice.
-    loops: Vec<Option<bool>>,
+    loops: Vec<Variant>,
+    /// `--cuda-graph`: the loops are the device loop without and with a CUDA graph.
+    cuda_graph: bool,
+}
+
+/// One measured configuration: the denoising loop (`None`: the builder's choice) and whether the transformer
+/// runs as a CUDA graph.
+#[derive(Clone, Copy)]
+struct Variant {
+    device_loop: Option<bool>,
+    cuda_graph: bool,
+}
+
+impl Variant {
+    fn looped(device_loop: Option<bool>) -> Self {
+        Variant { device_loop, cuda_graph: false }
+    }
 }
 
 fn parse() -> Result<Args, String> {
@@ -73,7 +93,8 @@ fn parse() -> Result<Args, String> {
         controlnet: None,
         control_scale: 0.7,
         latents: None,
-        loops: vec![None],
+        loops: vec![Variant::looped(None)],
+        cuda_graph: false,
     };
     let mut it = std::env::args().skip(1);
     let (mut w, mut h) = (None, None);
@@ -82,9 +103,10 @@ fn parse() -> Result<Args, String> {
             "--static" => a.static_shape = true,
             "--low-memory" => a.low_memory = true,
             "--vae-tiling" => a.vae_tiling = true,
+            "--cuda-graph" => a.cuda_graph = true,
             _ => {}
         }
-        if ["--static", "--low-memory", "--vae-tiling"].contains(&flag.as_str()) {
+        if ["--static", "--low-memory", "--vae-tiling", "--cuda-graph"].contains(&flag.as_str()) {
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -118,6 +140,9 @@ fn parse() -> Result<Args, String> {
                     "both" => vec![Some(false), Some(true)],
                     other => return Err(format!("--loop: {other:?} is not auto, host, device or both")),
                 }
+                .into_iter()
+                .map(Variant::looped)
+                .collect()
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -129,6 +154,17 @@ fn parse() -> Result<Args, String> {
     a.request.height = h;
     if a.runs == 0 {
         return Err("--runs must be at least 1".into());
+    }
+    if a.cuda_graph {
+        if !matches!(a.ep, ExecutionProvider::Cuda(_)) {
+            return Err("--cuda-graph needs --ep cuda".into());
+        }
+        // The same static shape for both, so that the graph is the only difference.
+        a.static_shape = true;
+        a.loops = vec![Variant { device_loop: Some(true), cuda_graph: false }, Variant {
+            device_loop: Some(true),
+            cuda_graph: true,
+        }];
     }
     Ok(a)
 }
@@ -147,10 +183,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn builder(a: &Args, device_loop: Option<bool>) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
-    // The attention kernels are an option of the CUDA provider.
+fn builder(a: &Args, variant: Variant) -> Result<sd3_onnx::Sd3PipelineBuilder, String> {
+    let device_loop = variant.device_loop;
+    // The attention kernels and CUDA graphs are options of the CUDA provider.
     let ep = match &a.ep {
-        ExecutionProvider::Cuda(o) => ExecutionProvider::Cuda(o.clone().attention(a.attention)),
+        ExecutionProvider::Cuda(o) => {
+            ExecutionProvider::Cuda(o.clone().attention(a.attention).cuda_graph(variant.cuda_graph))
+        }
         other => other.clone(),
     };
     let mut b = Sd3Pipeline::builder(&a.model).execution_provider(ep).low_memory(a.low_memory).vae_tiling(a.vae_tiling);
@@ -183,9 +222,9 @@ struct Measured {
     request: GenerationRequest,
 }
 
-fn measure(a: &Args, device_loop: Option<bool>, compare: bool) -> Result<(Measured, Sd3Pipeline), String> {
+fn measure(a: &Args, variant: Variant, compare: bool) -> Result<(Measured, Sd3Pipeline), String> {
     let t = Instant::now();
-    let mut pipe = builder(a, device_loop)?.build().map_err(|e| e.to_string())?;
+    let mut pipe = builder(a, variant)?.build().map_err(|e| e.to_string())?;
     if let Some(dir) = &a.controlnet {
         pipe.load_controlnet("bench", dir).map_err(|e| e.to_string())?;
     }
@@ -213,13 +252,17 @@ fn measure(a: &Args, device_loop: Option<bool>, compare: bool) -> Result<(Measur
         );
         if i == 0 {
             if let Some(p) = &a.output {
-                // With several loops: FILE-host.png, FILE-device.png.
-                let path = match (a.loops.len(), device_loop) {
+                // With several loops: FILE-host.png, FILE-device.png (FILE-cuda-graph.png).
+                let path = match (a.loops.len(), variant.device_loop) {
                     (1, _) | (_, None) => p.clone(),
                     (_, Some(on)) => p.with_file_name(format!(
                         "{}-{}.png",
                         p.file_stem().map_or("out".into(), |s| s.to_string_lossy()),
-                        if on { "device" } else { "host" }
+                        match (on, variant.cuda_graph) {
+                            (_, true) => "cuda-graph",
+                            (true, false) => "device",
+                            (false, false) => "host",
+                        }
                     )),
                 };
                 out.images[0].save(&path).map_err(|e| e.to_string())?;
@@ -293,11 +336,12 @@ fn rows(m: &Measured, controlnet: bool) -> Rows {
     rows
 }
 
-fn loop_name(l: Option<bool>) -> &'static str {
-    match l {
-        None => "auto",
-        Some(false) => "host loop",
-        Some(true) => "device loop",
+fn loop_name(v: Variant) -> &'static str {
+    match (v.device_loop, v.cuda_graph) {
+        (_, true) => "device loop + CUDA graph",
+        (None, false) => "auto",
+        (Some(false), false) => "host loop",
+        (Some(true), false) => "device loop",
     }
 }
 
@@ -312,7 +356,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     let (_, last) = measured.last().ok_or("no measurement")?;
     let (info, request) = (last.info.clone(), last.request.clone());
-    let tables: Vec<(Option<bool>, Rows)> =
+    let tables: Vec<(Variant, Rows)> =
         measured.iter().map(|(l, m)| (*l, rows(m, a.controlnet.is_some()))).collect();
     let size = format!(
         "{}x{}",
@@ -363,7 +407,9 @@ fn run(a: Args) -> Result<(), String> {
         let mean = sum as f64 / first.image.as_raw().len().max(1) as f64;
         let latents = first.latents.iter().zip(&second.latents).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         println!(
-            "\nhost loop vs device loop: first image max {max} levels, mean {mean:.4}; final latents max |diff| {latents:.3e}"
+            "\n{} vs {}: first image max {max} levels, mean {mean:.4}; final latents max |diff| {latents:.3e}",
+            loop_name(measured[0].0),
+            loop_name(measured[1].0)
         );
     }
     if let Some(kib) = peak_rss_kib() {
@@ -372,7 +418,7 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(dir) = &a.profile {
         // A separate, profiled pipeline: profiling slows every node down, so it never touches the timings above.
         drop(pipe);
-        let l = *a.loops.last().unwrap_or(&None);
+        let l = a.loops.last().copied().unwrap_or(Variant::looped(None));
         let mut profiled = builder(&a, l)?.profiling(dir).build().map_err(|e| e.to_string())?;
         if let Some(dir) = &a.controlnet {
             profiled.load_controlnet("bench", dir).map_err(|e| e.to_string())?;

@@ -8,6 +8,10 @@
 #   1. /tmp/sd3m (build_sd3m.sh; TEXT_LAYERS=1 by default: the text encoders are not what is measured) and
 #      /tmp/sd3m-fused (models/export/fused_kernels.py);
 #   2. ours (.device-bin/benchmark or benchmark.xz, built with --features cuda) per variant and sampler.
+# CUDA_GRAPH=1 adds, and CUDA_GRAPH=only runs alone, the CUDA-graph comparison (issue 19, "CUDA graphs"):
+# examples/benchmark --cuda-graph on the fused folder (/tmp/sd3m-fused), the device loop with a static shape
+# without and then with CudaOptions::cuda_graph, and one table row per sampler: ms per step without / with, the
+# gain, and the two runs' image and latent difference (0 levels expected; whatever it is, it is printed).
 # STAGE=build runs stage 1 only. VARIANTS (default "sd3m-fused sd3m"), SAMPLERS (default "euler"; e.g.
 # "euler heun dpmpp_2m"), RUNS (3), STEPS (28). Results (json, logs, images) go to $OUT. Carry .ort-cuda (the CUDA
 # bundle) and .device-bin.
@@ -22,7 +26,8 @@ if [ ! -f /tmp/sd3m/transformer/model.onnx ]; then
 fi
 bash scripts/gpu/wait.sh ${BUILD_WAIT:-500} > "$OUT/build.log" 2>&1; tail -8 "$OUT/build.log"
 [ -f /tmp/sd3m/transformer/model.onnx ] || { echo "transformer not built"; exit 1; }
-if [[ " ${VARIANTS:-sd3m-fused sd3m} " == *" sd3m-fused "* ]] && [ ! -f /tmp/sd3m-fused/transformer/model.onnx ]; then
+if { [[ " ${VARIANTS:-sd3m-fused sd3m} " == *" sd3m-fused "* ]] || [ "${CUDA_GRAPH:-0}" != 0 ]; } \
+    && [ ! -f /tmp/sd3m-fused/transformer/model.onnx ]; then
   python3 models/export/fused_kernels.py /tmp/sd3m /tmp/sd3m-fused 2>&1 | tail -2
 fi
 echo "stage 1: $(( $(date +%s) - t0 )) s"
@@ -34,7 +39,9 @@ if [ -f .device-bin/benchmark.xz ] && { [ ! -x .device-bin/benchmark ] || [ .dev
   chmod +x .device-bin/benchmark
 fi
 ARGS="--ep cuda --width 1024 --height 1024 --steps ${STEPS:-28} --guidance 7 --runs ${RUNS:-3} --warmup 1 --loop both"
+[ "${CUDA_GRAPH:-0}" = only ] && VARIANTS=none
 for v in ${VARIANTS:-sd3m-fused sd3m}; do
+  [ "$v" = none ] && continue
   for s in ${SAMPLERS:-euler}; do
     echo "== ours: $v, $s ($(date +%T))"
     timeout ${OURS_TIMEOUT:-400} ./.device-bin/benchmark --model /tmp/$v $ARGS --sampler $s \
@@ -42,4 +49,34 @@ for v in ${VARIANTS:-sd3m-fused sd3m}; do
     tail -4 "$OUT/loop-$v-$s.err"
   done
 done
+if [ "${CUDA_GRAPH:-0}" != 0 ]; then
+  GARGS="--ep cuda --width 1024 --height 1024 --steps ${STEPS:-28} --guidance 7 --runs ${RUNS:-3} --warmup 1 --cuda-graph"
+  ROWS="$OUT/cuda-graph-rows.md"
+  echo "| folder | sampler | device loop ms/step | + CUDA graph ms/step | gain | image max / mean levels | latents max diff |" > "$ROWS"
+  echo "|---|---|---:|---:|---:|---|---:|" >> "$ROWS"
+  for s in ${SAMPLERS:-euler}; do
+    echo "== ours: sd3m-fused, $s, CUDA graph ($(date +%T))"
+    base="$OUT/cudagraph-sd3m-fused-$s"
+    timeout ${OURS_TIMEOUT:-400} ./.device-bin/benchmark --model /tmp/sd3m-fused $GARGS --sampler $s \
+      --json "$base.json" --output "$base.png" 2> "$base.err" | tee "$base.md"
+    echo "exit status: ${PIPESTATUS[0]}" >> "$base.err"
+    tail -4 "$base.err"
+    python3 - "$base.json" "$base.md" "$base.err" "$s" >> "$ROWS" <<'PY'
+import json, re, sys
+path, md, err, sampler = sys.argv[1:5]
+try:
+    by = json.load(open(path))["medians_ms_by_loop"]
+    a = by["device loop"]["per step (whole loop / steps)"]
+    b = by["device loop + CUDA graph"]["per step (whole loop / steps)"]
+    m = re.search(r"first image max (\d+) levels, mean ([0-9.]+); final latents max \|diff\| (\S+)", open(md).read())
+    diff = (m.group(1) + " / " + m.group(2), m.group(3)) if m else ("?", "?")
+    print(f"| sd3m-fused | {sampler} | {a:.2f} | {b:.2f} | {100 * (a - b) / a:+.1f}% | {diff[0]} | {diff[1]} |")
+except Exception as e:  # the run failed: say so in the row, with the error's last line
+    lines = [l for l in open(err).read().splitlines() if l.strip()] if err else []
+    last = lines[-2] if len(lines) >= 2 else (lines[-1] if lines else "no output")
+    print(f"| sd3m-fused | {sampler} | failed: {type(e).__name__} | {last[:160]} | | | |")
+PY
+  done
+  cat "$ROWS"
+fi
 echo "total: $(( $(date +%s) - t0 )) s"
