@@ -598,7 +598,8 @@ impl Graph {
         })?;
         let provider = match &self.provider {
             ExecutionProvider::TensorRt(o) => ExecutionProvider::cuda(o.device_id),
-            other => other.clone(),
+            // Never a CUDA graph: the merge runs once per weight, on fresh tensors.
+            other => other.without_cuda_graph(),
         };
         let mut builder = Session::builder(&self.source.env).map_err(err)?;
         if let Some(n) = self.source.config.intra_threads {

@@ -613,9 +613,11 @@ impl Graph {
     fn small_session(&self, bytes: &[u8], what: &str) -> Result<Session> {
         let component = self.component;
         let err = |e: ort::Error| Error::inference(component, format!("creating {what}: {e}"), boxed(e));
+        // Never a CUDA graph (CudaOptions::cuda_graph is the transformer's alone): these sessions read host
+        // scalars and fresh tensors at every run.
         let provider = match &self.provider {
             ExecutionProvider::TensorRt(o) => ExecutionProvider::cuda(o.device_id),
-            other => other.clone(),
+            other => other.without_cuda_graph(),
         };
         // A few element-wise nodes: one thread, no spinning (a thread pool's wake-ups cost more than the work at
         // these sizes on the CPU, and on a GPU the CPU threads only launch kernels).
