@@ -293,6 +293,35 @@ fn loop_runs(t: &Timings) -> Duration {
         .sum()
 }
 
+/// Text encoding less the text encoders' `Session::run` time.
+fn text_outside(t: &Timings) -> Duration {
+    let runs: Duration = [Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]
+        .iter()
+        .map(|c| t.component(*c))
+        .sum();
+    t.text_encoding.saturating_sub(runs)
+}
+
+/// The denoising loop less its steps (which are timed from the first evaluation of a step to the end of its update).
+fn loop_setup(t: &Timings) -> Duration {
+    t.denoising.saturating_sub(t.steps.iter().sum::<Duration>()).saturating_sub(t.component(Component::VaeEncoder))
+}
+
+/// The steps less the `Session::run` time of the graphs the loop runs.
+fn step_outside(t: &Timings) -> Duration {
+    t.steps.iter().sum::<Duration>().saturating_sub(loop_runs(t))
+}
+
+/// VAE decoding less the decoder's `Session::run` time.
+fn vae_outside(t: &Timings) -> Duration {
+    t.vae_decode.saturating_sub(t.component(Component::VaeDecoder))
+}
+
+/// The total less the three stages.
+fn rest(t: &Timings) -> Duration {
+    t.total.saturating_sub(t.text_encoding + t.denoising + t.vae_decode)
+}
+
 /// A table column: (row name, milliseconds).
 type Rows = Vec<(&'static str, f64)>;
 
@@ -317,6 +346,12 @@ fn rows(m: &Measured, controlnet: bool) -> Rows {
         ("graph loads during the run (low-memory mode)", col(&|t| ms(t.load))),
         ("inside ONNX Runtime", col(&|t| ms(t.onnx_runtime))),
         ("outside ONNX Runtime (our code)", col(&|t| ms(t.outside_onnx_runtime()))),
+        // Where that goes (issue 19): each stage less its graphs' Session::run time.
+        ("  text encoding outside Session::run (tokenizers, conversions)", col(&|t| ms(text_outside(t)))),
+        ("  loop outside the steps (latents, conditioning upload, last download)", col(&|t| ms(loop_setup(t)))),
+        ("  loop inside the steps, outside Session::run (step graphs)", col(&|t| ms(step_outside(t)))),
+        ("  VAE decode outside Session::run (conversions to RGB)", col(&|t| ms(vae_outside(t)))),
+        ("  the rest (request checks, planning, parameters)", col(&|t| ms(rest(t)))),
         ("device loop (1 = used)", col(&|t| f64::from(u8::from(t.device_loop)))),
     ];
     if controlnet {

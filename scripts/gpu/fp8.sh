@@ -28,8 +28,8 @@
 #   cargo test --release --features cuda --lib --no-run   # prints the test binary: copy it to .device-bin/
 #                                                         # sd3onnx-lib-tests and xz it if large
 # CHECK_TIMEOUT, OURS_TIMEOUT and TORCH_TIMEOUT bound each step. Results in /tmp/fp8-results; $OUT gets at most 8
-# files: table.md, check.txt, log.txt, ours-sd3m-fused.json, ours-sd3m-fp8.json, torch.json and the two full-size
-# images (full-sd3m-fused.png, full-sd3m-fp8.png).
+# files: table.md, check.txt, log.txt, torch.json, the two full-size images (full-sd3m-fused.png, full-sd3m-fp8.png)
+# and ours.tar (ours-*.json of each variant, full-sd3m-fp8s.png).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH=/tmp/site
@@ -39,10 +39,10 @@ STAGE=${STAGE:-all}
 collect() {  # at most 8 files back
   tail -n +1 "$OUT"/card.txt "$OUT"/build.log "$OUT"/rewrite.log "$OUT"/ours-*.log "$OUT"/peak-*.txt "$OUT"/torch.log \
     2>/dev/null > "$FINAL/log.txt"
-  for f in table.md check.txt ours-sd3m-fused.json ours-sd3m-fp8.json torch.json check/full-sd3m-fused.png \
-           check/full-sd3m-fp8.png; do
+  for f in table.md check.txt torch.json check/full-sd3m-fused.png check/full-sd3m-fp8.png; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"
   done
+  ( cd "$OUT" && tar cf "$FINAL/ours.tar" ours-*.json check/full-sd3m-fp8s.png 2>/dev/null )
 }
 trap collect EXIT
 want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ] || { [ "$STAGE" = measure ] && [ "$1" != build ]; }; }
@@ -76,6 +76,17 @@ if want build || [ ! -f /tmp/sd3m-fp8/transformer/model.onnx ]; then
   [ -f /tmp/sd3m-fp8/transformer/model.onnx ] \
     || python3 models/export/fused_kernels.py --fp8 /tmp/sd3m /tmp/sd3m-fp8 2>&1 | tail -2 | tee -a "$OUT/rewrite.log"
   echo "build: $(( $(date +%s) - t0 )) s"; du -sh /tmp/sd3m/transformer /tmp/sd3m-fp8/transformer/model_fp8.onnx_data
+  # STATIC=1 (default): also /tmp/sd3m-fp8s, the same FP8 graph with calibrated static activation scales
+  # (fp8_calibrate.py on the float16 fused graph: numpy, random latents 32x32 and conditioning, margin 1.5), so
+  # that the time stage measures what dynamic scaling (the amax pass) costs against static scales.
+  if [ "${STATIC:-1}" = 1 ] && [ ! -f /tmp/sd3m-fp8s/transformer/model.onnx ]; then
+    ts=$(date +%s)
+    python3 models/export/fp8_calibrate.py /tmp/sd3m-fused/transformer/model.onnx /tmp/fp8-scales.json --runs 3 \
+      --margin 1.5 --latent 32x32 --context 333 2>&1 | tail -2 | tee -a "$OUT/rewrite.log"
+    [ -f /tmp/fp8-scales.json ] && python3 models/export/fused_kernels.py --fp8 --fp8-scales /tmp/fp8-scales.json \
+      /tmp/sd3m /tmp/sd3m-fp8s 2>&1 | tail -2 | tee -a "$OUT/rewrite.log"
+    echo "static scales: $(( $(date +%s) - ts )) s" | tee -a "$OUT/rewrite.log"
+  fi
 fi
 [ "$STAGE" = build ] && exit 0
 source .ort-cuda/env.sh
@@ -104,7 +115,8 @@ if want check; then
       done
     done
     echo "== 3. SD3-medium shapes, 1024x1024, 28 steps: FP8 vs float16 fused on CUDA ($(date +%T))"
-    for v in sd3m-fused sd3m-fp8; do
+    for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
+      [ -f /tmp/$v/transformer/model.onnx ] || continue
       timeout ${CHECK_TIMEOUT:-300} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
         --guidance 7 --runs 1 --warmup 0 --output "$OUT/check/full-$v.png" --latents "$OUT/check/latents-$v.f32" 2>&1 \
         | grep -E "error|panicked|FP8 needs" | tail -3
@@ -134,18 +146,25 @@ if a is not None and b is not None:
     e = np.abs(a - b)
     print(f"SD3-medium 1024x1024 28 steps: FP8 vs float16 fused image: max {e.max():.0f} levels, mean {e.mean():.3f}, "
           f"PSNR {psnr(a, b):.2f} dB")
-la, lb = (os.path.join(d, f"latents-{v}.f32") for v in ("sd3m-fp8", "sd3m-fused"))
-if os.path.exists(la) and os.path.exists(lb):
-    x, y = np.fromfile(la, "<f4"), np.fromfile(lb, "<f4")
-    e = np.abs(x - y)
-    print(f"SD3-medium final latents, FP8 vs float16 fused: max |diff| {e.max():.4g}, mean {e.mean():.4g} "
-          f"(float16 latents' mean |value| {np.abs(y).mean():.4g}; relative mean {e.mean() / np.abs(y).mean():.4g})")
+a = img("full-sd3m-fp8s.png")
+if a is not None and b is not None:
+    e = np.abs(a - b)
+    print(f"SD3-medium 1024x1024 28 steps: FP8 static scales vs float16 fused image: max {e.max():.0f} levels, "
+          f"mean {e.mean():.3f}, PSNR {psnr(a, b):.2f} dB")
+for v, what in (("sd3m-fp8", "FP8"), ("sd3m-fp8s", "FP8 static scales")):
+    la, lb = (os.path.join(d, f"latents-{x}.f32") for x in (v, "sd3m-fused"))
+    if os.path.exists(la) and os.path.exists(lb):
+        x, y = np.fromfile(la, "<f4"), np.fromfile(lb, "<f4")
+        e = np.abs(x - y)
+        print(f"SD3-medium final latents, {what} vs float16 fused: max |diff| {e.max():.4g}, mean {e.mean():.4g} "
+              f"(float16 latents' mean |value| {np.abs(y).mean():.4g}; relative mean {e.mean() / np.abs(y).mean():.4g})")
 PY
   } 2>&1 | tee "$OUT/check.txt"
   collect  # also after each step: a command killed at the device tool's limit keeps what was done
 fi
 if want time; then
-  for v in sd3m-fused sd3m-fp8; do
+  for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
+    [ -f /tmp/$v/transformer/model.onnx ] || { echo "== ours: $v not built, skipped"; continue; }
     echo "== ours: $v ($(date +%T))"
     idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "/tmp/mem-$v.txt" &

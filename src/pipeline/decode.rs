@@ -16,10 +16,47 @@ impl Sd3Pipeline {
         let tile = self.info.vae_tile_size / self.info.vae_scale_factor;
         let sample = if self.vae_tiling && tile > 0 && (z.shape()[2] > tile || z.shape()[3] > tile) {
             self.tiled_decode(&z)?
+        } else if self.vae_decoder.computes_on_device() {
+            // On a GPU the image stays there and only its RGB bytes come back (issue 19).
+            return self.decode_on_device(z);
         } else {
             self.decode_raw(z)?
         };
         batch_to_rgb(sample.view())
+    }
+
+    /// The VAE decoder with its output left in the memory it computes in, then converted to RGB bytes there
+    /// (`Graph::rgb_bytes`: the host conversion's arithmetic; equal to the bit on the CPU provider: the tests below and src/runtime/step/rgb.rs).
+    pub(super) fn decode_on_device(&mut self, z: Array4<f32>) -> Result<Vec<image::RgbImage>> {
+        let f = self.info.vae_scale_factor;
+        let (b, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
+        let z = z.into_dyn();
+        let sample = self.vae_decoder.run_to_device(&[("latent_sample", Input::Float(z.view()))], "sample")?;
+        let expected = [b, 3, h * f, w * f];
+        if sample.shape() != expected {
+            return Err(Error::inference(
+                Component::VaeDecoder,
+                format!(
+                    "`sample` has shape {:?} for latents of shape {:?}; expected {expected:?} (the VAE factor is {f})",
+                    sample.shape(),
+                    z.shape()
+                ),
+                None,
+            ));
+        }
+        let ([b, h, w], bytes) = self.vae_decoder.rgb_bytes(&sample)?;
+        let (w32, h32) = (u32::try_from(w), u32::try_from(h));
+        let (Ok(w32), Ok(h32)) = (w32, h32) else {
+            return Err(Error::internal(format!("a decoded image of {w}x{h} pixels")));
+        };
+        bytes
+            .chunks_exact(h * w * 3)
+            .take(b)
+            .map(|one| {
+                image::RgbImage::from_raw(w32, h32, one.to_vec())
+                    .ok_or_else(|| Error::internal("image buffer of the wrong size"))
+            })
+            .collect()
     }
 
     pub(super) fn decode_raw(&mut self, z: Array4<f32>) -> Result<Array4<f32>> {
@@ -130,6 +167,68 @@ pub(super) fn to4(component: Component, a: ArrayD<f32>) -> Result<Array4<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Sd3Pipeline;
+
+    /// This repository's tiny fixture (`SD3ONNX_REPO` when the test binary runs on another machine).
+    fn tiny() -> std::path::PathBuf {
+        std::env::var_os("SD3ONNX_REPO")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("models/fixtures/tiny-sd3")
+    }
+
+    /// Latents `[2, C, 8, 12]` with values over several standard deviations (some pixels clip at both ends).
+    fn latents(pipe: &Sd3Pipeline) -> Array4<f32> {
+        let c = pipe.info.latent_channels;
+        let mut state = 11u64;
+        Array4::from_shape_fn((2, c, 8, 12), |_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+        })
+    }
+
+    /// The host conversion of the decoder's float32 output, the way `decode` does it off the GPU.
+    fn on_host(pipe: &mut Sd3Pipeline, z: &Array4<f32>) -> Vec<image::RgbImage> {
+        let (sf, shift) = (pipe.info.vae_scaling_factor, pipe.info.vae_shift_factor);
+        let sample = pipe.decode_raw(z.mapv(|v| v / sf + shift)).unwrap();
+        batch_to_rgb(sample.view()).unwrap()
+    }
+
+    fn on_device(pipe: &mut Sd3Pipeline, z: &Array4<f32>) -> Vec<image::RgbImage> {
+        let (sf, shift) = (pipe.info.vae_scaling_factor, pipe.info.vae_shift_factor);
+        pipe.decode_on_device(z.mapv(|v| v / sf + shift)).unwrap()
+    }
+
+    #[test]
+    fn decoding_through_the_rgb_graph_gives_the_host_conversion_bytes() {
+        let mut pipe = Sd3Pipeline::builder(tiny()).build().unwrap();
+        let z = latents(&pipe);
+        let (host, device) = (on_host(&mut pipe, &z), on_device(&mut pipe, &z));
+        assert_eq!(host.len(), 2);
+        assert_eq!(device.len(), 2);
+        for (a, b) in host.iter().zip(&device) {
+            assert_eq!(a.dimensions(), b.dimensions());
+            assert!(a.as_raw() == b.as_raw(), "the RGB graph's bytes differ from the host conversion's");
+        }
+        // the two images differ, so a batch mix-up would be seen
+        assert!(host[0].as_raw() != host[1].as_raw());
+    }
+
+    /// The same on CUDA: the decoder's output converted on the GPU against the same output converted on the
+    /// host. `cargo test --features cuda --lib -- --ignored rgb_cuda` (scripts/gpu/ carry the binary).
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and ONNX Runtime's CUDA provider"]
+    fn rgb_cuda_conversion_gives_the_host_conversion_bytes() {
+        let cuda = crate::ExecutionProvider::Cuda(Default::default());
+        let mut pipe = Sd3Pipeline::builder(tiny()).execution_provider(cuda).build().unwrap();
+        let z = latents(&pipe);
+        let (host, device) = (on_host(&mut pipe, &z), on_device(&mut pipe, &z));
+        let differ: usize =
+            host.iter().zip(&device).map(|(a, b)| a.iter().zip(b.iter()).filter(|(x, y)| x != y).count()).sum();
+        eprintln!("CUDA RGB conversion vs host conversion of the same decoder output: {differ} bytes differ");
+        assert_eq!(differ, 0);
+    }
 
     #[test]
     fn blending_tiles_of_different_shapes_is_an_error_not_a_panic() {

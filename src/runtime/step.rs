@@ -22,6 +22,8 @@ use super::merge::{onnx_type, Message};
 use super::{ElementType, ExecutionProvider, Input};
 use crate::error::{boxed, Error, Result};
 
+mod rgb;
+
 /// Which update an evaluation applies (see `crate::scheduler::StepScalars` for the formulas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StepKind {
@@ -409,6 +411,8 @@ pub(crate) struct Steppers {
     pub sessions: Vec<(StepSpec, Session)>,
     /// The ControlNet residual mixes ([`mix_graph`]), by unit count and element types.
     pub mixers: Vec<((usize, ElementType, ElementType), Session)>,
+    /// The decoded image's conversion to RGB bytes (`rgb::rgb_graph`), by the image's element type.
+    pub rgb: Vec<(ElementType, Session)>,
 }
 
 impl Graph {

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# On the GPU machine: one device session for issue 19, call by call (PHASE=...), each call within the machine's
+# warm window of the one before (what a call carried stays in the working tree; /tmp and /opt persist).
+#   start    stash the CUDA bundle's pieces carried so far, install diffusers (.whl) into /tmp/site, unpack the
+#            carried binaries (.device-bin/*.xz) into /tmp/r19-bin, and start the builds as one background chain
+#            (setsid: it outlives the call), CPU cores 4.. at nice 19 so that measurements keep cores 0-3:
+#              fp8.sh STAGE=build (/tmp/sd3m, -fused, -fp8, -fp8s), then sd35m.sh STAGE=build (/tmp/sd35m, -fused);
+#            and, when scripts/gpu/sd35l.sh exists and SD35L=1, its build in a second chain.
+#   status   the chains' logs, disk and memory (any call may add STATUS=1 to print this first).
+#   tiny     (needs the whole bundle) the lib tests on CUDA: the FP8 kernels against the Python emulation, the
+#            GPU RGB conversion against the host's, then the tiny FP8 fixtures (fp8.sh's check 1-2 are repeated by
+#            PHASE=fp8; this phase is for the minutes while the builds run).
+#   fp8      fp8.sh STAGE=measure (waits for /tmp/sd3m-fp8); FP8_STAGE=check or time splits it.
+#   loop     device_loop.sh on sd3m-fused (host loop vs device loop, CUDA graphs when the binary has them).
+#   sd35m    sd35m.sh STAGE=measure.   sd35l   sd35l.sh STAGE=measure.   nano   nano_fp8.sh.
+# Results: $OUT of each call (at most 8 files; each phase script picks its own).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PYTHONPATH=/tmp/site
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PHASE=${PHASE:-status}
+[ -f .ort-cuda/env.sh ] && ( source .ort-cuda/env.sh )
+BIN=/tmp/r19-bin; mkdir -p "$BIN"
+for f in .device-bin/*.xz; do
+  [ -f "$f" ] || continue
+  b=$(basename "$f" .xz)
+  if [ ! -x "$BIN/$b" ] || [ "$f" -nt "$BIN/$b" ]; then
+    python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$BIN/$b" && chmod +x "$BIN/$b"
+  fi
+  # the other scripts look for their binaries in .device-bin: leave the unpacked copy there too
+  cp -p "$BIN/$b" ".device-bin/$b" 2>/dev/null
+done
+if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
+  mkdir -p /tmp/site && pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl
+fi
+status() {
+  echo "== status $(date +%T)"
+  for f in /tmp/r19-chain1.log /tmp/r19-chain2.log; do [ -f "$f" ] && { echo "-- $f"; tail -6 "$f"; }; done
+  ls -d /tmp/sd3m* /tmp/sd35m* /tmp/sd35l* 2>/dev/null | while read -r d; do
+    [ -f "$d/transformer/model.onnx" ] && echo "built: $d"
+  done
+  df -h /tmp | tail -1; free -g | sed -n 2p
+}
+[ "${STATUS:-0}" = 1 ] && status
+cores=$(nproc); build_cpus="4-$(( cores - 1 ))"
+case "$PHASE" in
+  start)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+    if [ ! -f /tmp/r19-chain1.started ]; then
+      touch /tmp/r19-chain1.started
+      setsid nohup taskset -c "$build_cpus" nice -n 19 bash -c '
+        t=$(date +%s)
+        BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-fp8-build bash scripts/gpu/fp8.sh; echo "fp8 build: $(( $(date +%s) - t )) s"
+        rm -f /tmp/build-*.done
+        BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-sd35m-build bash scripts/gpu/sd35m.sh; echo "sd35m build: $(( $(date +%s) - t )) s"
+        echo chain1 done' > /tmp/r19-chain1.log 2>&1 < /dev/null &
+    fi
+    if [ "${SD35L:-0}" = 1 ] && [ -f scripts/gpu/sd35l.sh ] && [ ! -f /tmp/r19-chain2.started ]; then
+      touch /tmp/r19-chain2.started
+      setsid nohup taskset -c "$build_cpus" nice -n 19 bash -c '
+        t=$(date +%s); STAGE=build OUT=/tmp/r19-sd35l-build bash scripts/gpu/sd35l.sh
+        echo "sd35l build: $(( $(date +%s) - t )) s"; echo chain2 done' > /tmp/r19-chain2.log 2>&1 < /dev/null &
+    fi
+    sleep 5; status ;;
+  status) status ;;
+  tiny)
+    source .ort-cuda/env.sh
+    [ -x "$BIN/sd3onnx-lib-tests" ] || { echo "carry .device-bin/sd3onnx-lib-tests.xz"; exit 1; }
+    {
+      echo "== lib tests on CUDA ($(date +%T))"
+      SD3ONNX_REPO=$PWD timeout 300 "$BIN/sd3onnx-lib-tests" --ignored --nocapture --test-threads 1 fp8_cuda 2>&1 \
+        | grep -E "CUDA|test result|panicked|FP8 needs|error" | tail -24
+      SD3ONNX_REPO=$PWD timeout 120 "$BIN/sd3onnx-lib-tests" --ignored --nocapture --test-threads 1 rgb_cuda 2>&1 \
+        | grep -E "CUDA|test result|panicked|error" | tail -6
+    } 2>&1 | tee "$OUT/tiny.txt"
+    status > "$OUT/status.txt" ;;
+  fp8)
+    # wait (at most FP8_WAIT s) for the FP8 folder of chain 1
+    for ((i = 0; i < ${FP8_WAIT:-400}; i += 10)); do [ -f /tmp/sd3m-fp8/transformer/model.onnx ] && break; sleep 10; done
+    STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
+    status > "$OUT/status.txt" ;;
+  loop)
+    VARIANTS=${VARIANTS:-sd3m-fused} RUNS=${RUNS:-2} bash scripts/gpu/device_loop.sh
+    status > "$OUT/status.txt" ;;
+  sd35m)
+    for ((i = 0; i < ${SD35M_WAIT:-300}; i += 10)); do [ -f /tmp/sd35m-fused/transformer/model.onnx ] && break; sleep 10; done
+    STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35m.sh ;;
+  sd35l) STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35l.sh ;;
+  nano) bash scripts/gpu/nano_fp8.sh ;;
+  *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano"; exit 2 ;;
+esac
