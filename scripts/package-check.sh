@@ -70,6 +70,8 @@ pkg_target="$root/target/package-check"
 skips=(--skip a_kernel_panic_inside_a_session_fails_the_run_not_the_process
        --skip conversions_match_torch_float8_e4m3fn
        --skip decoding_through_the_rgb_graph_gives_the_host_conversion_bytes
+       --skip fixed_buffers_give_the_device_loops_latents_and_images_to_the_bit
+       --skip the_static_shapes_overrides_leave_no_shape_nodes
        --skip fp8_kernels_match_the_emulation_node_by_node_on_real_activations
        --skip fp8_operators_match_the_python_emulation
        --skip fp8_transformers_match_the_python_emulation)
