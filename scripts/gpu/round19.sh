@@ -77,10 +77,10 @@ case "$PHASE" in
   fp8)
     # wait (at most FP8_WAIT s) for the FP8 folder of chain 1
     for ((i = 0; i < ${FP8_WAIT:-400}; i += 10)); do [ -f /tmp/sd3m-fp8/transformer/model.onnx ] && break; sleep 10; done
-    STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
+    SKIP_LIB=${SKIP_LIB:-1} STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
     status > "$OUT/status.txt" ;;
   loop)
-    VARIANTS=${VARIANTS:-sd3m-fused} RUNS=${RUNS:-2} bash scripts/gpu/device_loop.sh
+    CUDA_GRAPH=${CUDA_GRAPH:-1} VARIANTS=${VARIANTS:-sd3m-fused} RUNS=${RUNS:-2} bash scripts/gpu/device_loop.sh
     status > "$OUT/status.txt" ;;
   sd35m)
     for ((i = 0; i < ${SD35M_WAIT:-300}; i += 10)); do [ -f /tmp/sd35m-fused/transformer/model.onnx ] && break; sleep 10; done
