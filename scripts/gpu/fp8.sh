@@ -45,6 +45,47 @@ collect() {  # at most 8 files back
   ( cd "$OUT" && tar cf "$FINAL/ours.tar" ours-*.json check/full-sd3m-fp8s.png 2>/dev/null )
 }
 trap collect EXIT
+# The quality figures from whatever images and latents $OUT/check holds (check 2 and 3, or the time stage).
+quality() {
+  python3 - "$OUT/check" <<'PY'
+import os, sys
+import numpy as np
+from PIL import Image
+d = sys.argv[1]
+def img(n):
+    p = os.path.join(d, n)
+    return np.asarray(Image.open(p)).astype(np.float64) if os.path.exists(p) else None
+def psnr(a, b):
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+for t in ("tiny", "tiny-dual"):
+    for x, y, what in [(f"{t}-fp16-fused-fp8-cuda.png", f"{t}-fp16-fused-fp8-cpu.png", f"{t}: FP8 ops, CUDA vs CPU kernels"),
+                       (f"{t}-fp16-fused-fp8-cuda.png", f"{t}-fp16-fused-cuda.png", f"{t}: CUDA, FP8 vs float16 fused"),
+                       (f"{t}-fp16-fused-fp8-cpu.png", f"{t}-fp16-fused-cpu.png", f"{t}: CPU, FP8 vs float16 fused")]:
+        a, b = img(x), img(y)
+        if a is None or b is None:
+            print(f"{what}: missing image"); continue
+        e = np.abs(a - b)
+        print(f"{what}: max {e.max():.0f} levels, mean {e.mean():.4f}, PSNR {psnr(a, b):.2f} dB")
+a, b = img("full-sd3m-fp8.png"), img("full-sd3m-fused.png")
+if a is not None and b is not None:
+    e = np.abs(a - b)
+    print(f"SD3-medium 1024x1024 28 steps: FP8 vs float16 fused image: max {e.max():.0f} levels, mean {e.mean():.3f}, "
+          f"PSNR {psnr(a, b):.2f} dB")
+a = img("full-sd3m-fp8s.png")
+if a is not None and b is not None:
+    e = np.abs(a - b)
+    print(f"SD3-medium 1024x1024 28 steps: FP8 static scales vs float16 fused image: max {e.max():.0f} levels, "
+          f"mean {e.mean():.3f}, PSNR {psnr(a, b):.2f} dB")
+for v, what in (("sd3m-fp8", "FP8"), ("sd3m-fp8s", "FP8 static scales")):
+    la, lb = (os.path.join(d, f"latents-{x}.f32") for x in (v, "sd3m-fused"))
+    if os.path.exists(la) and os.path.exists(lb):
+        x, y = np.fromfile(la, "<f4"), np.fromfile(lb, "<f4")
+        e = np.abs(x - y)
+        print(f"SD3-medium final latents, {what} vs float16 fused: max |diff| {e.max():.4g}, mean {e.mean():.4g} "
+              f"(float16 latents' mean |value| {np.abs(y).mean():.4g}; relative mean {e.mean() / np.abs(y).mean():.4g})")
+PY
+}
 want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ] || { [ "$STAGE" = measure ] && [ "$1" != build ]; }; }
 unxz() {  # .device-bin/NAME or NAME.xz -> /tmp/fp8-bin/NAME
   mkdir -p /tmp/fp8-bin
@@ -117,50 +158,14 @@ if want check; then
       done
     done
     echo "== 3. SD3-medium shapes, 1024x1024, 28 steps: FP8 vs float16 fused on CUDA ($(date +%T))"
-    for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
+    # FULL_CHECK=0: skipped here; the time stage writes the same images and latents (its first run, same seed)
+    [ "${FULL_CHECK:-1}" = 1 ] && for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
       [ -f /tmp/$v/transformer/model.onnx ] || continue
       timeout ${CHECK_TIMEOUT:-300} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
         --guidance 7 --runs 1 --warmup 0 --output "$OUT/check/full-$v.png" --latents "$OUT/check/latents-$v.f32" 2>&1 \
         | grep -E "error|panicked|FP8 needs" | tail -3
     done
-    python3 - "$OUT/check" <<'PY'
-import os, sys
-import numpy as np
-from PIL import Image
-d = sys.argv[1]
-def img(n):
-    p = os.path.join(d, n)
-    return np.asarray(Image.open(p)).astype(np.float64) if os.path.exists(p) else None
-def psnr(a, b):
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-for t in ("tiny", "tiny-dual"):
-    for x, y, what in [(f"{t}-fp16-fused-fp8-cuda.png", f"{t}-fp16-fused-fp8-cpu.png", f"{t}: FP8 ops, CUDA vs CPU kernels"),
-                       (f"{t}-fp16-fused-fp8-cuda.png", f"{t}-fp16-fused-cuda.png", f"{t}: CUDA, FP8 vs float16 fused"),
-                       (f"{t}-fp16-fused-fp8-cpu.png", f"{t}-fp16-fused-cpu.png", f"{t}: CPU, FP8 vs float16 fused")]:
-        a, b = img(x), img(y)
-        if a is None or b is None:
-            print(f"{what}: missing image"); continue
-        e = np.abs(a - b)
-        print(f"{what}: max {e.max():.0f} levels, mean {e.mean():.4f}, PSNR {psnr(a, b):.2f} dB")
-a, b = img("full-sd3m-fp8.png"), img("full-sd3m-fused.png")
-if a is not None and b is not None:
-    e = np.abs(a - b)
-    print(f"SD3-medium 1024x1024 28 steps: FP8 vs float16 fused image: max {e.max():.0f} levels, mean {e.mean():.3f}, "
-          f"PSNR {psnr(a, b):.2f} dB")
-a = img("full-sd3m-fp8s.png")
-if a is not None and b is not None:
-    e = np.abs(a - b)
-    print(f"SD3-medium 1024x1024 28 steps: FP8 static scales vs float16 fused image: max {e.max():.0f} levels, "
-          f"mean {e.mean():.3f}, PSNR {psnr(a, b):.2f} dB")
-for v, what in (("sd3m-fp8", "FP8"), ("sd3m-fp8s", "FP8 static scales")):
-    la, lb = (os.path.join(d, f"latents-{x}.f32") for x in (v, "sd3m-fused"))
-    if os.path.exists(la) and os.path.exists(lb):
-        x, y = np.fromfile(la, "<f4"), np.fromfile(lb, "<f4")
-        e = np.abs(x - y)
-        print(f"SD3-medium final latents, {what} vs float16 fused: max |diff| {e.max():.4g}, mean {e.mean():.4g} "
-              f"(float16 latents' mean |value| {np.abs(y).mean():.4g}; relative mean {e.mean() / np.abs(y).mean():.4g})")
-PY
+    quality
   } 2>&1 | tee "$OUT/check.txt"
   collect  # also after each step: a command killed at the device tool's limit keeps what was done
 fi
@@ -172,7 +177,8 @@ if want time; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "/tmp/mem-$v.txt" &
     poll=$!
     timeout ${OURS_TIMEOUT:-240} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
-      --guidance 7 --runs ${RUNS:-3} --warmup 1 --json "$OUT/ours-$v.json" --output "$OUT/ours-$v.png" 2>&1 \
+      --guidance 7 --runs ${RUNS:-3} --warmup 1 --json "$OUT/ours-$v.json" --output "$OUT/check/full-$v.png" \
+      --latents "$OUT/check/latents-$v.f32" 2>&1 \
       | tail -16 | tee "$OUT/ours-$v.log"
     kill $poll 2>/dev/null; sleep 0.2
     peak=$(sort -n "/tmp/mem-$v.txt" | tail -1)
@@ -189,5 +195,7 @@ if want time; then
       --json "$OUT/torch.json" 2>&1 | grep -v Warning | tail -8 | tee "$OUT/torch.log"
   fi
   python3 scripts/gpu/table.py "$OUT" | tee "$OUT/table.md"
+  echo "== quality from the timed runs' images and latents" | tee -a "$OUT/check.txt"
+  quality 2>&1 | tee -a "$OUT/check.txt"
 fi
 echo "total: $(( $(date +%s) - t0 )) s"
