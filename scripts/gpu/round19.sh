@@ -77,7 +77,7 @@ case "$PHASE" in
   fp8)
     # wait (at most FP8_WAIT s) for the FP8 folder of chain 1
     for ((i = 0; i < ${FP8_WAIT:-400}; i += 10)); do [ -f /tmp/sd3m-fp8/transformer/model.onnx ] && break; sleep 10; done
-    SKIP_LIB=${SKIP_LIB:-1} STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
+    FULL_CHECK=${FULL_CHECK:-0} SKIP_LIB=${SKIP_LIB:-1} STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
     status > "$OUT/status.txt" ;;
   loop)
     CUDA_GRAPH=${CUDA_GRAPH:-1} VARIANTS=${VARIANTS:-sd3m-fused} RUNS=${RUNS:-2} bash scripts/gpu/device_loop.sh
