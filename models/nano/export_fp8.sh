@@ -25,6 +25,8 @@ PY=${PYTHON:-.venv-nano/bin/python}
 SRC=models/sd3-nano
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# temporary files (the exporters' scratch folders) under OUT, not in a /tmp that other jobs may clean
+mkdir -p "$OUT/tmp"; export TMPDIR=$OUT/tmp
 t0=$(date +%s)
 [ -f "$OUT/pt/transformer/config.json" ] || "$PY" models/nano/from_onnx.py --model "$SRC" --out "$OUT/pt" \
   > "$OUT/from_onnx.log" 2>&1 || { tail -20 "$OUT/from_onnx.log"; exit 1; }
