@@ -45,8 +45,32 @@ struct Cli {
     model: String,
 
     /// What to draw
-    #[arg(long, short = 'p')]
-    prompt: String,
+    #[arg(long, short = 'p', required_unless_present = "prompts_from")]
+    prompt: Option<String>,
+
+    /// Draw many prompts in one process (the graphs load once): a text file with one prompt per line (empty lines
+    /// skipped), or a .json file with a list of strings or of objects with a "prompt" string (such as
+    /// models/nano/eval_prompts.json). Prompt k (from 0) gets seed S + k (S: --seed, default 0) and goes to
+    /// --output-dir as NNN followed by --name-suffix (000.png, 001.png, ...); every other flag applies to all
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "output_dir",
+        conflicts_with_all = ["prompt", "output", "images", "latents", "preview_every"]
+    )]
+    prompts_from: Option<PathBuf>,
+
+    /// With --prompts-from: the folder for the images (created if missing)
+    #[arg(long, value_name = "DIR", requires = "prompts_from")]
+    output_dir: Option<PathBuf>,
+
+    /// With --prompts-from: what follows each prompt's number in its file name; its extension picks the format
+    #[arg(long, value_name = "TEXT", default_value = ".png", requires = "prompts_from")]
+    name_suffix: String,
+
+    /// With --prompts-from: leave images that already exist as they are and draw only the missing ones
+    #[arg(long, requires = "prompts_from")]
+    skip_existing: bool,
 
     /// What to steer away from (used only with guidance above 1)
     #[arg(long, value_name = "TEXT")]
@@ -318,18 +342,45 @@ enum Format {
     Webp,
 }
 
-fn output_format(path: &Path) -> Result<Format, String> {
+/// The output's image format, from the extension of `path`; `flag` names it in errors (`--output x.gif`).
+fn output_format(path: &Path, flag: &str) -> Result<Format, String> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "png" => Ok(Format::Png),
         "jpg" | "jpeg" => Ok(Format::Jpeg),
         "webp" => Ok(Format::Webp),
-        "" => Err(format!("--output {}: no extension; end it in .png, .jpg, .jpeg or .webp", path.display())),
-        other => Err(format!(
-            "--output {}: .{other} is not a format txt2img writes; use .png, .jpg, .jpeg or .webp",
-            path.display()
-        )),
+        "" => Err(format!("{flag}: no extension; end it in .png, .jpg, .jpeg or .webp")),
+        other => Err(format!("{flag}: .{other} is not a format txt2img writes; use .png, .jpg, .jpeg or .webp")),
     }
+}
+
+/// The prompts of a `--prompts-from` file: a .json list of strings or of objects with a "prompt" string, or else
+/// one prompt per line (surrounding spaces trimmed, empty lines skipped). Errors name the file and the entry.
+fn read_prompts(path: &Path) -> Result<Vec<String>, Failure> {
+    let bad = |why: String| Failure::Usage(format!("--prompts-from {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let prompts: Vec<String> = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let items = value.as_array().ok_or_else(|| {
+            bad("expected a JSON list of prompts (strings, or objects with a \"prompt\" string)".into())
+        })?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(k, item)| match item {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                other => other.get("prompt").and_then(|p| p.as_str()).map(str::to_owned).ok_or_else(|| {
+                    bad(format!("entry {k} is neither a string nor an object with a \"prompt\" string"))
+                }),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    };
+    if prompts.is_empty() {
+        return Err(bad("no prompts in the file".into()));
+    }
+    Ok(prompts)
 }
 
 /// The output's folder must exist and take a new file.
@@ -485,9 +536,39 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     let mut report =
         Reporter { quiet: cli.quiet, tty: std::io::stderr().is_terminal(), warnings: Vec::new(), notes: Vec::new() };
 
-    // 1. The output: format and folder, before anything slow.
-    let format = output_format(&cli.output).map_err(Failure::Usage)?;
-    check_output_folder(&cli.output).map_err(Failure::Usage)?;
+    // clap lets these through when --prompt is given (it conflicts with --prompts-from, which they require).
+    if cli.prompts_from.is_none() {
+        for (flag, on) in [
+            ("output-dir", cli.output_dir.is_some()),
+            ("name-suffix", given(matches, "name_suffix")),
+            ("skip-existing", cli.skip_existing),
+        ] {
+            if on {
+                return Err(Failure::Usage(format!("--{flag} needs --prompts-from")));
+            }
+        }
+    }
+
+    // 1. The output: format and folder (and the prompts of --prompts-from), before anything slow.
+    let batch = match (&cli.prompts_from, &cli.output_dir) {
+        (Some(file), Some(dir)) => Some((read_prompts(file)?, dir.clone())),
+        _ => None,
+    };
+    let format = match &batch {
+        Some((_, dir)) => {
+            let flag = format!("--name-suffix {}", cli.name_suffix);
+            let format = output_format(Path::new(&format!("000{}", cli.name_suffix)), &flag).map_err(Failure::Usage)?;
+            std::fs::create_dir_all(dir).map_err(|e| Failure::Usage(format!("--output-dir {}: {e}", dir.display())))?;
+            check_output_folder(&dir.join(format!("000{}", cli.name_suffix))).map_err(Failure::Usage)?;
+            format
+        }
+        None => {
+            let format =
+                output_format(&cli.output, &format!("--output {}", cli.output.display())).map_err(Failure::Usage)?;
+            check_output_folder(&cli.output).map_err(Failure::Usage)?;
+            format
+        }
+    };
     if cli.images == 0 {
         return Err(Failure::Usage("--images must be at least 1".into()));
     }
@@ -505,7 +586,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         None => PathBuf::from(&cli.model),
     };
     let card = ModelCard::read(&dir)?;
-    let mut request = card.request(cli.prompt.clone());
+    let mut request = card.request(cli.prompt.clone().unwrap_or_default());
     if let Some(n) = cli.steps {
         request.steps = n;
     }
@@ -571,9 +652,44 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     for (unit, _) in &controlnets {
         request = request.controlnet(unit.clone());
     }
-    for w in card.check(&request)? {
-        report.warn(&w);
+    // One job per image file: the request, or with --prompts-from one request per prompt (seed S + k).
+    let jobs: Vec<(GenerationRequest, PathBuf)> = match &batch {
+        Some((prompts, dir)) => {
+            let base = cli.seed.unwrap_or(0);
+            let mut jobs = Vec::with_capacity(prompts.len());
+            for (k, prompt) in prompts.iter().enumerate() {
+                let mut r = request.clone();
+                r.prompt = prompt.clone();
+                r.seed = Some(base.checked_add(k as u64).ok_or_else(|| {
+                    Failure::Usage(format!("--seed {base}: the seed of prompt {k} would pass {}", u64::MAX))
+                })?);
+                jobs.push((r, dir.join(format!("{k:03}{}", cli.name_suffix))));
+            }
+            jobs
+        }
+        None => vec![(request, cli.output.clone())],
+    };
+    let total_jobs = jobs.len();
+    let mut todo = Vec::with_capacity(jobs.len());
+    for (k, (r, path)) in jobs.into_iter().enumerate() {
+        if cli.skip_existing && path.exists() {
+            continue;
+        }
+        let warnings = card.check(&r).map_err(|e| match &batch {
+            Some(_) => Failure::Run(format!("prompt {k} ({:?}): {e}", r.prompt)),
+            None => Failure::Run(e.to_string()),
+        })?;
+        for w in warnings {
+            report.warn(&w);
+        }
+        todo.push((r, path));
     }
+    let Some((first, _)) = todo.first() else {
+        if !cli.quiet {
+            eprintln!("all {total_jobs} images exist already (--skip-existing): nothing to draw");
+        }
+        return Ok(());
+    };
     if let Some(dir) = &cli.preview_dir {
         std::fs::create_dir_all(dir).map_err(|e| Failure::Run(format!("--preview-dir {}: {e}", dir.display())))?;
     }
@@ -607,9 +723,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         &format!(
             "loaded in {:.1} s; {} steps, guidance {}, {} T5 tokens{}",
             load.as_secs_f64(),
-            request.steps,
-            request.guidance,
-            request.max_sequence_length,
+            first.steps,
+            first.guidance,
+            first.max_sequence_length,
             if pipe.info().has_t5 { "" } else { " (no T5)" }
         ),
     );
@@ -619,55 +735,62 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
         }
     }
 
-    // 5. Generate, with progress.
-    let out = generate(&mut pipe, &request, cli.preview_dir.as_deref(), &report)?;
-    for w in &out.warnings {
-        report.warn(w);
-    }
-    if out.images.is_empty() {
-        return Err(Failure::Run("the pipeline returned no image".into()));
-    }
-
-    // 6. Write the images.
-    let mut written = Vec::new();
-    for (k, (image, parameters)) in out.images.iter().zip(&out.parameters).enumerate() {
-        let path = if out.images.len() == 1 { cli.output.clone() } else { numbered(&cli.output, k) };
-        match format {
-            Format::Png => sd3_onnx::imageio::save_png(&path, image, Some(parameters))?,
-            Format::Jpeg => image
-                .save_with_format(&path, ImageFormat::Jpeg)
-                .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
-            Format::Webp => image
-                .save_with_format(&path, ImageFormat::WebP)
-                .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
+    // 5. Generate, with progress; 6. write the images; 7. say what happened; once per job.
+    let count = todo.len();
+    for (k, (request, output)) in todo.iter().enumerate() {
+        if count > 1 && !cli.quiet {
+            eprintln!("[{}/{count}] {}", k + 1, request.prompt);
         }
-        written.push(path);
-    }
+        let image_started = Instant::now();
+        let out = generate(&mut pipe, request, cli.preview_dir.as_deref(), &report)?;
+        for w in &out.warnings {
+            report.warn(w);
+        }
+        if out.images.is_empty() {
+            return Err(Failure::Run("the pipeline returned no image".into()));
+        }
 
-    // 7. Say what happened.
-    let t = &out.timings;
-    if !cli.quiet {
-        let s = |d: Duration| d.as_secs_f64();
-        let steps = t.steps.len().max(1) as f64;
-        eprintln!(
-            "model load {:.2} s | text encoding {:.2} s | denoising {:.2} s ({} steps, {:.2} it/s) | VAE decode {:.2} s \
-             | total {:.2} s",
-            s(load),
-            s(t.text_encoding),
-            s(t.denoising),
-            t.steps.len(),
-            steps / s(t.denoising).max(1e-9),
-            s(t.vae_decode),
-            s(started.elapsed())
-        );
-    }
-    if cli.json {
-        println!("{}", summary_json(&cli, &dir, &request, &out, load, started.elapsed(), &report, &written));
-    } else if !cli.quiet {
-        for (path, seed) in written.iter().zip(&out.seeds) {
-            match seed {
-                Some(seed) => println!("wrote {} ({}x{}, seed {seed})", path.display(), out.size.0, out.size.1),
-                None => println!("wrote {} ({}x{}, explicit latents)", path.display(), out.size.0, out.size.1),
+        let mut written = Vec::new();
+        for (k, (image, parameters)) in out.images.iter().zip(&out.parameters).enumerate() {
+            let path = if out.images.len() == 1 { output.clone() } else { numbered(output, k) };
+            match format {
+                Format::Png => sd3_onnx::imageio::save_png(&path, image, Some(parameters))?,
+                Format::Jpeg => image
+                    .save_with_format(&path, ImageFormat::Jpeg)
+                    .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
+                Format::Webp => image
+                    .save_with_format(&path, ImageFormat::WebP)
+                    .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?,
+            }
+            written.push(path);
+        }
+
+        // The model load counts once: with --prompts-from, "total" is this image's own time.
+        let total = if batch.is_some() { image_started.elapsed() } else { started.elapsed() };
+        let t = &out.timings;
+        if !cli.quiet {
+            let s = |d: Duration| d.as_secs_f64();
+            let steps = t.steps.len().max(1) as f64;
+            eprintln!(
+                "model load {:.2} s | text encoding {:.2} s | denoising {:.2} s ({} steps, {:.2} it/s) | VAE decode \
+                 {:.2} s | total {:.2} s",
+                s(load),
+                s(t.text_encoding),
+                s(t.denoising),
+                t.steps.len(),
+                steps / s(t.denoising).max(1e-9),
+                s(t.vae_decode),
+                s(total)
+            );
+        }
+        if cli.json {
+            println!("{}", summary_json(&cli, &dir, request, &out, load, total, &report, &written));
+        } else if !cli.quiet {
+            for (path, seed) in written.iter().zip(&out.seeds) {
+                match seed {
+                    Some(seed) => println!("wrote {} ({}x{}, seed {seed})", path.display(), out.size.0, out.size.1),
+                    None => println!("wrote {} ({}x{}, explicit latents)", path.display(), out.size.0, out.size.1),
+                }
             }
         }
     }

@@ -68,6 +68,11 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+fn nano_str() -> &'static str {
+    static NANO: OnceLock<String> = OnceLock::new();
+    NANO.get_or_init(nano)
+}
+
 fn nano() -> String {
     repo().join("models/sd3-nano").display().to_string()
 }
@@ -137,6 +142,10 @@ fn help_and_version_exit_0_with_every_flag_and_its_default() {
         "--shift",
         "--quiet",
         "--json",
+        "--prompts-from",
+        "--output-dir",
+        "--name-suffix",
+        "--skip-existing",
     ] {
         assert!(
             help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
@@ -399,6 +408,103 @@ fn long_prompts_warn_briefly_and_json_has_everything() {
     );
     assert!(w["removed_text"].as_str().is_some_and(|t| t.len() > 4000), "the full dropped text: {w}");
     assert!(dir.join("j.png").is_file());
+}
+
+/// `--prompts-from`: every prompt of the file drawn in one process, prompt k with seed S + k, into --output-dir as
+/// NNN + --name-suffix; the same pixels as a run of that prompt alone with that seed; --skip-existing resumes;
+/// a bad file is named with the reason before anything loads.
+#[test]
+fn prompts_from_draws_each_prompt_with_its_own_seed_into_the_folder() {
+    let dir = scratch("prompts-from");
+    std::fs::write(dir.join("prompts.txt"), "a red circle\n\n  a blue square  \na red circle\n").unwrap();
+    let batch = |extra: &[&str]| {
+        let mut a = vec!["--model", nano_str(), "--prompts-from", "prompts.txt", "--output-dir", "out", "--steps", "2"];
+        a.extend_from_slice(extra);
+        run_in(&dir, &a).0
+    };
+    let o = batch(&["--name-suffix", "_cfg.png", "--seed", "7", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty() && stderr(&o).is_empty(), "-q prints nothing: {}", stderr(&o));
+    let names = ["000_cfg.png", "001_cfg.png", "002_cfg.png"];
+    let files: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(dir.join("out").join(n)).unwrap()).collect();
+    assert!(!dir.join("out/003_cfg.png").exists(), "the empty line is no prompt");
+    let pixels = |bytes: &[u8]| sd3_onnx::image::load_from_memory(bytes).unwrap().to_rgb8().into_raw();
+    let px: Vec<Vec<u8>> = files.iter().map(|f| pixels(f)).collect();
+    assert!(px[0] != px[1] && px[1] != px[2] && px[0] != px[2], "three distinct images");
+    // Prompt 2 ("a red circle" again) has seed 7 + 2: the image of a single run with --seed 9.
+    let o = run_in(
+        &dir,
+        &["--model", nano_str(), "--prompt", "a red circle", "--steps", "2", "--seed", "9", "-q", "-o", "one.png"],
+    )
+    .0;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(px[2], pixels(&std::fs::read(dir.join("one.png")).unwrap()), "seed S + k, the prompt as written");
+    let png = String::from_utf8_lossy(&files[1]).to_string();
+    assert!(png.contains("a blue square") && !png.contains("  a blue square"), "the line trimmed, in the PNG");
+
+    // JSON: a list of strings or of objects with "prompt" (eval_prompts.json); one --json line per image.
+    std::fs::write(dir.join("p.json"), r#"[{"prompt": "a green triangle", "category": "x"}, "a red circle"]"#).unwrap();
+    let o = run_in(
+        &dir,
+        &["--model", nano_str(), "--prompts-from", "p.json", "--output-dir", "js", "--steps", "2", "--json"],
+    )
+    .0;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> =
+        stdout(&o).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (&lines[0]["prompt"], &lines[0]["seeds"]),
+        (&serde_json::json!("a green triangle"), &serde_json::json!([0]))
+    );
+    assert_eq!(lines[1]["seeds"], serde_json::json!([1]), "seed = prompt number without --seed");
+    assert_eq!(pixels(&std::fs::read(dir.join("js/000.png")).unwrap()).len(), 128 * 128 * 3);
+    assert!(dir.join("js/001.png").is_file());
+
+    // --skip-existing: nothing is redrawn when all files are there; a missing one is drawn again, alone.
+    std::fs::remove_file(dir.join("out/001_cfg.png")).unwrap();
+    let o = batch(&["--name-suffix", "_cfg.png", "--seed", "7", "--skip-existing", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 1, "only the missing image: {}", stdout(&o));
+    assert_eq!(pixels(&std::fs::read(dir.join("out/001_cfg.png")).unwrap()), px[1], "drawn again, the same image");
+    let o = batch(&["--name-suffix", "_cfg.png", "--skip-existing"]);
+    assert!(o.status.success() && stderr(&o).contains("all 3 images exist already"), "{}", stderr(&o));
+
+    // Bad files and flags: exit 2, the file and the reason named, nothing loaded (junk graphs).
+    let junk = junk_graphs("prompts-from-bad");
+    std::fs::write(dir.join("empty.txt"), "\n  \n").unwrap();
+    std::fs::write(dir.join("bad.json"), r#"[{"prompt": "a red circle"}, {"text": "a blue square"}]"#).unwrap();
+    std::fs::write(dir.join("broken.json"), "[\"a red circle\"").unwrap();
+    std::fs::write(dir.join("object.json"), r#"{"prompt": "a red circle"}"#).unwrap();
+    for (file, why) in [
+        ("missing.txt", "missing.txt: No such file"),
+        ("empty.txt", "empty.txt: no prompts in the file"),
+        ("bad.json", "bad.json: entry 1 is neither a string nor an object with a \"prompt\" string"),
+        ("broken.json", "broken.json: not valid JSON"),
+        ("object.json", "object.json: expected a JSON list of prompts"),
+    ] {
+        let o = run_in(&dir, &["--model", junk.to_str().unwrap(), "--prompts-from", file, "--output-dir", "bad"]).0;
+        assert_eq!(o.status.code(), Some(2), "{file}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("--prompts-from ") && e.contains(why), "{file}: {e}");
+        assert!(!e.contains("model.onnx"), "no graph may be loaded: {e}");
+    }
+    let o = batch(&["--name-suffix", "_cfg.gif"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--name-suffix _cfg.gif: .gif is not a format txt2img writes"), "{}", stderr(&o));
+    for args in [
+        &["--model", "m", "--prompts-from", "prompts.txt"][..],
+        &["--model", "m", "--prompts-from", "prompts.txt", "--output-dir", "o", "--prompt", "x"],
+        &["--model", "m", "--prompt", "x", "--output-dir", "o"],
+        &["--model", "m", "--prompt", "x", "--skip-existing"],
+        &["--model", "m", "--prompts-from", "prompts.txt", "--output-dir", "o", "--images", "2"],
+    ] {
+        let o = run_in(&dir, args).0;
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        if args.contains(&"--prompt") && !args.contains(&"--prompts-from") {
+            assert!(stderr(&o).contains("--prompts-from"), "names --prompts-from: {args:?}: {}", stderr(&o));
+        }
+    }
 }
 
 #[test]

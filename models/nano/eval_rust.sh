@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Adherence of the nano model as drawn by OUR Rust pipeline (examples/txt2img, CPU), scored by checker.py.
-#   [PROMPTS=models/nano/eval_prompts_v2.json] bash models/nano/eval_rust.sh [MODEL_DIR] [OUT_DIR] [GUIDANCE] [STEPS]
+# Adherence of the nano model as drawn by OUR Rust pipeline (examples/txt2img), scored by checker.py.
+#   [PROMPTS=models/nano/eval_prompts_v2.json] [EP=cpu|cuda] [MODES="cfg nocfg"] \
+#     bash models/nano/eval_rust.sh [MODEL_DIR] [OUT_DIR] [GUIDANCE] [STEPS]
 # Draws every prompt of $PROMPTS (default models/nano/eval_prompts.json; use another OUT_DIR per file) twice
 # (seed = prompt index): with classifier-free guidance
 # (GUIDANCE, default 5) -> OUT/NNN_cfg.png, and without (guidance 1) -> OUT/NNN_nocfg.png; then prints the checker's
 # per-category tables and writes OUT/adherence_{cfg,nocfg}.json.
+# One txt2img process per mode (`--prompts-from`: the graphs load once, not once per image); images already in
+# OUT_DIR are kept (`--skip-existing`), so an interrupted run continues. MODES="cfg" draws and scores only the
+# guided half. EP (default cpu) goes to txt2img's --ep (cpu, cuda, cuda:1, ...). TXT2IMG=path uses that binary
+# instead of building examples/txt2img here (e.g. a --features cuda build on the GPU machine); ORT_DYLIB_PATH, when
+# set, is the ONNX Runtime library to load (the GPU build for EP=cuda), else scripts/setup-ort.sh's CPU one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODEL=${1:-models/sd3-nano}
@@ -12,20 +18,29 @@ OUT=${2:-target/nano-eval}
 G=${3:-5}
 STEPS=${4:-28}
 PROMPTS=${PROMPTS:-models/nano/eval_prompts.json}
+EP=${EP:-cpu}
+MODES=${MODES:-cfg nocfg}
 PY=${PYTHON:-.venv-tools/bin/python}
-bash scripts/setup-ort.sh >/dev/null
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls "$PWD"/.ort/lib/libonnxruntime.so* | head -1)}
-cargo build --quiet --release --example txt2img
-BIN=${CARGO_TARGET_DIR:-target}/release/examples/txt2img
+[ -x "$PY" ] || PY=python3
+if [ -z "${ORT_DYLIB_PATH:-}" ]; then
+  case $EP in cpu) ;; *) echo "EP=$EP: set ORT_DYLIB_PATH to an ONNX Runtime build with that provider" >&2; exit 2 ;; esac
+  bash scripts/setup-ort.sh >/dev/null
+  ORT_DYLIB_PATH=$(ls "$PWD"/.ort/lib/libonnxruntime.so* | head -1)
+fi
+export ORT_DYLIB_PATH
+if [ -n "${TXT2IMG:-}" ]; then
+  BIN=$TXT2IMG
+else
+  cargo build --quiet --release --example txt2img
+  BIN=${CARGO_TARGET_DIR:-target}/release/examples/txt2img
+fi
 mkdir -p "$OUT"
-n=$("$PY" -c "import json; print(len(json.load(open('$PROMPTS'))))")
-for ((i = 0; i < n; i++)); do
-  prompt=$("$PY" -c "import json,sys; print(json.load(open('$PROMPTS'))[$i]['prompt'])")
-  name=$(printf '%03d' "$i")
-  [ -f "$OUT/${name}_cfg.png" ] || "$BIN" --model "$MODEL" --prompt "$prompt" --steps "$STEPS" --guidance "$G" --seed "$i" --output "$OUT/${name}_cfg.png" >/dev/null
-  [ -f "$OUT/${name}_nocfg.png" ] || "$BIN" --model "$MODEL" --prompt "$prompt" --steps "$STEPS" --guidance 1 --seed "$i" --output "$OUT/${name}_nocfg.png" >/dev/null
+for mode in $MODES; do
+  g=$([ "$mode" = cfg ] && echo "$G" || echo 1)
+  "$BIN" --model "$MODEL" --prompts-from "$PROMPTS" --output-dir "$OUT" --name-suffix "_${mode}.png" --skip-existing \
+    --steps "$STEPS" --guidance "$g" --ep "$EP" -q
 done
-for mode in cfg nocfg; do
-  echo "== $mode (guidance $([ $mode = cfg ] && echo "$G" || echo 1), $STEPS steps) =="
+for mode in $MODES; do
+  echo "== $mode (guidance $([ "$mode" = cfg ] && echo "$G" || echo 1), $STEPS steps, $EP) =="
   "$PY" models/nano/checker.py --images "$OUT" --prompts "$PROMPTS" --pattern "{i:03d}_${mode}.png" --json "$OUT/adherence_${mode}.json"
 done
