@@ -86,6 +86,6 @@ case "$PHASE" in
     for ((i = 0; i < ${SD35M_WAIT:-300}; i += 10)); do [ -f /tmp/sd35m-fused/transformer/model.onnx ] && break; sleep 10; done
     STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35m.sh ;;
   sd35l) STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35l.sh ;;
-  nano) bash scripts/gpu/nano_fp8.sh ;;
+  nano) MODES=${MODES:-cfg} bash scripts/gpu/nano_fp8.sh ;;
   *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano"; exit 2 ;;
 esac
