@@ -837,15 +837,25 @@ impl Launch {
         bias: *const c_void,
         y: *mut c_void,
     ) -> ort::Result<()> {
-        let al = Align::of_fp8(op, g, w, q_x, y, bias)?;
-        let key = (g, al, gelu, self.scratch.lt, true);
-        let plan = match slot {
-            Some(p) if p.key == key => p,
-            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, true)?),
-        };
-        // SAFETY: as in `gemm`: plan made for this handle, shapes and alignments; buffers and scales are the
-        // caller's contract.
-        unsafe { plan.run(api, &self.scratch, self.stream, q_x, w, bias, y, Some(scales)) }
+        // One product per batch entry: cuBLASLt 13's FP8 matmul answered a strided batch (W's batch stride 0, the
+        // bias epilogue) with CUBLAS_STATUS_NOT_SUPPORTED on an H200 (first GPU run, 2026-12-03), so the batch
+        // (2 with guidance) becomes that many plain products on the same plan.
+        let one = Gemm { batch: 1, x_stride: 0, d_stride: 0, ..g };
+        for b in 0..g.batch.max(1) {
+            // E4M3 X: x_stride bytes per entry; float16 Y: d_stride values of 2 bytes.
+            let xb = q_x.cast::<u8>().wrapping_add(b * g.x_stride).cast::<c_void>();
+            let yb = y.cast::<u8>().wrapping_add(b * g.d_stride * std::mem::size_of::<f16>()).cast::<c_void>();
+            let al = Align::of_fp8(op, one, w, xb, yb, bias)?;
+            let key = (one, al, gelu, self.scratch.lt, true);
+            let plan = match slot {
+                Some(p) if p.key == key => p,
+                _ => slot.insert(Plan::new(api, &self.scratch, one, al, gelu, true)?),
+            };
+            // SAFETY: as in `gemm`: plan made for this handle, shapes and alignments; entry b of the caller's
+            // buffers (x_stride / d_stride apart, the caller's contract), scales as given.
+            unsafe { plan.run(api, &self.scratch, self.stream, xb, w, bias, yb, Some(scales)) }?;
+        }
+        Ok(())
     }
 }
 
