@@ -1499,7 +1499,7 @@ impl LinearConcatFp8Cuda {
         if sb > 0 {
             // SAFETY: the second pair of slots (amax at buf + 4, scale at buf + 20), so xa's scale stays valid for
             // the product queued above; qb has room for B * Sb * Kb bytes.
-            let xs = unsafe { quantize(api, l.stream, xb.ptr, nb, stored_b, buf + 4, qb) }?;
+            let xs = unsafe { quantize(api, l.stream, xb.ptr, nb, stored_b, buf + 32, qb) }?;
             // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
             let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
             let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
