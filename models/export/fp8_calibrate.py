@@ -81,6 +81,22 @@ def calibrate(model: onnx.ModelProto, runs: list, margin: float = 1.0) -> dict:
             for n, v in AMAX.items()}
 
 
+def load_with_data(path: str) -> onnx.ModelProto:
+    """onnx.load with the external data read by fused_kernels.tensor_array: onnx 1.23 refuses data files with more
+    than one hard link, and fused_kernels.py hard-links the folders it writes."""
+    import fused_kernels as fk  # noqa: E402 (this folder is on sys.path, above)
+
+    model = onnx.load(path, load_external_data=False)
+    base = str(pathlib.Path(path).resolve().parent)
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            arr = fk.tensor_array(t, base)
+            t.raw_data = arr.tobytes()
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="the float16 fused transformer (fused_kernels.py without --fp8)")
@@ -90,7 +106,7 @@ def main():
     ap.add_argument("--latent", default="8x12", help="latent height x width (pixels / 8)")
     ap.add_argument("--context", type=int, default=29, help="text tokens")
     args = ap.parse_args()
-    model = onnx.load(args.model)
+    model = load_with_data(args.model)
     h, w = (int(v) for v in args.latent.split("x"))
     rng = np.random.default_rng(0)
     ts = np.linspace(1000, 0, args.runs + 2)[1:-1]

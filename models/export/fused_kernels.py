@@ -397,6 +397,38 @@ def e4m3_weight(w16, name: str):
             numpy_helper.from_array(np.array([float(scale)], np.float32), name + "_scale"))
 
 
+def tensor_array(t: onnx.TensorProto, base_dir: str | None = None):
+    """numpy_helper.to_array, reading external data ourselves: onnx 1.23 refuses a data file with more than one hard
+    link ("potential hardlink attack"), and this tool hard-links the weights of the folders it writes on purpose
+    (first seen on the H200 on 2026-12-03: every --fp8 rewrite of a rewritten folder failed). The location must be
+    a plain relative path inside `base_dir`, as onnx itself requires."""
+    import os
+
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    root = os.path.realpath(base_dir or ".")
+    path = os.path.realpath(os.path.join(root, location))
+    if not location or os.path.isabs(location) or os.path.commonpath([root, path]) != root:
+        raise FusedKernelsError(f"external data of {t.name}: location {location!r} is not a file inside {root}")
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    offset = int(info.get("offset", 0))
+    length = int(info.get("length", count * np.dtype(dtype).itemsize))
+    if length != count * np.dtype(dtype).itemsize:
+        raise FusedKernelsError(f"external data of {t.name}: {length} bytes for {count} values of {dtype}")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise FusedKernelsError(f"external data of {t.name}: {path} ends before offset {offset} + {length}")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims)).copy()
+
+
 def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict | None = None,
            external: str | None = None) -> dict:
     """Rewrites the fused graph's Linear / LinearConcat / LinearSplit nodes in place to LinearFp8 /
@@ -427,7 +459,7 @@ def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict
             t = inits.get(w)
             if t is None:
                 raise FusedKernelsError(f"--fp8: weight {w} of {n.name} is not an initializer")
-            arr = numpy_helper.to_array(t, base_dir=base_dir or "")
+            arr = tensor_array(t, base_dir)
             if arr.dtype != np.float16 or arr.ndim != 2:
                 raise FusedKernelsError(f"--fp8: weight {w} of {n.name} is {arr.dtype} {arr.shape}, not float16 [K, N]")
             q, sc = e4m3_weight(arr, w + "_e4m3")
