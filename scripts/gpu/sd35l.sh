@@ -42,22 +42,25 @@
 #   1. STAGE=build  .whl/diffusers-0.42.1-py3-none-any.whl .device-bin/benchmark.xz .ort-cuda/env.sh
 #                   .ort-cuda/VERSION .ort-cuda/parts/a/libonnxruntime_providers_cuda.so.xz.00-of-4
 #                   (starts the build, waits BUILD_WAIT=540 s for it)
-#   2. STAGE=all    .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/a/libonnxruntime_providers_cuda.so.xz.01-of-4
+#   2. STAGE=build  .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/a/libonnxruntime_providers_cuda.so.xz.01-of-4
 #                   .ort-cuda/parts/b/libonnxruntime_providers_cuda.so.xz.03-of-4
-#                   .ort-cuda/parts/b/libonnxruntime_providers_shared.so.xz.00-of-1
-#                   (waits for the rest of the build; then stops: the bundle is not complete yet)
+#                   .ort-cuda/parts/b/libonnxruntime_providers_shared.so.xz.00-of-1   (waits 540 s more)
 #   3. STAGE=all    .ort-cuda/env.sh .ort-cuda/VERSION .ort-cuda/parts/b/libonnxruntime_providers_cuda.so.xz.02-of-4
-#                   .ort-cuda/parts/b/libonnxruntime.so.1.31.1.xz.00-of-1   (time + check, ~5-6 min)
+#                   .ort-cuda/parts/b/libonnxruntime.so.1.31.1.xz.00-of-1   (the rest of the build, then time +
+#                   check, ~5-6 min; cut at the 10-minute limit, a 4th STAGE=all call carrying env.sh and VERSION
+#                   continues)
 # each call within the machine's warm window of the previous one. On a machine where sd35m.sh / fp8.sh already
 # ran (bundle in /opt/ort, diffusers in /tmp/site, /tmp/fp8-bin), carry only .ort-cuda/env.sh .ort-cuda/VERSION:
 # STAGE=all, repeated until it reports "total". A call cut at the limit loses nothing done: STAGE=all (or
 # measure) again skips finished variants and torch.json. Less time: TORCH_MODES=eager (no torch.compile, 2-3 min
 # less) or TORCH=0; STAGE=time TORCH=0 then STAGE=measure OURS=0 splits the measurement over two calls.
-# Expected on the device (estimated from CPU runs at 2-3 of the 38 blocks, scaled by parameters; not measured):
-# the transformer's export 6-10 min (random weights 1 min, TorchScript export 3-5, graph passes 1, float16 save
-# 1-2; the encoders beside it, 1-2 min), the fused rewrite under a minute, the FP8 rewrite 1-2 min: build 8-12
-# min; ours under a minute per variant (loading 16 GB of weights, then 4 images of 28 steps); PyTorch 3-4 min
-# (eager under a minute, torch.compile of 38 blocks 2-3). About 13-18 min of device time in all.
+# Expected on the device (not measured; scaled by parameters from CPU runs at 2-3 of the 38 blocks, whose rates
+# also give build_sd3m.sh's SD3-medium transformer job within 1-1.5x of its device times): the transformer's
+# export 11-17 min (random weights 2-3, TorchScript export 6-10: its shape inference copies every weight, the
+# float16 save 2-3, graph passes 1; the encoders beside it, 2-3 min), the fused rewrite under a minute, the FP8
+# rewrite 1-2 min: build 13-19 min; ours under a minute per variant (loading 16 GB of weights, then 4 images of
+# 28 steps); PyTorch 3-4 min (eager under a minute, torch.compile of 38 blocks 2-3). About 18-25 min of device
+# time in all: more than a session's 30 min can hold beside other work, so run it first (or alone).
 # DISK (64 GiB on the machine, shared with /tmp/sd3m*, /tmp/sd35m*): the export's float32 weights (32.5 GB, the
 # TorchScript exporter's files, used in place by export_sd3.py) are released tensor by tensor while the float16
 # file is written, so the peak stays near 33 GB; at the end /tmp/sd35l* hold about 23 GB (16.3 float16 + 5.4 E4M3
@@ -185,6 +188,7 @@ fi
 [ "$STAGE" = build ] && exit 0
 
 if want time; then
+  [ -f .ort-cuda/env.sh ] || { echo "carry .ort-cuda/env.sh and .ort-cuda/VERSION (every call that times)"; exit 1; }
   source .ort-cuda/env.sh
   [ -f "$(dirname "${ORT_DYLIB_PATH:-/opt/ort/x}")/libonnxruntime_providers_cuda.so" ] \
     || { echo "the CUDA bundle is not complete: carry its other pieces (.ort-cuda/parts/a or b)"; exit 1; }
