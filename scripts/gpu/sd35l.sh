@@ -56,11 +56,12 @@
 # less) or TORCH=0; STAGE=time TORCH=0 then STAGE=measure OURS=0 splits the measurement over two calls.
 # Expected on the device (not measured; scaled by parameters from CPU runs at 2-3 of the 38 blocks, whose rates
 # also give build_sd3m.sh's SD3-medium transformer job within 1-1.5x of its device times): the transformer's
-# export 11-17 min (random weights 2-3, TorchScript export 6-10: its shape inference copies every weight, the
-# float16 save 2-3, graph passes 1; the encoders beside it, 2-3 min), the fused rewrite under a minute, the FP8
-# rewrite 1-2 min: build 13-19 min; ours under a minute per variant (loading 16 GB of weights, then 4 images of
-# 28 steps); PyTorch 3-4 min (eager under a minute, torch.compile of 38 blocks 2-3). About 18-25 min of device
-# time in all: more than a session's 30 min can hold beside other work, so run it first (or alone).
+# export 8-13 min (random weights 2-3, TorchScript export 3-5 with --torchscript-shape-inference off (the
+# exporter's own shape inference copies every weight: over half of its time; TS_SHAPE_INFERENCE=on puts it back,
+# 3-5 min more), the float16 save 2-3, graph passes 1; the encoders beside it, 2-3 min), the fused rewrite under a
+# minute, the FP8 rewrite 1-2 min: build 10-16 min; ours under a minute per variant (loading 16 GB of weights,
+# then 4 images of 28 steps); PyTorch 3-4 min (eager under a minute, torch.compile of 38 blocks 2-3). About 15-22
+# min of device time in all: more than a session's 30 min holds beside much other work, so run it first (or alone).
 # DISK (64 GiB on the machine, shared with /tmp/sd3m*, /tmp/sd35m*): the export's float32 weights (32.5 GB, the
 # TorchScript exporter's files, used in place by export_sd3.py) are released tensor by tensor while the float16
 # file is written, so the peak stays near 33 GB; at the end /tmp/sd35l* hold about 23 GB (16.3 float16 + 5.4 E4M3
@@ -147,7 +148,7 @@ set -uo pipefail
 cd $TOOLS
 export PYTHONPATH=/tmp/site TMPDIR=${EXPORT_TMP:-/tmp}
 step() { local t=\$(date +%s); echo "== \$1 (\$(date +%T))"; shift; "\$@"; local rc=\$?; echo "== rc \$rc after \$(( \$(date +%s) - t )) s; \$(df -h /tmp | tail -1)"; return \$rc; }
-E="python3 models/export/export_sd3.py --random sd3.5-large --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 ${LAYERS:+--layers $LAYERS}"
+E="python3 models/export/export_sd3.py --random sd3.5-large --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 --torchscript-shape-inference ${TS_SHAPE_INFERENCE:-off} ${LAYERS:+--layers $LAYERS}"
 ET="\$E --text-layers ${TEXT_LAYERS:-1}"
 python3 -c "import torch, transformers, diffusers, onnx, onnxruntime; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'threads', torch.get_num_threads())"
 ( step "T5 (1 layer)" \$ET --components text_encoder_3 --out $M &&
