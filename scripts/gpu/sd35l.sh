@@ -39,6 +39,8 @@
 # (built with --features cuda, from a commit with the FP8 kernels). What a call carried stays on the machine
 # (diffusers in /tmp/site, the bundle's pieces in /opt/ort, the binary in /tmp/sd35l-bin; without one, fp8.sh's
 # /tmp/fp8-bin/benchmark is taken), so on a fresh machine, about 25 MB each besides the tree:
+# BUILD_WAIT=30 starts the build and returns: the GPU is free for other work while it runs (CPU, RAM and disk are
+# not), e.g. the other scripts' measurements; then STAGE=all when it is done (build.txt in log.txt says how far).
 #   1. STAGE=build  .whl/diffusers-0.42.1-py3-none-any.whl .device-bin/benchmark.xz .ort-cuda/env.sh
 #                   .ort-cuda/VERSION .ort-cuda/parts/a/libonnxruntime_providers_cuda.so.xz.00-of-4
 #                   (starts the build, waits BUILD_WAIT=540 s for it)
@@ -65,7 +67,8 @@
 # DISK (64 GiB on the machine, shared with /tmp/sd3m*, /tmp/sd35m*): the export's float32 weights (32.5 GB, the
 # TorchScript exporter's files, used in place by export_sd3.py) are released tensor by tensor while the float16
 # file is written, so the peak stays near 33 GB; at the end /tmp/sd35l* hold about 23 GB (16.3 float16 + 5.4 E4M3
-# + 0.9 encoders). The build refuses to start with less than NEED_GB=36 GB free in /tmp (it lists what is there);
+# + 0.9 encoders). The build refuses to start with less than NEED_GB=36 GB free in /tmp (52 where /tmp cannot
+# punch holes: checked first; it lists what is there);
 # PRUNE=1 first deletes the other scripts' model folders (/tmp/sd3m /tmp/sd3m-fused /tmp/sd3m-fp8 /tmp/sd3m-dyn
 # /tmp/sd35m /tmp/sd35m-fused /tmp/tiny-smoke; not their results). EXPORT_TMP (default /tmp) puts the float32
 # files elsewhere (e.g. /dev/shm if it is that big: RAM then).
@@ -126,6 +129,23 @@ if want build || ! built; then
   if [ ! -f /tmp/sd35l-build.started ]; then  # once: the job runs on after a call that ends
     python3 -c "import diffusers" 2>/dev/null || { echo "no diffusers: carry .whl"; exit 1; }
     free_gb=$(df -P -BG /tmp | awk 'NR==2 {gsub("G", "", $4); print $4}')
+    # the disk peak assumes /tmp can punch holes (export_sd3.py gives the float32 data back while saving); where it
+    # cannot, the float32 and float16 weights coexist: 49 GB
+    punch=$(python3 - <<'PY'
+import ctypes, os, tempfile
+fd, p = tempfile.mkstemp(dir=os.environ.get("EXPORT_TMP", "/tmp"))
+try:
+    os.write(fd, b"x" * (8 << 20)); os.fsync(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    ok = libc.fallocate(fd, 3, 0, 8 << 20) == 0 and os.fstat(fd).st_blocks * 512 < (1 << 20)
+    print("yes" if ok else "no")
+finally:
+    os.close(fd); os.unlink(p)
+PY
+)
+    echo "hole punching in ${EXPORT_TMP:-/tmp}: ${punch:-unknown}"
+    [ "$punch" = yes ] || NEED_GB=${NEED_GB:-52}
     if [ "${PRUNE:-0}" = 1 ] && [ "$free_gb" -lt "${NEED_GB:-36}" ]; then
       echo "PRUNE=1: deleting the other scripts' model folders"
       rm -rf /tmp/sd3m /tmp/sd3m-fused /tmp/sd3m-fp8 /tmp/sd3m-dyn /tmp/sd35m /tmp/sd35m-fused /tmp/tiny-smoke
