@@ -6,8 +6,9 @@
 # Targets (issue 19; eager 188.4 and torch.compile 130.7 ms/step measured before on an H200): fused fp16 <= 110
 # ms/step, FP8 <= 75 ms/step.
 # NOT RUN YET: written without a GPU. Its build stage ran on a 2-core CPU with SD3.5-large's widths and LAYERS=2
-# (2 of the 38 blocks: 8 min there), and examples/benchmark ran the three folders on the CPU (128x128, 2 steps:
-# fused vs stock max 2 levels, FP8 vs fused max 4); the full-size build, the CUDA runs and PyTorch are untested.
+# (2 of the 38 blocks: 4.5 min there; dynamo is missing there, so the encoders took the TorchScript fallback), and
+# examples/benchmark ran the three folders on the CPU (128x128, 2 steps: fused vs stock max 2 levels, FP8 vs fused
+# max 4); the full-size build, the CUDA runs and PyTorch are untested.
 #
 # Stages (each skipped when its output exists, so a later call on a warm machine continues):
 #   build   one background job (setsid: it runs on after the call that started it ends, while the machine stays
