@@ -478,12 +478,45 @@ def export_spec(component: str, module, skip_layers: list[int] | None = None, co
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# --torchscript-shape-inference off: the TorchScript exporter's own ONNX shape inference is skipped. It copies the
+# weights along with the graph (cProfile of a 2-block SD3.5-large-width transformer: 54% of the export's time), and
+# its shapes are not what the export relies on (the fp16 conversion runs ORT's symbolic shape inference); the final
+# files were byte-identical with and without it there (torch 2.8). For SD3.5-large's 8B parameters (sd35l.sh).
+TORCHSCRIPT_SHAPE_INFERENCE = True
+
+
+@contextlib.contextmanager
+def _exporter_shape_inference(enabled: bool):
+    if enabled:
+        yield
+        return
+    import importlib
+
+    globs = None
+    for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
+        try:
+            globs = importlib.import_module(name).GLOBALS
+            break
+        except (ImportError, AttributeError):
+            continue
+    if globs is None or not hasattr(globs, "onnx_shape_inference"):
+        log("warning: this torch has no switch for the TorchScript exporter's shape inference; exporting with it")
+        yield
+        return
+    old = globs.onnx_shape_inference
+    globs.onnx_shape_inference = False
+    try:
+        yield
+    finally:
+        globs.onnx_shape_inference = old
+
+
 def export_torchscript(spec: dict, opset: int, work: Path) -> Path:
     """torch.onnx.export(dynamo=False) into work/ (large models get their weights written next to the graph)."""
     path = work / "torchscript.onnx"
     kwargs = dict(input_names=spec["inputs"], output_names=spec["outputs"], dynamic_axes=spec["dynamic_axes"],
                   opset_version=opset, do_constant_folding=True, dynamo=False)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _exporter_shape_inference(TORCHSCRIPT_SHAPE_INFERENCE):
         warnings.simplefilter("ignore")
         torch.onnx.export(spec["wrapper"], spec["args"], str(path), **kwargs)
     return path
@@ -1006,9 +1039,30 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
-def externalize(exported: Path, work: Path) -> tuple[onnx.ModelProto, dict]:
+def externalize(exported: Path, work: Path, in_place: bool = True) -> tuple[onnx.ModelProto, dict]:
     """Loads the exported graph (and its weights) once, writes every initializer over 1 KiB to work/weights.bin and
-    returns the graph with stubs, plus {offset: original data type} of the stubs."""
+    returns the graph with stubs, plus {(file, offset): original data type} of the stubs.
+
+    in_place: when the exporter has already written the weights to files in work/ (the TorchScript exporter does
+    for models over 2 GB: one file per tensor, small tensors inline), those files are the stubs' data as they are:
+    no load and second copy of the weights (SD3.5-large's transformer: 32.5 GB less to read and write, and less
+    memory). Only used for the TorchScript exporter's files (the ones checked: same output files)."""
+    model = onnx.load(str(exported), load_external_data=False)
+    ext = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    if in_place and ext and all(_ext(t).get("location") and Path(_ext(t)["location"]).name == _ext(t)["location"]
+                   and (work / _ext(t)["location"]).is_file() for t in ext):
+        types = {}
+        for t in ext:
+            e = _ext(t)
+            offset = int(e.get("offset", 0))
+            length = int(e["length"]) if "length" in e else (work / e["location"]).stat().st_size - offset
+            del t.external_data[:]
+            for k, v in (("location", e["location"]), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            types[(e["location"], offset)] = t.data_type
+        return model, types
+    del model
     model = onnx.load(str(exported), load_external_data=True)
     for f in list(work.iterdir()):  # the exporter's files: in memory now
         f.unlink()
@@ -1017,7 +1071,7 @@ def externalize(exported: Path, work: Path) -> tuple[onnx.ModelProto, dict]:
     del model
     gc.collect()
     model = onnx.load(str(work / "stub.onnx"), load_external_data=False)
-    types = {int(_ext(t).get("offset", 0)): t.data_type for t in model.graph.initializer if _is_stub(t)}
+    types = {(WEIGHTS_FILE, int(_ext(t).get("offset", 0))): t.data_type for t in model.graph.initializer if _is_stub(t)}
     return model, types
 
 
@@ -1035,7 +1089,7 @@ def _fp16_like_converter(a: np.ndarray, min_positive=5.96e-08, max_finite=65504.
 def _stub_bytes(t: TensorProto, src_types: dict, work: Path) -> bytes:
     e = _ext(t)
     offset, length = int(e.get("offset", 0)), int(e["length"])
-    src_type = src_types.get(offset, t.data_type)
+    src_type = src_types.get((e["location"], offset), t.data_type)
     src = np.memmap(work / e["location"], dtype=NP_TYPES[src_type], mode="r", offset=offset,
                     shape=(length // np.dtype(NP_TYPES[src_type]).itemsize,))
     n = int(np.prod(t.dims)) if len(t.dims) else 1
@@ -1058,10 +1112,59 @@ def _tensor_nbytes(t: TensorProto) -> int:
     return len(t.raw_data) if t.raw_data else t.ByteSize()
 
 
+class _WorkFileReleaser:
+    """Gives the disk blocks of the stubs' data in work/ (weights.bin, or the exporter's own files: externalize) back
+    once save_streaming has read them (fallocate PUNCH_HOLE, Linux; elsewhere, or on a filesystem without it,
+    nothing happens). Without this the float32 working data and the float16 output coexist on disk: 1.5x the
+    float32 weights at the end of the save (SD3.5-large's 8B-parameter transformer: 32.5 + 16.3 GB); with it the
+    peak stays at about the float32 weights. A range is released only after its last reader (initializers may
+    share one) and only if no other stub overlaps it."""
+
+    def __init__(self, stubs: list, work: Path | None):
+        self.pending = Counter((_ext(t)["location"], int(_ext(t).get("offset", 0)), int(_ext(t)["length"]))
+                               for t in stubs)
+        self.freed = 0
+        self.fallocate = None
+        if work is None or not sys.platform.startswith("linux") or not self.pending:
+            return
+        by_file: dict = {}
+        for loc, off, n in self.pending:
+            by_file.setdefault(loc, []).append((off, off + n))
+        for ranges in by_file.values():
+            ranges.sort()
+            if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])):
+                return  # overlapping stubs: keep everything
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            self.fallocate = libc.fallocate
+        except (OSError, AttributeError):
+            return
+        self.work = work
+
+    def read(self, t: TensorProto):
+        key = (_ext(t)["location"], int(_ext(t).get("offset", 0)), int(_ext(t)["length"]))
+        self.pending[key] -= 1
+        if self.fallocate is None or self.pending[key] > 0:
+            return
+        loc, off, n = key
+        fd = os.open(self.work / loc, os.O_RDWR)
+        try:
+            # FALLOC_FL_PUNCH_HOLE (2) | FALLOC_FL_KEEP_SIZE (1): the offsets of the other stubs stay valid
+            if self.fallocate(fd, 3, off, n) != 0:
+                self.fallocate = None  # not supported here (e.g. EOPNOTSUPP): keep the file as it is
+            else:
+                self.freed += n
+        finally:
+            os.close(fd)
+
+
 def save_streaming(model: onnx.ModelProto, path: Path, force_external: bool | None, src_types: dict,
                    work: Path | None) -> list[Path]:
     """Writes model.onnx (and model.onnx.data when the weights exceed ~1.8 GB or force_external), materializing
-    stubs tensor by tensor."""
+    stubs tensor by tensor (and releasing the working file's blocks behind them: _WorkFileReleaser)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
@@ -1069,10 +1172,12 @@ def save_streaming(model: onnx.ModelProto, path: Path, force_external: bool | No
     total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
     external = total > EXTERNAL_DATA_THRESHOLD if force_external is None else force_external
     f = open(data, "wb") if external else None
+    releaser = _WorkFileReleaser([t for t in model.graph.initializer if _is_stub(t)], work)
     try:
         for t in model.graph.initializer:
             if _is_stub(t):
                 raw = _stub_bytes(t, src_types, work)
+                releaser.read(t)
             elif external and t.data_location != TensorProto.EXTERNAL and _tensor_nbytes(t) >= 1024:
                 raw = numpy_helper.to_array(t).tobytes() if not t.raw_data else t.raw_data
             else:
@@ -1099,6 +1204,8 @@ def save_streaming(model: onnx.ModelProto, path: Path, force_external: bool | No
     finally:
         if f is not None:
             f.close()
+    if releaser.freed >= 2**26:
+        log(f"[save] released {releaser.freed / 2**30:.1f} GiB of float32 working data while saving")
     onnx.save_model(model, str(path))
     return [path, data] if external else [path]
 
@@ -1142,6 +1249,20 @@ def default_opset(exporter: str, attention: str) -> int:
     if exporter == "dynamo":
         return 23 if attention == "fused" else 18
     return 16 if attention == "fused" else 17
+
+
+def _phase(component: str, what: str, t0: float):
+    """Progress of one component's export: seconds since t0 and the process's peak resident memory so far (for the
+    big graphs: SD3.5-large's 8B-parameter transformer takes minutes and tens of GB); quiet for the first 5 s."""
+    if time.time() - t0 < 5:
+        return
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        log(f"[{component}] {what}: {time.time() - t0:.1f} s, peak RSS {peak:.1f} GiB")
+    except (ImportError, ValueError):  # not on Linux/macOS
+        log(f"[{component}] {what}: {time.time() - t0:.1f} s")
 
 
 def release_weights(module: torch.nn.Module):
@@ -1202,6 +1323,7 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
             exported = export_dynamo(spec, component, module, opset, work)
         else:
             exported = export_torchscript(spec, opset, work)
+        _phase(component, f"{exporter} export", t0)
         d_ff = getattr(getattr(module, "config", None), "d_ff", None)
         module_vocab = getattr(getattr(module, "config", None), "vocab_size", None)
         axes = {"dynamic_axes": spec["dynamic_axes"]}
@@ -1209,7 +1331,8 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
         if release_torch:
             release_weights(module)
         info["nodes_exported"] = op_counts(onnx.load(str(exported), load_external_data=False))
-        model, src_types = externalize(exported, work)
+        model, src_types = externalize(exported, work, in_place=exporter == "torchscript")
+        _phase(component, "weights in the working file(s)", t0)
         with working_dir(work):
             if attention == "fused" and exporter == "torchscript" and component != "text_encoder_3":
                 model = ort_optimize(model, export_spec_model_type(component))
@@ -1224,9 +1347,11 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                 if component == "transformer":
                     info["adaln_folded"] = fold_adaln_into_layernorm(model)
             info["nodes_optimized"] = op_counts(model)
+            _phase(component, "graph optimized", t0)
             if dtype in ("fp16", "bf16") and not (component == "text_encoder_3" and t5_precision == "fp32"):
                 model, extra = to_half(model, component, dtype, t5_precision, d_ff)
                 info.update(extra)
+                _phase(component, f"{dtype} conversion", t0)
             if fuse is not None:
                 sys.path.insert(0, str(Path(__file__).resolve().parent))
                 from fused_kernels import fuse_mmdit
@@ -1255,6 +1380,7 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
             if skip_layers is not None:
                 set_metadata(model, SKIP_METADATA_KEY, json.dumps(skip_layers))
             files = save_streaming(model, (out_dir / component / filename).resolve(), external, src_types, work)
+            _phase(component, "saved", t0)
         info["nodes_final"] = op_counts(model)
         info["node_count"] = len(model.graph.node)
         info["signature"] = signature(model)
@@ -1526,6 +1652,10 @@ def parse_args(argv=None):
                          "cuBLASLt bias/GELU epilogues, one gate+residual+adaLN-LayerNorm kernel, no attention "
                          "transposes; models/export/fused_kernels.py). For the CUDA provider; the CPU runs them "
                          "too. Not applied to the --skip-layers graph; SD3.5-medium's dual-attention blocks included")
+    ap.add_argument("--torchscript-shape-inference", choices=["on", "off"], default="on",
+                    help="off: skip the TorchScript exporter's own ONNX shape inference, which copies every weight "
+                         "(over half of the export's time for big models; the output files were the same without it "
+                         "on SD3.5-large's transformer at 2 blocks)")
     ap.add_argument("--layers", type=int, default=None,
                     help="--random only: number of MMDiT blocks (real widths, fewer blocks; for quick checks)")
     ap.add_argument("--text-layers", type=int, default=None,
@@ -1548,6 +1678,8 @@ def _remove_graph(path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
+    global TORCHSCRIPT_SHAPE_INFERENCE
+    TORCHSCRIPT_SHAPE_INFERENCE = args.torchscript_shape_inference == "on"
     components = [c for c in args.components.split(",") if c]
     for c in components:
         if c not in ALL_COMPONENTS + [SKIP_COMPONENT]:
@@ -1601,7 +1733,9 @@ def main(argv=None):
             graphs = [CONTROLNET_COMPONENT] + graphs
         kind = "transformer" if component == SKIP_COMPONENT else component
         log(f"[{component}] loading")
+        t_load = time.time()
         module = source.load(kind)
+        _phase(component, "built", t_load)
         fp32 = kind in fp32_components or (kind == "transformer" and SKIP_COMPONENT in fp32_components)
         dtype = "fp32" if fp32 else args.dtype
         if component != SKIP_COMPONENT or not (out / "transformer" / "config.json").is_file():

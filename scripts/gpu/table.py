@@ -1,5 +1,8 @@
 """One table from a bench.sh output folder: our pipeline (each variant) beside diffusers eager and torch.compile,
-measured in the same call on the same card. Usage: python3 scripts/gpu/table.py OUT_DIR"""
+measured in the same call on the same card. Usage: python3 scripts/gpu/table.py OUT_DIR
+
+OUT_DIR/notes.json ({variant: " (what it is)"}, optional) overrides the built-in row notes below (sd35l.sh: its
+sd35l folders are the full 38-block model, not round 10's 8 blocks)."""
 import json
 import sys
 from pathlib import Path
@@ -7,6 +10,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 card = (out / "card.txt").read_text().split(",")[0].strip() if (out / "card.txt").exists() else "?"
 rows = []
+own_notes = json.loads((out / "notes.json").read_text()) if (out / "notes.json").exists() else {}
 for f in sorted(out.glob("ours-*.json")):
     j = json.loads(f.read_text())
     m = j["medians_ms"]
@@ -20,6 +24,7 @@ for f in sorted(out.glob("ours-*.json")):
              "sd35l-fused": " (SD3.5-large shapes, 8 of 38 blocks, --fused-kernels)",
              "sd35m": " (SD3.5-medium shapes, 1-layer text encoders)",
              "sd35m-fused": " (SD3.5-medium shapes, 1-layer text encoders, --fused-kernels incl. dual attention)"}
+    notes.update(own_notes)
     name = "sd3-onnx, ORT CUDA" + notes.get(variant, f" ({variant})")
     # peak GPU memory of the whole process (sd35m.sh: nvidia-smi sampled during the run, minus the idle reading)
     peak = out / f"peak-{variant}.txt"
