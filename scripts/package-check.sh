@@ -14,7 +14,8 @@
 #      ort-copy-dylibs, without load-dynamic), with ORT_SKIP_DOWNLOAD=1: ort's build script is compiled but
 #      downloads nothing (this machine cannot reach pyke's CDN) and nothing is linked, so this checks that our
 #      code and the feature forwarding compile, not that the download works;
-#   6. `cargo check` of the packaged crate with the oldest ort its requirement allows (2.0.0-rc.14).
+#   6. `cargo check` of the packaged crate with the oldest ort its requirement allows (2.0.0-rc.15 since the
+#      CUDA-graph loop; rc.14 before).
 # Steps 1, 2 and 5 use target/ with the main build; the builds of the unpacked package (3, 4, 6) use their own
 # target/package-check/: the packaged crate's unit-test binary has the same name and hash as the repository's, so
 # in a shared folder the next `cargo test` of the repository could run the packaged one (seen: its fixture test,
@@ -118,6 +119,6 @@ fi
 echo "== 6. the packaged crate with the oldest ort it allows"
 oldest="$root/target/package-ort-oldest"
 rm -rf "$oldest" && cp -r "$unpacked" "$oldest"
-(cd "$oldest" && cargo update --quiet -p ort --precise 2.0.0-rc.14 &&
+(cd "$oldest" && cargo update --quiet -p ort --precise 2.0.0-rc.15 &&
   CARGO_TARGET_DIR="$pkg_target" cargo check --quiet --lib --features cuda,tensorrt,directml,download)
 echo "package checks passed"

@@ -174,8 +174,9 @@ const OP_N: c_int = 0;
 const OP_T: c_int = 1;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: c_int = 76;
-/// Bytes before the quantized activations in a stream's FP8 buffer: two amax slots (uint32 at 0 and 4) and two
-/// scale slots (float32 at 16 and 20); 256 keeps the E4M3 data as aligned as cuBLASLt likes.
+/// Bytes before the quantized activations in a stream's FP8 buffer: two pairs of slots, (amax uint32 at 0, scale
+/// float32 at 16) and (32, 48), every scale 16-byte aligned as cuBLASLt's scale pointers must be (a scale at 20
+/// was refused with CUBLAS_STATUS_NOT_SUPPORTED on an H200); 256 keeps the E4M3 data as aligned as cuBLASLt likes.
 const FP8_HEADER: usize = 256;
 
 fn open(names: &[&str]) -> Result<libloading::Library, String> {
@@ -1497,7 +1498,8 @@ impl LinearConcatFp8Cuda {
             unsafe { l.gemm_fp8(api, op, pa, g, false, qa as usize as *const c_void, wa.ptr, (wsa, xs), ba.ptr, y) }?;
         }
         if sb > 0 {
-            // SAFETY: the second pair of slots (amax at buf + 4, scale at buf + 20), so xa's scale stays valid for
+            // SAFETY: the second pair of slots (amax at buf + 32, scale at buf + 48: cuBLASLt refuses a scale pointer
+            // that is not 16-byte aligned, CUBLAS_STATUS_NOT_SUPPORTED on an H200), so xa's scale stays valid for
             // the product queued above; qb has room for B * Sb * Kb bytes.
             let xs = unsafe { quantize(api, l.stream, xb.ptr, nb, stored_b, buf + 32, qb) }?;
             // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
