@@ -161,10 +161,10 @@ fn parse() -> Result<Args, String> {
         }
         // The same static shape for both, so that the graph is the only difference.
         a.static_shape = true;
-        a.loops = vec![Variant { device_loop: Some(true), cuda_graph: false }, Variant {
-            device_loop: Some(true),
-            cuda_graph: true,
-        }];
+        a.loops = vec![
+            Variant { device_loop: Some(true), cuda_graph: false },
+            Variant { device_loop: Some(true), cuda_graph: true },
+        ];
     }
     Ok(a)
 }
@@ -391,8 +391,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     let (_, last) = measured.last().ok_or("no measurement")?;
     let (info, request) = (last.info.clone(), last.request.clone());
-    let tables: Vec<(Variant, Rows)> =
-        measured.iter().map(|(l, m)| (*l, rows(m, a.controlnet.is_some()))).collect();
+    let tables: Vec<(Variant, Rows)> = measured.iter().map(|(l, m)| (*l, rows(m, a.controlnet.is_some()))).collect();
     let size = format!(
         "{}x{}",
         a.request.width.map_or(info.default_size as u32, |v| v),

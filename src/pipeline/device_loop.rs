@@ -33,7 +33,11 @@ pub(super) enum DeviceModel<'a> {
     /// the next `hidden_states` and the timestep into them, so every run reads and writes the same addresses, as
     /// a CUDA graph's replay needs (`CudaOptions::cuda_graph`; on the CPU, for testing it).
     Fixed(&'a mut Binding),
-    Controlled { nets: &'a mut BTreeMap<String, LoadedControlNet>, run: &'a mut ControlRun, patch: usize },
+    Controlled {
+        nets: &'a mut BTreeMap<String, LoadedControlNet>,
+        run: &'a mut ControlRun,
+        patch: usize,
+    },
 }
 
 impl DenoiseLoop {

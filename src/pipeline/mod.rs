@@ -552,8 +552,11 @@ impl Sd3Pipeline {
                 }
                 (Some(_), None) => return Err(Error::internal("the ControlNet transformer is not loaded")),
                 (None, _) => {
-                    let model =
-                        if self.fixed_buffers { DeviceModel::Fixed(&mut bound) } else { DeviceModel::Plain(&mut bound) };
+                    let model = if self.fixed_buffers {
+                        DeviceModel::Fixed(&mut bound)
+                    } else {
+                        DeviceModel::Plain(&mut bound)
+                    };
                     let transformer = &mut self.transformer;
                     denoise.run_on_device(&mut latents, transformer, model, batch_size, skip, cancelled, progress, t)?
                 }

@@ -9,9 +9,9 @@ mod graph;
 pub(crate) mod kernels;
 mod merge;
 mod provider;
-mod step;
 #[cfg(test)]
 mod static_graph_tests;
+mod step;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -494,10 +494,9 @@ impl Graph {
         let infer = |e: ort::Error| Error::inference(component, format!("the fixed `{name}` buffer: {e}"), boxed(e));
         if let Some(existing) = self.fixed.get(name) {
             let (dims, ty): (Vec<usize>, _) = match existing.dtype() {
-                ort::value::ValueType::Tensor { ty, shape, .. } => (
-                    shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).collect(),
-                    Some(ElementType::from_ort(*ty)),
-                ),
+                ort::value::ValueType::Tensor { ty, shape, .. } => {
+                    (shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).collect(), Some(ElementType::from_ort(*ty)))
+                }
                 _ => (Vec::new(), None),
             };
             if dims == shape && ty == Some(dtype) {
