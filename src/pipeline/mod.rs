@@ -633,9 +633,16 @@ impl Sd3Pipeline {
             } else {
                 None
             };
-            for _ in 0..plan.seeds.len() {
+            // One copy per image of the request; the last takes the encoded states themselves (a 1024x1024
+            // SD3 context is 5.4 MB: every copy is host time outside ONNX Runtime, issue 19).
+            let images = plan.seeds.len();
+            for _ in 1..images {
                 conds.push(cond.clone());
                 negs.extend(neg.clone());
+            }
+            if images > 0 {
+                conds.push(cond);
+                negs.extend(neg);
             }
         }
         let batch = Conditioning::stack(&negs, &conds)?;
