@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (compute capability 8.9 or newer: H100/H200, L4/L40, RTX 40xx): the FP8 matrix products of
 # issue 19 (`models/export/fused_kernels.py --fp8`: LinearFp8 / LinearConcatFp8 / LinearSplitFp8, cuBLASLt E4M3
-# matmuls; src/runtime/kernels). NOT RUN YET: written without a GPU; the first run is its own test.
+# matmuls; src/runtime/kernels). First H200 run (2026-12-03, docs/gpu-results/2026-12-03-h200-round19): the
+# kernel check passed after two fixes; the full-size FP8 rewrite then failed on the machine's onnx 1.23 (hard-linked
+# external data, since fixed in fused_kernels.py), so the FP8 rows of the time stage are still to be measured.
 # Stages (each skipped when its output exists, so a later call on a warm machine continues):
 #   build   /tmp/sd3m (build_sd3m.sh: SD3-medium shapes, random weights, fp16; TEXT_LAYERS=1 by default: the text
 #           encoders are not what is measured), /tmp/sd3m-fused (fused_kernels.py) and /tmp/sd3m-fp8

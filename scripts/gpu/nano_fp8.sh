@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (compute capability 8.9 or newer: H100/H200, L4/L40, RTX 40xx): issue 19's acceptance test,
-# held-out adherence of the nano model in FP8 on CUDA against its float16 and float32 graphs. NOT RUN YET: written
-# without a GPU and dry-run on the CPU only (EP=cpu STEPS=2 LIMIT=2); the first GPU run is its own test.
+# held-out adherence of the nano model in FP8 on CUDA against its float16 and float32 graphs. Run once on an H200
+# (2026-12-03, MODES=cfg, through round19.sh PHASE=nano: 83 s for three variants; docs/gpu-results/
+# 2026-12-03-h200-round19/nano-fp8-*); MODES=nocfg (guidance 1) not run on a GPU yet.
 #
 # Draws models/nano/eval_prompts.json (240 held-out prompts; LIMIT=N: the first N, which are N/5 per category)
 # with examples/txt2img --prompts-from (one process per variant and mode: CUDA starts once, not once per image;
