@@ -28,22 +28,9 @@ impl Sd3Pipeline {
     /// The VAE decoder with its output left in the memory it computes in, then converted to RGB bytes there
     /// (`Graph::rgb_bytes`: the host conversion's arithmetic; equal to the bit on the CPU provider: the tests below and src/runtime/step/rgb.rs).
     pub(super) fn decode_on_device(&mut self, z: Array4<f32>) -> Result<Vec<image::RgbImage>> {
-        let f = self.info.vae_scale_factor;
-        let (b, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
         let z = z.into_dyn();
         let sample = self.vae_decoder.run_to_device(&[("latent_sample", Input::Float(z.view()))], "sample")?;
-        let expected = [b, 3, h * f, w * f];
-        if sample.shape() != expected {
-            return Err(Error::inference(
-                Component::VaeDecoder,
-                format!(
-                    "`sample` has shape {:?} for latents of shape {:?}; expected {expected:?} (the VAE factor is {f})",
-                    sample.shape(),
-                    z.shape()
-                ),
-                None,
-            ));
-        }
+        self.check_sample_shape(&sample.shape(), z.shape())?;
         let ([b, h, w], bytes) = self.vae_decoder.rgb_bytes(&sample)?;
         let (w32, h32) = (u32::try_from(w), u32::try_from(h));
         let (Ok(w32), Ok(h32)) = (w32, h32) else {
@@ -66,21 +53,26 @@ impl Sd3Pipeline {
         let sample = to4(Component::VaeDecoder, sample)?;
         // The tiled decode blends and joins tiles by these sizes: a graph that answers with another shape is
         // reported here, not left to fail (or panic) in the blend.
+        self.check_sample_shape(sample.shape(), z.shape())?;
+        Ok(sample)
+    }
+
+    /// The decoder's `sample` must be `[b, 3, h * f, w * f]` for latents `[b, C, h, w]` (f the VAE factor).
+    fn check_sample_shape(&self, sample: &[usize], latents: &[usize]) -> Result<()> {
         let f = self.info.vae_scale_factor;
-        let (b, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
+        let (b, h, w) = (latents[0], latents[2], latents[3]);
         let expected = [b, 3, h * f, w * f];
-        if sample.shape() != expected {
+        if sample != expected {
             return Err(Error::inference(
                 Component::VaeDecoder,
                 format!(
-                    "`sample` has shape {:?} for latents of shape {:?}; expected {expected:?} (the VAE factor is {f})",
-                    sample.shape(),
-                    z.shape()
+                    "`sample` has shape {sample:?} for latents of shape {latents:?}; expected {expected:?} (the VAE \
+                     factor is {f})"
                 ),
                 None,
             ));
         }
-        Ok(sample)
+        Ok(())
     }
 
     /// diffusers' `AutoencoderKL.tiled_decode` (0.35.2 `models/autoencoders/autoencoder_kl.py`; in 0.42.1 the same code moved to a tiling mixin, docs/diffusers-versions.md): latent tiles

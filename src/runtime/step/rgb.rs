@@ -8,8 +8,6 @@
 //! u8`), here by replacing NaN with -1 first so that no NaN reaches `Max`/`Min`, whose NaN handling differs
 //! between providers. On the CPU provider the two agree to the bit (tests below).
 
-#[cfg(test)]
-use ndarray::ArrayViewD;
 use ort::session::Session;
 use ort::value::{DynTensorValueType, Tensor};
 
@@ -130,36 +128,36 @@ impl Graph {
     }
 }
 
-/// Runs [`rgb_graph`] on the CPU provider over `sample` (float32 `[b, 3, h, w]`), for tests.
-#[cfg(test)]
-fn rgb_on_cpu(sample: ArrayViewD<'_, f32>, as_type: ElementType) -> Vec<u8> {
-    use half::f16;
-    let bytes = rgb_graph(as_type).expect("graph");
-    let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
-    let mut session = Session::builder(&env).expect("builder").commit_from_memory(&bytes).expect("session");
-    let k = Tensor::from_array(([CONSTANTS.len()], CONSTANTS.to_vec())).expect("k");
-    let shape = sample.shape().to_vec();
-    let data: Vec<f32> = sample.iter().copied().collect();
-    let outputs = match as_type {
-        ElementType::Float16 => {
-            let s = Tensor::from_array((shape, data.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>())).expect("s");
-            session.run(ort::inputs!["sample" => s, "k" => k]).expect("run")
-        }
-        _ => {
-            let s = Tensor::from_array((shape, data)).expect("s");
-            session.run(ort::inputs!["sample" => s, "k" => k]).expect("run")
-        }
-    };
-    outputs["rgb"].try_extract_tensor::<u8>().expect("u8").1.to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use half::f16;
-    use ndarray::{Array4, ArrayD, IxDyn};
+    use ndarray::{Array4, ArrayD, ArrayViewD, IxDyn};
 
     use super::*;
     use crate::imageio::batch_to_rgb;
+
+    /// Runs [`rgb_graph`] on the CPU provider over `sample` (float32 `[b, 3, h, w]`), for tests.
+    fn rgb_on_cpu(sample: ArrayViewD<'_, f32>, as_type: ElementType) -> Vec<u8> {
+        use half::f16;
+        let bytes = rgb_graph(as_type).expect("graph");
+        let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
+        let mut session = Session::builder(&env).expect("builder").commit_from_memory(&bytes).expect("session");
+        let k = Tensor::from_array(([CONSTANTS.len()], CONSTANTS.to_vec())).expect("k");
+        let shape = sample.shape().to_vec();
+        let data: Vec<f32> = sample.iter().copied().collect();
+        let outputs = match as_type {
+            ElementType::Float16 => {
+                let s =
+                    Tensor::from_array((shape, data.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>())).expect("s");
+                session.run(ort::inputs!["sample" => s, "k" => k]).expect("run")
+            }
+            _ => {
+                let s = Tensor::from_array((shape, data)).expect("s");
+                session.run(ort::inputs!["sample" => s, "k" => k]).expect("run")
+            }
+        };
+        outputs["rgb"].try_extract_tensor::<u8>().expect("u8").1.to_vec()
+    }
 
     /// Values that test every branch of the host conversion: NaN, infinities, the clamp edges, every tie between
     /// two levels (k + 0.5) / 255 mapped back to [-1, 1] and its float32 neighbours, negative zero, subnormals.
