@@ -53,6 +53,10 @@ case "$PHASE" in
         BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-fp8-build bash scripts/gpu/fp8.sh; echo "fp8 build: $(( $(date +%s) - t )) s"
         [ "${SD35M:-1}" = 1 ] || { echo "chain1 done (SD35M=0)"; exit 0; }
         rm -f /tmp/build-*.done
+        # with SD35L=1 the SD3.5-large build shares the disk (its float32 export peaks near 33 GB): wait for room
+        for ((i = 0; i < 900; i += 10)); do
+          [ "$(df -P -BG /tmp | awk '"'"'NR==2 {gsub("G", "", $4); print $4}'"'"')" -ge ${SD35M_NEED_GB:-20} ] && break; sleep 10
+        done; df -h /tmp | tail -1
         BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-sd35m-build bash scripts/gpu/sd35m.sh; echo "sd35m build: $(( $(date +%s) - t )) s"
         echo chain1 done' > /tmp/r19-chain1.log 2>&1 < /dev/null &
     fi
