@@ -107,8 +107,11 @@ if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
 fi
 if want build || [ ! -f /tmp/sd3m-fp8/transformer/model.onnx ]; then
   if [ ! -f /tmp/sd3m/transformer/model.onnx ] && [ ! -f /tmp/sd3m.started ]; then
+    # check what the build needs before leaving the marker: a marker left by a build that never started made
+    # the next call wait for nothing (2026-12-03, a fresh machine without .whl: the device time ran out)
+    python3 -c "import diffusers" 2>/dev/null || { echo "no diffusers on this machine: carry .whl (a fresh machine?)"; exit 1; }
     touch /tmp/sd3m.started
-    TEXT_LAYERS=${TEXT_LAYERS:-1} bash scripts/gpu/build_sd3m.sh || exit 1
+    TEXT_LAYERS=${TEXT_LAYERS:-1} bash scripts/gpu/build_sd3m.sh || { rm -f /tmp/sd3m.started; exit 1; }
   fi
   bash scripts/gpu/wait.sh ${BUILD_WAIT:-500} > "$OUT/build.log" 2>&1; tail -8 "$OUT/build.log"
   for c in transformer text_encoder text_encoder_2 text_encoder_3 vae_decoder; do

@@ -43,6 +43,13 @@ status() {
 }
 [ "${STATUS:-0}" = 1 ] && status
 cores=$(nproc); build_cpus="4-$(( cores - 1 ))"
+# A machine that went back while idle comes back bare: every phase but start would then rebuild (or wait) in the
+# wrong place. Say so at once (2026-12-03: a fifth call after an interruption found a fresh machine and its
+# device time went into a build that could not start).
+if [ "$PHASE" != start ] && [ "$PHASE" != status ] && [ "$PHASE" != nano ] && [ ! -f /tmp/r19-chain1.started ]; then
+  echo "this machine is fresh (no PHASE=start ran on it): run PHASE=start with .whl, .device-bin and the bundle first"
+  exit 3
+fi
 case "$PHASE" in
   start)
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
