@@ -25,7 +25,7 @@ mod start;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ndarray::{concatenate, Array1, Array4, ArrayD, Axis};
+use ndarray::{concatenate, s, Array1, Array3, Array4, ArrayD, Axis};
 
 pub use builder::Sd3PipelineBuilder;
 pub use card::ModelCard;
@@ -602,14 +602,14 @@ impl Sd3Pipeline {
         cancelled: &dyn Fn() -> bool,
         warnings: &mut Vec<Warning>,
     ) -> Result<(Conditioning, Option<Conditioning>)> {
-        let (mut conds, mut negs) = (Vec::new(), Vec::new());
-        for (r, plan) in requests.iter().zip(plans) {
-            // Text encoding can take longer than a step (T5-XXL): look at the token between prompts too.
-            if cancelled() {
-                return Err(Error::Cancelled { step: 0 });
-            }
+        // Tokenize every prompt first: the sequence length is then known and each prompt's states go straight into
+        // its slot of the batch (diffusers' order: negatives, then positives; one slot per image), with no
+        // per-prompt context and no stacking copy (a 1024x1024 SD3 context is 5.4 MB: each copy is host time
+        // outside ONNX Runtime, issue 19). Other images of a request copy their first image's slot.
+        let mut prepared = Vec::with_capacity(requests.len());
+        for r in requests {
             let mut truncations = Vec::new();
-            let cond = self.text.encode(
+            let cond = self.text.prepare(
                 &r.prompt,
                 r.max_sequence_length,
                 r.clip_skip,
@@ -620,7 +620,7 @@ impl Sd3Pipeline {
             warnings.extend(truncations.drain(..).map(Warning::from));
             // diffusers encodes the negative prompt without clip_skip, and only when guidance is on.
             let neg = if cfg {
-                let neg = self.text.encode(
+                let neg = self.text.prepare(
                     &r.negative_prompt,
                     r.max_sequence_length,
                     None,
@@ -633,22 +633,62 @@ impl Sd3Pipeline {
             } else {
                 None
             };
-            // One copy per image of the request; the last takes the encoded states themselves (a 1024x1024
-            // SD3 context is 5.4 MB: every copy is host time outside ONNX Runtime, issue 19).
-            let images = plan.seeds.len();
-            for _ in 1..images {
-                conds.push(cond.clone());
-                negs.extend(neg.clone());
-            }
-            if images > 0 {
-                conds.push(cond);
-                negs.extend(neg);
-            }
+            prepared.push((cond, neg));
         }
-        let batch = Conditioning::stack(&negs, &conds)?;
+        let seq = prepared.first().map_or(0, |(c, _)| c.seq_len());
+        if let Some((c, _)) =
+            prepared.iter().find(|(c, n)| c.seq_len() != seq || n.as_ref().is_some_and(|n| n.seq_len() != seq))
+        {
+            return Err(Error::internal(format!(
+                "stacking the text conditioning: prompts of {} and {} tokens in one batch",
+                seq,
+                c.seq_len()
+            )));
+        }
+        let images: usize = plans.iter().map(|p| p.seeds.len()).sum();
+        let halves = if cfg { 2 } else { 1 };
+        let mut context = Array3::<f32>::zeros((images * halves, seq, self.text.joint_dim));
+        let mut pooled: Vec<Array1<f32>> = vec![Array1::zeros(0); images * halves];
+        let mut first = 0;
+        for ((cond, neg), plan) in prepared.iter().zip(plans) {
+            // Text encoding can take longer than a step (T5-XXL): look at the token between prompts too.
+            if cancelled() {
+                return Err(Error::Cancelled { step: 0 });
+            }
+            let n = plan.seeds.len();
+            if n == 0 {
+                continue;
+            }
+            // (prepared prompt, the batch slot of its request's first image)
+            let offset = if cfg { images } else { 0 };
+            let mut slots = vec![(cond, offset + first)];
+            if let Some(neg) = neg {
+                slots.push((neg, first));
+            }
+            for (p, slot) in slots {
+                pooled[slot] = self.text.encode_into(p, context.index_axis_mut(Axis(0), slot))?;
+                for other in slot + 1..slot + n {
+                    let (src, mut dst) = context.multi_slice_mut((s![slot, .., ..], s![other, .., ..]));
+                    dst.assign(&src);
+                    pooled[other] = pooled[slot].clone();
+                }
+            }
+            first += n;
+        }
+        let views: Vec<_> = pooled.iter().map(|p| p.view().insert_axis(Axis(0))).collect();
+        let pooled = concatenate(Axis(0), &views)
+            .map_err(|e| Error::internal(format!("stacking the pooled text conditioning: {e}")))?;
         let slg = requests.first().is_some_and(|r| r.skip_layer_guidance.is_some());
-        let positives = if slg { Some(Conditioning::stack(&[], &conds)?) } else { None };
-        Ok((batch, positives))
+        let positives = if slg {
+            let from = if cfg { images } else { 0 };
+            Some(Conditioning {
+                context: context.slice(s![from.., .., ..]).to_owned().into_dyn(),
+                pooled: pooled.slice(s![from.., ..]).to_owned().into_dyn(),
+            })
+        } else {
+            None
+        };
+        Ok((Conditioning { context: context.into_dyn(), pooled: pooled.into_dyn() }, positives))
     }
 }
 
@@ -659,18 +699,6 @@ struct Conditioning {
 }
 
 impl Conditioning {
-    /// diffusers batches `[negatives..., positives...]`; without guidance `negatives` is empty.
-    fn stack(negatives: &[TextConditioning], positives: &[TextConditioning]) -> Result<Self> {
-        let all: Vec<&TextConditioning> = negatives.iter().chain(positives).collect();
-        let contexts: Vec<_> = all.iter().map(|c| c.context.view()).collect();
-        let pooled: Vec<_> = all.iter().map(|c| c.pooled.view()).collect();
-        let context = concatenate(Axis(0), &contexts)
-            .map_err(|e| Error::internal(format!("stacking the text conditioning: {e}")))?;
-        let pooled = concatenate(Axis(0), &pooled)
-            .map_err(|e| Error::internal(format!("stacking the text conditioning: {e}")))?;
-        Ok(Conditioning { context: context.into_dyn(), pooled: pooled.into_dyn() })
-    }
-
     fn batch(&self) -> usize {
         self.context.shape()[0]
     }

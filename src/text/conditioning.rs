@@ -8,7 +8,7 @@
 //! `_get_t5_prompt_embeds` in pipeline_stable_diffusion_3.py:248-256 of 0.42.1), or what
 //! [`NoT5Padding`] picks instead (77 as diffusers <= 0.35, or none as ComfyUI).
 
-use ndarray::{concatenate, s, Array2, Array3, Axis};
+use ndarray::{concatenate, s, Array1, Array2, Array3, ArrayViewMut2, Axis};
 
 use super::encoders::{ClipEncoder, T5Encoder};
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
@@ -85,6 +85,32 @@ pub(crate) struct TextEncoders {
     pub clip_len: usize,
 }
 
+/// A prompt tokenized for the three encoders, before any graph runs: its sequence length is known, so its states
+/// can be written straight into a batch buffer ([`TextEncoders::encode_into`]).
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedPrompt {
+    /// CLIP-L's and CLIP-G's tokens, with the token weights when one differs from 1.0.
+    clip: [(TokenizedPrompt, Option<Vec<f32>>); 2],
+    /// T5's tokens and weights; `None` without a T5 encoder.
+    t5: Option<(TokenizedPrompt, Option<Vec<f32>>)>,
+    /// Zero tokens standing in for T5 (no-T5 mode only).
+    no_t5_tokens: usize,
+    clip_skip: Option<usize>,
+    max_sequence_length: usize,
+}
+
+impl PreparedPrompt {
+    /// Rows of the CLIP part of the context (the CLIP token count).
+    fn clip_rows(&self) -> usize {
+        self.clip[0].0.ids.len()
+    }
+
+    /// Rows of the whole context: CLIP tokens, then T5 tokens (or the zeros standing in for them).
+    pub fn seq_len(&self) -> usize {
+        self.clip_rows() + self.t5.as_ref().map_or(self.no_t5_tokens, |(t, _)| t.ids.len())
+    }
+}
+
 impl TextEncoders {
     /// Encodes one prompt. Truncations are appended to `truncations`. `no_t5` applies only without a T5 encoder.
     /// With `weighting`, emphasis syntax (`(word:1.3)`, see `weighting.rs`) weighs tokens as ComfyUI does; a
@@ -98,65 +124,127 @@ impl TextEncoders {
         weighting: bool,
         truncations: &mut Vec<Truncation>,
     ) -> Result<TextConditioning> {
+        let prepared = self.prepare(prompt, max_sequence_length, clip_skip, no_t5, weighting, truncations)?;
+        let mut context = Array3::<f32>::zeros((1, prepared.seq_len(), self.joint_dim));
+        let pooled = self.encode_into(&prepared, context.index_axis_mut(Axis(0), 0))?;
+        Ok(TextConditioning { context, pooled: pooled.insert_axis(Axis(0)) })
+    }
+
+    /// Tokenizes a prompt for the three encoders (what [`encode`](Self::encode) does before running them).
+    pub fn prepare(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+        clip_skip: Option<usize>,
+        no_t5: NoT5Padding,
+        weighting: bool,
+        truncations: &mut Vec<Truncation>,
+    ) -> Result<PreparedPrompt> {
         let segments = if weighting { weighting::parse(prompt)? } else { None };
         let segments = segments.as_deref();
-        let mut clip_states = Vec::with_capacity(2);
+        let clip_l =
+            tokenize(&self.clip_l.tokenizer, self.clip_l.component(), prompt, segments, self.clip_len, truncations)?;
+        let clip_g =
+            tokenize(&self.clip_g.tokenizer, self.clip_g.component(), prompt, segments, self.clip_len, truncations)?;
+        let t5 = match &self.t5 {
+            Some(t5) => Some(tokenize(
+                &t5.tokenizer,
+                Component::TextEncoderT5,
+                prompt,
+                segments,
+                max_sequence_length,
+                truncations,
+            )?),
+            None => None,
+        };
+        Ok(PreparedPrompt {
+            clip: [clip_l, clip_g],
+            t5,
+            no_t5_tokens: self.no_t5_tokens(max_sequence_length, no_t5),
+            clip_skip,
+            max_sequence_length,
+        })
+    }
+
+    /// Runs the encoders on a prepared prompt and writes its context (`[seq_len, joint_dim]`: the CLIP-L and
+    /// CLIP-G penultimate states side by side and zero-padded to the joint width, then the T5 states or zeros)
+    /// straight into `context`, a slot of the caller's batch buffer: no per-prompt buffer (issue 19: each copy of
+    /// a 1024x1024 SD3 context is 5.4 MB of host time). Returns the pooled vector (CLIP-L's then CLIP-G's).
+    pub fn encode_into(
+        &mut self,
+        prepared: &PreparedPrompt,
+        mut context: ArrayViewMut2<'_, f32>,
+    ) -> Result<Array1<f32>> {
+        let rows = prepared.clip_rows();
+        if context.shape() != [prepared.seq_len(), self.joint_dim] {
+            return Err(Error::internal(format!(
+                "a context slot of shape {:?} for a prompt of {} tokens at width {}",
+                context.shape(),
+                prepared.seq_len(),
+                self.joint_dim
+            )));
+        }
         let mut pooled = Vec::with_capacity(2);
-        for enc in [&mut self.clip_l, &mut self.clip_g] {
-            let (tokens, weights) =
-                tokenize(&enc.tokenizer, enc.component(), prompt, segments, self.clip_len, truncations)?;
+        let mut width = 0;
+        for (enc, (tokens, weights)) in [&mut self.clip_l, &mut self.clip_g].into_iter().zip(&prepared.clip) {
             // ComfyUI's pooled output is the one of the weighted tokens themselves (`first_pooled`).
-            let (mut h, p) = enc.encode(&tokens, clip_skip)?;
+            let (mut h, p) = enc.encode(tokens, prepared.clip_skip)?;
             if let Some(weights) = weights {
-                let (empty, _) = enc.encode(&enc.tokenizer.encode("", self.clip_len)?, clip_skip)?;
-                apply_weights(enc.component(), &mut h, &empty, &weights)?;
+                let (empty, _) = enc.encode(&enc.tokenizer.encode("", self.clip_len)?, prepared.clip_skip)?;
+                apply_weights(enc.component(), &mut h.view_mut(), &empty, weights)?;
             }
-            clip_states.push(h);
+            let (h_rows, w) = h.dim();
+            if h_rows != rows {
+                return Err(Error::inference(
+                    Component::Model,
+                    format!("CLIP-L and CLIP-G states cannot be joined: {h_rows} rows against {rows} tokens"),
+                    None,
+                ));
+            }
+            if width + w > self.joint_dim {
+                return Err(Error::inference(
+                    Component::Model,
+                    format!(
+                        "CLIP-L + CLIP-G width {} exceeds the T5 / joint attention width {}",
+                        width + w,
+                        self.joint_dim
+                    ),
+                    None,
+                ));
+            }
+            context.slice_mut(s![..rows, width..width + w]).assign(&h);
+            width += w;
             pooled.push(p);
         }
-        let clip = concatenate(Axis(1), &[clip_states[0].view(), clip_states[1].view()])
-            .map_err(|e| self.shape_error(format!("CLIP-L and CLIP-G states cannot be joined: {e}")))?;
-        let clip_width = clip.shape()[1];
-        if clip_width > self.joint_dim {
-            return Err(self.shape_error(format!(
-                "CLIP-L + CLIP-G width {clip_width} exceeds the T5 / joint attention width {}",
-                self.joint_dim
-            )));
-        }
-        let t5 = match &mut self.t5 {
-            Some(t5) => {
-                let (tokens, weights) = tokenize(
-                    &t5.tokenizer,
-                    Component::TextEncoderT5,
-                    prompt,
-                    segments,
-                    max_sequence_length,
-                    truncations,
-                )?;
-                let mut states = t5.encode(&tokens)?;
+        context.slice_mut(s![..rows, width..]).fill(0.0);
+        let mut rest = context.slice_mut(s![rows.., ..]);
+        match (&mut self.t5, &prepared.t5) {
+            (Some(t5), Some((tokens, weights))) => {
+                let mut states = t5.encode(tokens)?;
                 if let Some(weights) = weights {
-                    let empty = t5.encode(&t5.tokenizer.encode("", max_sequence_length)?)?;
-                    apply_weights(Component::TextEncoderT5, &mut states, &empty, &weights)?;
+                    let empty = t5.encode(&t5.tokenizer.encode("", prepared.max_sequence_length)?)?;
+                    apply_weights(Component::TextEncoderT5, &mut states.view_mut(), &empty, weights)?;
                 }
-                states
+                if states.shape()[1] != self.joint_dim {
+                    return Err(Error::inference(
+                        Component::Model,
+                        format!("T5 returned width {}, the transformer expects {}", states.shape()[1], self.joint_dim),
+                        None,
+                    ));
+                }
+                if states.shape()[0] != rest.shape()[0] {
+                    return Err(Error::inference(
+                        Component::TextEncoderT5,
+                        format!("last_hidden_state has {} rows for {} tokens", states.shape()[0], rest.shape()[0]),
+                        None,
+                    ));
+                }
+                rest.assign(&states);
             }
-            None => Array2::zeros((self.no_t5_tokens(max_sequence_length, no_t5), self.joint_dim)),
-        };
-        if t5.shape()[1] != self.joint_dim {
-            return Err(self.shape_error(format!(
-                "T5 returned width {}, the transformer expects {}",
-                t5.shape()[1],
-                self.joint_dim
-            )));
+            _ => rest.fill(0.0),
         }
-        let seq = clip.shape()[0] + t5.shape()[0];
-        let mut context = Array3::<f32>::zeros((1, seq, self.joint_dim));
-        context.slice_mut(s![0, ..clip.shape()[0], ..clip_width]).assign(&clip);
-        context.slice_mut(s![0, clip.shape()[0].., ..]).assign(&t5);
-        let pooled = concatenate(Axis(0), &[pooled[0].view(), pooled[1].view()])
-            .map_err(|e| Error::internal(format!("joining the pooled CLIP vectors: {e}")))?
-            .insert_axis(Axis(0));
-        Ok(TextConditioning { context, pooled })
+        concatenate(Axis(0), &[pooled[0].view(), pooled[1].view()])
+            .map_err(|e| Error::internal(format!("joining the pooled CLIP vectors: {e}")))
     }
 
     /// How many zero tokens stand in for T5 without a T5 encoder.
@@ -170,11 +258,6 @@ impl TextEncoders {
             // ComfyUI comfy/text_encoders/sd3_clip.py: without t5xxl the CLIP states are the whole context
             NoT5Padding::Omit => 0,
         }
-    }
-
-    /// The text encoder graphs answered with states that do not fit together.
-    fn shape_error(&self, message: String) -> Error {
-        Error::inference(Component::Model, message, None)
     }
 }
 
@@ -210,7 +293,12 @@ fn tokenize(
 /// ComfyUI's token weighting (`comfy/sd1_clip.py`, `ClipTokenWeightEncoder.encode_token_weights`): each token's
 /// state moves away from the empty prompt's state at the same position by its weight,
 /// `z[j] = (z[j] - z_empty[j]) * w[j] + z_empty[j]`; tokens of weight 1.0 are left untouched.
-fn apply_weights(component: Component, states: &mut Array2<f32>, empty: &Array2<f32>, weights: &[f32]) -> Result<()> {
+fn apply_weights(
+    component: Component,
+    states: &mut ArrayViewMut2<'_, f32>,
+    empty: &Array2<f32>,
+    weights: &[f32],
+) -> Result<()> {
     if states.shape() != empty.shape() || states.shape()[0] != weights.len() {
         return Err(Error::inference(
             component,
