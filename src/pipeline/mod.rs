@@ -259,7 +259,7 @@ impl Sd3Pipeline {
         // Without a request there are no LoRAs: the text encoders run on their own weights.
         self.apply_loras(&[])?;
         let mut truncations = Vec::new();
-        let cond = self.text.encode(
+        let prepared = self.text.prepare(
             prompt,
             max_sequence_length,
             clip_skip,
@@ -267,6 +267,7 @@ impl Sd3Pipeline {
             weighting,
             &mut truncations,
         )?;
+        let cond = self.text.encode(&prepared)?;
         Ok((cond, truncations.into_iter().map(Warning::from).collect()))
     }
 

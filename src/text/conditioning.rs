@@ -112,25 +112,16 @@ impl PreparedPrompt {
 }
 
 impl TextEncoders {
-    /// Encodes one prompt. Truncations are appended to `truncations`. `no_t5` applies only without a T5 encoder.
-    /// With `weighting`, emphasis syntax (`(word:1.3)`, see `weighting.rs`) weighs tokens as ComfyUI does; a
-    /// prompt without it is encoded exactly as with `weighting` off.
-    pub fn encode(
-        &mut self,
-        prompt: &str,
-        max_sequence_length: usize,
-        clip_skip: Option<usize>,
-        no_t5: NoT5Padding,
-        weighting: bool,
-        truncations: &mut Vec<Truncation>,
-    ) -> Result<TextConditioning> {
-        let prepared = self.prepare(prompt, max_sequence_length, clip_skip, no_t5, weighting, truncations)?;
+    /// Encodes one prepared prompt into a conditioning of its own (a batch of one).
+    pub fn encode(&mut self, prepared: &PreparedPrompt) -> Result<TextConditioning> {
         let mut context = Array3::<f32>::zeros((1, prepared.seq_len(), self.joint_dim));
-        let pooled = self.encode_into(&prepared, context.index_axis_mut(Axis(0), 0))?;
+        let pooled = self.encode_into(prepared, context.index_axis_mut(Axis(0), 0))?;
         Ok(TextConditioning { context, pooled: pooled.insert_axis(Axis(0)) })
     }
 
-    /// Tokenizes a prompt for the three encoders (what [`encode`](Self::encode) does before running them).
+    /// Tokenizes a prompt for the three encoders; truncations are appended to `truncations`. `no_t5` applies only
+    /// without a T5 encoder. With `weighting`, emphasis syntax (`(word:1.3)`, see `weighting.rs`) weighs tokens as
+    /// ComfyUI does; a prompt without it is encoded exactly as with `weighting` off.
     pub fn prepare(
         &self,
         prompt: &str,
