@@ -4,8 +4,10 @@
 #   start    stash the CUDA bundle's pieces carried so far, install diffusers (.whl) into /tmp/site, unpack the
 #            carried binaries (.device-bin/*.xz) into /tmp/r19-bin, and start the builds as one background chain
 #            (setsid: it outlives the call), CPU cores 4.. at nice 19 so that measurements keep cores 0-3:
-#              fp8.sh STAGE=build (/tmp/sd3m, -fused, -fp8, -fp8s), then sd35m.sh STAGE=build (/tmp/sd35m, -fused);
-#            and, when scripts/gpu/sd35l.sh exists and SD35L=1, its build in a second chain.
+#              chain 1: fp8.sh STAGE=build (/tmp/sd3m, -fused, -fp8, -fp8s);
+#              chain 3 (at the same time): sd35m.sh STAGE=build (/tmp/sd35m, -fused); SD35M=0 leaves it out;
+#            and, when scripts/gpu/sd35l.sh exists and SD35L=1, its build in chain 2 (then SD3.5-medium's build
+#            waits for chain 1 and for disk room, in chain 1).
 #   status   the chains' logs, disk and memory (any call may add STATUS=1 to print this first).
 #   tiny     (needs the whole bundle) the lib tests on CUDA: the FP8 kernels against the Python emulation, the
 #            GPU RGB conversion against the host's, then the tiny FP8 fixtures (fp8.sh's check 1-2 are repeated by
@@ -35,7 +37,7 @@ if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
 fi
 status() {
   echo "== status $(date +%T)"
-  for f in /tmp/r19-chain1.log /tmp/r19-chain2.log; do [ -f "$f" ] && { echo "-- $f"; tail -6 "$f"; }; done
+  for f in /tmp/r19-chain1.log /tmp/r19-chain2.log /tmp/r19-chain3.log; do [ -f "$f" ] && { echo "-- $f"; tail -6 "$f"; }; done
   ls -d /tmp/sd3m* /tmp/sd35m* /tmp/sd35l* 2>/dev/null | while read -r d; do
     [ -f "$d/transformer/model.onnx" ] && echo "built: $d"
   done
@@ -58,14 +60,22 @@ case "$PHASE" in
       setsid nohup taskset -c "$build_cpus" nice -n 19 bash -c '
         t=$(date +%s)
         BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-fp8-build bash scripts/gpu/fp8.sh; echo "fp8 build: $(( $(date +%s) - t )) s"
-        [ "${SD35M:-1}" = 1 ] || { echo "chain1 done (SD35M=0)"; exit 0; }
-        rm -f /tmp/build-*.done
-        # with SD35L=1 the SD3.5-large build shares the disk (its float32 export peaks near 33 GB): wait for room
+        [ "${SD35M:-1}" = 1 ] && [ "${SD35L:-0}" = 1 ] || { echo "chain1 done"; exit 0; }
+        # with SD35L=1 the SD3.5-large build shares the disk (its float32 export peaks near 33 GB): wait for room,
+        # then build SD3.5-medium after SD3-medium (without SD35L it runs beside it, in chain 3)
         for ((i = 0; i < 900; i += 10)); do
           [ "$(df -P -BG /tmp | awk '"'"'NR==2 {gsub("G", "", $4); print $4}'"'"')" -ge ${SD35M_NEED_GB:-20} ] && break; sleep 10
         done; df -h /tmp | tail -1
         BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-sd35m-build bash scripts/gpu/sd35m.sh; echo "sd35m build: $(( $(date +%s) - t )) s"
         echo chain1 done' > /tmp/r19-chain1.log 2>&1 < /dev/null &
+    fi
+    # SD3.5-medium beside SD3-medium (2026-12-04: the exports are mostly one thread each; 12 build cores, 128 GB
+    # of RAM and 64 GB of disk hold both; build_sd3m.sh's BUILD_TAG keeps their job files apart)
+    if [ "${SD35M:-1}" = 1 ] && [ "${SD35L:-0}" != 1 ] && [ ! -f /tmp/r19-chain3.started ]; then
+      touch /tmp/r19-chain3.started
+      setsid nohup taskset -c "$build_cpus" nice -n 19 bash -c '
+        t=$(date +%s); BUILD_WAIT=1500 STAGE=build OUT=/tmp/r19-sd35m-build bash scripts/gpu/sd35m.sh
+        echo "sd35m build: $(( $(date +%s) - t )) s"; echo chain3 done' > /tmp/r19-chain3.log 2>&1 < /dev/null &
     fi
     if [ "${SD35L:-0}" = 1 ] && [ -f scripts/gpu/sd35l.sh ] && [ ! -f /tmp/r19-chain2.started ]; then
       touch /tmp/r19-chain2.started
@@ -96,7 +106,7 @@ case "$PHASE" in
     status > "$OUT/status.txt" ;;
   sd35m)
     for ((i = 0; i < ${SD35M_WAIT:-300}; i += 10)); do [ -f /tmp/sd35m-fused/transformer/model.onnx ] && break; sleep 10; done
-    STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35m.sh ;;
+    STAGE=${SD35M_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/sd35m.sh ;;
   sd35l) STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35l.sh ;;
   nano) MODES=${MODES:-cfg} bash scripts/gpu/nano_fp8.sh ;;
   *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano"; exit 2 ;;

@@ -59,9 +59,9 @@ fi
 if want build || [ ! -f /tmp/sd35m-fused/transformer/model.onnx ]; then
   if [ ! -f /tmp/sd35m/transformer/model.onnx ] && [ ! -f /tmp/sd35m.started ]; then  # once: the jobs run on
     touch /tmp/sd35m.started                                                            # after a call that ends
-    RANDOM_VARIANT=sd3.5-medium DIR=/tmp/sd35m TEXT_LAYERS=1 bash scripts/gpu/build_sd3m.sh || exit 1
+    RANDOM_VARIANT=sd3.5-medium DIR=/tmp/sd35m TEXT_LAYERS=1 BUILD_TAG=sd35m bash scripts/gpu/build_sd3m.sh || exit 1
   fi
-  bash scripts/gpu/wait.sh ${BUILD_WAIT:-480} > "$OUT/build.log" 2>&1; tail -8 "$OUT/build.log"
+  BUILD_TAG=sd35m bash scripts/gpu/wait.sh ${BUILD_WAIT:-480} > "$OUT/build.log" 2>&1; tail -8 "$OUT/build.log"
   for c in transformer text_encoder text_encoder_2 text_encoder_3 vae_decoder; do
     [ -f /tmp/sd35m/$c/model.onnx ] || { echo "not built (yet): /tmp/sd35m/$c"; exit 1; }
   done
@@ -82,6 +82,8 @@ if want check; then
 fi
 if want time; then
   for v in sd35m sd35m-fused; do
+    # a later call (after one cut at the device tool's limit) keeps what was measured
+    [ -f "$OUT/ours-$v.json" ] && { echo "== ours: $v measured before, kept"; continue; }
     echo "== ours: $v ($(date +%T))"
     idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "/tmp/mem-$v.txt" &
@@ -95,7 +97,7 @@ if want time; then
       | tee "$OUT/peak-$v.txt"
     python3 scripts/gpu/table.py "$OUT" > "$OUT/table.md"; collect
   done
-  if [ "${TORCH:-1}" = 1 ]; then
+  if [ "${TORCH:-1}" = 1 ] && [ ! -f "$OUT/torch.json" ]; then
     echo "== diffusers, transformer only ($(date +%T))"
     timeout ${TORCH_TIMEOUT:-360} python3 scripts/gpu/bench_torch.py --variant sd3.5-medium --transformer-only \
       --tokenizers-from models/fixtures/tiny-sd3 --json "$OUT/torch.json" 2>&1 | grep -v Warning | tail -8 | tee "$OUT/torch.log"
