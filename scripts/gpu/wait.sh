@@ -4,7 +4,7 @@ limit=${1:-500}
 TAG=${BUILD_TAG:+$BUILD_TAG-}  # build_sd3m.sh's BUILD_TAG
 t0=$(date +%s)
 while :; do
-  n=$(ls /tmp/build-$TAG{t5,transformer,dynamo}.done 2>/dev/null | wc -l)
+  n=$(ls /tmp/build-${TAG}{t5,transformer,dynamo}.done 2>/dev/null | wc -l)
   [ "$n" -ge 3 ] && break
   [ $(( $(date +%s) - t0 )) -ge "$limit" ] && { echo "still running after ${limit}s ($n/3 done)"; break; }
   sleep 10
