@@ -10,6 +10,13 @@ bash scripts/setup-ort.sh
 # The library loads ONNX Runtime only from ORT_DYLIB_PATH or the builder option (.cargo/config.toml sets the
 # same for cargo commands; programs started outside cargo need the variable).
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
+# The FP8 kernels' per-thread loops (src/runtime/kernels/fp8.cu) on the CPU: their vector and scalar paths against
+# the one-value-at-a-time definitions (a second). The GPU runs of the same kernels need an FP8 GPU (scripts/gpu/).
+if command -v g++ >/dev/null 2>&1; then
+  bash scripts/check_fp8_cu.sh
+else
+  echo "skipped scripts/check_fp8_cu.sh: no g++ on this machine" >&2
+fi
 echo "building and running the tests (the first build takes several minutes)" >&2
 cargo test "$@"
 # Hub downloads (feature `download`): the hub module's unit tests and tests/hub.rs, which serves the tiny fixture

@@ -1323,7 +1323,9 @@ unsafe fn quantize(
 ) -> ort::Result<*const c_void> {
     let (amax_fn, quant_fn) = fp8_functions(api, current_context(api)?)?;
     const THREADS: u32 = 256;
-    let blocks = |cap: usize| n.div_ceil(THREADS as usize).clamp(1, cap) as u32;
+    // One thread per 8 values (fp8.cu reads 16-byte vectors); grid-stride loops cover the rest of a capped grid
+    // and the scalar path of an unaligned tensor.
+    let blocks = |cap: usize| n.div_ceil(8 * THREADS as usize).clamp(1, cap) as u32;
     let mut xp = x;
     let mut count = n as i64;
     let mut amax = slot as usize as *mut c_void;
