@@ -15,6 +15,7 @@
 #   fp8      fp8.sh STAGE=measure (waits for /tmp/sd3m-fp8); FP8_STAGE=check or time splits it.
 #   loop     device_loop.sh on sd3m-fused (host loop vs device loop, CUDA graphs when the binary has them).
 #   sd35m    sd35m.sh STAGE=measure.   sd35l   sd35l.sh STAGE=measure.   nano   nano_fp8.sh.
+#   vae      vae.sh: the dynamo and TorchScript VAE decoders timed on the same latents (needs /tmp/sd3m-fused).
 # Results: $OUT of each call (at most 8 files; each phase script picks its own).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -109,5 +110,6 @@ case "$PHASE" in
     STAGE=${SD35M_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/sd35m.sh ;;
   sd35l) STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35l.sh ;;
   nano) MODES=${MODES:-cfg} bash scripts/gpu/nano_fp8.sh ;;
-  *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano"; exit 2 ;;
+  vae) bash scripts/gpu/vae.sh ;;
+  *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano | vae"; exit 2 ;;
 esac

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# On the GPU machine: the VAE decoder of the two exporters side by side (issue 19's end-to-end time). Our GPU
+# builds (build_sd3m.sh) export the CLIPs and the VAE decoder with dynamo: its decoder has 30 ONNX
+# GroupNormalization nodes (174 nodes in all); export_sd3.py's default, TorchScript, writes the GroupNorms as
+# Reshape + InstanceNormalization + Mul/Add (475 nodes). The VAE decode took 83-106 ms per 1024x1024 image in the
+# GPU rounds of 2026-11-26 and 138-188 ms in those of 2026-12-03/04 (docs/gpu-results/2026-12-04-h200-round21):
+# which exporter each early round used is not on record. This times both on the same latents.
+#   1. /tmp/vae-ts: the same random VAE decoder (export_sd3.py --random, same seed: same weights) with TorchScript;
+#   2. /tmp/sd3m-fused-vaets: the fused SD3-medium folder (fp8.sh's build) with that decoder (hard links);
+#   3. examples/benchmark on both (1024x1024, 2 steps: the VAE does not depend on them; RUNS=3 after 1 warm-up),
+#      each with ONNX Runtime profiles (--profile) summarised for the decoder (profile_summary.py), and the two
+#      images compared (same latents, same weights: the exporters' arithmetic only).
+# Needs fp8.sh's /tmp/sd3m-fused, diffusers in /tmp/site, the CUDA bundle, $BIN (default /tmp/fp8-bin/benchmark).
+# $OUT gets vae.txt (timings, the op tables, the image difference).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PYTHONPATH=/tmp/site
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BIN=${BIN:-/tmp/fp8-bin/benchmark}
+[ -f /tmp/sd3m-fused/transformer/model.onnx ] || { echo "no /tmp/sd3m-fused: run fp8.sh STAGE=build first"; exit 1; }
+source .ort-cuda/env.sh
+{
+  if [ ! -f /tmp/vae-ts/vae_decoder/model.onnx ]; then
+    t=$(date +%s)
+    python3 models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 \
+      --exporter torchscript --components vae_decoder --out /tmp/vae-ts 2>&1 | grep -E "vae_decoder\].*nodes|rror" | cut -c1-200
+    echo "TorchScript VAE export: $(( $(date +%s) - t )) s"
+  fi
+  if [ ! -d /tmp/sd3m-fused-vaets ]; then
+    mkdir -p /tmp/sd3m-fused-vaets
+    for e in /tmp/sd3m-fused/*; do
+      [ "$(basename "$e")" = vae_decoder ] && continue
+      cp -al "$e" /tmp/sd3m-fused-vaets/
+    done
+    cp -al /tmp/vae-ts/vae_decoder /tmp/sd3m-fused-vaets/vae_decoder
+  fi
+  for v in sd3m-fused sd3m-fused-vaets; do
+    echo "== $v ($(date +%T))"
+    rm -rf "/tmp/vprof-$v"; mkdir -p "/tmp/vprof-$v"
+    timeout ${OURS_TIMEOUT:-150} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 2 --guidance 7 \
+      --runs ${RUNS:-3} --warmup 1 --output "/tmp/vae-$v.png" 2>&1 | grep -E "error|VAE decode|end to end" | head -4
+    timeout ${OURS_TIMEOUT:-150} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 2 --guidance 7 \
+      --runs 1 --warmup 1 --profile "/tmp/vprof-$v" > /dev/null 2>&1
+    p=$(ls /tmp/vprof-$v/vae_decoder_*.json 2>/dev/null | head -1)
+    [ -n "$p" ] && python3 scripts/gpu/profile_summary.py "$p" --top 12
+  done
+  python3 - <<'PY'
+import numpy as np
+from PIL import Image
+a = np.asarray(Image.open("/tmp/vae-sd3m-fused.png")).astype(np.float64)
+b = np.asarray(Image.open("/tmp/vae-sd3m-fused-vaets.png")).astype(np.float64)
+e = np.abs(a - b); mse = ((a - b) ** 2).mean()
+psnr = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+print(f"dynamo vs TorchScript VAE decoder, same latents and weights: max {e.max():.0f} levels, mean {e.mean():.3f}, PSNR {psnr:.2f} dB")
+PY
+} 2>&1 | tee "$OUT/vae.txt"
