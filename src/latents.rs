@@ -65,6 +65,7 @@ impl NoiseGenerator {
     /// Box-Muller on one block of 16 uniforms, in place: torch's `normal_fill_16_AVX2`
     /// (`ATen/native/cpu/DistributionTemplates.h`) with `log256_ps` / `sincos256_ps` from
     /// `ATen/native/cpu/avx_mathfun.h`, lane by lane.
+    #[inline(always)]
     fn normal_16(data: &mut [f32]) {
         // _mm256_set1_ps(2.0f * c10::pi<double>)
         let two_pi = (2.0 * std::f64::consts::PI) as f32;
@@ -93,11 +94,7 @@ impl NoiseGenerator {
         for v in out.iter_mut() {
             *v = self.uniform();
         }
-        let mut i = 0;
-        while i + 16 <= n {
-            Self::normal_16(&mut out[i..i + 16]);
-            i += 16;
-        }
+        box_muller_blocks(out);
         if !n.is_multiple_of(16) {
             let tail = &mut out[n - 16..];
             for v in tail.iter_mut() {
@@ -139,6 +136,34 @@ impl NoiseGenerator {
     }
 }
 
+/// Box-Muller on every whole block of 16 values of `out` ([`NoiseGenerator::normal_16`]). The polynomials use
+/// `f32::mul_add`, which without the FMA instructions in the build's target is a call to libm's software `fmaf`:
+/// on x86-64 CPUs that have FMA (checked at run time) the same code runs compiled with it. A fused multiply-add is
+/// rounded once either way, so both give the same bits (tests/seeds.rs); 1024x1024 latents on the project's
+/// CPU: 6.97 ms without, see `cargo bench --bench noise` (issue 19: our time outside ONNX Runtime).
+fn box_muller_blocks(out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the FMA instructions (checked on the line above).
+        unsafe { box_muller_blocks_fma(out) };
+        return;
+    }
+    box_muller_blocks_plain(out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn box_muller_blocks_fma(out: &mut [f32]) {
+    box_muller_blocks_plain(out);
+}
+
+#[inline(always)]
+fn box_muller_blocks_plain(out: &mut [f32]) {
+    for block in out.chunks_exact_mut(16) {
+        NoiseGenerator::normal_16(block);
+    }
+}
+
 // The constants are avx_mathfun.h's decimal literals as written there: rounding a shorter decimal to f32 can
 // land on the neighbouring float and change the last bit of some draws.
 /// `log256_ps` of avx_mathfun.h (Julien Pommier's AVX port of the Cephes `logf`), one lane, in the order of
@@ -146,6 +171,7 @@ impl NoiseGenerator {
 /// multiply-add (`-ffp-contract=fast`), so the polynomial and the final corrections use `mul_add` exactly where
 /// the kernel has an FMA. Valid for the arguments Box-Muller gives it, `(0, 1]`.
 #[allow(clippy::excessive_precision, clippy::approx_constant)]
+#[inline(always)]
 fn cephes_log(x: f32) -> f32 {
     const SQRTHF: f32 = 0.707106781186547524; // cephes_SQRTHF
     const P: [f32; 9] = [
@@ -188,6 +214,7 @@ fn cephes_log(x: f32) -> f32 {
 /// `sincos256_ps` of avx_mathfun.h (Cephes `sinf`/`cosf`), one lane, with the compiled kernel's fused
 /// multiply-adds (see [`cephes_log`]). Returns `(sin, cos)`.
 #[allow(clippy::excessive_precision)]
+#[inline(always)]
 fn cephes_sincos(theta: f32) -> (f32, f32) {
     const FOPI: f32 = 1.27323954473516; // cephes_FOPI (4 / pi)
     const DP1: f32 = -0.785_156_25; // minus_cephes_DP1

@@ -40,3 +40,22 @@ fn npy_round_trip_and_errors() {
     f8[at + 2] = b'8';
     assert!(parse_npy_f32(&f8).unwrap_err().to_string().contains("float32"));
 }
+
+#[test]
+fn box_muller_with_and_without_hardware_fma_gives_the_same_bits() {
+    // The run-time dispatch (hardware FMA where the CPU has it) against the code compiled for the build's baseline
+    // target (libm's software fmaf on x86-64): every fused multiply-add is rounded once either way.
+    let mut uniforms = vec![0f32; 16 * 4096];
+    let mut g = NoiseGenerator::new(1234);
+    for v in uniforms.iter_mut() {
+        *v = g.uniform();
+    }
+    // the edges of (0, 1]: 1 - u reaches 2^-24 and 1, the angle 0 and just below 2 pi
+    uniforms[..4].copy_from_slice(&[0.0, 1.0 - f32::EPSILON / 2.0, 0.5, 0.999_999_9]);
+    let mut dispatched = uniforms.clone();
+    box_muller_blocks(&mut dispatched);
+    let mut plain = uniforms;
+    box_muller_blocks_plain(&mut plain);
+    let differ = dispatched.iter().zip(&plain).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} values differ", plain.len());
+}
