@@ -100,6 +100,8 @@ case "$PHASE" in
   fp8)
     # wait (at most FP8_WAIT s) for the FP8 folder of chain 1
     for ((i = 0; i < ${FP8_WAIT:-400}; i += 10)); do [ -f /tmp/sd3m-fp8/transformer/model.onnx ] && break; sleep 10; done
+    # and (at most FP8S_WAIT s, default 0) for the static-scale variant, whose calibration may still run
+    for ((i = 0; i < ${FP8S_WAIT:-0}; i += 10)); do [ -f /tmp/sd3m-fp8s/transformer/model.onnx ] && break; sleep 10; done
     FULL_CHECK=${FULL_CHECK:-0} SKIP_LIB=${SKIP_LIB:-1} STAGE=${FP8_STAGE:-measure} RUNS=${RUNS:-2} bash scripts/gpu/fp8.sh
     status > "$OUT/status.txt" ;;
   loop)
