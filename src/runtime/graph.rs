@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, IxDyn};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, TensorRef, ValueType};
@@ -456,6 +456,37 @@ impl Graph {
     /// Runs the graph and returns the named outputs as `f32` arrays, in the order asked for.
     pub fn run(&mut self, inputs: &[(&str, Input<'_>)], wanted: &[&str]) -> Result<Vec<ArrayD<f32>>> {
         let component = self.component;
+        let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
+        self.run_with(inputs, |outputs| collect_outputs(component, outputs, wanted, &output_types))
+    }
+
+    /// Runs the graph and writes output `wanted` (float32, float16, bfloat16 or float64) as float32 straight into
+    /// `dest`: one copy of the output where [`Graph::run`] and an assignment make two (the T5 states of every
+    /// prompt, 4 MB at SD3's widths). `Ok(Err(shape))` when the output's shape is not `dest`'s (nothing written).
+    pub(crate) fn run_into(
+        &mut self,
+        inputs: &[(&str, Input<'_>)],
+        wanted: &str,
+        dest: ArrayViewMutD<'_, f32>,
+    ) -> Result<std::result::Result<(), Vec<usize>>> {
+        let component = self.component;
+        let dtype = self.output_type(wanted)?;
+        self.run_with(inputs, |outputs| {
+            let value = outputs.get(wanted).ok_or_else(|| {
+                Error::internal(format!("{component}: output `{wanted}` was asked for and not produced"))
+            })?;
+            write_f32(value, dtype, dest).map_err(|e| Error::inference(component, e.to_string(), boxed(e)))
+        })
+    }
+
+    /// Runs the graph on `inputs` (and the weight overrides) and hands the outputs to `read`; the run is timed as
+    /// this graph's `Session::run`.
+    fn run_with<R>(
+        &mut self,
+        inputs: &[(&str, Input<'_>)],
+        read: impl FnOnce(&ort::session::SessionOutputs<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let component = self.component;
         let infer = |e: ort::Error| Error::inference(component, e.to_string(), boxed(e));
         self.ensure_loaded()?;
         let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
@@ -476,12 +507,11 @@ impl Graph {
         for (name, w) in &self.overrides {
             values.push((name.clone(), w.into()));
         }
-        let output_types: Vec<ElementType> = wanted.iter().map(|n| self.output_type(n)).collect::<Result<_>>()?;
         let session = live(&mut self.session, component)?;
         let started = Instant::now();
         let outputs = session.run(values).map_err(infer)?;
         self.run_time += started.elapsed();
-        collect_outputs(component, &outputs, wanted, &output_types)
+        read(&outputs)
     }
 }
 
@@ -722,6 +752,7 @@ trait HalfFloat: Copy + ort::value::PrimitiveTensorElementType + std::fmt::Debug
     const ZERO: Self;
     fn from_f32_slice(dst: &mut [Self], src: &[f32]);
     fn to_f32_vec(src: &[Self]) -> Vec<f32>;
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
 }
 
 impl HalfFloat for f16 {
@@ -732,6 +763,9 @@ impl HalfFloat for f16 {
     fn to_f32_vec(src: &[Self]) -> Vec<f32> {
         src.to_f32_vec()
     }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl HalfFloat for bf16 {
@@ -741,6 +775,9 @@ impl HalfFloat for bf16 {
     }
     fn to_f32_vec(src: &[Self]) -> Vec<f32> {
         src.to_f32_vec()
+    }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -758,4 +795,54 @@ fn to_f32(value: &DynValue, dtype: ElementType) -> ort::Result<ArrayD<f32>> {
         ElementType::Float64 => value.try_extract_array::<f64>()?.mapv(|v| v as f32),
         _ => value.try_extract_array::<f32>()?.to_owned(),
     })
+}
+
+/// Writes an output into `dest` as float32 ([`to_f32`]'s conversions) when its shape is `dest`'s; else returns
+/// the output's shape and writes nothing.
+fn write_f32(
+    value: &DynValue,
+    dtype: ElementType,
+    mut dest: ArrayViewMutD<'_, f32>,
+) -> ort::Result<std::result::Result<(), Vec<usize>>> {
+    fn dims(shape: &[i64]) -> Vec<usize> {
+        shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).collect()
+    }
+    fn narrow<T: HalfFloat>(
+        value: &DynValue,
+        dest: &mut ArrayViewMutD<'_, f32>,
+    ) -> ort::Result<std::result::Result<(), Vec<usize>>> {
+        let (shape, data) = value.try_extract_tensor::<T>()?;
+        let shape = dims(shape);
+        if shape != dest.shape() {
+            return Ok(Err(shape));
+        }
+        match dest.as_slice_mut() {
+            Some(d) => T::to_f32_slice(data, d),
+            None => {
+                let wide = T::to_f32_vec(data);
+                dest.iter_mut().zip(wide).for_each(|(d, v)| *d = v);
+            }
+        }
+        Ok(Ok(()))
+    }
+    match dtype {
+        ElementType::Float16 => narrow::<f16>(value, &mut dest),
+        ElementType::BFloat16 => narrow::<bf16>(value, &mut dest),
+        ElementType::Float64 => {
+            let a = value.try_extract_array::<f64>()?;
+            if a.shape() != dest.shape() {
+                return Ok(Err(a.shape().to_vec()));
+            }
+            dest.zip_mut_with(&a, |d, v| *d = *v as f32);
+            Ok(Ok(()))
+        }
+        _ => {
+            let a = value.try_extract_array::<f32>()?;
+            if a.shape() != dest.shape() {
+                return Ok(Err(a.shape().to_vec()));
+            }
+            dest.assign(&a);
+            Ok(Ok(()))
+        }
+    }
 }

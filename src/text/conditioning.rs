@@ -210,25 +210,20 @@ impl TextEncoders {
         context.slice_mut(s![..rows, width..]).fill(0.0);
         let mut rest = context.slice_mut(s![rows.., ..]);
         match (&mut self.t5, &prepared.t5) {
-            (Some(t5), Some((tokens, weights))) => {
+            // Unweighted (the usual case): the states go straight into the slot; weighted, through the empty
+            // prompt's states.
+            (Some(t5), Some((tokens, None))) => {
+                if let Err(shape) = t5.encode_into(tokens, rest.view_mut())? {
+                    return Err(t5_shape_error(&shape, tokens.ids.len(), rest.shape()[0], self.joint_dim));
+                }
+            }
+            (Some(t5), Some((tokens, Some(weights)))) => {
                 let mut states = t5.encode(tokens)?;
-                if let Some(weights) = weights {
-                    let empty = t5.encode(&t5.tokenizer.encode("", prepared.max_sequence_length)?)?;
-                    apply_weights(Component::TextEncoderT5, &mut states.view_mut(), &empty, weights)?;
-                }
-                if states.shape()[1] != self.joint_dim {
-                    return Err(Error::inference(
-                        Component::Model,
-                        format!("T5 returned width {}, the transformer expects {}", states.shape()[1], self.joint_dim),
-                        None,
-                    ));
-                }
-                if states.shape()[0] != rest.shape()[0] {
-                    return Err(Error::inference(
-                        Component::TextEncoderT5,
-                        format!("last_hidden_state has {} rows for {} tokens", states.shape()[0], rest.shape()[0]),
-                        None,
-                    ));
+                let empty = t5.encode(&t5.tokenizer.encode("", prepared.max_sequence_length)?)?;
+                apply_weights(Component::TextEncoderT5, &mut states.view_mut(), &empty, weights)?;
+                if states.shape() != rest.shape() {
+                    let shape = [1, states.shape()[0], states.shape()[1]];
+                    return Err(t5_shape_error(&shape, tokens.ids.len(), rest.shape()[0], self.joint_dim));
                 }
                 rest.assign(&states);
             }
@@ -249,6 +244,29 @@ impl TextEncoders {
             // ComfyUI comfy/text_encoders/sd3_clip.py: without t5xxl the CLIP states are the whole context
             NoT5Padding::Omit => 0,
         }
+    }
+}
+
+/// The error for T5 states of `shape` that do not fit the context's `rows` x `width` slot (`tokens` token ids in):
+/// a batch other than one is the encoder's fault, another width the model's (T5 and the transformer disagree),
+/// other rows the encoder's.
+fn t5_shape_error(shape: &[usize], tokens: usize, rows: usize, width: usize) -> Error {
+    match shape {
+        [1, _, w] if *w != width => Error::inference(
+            Component::Model,
+            format!("T5 returned width {w}, the transformer expects {width}"),
+            None,
+        ),
+        [1, r, _] => Error::inference(
+            Component::TextEncoderT5,
+            format!("last_hidden_state has {r} rows for {rows} tokens"),
+            None,
+        ),
+        _ => Error::inference(
+            Component::TextEncoderT5,
+            format!("last_hidden_state has shape {shape:?} for a batch of one prompt; expected [1, {tokens}, width]"),
+            None,
+        ),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The three text encoder graphs: CLIP-L and CLIP-G (penultimate hidden states + pooled projection) and T5.
 
-use ndarray::{Array1, Array2, Array3, Axis, Ix2, Ix3};
+use ndarray::{Array1, Array2, Array3, ArrayViewMut2, Axis, Ix2, Ix3};
 
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt};
 use crate::error::{Component, Error, Result};
@@ -157,6 +157,19 @@ impl T5Encoder {
 
     pub fn graph_mut(&mut self) -> &mut Graph {
         &mut self.graph
+    }
+
+    /// [`T5Encoder::encode`] written straight into `dest` (`[S, D]`, the prompt's rows of the context): one copy
+    /// of the states fewer. `Ok(Err(shape))`: the graph answered with `last_hidden_state` of that shape instead of
+    /// `[1, S, D]`, and nothing was written.
+    pub fn encode_into(
+        &mut self,
+        tokens: &TokenizedPrompt,
+        dest: ArrayViewMut2<'_, f32>,
+    ) -> Result<std::result::Result<(), Vec<usize>>> {
+        let ids = ids_array(&self.graph, tokens)?;
+        let dest = dest.insert_axis(Axis(0)).into_dyn();
+        self.graph.run_into(&[("input_ids", Input::Int64(ids.view().into_dyn()))], "last_hidden_state", dest)
     }
 
     /// `last_hidden_state` as `[S, D]` (diffusers `_get_t5_prompt_embeds`; no attention mask).
