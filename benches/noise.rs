@@ -31,10 +31,6 @@ fn main() {
             checksum = a.iter().map(|v| f64::from(*v)).sum();
         }
         let ms = median(times);
-        println!(
-            "| {side}x{side} | {:?} | {n} | {ms:.3} | {:.1} | {checksum:.6} |",
-            shape,
-            ms * 1e6 / n as f64
-        );
+        println!("| {side}x{side} | {:?} | {n} | {ms:.3} | {:.1} | {checksum:.6} |", shape, ms * 1e6 / n as f64);
     }
 }

@@ -252,11 +252,9 @@ impl TextEncoders {
 /// other rows the encoder's.
 fn t5_shape_error(shape: &[usize], tokens: usize, rows: usize, width: usize) -> Error {
     match shape {
-        [1, _, w] if *w != width => Error::inference(
-            Component::Model,
-            format!("T5 returned width {w}, the transformer expects {width}"),
-            None,
-        ),
+        [1, _, w] if *w != width => {
+            Error::inference(Component::Model, format!("T5 returned width {w}, the transformer expects {width}"), None)
+        }
         [1, r, _] => Error::inference(
             Component::TextEncoderT5,
             format!("last_hidden_state has {r} rows for {rows} tokens"),
