@@ -3,8 +3,9 @@
 # builds (build_sd3m.sh) export the CLIPs and the VAE decoder with dynamo: its decoder has 30 ONNX
 # GroupNormalization nodes (174 nodes in all); export_sd3.py's default, TorchScript, writes the GroupNorms as
 # Reshape + InstanceNormalization + Mul/Add (475 nodes). The VAE decode took 83-106 ms per 1024x1024 image in the
-# GPU rounds of 2026-11-26 and 138-188 ms in those of 2026-12-03/04 (docs/gpu-results/2026-12-04-h200-round21):
-# which exporter each early round used is not on record. This times both on the same latents.
+# GPU rounds of 2026-11-26 and 138-188 ms in those of 2026-12-03/04 (docs/gpu-results/2026-12-04-h200-round21),
+# both with dynamo decoders by the record (whose node types then are not on record). This times today's dynamo
+# and TorchScript decoders on the same latents, with an ONNX Runtime profile of each (which ops take the time).
 #   1. /tmp/vae-ts: the same random VAE decoder (export_sd3.py --random, same seed: same weights) with TorchScript;
 #   2. /tmp/sd3m-fused-vaets: the fused SD3-medium folder (fp8.sh's build) with that decoder (hard links);
 #   3. examples/benchmark on both (1024x1024, 2 steps: the VAE does not depend on them; RUNS=3 after 1 warm-up),
