@@ -846,3 +846,48 @@ fn write_f32(
         }
     }
 }
+
+#[cfg(all(test, feature = "load-dynamic"))]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3, ShapeBuilder};
+
+    /// ONNX Runtime's API, for making values (ORT_DYLIB_PATH, as every test that runs a graph).
+    fn ort_api() {
+        super::super::environment(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
+    }
+
+    fn values() -> Vec<f32> {
+        // exact in float16, bfloat16 and float64
+        (0..24).map(|i| (i as f32 - 11.0) * 0.25).collect()
+    }
+
+    #[test]
+    fn outputs_of_every_float_type_are_written_into_the_destination() {
+        ort_api();
+        let want = Array3::from_shape_vec((1, 4, 6), values()).unwrap();
+        let halves: Vec<f16> = values().iter().map(|v| f16::from_f32(*v)).collect();
+        let bhalves: Vec<bf16> = values().iter().map(|v| bf16::from_f32(*v)).collect();
+        let doubles: Vec<f64> = values().iter().map(|v| f64::from(*v)).collect();
+        let shape = [1usize, 4, 6];
+        let cases: Vec<(ElementType, DynValue)> = vec![
+            (ElementType::Float32, Tensor::from_array((shape, values())).unwrap().into_dyn()),
+            (ElementType::Float16, Tensor::from_array((shape, halves)).unwrap().into_dyn()),
+            (ElementType::BFloat16, Tensor::from_array((shape, bhalves)).unwrap().into_dyn()),
+            (ElementType::Float64, Tensor::from_array((shape, doubles)).unwrap().into_dyn()),
+        ];
+        for (dtype, value) in &cases {
+            // a contiguous destination (the T5 slot) and a column-major one (the element-by-element path)
+            let mut dest = Array3::<f32>::from_elem((1, 4, 6), f32::NAN);
+            assert_eq!(write_f32(value, *dtype, dest.view_mut().into_dyn()).unwrap(), Ok(()), "{dtype}");
+            assert_eq!(dest, want, "{dtype}");
+            let mut strided = Array3::<f32>::from_elem((1, 4, 6).f(), f32::NAN);
+            assert_eq!(write_f32(value, *dtype, strided.view_mut().into_dyn()).unwrap(), Ok(()), "{dtype}");
+            assert_eq!(strided, want, "{dtype} (column-major destination)");
+            // another shape: reported, nothing written
+            let mut other = Array2::<f32>::from_elem((4, 6), -1.0);
+            assert_eq!(write_f32(value, *dtype, other.view_mut().into_dyn()).unwrap(), Err(vec![1, 4, 6]), "{dtype}");
+            assert!(other.iter().all(|v| *v == -1.0), "{dtype}: written despite the wrong shape");
+        }
+    }
+}
