@@ -12,44 +12,50 @@
 #      each with ONNX Runtime profiles (--profile) summarised for the decoder (profile_summary.py), and the two
 #      images compared (same latents, same weights: the exporters' arithmetic only).
 # Needs fp8.sh's /tmp/sd3m-fused, diffusers in /tmp/site, the CUDA bundle, $BIN (default /tmp/fp8-bin/benchmark).
-# $OUT gets vae.txt (timings, the op tables, the image difference).
+# $OUT gets vae.txt (timings, the op tables, the image difference). For a try of the script itself on a machine
+# without a GPU: EP=cpu SIZE=256 MODEL=<a fused folder> BIN=target/release/examples/benchmark PY=<python with
+# diffusers> (the export then uses that folder's random seed and variant: RANDOM_VARIANT, default sd3-medium).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH=/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BIN=${BIN:-/tmp/fp8-bin/benchmark}
-[ -f /tmp/sd3m-fused/transformer/model.onnx ] || { echo "no /tmp/sd3m-fused: run fp8.sh STAGE=build first"; exit 1; }
-source .ort-cuda/env.sh
+EP=${EP:-cuda}; SIZE=${SIZE:-1024}; MODEL=${MODEL:-/tmp/sd3m-fused}; PY=${PY:-python3}
+[ -f "$MODEL/transformer/model.onnx" ] || { echo "no $MODEL: run fp8.sh STAGE=build first"; exit 1; }
+[ "$EP" = cuda ] && source .ort-cuda/env.sh
 {
   if [ ! -f /tmp/vae-ts/vae_decoder/model.onnx ]; then
     t=$(date +%s)
-    python3 models/export/export_sd3.py --random sd3-medium --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 \
+    $PY models/export/export_sd3.py --random ${RANDOM_VARIANT:-sd3-medium} --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 \
       --exporter torchscript --components vae_decoder --out /tmp/vae-ts 2>&1 | grep -E "vae_decoder\].*nodes|rror" | cut -c1-200
     echo "TorchScript VAE export: $(( $(date +%s) - t )) s"
   fi
-  if [ ! -d /tmp/sd3m-fused-vaets ]; then
-    mkdir -p /tmp/sd3m-fused-vaets
-    for e in /tmp/sd3m-fused/*; do
+  TS=$MODEL-vaets
+  if [ ! -d "$TS" ]; then
+    mkdir -p "$TS"
+    for e in "$MODEL"/*; do
       [ "$(basename "$e")" = vae_decoder ] && continue
-      cp -al "$e" /tmp/sd3m-fused-vaets/
+      cp -al "$e" "$TS/"
     done
-    cp -al /tmp/vae-ts/vae_decoder /tmp/sd3m-fused-vaets/vae_decoder
+    cp -al /tmp/vae-ts/vae_decoder "$TS/vae_decoder"
   fi
-  for v in sd3m-fused sd3m-fused-vaets; do
+  for m in "$MODEL" "$TS"; do
+    v=$(basename "$m")
     echo "== $v ($(date +%T))"
     rm -rf "/tmp/vprof-$v"; mkdir -p "/tmp/vprof-$v"
-    timeout ${OURS_TIMEOUT:-150} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 2 --guidance 7 \
+    timeout ${OURS_TIMEOUT:-150} "$BIN" --model "$m" --ep "$EP" --width "$SIZE" --height "$SIZE" --steps 2 --guidance 7 \
       --runs ${RUNS:-3} --warmup 1 --output "/tmp/vae-$v.png" 2>&1 | grep -E "error|VAE decode|end to end" | head -4
-    timeout ${OURS_TIMEOUT:-150} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 2 --guidance 7 \
+    timeout ${OURS_TIMEOUT:-150} "$BIN" --model "$m" --ep "$EP" --width "$SIZE" --height "$SIZE" --steps 2 --guidance 7 \
       --runs 1 --warmup 1 --profile "/tmp/vprof-$v" > /dev/null 2>&1
     p=$(ls /tmp/vprof-$v/vae_decoder_*.json 2>/dev/null | head -1)
-    [ -n "$p" ] && python3 scripts/gpu/profile_summary.py "$p" --top 12
+    [ -n "$p" ] && $PY scripts/gpu/profile_summary.py "$p" --top 12
   done
-  python3 - <<'PY'
+  $PY - "/tmp/vae-$(basename "$MODEL").png" "/tmp/vae-$(basename "$TS").png" <<'PY'
+import sys
 import numpy as np
 from PIL import Image
-a = np.asarray(Image.open("/tmp/vae-sd3m-fused.png")).astype(np.float64)
-b = np.asarray(Image.open("/tmp/vae-sd3m-fused-vaets.png")).astype(np.float64)
+a = np.asarray(Image.open(sys.argv[1])).astype(np.float64)
+b = np.asarray(Image.open(sys.argv[2])).astype(np.float64)
 e = np.abs(a - b); mse = ((a - b) ** 2).mean()
 psnr = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 print(f"dynamo vs TorchScript VAE decoder, same latents and weights: max {e.max():.0f} levels, mean {e.mean():.3f}, PSNR {psnr:.2f} dB")
