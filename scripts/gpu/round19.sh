@@ -39,6 +39,7 @@ fi
 status() {
   echo "== status $(date +%T)"
   for f in /tmp/r19-chain1.log /tmp/r19-chain2.log /tmp/r19-chain3.log; do [ -f "$f" ] && { echo "-- $f"; tail -6 "$f"; }; done
+  [ -f /tmp/sd35l-build.log ] && { echo "-- /tmp/sd35l-build.log"; grep -E '^== ' /tmp/sd35l-build.log | tail -3; }
   ls -d /tmp/sd3m* /tmp/sd35m* /tmp/sd35l* 2>/dev/null | while read -r d; do
     [ -f "$d/transformer/model.onnx" ] && echo "built: $d"
   done
@@ -81,7 +82,7 @@ case "$PHASE" in
     if [ "${SD35L:-0}" = 1 ] && [ -f scripts/gpu/sd35l.sh ] && [ ! -f /tmp/r19-chain2.started ]; then
       touch /tmp/r19-chain2.started
       setsid nohup taskset -c "$build_cpus" nice -n 19 bash -c '
-        t=$(date +%s); STAGE=build OUT=/tmp/r19-sd35l-build bash scripts/gpu/sd35l.sh
+        t=$(date +%s); BUILD_WAIT=2400 STAGE=build OUT=/tmp/r19-sd35l-build bash scripts/gpu/sd35l.sh
         echo "sd35l build: $(( $(date +%s) - t )) s"; echo chain2 done' > /tmp/r19-chain2.log 2>&1 < /dev/null &
     fi
     sleep 5; status ;;
