@@ -335,7 +335,8 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     step = 0
     run_loss = None
     while (step < args.dit_steps and time.time() - t_start < args.dit_seconds
-           and (args.stop_by is None or time.time() - T0 < args.stop_by)):
+           and (args.stop_by is None or time.time() - T0 < args.stop_by)
+           and not (args.stop_file is not None and step % 50 == 0 and args.stop_file.exists())):
         # the cosine spans --schedule-seconds of training over all calls (--seconds-before of them done earlier)
         lr = lr_at(max(step / args.dit_steps, (args.seconds_before + time.time() - t_start) / args.schedule_seconds),
                    step, args.dit_lr, args.warmup)
@@ -415,6 +416,23 @@ def sample(transformer, text, vae, toks, prompts, args, dev, guidance, seed, shi
     return torch.cat(out) if latents_only else np.concatenate(out)
 
 
+def train_pair_prompts(n, seed):
+    """n pair scenes of the train4 distribution (no held-out combination) with their captions, in the eval files'
+    form; category by what the caption states: a relation -> position, both colours -> color_attr, else
+    two_objects."""
+    rng = np.random.default_rng([int(seed), 22, 7])
+    out = []
+    while len(out) < n:
+        sc = scenes.sample_scene(rng, "train4")
+        if sc.kind != "pair":
+            continue
+        sc.stated = scenes._stated_for(sc, rng)
+        cat = ("position" if "relation" in sc.stated else
+               "color_attr" if "color" in sc.stated and "color2" in sc.stated else "two_objects")
+        out.append({"prompt": scenes.caption(sc, rng), "category": cat, "scene": sc.to_dict()})
+    return out
+
+
 def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Path, logs):
     """The held-out prompts of eval_prompts.json (and, with --split train4, eval_prompts_v2.json: "v2_" files and
     log keys) drawn by the PyTorch model and scored by checker.py. --eval-n limits the prompts per file."""
@@ -422,8 +440,11 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
     from PIL import Image
 
     files = [("", "eval_prompts.json")] + ([("v2_", "eval_prompts_v2.json")] if args.split == "train4" else [])
+    if args.eval_train_pairs > 0:
+        files.append(("trainpairs_", None))
     for tag, fname in files:
-        prompts = json.loads((HERE / fname).read_text())[:args.eval_n]
+        prompts = (json.loads((HERE / fname).read_text())[:args.eval_n] if fname is not None
+                   else train_pair_prompts(args.eval_train_pairs, args.seed + 777))
         res = {}
         for name, guidance in (("cfg", args.eval_guidance), ("nocfg", 1.0)):
             imgs = sample(transformer, text, vae, toks, [p["prompt"] for p in prompts], args, dev, guidance, 0,
@@ -558,6 +579,13 @@ def main():
     ap.add_argument("--enc-logvar-init", type=float, default=-8.0,
                     help="the new encoder's logvar channels start at this value (weights zero)")
     ap.add_argument("--eval-n", type=int, default=None, help="only the first N prompts of each eval file")
+    ap.add_argument("--eval-train-pairs", type=int, default=0,
+                    help="also draw N pair scenes of the training distribution (split train4, new seed) and score "
+                         "them: tells pairs not learnt from pairs learnt but not generalised (log key eval_torch_trainpairs)")
+    ap.add_argument("--stop-file", type=Path, default=None,
+                    help="end the transformer's training early when this file exists (checked every 50 steps), "
+                         "then save and evaluate as usual: a background run on the GPU machine can be ended to fit "
+                         "the session's device time")
     ap.add_argument("--resume", type=Path, default=None,
                     help="a pipeline folder saved by an earlier run: its VAE is kept (no VAE training), its "
                          "transformer and text encoders are trained further")
