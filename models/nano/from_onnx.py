@@ -23,7 +23,10 @@ short id ("t1a"). Names cannot say which weight is which, so each component is m
 5. The rebuilt module and the committed graph are run on the same random inputs (token ids include ids that are not
    kept) under ONNX Runtime with the crate's session settings; the maximum difference is reported.
 
-The VAE encoder was never exported: train.py --init-from-onnx trains a new one against the rebuilt decoder.
+The first model's VAE encoder was never exported; since issue 22 the folder has run 13's (`vae_encoder/`), which
+`--components ...,vae_encoder` rebuilds the same way (its module is a whole AutoencoderKL of which only the encoder
+is in the graph); save_pipeline() then puts it into `vae/` beside the decoder. train.py --init-from-onnx trains a
+new encoder against the rebuilt decoder either way; train.py --vae-from keeps this VAE as it is.
 
     python models/nano/from_onnx.py --model models/sd3-nano --out /tmp/nano-pt     # diffusers pipeline folder
 """
@@ -350,6 +353,12 @@ def compare(component: str, module: torch.nn.Module, model_dir: Path, seed: int 
         outs = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
         names = [o.name for o in sess.get_outputs()]
         ref = {names[0]: module(**feeds, return_dict=False)[0]}
+    elif component == "vae_encoder":
+        x = torch.rand(2, 3, 64, 96, generator=g) * 2 - 1
+        outs = sess.run(None, {"sample": x.numpy()})
+        names = [o.name for o in sess.get_outputs()]
+        h = module.encoder(x)
+        ref = {names[0]: h if module.quant_conv is None else module.quant_conv(h)}
     else:  # vae_decoder
         z = torch.randn(2, module.config.latent_channels, 16, 16, generator=g)
         outs = sess.run(None, {"latent_sample": z.numpy()})
@@ -377,11 +386,18 @@ def rebuild_all(model_dir: Path, components=COMPONENTS, check: bool = True) -> t
 
 
 def save_pipeline(mods: dict, model_dir: Path, out: Path, tokenizers_from: Path) -> None:
-    """A diffusers StableDiffusion3Pipeline folder like train.py's (float32; vae/ holds the rebuilt decoder and a
-    freshly initialised encoder, the latent shift/scale from the model's VAE config)."""
+    """A diffusers StableDiffusion3Pipeline folder like train.py's (float32; vae/ holds the rebuilt decoder and, when
+    `mods` has "vae_encoder", the rebuilt encoder, else a freshly initialised one; the latent shift/scale from the
+    model's VAE config). Components not in `mods` are left out."""
     out.mkdir(parents=True, exist_ok=True)
     for comp in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
-        mods[comp].save_pretrained(out / comp)
+        if comp in mods:
+            mods[comp].save_pretrained(out / comp)
+    if "vae_encoder" in mods:
+        enc = mods["vae_encoder"]
+        mods["vae_decoder"].encoder.load_state_dict(enc.encoder.state_dict())
+        if enc.quant_conv is not None:
+            mods["vae_decoder"].quant_conv.load_state_dict(enc.quant_conv.state_dict())
     mods["vae_decoder"].save_pretrained(out / "vae")
     for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         if (out / t).exists():
@@ -393,7 +409,7 @@ def save_pipeline(mods: dict, model_dir: Path, out: Path, tokenizers_from: Path)
     idx.pop("vae_decoder", None)
     idx.pop("vae_encoder", None)
     (out / "model_index.json").write_text(json.dumps(idx, indent=2) + "\n")
-    kept = {c: kept_ids(model_dir, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    kept = {c: kept_ids(model_dir, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c in mods}
     (out / "onnx_kept_token_ids.json").write_text(json.dumps(kept) + "\n")
 
 
@@ -401,7 +417,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=HERE.parent / "sd3-nano")
     ap.add_argument("--out", type=Path, default=None, help="write a diffusers pipeline folder here")
-    ap.add_argument("--components", default=",".join(COMPONENTS))
+    ap.add_argument("--components", default=",".join(COMPONENTS),
+                    help="comma-separated; vae_encoder may be added (the folder's vae_encoder/), and --out needs "
+                         "vae_decoder")
     ap.add_argument("--tokenizers-from", type=Path, default=HERE.parent / "fixtures" / "tiny-sd35")
     ap.add_argument("--json", type=Path, default=None, help="write the reports here")
     a = ap.parse_args()

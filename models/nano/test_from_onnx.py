@@ -71,6 +71,29 @@ def test_pruned_rows_are_the_shared_row():
         assert torch.equal(table[drop[0]], table[drop[-1]]) and not torch.equal(table[keep[0]], table[drop[0]])
 
 
+def test_vae_encoder_rebuilt_into_the_saved_vae():
+    # the folder's vae_encoder/ (run 13's, since issue 22): rebuilt, it reproduces its graph, a changed weight is
+    # seen, and save_pipeline puts it into vae/ beside the decoder (train.py --vae-from keeps that VAE)
+    from diffusers import AutoencoderKL
+
+    mods, reps = F.rebuild_all(MODEL, ("vae_decoder", "vae_encoder"))
+    rep = reps["vae_encoder"]
+    assert rep["max_abs_diff"] < 1e-4 and rep["max_abs_output"] > 0.5, rep
+    assert rep["unused_parameters"][0] == "decoder", rep
+    m = copy.deepcopy(mods["vae_encoder"])
+    with torch.no_grad():
+        p = m.get_parameter("encoder.conv_out.weight")
+        p.view(-1)[7] += 0.5 * p.abs().max()
+    assert F.compare("vae_encoder", m, MODEL)["max_abs_diff"] > 1e-3
+    with tempfile.TemporaryDirectory() as d:
+        F.save_pipeline(mods, MODEL, Path(d), F.HERE.parent / "fixtures" / "tiny-sd35")
+        vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
+        for part, src in (("encoder", mods["vae_encoder"]), ("decoder", mods["vae_decoder"])):
+            sa, sb = getattr(vae, part).state_dict(), getattr(src, part).state_dict()
+            assert all(torch.equal(sa[k], sb[k]) for k in sb), part
+        assert not (Path(d) / "transformer").exists()
+
+
 def test_saved_pipeline_loads():
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection

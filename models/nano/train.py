@@ -477,7 +477,7 @@ def save_pipeline(out: Path, tok_dir: Path, transformer, text, vae, args, shift,
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731  (the models stay float32 for --eval)
     half(transformer).save_pretrained(out / "transformer")
     vae.register_to_config(shift_factor=float(shift), scaling_factor=float(scale))
-    exact = args.init_from_onnx is not None or args.resume is not None  # a VAE this run did not train: as loaded
+    exact = args.init_from_onnx is not None or args.resume is not None or args.vae_from is not None  # as loaded
     (copy.deepcopy(vae).float() if exact else half(vae)).save_pretrained(out / "vae")
     half(text.te1).save_pretrained(out / "text_encoder")
     half(text.te2).save_pretrained(out / "text_encoder_2")
@@ -558,7 +558,8 @@ def main():
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a pipeline folder whose VAE (and latent scale) and text encoders start this run; the "
                          "transformer starts from random weights")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer and text encoders")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the transformer and text encoders (--no-compile undoes a preset's --compile)")
     ap.add_argument("--init-from-onnx", type=Path, default=None,
                     help="fine-tune an exported model (issue 22): a model folder (ONNX graphs, e.g. models/sd3-nano; "
                          "rebuilt by from_onnx.py) or a folder from_onnx.py --out wrote. Its decoder (frozen), latent "
@@ -582,6 +583,9 @@ def main():
     ap.add_argument("--eval-train-pairs", type=int, default=0,
                     help="also draw N pair scenes of the training distribution (split train4, new seed) and score "
                          "them: tells pairs not learnt from pairs learnt but not generalised (log key eval_torch_trainpairs)")
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="a pipeline folder whose VAE (encoder and decoder, shift and scale) is kept as it is; text "
+                         "encoders and transformer start new, of this run's sizes (a retrain on a shipped VAE)")
     ap.add_argument("--stop-file", type=Path, default=None,
                     help="end the transformer's training early when this file exists (checked every 50 steps), "
                          "then save and evaluate as usual: a background run on the GPU machine can be ended to fit "
@@ -608,8 +612,8 @@ def main():
 
     clip_l, clip_g, t5c, ditc, vaec = configs(args)
     onnx_kept = None
-    if sum(x is not None for x in (args.init_from, args.init_from_onnx, args.resume)) > 1:
-        raise SystemExit("--init-from, --init-from-onnx and --resume exclude each other")
+    if sum(x is not None for x in (args.init_from, args.init_from_onnx, args.resume, args.vae_from)) > 1:
+        raise SystemExit("--init-from, --init-from-onnx, --resume and --vae-from exclude each other")
     if args.init_from_onnx is not None:
         te1, te2, te3, transformer, vae, onnx_kept = load_from_onnx(args.init_from_onnx, logs)
     elif args.init_from is not None:
@@ -622,6 +626,9 @@ def main():
         for m in (te1, te2, te3, transformer, vae):
             m.float()
     elif args.resume is None:
+        vae_from = None
+        if args.vae_from is not None:  # the VAE (encoder and decoder) as it is; everything else new, of configs()
+            vae_from = AutoencoderKL.from_pretrained(args.vae_from / "vae").float()
         torch.manual_seed(args.seed + 10)
         te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_l))
         torch.manual_seed(args.seed + 11)
@@ -631,7 +638,7 @@ def main():
         torch.manual_seed(args.seed + 13)
         transformer = SD3Transformer2DModel(**ditc)
         torch.manual_seed(args.seed + 14)
-        vae = AutoencoderKL(**vaec)
+        vae = AutoencoderKL(**vaec) if vae_from is None else vae_from
     else:
         te1 = CLIPTextModelWithProjection.from_pretrained(args.resume / "text_encoder")
         te2 = CLIPTextModelWithProjection.from_pretrained(args.resume / "text_encoder_2")
@@ -668,7 +675,7 @@ def main():
 
     if onnx_kept is not None:  # rows the export kept stay as they are in the saved tables (save_pipeline)
         used = sorted(set(used) | set(onnx_kept["text_encoder"]) | set(onnx_kept["text_encoder_2"]))
-    fresh_vae = args.resume is None and args.init_from is None and args.init_from_onnx is None
+    fresh_vae = args.resume is None and args.init_from is None and args.init_from_onnx is None and args.vae_from is None
     if fresh_vae:
         vae.train()
         train_vae(vae, images, args, dev, logs)
