@@ -16,6 +16,8 @@
 #   loop     device_loop.sh on sd3m-fused (host loop vs device loop, CUDA graphs when the binary has them).
 #   sd35m    sd35m.sh STAGE=measure.   sd35l   sd35l.sh STAGE=measure.   nano   nano_fp8.sh.
 #   vae      vae.sh: the dynamo and TorchScript VAE decoders timed on the same latents (needs /tmp/sd3m-fused).
+#   malloc   the outside-ONNX-Runtime rows of /tmp/sd3m-fused with glibc's default malloc and with GLIBC_TUNABLES
+#            that keep freed memory (first-touch page faults of fresh host buffers; about a minute).
 # Results: $OUT of each call (at most 8 files; each phase script picks its own).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -114,5 +116,19 @@ case "$PHASE" in
   sd35l) STAGE=measure RUNS=${RUNS:-2} bash scripts/gpu/sd35l.sh ;;
   nano) MODES=${MODES:-cfg} bash scripts/gpu/nano_fp8.sh ;;
   vae) bash scripts/gpu/vae.sh ;;
-  *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano | vae"; exit 2 ;;
+  malloc)
+    # Our time outside ONNX Runtime with glibc's default malloc and with one that neither returns memory to the
+    # system nor maps large blocks apart (GLIBC_TUNABLES): the difference is what first-touch page faults of
+    # fresh host buffers cost each image. On the 2-core CPU (2026-12-04, 1024x1024, 1-layer SD3-medium-width
+    # folder, CPU provider) it was 22.85 -> 10.64 ms (text encoding's host side 8.76 -> 2.13).
+    source .ort-cuda/env.sh
+    for ((i = 0; i < ${FUSED_WAIT:-300}; i += 10)); do [ -f /tmp/sd3m-fused/transformer/model.onnx ] && break; sleep 10; done
+    for mode in default tunables; do
+      env=(); [ "$mode" = tunables ] && env=(GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=17179869184)
+      echo "== malloc: $mode ($(date +%T))"
+      env "${env[@]}" timeout 300 "$BIN/benchmark" --model /tmp/sd3m-fused --ep cuda --width 1024 --height 1024 --steps 28 \
+        --guidance 7 --runs ${RUNS:-3} --warmup 1 --loop device --json "$OUT/malloc-$mode.json" 2> "$OUT/malloc-$mode.err" \
+        | grep -E "end to end|outside|step graphs|VmHWM" | tee "$OUT/malloc-$mode.md"
+    done ;;
+  *) echo "PHASE: start | status | tiny | fp8 | loop | sd35m | sd35l | nano | vae | malloc"; exit 2 ;;
 esac
