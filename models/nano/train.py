@@ -452,6 +452,17 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
             a = checker.adherence(list(imgs), prompts)
             res[name] = {c: round(100.0 * k / n_, 1) for c, (k, n_) in a["per_category"].items()}
             res[name]["overall"] = round(100.0 * a["overall"][0] / a["overall"][1], 1)
+            # which checks the failing images fail (an image fails its category when any stated check fails):
+            # swapped colours show as color and color2 together, a reversed relation as relation
+            failed = {}
+            for p_, r_ in zip(prompts, a["results"]):
+                if not checker.category_pass(r_, p_["category"]):
+                    for k_, v_ in r_.items():
+                        if v_ is False:
+                            failed[k_] = failed.get(k_, 0) + 1
+                    if r_.get("color") is False and r_.get("color2") is False:
+                        failed["color+color2"] = failed.get("color+color2", 0) + 1
+            res[name]["failed_checks"] = dict(sorted(failed.items()))
             log(f"eval {tag}{name} (guidance {guidance}):", res[name])
             rows = [imgs[r * 16:(r + 1) * 16] for r in range(min(4, len(imgs) // 16))] or [imgs]
             grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
