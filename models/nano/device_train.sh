@@ -35,13 +35,14 @@ if [ "${FINETUNE:-0}" = 1 ]; then
     --dit-lr 3e-4 --dit-seconds 275 --schedule-seconds 275 --warmup 100 --compile --eval "$@"
 fi
 if [ "${RETRAIN:-0}" = 1 ]; then
-  # issue 22, run 16 on: the shipped VAE (prepare_retrain.sh) kept as it is; new text encoders wider and deeper than
-  # the first model's (CLIP-shaped 64 x 3 layers, T5-shaped 128 x 4: run 15 drew pairs with swapped colours and
-  # reversed relations, bag-of-words conditioning) and a new transformer of the first model's shape, on train4 at
-  # batch 1,024 (the H200's samples per second level off there: run 15's probes). The caller gives --dit-seconds,
-  # --schedule-seconds and --stop-by for the session's device time.
+  # issue 22, run 16 on: the shipped VAE (prepare_retrain.sh) kept as it is; new text encoders (CLIP-shaped 64 x 3
+  # layers, T5-shaped 128 x 4) and a new transformer two blocks deeper than the first model's (8 x 128: run 15
+  # drew pairs with swapped colours and reversed relations although its CLIP-L states bind each shape to its
+  # colour, probe_binding.py: the transformer has to learn to use that), on train4 at batch 1,024 (the H200's
+  # samples per second level off there: run 15's probes). The caller gives --dit-seconds, --schedule-seconds and
+  # --stop-by for the session's device time.
   set -- --vae-from /tmp/resume/pipeline --split train4 --n-train 400000 --seed 16 --t5-len 77 --infer-shift 3 \
-    --clip-width 64 --clip-layers 3 --t5-width 128 --t5-layers 4 --dit-layers 6 --dit-heads 4 --dit-head-dim 32 \
+    --clip-width 64 --clip-layers 3 --t5-width 128 --t5-layers 4 --dit-layers 8 --dit-heads 4 --dit-head-dim 32 \
     --patch-size 1 --dit-batch 1024 --dit-lr 1e-3 --dit-steps 100000000 --warmup 500 --compile --eval \
     --eval-train-pairs 120 "$@"
 fi
