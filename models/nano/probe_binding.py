@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Does the text conditioning bind colours to shapes? Linear probes on a trained pipeline's text encoders (issue 22,
-run 15's diagnosis): for every caption "a C1 S1 and a C2 S2" (8 x 7 colour pairs x 5 x 4 shape pairs), the state
-of a shape token (CLIP: hidden_states[-2], what the pipeline feeds the transformer; T5: the shape's last piece)
--> a colour, softmax regression on 3/4 of the captions, accuracy on the rest (chance 1/8).
+run 15's diagnosis). For every caption "a C1 S1 and a C2 S2" (8 x 7 ordered colour pairs x 5 x 4 ordered shape
+pairs: 1,120), the state of a shape token (CLIP-L / CLIP-G: hidden_states[-2], what the pipeline feeds the
+transformer; T5: the last piece of the second shape) is mapped to a colour by softmax regression fitted on 3/4 of
+the captions; the accuracy on the other 1/4 is printed (chance: 1/8).
 
-    python models/nano/probe_binding.py RUN/pipeline
+    python models/nano/probe_binding.py RUN/pipeline      (a train.py pipeline folder, or from_onnx.py --out)
 """
+from __future__ import annotations
+
 import itertools
 import sys
 from pathlib import Path
@@ -15,45 +18,62 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
-from transformers import CLIPTextModelWithProjection, T5EncoderModel  # noqa: E402
 
-P = Path(sys.argv[1])
-te1=CLIPTextModelWithProjection.from_pretrained(P/'text_encoder').float().eval()
-te2=CLIPTextModelWithProjection.from_pretrained(P/'text_encoder_2').float().eval()
-te3=T5EncoderModel.from_pretrained(P/'text_encoder_3').float().eval()
-text=train.TextStack(te1,te2,te3)
-toks=train.load_tokenizers(train.HERE.parent/'fixtures'/'tiny-sd35')
-colors=['red','orange','yellow','green','blue','purple','white','black']
-shapes=['circle','square','triangle','star','cross']
-caps=[];lab=[]
-for c1,c2 in itertools.permutations(colors,2):
-    for s1,s2 in itertools.permutations(shapes,2):
-        caps.append(f"a {c1} {s1} and a {c2} {s2}"); lab.append((colors.index(c1),colors.index(c2)))
-ids=train.tokenize(toks,caps,77)
-with torch.no_grad():
-    o1=te1(ids[0],output_hidden_states=True); o2=te2(ids[1],output_hidden_states=True)
-    t5=te3(ids[2])[0]
-lab=np.array(lab)
-# CLIP: token positions: BOS a c1 s1 and a c2 s2 EOS -> s1 at 3, s2 at 7 (each word one token in CLIP)
-def probe(X, y, name):
-    n=len(y); rng=np.random.default_rng(0); idx=rng.permutation(n); tr,te=idx[:n*3//4],idx[n*3//4:]
-    Xt=torch.tensor(X[tr],dtype=torch.float32); yt=torch.tensor(y[tr]); W=torch.zeros(X.shape[1],8,requires_grad=True); b=torch.zeros(8,requires_grad=True)
-    opt=torch.optim.Adam([W,b],lr=0.05)
-    mu,sd=Xt.mean(0),Xt.std(0)+1e-6
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+
+
+def probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Held-out accuracy of a softmax regression x -> y (standardised features, Adam, 500 full-batch steps)."""
+    n = len(y)
+    idx = np.random.default_rng(seed).permutation(n)
+    tr, te = idx[: n * 3 // 4], idx[n * 3 // 4:]
+    xt = torch.tensor(x[tr], dtype=torch.float32)
+    yt = torch.tensor(y[tr])
+    mu, sd = xt.mean(0), xt.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], len(COLORS), requires_grad=True)
+    b = torch.zeros(len(COLORS), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(500):
-        opt.zero_grad(); l=torch.nn.functional.cross_entropy(((Xt-mu)/sd)@W+b,yt); l.backward(); opt.step()
-    acc=((((torch.tensor(X[te],dtype=torch.float32)-mu)/sd)@W+b).argmax(1).numpy()==y[te]).mean()
-    print(f"{name:55s} held-out accuracy {acc:.3f}")
-for enc,o in (('CLIP-L',o1),('CLIP-G',o2)):
-    h=o.hidden_states[-2].numpy()
-    probe(h[:,7],lab[:,1],f'{enc} state of the 2nd shape token -> its colour')
-    probe(h[:,7],lab[:,0],f'{enc} state of the 2nd shape token -> the 1st colour')
-    probe(h[:,3],lab[:,0],f'{enc} state of the 1st shape token -> its colour')
-# T5: mean of all token states vs colour of object 2 isn't binding; use the state at the last piece of s2: find by tokenizing
-t5h=t5.numpy()
-pos=[]
-for c in caps:
-    n=len(toks[2](c, add_special_tokens=False)['input_ids']); pos.append(n-1)
-X=np.stack([t5h[i,p] for i,p in enumerate(pos)])
-probe(X,lab[:,1],'T5 state of the last piece of the 2nd shape -> its colour')
-probe(X,lab[:,0],'T5 state of the last piece of the 2nd shape -> the 1st colour')
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(((xt - mu) / sd) @ w + b, yt).backward()
+        opt.step()
+    xe = (torch.tensor(x[te], dtype=torch.float32) - mu) / sd
+    return float(((xe @ w + b).argmax(1).numpy() == y[te]).mean())
+
+
+def main():
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    pipe = Path(sys.argv[1])
+    te1 = CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder").float().eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder_2").float().eval()
+    te3 = T5EncoderModel.from_pretrained(pipe / "text_encoder_3").float().eval()
+    toks = train.load_tokenizers(train.HERE.parent / "fixtures" / "tiny-sd35")
+    caps, labels = [], []
+    for c1, c2 in itertools.permutations(COLORS, 2):
+        for s1, s2 in itertools.permutations(SHAPES, 2):
+            caps.append(f"a {c1} {s1} and a {c2} {s2}")
+            labels.append((COLORS.index(c1), COLORS.index(c2)))
+    labels = np.array(labels)
+    ids_l, ids_g, ids_t = train.tokenize(toks, caps, 77)
+    # CLIP: BOS a C1 S1 and a C2 S2 EOS, one token a word (checked), so S1 is at 3 and S2 at 7
+    for w in COLORS + SHAPES + ["a", "and"]:
+        if len(toks[0](w, add_special_tokens=False)["input_ids"]) != 1:
+            raise SystemExit(f"CLIP splits {w!r}: the token positions below do not hold")
+    with torch.no_grad():
+        h1 = te1(ids_l, output_hidden_states=True).hidden_states[-2].numpy()
+        h2 = te2(ids_g, output_hidden_states=True).hidden_states[-2].numpy()
+        t5 = te3(ids_t)[0].numpy()
+    for name, h in (("CLIP-L", h1), ("CLIP-G", h2)):
+        print(f"{name} state of the 2nd shape token -> its colour      {probe(h[:, 7], labels[:, 1]):.3f}")
+        print(f"{name} state of the 2nd shape token -> the 1st colour  {probe(h[:, 7], labels[:, 0]):.3f}")
+        print(f"{name} state of the 1st shape token -> its colour      {probe(h[:, 3], labels[:, 0]):.3f}")
+    last = [len(toks[2](c, add_special_tokens=False)["input_ids"]) - 1 for c in caps]  # T5 has no BOS
+    x = np.stack([t5[i, p] for i, p in enumerate(last)])
+    print(f"T5 state of the 2nd shape's last piece -> its colour     {probe(x, labels[:, 1]):.3f}")
+    print(f"T5 state of the 2nd shape's last piece -> the 1st colour {probe(x, labels[:, 0]):.3f}")
+
+
+if __name__ == "__main__":
+    main()

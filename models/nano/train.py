@@ -593,7 +593,8 @@ def main():
     ap.add_argument("--eval-n", type=int, default=None, help="only the first N prompts of each eval file")
     ap.add_argument("--eval-train-pairs", type=int, default=0,
                     help="also draw N pair scenes of the training distribution (split train4, new seed) and score "
-                         "them: tells pairs not learnt from pairs learnt but not generalised (log key eval_torch_trainpairs)")
+                         "them: tells pairs not learnt from pairs learnt but not generalised (log key "
+                         "eval_torch_trainpairs)")
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="a pipeline folder whose VAE (encoder and decoder, shift and scale) is kept as it is; text "
                          "encoders and transformer start new, of this run's sizes (a retrain on a shipped VAE)")
