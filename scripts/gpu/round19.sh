@@ -118,8 +118,8 @@ case "$PHASE" in
   vae) bash scripts/gpu/vae.sh ;;
   malloc)
     # Our time outside ONNX Runtime with glibc's default malloc and with one that neither returns memory to the
-    # system nor maps large blocks apart (GLIBC_TUNABLES): the difference is what first-touch page faults of
-    # fresh host buffers cost each image. On the 2-core CPU (2026-12-04, 1024x1024, 1-layer SD3-medium-width
+    # system nor maps large blocks apart (GLIBC_TUNABLES): the difference is, most likely, what first-touch page
+    # faults of fresh host buffers cost each image (not counted). On the 2-core CPU (2026-12-04, 1024x1024, 1-layer SD3-medium-width
     # folder, CPU provider) it was 22.85 -> 10.64 ms (text encoding's host side 8.76 -> 2.13).
     source .ort-cuda/env.sh
     for ((i = 0; i < ${FUSED_WAIT:-300}; i += 10)); do [ -f /tmp/sd3m-fused/transformer/model.onnx ] && break; sleep 10; done
