@@ -707,6 +707,65 @@ def fuse_bias_gelu_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return m.model
 
 
+def groupnorm_as_instancenorm(model: onnx.ModelProto) -> int:
+    """Rewrites every ONNX `GroupNormalization` (opset >= 21: scale and bias per channel) as
+    Reshape [N, G, -1] -> InstanceNormalization -> Reshape [N, C, -1] -> Mul(scale) -> Add(bias) -> Reshape back,
+    the form the TorchScript exporter writes; returns how many were rewritten.
+
+    Why (issue 19, the VAE decoder's time): ONNX Runtime 1.31.1 has no kernel for GroupNormalization, on the CPU
+    nor on CUDA (its CUDA provider's kernel list has no such op; microsoft/onnxruntime#24538): the node is an ONNX
+    function and is inlined as its body, about 25 primitive nodes (casts of the whole activation to float32 for
+    `stash_type`, two ReduceMeans, Sub, Mul, Sqrt, Div, ...), each a pass over the activation. The dynamo exporter
+    at opset 23 writes the VAE's 30 group norms this way. InstanceNormalization has kernels everywhere (cuDNN on
+    CUDA) and computes its statistics in float32 there. Rank-agnostic (the VAE's attention normalises [B, C, HW]);
+    the per-channel scale and bias are applied on the [N, C, -1] view. Graphs below opset 21 (GroupNormalization-18:
+    scale and bias per group) are left as they are."""
+    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [0])
+    if opset < 21:
+        return 0
+    inits = {t.name: t for t in model.graph.initializer}
+    out, done = [], 0
+    for n in model.graph.node:
+        if n.op_type != "GroupNormalization" or n.domain not in ("", "ai.onnx") or len(n.input) != 3:
+            out.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        groups = int(attrs["num_groups"])
+        eps = float(attrs.get("epsilon", 1e-5))
+        scale = inits.get(n.input[1])
+        if scale is None or len(scale.dims) != 1:
+            out.append(n)  # a computed scale: leave it (never seen in the exporters' graphs)
+            continue
+        channels = int(scale.dims[0])
+        base = (n.output[0] or f"gn{done}") + ".gn"
+        consts = {
+            ".groups_shape": np.array([0, groups, -1], dtype=np.int64),
+            ".channels_shape": np.array([0, channels, -1], dtype=np.int64),
+            ".axis1": np.array([1], dtype=np.int64),
+        }
+        model.graph.initializer.extend(numpy_helper.from_array(v, base + k) for k, v in consts.items())
+        # InstanceNormalization's own scale and bias (identity), in the data type of the group norm's
+        model.graph.initializer.extend([helper.make_tensor(base + ".ones", scale.data_type, [groups], [1.0] * groups),
+                                        helper.make_tensor(base + ".zeros", scale.data_type, [groups], [0.0] * groups)])
+        x, y = n.input[0], n.output[0]
+        out += [
+            helper.make_node("Shape", [x], [base + ".shape"]),
+            helper.make_node("Reshape", [x, base + ".groups_shape"], [base + ".grouped"]),
+            helper.make_node("InstanceNormalization", [base + ".grouped", base + ".ones", base + ".zeros"],
+                             [base + ".normed"], epsilon=eps),
+            helper.make_node("Reshape", [base + ".normed", base + ".channels_shape"], [base + ".per_channel"]),
+            helper.make_node("Unsqueeze", [n.input[1], base + ".axis1"], [base + ".scale"]),
+            helper.make_node("Unsqueeze", [n.input[2], base + ".axis1"], [base + ".bias"]),
+            helper.make_node("Mul", [base + ".per_channel", base + ".scale"], [base + ".scaled"]),
+            helper.make_node("Add", [base + ".scaled", base + ".bias"], [base + ".shifted"]),
+            helper.make_node("Reshape", [base + ".shifted", base + ".shape"], [y]),
+        ]
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    return done
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -1277,7 +1336,8 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                      release_torch: bool = False, skip_layers: list[int] | None = None,
                      keep_token_ids: list[int] | None = None, weights_fp16: bool = False,
                      weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None,
-                     fused_kernels: bool = False, controlnet_graph: bool = False) -> dict:
+                     fused_kernels: bool = False, controlnet_graph: bool = False,
+                     groupnorm: str = "instancenorm") -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
@@ -1288,7 +1348,10 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
 
     controlnet_graph (component "transformer" only): out_dir/transformer/model_controlnet.onnx instead, the
     transformer that adds ControlNet residuals after its blocks (docs/controlnet.md), through the same rewrites and
-    precision conversion as model.onnx."""
+    precision conversion as model.onnx.
+
+    groupnorm (dynamo exports): "instancenorm" rewrites ONNX GroupNormalization nodes as InstanceNormalization
+    (groupnorm_as_instancenorm: ONNX Runtime has no GroupNormalization kernel); "onnx" keeps them."""
     t0 = time.time()
     opset = opset or default_opset(exporter, attention)
     filename = "model.onnx"
@@ -1338,6 +1401,8 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                 model = ort_optimize(model, export_spec_model_type(component))
             if exporter == "dynamo":
                 name_dynamic_dims(model, axes)
+                if groupnorm == "instancenorm":
+                    info["groupnorm_as_instancenorm"] = groupnorm_as_instancenorm(model)
             if attention == "fused":
                 if component == "text_encoder_3":
                     model = t5_fusions(model)
@@ -1628,6 +1693,10 @@ def parse_args(argv=None):
     ap.add_argument("--t5-precision", choices=["mixed", "fp32", "fp16"], default="mixed",
                     help="with --dtype fp16/bf16: mixed = fp32 FFN output, residual and RMSNorm (default); fp32 = "
                          "whole T5 in float32; fp16 = naive conversion (overflows with real T5-XXL weights)")
+    ap.add_argument("--groupnorm", choices=("instancenorm", "onnx"), default="instancenorm",
+                    help="dynamo exports: write the VAE's group norms as InstanceNormalization (default: ONNX Runtime "
+                         "has no GroupNormalization kernel and runs it as ~25 primitive nodes) or keep ONNX's "
+                         "GroupNormalization (onnx)")
     ap.add_argument("--fp32-components", default="",
                     help="comma-separated components kept in float32 whatever --dtype says (e.g. vae_decoder)")
     ap.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
@@ -1750,7 +1819,7 @@ def main(argv=None):
                                     keep_token_ids=keep_ids, weights_fp16=args.weights_fp16,
                                     weights_int8=args.weights_int8, keep_t5_token_ids=keep_t5_ids,
                                     fused_kernels=args.fused_kernels,
-                                    controlnet_graph=graph == CONTROLNET_COMPONENT)
+                                    controlnet_graph=graph == CONTROLNET_COMPONENT, groupnorm=args.groupnorm)
             manifest["components"][graph] = info
             log(f"[{graph}] {info['node_count']} nodes, {info['seconds']} s: {info['nodes_final']}")
         del module
@@ -1783,7 +1852,7 @@ def main(argv=None):
                      skip_layers=skip_layers,
                      t5_precision=args.t5_precision, fp32_components=sorted(fp32_components),
                      external_data=args.external_data, weights_fp16=args.weights_fp16,
-                     weights_int8=args.weights_int8, fused_kernels=args.fused_kernels,
+                     weights_int8=args.weights_int8, fused_kernels=args.fused_kernels, groupnorm=args.groupnorm,
                      keep_token_ids=len(keep_ids) if keep_ids else None,
                      keep_t5_token_ids=len(keep_t5_ids) if keep_t5_ids else None,
                      tokenizers_from=str(args.tokenizers_from) if args.tokenizers_from else None),

@@ -22,6 +22,9 @@ int8    quantize_int8 (per-channel scales, float16-valued, zero channels) and --
 controlnet  ControlNets (issue 21): --controlnet-graph's transformer/model_controlnet.onnx (fp32 and fp16, the same
         fusions as model.onnx) vs diffusers' transformer(..., block_controlnet_hidden_states) with 1 and 2 residuals,
         and export_controlnet.py's optimized ControlNet graphs of both kinds (InstantX, SD3.5) vs the torch module.
+groupnorm  groupnorm_as_instancenorm: GroupNormalization-21 graphs (4-D and 3-D, fp32 and fp16) before and after
+        the rewrite vs numpy, a sabotaged rewrite (twice the groups) that must fail, opset 18 left alone, and (with
+        onnxscript) a dynamo-exported VAE decoder with and without the rewrite vs diffusers.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -793,12 +796,104 @@ def test_controlnet():
                     FAILURES.append(f"ControlNet {kind}: no fused attention in the optimized graph")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# GroupNormalization -> InstanceNormalization (groupnorm_as_instancenorm)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def groupnorm_graph(shape: list[int], groups: int, eps: float, dtype: int, scale: np.ndarray, bias: np.ndarray):
+    from onnx import helper, numpy_helper
+
+    npt = {1: np.float32, 10: np.float16}[dtype]
+    g = helper.make_graph(
+        [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=groups, epsilon=eps)], "gn",
+        [helper.make_tensor_value_info("x", dtype, shape)], [helper.make_tensor_value_info("y", dtype, shape)],
+        initializer=[numpy_helper.from_array(scale.astype(npt), "s"), numpy_helper.from_array(bias.astype(npt), "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def groupnorm_reference(x: np.ndarray, groups: int, eps: float, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    n, c = x.shape[:2]
+    xg = x.astype(np.float64).reshape(n, groups, -1)
+    y = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + eps)
+    y = y.reshape(n, c, -1) * scale.reshape(1, c, 1) + bias.reshape(1, c, 1)
+    return y.reshape(x.shape)
+
+
+def test_groupnorm():
+    import copy
+
+    import onnx
+
+    print("GroupNormalization -> InstanceNormalization")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, groups in (([2, 32, 6, 5], 8), ([1, 16, 40], 4)):  # a VAE block's [N, C, H, W], its attention's [N, C, HW]
+            c = shape[1]
+            scale, bias = rng.normal(1, 0.5, c), rng.normal(0, 0.5, c)
+            x = (rng.normal(0, 3, shape) + rng.normal(0, 2, (1, c) + (1,) * (len(shape) - 2))).astype(np.float32)
+            ref = groupnorm_reference(x, groups, 1e-5, scale, bias)
+            for dtype, tol in ((1, 1e-4), (10, 2e-2)):
+                m = groupnorm_graph(shape, groups, 1e-5, dtype, scale, bias)
+                rewritten = copy.deepcopy(m)
+                assert ex.groupnorm_as_instancenorm(rewritten) == 1
+                ops = [n.op_type for n in rewritten.graph.node]
+                if "GroupNormalization" in ops or "InstanceNormalization" not in ops:
+                    FAILURES.append(f"groupnorm rewrite left {ops}")
+                feeds = {"x": x.astype(np.float16 if dtype == 10 else np.float32)}
+                errs = {}
+                for label, model in (("GroupNormalization", m), ("rewritten", rewritten)):
+                    path = Path(tmp) / f"gn-{label}.onnx"
+                    onnx.save(model, str(path))
+                    errs[label] = float(np.abs(run(path, feeds)["y"] - ref).max())
+                name = f"{'x'.join(map(str, shape))} G={groups} {'fp16' if dtype == 10 else 'fp32'}"
+                check(f"{name}: ONNX Runtime's own GroupNormalization vs numpy", errs["GroupNormalization"], tol)
+                check(f"{name}: rewritten vs numpy", errs["rewritten"], tol)
+                # sabotage: the rewrite with the group count off by a factor of two must fail the same check
+                bad = copy.deepcopy(m)
+                for a in bad.graph.node[0].attribute:
+                    if a.name == "num_groups":
+                        a.i = groups * 2
+                ex.groupnorm_as_instancenorm(bad)
+                path = Path(tmp) / "gn-bad.onnx"
+                onnx.save(bad, str(path))
+                err_bad = float(np.abs(run(path, feeds)["y"] - ref).max())
+                print(f"  {name}: sabotaged rewrite (twice the groups) max abs {err_bad:.3g}, must exceed {tol:.2g}")
+                if err_bad <= tol:
+                    FAILURES.append(f"{name}: a rewrite with twice the groups passes ({err_bad})")
+        # below opset 21 (GroupNormalization-18: scale and bias per group) nothing is rewritten
+        m = groupnorm_graph([1, 8, 4, 4], 4, 1e-5, 1, np.ones(4), np.zeros(4))
+        m.opset_import[0].version = 18
+        assert ex.groupnorm_as_instancenorm(m) == 0 and m.graph.node[0].op_type == "GroupNormalization"
+        # a VAE decoder through the dynamo exporter (needs onnxscript): rewritten by default, against diffusers
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            print("  (no onnxscript here: the dynamo VAE export check is skipped)")
+            return
+        vae = ex.Source(None, "tiny", TOKENIZERS, seed=0).load("vae_decoder")
+        z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = vae.decode(z).sample.numpy()
+        for mode in ("instancenorm", "onnx"):
+            out = Path(tmp) / f"vae-{mode}"
+            info = ex.export_component("vae_decoder", vae, out, exporter="dynamo", attention="fused", dtype="fp32",
+                                       opset=None, t5_precision="fp32", groupnorm=mode)
+            ops = info["nodes_final"]
+            got = run(out / "vae_decoder" / "model.onnx", {"latent_sample": z.numpy()})["sample"]
+            check(f"dynamo VAE decoder, --groupnorm {mode} ({ops.get('GroupNormalization', 0)} GroupNormalization, "
+                  f"{ops.get('InstanceNormalization', 0)} InstanceNormalization) vs diffusers",
+                  float(np.abs(got - ref).max()), 1e-4)
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
-         "small": test_small, "int8": test_int8, "controlnet": test_controlnet}[name]()
+         "small": test_small, "int8": test_int8, "controlnet": test_controlnet, "groupnorm": test_groupnorm}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)

@@ -8,7 +8,9 @@
 # and TorchScript decoders on the same latents, with an ONNX Runtime profile of each (which ops take the time).
 #   1. /tmp/vae-ts: the same random VAE decoder (export_sd3.py --random, same seed: same weights) with TorchScript;
 #   2. /tmp/sd3m-fused-vaets: the fused SD3-medium folder (fp8.sh's build) with that decoder (hard links);
-#   3. examples/benchmark on both (1024x1024, 2 steps: the VAE does not depend on them; RUNS=3 after 1 warm-up),
+#   2b. /tmp/sd3m-fused-vaegn: the same with a dynamo decoder that keeps ONNX GroupNormalization (--groupnorm onnx,
+#      what the builds wrote before 2026-12-04; the builds now rewrite them as InstanceNormalization);
+#   3. examples/benchmark on all three (1024x1024, 2 steps: the VAE does not depend on them; RUNS=3 after 1 warm-up),
 #      each with ONNX Runtime profiles (--profile) summarised for the decoder (profile_summary.py), and the two
 #      images compared (same latents, same weights: the exporters' arithmetic only).
 # Needs fp8.sh's /tmp/sd3m-fused, diffusers in /tmp/site, the CUDA bundle, $BIN (default /tmp/fp8-bin/benchmark).
@@ -30,16 +32,28 @@ EP=${EP:-cuda}; SIZE=${SIZE:-1024}; MODEL=${MODEL:-/tmp/sd3m-fused}; PY=${PY:-py
       --exporter torchscript --components vae_decoder --out /tmp/vae-ts 2>&1 | grep -E "vae_decoder\].*nodes|rror" | cut -c1-200
     echo "TorchScript VAE export: $(( $(date +%s) - t )) s"
   fi
-  TS=$MODEL-vaets
-  if [ ! -d "$TS" ]; then
-    mkdir -p "$TS"
+  # 3. the dynamo decoder as it was before export_sd3.py's --groupnorm instancenorm default (2026-12-04): ONNX
+  #    GroupNormalization nodes, which ONNX Runtime 1.31.1 has no kernel for (inlined as its function body)
+  if [ ! -f /tmp/vae-gn/vae_decoder/model.onnx ]; then
+    t=$(date +%s)
+    $PY models/export/export_sd3.py --random ${RANDOM_VARIANT:-sd3-medium} --tokenizers-from models/fixtures/tiny-sd3 --dtype fp16 \
+      --exporter dynamo --groupnorm onnx --components vae_decoder --out /tmp/vae-gn 2>&1 | grep -E "vae_decoder\].*nodes|rror" | cut -c1-200
+    echo "dynamo VAE export with ONNX GroupNormalization: $(( $(date +%s) - t )) s"
+  fi
+  link_with() {  # $1: folder to make, $2: the decoder folder to put in it (everything else: $MODEL's, hard links)
+    [ -d "$1" ] && return
+    mkdir -p "$1"
     for e in "$MODEL"/*; do
       [ "$(basename "$e")" = vae_decoder ] && continue
-      cp -al "$e" "$TS/"
+      cp -al "$e" "$1/"
     done
-    cp -al /tmp/vae-ts/vae_decoder "$TS/vae_decoder"
-  fi
-  for m in "$MODEL" "$TS"; do
+    cp -al "$2" "$1/vae_decoder"
+  }
+  TS=$MODEL-vaets; GN=$MODEL-vaegn
+  link_with "$TS" /tmp/vae-ts/vae_decoder
+  link_with "$GN" /tmp/vae-gn/vae_decoder
+  grep -o '"groupnorm_as_instancenorm": [0-9]*' "$MODEL/manifest.json" | head -1 || echo "($MODEL's decoder: built before the rewrite, or not dynamo)"
+  for m in "$MODEL" "$TS" "$GN"; do
     v=$(basename "$m")
     echo "== $v ($(date +%T))"
     rm -rf "/tmp/vprof-$v"; mkdir -p "/tmp/vprof-$v"
@@ -50,14 +64,16 @@ EP=${EP:-cuda}; SIZE=${SIZE:-1024}; MODEL=${MODEL:-/tmp/sd3m-fused}; PY=${PY:-py
     p=$(ls /tmp/vprof-$v/vae_decoder_*.json 2>/dev/null | head -1)
     [ -n "$p" ] && $PY scripts/gpu/profile_summary.py "$p" --top 12
   done
-  $PY - "/tmp/vae-$(basename "$MODEL").png" "/tmp/vae-$(basename "$TS").png" <<'PY'
+  $PY - "/tmp/vae-$(basename "$MODEL").png" "/tmp/vae-$(basename "$TS").png" "/tmp/vae-$(basename "$GN").png" <<'PY'
 import sys
 import numpy as np
 from PIL import Image
 a = np.asarray(Image.open(sys.argv[1])).astype(np.float64)
-b = np.asarray(Image.open(sys.argv[2])).astype(np.float64)
-e = np.abs(a - b); mse = ((a - b) ** 2).mean()
-psnr = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
-print(f"dynamo vs TorchScript VAE decoder, same latents and weights: max {e.max():.0f} levels, mean {e.mean():.3f}, PSNR {psnr:.2f} dB")
+for other, what in ((sys.argv[2], "TorchScript"), (sys.argv[3], "dynamo with ONNX GroupNormalization")):
+    b = np.asarray(Image.open(other)).astype(np.float64)
+    e = np.abs(a - b); mse = ((a - b) ** 2).mean()
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+    print(f"the build's VAE decoder vs {what}, same latents and weights: max {e.max():.0f} levels, "
+          f"mean {e.mean():.3f}, PSNR {psnr:.2f} dB")
 PY
 } 2>&1 | tee "$OUT/vae.txt"
