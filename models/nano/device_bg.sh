@@ -56,16 +56,7 @@ case "$PHASE" in
     [ "${STOP:-0}" = 1 ] && touch /tmp/nano-stop && echo "asked the run to stop its training ($(date +%T))"
     if [ "${FP8_CHECK:-0}" = 1 ]; then
       source .ort-cuda/env.sh
-      b=/tmp/sd3onnx-lib-tests
-      python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" \
-        .device-bin/sd3onnx-lib-tests.xz "$b" && chmod +x "$b"
-      {
-        echo "== lib tests on CUDA ($(date +%T))"
-        SD3ONNX_REPO=$PWD CUBLASLT_LOG_LEVEL=2 timeout 300 "$b" --ignored --nocapture --test-threads 1 fp8_cuda 2>&1 \
-          | grep -E "CUDA|test result|panicked|FP8 needs|error|cublasLt|max|diff" | tail -40
-        SD3ONNX_REPO=$PWD timeout 120 "$b" --ignored --nocapture --test-threads 1 rgb_cuda 2>&1 \
-          | grep -E "CUDA|test result|panicked|error" | tail -6
-      } 2>&1 | tee "$OUT/fp8_cuda_tests.txt"
+      bash scripts/gpu/cuda_lib_tests.sh .device-bin/sd3onnx-lib-tests.xz 2>&1 | tee "$OUT/fp8_cuda_tests.txt"
     fi
     wait_run
     if [ "$PHASE" = collect ]; then

@@ -91,14 +91,7 @@ case "$PHASE" in
   status) status ;;
   tiny)
     source .ort-cuda/env.sh
-    [ -x "$BIN/sd3onnx-lib-tests" ] || { echo "carry .device-bin/sd3onnx-lib-tests.xz"; exit 1; }
-    {
-      echo "== lib tests on CUDA ($(date +%T))"
-      SD3ONNX_REPO=$PWD CUBLASLT_LOG_LEVEL=2 timeout 300 "$BIN/sd3onnx-lib-tests" --ignored --nocapture --test-threads 1 fp8_cuda 2>&1 \
-        | grep -E "CUDA|test result|panicked|FP8 needs|error|cublasLt" | tail -30
-      SD3ONNX_REPO=$PWD timeout 120 "$BIN/sd3onnx-lib-tests" --ignored --nocapture --test-threads 1 rgb_cuda 2>&1 \
-        | grep -E "CUDA|test result|panicked|error" | tail -6
-    } 2>&1 | tee "$OUT/tiny.txt"
+    bash scripts/gpu/cuda_lib_tests.sh "$BIN/sd3onnx-lib-tests" 2>&1 | tee "$OUT/tiny.txt"
     status > "$OUT/status.txt" ;;
   fp8)
     # wait (at most FP8_WAIT s) for the FP8 folder of chain 1
