@@ -712,14 +712,18 @@ def groupnorm_as_instancenorm(model: onnx.ModelProto) -> int:
     Reshape [N, G, -1] -> InstanceNormalization -> Reshape [N, C, -1] -> Mul(scale) -> Add(bias) -> Reshape back,
     the form the TorchScript exporter writes; returns how many were rewritten.
 
-    Why (issue 19, the VAE decoder's time): ONNX Runtime 1.31.1 has no kernel for GroupNormalization, on the CPU
-    nor on CUDA (its CUDA provider's kernel list has no such op; microsoft/onnxruntime#24538): the node is an ONNX
-    function and is inlined as its body, about 25 primitive nodes (casts of the whole activation to float32 for
-    `stash_type`, two ReduceMeans, Sub, Mul, Sqrt, Div, ...), each a pass over the activation. The dynamo exporter
-    at opset 23 writes the VAE's 30 group norms this way. InstanceNormalization has kernels everywhere (cuDNN on
-    CUDA) and computes its statistics in float32 there. Rank-agnostic (the VAE's attention normalises [B, C, HW]);
-    the per-channel scale and bias are applied on the [N, C, -1] view. Graphs below opset 21 (GroupNormalization-18:
-    scale and bias per group) are left as they are."""
+    Not the default (export_sd3.py --groupnorm onnx since 2026-12-04, second change that day). It was written
+    because ONNX Runtime 1.31.1 has no kernel for GroupNormalization on the CPU nor on CUDA (the node is an ONNX
+    function, inlined as about 25 primitive nodes) and the dynamo exporter at opset 23 writes the VAE's 30 group
+    norms that way. Measured on an H200 (docs/gpu-results/2026-12-04-h200-round23/vae.txt, one call, same random
+    SD3-medium weights and latents, 1024x1024): the VAE decode took 3,969 ms with this rewrite, 72.8 ms with
+    GroupNormalization kept and 83.1 ms with TorchScript's decoder (InstanceNormalization at opset 17). The
+    profile shows why: the 30 rewritten InstanceNormalization nodes ran on the CPU provider (30 MemcpyToHost and
+    30 MemcpyFromHost nodes, and 60 Casts; the same export on the dev CPU has one Cast: ONNX Runtime puts casts to
+    float32 around float16 nodes it places on the CPU), while TorchScript's InstanceNormalization ran on CUDA. The
+    likely difference is the op's version (22 at opset 23, 6 at opset 17); not checked further. Rank-agnostic
+    (the VAE's attention normalises [B, C, HW]); the per-channel scale and bias are applied on the [N, C, -1] view.
+    Graphs below opset 21 (GroupNormalization-18: scale and bias per group) are left as they are."""
     opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [0])
     if opset < 21:
         return 0
@@ -1337,7 +1341,7 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
                      keep_token_ids: list[int] | None = None, weights_fp16: bool = False,
                      weights_int8: bool = False, keep_t5_token_ids: list[int] | None = None,
                      fused_kernels: bool = False, controlnet_graph: bool = False,
-                     groupnorm: str = "instancenorm") -> dict:
+                     groupnorm: str = "onnx") -> dict:
     """Exports one PyTorch module to out_dir/<component>/model.onnx. Returns its manifest entry. With
     release_torch, the module's weights are freed once the ONNX graph is written (the module is unusable after).
 
@@ -1350,8 +1354,8 @@ def export_component(component: str, module, out_dir: Path, *, exporter: str, at
     transformer that adds ControlNet residuals after its blocks (docs/controlnet.md), through the same rewrites and
     precision conversion as model.onnx.
 
-    groupnorm (dynamo exports): "instancenorm" rewrites ONNX GroupNormalization nodes as InstanceNormalization
-    (groupnorm_as_instancenorm: ONNX Runtime has no GroupNormalization kernel); "onnx" keeps them."""
+    groupnorm (dynamo exports): "onnx" (default) keeps ONNX GroupNormalization nodes; "instancenorm" rewrites them
+    as InstanceNormalization (groupnorm_as_instancenorm; 55x slower VAE decode on CUDA, see there)."""
     t0 = time.time()
     opset = opset or default_opset(exporter, attention)
     filename = "model.onnx"
@@ -1693,10 +1697,11 @@ def parse_args(argv=None):
     ap.add_argument("--t5-precision", choices=["mixed", "fp32", "fp16"], default="mixed",
                     help="with --dtype fp16/bf16: mixed = fp32 FFN output, residual and RMSNorm (default); fp32 = "
                          "whole T5 in float32; fp16 = naive conversion (overflows with real T5-XXL weights)")
-    ap.add_argument("--groupnorm", choices=("instancenorm", "onnx"), default="instancenorm",
-                    help="dynamo exports: write the VAE's group norms as InstanceNormalization (default: ONNX Runtime "
-                         "has no GroupNormalization kernel and runs it as ~25 primitive nodes) or keep ONNX's "
-                         "GroupNormalization (onnx)")
+    ap.add_argument("--groupnorm", choices=("onnx", "instancenorm"), default="onnx",
+                    help="dynamo exports: keep ONNX's GroupNormalization in the VAE (default; ONNX Runtime inlines "
+                         "it as ~25 primitive nodes, the fastest decoder measured on an H200) or rewrite it as "
+                         "InstanceNormalization (instancenorm: at opset 23 ONNX Runtime 1.31.1's CUDA provider "
+                         "runs those on the CPU, 55x slower; kept for experiments)")
     ap.add_argument("--fp32-components", default="",
                     help="comma-separated components kept in float32 whatever --dtype says (e.g. vae_decoder)")
     ap.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
