@@ -444,7 +444,7 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
         files.append(("trainpairs_", None))
     for tag, fname in files:
         prompts = (json.loads((HERE / fname).read_text())[:args.eval_n] if fname is not None
-                   else train_pair_prompts(args.eval_train_pairs, args.seed + 777))
+                   else train_pair_prompts(args.eval_train_pairs, args.eval_train_pairs_seed))
         res = {}
         for name, guidance in (("cfg", args.eval_guidance), ("nocfg", 1.0)):
             imgs = sample(transformer, text, vae, toks, [p["prompt"] for p in prompts], args, dev, guidance, 0,
@@ -595,6 +595,9 @@ def main():
                     help="also draw N pair scenes of the training distribution (split train4, new seed) and score "
                          "them: tells pairs not learnt from pairs learnt but not generalised (log key "
                          "eval_torch_trainpairs)")
+    ap.add_argument("--eval-train-pairs-seed", type=int, default=None,
+                    help="seed of --eval-train-pairs' scenes (default: --seed + 777; a --resume run passes its "
+                         "parent's to score the same prompts)")
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="a pipeline folder whose VAE (encoder and decoder, shift and scale) is kept as it is; text "
                          "encoders and transformer start new, of this run's sizes (a retrain on a shipped VAE)")
@@ -608,6 +611,8 @@ def main():
     args = ap.parse_args()
     if args.schedule_seconds is None:
         args.schedule_seconds = args.dit_seconds
+    if args.eval_train_pairs_seed is None:
+        args.eval_train_pairs_seed = args.seed + 777
 
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
