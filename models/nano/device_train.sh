@@ -48,11 +48,12 @@ if [ "${RETRAIN:-0}" = 1 ]; then
 fi
 if [ "${CONTINUE:-0}" = 1 ]; then
   # issue 22, run 17 on: run 16's pipeline (its pipeline.tgz from the collect call, as .nano-resume.tgz) trained
-  # further: its loss was still falling when run 16's session ended (0.0808 at step 6,000, 0.0746 at 8,673). Same
-  # split and batch, new scenes (seed 17), a new warmup to half run 16's peak rate. The sizes come from the saved
-  # configs; --eval-train-pairs-seed 793 (16 + 777) scores run 16's 120 training-distribution pairs again. The
-  # caller gives --dit-seconds, --schedule-seconds and --stop-by.
-  set -- --resume /tmp/resume/pipeline --split train4 --n-train 400000 --seed 17 --t5-len 77 --infer-shift 3 \
+  # further: its loss was still falling when run 16's session ended (0.0808 at step 6,000, 0.0746 at 8,673). Split
+  # train5 (train4 plus same-shape relation pairs: run 16 put the held-out side x shape prompts in the wrong
+  # relation), same batch, new scenes (seed 17), a new warmup to half run 16's peak rate. The sizes come from the
+  # saved configs; --eval-train-pairs-seed 793 (16 + 777) scores run 16's 120 training-distribution pairs again.
+  # The caller gives --dit-seconds, --schedule-seconds and --stop-by (and --split train4 to continue on train4).
+  set -- --resume /tmp/resume/pipeline --split train5 --n-train 400000 --seed 17 --t5-len 77 --infer-shift 3 \
     --dit-batch 1024 --dit-lr 5e-4 --dit-steps 100000000 --warmup 300 --compile --eval --eval-train-pairs 120 \
     --eval-train-pairs-seed 793 "$@"
 fi

@@ -155,6 +155,41 @@ def test_train4_split():
     assert S.make_captions(300, 7, "train4") != S.make_captions(300, 7, "train3c")
 
 
+def test_train5_split():
+    # train4 plus same-shape relation pairs (scenes.SAME_SHAPE_SHARE_TRAIN5): no held-out combination (side x shape
+    # included), each same-shape pair in a stated relation with both colours in its caption; train4 is untouched
+    rng = np.random.default_rng(5)
+    n, pairs, same = 20000, 0, []
+    for _ in range(n):
+        sc = S.sample_scene(rng, "train5")
+        assert not S.heldout_combos(sc), sc
+        if sc.kind == "pair":
+            pairs += 1
+            if sc.shape == sc.shape2:
+                same.append(sc)
+    # about 0.3 of the pair draws, fewer after the held-out redraws (same-shape pairs hit side x shape more often)
+    assert 0.15 < len(same) / pairs < 0.35, (len(same), pairs)
+    seen_sides = set()
+    for sc in same[:400]:
+        assert sc.relation in S.RELATIONS and sc.color != sc.color2, sc
+        cap = S.caption(sc, np.random.default_rng(0))
+        assert sc.color in cap and sc.color2 in cap, cap
+        seen_sides |= set(S.pair_sides(sc.to_dict()).items())
+    assert not seen_sides & S.HELDOUT["side_shape"]
+    caps = S.make_captions(600, 7, "train5")
+    assert caps == S.make_dataset(600, 7, "train5", workers=1)[1]
+    assert caps != S.make_captions(600, 7, "train4")
+    # the checker passes the clean renders of same-shape scenes (the colours tell the objects apart) and fails
+    # them with the relation reversed or the colours swapped
+    inverse = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for sc in same[:24]:
+        img, d = S.render(sc), sc.to_dict()
+        assert all(C.check(img, d).values()), (C.check(img, d), d)
+        assert not C.check(img, dict(d, relation=inverse[d["relation"]]))["relation"], d
+        swapped = C.check(img, dict(d, color=d["color2"], color2=d["color"]))
+        assert not all(swapped.values()), d
+
+
 def test_pair_geometry_and_captions():
     # the stated relation holds for the checker on the render (bbox centers, margin), the two boxes never overlap,
     # both stay in the frame, and the caption names both shapes (and the relation word when stated)

@@ -439,7 +439,8 @@ def evaluate(transformer, text, vae, toks, args, dev, shift, scale, out_dir: Pat
     import checker
     from PIL import Image
 
-    files = [("", "eval_prompts.json")] + ([("v2_", "eval_prompts_v2.json")] if args.split == "train4" else [])
+    files = [("", "eval_prompts.json")] + ([("v2_", "eval_prompts_v2.json")] if args.split in ("train4", "train5")
+                                            else [])
     if args.eval_train_pairs > 0:
         files.append(("trainpairs_", None))
     for tag, fname in files:
@@ -520,7 +521,8 @@ def main():
     ap.add_argument("--split", choices=scenes.TRAIN_SPLITS, default="train",
                     help="training data: scenes.py split (train3: three object sizes, small / medium / large; "
                          "train3c: train3 with about 45%% count scenes instead of 29%%; train4: train3's kinds "
-                         "plus about 40%% pair scenes, issue 22)")
+                         "plus about 40%% pair scenes, issue 22; train5: train4 with some same-shape relation "
+                         "pairs, scenes.SAME_SHAPE_SHARE_TRAIN5)")
     ap.add_argument("--n-train", type=int, default=120_000)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=128)
