@@ -98,14 +98,25 @@ def load_tokenizers(tok_dir: Path):
     return tl, tg, t5
 
 
+def _ids(tok, texts, length):
+    """tok(texts, max_length=length, padding="max_length", truncation=True).input_ids as a tensor, through the Rust
+    tokenizer's encode_batch (about 2x faster on 10^5 captions than the Python wrapper; the same ids, checked on the
+    first 64 texts every call, else the wrapper's are used)."""
+    kw = dict(max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+    head = tok(list(texts[:64]), **kw).input_ids
+    bt = copy.deepcopy(tok.backend_tokenizer)
+    bt.enable_truncation(length)
+    bt.enable_padding(length=length, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    ids = torch.from_numpy(np.array([e.ids for e in bt.encode_batch(list(texts))], dtype=np.int64))
+    if ids.shape != (len(texts), length) or not torch.equal(ids[:64], head):
+        return tok(list(texts), **kw).input_ids
+    return ids
+
+
 def tokenize(toks, texts, t5_len):
     """Token ids as StableDiffusion3Pipeline._get_clip_prompt_embeds / _get_t5_prompt_embeds make them."""
     tl, tg, t5 = toks
-    kw = dict(padding="max_length", truncation=True, return_tensors="pt")
-    ids_l = tl(texts, max_length=77, **kw).input_ids
-    ids_g = tg(texts, max_length=77, **kw).input_ids
-    ids_t = t5(texts, max_length=t5_len, add_special_tokens=True, **kw).input_ids
-    return ids_l, ids_g, ids_t
+    return _ids(tl, texts, 77), _ids(tg, texts, 77), _ids(t5, texts, t5_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
