@@ -491,16 +491,11 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     train3's kinds plus pair scenes (KIND_WEIGHTS_TRAIN4). "heldout": always at least one held-out combination of
     the five old families; "heldout2": a scene of one of the CATEGORIES_V2 (pairs included). "train5": train4 with
     same-shape relation pairs (SAME_SHAPE_SHARE_TRAIN5)."""
-    if split == "train4":
+    if split in ("train4", "train5"):
         while True:
             kind = KINDS4[int(rng.choice(len(KINDS4), p=KIND_WEIGHTS_TRAIN4))]
-            sc = _make_scene(rng, kind, sizes=TRAIN3_SIZES) if kind == "object" else _make_scene(rng, kind)
-            if not heldout_combos(sc):
-                return sc
-    if split == "train5":
-        while True:
-            kind = KINDS4[int(rng.choice(len(KINDS4), p=KIND_WEIGHTS_TRAIN4))]
-            if kind == "pair" and rng.random() < SAME_SHAPE_SHARE_TRAIN5:
+            # (train4 draws no extra number here: its scenes stay those of runs 13-16)
+            if split == "train5" and kind == "pair" and rng.random() < SAME_SHAPE_SHARE_TRAIN5:
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
                 rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
                 sc = _make_scene(rng, "pair", shape=shape, shape2=shape, relation=rel)
