@@ -6,7 +6,8 @@
 //!     [--width 1024] [--height 1024] [--steps 28] [--guidance 7] [--runs 3] [--warmup 1] [--json FILE]
 //!     [--output FILE.png] [--profile DIR] [--static] [--low-memory] [--vae-tiling]
 //!     [--attention auto|flash|efficient|cudnn|math] [--controlnet DIR [--control-scale 0.7]]
-//!     [--loop auto|host|device|both] [--cuda-graph] [--sampler euler|heun|dpmpp_2m] [--latents FILE]
+//!     [--loop auto|host|device|both] [--cuda-graph] [--step-graph both] [--sampler euler|heun|dpmpp_2m]
+//!     [--latents FILE]
 //! ```
 //!
 //! `--latents FILE` writes the final latents of one more run (`Sd3Pipeline::denoise`, same request and seed) as
@@ -23,6 +24,10 @@
 //! `--cuda-graph` (with `--ep cuda`) measures the device loop with a static shape twice, without and then with
 //! the transformer as a CUDA graph (`CudaOptions::cuda_graph`), side by side like `--loop both`, followed by the
 //! two runs' difference; it implies `--static` and replaces `--loop`.
+//!
+//! `--step-graph both` measures the device loop twice, its Euler steps as the stock operators' small graph and
+//! then as our one fused operator (`Sd3PipelineBuilder::fused_step`), side by side like `--loop both`, followed
+//! by the two runs' difference; it replaces `--loop` (`--step-graph fused` / `stock` measure one of them).
 //!
 //! `--controlnet DIR` loads a ControlNet folder (the model folder needs `transformer/model_controlnet.onnx`) and
 //! generates with it, on a synthetic control image (white lines on black, the request's size); the table then
@@ -66,11 +71,17 @@ struct Args {
 struct Variant {
     device_loop: Option<bool>,
     cuda_graph: bool,
+    /// `Sd3PipelineBuilder::fused_step` (`None`: the builder's default).
+    fused_step: Option<bool>,
 }
 
 impl Variant {
     fn looped(device_loop: Option<bool>) -> Self {
-        Variant { device_loop, cuda_graph: false }
+        Variant { device_loop, cuda_graph: false, fused_step: None }
+    }
+
+    fn stepped(fused: bool) -> Self {
+        Variant { device_loop: Some(true), cuda_graph: false, fused_step: Some(fused) }
     }
 }
 
@@ -144,6 +155,14 @@ fn parse() -> Result<Args, String> {
                 .map(Variant::looped)
                 .collect()
             }
+            "--step-graph" => {
+                a.loops = match v.as_str() {
+                    "fused" => vec![Variant::stepped(true)],
+                    "stock" => vec![Variant::stepped(false)],
+                    "both" => vec![Variant::stepped(false), Variant::stepped(true)],
+                    other => return Err(format!("--step-graph: {other:?} is not fused, stock or both")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -162,8 +181,8 @@ fn parse() -> Result<Args, String> {
         // The same static shape for both, so that the graph is the only difference.
         a.static_shape = true;
         a.loops = vec![
-            Variant { device_loop: Some(true), cuda_graph: false },
-            Variant { device_loop: Some(true), cuda_graph: true },
+            Variant { device_loop: Some(true), cuda_graph: false, fused_step: None },
+            Variant { device_loop: Some(true), cuda_graph: true, fused_step: None },
         ];
     }
     Ok(a)
@@ -195,6 +214,9 @@ fn builder(a: &Args, variant: Variant) -> Result<sd3_onnx::Sd3PipelineBuilder, S
     let mut b = Sd3Pipeline::builder(&a.model).execution_provider(ep).low_memory(a.low_memory).vae_tiling(a.vae_tiling);
     if let Some(on) = device_loop {
         b = b.device_loop(on);
+    }
+    if let Some(on) = variant.fused_step {
+        b = b.fused_step(on);
     }
     if a.static_shape {
         let (w, h) = match (a.request.width, a.request.height) {
@@ -374,6 +396,8 @@ fn rows(m: &Measured, controlnet: bool) -> Rows {
 fn loop_name(v: Variant) -> &'static str {
     match (v.device_loop, v.cuda_graph) {
         (_, true) => "device loop + CUDA graph",
+        (Some(true), false) if v.fused_step == Some(false) => "device loop, stock step graph",
+        (Some(true), false) if v.fused_step == Some(true) => "device loop, fused step",
         (None, false) => "auto",
         (Some(false), false) => "host loop",
         (Some(true), false) => "device loop",

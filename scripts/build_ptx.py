@@ -30,7 +30,10 @@ def compile_ptx(lib, src: pathlib.Path) -> str:
     assert rc == 0, f"nvrtcCreateProgram: {rc}"
     import nvidia.cuda_runtime  # cuda_fp16.h (nvidia-cuda-runtime-cu12==12.8.90)
     inc = pathlib.Path(nvidia.cuda_runtime.__path__[0]) / "include"
-    opts = [ARCH, b"--std=c++17", b"--use_fast_math", b"-I" + str(inc).encode()]
+    # --use_fast_math for every kernel but those marked "build_ptx: ieee" (step.cu: its values must be the stock
+    # graph's, so no flush of subnormals to zero either)
+    fast = [] if b"build_ptx: ieee" in code else [b"--use_fast_math"]
+    opts = [ARCH, b"--std=c++17", *fast, b"-I" + str(inc).encode()]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()

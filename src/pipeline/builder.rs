@@ -33,6 +33,7 @@ pub struct Sd3PipelineBuilder {
     /// The device loop with the transformer's inputs and output in fixed buffers (`DeviceModel::Fixed`): on
     /// with `CudaOptions::cuda_graph`; on the CPU only for the tests that compare it with the plain device loop.
     fixed_buffers: bool,
+    fused_step: bool,
 }
 
 impl Sd3PipelineBuilder {
@@ -53,6 +54,7 @@ impl Sd3PipelineBuilder {
             limits: Limits::default(),
             device_loop: None,
             fixed_buffers: false,
+            fused_step: true,
         }
     }
 
@@ -160,6 +162,19 @@ impl Sd3PipelineBuilder {
     /// used.
     pub fn device_loop(mut self, enable: bool) -> Self {
         self.device_loop = Some(enable);
+        self
+    }
+
+    /// Runs the device loop's Euler steps (guidance and the sampler update, with and without guidance) as one
+    /// fused operator of ours (`true`, the default) or as a small graph of ONNX Runtime's stock operators
+    /// (`false`). Both compute every value the same way (on the CPU they give the same latents to the bit); the
+    /// fused one launches one GPU kernel per step instead of about ten and reads the step's two scalars from host
+    /// memory. It applies where the device loop runs on the CPU, CUDA or TensorRT providers, to Euler steps
+    /// without skip-layer guidance, inpainting or previews, with the transformer's input and output both
+    /// float16 or both float32; every other step runs as the stock graph whatever this says. `false` is for
+    /// comparing the two (`examples/benchmark --step-graph stock`).
+    pub fn fused_step(mut self, enable: bool) -> Self {
+        self.fused_step = enable;
         self
     }
 
@@ -352,6 +367,7 @@ impl Sd3PipelineBuilder {
             controlnets: Default::default(),
             device_loop: self.device_loop,
             fixed_buffers: self.fixed_buffers || cuda_graph,
+            fused_step: self.fused_step,
         })
     }
 }

@@ -78,6 +78,8 @@ pub struct Sd3Pipeline {
     /// The device loop keeps the transformer's inputs and output in fixed buffers (`DeviceModel::Fixed`): with
     /// `CudaOptions::cuda_graph`, and in tests on the CPU.
     fixed_buffers: bool,
+    /// [`Sd3PipelineBuilder::fused_step`].
+    fused_step: bool,
 }
 
 /// What the denoising loop hands to the decoder.
@@ -547,6 +549,7 @@ impl Sd3Pipeline {
             let batch_size = batch.batch();
             match (control.as_mut(), self.controlnets.transformer.as_mut()) {
                 (Some(run), Some((graph, _))) => {
+                    graph.set_fused_step(self.fused_step);
                     let model =
                         DeviceModel::Controlled { nets: &mut self.controlnets.nets, run, patch: self.info.patch_size };
                     denoise.run_on_device(&mut latents, graph, model, batch_size, skip, cancelled, progress, t)?
@@ -559,6 +562,7 @@ impl Sd3Pipeline {
                         DeviceModel::Plain(&mut bound)
                     };
                     let transformer = &mut self.transformer;
+                    transformer.set_fused_step(self.fused_step);
                     denoise.run_on_device(&mut latents, transformer, model, batch_size, skip, cancelled, progress, t)?
                 }
             }

@@ -203,6 +203,11 @@ impl Builder {
 
     /// Adds `op(inputs)` with integer attributes, writing `outputs`.
     fn node(&mut self, op: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, i64)]) {
+        self.node_in("", op, inputs, outputs, attrs);
+    }
+
+    /// [`node`](Self::node) in operator domain `domain` ("" is ONNX's own).
+    fn node_in(&mut self, domain: &str, op: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, i64)]) {
         let mut n = Message::new();
         for i in inputs {
             n = n.str(1, i);
@@ -214,6 +219,9 @@ impl Builder {
         for (name, value) in attrs {
             // AttributeProto { name, i, type = INT (2) }
             n = n.msg(5, Message::new().str(1, name).int(3, *value).int(20, 2));
+        }
+        if !domain.is_empty() {
+            n = n.str(7, domain); // NodeProto.domain
         }
         self.nodes.push(n);
     }
@@ -249,11 +257,40 @@ impl Builder {
         for o in self.outputs {
             graph = graph.msg(12, o);
         }
-        // Opset 18: Split with `num_outputs`.
+        // Opset 18: Split with `num_outputs`; our operators' domain, version 1 (src/runtime/kernels).
         let opset = Message::new().str(1, "").int(2, 18);
+        let ours = Message::new().str(1, super::kernels::DOMAIN).int(2, 1);
         // ModelProto { ir_version = 8, producer_name, graph, opset_import }
-        Message::new().int(1, 8).str(2, "sd3-onnx").msg(7, graph).msg(8, opset).0
+        Message::new().int(1, 8).str(2, "sd3-onnx").msg(7, graph).msg(8, opset).msg(8, ours).0
     }
+}
+
+/// The step of `spec` as one node of our `EulerStepF16` / `EulerStepF32` operator (src/runtime/kernels/mod.rs;
+/// its CPU and CUDA kernels compute every value as [`step_graph`]'s graph does), when the operator covers it: an
+/// Euler step with or without guidance, no skip-layer guidance, inpainting blend or preview output, and the
+/// transformer's input and output of one element type, float16 or float32. `None` otherwise: the caller uses
+/// [`step_graph`]. Same inputs and outputs as [`step_graph`]'s for that spec.
+pub(crate) fn fused_step_graph(spec: &StepSpec) -> Option<Vec<u8>> {
+    const F32: i64 = 1;
+    let op = match (spec.hidden, spec.velocity) {
+        (ElementType::Float16, ElementType::Float16) => "EulerStepF16",
+        (ElementType::Float32, ElementType::Float32) => "EulerStepF32",
+        _ => return None,
+    };
+    if spec.kind != StepKind::Euler || spec.skip || spec.single || spec.guided || spec.inpaint {
+        return None;
+    }
+    let t = onnx_type(spec.hidden)?;
+    let x_dims = ["n", "c", "h", "w"];
+    let mut g = Builder::new();
+    g.input("x", F32, &x_dims);
+    g.input("v", t, &["b", "c", "h", "w"]);
+    g.input("s", F32, &["k"]);
+    let guidance = i64::from(spec.guidance);
+    g.node_in(super::kernels::DOMAIN, op, &["x", "v", "s"], &["x_next", "hidden"], &[("guidance", guidance)]);
+    g.output("x_next", F32, &x_dims);
+    g.output("hidden", t, &["b", "c", "h", "w"]);
+    Some(g.finish())
 }
 
 /// The step graph of `spec` (see [`StepSpec`] for its inputs and outputs), `None` for element types we cannot
@@ -413,6 +450,9 @@ pub(crate) struct Steppers {
     pub mixers: Vec<((usize, ElementType, ElementType), Session)>,
     /// The decoded image's conversion to RGB bytes (`rgb::rgb_graph`), by the image's element type.
     pub rgb: Vec<(ElementType, Session)>,
+    /// Whether a step our `EulerStep*` operator covers runs as that one node ([`fused_step_graph`]) instead of
+    /// the stock operators' graph ([`step_graph`]); `Sd3PipelineBuilder::fused_step`, on by default.
+    pub fused: Option<bool>,
 }
 
 impl Graph {
@@ -598,22 +638,51 @@ impl Graph {
         Ok(DeviceTensor(value))
     }
 
+    /// Whether the device loop's steps that our `EulerStep*` operator covers run as that one node (`true`, the
+    /// default) or as the stock operators' graph ([`Steppers::fused`]); a change drops the step sessions made.
+    pub(crate) fn set_fused_step(&mut self, on: bool) {
+        if self.steppers.fused != Some(on) {
+            self.steppers.fused = Some(on);
+            self.steppers.sessions.clear();
+        }
+    }
+
     /// The step session of `spec` on this graph's provider (TensorRT graphs step on CUDA, like the LoRA merges),
     /// created on first use.
     fn stepper(&mut self, spec: &StepSpec) -> Result<usize> {
         if let Some(i) = self.steppers.sessions.iter().position(|(s, _)| s == spec) {
             return Ok(i);
         }
-        let bytes = step_graph(spec).ok_or_else(|| {
-            Error::internal(format!("no step graph for element types {} / {}", spec.hidden, spec.velocity))
-        })?;
-        let session = self.small_session(&bytes, "the step session")?;
+        // Our operator has CPU and CUDA kernels (TensorRT graphs step on CUDA); on DirectML it would run on the
+        // CPU, with copies both ways, so the stock graph stays there.
+        let kernels = matches!(
+            self.provider,
+            ExecutionProvider::Cpu | ExecutionProvider::Cuda(_) | ExecutionProvider::TensorRt(_)
+        );
+        let fused = match self.steppers.fused.unwrap_or(true) && kernels {
+            true => fused_step_graph(spec),
+            false => None,
+        };
+        let session = match fused {
+            Some(bytes) => self.small_session_with(&bytes, "the fused step session", true)?,
+            None => {
+                let bytes = step_graph(spec).ok_or_else(|| {
+                    Error::internal(format!("no step graph for element types {} / {}", spec.hidden, spec.velocity))
+                })?;
+                self.small_session(&bytes, "the step session")?
+            }
+        };
         self.steppers.sessions.push((*spec, session));
         Ok(self.steppers.sessions.len() - 1)
     }
 
     /// A session of a small element-wise graph on this graph's provider (TensorRT graphs run them on CUDA).
     fn small_session(&self, bytes: &[u8], what: &str) -> Result<Session> {
+        self.small_session_with(bytes, what, false)
+    }
+
+    /// [`small_session`](Self::small_session), with our operators registered when `ours`.
+    fn small_session_with(&self, bytes: &[u8], what: &str, ours: bool) -> Result<Session> {
         let component = self.component;
         let err = |e: ort::Error| Error::inference(component, format!("creating {what}: {e}"), boxed(e));
         // Never a CUDA graph (CudaOptions::cuda_graph is the transformer's alone): these sessions read host
@@ -628,6 +697,21 @@ impl Graph {
         let builder = builder.with_intra_threads(1).map_err(|e| err(e.into()))?;
         let builder = builder.with_inter_threads(1).map_err(|e| err(e.into()))?;
         let builder = builder.with_config_entry("session.intra_op.allow_spinning", "0").map_err(|e| err(e.into()))?;
+        let builder = match ours {
+            true => {
+                let ops = super::kernels::domain().map_err(err)?;
+                let builder = builder.with_operators(ops).map_err(|e| err(e.into()))?;
+                // On a GPU our node must get the provider's kernel: without the CPU fallback ONNX Runtime refuses
+                // the session instead of running the node on the CPU with copies both ways.
+                match provider {
+                    ExecutionProvider::Cpu => builder,
+                    _ => {
+                        builder.with_config_entry("session.disable_cpu_ep_fallback", "1").map_err(|e| err(e.into()))?
+                    }
+                }
+            }
+            false => builder,
+        };
         let mut builder = provider.register(builder, component)?;
         builder.commit_from_memory(bytes).map_err(err)
     }
@@ -765,5 +849,222 @@ mod tests {
             velocity: ElementType::Float32,
         };
         assert!(step_graph(&spec).is_none());
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    //! `EulerStepF16` / `EulerStepF32` (the fused step, one node) against the stock step graph of the same spec on
+    //! the CPU provider: the same bits, output by output, over random values and edge values.
+
+    use half::f16;
+    use ort::value::DynValue;
+
+    use super::*;
+
+    fn spec(guidance: bool, t: ElementType) -> StepSpec {
+        StepSpec {
+            kind: StepKind::Euler,
+            guidance,
+            skip: false,
+            single: false,
+            guided: false,
+            inpaint: false,
+            hidden: t,
+            velocity: t,
+        }
+    }
+
+    /// Values that stress the arithmetic: signed zeros, subnormals, values near float16's range, large float32
+    /// values whose products overflow, and a spread of ordinary ones.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0.0, -0.0, 1e-40, -1e-40, 6.0e-8, 65504.0, -65504.0, 7.0e4, 3.0e38, -3.0e38, 1.0, -1.0];
+        let mut state = seed;
+        while v.len() < n {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+            v.push((u - 0.5) * 8.0);
+        }
+        v.truncate(n);
+        v
+    }
+
+    fn tensor(shape: &[usize], data: Vec<f32>, t: ElementType) -> DynValue {
+        match t {
+            ElementType::Float16 => {
+                let d: Vec<f16> = data.iter().map(|x| f16::from_f32(*x)).collect();
+                Tensor::from_array((shape.to_vec(), d)).expect("tensor").into_dyn()
+            }
+            _ => Tensor::from_array((shape.to_vec(), data)).expect("tensor").into_dyn(),
+        }
+    }
+
+    /// Every output of a run as raw bits (float16 widened bit-exactly to u32 by value).
+    fn run(bytes: &[u8], ours: bool, inputs: Vec<(&str, DynValue)>, t: ElementType) -> Vec<Vec<u32>> {
+        let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
+        let mut builder = Session::builder(&env).expect("builder");
+        if ours {
+            builder = builder.with_operators(crate::runtime::kernels::domain().expect("domain")).expect("ops");
+        }
+        let mut session = builder.commit_from_memory(bytes).expect("session");
+        let outputs = session.run(inputs).expect("run");
+        let x_next = outputs["x_next"].try_extract_tensor::<f32>().expect("x_next").1.iter().map(|v| v.to_bits());
+        let x_next: Vec<u32> = x_next.collect();
+        let hidden: Vec<u32> = match t {
+            ElementType::Float16 => outputs["hidden"]
+                .try_extract_tensor::<f16>()
+                .expect("hidden")
+                .1
+                .iter()
+                .map(|v| v.to_bits() as u32)
+                .collect(),
+            _ => outputs["hidden"].try_extract_tensor::<f32>().expect("hidden").1.iter().map(|v| v.to_bits()).collect(),
+        };
+        vec![x_next, hidden]
+    }
+
+    #[test]
+    fn the_fused_step_equals_the_stock_graph_to_the_bit() {
+        for t in [ElementType::Float16, ElementType::Float32] {
+            for guidance in [true, false] {
+                for (n, c, h, w) in [(1, 2, 3, 5), (2, 16, 8, 8), (3, 4, 7, 9)] {
+                    let spec = spec(guidance, t);
+                    let stock = step_graph(&spec).expect("stock graph");
+                    let fused = fused_step_graph(&spec).expect("fused graph");
+                    let b = if guidance { 2 * n } else { n };
+                    let total = n * c * h * w;
+                    let x = values(total, 11 + n as u64);
+                    let v = values(b * c * h * w, 97 + c as u64);
+                    let s: Vec<f32> = if guidance { vec![7.0, -0.0357] } else { vec![-0.0357] };
+                    let inputs = || {
+                        vec![
+                            ("x", tensor(&[n, c, h, w], x.clone(), ElementType::Float32)),
+                            ("v", tensor(&[b, c, h, w], v.clone(), t)),
+                            ("s", tensor(&[s.len()], s.clone(), ElementType::Float32)),
+                        ]
+                    };
+                    let want = run(&stock, false, inputs(), t);
+                    let got = run(&fused, true, inputs(), t);
+                    for (k, name) in ["x_next", "hidden"].iter().enumerate() {
+                        assert_eq!(got[k].len(), want[k].len(), "{t} guidance {guidance} {name}: length");
+                        let wrong = got[k].iter().zip(&want[k]).filter(|(a, b)| a != b).count();
+                        assert_eq!(wrong, 0, "{t} guidance {guidance} [{n},{c},{h},{w}] {name}: {wrong} values differ");
+                    }
+                }
+            }
+        }
+    }
+
+    /// On CUDA: the fused step (our CUDA kernel, `s` read from host memory) and the stock graph on CUDA against
+    /// the stock graph on the CPU, to the bit (every operation is one IEEE float32 operation, rounded on its own,
+    /// in both; float16 conversions round to nearest even). The session refuses a CPU fallback, so the node ran
+    /// on the GPU. `cargo test --features cuda --lib -- --ignored step_cuda`.
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and ONNX Runtime's CUDA provider"]
+    fn step_cuda_fused_and_stock_equal_the_cpu_to_the_bit() {
+        let env = crate::runtime::environment(None).expect("ONNX Runtime (its CUDA build)");
+        let cuda = ExecutionProvider::Cuda(Default::default());
+        let mut failed = Vec::new();
+        for t in [ElementType::Float16, ElementType::Float32] {
+            for guidance in [true, false] {
+                // SD3-medium's latents at 1024x1024 (16 x 128 x 128), and an odd small shape
+                for (n, c, h, w) in [(1, 16, 128, 128), (3, 4, 7, 9)] {
+                    let spec = spec(guidance, t);
+                    let b = if guidance { 2 * n } else { n };
+                    let x = values(n * c * h * w, 5);
+                    let v = values(b * c * h * w, 6);
+                    let s: Vec<f32> = if guidance { vec![7.0, -0.0357] } else { vec![-0.0357] };
+                    let inputs = || {
+                        vec![
+                            ("x", tensor(&[n, c, h, w], x.clone(), ElementType::Float32)),
+                            ("v", tensor(&[b, c, h, w], v.clone(), t)),
+                            ("s", tensor(&[s.len()], s.clone(), ElementType::Float32)),
+                        ]
+                    };
+                    let want = run(&step_graph(&spec).expect("stock"), false, inputs(), t);
+                    for (what, bytes, ours) in [
+                        ("fused", fused_step_graph(&spec).expect("fused"), true),
+                        ("stock", step_graph(&spec).expect("stock"), false),
+                    ] {
+                        let mut builder = Session::builder(&env).expect("builder");
+                        if ours {
+                            builder =
+                                builder.with_operators(crate::runtime::kernels::domain().expect("ops")).expect("ops");
+                        }
+                        let builder =
+                            builder.with_config_entry("session.disable_cpu_ep_fallback", "1").expect("option");
+                        let mut builder = cuda.register(builder, crate::Component::Transformer).expect("CUDA provider");
+                        let mut session = builder.commit_from_memory(&bytes).expect("CUDA session");
+                        let outputs = session.run(inputs()).expect("run");
+                        let x_next: Vec<u32> = outputs["x_next"]
+                            .try_extract_tensor::<f32>()
+                            .expect("x")
+                            .1
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let hidden: Vec<u32> = match t {
+                            ElementType::Float16 => outputs["hidden"]
+                                .try_extract_tensor::<f16>()
+                                .expect("h")
+                                .1
+                                .iter()
+                                .map(|v| v.to_bits() as u32)
+                                .collect(),
+                            _ => outputs["hidden"]
+                                .try_extract_tensor::<f32>()
+                                .expect("h")
+                                .1
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect(),
+                        };
+                        for (k, (name, got)) in [("x_next", x_next), ("hidden", hidden)].into_iter().enumerate() {
+                            let wrong = got.iter().zip(&want[k]).filter(|(a, b)| a != b).count();
+                            let case = format!("{t} guidance {guidance} [{n},{c},{h},{w}] {what} {name}");
+                            eprintln!("CUDA step {case}: {wrong} of {} values differ from the CPU", got.len());
+                            if wrong != 0 || got.len() != want[k].len() {
+                                failed.push(case);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failed.is_empty(), "CUDA step outputs differ from the CPU's: {failed:?}");
+    }
+
+    #[test]
+    fn the_fused_step_covers_plain_euler_only() {
+        let t = ElementType::Float16;
+        assert!(fused_step_graph(&spec(true, t)).is_some());
+        assert!(fused_step_graph(&StepSpec { kind: StepKind::HeunFirst, ..spec(true, t) }).is_none());
+        assert!(fused_step_graph(&StepSpec { skip: true, ..spec(true, t) }).is_none());
+        assert!(fused_step_graph(&StepSpec { single: true, ..spec(true, t) }).is_none());
+        assert!(fused_step_graph(&StepSpec { guided: true, ..spec(true, t) }).is_none());
+        assert!(fused_step_graph(&StepSpec { inpaint: true, ..spec(false, t) }).is_none());
+        assert!(fused_step_graph(&StepSpec { hidden: ElementType::Float32, ..spec(true, t) }).is_none());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let spec = spec(true, ElementType::Float32);
+        let fused = fused_step_graph(&spec).expect("fused graph");
+        let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
+        let builder = Session::builder(&env).expect("builder");
+        let mut builder = builder.with_operators(crate::runtime::kernels::domain().expect("domain")).expect("ops");
+        let mut session = builder.commit_from_memory(&fused).expect("session");
+        let f = |shape: &[usize], n: usize| tensor(shape, vec![0.5; n], ElementType::Float32);
+        // v's batch is not twice x's; s has one scalar where guidance needs two; a non-finite scale
+        for (v, s, what) in [
+            (f(&[3, 2, 2, 2], 24), f(&[2], 2), "batch"),
+            (f(&[2, 2, 2, 2], 16), f(&[1], 1), "scalars"),
+            (f(&[2, 2, 2, 2], 16), tensor(&[2], vec![f32::NAN, 0.1], ElementType::Float32), "nan"),
+        ] {
+            let r = session.run(ort::inputs!["x" => f(&[1, 2, 2, 2], 8), "v" => v, "s" => s]);
+            let e = r.err().unwrap_or_else(|| panic!("{what}: accepted"));
+            assert!(e.to_string().contains("EulerStepF32"), "{what}: {e}");
+        }
     }
 }

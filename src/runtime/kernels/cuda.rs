@@ -29,13 +29,15 @@ use half::f16;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::{DynTensorValueType, TensorElementType};
 
-use super::cpu::ModNormAttrs;
+use super::cpu::{step_guidance, ModNormAttrs};
 use super::guarded;
 use super::shapes::{self, err};
 
 const PTX: &str = concat!(include_str!("mod_norm.ptx"), "\0");
 /// The FP8 activation kernels (`fp8.cu`): loaded only by the FP8 operators, after the capability check.
 const FP8_PTX: &str = concat!(include_str!("fp8.ptx"), "\0");
+/// The device loop's Euler step (`step.cu`, `EulerStepF16` / `EulerStepF32`).
+const STEP_PTX: &str = concat!(include_str!("step.ptx"), "\0");
 const EP: &str = "CUDAExecutionProvider";
 /// cuBLASLt workspace per stream (NVIDIA's cuBLASLt samples use 32 MiB on Hopper; ONNX Runtime's own cuBLAS
 /// workspace is of the same order).
@@ -1582,3 +1584,121 @@ impl LinearSplitFp8Cuda {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The device loop's Euler step (`EulerStepF16` / `EulerStepF32`, step.cu): one kernel instead of the stock step
+// graph's ten, queued on ONNX Runtime's stream like the other operators. `s` (guidance scale and dt) is a CPU
+// input: ONNX Runtime hands the kernel host memory, whose values become the launch's parameters, so there is no
+// copy to the GPU per step for them.
+
+/// Our step module's functions in one context: (context, `euler_step_f16`, `euler_step_f32`), as addresses.
+static STEP_MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+/// (`euler_step_f16`, `euler_step_f32`) in the current context `ctx`.
+fn step_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
+    let mut modules = STEP_MODULES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
+        return Ok((f as Handle, g as Handle));
+    }
+    let mut module: Handle = ptr::null_mut();
+    let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
+    // SAFETY: as in `functions`: a NUL-terminated PTX image and names, out-pointers to locals, `ctx` current.
+    unsafe {
+        api.check("cuModuleLoadData (step.ptx)", (api.cu_module_load_data)(&mut module, STEP_PTX.as_ptr().cast()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"euler_step_f16".as_ptr()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"euler_step_f32".as_ptr()))?;
+    }
+    modules.push((ctx as usize, f as usize, g as usize));
+    Ok((f, g))
+}
+
+/// A device tensor input of element type `ty`: its shape and device pointer.
+fn typed(ctx: &ComputeContext, op: &str, i: usize, ty: TensorElementType) -> ort::Result<Dev> {
+    let v = ctx.input(i)?.ok_or_else(|| err(op, format!("input {i} is missing")))?;
+    let t = v.downcast::<DynTensorValueType>().map_err(|e| err(op, format!("input {i}: {e}")))?;
+    if *t.data_type() != ty {
+        return Err(err(op, format!("input {i} is {:?}, expected {ty:?}", t.data_type())));
+    }
+    Ok(Dev { shape: t.shape().to_vec(), ptr: t.data_ptr() })
+}
+
+fn euler_step_cuda(op: &str, guidance: bool, half: bool, ctx: &ComputeContext) -> ort::Result<()> {
+    let api = api()?;
+    let vt = if half { TensorElementType::Float16 } else { TensorElementType::Float32 };
+    let x = typed(ctx, op, 0, TensorElementType::Float32)?;
+    let v = typed(ctx, op, 1, vt)?;
+    // `s` is declared a CPU input (host memory, also on the CUDA provider).
+    let s_in = ctx.input(2)?.ok_or_else(|| err(op, "input 2 is missing"))?;
+    let (_, s) = s_in.try_extract_tensor::<f32>().map_err(|e| err(op, format!("s (host memory): {e}")))?;
+    let total = shapes::euler_step(op, &x.shape, &v.shape, s, guidance)?;
+    let (g, dt) = if guidance { (s[0], s[1]) } else { (0.0, s[0]) };
+    let xn = out(ctx, op, 0, x.shape.clone())?.unwrap_or(ptr::null_mut());
+    let hidden = out(ctx, op, 1, v.shape.clone())?.unwrap_or(ptr::null_mut());
+    if xn.is_null() || hidden.is_null() {
+        return Err(err(op, "both outputs (x_next, hidden) are needed"));
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    // v and hidden hold 2 * total values with guidance: every index stays below 2^32.
+    if total > (u32::MAX / 2) as usize {
+        return Err(err(op, "tensor too large for the kernel's 32-bit indices"));
+    }
+    let stream = stream(ctx, op)?;
+    let (f16_fn, f32_fn) = step_functions(api, current_context(api)?)?;
+    let func = if half { f16_fn } else { f32_fn };
+    let (mut xp, mut vp, mut xnp, mut hp) = (x.ptr, v.ptr, xn, hidden);
+    let mut total_u = total as u32;
+    let mut guidance_i: c_int = c_int::from(guidance);
+    let (mut gv, mut dtv) = (g, dt);
+    let mut params: [*mut c_void; 8] = [
+        (&mut xp as *mut *const c_void).cast(),
+        (&mut vp as *mut *const c_void).cast(),
+        (&mut xnp as *mut *mut c_void).cast(),
+        (&mut hp as *mut *mut c_void).cast(),
+        (&mut total_u as *mut u32).cast(),
+        (&mut guidance_i as *mut c_int).cast(),
+        (&mut gv as *mut f32).cast(),
+        (&mut dtv as *mut f32).cast(),
+    ];
+    const THREADS: u32 = 256;
+    // A grid-stride loop: at most 4096 blocks of 256 threads (1M threads; a 2048x2048 image's latents are 1M
+    // values of 16 x 256 x 256).
+    let blocks = total.div_ceil(THREADS as usize).min(4096) as u32;
+    // SAFETY: params follow euler_step_f16 / euler_step_f32's signature in step.cu, each pointing to a live local
+    // of that type. x and x_next hold `total` float32 values, v and hidden `total` (without guidance) or `2 *
+    // total` (with) values of v's type (shapes checked by `shapes::euler_step`; the outputs have x's and v's
+    // shapes); the outputs are fresh buffers ONNX Runtime allocated for this call, aliasing no input. Float32 and
+    // float16 tensors from ONNX Runtime are at least 4-byte aligned (the kernel reads single values anyway).
+    unsafe { launch(api, "cuLaunchKernel (euler_step)", func, blocks, THREADS, stream, &mut params) }
+}
+
+macro_rules! step_cuda_op {
+    ($ty:ident, $name:literal, $elem:expr, $half:expr, $kernel:ident) => {
+        pub(crate) struct $kernel {
+            guidance: bool,
+        }
+        impl $kernel {
+            fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+                Ok(Self { guidance: step_guidance($name, k)? })
+            }
+            fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+                euler_step_cuda($name, self.guidance, $half, ctx)
+            }
+        }
+        cuda_op!(
+            $ty,
+            $name,
+            [
+                OperatorInput::required(TensorElementType::Float32),
+                OperatorInput::required($elem),
+                OperatorInput::required(TensorElementType::Float32).memory_type(ort::memory::MemoryType::CPUInput)
+            ],
+            [OperatorOutput::required(TensorElementType::Float32), OperatorOutput::required($elem)],
+            $kernel
+        );
+    };
+}
+
+step_cuda_op!(EulerStepF16Op, "EulerStepF16", TensorElementType::Float16, true, EulerStepF16Cuda);
+step_cuda_op!(EulerStepF32Op, "EulerStepF32", TensorElementType::Float32, false, EulerStepF32Cuda);

@@ -25,6 +25,17 @@
 //! | `LinearConcatFp8` | `xa, wa, wa_scale, ba, xb, wb, wb_scale, bb, xa_scale?, xb_scale?` |
 //! | `LinearSplitFp8` | `x, wa, wa_scale, ba, wb?, wb_scale?, bb?, like_a, x_scale?` (one scale for all of `x`) |
 //!
+//! The device loop's Euler step (src/runtime/step.rs, `fused_step_graph`; issue 19: our time outside ONNX Runtime),
+//! one node instead of the stock step graph's ten:
+//!
+//! | operator | computes |
+//! |---|---|
+//! | `EulerStepF16(x, v, s)` / `EulerStepF32(x, v, s)`, attribute `guidance` (0 or 1) | `guided = u + g * (c - u)` (`v` = `[u; c]`, `s` = `[g, dt]`) or `guided = v` (`s` = `[dt]`); `x_next = x + dt * guided` (float32); `hidden` = `x_next` as `v`'s type, twice along the batch with guidance |
+//!
+//! `x` and `x_next` are float32, `v` and `hidden` float16 (`F16`) or float32 (`F32`); `s` stays in host memory
+//! (a CPU input, so no copy to the GPU per step). Every value is computed as the stock graph computes it, each
+//! operation rounded on its own (no fused multiply-add), so the two give the same bits on the CPU.
+//!
 //! `gate`, `shift` and `scale` are slices `[offset, offset + D)` of the per-sample modulation vectors
 //! (`[B, k * D]`, the outputs of the adaLN linear layers), so the graph needs no Slice or Unsqueeze for them.
 //! Every operator has a CPU implementation (float16 in and out, float32 arithmetic) so that a fused graph runs,
@@ -57,7 +68,9 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cpu::HeadRmsNormOp)?
         .add(cpu::LinearFp8Op)?
         .add(cpu::LinearConcatFp8Op)?
-        .add(cpu::LinearSplitFp8Op)?;
+        .add(cpu::LinearSplitFp8Op)?
+        .add(cpu::EulerStepF16Op)?
+        .add(cpu::EulerStepF32Op)?;
     #[cfg(feature = "cuda")]
     let d = d
         .add(cuda::LinearOp)?
@@ -67,7 +80,9 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cuda::HeadRmsNormOp)?
         .add(cuda::LinearFp8Op)?
         .add(cuda::LinearConcatFp8Op)?
-        .add(cuda::LinearSplitFp8Op)?;
+        .add(cuda::LinearSplitFp8Op)?
+        .add(cuda::EulerStepF16Op)?
+        .add(cuda::EulerStepF32Op)?;
     Ok(d)
 }
 
@@ -125,6 +140,30 @@ pub(crate) mod shapes {
             [n, k] => vec![*k, *n],
             _ => w.to_vec(),
         }
+    }
+
+    /// `EulerStep*`'s shapes: `x` `[n, ..]`, `v` `[b, ..]` with the same trailing dimensions and `b = 2n` with
+    /// guidance (`[uncond..., cond...]`) or `b = n` without, and `s` holding `[g, dt]` or `[dt]`. Returns the
+    /// number of values of `x`.
+    pub fn euler_step(op: &str, x: &[i64], v: &[i64], s: &[f32], guidance: bool) -> ort::Result<usize> {
+        let want = if guidance { 2 } else { 1 };
+        if s.len() != want || s.iter().any(|v| !v.is_finite()) {
+            return Err(err(op, format!("s must hold {want} finite float32 scalars, got {s:?}")));
+        }
+        let ok = !x.is_empty()
+            && x.len() == v.len()
+            && x[1..] == v[1..]
+            && x.iter().all(|d| *d >= 0)
+            && v[0] == x[0] * want as i64;
+        if !ok {
+            let b = if guidance { "2n" } else { "n" };
+            return Err(err(
+                op,
+                format!("x {x:?} and v {v:?} must be [n, ..] and [{b}, ..] with the same trailing dims"),
+            ));
+        }
+        let total: i64 = x.iter().product();
+        Ok(total as usize)
     }
 
     /// A per-tensor FP8 scale (input `i`): one positive finite float32.
