@@ -457,7 +457,16 @@ impl Sd3Pipeline {
         let t = Instant::now();
         // LoRAs: the batch shares them (plan::check_batch); merged only when they changed since the last run.
         let lora = self.apply_loras(&requests[0].loras)?;
-        let (batch, positives) = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings)?;
+        // The seeded starting latents are drawn on another thread while the text encoders run (they need only the
+        // seeds and the shape); the same values as drawing them after (tests/seeds.rs, the golden images).
+        let shape = self.latent_shape(width, height);
+        let (encoded, noise) = std::thread::scope(|scope| {
+            let drawing = scope.spawn(|| start::seeded_noise(&plans, shape));
+            let encoded = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings);
+            (encoded, drawing.join())
+        });
+        let (batch, positives) = encoded?;
+        let mut noise = noise.map_err(|_| Error::internal("drawing the starting latents panicked"))?.into_iter();
         self.release(&[Component::TextEncoderClipL, Component::TextEncoderClipG, Component::TextEncoderT5]);
         let text_encoding = t.elapsed();
 
@@ -468,7 +477,14 @@ impl Sd3Pipeline {
         let mut owners = Vec::with_capacity(images);
         let per_request: Vec<usize> = plans.iter().map(|p| p.seeds.len()).collect();
         for (i, plan) in plans.into_iter().enumerate() {
-            let (start, inpaint) = self.initial_latents(&plan)?;
+            let drawn = noise.next().flatten();
+            let (start, inpaint) = match drawn {
+                Some(start) => {
+                    let none = std::iter::repeat_with(|| None).take(start.len()).collect();
+                    (start, none)
+                }
+                None => self.initial_latents(&plan)?,
+            };
             starts.extend(start);
             inpaints.extend(inpaint);
             seeds.extend(plan.seeds.iter().copied());
