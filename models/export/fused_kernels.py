@@ -9,7 +9,8 @@
   scale at offsets of the adaLN linear outputs: no Mul/Add/Slice/Unsqueeze for the modulation.
 - `Linear` (activation 1) is the feed-forward's first layer with bias and tanh-GELU in the epilogue.
 - `--fp8` (issue 19, `to_fp8`): those three become LinearFp8 / LinearConcatFp8 / LinearSplitFp8 with E4M3 weights
-  ([N, K] bytes, one float32 scale each) and activations quantized per tensor on the fly.
+  ([N, K] bytes, one float32 scale each) and activations quantized per tensor on the fly; each block's q, k and v
+  LinearConcatFp8 nodes then become one LinearConcat3Fp8 (`share_qkv_fp8`: the activations quantized once).
 
 SD3 numerics the rewrite relies on (diffusers 0.35.2):
 - AdaLayerNormZero.forward (models/normalization.py): emb.chunk(6) = shift_msa, scale_msa, gate_msa, shift_mlp,
@@ -515,6 +516,56 @@ def to_fp8(model: onnx.ModelProto, base_dir: str | None = None, act_scales: dict
     return counts
 
 
+def share_qkv_fp8(model: onnx.ModelProto) -> int:
+    """Merges each block's three `LinearConcatFp8` nodes that read the same two activations (the joint attention's q,
+    k and v) into one `LinearConcat3Fp8` (src/runtime/kernels/mod.rs), which quantizes the activations once instead
+    of three times (issue 19: per block two amax passes and two quantization passes of the image stream's
+    activations fewer, out of eleven of each). Same values: the three nodes quantized the same tensor to the same
+    bytes with the same scale. With stored (static) scales the three nodes' scales must be equal to be merged
+    (calibration of one activation gives one scale); nodes whose scales differ stay as they are. Returns the number
+    of merged nodes."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+
+    def stored(name: str):
+        if not name:
+            return None
+        t = inits.get(name)
+        return None if t is None else float(numpy_helper.to_array(t).reshape(-1)[0])
+
+    groups: dict[tuple, list] = {}
+    for n in g.node:
+        if n.domain != DOMAIN or n.op_type != "LinearConcatFp8":
+            continue
+        ins = list(n.input) + [""] * (10 - len(n.input))
+        key = (ins[0], ins[4], stored(ins[8]), stored(ins[9]))
+        groups.setdefault(key, []).append(n)
+    merged = 0
+    for (xa, xb, _, _), nodes in groups.items():
+        if len(nodes) != 3:
+            continue
+        first = nodes[0]
+        ins0 = list(first.input) + [""] * (10 - len(first.input))
+        inputs = [xa, xb]
+        for n in nodes:
+            ins = list(n.input)
+            inputs += ins[1:4] + ins[5:8]
+        inputs += [ins0[8], ins0[9]]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        node = helper.make_node("LinearConcat3Fp8", inputs, [n.output[0] for n in nodes],
+                                name=first.name + "/qkv", domain=DOMAIN)
+        index = list(g.node).index(first)
+        for n in nodes:
+            g.node.remove(n)
+        g.node.insert(index, node)
+        merged += 1
+    dead_code_elimination(model)
+    return merged
+
+
 def write_external(path, blobs) -> None:
     """Writes `to_fp8(..., external=...)`'s blobs at their offsets."""
     with open(path, "wb") as f:
@@ -586,10 +637,15 @@ def main(argv=None):
     ap.add_argument("--fp8-scales", type=Path,
                     help="with --fp8: static activation scales ({node: [scale, ...]}, models/export/fp8_calibrate.py) "
                          "stored in the graph instead of dynamic per-tensor scaling")
+    ap.add_argument("--fp8-separate-qkv", action="store_true",
+                    help="with --fp8: keep q, k and v as three LinearConcatFp8 nodes (each quantizing the same "
+                         "activations) instead of one LinearConcat3Fp8; the same values, for timing the two")
     ap.add_argument("--from-fused", action="store_true",
                     help="src's transformer is already rewritten (--fused-kernels); only --fp8 is applied")
     args = ap.parse_args(argv)
     src, dst = args.src.resolve(), args.dst.resolve()
+    if args.fp8_separate_qkv and not args.fp8:
+        raise SystemExit("--fp8-separate-qkv needs --fp8")
     if args.fp8_scales and not args.fp8:
         raise SystemExit("--fp8-scales needs --fp8")
     if args.from_fused and not args.fp8:
@@ -638,6 +694,8 @@ def main(argv=None):
         counts.update(to_fp8(model, base_dir=str(src / "transformer"), act_scales=scales,
                              external="model_fp8.onnx_data" if ext else None))
         blobs = counts.pop("_external", None)
+        if not args.fp8_separate_qkv:
+            counts["fp8_qkv_merged"] = share_qkv_fp8(model)
         topological_sort(model)
     # the residual transformer of ControlNet runs (export_sd3.py --controlnet-graph), when there is one
     residual = src / "transformer" / "model_controlnet.onnx"

@@ -104,6 +104,21 @@ class LinearConcatFp8(OpRun):
         return (np.concatenate([ya, yb], 1).astype(F16),)
 
 
+class LinearConcat3Fp8(OpRun):
+    """Three LinearConcatFp8 products of the same xa, xb (quantized once: the same bytes as three times)."""
+    op_domain = "sd3onnx"
+
+    def _run(self, xa, xb, *rest):
+        ws, (xa_scale, xb_scale) = rest[:18], (list(rest[18:]) + [None, None])[:2]
+        sa, sb = act_scale(xa, xa_scale), act_scale(xb, xb_scale)
+        outs = []
+        for j in range(3):
+            wa, wa_scale, ba, wb, wb_scale, bb = ws[6 * j:6 * j + 6]
+            outs.append(np.concatenate([_mm8(xa, sa, wa, wa_scale, ba), _mm8(xb, sb, wb, wb_scale, bb)], 1)
+                        .astype(F16))
+        return tuple(outs)
+
+
 class LinearSplitFp8(OpRun):
     op_domain = "sd3onnx"
 
@@ -165,7 +180,7 @@ class MultiHeadAttention(OpRun):
 
 
 OPS = [Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention, LinearFp8, LinearConcatFp8,
-       LinearSplitFp8]
+       LinearSplitFp8, LinearConcat3Fp8]
 
 
 def main(unfused: str, fused: str):

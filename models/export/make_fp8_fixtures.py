@@ -2,7 +2,11 @@
 """FP8 fixtures (issue 19), all small and committed:
 
     models/fixtures/export-tiny-fp16-fused-fp8/transformer/model.onnx       export-tiny-fp16-fused through
-    models/fixtures/export-tiny-dual-fp16-fused-fp8/transformer/model.onnx  `fused_kernels.to_fp8` (`--fp8`)
+    models/fixtures/export-tiny-dual-fp16-fused-fp8/transformer/model.onnx  `fused_kernels.to_fp8` (`--fp8`
+                                                                            `--fp8-separate-qkv`)
+    models/fixtures/export-tiny-fp16-fused-fp8-qkv/transformer/model.onnx   the same, q, k and v merged into
+    models/fixtures/export-tiny-dual-fp16-fused-fp8-qkv/...                 LinearConcat3Fp8 (`share_qkv_fp8`,
+                                                                            what `--fp8` writes now)
     models/fixtures/fp8/ops.onnx          one node of each FP8 operator (and a stored activation scale that clips)
     models/fixtures/fp8/<name>.txt/.bin   inputs and expected outputs of those graphs from the Python emulation of
                                           the FP8 operators (fused_reference.py: torch float8_e4m3fn casts)
@@ -84,6 +88,33 @@ def fp8_transformer(src: str, dst: str) -> dict:
                     files={"transformer/model.onnx": dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())})
     (FIX / dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return stats
+
+
+def qkv_transformer(src: str, dst: str) -> int:
+    """`src`'s FP8 transformer (made by fp8_transformer) with each block's q, k and v merged into one
+    LinearConcat3Fp8 (fused_kernels.share_qkv_fp8). The Python emulation of both gives the same output to the bit
+    (checked here: the merged node quantizes the same activations with the same scales once instead of three
+    times); the Rust test compares the crate's kernels on both graphs the same way."""
+    model = onnx.load(str(FIX / src / "transformer" / "model.onnx"))
+    merged = fused_kernels.share_qkv_fp8(model)
+    out = FIX / dst / "transformer" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    feeds = transformer_feeds(model)
+    y = ReferenceEvaluator(model, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    y0 = ReferenceEvaluator(onnx.load(str(FIX / src / "transformer" / "model.onnx")),
+                            new_ops=fused_reference.OPS).run(None, feeds)[0]
+    same = bool(np.array_equal(y.view(np.uint16), y0.view(np.uint16)))
+    print(f"{dst}: {merged} LinearConcat3Fp8 nodes, {len(model.graph.node)} nodes; emulation equal to {src}'s to the "
+          f"bit: {same}")
+    assert merged > 0 and same
+    data = out.read_bytes()
+    manifest = dict(tool="models/export/make_fp8_fixtures.py -> fused_kernels.share_qkv_fp8 (= fused_kernels.py --fp8)",
+                    source=f"models/fixtures/{src}/transformer/model.onnx", fp8_qkv_merged=merged,
+                    python_emulation_equal_to_source=same,
+                    files={"transformer/model.onnx": dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())})
+    (FIX / dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return merged
 
 
 def probe_graph(dst: str, model: onnx.ModelProto, feeds: dict):
@@ -198,8 +229,14 @@ def static_scales_check(src: str):
 
 if __name__ == "__main__":
     (FIX / "fp8").mkdir(exist_ok=True)
+    if sys.argv[1:] == ["--qkv-only"]:  # the merged fixtures from the committed FP8 ones
+        for src in ("export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"):
+            qkv_transformer(src, src + "-qkv")
+        sys.exit(0)
     ops_graph()
     fp8_transformer("export-tiny-fp16-fused", "export-tiny-fp16-fused-fp8")
     fp8_transformer("export-tiny-dual-fp16-fused", "export-tiny-dual-fp16-fused-fp8")
+    for src in ("export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"):
+        qkv_transformer(src, src + "-qkv")
     for src in ("export-tiny-fp16-fused", "export-tiny-dual-fp16-fused"):
         static_scales_check(src)

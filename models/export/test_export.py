@@ -25,6 +25,8 @@ controlnet  ControlNets (issue 21): --controlnet-graph's transformer/model_contr
 groupnorm  groupnorm_as_instancenorm: GroupNormalization-21 graphs (4-D and 3-D, fp32 and fp16) before and after
         the rewrite vs numpy, a sabotaged rewrite (twice the groups) that must fail, opset 18 left alone, and (with
         onnxscript) a dynamo-exported VAE decoder with and without the rewrite vs diffusers.
+qkv     fused_kernels.share_qkv_fp8: q/k/v merged into LinearConcat3Fp8 with dynamic and static scales, the same
+        emulated output, and a block whose stored scales differ left alone.
 cli     the command line end to end (`--random tiny`), the manifest, and that the folder has the graph names and
         files the crate expects.
 """
@@ -892,12 +894,60 @@ def test_groupnorm():
                   float(np.abs(got - ref).max()), 1e-4)
 
 
+def test_qkv():
+    """share_qkv_fp8 (fused_kernels.py --fp8): on the tiny fused fixture, dynamic scales merge every block's q/k/v
+    (two LinearConcat3Fp8, no LinearConcatFp8 left) with the same emulated output to the bit; static scales merge
+    when a block's three nodes share their scales and leave a block alone when one of them differs."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    import fused_kernels
+    import fused_reference
+    src = HERE.parent / "fixtures" / "export-tiny-fp16-fused" / "transformer" / "model.onnx"
+
+    def ops(m):
+        return [n.op_type for n in m.graph.node if n.domain == "sd3onnx"]
+
+    dyn = onnx.load(str(src))
+    fused_kernels.to_fp8(dyn)
+    sep = onnx.ModelProto.FromString(dyn.SerializeToString())
+    merged = fused_kernels.share_qkv_fp8(dyn)
+    check("dynamic scales: merged q/k/v nodes (the fixture's 2 blocks)", abs(merged - 2), 0)
+    check("dynamic scales: LinearConcatFp8 left", ops(dyn).count("LinearConcatFp8"), 0)
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal((2, 16, 8, 12)).astype(np.float16),
+             "encoder_hidden_states": rng.standard_normal((2, 29, 32)).astype(np.float16),
+             "pooled_projections": rng.standard_normal((2, 20)).astype(np.float16),
+             "timestep": np.array([981.5, 3.25], np.float32)}
+    feeds = {i.name: feeds[i.name] for i in dyn.graph.input}
+    y = ReferenceEvaluator(dyn, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    y0 = ReferenceEvaluator(sep, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    check("dynamic scales: merged vs separate emulated output (bits that differ)",
+          int((y.view(np.uint16) != y0.view(np.uint16)).sum()), 0)
+    # static scales: one per activation input; every node 0.01 but one block's k with 0.02 for xa
+    base = onnx.load(str(src))
+    names = {n.name: n.op_type for n in base.graph.node if n.domain == "sd3onnx" and n.op_type in fused_kernels.FP8_OPS}
+    concat = [n for n, op in names.items() if op == "LinearConcat"]
+    for differ in (False, True):
+        scales = {n: [0.01, 0.01] if op == "LinearConcat" else [0.01] for n, op in names.items()}
+        if differ:
+            scales[concat[1]] = [0.02, 0.01]
+        m = onnx.load(str(src))
+        fused_kernels.to_fp8(m, act_scales=scales)
+        got = fused_kernels.share_qkv_fp8(m)
+        want = 1 if differ else 2
+        check(f"static scales{', one k scale differs' if differ else ''}: merged blocks {got}, expected {want}",
+              abs(got - want), 0)
+        check(f"static scales{', one k scale differs' if differ else ''}: LinearConcatFp8 left",
+              abs(ops(m).count("LinearConcatFp8") - (3 if differ else 0)), 0)
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm", "qkv"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
-         "small": test_small, "int8": test_int8, "controlnet": test_controlnet, "groupnorm": test_groupnorm}[name]()
+         "small": test_small, "int8": test_int8, "controlnet": test_controlnet, "groupnorm": test_groupnorm,
+         "qkv": test_qkv}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)

@@ -17,7 +17,8 @@
 #           (3) SD3-medium shapes at 1024x1024, 28 steps, CFG 7, same seed: fp8 vs fp16-fused on CUDA, final latents
 #           (examples/benchmark --latents: max and mean |diff|, relative to the fp16 latents' mean magnitude) and
 #           image PSNR / max / mean levels;
-#   time    examples/benchmark (28 steps, medians of RUNS=3 after 1 warm-up) on sd3m-fused and sd3m-fp8 with peak
+#   time    examples/benchmark (28 steps, medians of RUNS=3 after 1 warm-up) on sd3m-fused, sd3m-fp8 (q/k/v merged:
+#           LinearConcat3Fp8), sd3m-fp8s (static scales) and sd3m-fp8sep (SEPARATE=1: --fp8-separate-qkv) with peak
 #           GPU memory (nvidia-smi every 20 ms minus idle), then diffusers eager / torch.compile on the transformer
 #           alone (bench_torch.py --transformer-only; TORCH_FULL=1: the whole pipeline; TORCH=0 skips it), the table
 #           (table.py) to $OUT/table.md.
@@ -79,6 +80,11 @@ if a is not None and b is not None:
     e = np.abs(a - b)
     print(f"SD3-medium 1024x1024 28 steps: FP8 static scales vs float16 fused image: max {e.max():.0f} levels, "
           f"mean {e.mean():.3f}, PSNR {psnr(a, b):.2f} dB")
+# q/k/v merged (sd3m-fp8) against separate (sd3m-fp8sep): the same arithmetic, so 0 expected
+la, lb = (os.path.join(d, f"latents-{x}.f32") for x in ("sd3m-fp8", "sd3m-fp8sep"))
+if os.path.exists(la) and os.path.exists(lb):
+    e = np.abs(np.fromfile(la, "<f4") - np.fromfile(lb, "<f4"))
+    print(f"SD3-medium final latents, FP8 q/k/v merged vs separate: max |diff| {e.max():.4g}, mean {e.mean():.4g}")
 for v, what in (("sd3m-fp8", "FP8"), ("sd3m-fp8s", "FP8 static scales")):
     la, lb = (os.path.join(d, f"latents-{x}.f32") for x in (v, "sd3m-fused"))
     if os.path.exists(la) and os.path.exists(lb):
@@ -134,6 +140,11 @@ if want build || [ ! -f /tmp/sd3m-fp8/transformer/model.onnx ]; then
   [ -f /tmp/sd3m-fp8/transformer/model.onnx ] \
     || python3 models/export/fused_kernels.py --fp8 /tmp/sd3m /tmp/sd3m-fp8 2>&1 | tail -2 | tee -a "$OUT/rewrite.log"
   echo "build: $(( $(date +%s) - t0 )) s"; du -sh /tmp/sd3m/transformer /tmp/sd3m-fp8/transformer/model_fp8.onnx_data
+  # SEPARATE=1 (default): also /tmp/sd3m-fp8sep (--fp8-separate-qkv: q, k and v as three LinearConcatFp8 nodes,
+  # each quantizing the same activations, as before share_qkv_fp8), so that the time stage measures the merge
+  [ "${SEPARATE:-1}" = 1 ] && [ ! -f /tmp/sd3m-fp8sep/transformer/model.onnx ] \
+    && python3 models/export/fused_kernels.py --fp8 --fp8-separate-qkv /tmp/sd3m /tmp/sd3m-fp8sep 2>&1 | tail -2 \
+      | tee -a "$OUT/rewrite.log"
   if [ "${STATIC:-1}" = 1 ] && [ ! -f /tmp/sd3m-fp8s/transformer/model.onnx ]; then
     ts=$(date +%s)
     [ -n "$calib" ] && wait "$calib"
@@ -173,7 +184,7 @@ if want check; then
     done
     echo "== 3. SD3-medium shapes, 1024x1024, 28 steps: FP8 vs float16 fused on CUDA ($(date +%T))"
     # FULL_CHECK=0: skipped here; the time stage writes the same images and latents (its first run, same seed)
-    [ "${FULL_CHECK:-1}" = 1 ] && for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
+    [ "${FULL_CHECK:-1}" = 1 ] && for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sep; do
       [ -f /tmp/$v/transformer/model.onnx ] || continue
       timeout ${CHECK_TIMEOUT:-300} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
         --guidance 7 --runs 1 --warmup 0 --output "$OUT/check/full-$v.png" --latents "$OUT/check/latents-$v.f32" 2>&1 \
@@ -184,7 +195,7 @@ if want check; then
   collect  # also after each step: a command killed at the device tool's limit keeps what was done
 fi
 if want time; then
-  for v in sd3m-fused sd3m-fp8 sd3m-fp8s; do
+  for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sep; do
     [ -f /tmp/$v/transformer/model.onnx ] || { echo "== ours: $v not built, skipped"; continue; }
     # a later call (after one cut at the device tool's limit) keeps what was measured
     [ -f "$OUT/ours-$v.json" ] && { echo "== ours: $v measured before, kept"; continue; }

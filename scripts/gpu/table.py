@@ -18,8 +18,11 @@ for f in sorted(out.glob("ours-*.json")):
     notes = {"sd3m": "", "sd3m-static": " (static shape)", "sd3m-dyn": " (dynamo-exported transformer)",
              "sd3m-cudnn": " (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1)", "sd3m-noflash": " (ORT_DISABLE_FLASH_ATTENTION=1)",
              "sd3m-fused": " (--fused-kernels: sd3onnx fused operators)",
-             "sd3m-fp8": " (--fused-kernels --fp8: E4M3 weights and activations in the blocks' products)",
-             "sd3m-fp8s": " (--fused-kernels --fp8 with calibrated static activation scales)",
+             "sd3m-fp8": " (--fused-kernels --fp8: E4M3 weights and activations in the blocks' products; q/k/v "
+                         "as one LinearConcat3Fp8, activations quantized once)",
+             "sd3m-fp8s": " (--fused-kernels --fp8 with calibrated static activation scales; q/k/v merged)",
+             "sd3m-fp8sep": " (--fused-kernels --fp8 --fp8-separate-qkv: q, k and v as three LinearConcatFp8, "
+                            "each quantizing the same activations)",
              "sd35l": " (SD3.5-large shapes, 8 of 38 blocks)",
              "sd35l-fused": " (SD3.5-large shapes, 8 of 38 blocks, --fused-kernels)",
              "sd35m": " (SD3.5-medium shapes, 1-layer text encoders)",

@@ -376,6 +376,17 @@ cpu_op!(
     LinearSplitFp8Cpu
 );
 
+cpu_op!(
+    LinearConcat3Fp8Op,
+    "LinearConcat3Fp8",
+    [
+        REQ, REQ, W8, SCALE, REQ, W8, SCALE, REQ, W8, SCALE, REQ, W8, SCALE, REQ, W8, SCALE, REQ, W8, SCALE, REQ,
+        SCALE_OPT, SCALE_OPT
+    ],
+    [OUT, OUT, OUT],
+    LinearConcat3Fp8Cpu
+);
+
 /// An E4M3 weight (`[N, K]` bytes) decoded to float32, with its shape.
 fn weight8(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<(Vec<i64>, Vec<f32>)>> {
     let Some(v) = ctx.input(i)? else { return Ok(None) };
@@ -490,6 +501,44 @@ impl LinearConcatFp8Cpu {
             matmul_fp8_rows(op, rb, &wb, xb_scale * wb_scale, &bb, kb, n, 0, &mut y)?;
         }
         write(ctx, op, 0, vec![batch as i64, (sa + sb) as i64, n as i64], &y)
+    }
+}
+
+/// Three `LinearConcatFp8` products of the same two activations (the joint attention's q, k and v), which are
+/// quantized once: inputs `xa, xb`, then for each product `wa, wa_scale, ba, wb, wb_scale, bb`, then the stored
+/// scales `xa_scale?, xb_scale?`; outputs the three products. The values of three `LinearConcatFp8` nodes, which
+/// quantize the same activation to the same bytes three times.
+pub(crate) struct LinearConcat3Fp8Cpu;
+impl LinearConcat3Fp8Cpu {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        Ok(Self)
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearConcat3Fp8";
+        let (xas, xa) = required(ctx, op, 0)?;
+        let (xbs, xb) = required(ctx, op, 1)?;
+        let (xaq, xa_scale) = quantize_x(&xa, scale(ctx, op, 20)?);
+        let (xbq, xb_scale) = quantize_x(&xb, scale(ctx, op, 21)?);
+        for j in 0..3 {
+            let i = 2 + 6 * j;
+            let (was, wa) = weight8_req(ctx, op, i)?;
+            let wa_scale = scale_req(ctx, op, i + 1)?;
+            let (bas, ba) = required(ctx, op, i + 2)?;
+            let (wbs, wb) = weight8_req(ctx, op, i + 3)?;
+            let wb_scale = scale_req(ctx, op, i + 4)?;
+            let (bbs, bb) = required(ctx, op, i + 5)?;
+            let (t_wa, t_wb) = (shapes::nk_to_kn(&was), shapes::nk_to_kn(&wbs));
+            let (batch, sa, sb, k, kb, n) = shapes::linear_concat(&xas, &t_wa, &bas, &xbs, &t_wb, &bbs)?;
+            let mut y = Vec::with_capacity(batch * (sa + sb) * n);
+            for bi in 0..batch {
+                let (ra, rb) = (&xaq[bi * sa * k..(bi + 1) * sa * k], &xbq[bi * sb * kb..(bi + 1) * sb * kb]);
+                matmul_fp8_rows(op, ra, &wa, xa_scale * wa_scale, &ba, k, n, 0, &mut y)?;
+                matmul_fp8_rows(op, rb, &wb, xb_scale * wb_scale, &bb, kb, n, 0, &mut y)?;
+            }
+            write(ctx, op, j, vec![batch as i64, (sa + sb) as i64, n as i64], &y)?;
+        }
+        Ok(())
     }
 }
 

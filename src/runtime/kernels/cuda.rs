@@ -1383,6 +1383,17 @@ cuda_op!(
     LinearSplitFp8Cuda
 );
 
+cuda_op!(
+    LinearConcat3Fp8Op,
+    "LinearConcat3Fp8",
+    [
+        REQ, REQ, U8_IN, F32_IN, REQ, U8_IN, F32_IN, REQ, U8_IN, F32_IN, REQ, U8_IN, F32_IN, REQ, U8_IN, F32_IN, REQ,
+        U8_IN, F32_IN, REQ, F32_OPT, F32_OPT
+    ],
+    [OUT, OUT, OUT],
+    LinearConcat3Fp8Cuda
+);
+
 /// Bytes of the FP8 buffer for activations of `a` and `b` values: header, then each 256-aligned.
 fn fp8_bytes(a: usize, b: usize) -> usize {
     FP8_HEADER + a.next_multiple_of(256) + b.next_multiple_of(256)
@@ -1511,6 +1522,100 @@ impl LinearConcatFp8Cuda {
             let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
             // SAFETY: as LinearConcat's second float16 product, with E4M3 qb and wb.
             unsafe { l.gemm_fp8(api, op, pb, g, false, qb as usize as *const c_void, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+        }
+        Ok(())
+    }
+}
+
+/// `LinearConcat3Fp8` (cpu.rs): xa and xb are quantized once each into this stream's FP8 buffer (the layout of
+/// `LinearConcatFp8`: xa's amax/scale slots at the buffer's start, xb's 32 bytes on, then the E4M3 values), then
+/// the three products' two halves each read them, in stream order.
+pub(crate) struct LinearConcat3Fp8Cuda {
+    checked: bool,
+    plans: [[Option<Plan>; 2]; 3],
+    streams: Streams,
+}
+impl LinearConcat3Fp8Cuda {
+    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+        let checked = fp8_checked_at_creation("LinearConcat3Fp8")?;
+        Ok(Self { checked, plans: Default::default(), streams: Streams::default() })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "LinearConcat3Fp8";
+        let api = api()?;
+        if !self.checked {
+            require_fp8(api, op)?;
+            self.checked = true;
+        }
+        let (xa, xb) = (need(ctx, op, 0)?, need(ctx, op, 1)?);
+        let (stored_a, stored_b) = (scale_dev(ctx, op, 20)?, scale_dev(ctx, op, 21)?);
+        // Every product's shapes first: nothing is queued for a node with a bad input.
+        let mut products = Vec::with_capacity(3);
+        for j in 0..3 {
+            let i = 2 + 6 * j;
+            let (wa, wsa, ba) = (weight8_need(ctx, op, i)?, scale_need(ctx, op, i + 1)?, need(ctx, op, i + 2)?);
+            let (wb, wsb, bb) = (weight8_need(ctx, op, i + 3)?, scale_need(ctx, op, i + 4)?, need(ctx, op, i + 5)?);
+            let dims = shapes::linear_concat(
+                &xa.shape,
+                &shapes::nk_to_kn(&wa.shape),
+                &ba.shape,
+                &xb.shape,
+                &shapes::nk_to_kn(&wb.shape),
+                &bb.shape,
+            )?;
+            let (_, _, _, ka, kb, n) = dims;
+            fp8_dims(op, ka, n)?;
+            fp8_dims(op, kb, n)?;
+            products.push((dims, wa, wsa, ba, wb, wsb, bb));
+        }
+        let (batch, sa, sb, ka, kb, _) = products[0].0;
+        let st = sa + sb;
+        let mut outs = Vec::with_capacity(3);
+        for (j, p) in products.iter().enumerate() {
+            let n = p.0 .5;
+            outs.push(out(ctx, op, j, vec![batch as i64, st as i64, n as i64])?);
+        }
+        if batch == 0 || st == 0 {
+            return Ok(());
+        }
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let (na, nb) = (batch * sa * ka, batch * sb * kb);
+        let buf = l.scratch.fp8_buffer(api, fp8_bytes(na, nb))?;
+        let (qa, qb) = (buf + FP8_HEADER as u64, buf + (FP8_HEADER + na.next_multiple_of(256)) as u64);
+        let xs_a = match sa {
+            0 => None,
+            // SAFETY: as LinearConcatFp8: xa holds B * Sa * Ka float16 values; its slots at buf (scale at +16), qa
+            // has room for the E4M3 bytes; on this call's stream.
+            _ => Some(unsafe { quantize(api, l.stream, xa.ptr, na, stored_a, buf, qa) }?),
+        };
+        let xs_b = match sb {
+            0 => None,
+            // SAFETY: xb holds B * Sb * Kb float16 values; the second slot pair at buf + 32 (16-byte aligned scale
+            // at + 48), qb has room for the E4M3 bytes; on this call's stream, after xa's.
+            _ => Some(unsafe { quantize(api, l.stream, xb.ptr, nb, stored_b, buf + 32, qb) }?),
+        };
+        for (j, ((dims, wa, wsa, ba, wb, wsb, bb), y)) in products.iter().zip(outs).enumerate() {
+            let Some(y) = y else { continue };
+            let n = dims.5;
+            let [pa, pb] = &mut self.plans[j];
+            if let Some(xs) = xs_a {
+                let g = Gemm { rows: sa, k: ka, n, batch, x_stride: sa * ka, d_stride: st * n };
+                // SAFETY: as LinearConcatFp8's first product: E4M3 qa (queued before on this stream), wa [N, Ka]
+                // bytes, y the fresh [B, Sa + Sb, N] output.
+                unsafe {
+                    l.gemm_fp8(api, op, pa, g, false, qa as usize as *const c_void, wa.ptr, (*wsa, xs), ba.ptr, y)
+                }?;
+            }
+            if let Some(xs) = xs_b {
+                // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
+                let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
+                let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
+                // SAFETY: as LinearConcatFp8's second product, with E4M3 qb and wb.
+                unsafe {
+                    l.gemm_fp8(api, op, pb, g, false, qb as usize as *const c_void, wb.ptr, (*wsb, xs), bb.ptr, yb)
+                }?;
+            }
         }
         Ok(())
     }

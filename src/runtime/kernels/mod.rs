@@ -24,6 +24,7 @@
 //! | `LinearFp8`, attribute `activation` | `x, w, w_scale, b, x_scale?` |
 //! | `LinearConcatFp8` | `xa, wa, wa_scale, ba, xb, wb, wb_scale, bb, xa_scale?, xb_scale?` |
 //! | `LinearSplitFp8` | `x, wa, wa_scale, ba, wb?, wb_scale?, bb?, like_a, x_scale?` (one scale for all of `x`) |
+//! | `LinearConcat3Fp8` | `xa, xb`, then three times `wa, wa_scale, ba, wb, wb_scale, bb`, then `xa_scale?, xb_scale?`: three `LinearConcatFp8` products of the same activations (the joint attention's q, k, v), which are quantized once; three outputs |
 //!
 //! The device loop's Euler step (src/runtime/step.rs, `fused_step_graph`; issue 19: our time outside ONNX Runtime),
 //! one node instead of the stock step graph's ten:
@@ -69,6 +70,7 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cpu::LinearFp8Op)?
         .add(cpu::LinearConcatFp8Op)?
         .add(cpu::LinearSplitFp8Op)?
+        .add(cpu::LinearConcat3Fp8Op)?
         .add(cpu::EulerStepF16Op)?
         .add(cpu::EulerStepF32Op)?;
     #[cfg(feature = "cuda")]
@@ -81,6 +83,7 @@ pub(crate) fn domain() -> ort::Result<OperatorDomain> {
         .add(cuda::LinearFp8Op)?
         .add(cuda::LinearConcatFp8Op)?
         .add(cuda::LinearSplitFp8Op)?
+        .add(cuda::LinearConcat3Fp8Op)?
         .add(cuda::EulerStepF16Op)?
         .add(cuda::EulerStepF32Op)?;
     Ok(d)
@@ -505,6 +508,29 @@ mod tests {
         }
     }
 
+    /// `LinearConcat3Fp8` (each block's q, k and v in one node, the activations quantized once; what
+    /// `fused_kernels.py --fp8` writes since `share_qkv_fp8`) gives the three `LinearConcatFp8` nodes' output to
+    /// the bit through the CPU kernels: the two tiny FP8 transformers and their merged copies
+    /// (models/fixtures/*-fp8-qkv, made by make_fp8_fixtures.py) on the same inputs.
+    #[test]
+    fn fp8_merged_qkv_equals_three_separate_nodes_to_the_bit() {
+        ort();
+        for fixture in ["export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"] {
+            let merged = format!("{fixture}-qkv/transformer/model.onnx");
+            let graph = std::fs::read_to_string(fixtures().join(format!("{fixture}-qkv/manifest.json")))
+                .expect("the merged fixture's manifest");
+            assert!(graph.contains("\"fp8_qkv_merged\""), "{fixture}-qkv: not made by share_qkv_fp8");
+            let separate = run_fp8_fixture(&format!("{fixture}/transformer/model.onnx"), fixture, 4);
+            let joined = run_fp8_fixture(&merged, fixture, 4);
+            for ((name, a, _), (_, b, want)) in separate.iter().zip(&joined) {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                let (max, _, mean) = diff(b, want);
+                eprintln!("{fixture}-qkv {name}: equal to the separate nodes' {same}; vs the emulation max {max:e}, mean {mean:e}");
+                assert!(same, "{fixture}: the merged q/k/v graph's output differs from the separate nodes'");
+            }
+        }
+    }
+
     /// On a GPU (compute capability 8.9+; scripts/gpu/fp8.sh runs it from a test binary built with
     /// `--features cuda`): the CUDA FP8 kernels (amax, quantization, cuBLASLt FP8 matmul) against the same Python
     /// emulation, on the operator graph and both FP8 transformers. Not run yet (no such GPU here): the bounds are
@@ -537,11 +563,21 @@ mod tests {
             [("export-tiny-fp16-fused-fp8", 0.12, 1.05e-2), ("export-tiny-dual-fp16-fused-fp8", 1.3e-2, 2.1e-3)]
         {
             let graph = format!("{fixture}/transformer/model.onnx");
-            for (name, got, want) in run_fp8_fixture_on(&graph, fixture, 4, &cuda) {
-                let (max, _, mean) = diff(&got, &want);
+            let separate = run_fp8_fixture_on(&graph, fixture, 4, &cuda);
+            for (name, got, want) in &separate {
+                let (max, _, mean) = diff(got, want);
                 eprintln!("CUDA {fixture} {name} vs the Python emulation: max {max:e}, mean {mean:e}");
                 if max > max_ok || mean > mean_ok {
                     failed.push(format!("{fixture}: max {max}, mean {mean}"));
+                }
+            }
+            // The merged q/k/v graph (LinearConcat3Fp8): the same cuBLASLt products on the same quantized bytes.
+            let merged = format!("{fixture}-qkv/transformer/model.onnx");
+            for ((name, a, _), (_, b, _)) in separate.iter().zip(run_fp8_fixture_on(&merged, fixture, 4, &cuda)) {
+                let (max, _, mean) = diff(&b, a);
+                eprintln!("CUDA {fixture}-qkv {name} vs the separate nodes on CUDA: max {max:e}, mean {mean:e}");
+                if max > 0.0 {
+                    failed.push(format!("{fixture}-qkv: differs from the separate nodes by max {max}, mean {mean}"));
                 }
             }
         }
