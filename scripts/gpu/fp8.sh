@@ -30,7 +30,9 @@
 #   cargo build --release --features cuda --example benchmark
 #   cargo test --release --features cuda --lib --no-run   # prints the test binary: copy it to .device-bin/
 #                                                         # sd3onnx-lib-tests and xz it if large
-# CHECK_TIMEOUT, OURS_TIMEOUT and TORCH_TIMEOUT bound each step. Results in /tmp/fp8-results; $OUT gets at most 8
+# BENCH_ARGS: more flags for the time stage's examples/benchmark runs (e.g. "--step-graph stock": the device loop's
+# Euler steps as the stock operators' graph instead of the fused EulerStepF16 node, should that node fail on the
+# GPU). CHECK_TIMEOUT, OURS_TIMEOUT and TORCH_TIMEOUT bound each step. Results in /tmp/fp8-results; $OUT gets at most 8
 # files: table.md, check.txt, log.txt, torch.json, the two full-size images (full-sd3m-fused.png, full-sd3m-fp8.png)
 # and ours.tar (ours-*.json of each variant, full-sd3m-fp8s.png).
 set -uo pipefail
@@ -204,7 +206,7 @@ if want time; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "/tmp/mem-$v.txt" &
     poll=$!
     timeout ${OURS_TIMEOUT:-240} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
-      --guidance 7 --runs ${RUNS:-3} --warmup 1 --json "$OUT/ours-$v.json" --output "$OUT/check/full-$v.png" \
+      --guidance 7 --runs ${RUNS:-3} --warmup 1 ${BENCH_ARGS:-} --json "$OUT/ours-$v.json" --output "$OUT/check/full-$v.png" \
       --latents "$OUT/check/latents-$v.f32" 2>&1 \
       | tail -16 | tee "$OUT/ours-$v.log"
     kill $poll 2>/dev/null; sleep 0.2
