@@ -75,7 +75,8 @@ skips=(--skip a_kernel_panic_inside_a_session_fails_the_run_not_the_process
        --skip the_static_shapes_overrides_leave_no_shape_nodes
        --skip fp8_kernels_match_the_emulation_node_by_node_on_real_activations
        --skip fp8_operators_match_the_python_emulation
-       --skip fp8_transformers_match_the_python_emulation)
+       --skip fp8_transformers_match_the_python_emulation
+       --skip fp8_merged_qkv_equals_three_separate_nodes_to_the_bit)
 (cd "$unpacked" && CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --lib -- "${skips[@]}" &&
   CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --doc)
 
