@@ -459,9 +459,10 @@ impl Sd3Pipeline {
         let lora = self.apply_loras(&requests[0].loras)?;
         // The seeded starting latents are drawn on another thread while the text encoders run (they need only the
         // seeds and the shape); the same values as drawing them after (tests/seeds.rs, the golden images).
-        let shape = self.latent_shape(width, height);
+        let (channels, factor) = (self.info.latent_channels, self.info.vae_scale_factor);
         let (encoded, noise) = std::thread::scope(|scope| {
-            let drawing = scope.spawn(|| start::seeded_noise(&plans, shape));
+            let drawing =
+                scope.spawn(|| start::seeded_noise(&plans, |w, h| start::latent_shape(channels, factor, w, h)));
             let encoded = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings);
             (encoded, drawing.join())
         });
