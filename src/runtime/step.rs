@@ -664,7 +664,11 @@ impl Graph {
             false => None,
         };
         let session = match fused {
-            Some(bytes) => self.small_session_with(&bytes, "the fused step session", true)?,
+            Some(bytes) => self.small_session_with(
+                &bytes,
+                "the fused Euler step session (Sd3PipelineBuilder::fused_step(false) runs the stock step graph instead)",
+                true,
+            )?,
             None => {
                 let bytes = step_graph(spec).ok_or_else(|| {
                     Error::internal(format!("no step graph for element types {} / {}", spec.hidden, spec.velocity))
