@@ -1,7 +1,7 @@
 //! A Rust port of models/nano/checker.py's pair rules (issue 22: two objects, colour attribution, relations), for
 //! the adherence test of the default model's second generation, checked here against renders of held-out pair
-//! prompts (models/goldens/sd3-nano-pairs, made by models/nano/pair_renders.py from scenes.py): every clean and
-//! degraded render passes its own prompt, and fails the negatives the Python checker fails (the two objects'
+//! prompts (models/goldens/sd3-nano-pairs, made by models/nano/pair_renders.py from scenes.py): every clean,
+//! degraded (blur, colour shift, JPEG, noise) and coarse (4x down and up) render passes its own prompt, and fails the negatives the Python checker fails (the two objects'
 //! colours or shapes exchanged, the relation reversed, the second shape replaced by one neither object has). The
 //! model that these prompts will run on is not trained yet (models/nano/README.md, "Second generation"); until
 //! then this file checks the checker.
@@ -453,7 +453,7 @@ fn pair_renders_pass_their_prompts_and_fail_the_negatives_as_in_python() {
     let mut negatives = 0;
     for case in &cases {
         let scene = PairScene::from_json(&case["scene"], &case["stated"]);
-        for tag in ["clean", "degraded"] {
+        for tag in ["clean", "degraded", "coarse"] {
             let img = load_png(&dir().join(case["files"][tag].as_str().unwrap()));
             let objs = pair_objects(&img);
             let want = case["python"][tag].as_bool().unwrap();

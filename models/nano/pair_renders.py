@@ -4,9 +4,10 @@
     .venv-tools/bin/python models/nano/pair_renders.py      # writes models/goldens/sd3-nano-pairs/
 
 The first four prompts of each pair category of eval_prompts_v2.json (two objects, colour attribution, position),
-each rendered clean (scenes.render) and degraded (checker.degrade: blur, colour shift, JPEG, noise; seeded), and
-cases.json with, per prompt, the scene's stated attributes, the Python checker's verdict on both images (all
-pass), and negatives the images must fail: the two objects' colours exchanged, their shapes exchanged, the
+each rendered clean (scenes.render), degraded (checker.degrade: blur, colour shift, JPEG, noise; seeded) and coarse
+(checker.down_up: 4x box-down, bicubic-up, like a coarse latent grid), and
+cases.json with, per prompt, the scene's stated attributes, the Python checker's verdict on the three images (all
+pass), and negatives the clean images must fail: the two objects' colours exchanged, their shapes exchanged, the
 relation reversed (checker.exchanges, where the prompt states what they need) and the second shape replaced by one
 neither object has. The Python checker's verdicts on the negatives are recorded too (all fail). The Rust checker
 must reach the same verdicts.
@@ -39,8 +40,9 @@ def main():
             sc = p["scene"]
             clean = S.render(sc)
             degraded = C.degrade(clean, rng)
+            coarse = C.down_up(clean)
             files = {}
-            for tag, img in (("clean", clean), ("degraded", degraded)):
+            for tag, img in (("clean", clean), ("degraded", degraded), ("coarse", coarse)):
                 name = f"{cat}_{i}_{tag}.png"
                 Image.fromarray(img).save(OUT / name, optimize=True)
                 files[tag] = name
@@ -54,7 +56,8 @@ def main():
                 "scene": {k: sc.get(k) for k in KEYS},
                 "files": files,
                 "python": {tag: C.prompt_pass(C.check(img, sc)) for tag, img in (("clean", clean),
-                                                                                  ("degraded", degraded))},
+                                                                                  ("degraded", degraded),
+                                                                                  ("coarse", coarse))},
                 "negatives": [{"what": k, "scene": {key: v.get(key) for key in KEYS},
                                "python_clean": C.prompt_pass(C.check(clean, v))} for k, v in negatives.items()],
             }
