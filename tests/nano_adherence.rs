@@ -28,18 +28,6 @@ use common::*;
 use image::RgbImage;
 use sd3_onnx::{GenerationRequest, Sd3Pipeline, Variant};
 
-/// scenes.py COLORS
-const PALETTE: [(&str, [f32; 3]); 8] = [
-    ("red", [220.0, 30.0, 30.0]),
-    ("orange", [250.0, 140.0, 0.0]),
-    ("yellow", [245.0, 220.0, 30.0]),
-    ("green", [30.0, 160.0, 50.0]),
-    ("blue", [30.0, 70.0, 220.0]),
-    ("purple", [140.0, 40.0, 190.0]),
-    ("white", [250.0, 250.0, 250.0]),
-    ("black", [20.0, 20.0, 20.0]),
-];
-
 /// scenes.py POSITIONS, row-major over the 3x3 grid.
 const POSITIONS: [&str; 9] =
     ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"];

@@ -27,17 +27,6 @@ use image::RgbImage;
 use serde_json::Value;
 
 const N: usize = 128;
-/// scenes.py COLORS
-const PALETTE: [(&str, [f32; 3]); 8] = [
-    ("red", [220.0, 30.0, 30.0]),
-    ("orange", [250.0, 140.0, 0.0]),
-    ("yellow", [245.0, 220.0, 30.0]),
-    ("green", [30.0, 160.0, 50.0]),
-    ("blue", [30.0, 70.0, 220.0]),
-    ("purple", [140.0, 40.0, 190.0]),
-    ("white", [250.0, 250.0, 250.0]),
-    ("black", [20.0, 20.0, 20.0]),
-];
 /// scenes.py SHAPES
 const SHAPES: [&str; 5] = ["circle", "square", "triangle", "star", "cross"];
 // checker.py's constants

@@ -461,8 +461,7 @@ impl Sd3Pipeline {
         // seeds and the shape); the same values as drawing them after (tests/seeds.rs, the golden images).
         let (channels, factor) = (self.info.latent_channels, self.info.vae_scale_factor);
         let (encoded, noise) = std::thread::scope(|scope| {
-            let drawing =
-                scope.spawn(|| start::seeded_noise(&plans, |w, h| start::latent_shape(channels, factor, w, h)));
+            let drawing = scope.spawn(|| start::seeded_noise(&plans, channels, factor));
             let encoded = self.encode_requests(requests, &plans, cfg, &cancelled, &mut warnings);
             (encoded, drawing.join())
         });

@@ -18,41 +18,33 @@ pub(super) type Starts = (Vec<Array4<f32>>, Vec<Option<Inpaint>>);
 /// The starting latents of every plan that draws them from its seeds alone (no init image, no explicit latents),
 /// `None` for the others: what [`Sd3Pipeline::initial_latents`] gives such a plan, computed without the pipeline,
 /// so that `run_denoise` draws them on another thread while the text encoders run (issue 19: the draw is 1.4 ms
-/// per 1024x1024 image on the project's 2-core CPU, `cargo bench --bench noise`). `shape(width, height)` is one
-/// image's latent shape ([`Sd3Pipeline::latent_shape_of`]).
-pub(super) fn seeded_noise(
-    plans: &[Plan],
-    shape: impl Fn(usize, usize) -> [usize; 4],
-) -> Vec<Option<Vec<Array4<f32>>>> {
+/// per 1024x1024 image on the project's 2-core CPU, `cargo bench --bench noise`). `channels` and `factor`: the
+/// latent channels and the VAE's scale factor ([`latent_shape`]).
+pub(super) fn seeded_noise(plans: &[Plan], channels: usize, factor: usize) -> Vec<Option<Vec<Array4<f32>>>> {
     plans
         .iter()
         .map(|plan| {
             if plan.init.is_some() || plan.explicit.is_some() {
                 return None;
             }
-            let shape = shape(plan.width, plan.height);
+            let shape = latent_shape(channels, factor, plan.width, plan.height);
             // A plan without a seed for some image is left to initial_latents (and its error).
             plan.seeds.iter().map(|seed| seed.map(|s| NoiseGenerator::new(s).latents(shape))).collect()
         })
         .collect()
 }
 
-/// `[1, channels, height / factor, width / factor]`.
-pub(super) fn latent_shape(channels: usize, factor: usize, width: usize, height: usize) -> [usize; 4] {
+/// One image's latent shape `[1, channels, height / factor, width / factor]`.
+fn latent_shape(channels: usize, factor: usize, width: usize, height: usize) -> [usize; 4] {
     [1, channels, height / factor, width / factor]
 }
 
 impl Sd3Pipeline {
-    /// One image's latent shape `[1, C, h, w]` for a `width` x `height` request.
-    pub(super) fn latent_shape_of(&self, width: usize, height: usize) -> [usize; 4] {
-        latent_shape(self.info.latent_channels, self.info.vae_scale_factor, width, height)
-    }
-
     /// The starting latents of a plan's images `[1, C, h, w]` each and, for inpainting, what each image's
     /// unmasked region is pulled back to. Random draws per image, from its own seed, in diffusers' order: the
     /// VAE posterior sample of the init image first, then the noise.
     pub(super) fn initial_latents(&mut self, plan: &Plan) -> Result<Starts> {
-        let shape = self.latent_shape_of(plan.width, plan.height);
+        let shape = latent_shape(self.info.latent_channels, self.info.vae_scale_factor, plan.width, plan.height);
         let (sf, shift) = (self.info.vae_scaling_factor, self.info.vae_shift_factor);
         let encoded = match &plan.init {
             Some(init) => {

@@ -905,11 +905,26 @@ mod fused_tests {
 
     /// Every output of a run as raw bits (float16 widened bit-exactly to u32 by value).
     fn run(bytes: &[u8], ours: bool, inputs: Vec<(&str, DynValue)>, t: ElementType) -> Vec<Vec<u32>> {
+        run_on(bytes, ours, inputs, t, &ExecutionProvider::Cpu)
+    }
+
+    /// [`run`] on `provider`; on a GPU the session refuses ONNX Runtime's CPU fallback, so every node runs there.
+    fn run_on(
+        bytes: &[u8],
+        ours: bool,
+        inputs: Vec<(&str, DynValue)>,
+        t: ElementType,
+        provider: &ExecutionProvider,
+    ) -> Vec<Vec<u32>> {
         let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
         let mut builder = Session::builder(&env).expect("builder");
         if ours {
             builder = builder.with_operators(crate::runtime::kernels::domain().expect("domain")).expect("ops");
         }
+        if *provider != ExecutionProvider::Cpu {
+            builder = builder.with_config_entry("session.disable_cpu_ep_fallback", "1").expect("option");
+        }
+        let mut builder = provider.register(builder, crate::Component::Transformer).expect("execution provider");
         let mut session = builder.commit_from_memory(bytes).expect("session");
         let outputs = session.run(inputs).expect("run");
         let x_next = outputs["x_next"].try_extract_tensor::<f32>().expect("x_next").1.iter().map(|v| v.to_bits());
@@ -967,7 +982,6 @@ mod fused_tests {
     #[test]
     #[ignore = "needs an NVIDIA GPU and ONNX Runtime's CUDA provider"]
     fn step_cuda_fused_and_stock_equal_the_cpu_to_the_bit() {
-        let env = crate::runtime::environment(None).expect("ONNX Runtime (its CUDA build)");
         let cuda = ExecutionProvider::Cuda(Default::default());
         let mut failed = Vec::new();
         for t in [ElementType::Float16, ElementType::Float32] {
@@ -991,40 +1005,8 @@ mod fused_tests {
                         ("fused", fused_step_graph(&spec).expect("fused"), true),
                         ("stock", step_graph(&spec).expect("stock"), false),
                     ] {
-                        let mut builder = Session::builder(&env).expect("builder");
-                        if ours {
-                            builder =
-                                builder.with_operators(crate::runtime::kernels::domain().expect("ops")).expect("ops");
-                        }
-                        let builder =
-                            builder.with_config_entry("session.disable_cpu_ep_fallback", "1").expect("option");
-                        let mut builder = cuda.register(builder, crate::Component::Transformer).expect("CUDA provider");
-                        let mut session = builder.commit_from_memory(&bytes).expect("CUDA session");
-                        let outputs = session.run(inputs()).expect("run");
-                        let x_next: Vec<u32> = outputs["x_next"]
-                            .try_extract_tensor::<f32>()
-                            .expect("x")
-                            .1
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect();
-                        let hidden: Vec<u32> = match t {
-                            ElementType::Float16 => outputs["hidden"]
-                                .try_extract_tensor::<f16>()
-                                .expect("h")
-                                .1
-                                .iter()
-                                .map(|v| v.to_bits() as u32)
-                                .collect(),
-                            _ => outputs["hidden"]
-                                .try_extract_tensor::<f32>()
-                                .expect("h")
-                                .1
-                                .iter()
-                                .map(|v| v.to_bits())
-                                .collect(),
-                        };
-                        for (k, (name, got)) in [("x_next", x_next), ("hidden", hidden)].into_iter().enumerate() {
+                        let got = run_on(&bytes, ours, inputs(), t, &cuda);
+                        for (k, (name, got)) in ["x_next", "hidden"].into_iter().zip(got).enumerate() {
                             let wrong = got.iter().zip(&want[k]).filter(|(a, b)| a != b).count();
                             let case = format!("{t} guidance {guidance} [{n},{c},{h},{w}] {what} {name}");
                             eprintln!("CUDA step {case}: {wrong} of {} values differ from the CPU", got.len());

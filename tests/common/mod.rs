@@ -8,6 +8,19 @@ use sd3_onnx::latents::read_npy_f32;
 use sd3_onnx::GenerationRequest;
 use serde_json::Value;
 
+/// models/nano/scenes.py COLORS: the default model's palette (its adherence checkers, tests/nano_adherence.rs and
+/// tests/nano_pair_checker.rs).
+pub const PALETTE: [(&str, [f32; 3]); 8] = [
+    ("red", [220.0, 30.0, 30.0]),
+    ("orange", [250.0, 140.0, 0.0]),
+    ("yellow", [245.0, 220.0, 30.0]),
+    ("green", [30.0, 160.0, 50.0]),
+    ("blue", [30.0, 70.0, 220.0]),
+    ("purple", [140.0, 40.0, 190.0]),
+    ("white", [250.0, 250.0, 250.0]),
+    ("black", [20.0, 20.0, 20.0]),
+];
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -303,28 +303,42 @@ fn current_context(api: &Api) -> ort::Result<Handle> {
     Ok(ctx)
 }
 
-/// Our module's functions in one context: (context, `mod_norm_f16`, `head_rms_norm_f16`), as addresses. Loaded
-/// once per context and never unloaded (a few kilobytes; the functions are read-only, so every stream may use
-/// them at once).
-static MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+/// One PTX module's two functions per CUDA context: (context, first, second), as addresses. Loaded once per context
+/// and never unloaded (a few kilobytes; the functions are read-only, so every stream may use them at once).
+type Modules = Mutex<Vec<(usize, usize, usize)>>;
 
-/// (`mod_norm_f16`, `head_rms_norm_f16`) in the current context `ctx`.
-fn functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
-    let mut modules = MODULES.lock().unwrap_or_else(|p| p.into_inner());
+/// The functions `names` of the PTX image `ptx` (`file` for errors) in the current context `ctx`, loaded on first
+/// use and kept in `cache`.
+fn module_functions(
+    api: &Api,
+    ctx: Handle,
+    cache: &Modules,
+    ptx: &'static str,
+    file: &str,
+    names: [&CStr; 2],
+) -> ort::Result<(Handle, Handle)> {
+    let mut modules = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
         return Ok((f as Handle, g as Handle));
     }
     let mut module: Handle = ptr::null_mut();
     let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
-    // SAFETY: PTX is a NUL-terminated PTX image, the names are NUL-terminated, the out-pointers are locals; `ctx`
-    // is current on this thread (`current_context`), so the module is loaded into it.
+    // SAFETY: `ptx` is one of this file's NUL-terminated PTX images (`concat!(include_str!(..), "\0")`), the names
+    // are NUL-terminated C strings, the out-pointers are locals; `ctx` is current on this thread
+    // (`current_context`), so the module is loaded into it.
     unsafe {
-        api.check("cuModuleLoadData (mod_norm.ptx)", (api.cu_module_load_data)(&mut module, PTX.as_ptr().cast()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"mod_norm_f16".as_ptr()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"head_rms_norm_f16".as_ptr()))?;
+        api.check(&format!("cuModuleLoadData ({file})"), (api.cu_module_load_data)(&mut module, ptx.as_ptr().cast()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, names[0].as_ptr()))?;
+        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, names[1].as_ptr()))?;
     }
     modules.push((ctx as usize, f as usize, g as usize));
     Ok((f, g))
+}
+
+/// (`mod_norm_f16`, `head_rms_norm_f16`) in the current context `ctx`.
+fn functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
+    static MODULES: Modules = Mutex::new(Vec::new());
+    module_functions(api, ctx, &MODULES, PTX, "mod_norm.ptx", [c"mod_norm_f16", c"head_rms_norm_f16"])
 }
 
 /// A stream's cuBLASLt handle and workspace. Only work on `stream` uses them, so it runs in stream order and no
@@ -1207,25 +1221,10 @@ impl HeadRmsNormCuda {
 // cuBLASLt); (3) the cuBLASLt FP8 matmul with W's and x's scale pointers, bias (+ GELU) epilogue, float16 out.
 // Everything is queued on ONNX Runtime's stream: no host synchronisation.
 
-/// Our FP8 module's functions in one context: (context, `fp8_amax_f16`, `fp8_quantize_f16`), as addresses.
-static FP8_MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
-
 /// (`fp8_amax_f16`, `fp8_quantize_f16`) in the current context `ctx`.
 fn fp8_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
-    let mut modules = FP8_MODULES.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
-        return Ok((f as Handle, g as Handle));
-    }
-    let mut module: Handle = ptr::null_mut();
-    let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
-    // SAFETY: as in `functions`: a NUL-terminated PTX image and names, out-pointers to locals, `ctx` current.
-    unsafe {
-        api.check("cuModuleLoadData (fp8.ptx)", (api.cu_module_load_data)(&mut module, FP8_PTX.as_ptr().cast()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"fp8_amax_f16".as_ptr()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"fp8_quantize_f16".as_ptr()))?;
-    }
-    modules.push((ctx as usize, f as usize, g as usize));
-    Ok((f, g))
+    static MODULES: Modules = Mutex::new(Vec::new());
+    module_functions(api, ctx, &MODULES, FP8_PTX, "fp8.ptx", [c"fp8_amax_f16", c"fp8_quantize_f16"])
 }
 
 /// The compute capability of the current context's device.
@@ -1696,25 +1695,10 @@ impl LinearSplitFp8Cuda {
 // input: ONNX Runtime hands the kernel host memory, whose values become the launch's parameters, so there is no
 // copy to the GPU per step for them.
 
-/// Our step module's functions in one context: (context, `euler_step_f16`, `euler_step_f32`), as addresses.
-static STEP_MODULES: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
-
 /// (`euler_step_f16`, `euler_step_f32`) in the current context `ctx`.
 fn step_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
-    let mut modules = STEP_MODULES.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(&(_, f, g)) = modules.iter().find(|m| m.0 == ctx as usize) {
-        return Ok((f as Handle, g as Handle));
-    }
-    let mut module: Handle = ptr::null_mut();
-    let (mut f, mut g): (Handle, Handle) = (ptr::null_mut(), ptr::null_mut());
-    // SAFETY: as in `functions`: a NUL-terminated PTX image and names, out-pointers to locals, `ctx` current.
-    unsafe {
-        api.check("cuModuleLoadData (step.ptx)", (api.cu_module_load_data)(&mut module, STEP_PTX.as_ptr().cast()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut f, module, c"euler_step_f16".as_ptr()))?;
-        api.check("cuModuleGetFunction", (api.cu_module_get_function)(&mut g, module, c"euler_step_f32".as_ptr()))?;
-    }
-    modules.push((ctx as usize, f as usize, g as usize));
-    Ok((f, g))
+    static MODULES: Modules = Mutex::new(Vec::new());
+    module_functions(api, ctx, &MODULES, STEP_PTX, "step.ptx", [c"euler_step_f16", c"euler_step_f32"])
 }
 
 /// A device tensor input of element type `ty`: its shape and device pointer.
