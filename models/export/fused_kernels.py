@@ -11,6 +11,8 @@
 - `--fp8` (issue 19, `to_fp8`): those three become LinearFp8 / LinearConcatFp8 / LinearSplitFp8 with E4M3 weights
   ([N, K] bytes, one float32 scale each) and activations quantized per tensor on the fly; each block's q, k and v
   LinearConcatFp8 nodes then become one LinearConcat3Fp8 (`share_qkv_fp8`: the activations quantized once).
+  `--fp8-fast-accum` (`set_fast_accum`) sets `fast_accum=1` on the FP8 nodes: cuBLASLt's fast accumulation on
+  CUDA; alone, on an FP8 folder, it rewrites only that attribute.
 
 SD3 numerics the rewrite relies on (diffusers 0.35.2):
 - AdaLayerNormZero.forward (models/normalization.py): emb.chunk(6) = shift_msa, scale_msa, gate_msa, shift_mlp,
@@ -566,6 +568,27 @@ def share_qkv_fp8(model: onnx.ModelProto) -> int:
     return merged
 
 
+FP8_NODE_TYPES = ("LinearFp8", "LinearConcatFp8", "LinearConcat3Fp8", "LinearSplitFp8")
+
+
+def set_fast_accum(model: onnx.ModelProto, on: bool = True) -> int:
+    """Sets the `fast_accum` attribute (1, or 0 with `on=False`) on every FP8 node: on CUDA the crate then asks
+    cuBLASLt for fast accumulation in those products (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`: the tensor cores sum the
+    FP8 products without promoting partial sums to float32 along K, which TransformerEngine does for its forward
+    products); the CPU kernels and the emulation accumulate in float32 either way. Graph only: no weight is read
+    or written. Returns the number of nodes set."""
+    count = 0
+    for n in model.graph.node:
+        if n.domain != DOMAIN or n.op_type not in FP8_NODE_TYPES:
+            continue
+        for a in list(n.attribute):
+            if a.name == "fast_accum":
+                n.attribute.remove(a)
+        n.attribute.append(helper.make_attribute("fast_accum", 1 if on else 0))
+        count += 1
+    return count
+
+
 def write_external(path, blobs) -> None:
     """Writes `to_fp8(..., external=...)`'s blobs at their offsets."""
     with open(path, "wb") as f:
@@ -640,6 +663,11 @@ def main(argv=None):
     ap.add_argument("--fp8-separate-qkv", action="store_true",
                     help="with --fp8: keep q, k and v as three LinearConcatFp8 nodes (each quantizing the same "
                          "activations) instead of one LinearConcat3Fp8; the same values, for timing the two")
+    ap.add_argument("--fp8-fast-accum", action="store_true",
+                    help="with --fp8: the FP8 nodes get fast_accum=1 (cuBLASLt's fast accumulation on CUDA: faster, "
+                         "less precise sums along K; the CPU kernels are unchanged). Without --fp8, on a folder whose "
+                         "transformer is FP8 already (e.g. written by --fp8 --fp8-scales): only the attribute is set, "
+                         "the graph copied and every weight file hard-linked (seconds)")
     ap.add_argument("--from-fused", action="store_true",
                     help="src's transformer is already rewritten (--fused-kernels); only --fp8 is applied")
     args = ap.parse_args(argv)
@@ -650,8 +678,8 @@ def main(argv=None):
         raise SystemExit("--fp8-scales needs --fp8")
     if args.from_fused and not args.fp8:
         raise SystemExit("--from-fused only makes sense with --fp8")
-    if args.controlnet and (args.fp8 or args.from_fused):
-        raise SystemExit("--controlnet does not take --fp8 or --from-fused")
+    if args.controlnet and (args.fp8 or args.from_fused or args.fp8_fast_accum):
+        raise SystemExit("--controlnet does not take --fp8, --fp8-fast-accum or --from-fused")
     from export_sd3 import topological_sort
 
     def rewrite(cfg_path: Path, graph: Path, controlnet: bool):
@@ -683,6 +711,25 @@ def main(argv=None):
         onnx.save(model, str(dst / "model.onnx"))
         print(f"wrote {dst}/model.onnx: {counts}, {len(model.graph.node)} nodes")
         return
+    if args.fp8_fast_accum and not args.fp8:
+        # graph only: the FP8 transformer as it is, its nodes' fast_accum set; everything else hard-linked
+        model = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False)
+        n = set_fast_accum(model)
+        if n == 0:
+            raise SystemExit(f"{src}/transformer/model.onnx has no FP8 node: give --fp8 to write one")
+        (dst / "transformer").mkdir(parents=True, exist_ok=True)
+        for entry in src.iterdir():
+            if entry.name != "transformer" and not (dst / entry.name).exists():
+                if entry.is_dir():
+                    shutil.copytree(entry, dst / entry.name, copy_function=link)
+                else:
+                    link(entry, dst / entry.name)
+        for entry in (src / "transformer").iterdir():
+            if entry.name != "model.onnx" and not (dst / "transformer" / entry.name).exists():
+                link(entry, dst / "transformer" / entry.name)
+        onnx.save(model, str(dst / "transformer" / "model.onnx"))
+        print(f"wrote {dst}/transformer/model.onnx: fast_accum on {n} FP8 nodes, {len(model.graph.node)} nodes")
+        return
     if args.from_fused:
         model, counts = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False), {}
     else:
@@ -696,6 +743,8 @@ def main(argv=None):
         blobs = counts.pop("_external", None)
         if not args.fp8_separate_qkv:
             counts["fp8_qkv_merged"] = share_qkv_fp8(model)
+        if args.fp8_fast_accum:
+            counts["fp8_fast_accum"] = set_fast_accum(model)
         topological_sort(model)
     # the residual transformer of ControlNet runs (export_sd3.py --controlnet-graph), when there is one
     residual = src / "transformer" / "model_controlnet.onnx"

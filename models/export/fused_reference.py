@@ -85,10 +85,12 @@ def _mm8(x, xs, w8, ws, b):
     return ((qx @ qw.T) * alpha + torch.from_numpy(b.astype(F32))).numpy()
 
 
+# The FP8 operators' `fast_accum` attribute (cuBLASLt's fast accumulation on CUDA) does not change the emulation:
+# it accumulates exactly (float32 products of E4M3 values, summed in float32 by numpy) either way.
 class LinearFp8(OpRun):
     op_domain = "sd3onnx"
 
-    def _run(self, x, w, w_scale, b, x_scale=None, activation=0):
+    def _run(self, x, w, w_scale, b, x_scale=None, activation=0, fast_accum=0):
         y = _mm8(x, act_scale(x, x_scale), w, w_scale, b)
         if activation == 1:
             y = 0.5 * y * (1 + np.tanh(np.float32(0.7978846) * (y + np.float32(0.044715) * y ** 3)))
@@ -98,7 +100,7 @@ class LinearFp8(OpRun):
 class LinearConcatFp8(OpRun):
     op_domain = "sd3onnx"
 
-    def _run(self, xa, wa, wa_scale, ba, xb, wb, wb_scale, bb, xa_scale=None, xb_scale=None):
+    def _run(self, xa, wa, wa_scale, ba, xb, wb, wb_scale, bb, xa_scale=None, xb_scale=None, fast_accum=0):
         ya = _mm8(xa, act_scale(xa, xa_scale), wa, wa_scale, ba)
         yb = _mm8(xb, act_scale(xb, xb_scale), wb, wb_scale, bb)
         return (np.concatenate([ya, yb], 1).astype(F16),)
@@ -108,7 +110,7 @@ class LinearConcat3Fp8(OpRun):
     """Three LinearConcatFp8 products of the same xa, xb (quantized once: the same bytes as three times)."""
     op_domain = "sd3onnx"
 
-    def _run(self, xa, xb, *rest):
+    def _run(self, xa, xb, *rest, fast_accum=0):
         ws, (xa_scale, xb_scale) = rest[:18], (list(rest[18:]) + [None, None])[:2]
         sa, sb = act_scale(xa, xa_scale), act_scale(xb, xb_scale)
         outs = []
@@ -122,7 +124,7 @@ class LinearConcat3Fp8(OpRun):
 class LinearSplitFp8(OpRun):
     op_domain = "sd3onnx"
 
-    def _run(self, x, wa, wa_scale, ba, wb=None, wb_scale=None, bb=None, like_a=None, x_scale=None):
+    def _run(self, x, wa, wa_scale, ba, wb=None, wb_scale=None, bb=None, like_a=None, x_scale=None, fast_accum=0):
         sa = like_a.shape[1]
         xs = act_scale(x, x_scale)  # one scale for the whole x
         ya = _mm8(x[:, :sa], xs, wa, wa_scale, ba).astype(F16)

@@ -8,6 +8,7 @@
     models/fixtures/export-tiny-dual-fp16-fused-fp8-qkv/...                 LinearConcat3Fp8 (`share_qkv_fp8`,
                                                                             what `--fp8` writes now)
     models/fixtures/fp8/ops.onnx          one node of each FP8 operator (and a stored activation scale that clips)
+    models/fixtures/fp8/ops_fast.onnx     the same with fast_accum=1 (ops_bad_accum.onnx: 2, refused)
     models/fixtures/fp8/<name>.txt/.bin   inputs and expected outputs of those graphs from the Python emulation of
                                           the FP8 operators (fused_reference.py: torch float8_e4m3fn casts)
 
@@ -227,13 +228,32 @@ def static_scales_check(src: str):
               f"dynamic max {e.max():.3g}, mean {e.mean():.3g}, static max {g.max():.3g}, mean {g.mean():.3g}")
 
 
+def fast_accum_graphs():
+    """fp8/ops_fast.onnx: ops.onnx with fast_accum=1 on its FP8 nodes (`fused_kernels.set_fast_accum`: cuBLASLt's
+    fast accumulation on CUDA; the same values as ops.onnx's through the CPU kernels and the emulation, so ops.bin
+    serves both); fp8/ops_bad_accum.onnx: fast_accum=2 on them, which the kernels refuse."""
+    for name, value in (("ops_fast", 1), ("ops_bad_accum", 2)):
+        m = onnx.load(str(FIX / "fp8" / "ops.onnx"))
+        n = fused_kernels.set_fast_accum(m)
+        for node in m.graph.node:
+            for a in node.attribute:
+                if a.name == "fast_accum":
+                    a.i = value
+        onnx.save(m, str(FIX / "fp8" / f"{name}.onnx"))
+        print(f"fp8/{name}.onnx: fast_accum={value} on {n} nodes")
+
+
 if __name__ == "__main__":
     (FIX / "fp8").mkdir(exist_ok=True)
     if sys.argv[1:] == ["--qkv-only"]:  # the merged fixtures from the committed FP8 ones
         for src in ("export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"):
             qkv_transformer(src, src + "-qkv")
         sys.exit(0)
+    if sys.argv[1:] == ["--fast-accum-only"]:  # from the committed ops.onnx
+        fast_accum_graphs()
+        sys.exit(0)
     ops_graph()
+    fast_accum_graphs()
     fp8_transformer("export-tiny-fp16-fused", "export-tiny-fp16-fused-fp8")
     fp8_transformer("export-tiny-dual-fp16-fused", "export-tiny-dual-fp16-fused-fp8")
     for src in ("export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"):

@@ -941,13 +941,66 @@ def test_qkv():
               abs(ops(m).count("LinearConcatFp8") - (3 if differ else 0)), 0)
 
 
+def test_fast_accum():
+    """--fp8-fast-accum: set_fast_accum puts fast_accum=1 on every FP8 node (and nothing else) without changing the
+    emulated output; the graph-only CLI mode on an FP8 folder writes only the graph (the other files hard-linked)
+    and refuses a folder without FP8 nodes."""
+    import tempfile
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    import fused_kernels
+    import fused_reference
+    fixtures = HERE.parent / "fixtures"
+    src = fixtures / "export-tiny-fp16-fused-fp8-qkv"
+    base = onnx.load(str(src / "transformer" / "model.onnx"))
+    fp8 = [n.name for n in base.graph.node if n.domain == "sd3onnx" and n.op_type in fused_kernels.FP8_NODE_TYPES]
+    m = onnx.ModelProto.FromString(base.SerializeToString())
+    got = fused_kernels.set_fast_accum(m)
+    check(f"fast_accum set on {got} nodes, the graph's FP8 nodes: {len(fp8)}", abs(got - len(fp8)), 0)
+    marked = [n.name for n in m.graph.node if any(a.name == "fast_accum" and a.i == 1 for a in n.attribute)]
+    check("nodes with fast_accum=1 that are not FP8 nodes (or FP8 nodes without)", len(set(marked) ^ set(fp8)), 0)
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal((2, 16, 8, 12)).astype(np.float16),
+             "encoder_hidden_states": rng.standard_normal((2, 29, 32)).astype(np.float16),
+             "pooled_projections": rng.standard_normal((2, 20)).astype(np.float16),
+             "timestep": np.array([981.5, 3.25], np.float32)}
+    feeds = {i.name: feeds[i.name] for i in m.graph.input}
+    y = ReferenceEvaluator(m, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    y0 = ReferenceEvaluator(base, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    check("fast_accum: emulated output vs without (bits that differ)", int((y.view(np.uint16) != y0.view(np.uint16)).sum()), 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "fast"
+        fused_kernels.main(["--fp8-fast-accum", str(src), str(dst)])
+        out = onnx.load(str(dst / "transformer" / "model.onnx"))
+        n_fast = sum(any(a.name == "fast_accum" and a.i == 1 for a in n.attribute) for n in out.graph.node)
+        check(f"CLI graph-only: FP8 nodes with fast_accum=1 ({n_fast} of {len(fp8)})", abs(n_fast - len(fp8)), 0)
+        same = [n.name for n in out.graph.node] == [n.name for n in base.graph.node]
+        check("CLI graph-only: the same nodes in the same order", 0 if same else 1, 0)
+        linked = os.path.samefile(src / "manifest.json", dst / "manifest.json")
+        check("CLI graph-only: the other files hard-linked", 0 if linked else 1, 0)
+        for argv, why in ((["--fp8-fast-accum", str(fixtures / "export-tiny-fp16-fused"), str(Path(tmp) / "x")],
+                           "no FP8 node"),
+                          (["--fp8-fast-accum", "--from-fused", str(src), str(Path(tmp) / "y")],
+                           "--from-fused only makes sense with --fp8")):
+            try:
+                fused_kernels.main(argv)
+                msg = "no error"
+            except SystemExit as e:
+                msg = str(e)
+            ok = why in msg
+            print(f"  {' '.join(a.rsplit('/', 1)[-1] for a in argv):70s} -> {msg[:70]}  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"fast_accum CLI {argv}: {msg}")
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm", "qkv"]
+    wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm", "qkv",
+                              "fast_accum"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
          "small": test_small, "int8": test_int8, "controlnet": test_controlnet, "groupnorm": test_groupnorm,
-         "qkv": test_qkv}[name]()
+         "qkv": test_qkv, "fast_accum": test_fast_accum}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)

@@ -8,7 +8,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use super::{guarded, shapes};
+use super::{fast_accum, guarded, shapes};
 
 const F16: TensorElementType = TensorElementType::Float16;
 
@@ -455,6 +455,8 @@ impl LinearFp8Cpu {
         if !(0..=1).contains(&activation) {
             return Err(shapes::err("LinearFp8", format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
         }
+        // float32 accumulation either way here: the attribute only changes the CUDA kernels' products
+        fast_accum("LinearFp8", k)?;
         Ok(Self { activation })
     }
 
@@ -476,7 +478,8 @@ impl LinearFp8Cpu {
 
 pub(crate) struct LinearConcatFp8Cpu;
 impl LinearConcatFp8Cpu {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        fast_accum("LinearConcatFp8", k)?;
         Ok(Self)
     }
 
@@ -510,7 +513,8 @@ impl LinearConcatFp8Cpu {
 /// quantize the same activation to the same bytes three times.
 pub(crate) struct LinearConcat3Fp8Cpu;
 impl LinearConcat3Fp8Cpu {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        fast_accum("LinearConcat3Fp8", k)?;
         Ok(Self)
     }
 
@@ -544,7 +548,8 @@ impl LinearConcat3Fp8Cpu {
 
 pub(crate) struct LinearSplitFp8Cpu;
 impl LinearSplitFp8Cpu {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        fast_accum("LinearSplitFp8", k)?;
         Ok(Self)
     }
 

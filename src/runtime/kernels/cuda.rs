@@ -30,8 +30,8 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{DynTensorValueType, TensorElementType};
 
 use super::cpu::{step_guidance, ModNormAttrs};
-use super::guarded;
 use super::shapes::{self, err};
+use super::{fast_accum, guarded};
 
 const PTX: &str = concat!(include_str!("mod_norm.ptx"), "\0");
 /// The FP8 activation kernels (`fp8.cu`): loaded only by the FP8 operators, after the capability check.
@@ -172,6 +172,8 @@ const CUDA_R_8F_E4M3: c_int = 28;
 const DESC_A_SCALE_POINTER: c_int = 17;
 const DESC_B_SCALE_POINTER: c_int = 18;
 const DESC_BIAS_DATA_TYPE: c_int = 26;
+/// `CUBLASLT_MATMUL_DESC_FAST_ACCUM` (int8): FP8 products accumulated in the tensor cores' fast mode.
+const DESC_FAST_ACCUM: c_int = 25;
 const OP_N: c_int = 0;
 const OP_T: c_int = 1;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
@@ -551,8 +553,8 @@ impl Align {
 
 /// A cuBLASLt plan for one [`Gemm`] at given alignments, made with one handle.
 struct Plan {
-    /// (product, alignments, GELU, cuBLASLt handle, FP8)
-    key: (Gemm, Align, bool, usize, bool),
+    /// (product, alignments, GELU, cuBLASLt handle, FP8, FP8 fast accumulation)
+    key: (Gemm, Align, bool, usize, bool, bool),
     desc: Handle,
     a: Handle,
     b: Handle,
@@ -564,11 +566,13 @@ struct Plan {
 unsafe impl Send for Plan {}
 
 impl Plan {
-    /// `fp8`: E4M3 `W` stored `[N, K]` and E4M3 `X` (the FP8 operators), else float16 `W` `[K, N]` and `X`.
-    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool, fp8: bool) -> ort::Result<Plan> {
+    /// `fp8`: E4M3 `W` stored `[N, K]` and E4M3 `X` (the FP8 operators), else float16 `W` `[K, N]` and `X`;
+    /// `fast`: with `fp8`, cuBLASLt's fast accumulation (the operators' `fast_accum` attribute).
+    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool, fp8: bool, fast: bool) -> ort::Result<Plan> {
         let Gemm { rows, k, n, batch, x_stride, d_stride } = g;
+        let fast = fp8 && fast;
         let mut plan = Plan {
-            key: (g, al, gelu, scratch.lt, fp8),
+            key: (g, al, gelu, scratch.lt, fp8, fast),
             desc: ptr::null_mut(),
             a: ptr::null_mut(),
             b: ptr::null_mut(),
@@ -599,6 +603,12 @@ impl Plan {
                     "set BIAS_DATA_TYPE",
                     (api.lt_desc_set)(desc, DESC_BIAS_DATA_TYPE, (&bias_type as *const c_int).cast(), 4),
                 )?;
+                if fast {
+                    // int8_t 1 (cublasLt.h: CUBLASLT_MATMUL_DESC_FAST_ACCUM), what TransformerEngine sets for its
+                    // forward products; 0 (the default) keeps the periodic float32 promotion.
+                    let one: i8 = 1;
+                    api.lt("set FAST_ACCUM", (api.lt_desc_set)(desc, DESC_FAST_ACCUM, (&one as *const i8).cast(), 1))?;
+                }
                 api.lt(
                     "layout W (E4M3)",
                     (api.lt_layout_create)(&mut plan.a, CUDA_R_8F_E4M3, k as u64, n as u64, k as i64),
@@ -654,7 +664,7 @@ impl Plan {
             if rc != 0 || found < 1 {
                 return Err(Error::cuda(format!(
                     "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, fp8 {fp8}, \
-                     alignment {}/{}/{} bytes): status {rc}",
+                     fast accumulation {fast}, alignment {}/{}/{} bytes): status {rc}",
                     al.w, al.x, al.d
                 )));
             }
@@ -823,10 +833,10 @@ impl Launch {
         y: *mut c_void,
     ) -> ort::Result<()> {
         let al = Align::of(op, g, w, x, y, bias)?;
-        let key = (g, al, gelu, self.scratch.lt, false);
+        let key = (g, al, gelu, self.scratch.lt, false, false);
         let plan = match slot {
             Some(p) if p.key == key => p,
-            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, false)?),
+            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, false, false)?),
         };
         // SAFETY: the plan was made with this stream's handle for `g` at the alignments of these very pointers;
         // the buffers are the caller's contract.
@@ -840,6 +850,7 @@ impl Launch {
     ///
     /// As [`Launch::gemm`], with `q_x` `batch` blocks of `rows * k` E4M3 bytes, `w` `n * k` E4M3 bytes (`[N, K]`)
     /// and `w_scale` / `x_scale` device addresses of one float32 each, all live until the stream gets there.
+    /// `fast`: cuBLASLt's fast accumulation (`fast_accum`).
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_fp8(
         &self,
@@ -848,6 +859,7 @@ impl Launch {
         slot: &mut Option<Plan>,
         g: Gemm,
         gelu: bool,
+        fast: bool,
         q_x: *const c_void,
         w: *const c_void,
         scales: (*const c_void, *const c_void),
@@ -863,10 +875,10 @@ impl Launch {
             let xb = q_x.cast::<u8>().wrapping_add(b * g.x_stride).cast::<c_void>();
             let yb = y.cast::<u8>().wrapping_add(b * g.d_stride * std::mem::size_of::<f16>()).cast::<c_void>();
             let al = Align::of_fp8(op, one, w, xb, yb, bias)?;
-            let key = (one, al, gelu, self.scratch.lt, true);
+            let key = (one, al, gelu, self.scratch.lt, true, fast);
             let plan = match slot {
                 Some(p) if p.key == key => p,
-                _ => slot.insert(Plan::new(api, &self.scratch, one, al, gelu, true)?),
+                _ => slot.insert(Plan::new(api, &self.scratch, one, al, gelu, true, fast)?),
             };
             // SAFETY: as in `gemm`: plan made for this handle, shapes and alignments; entry b of the caller's
             // buffers (x_stride / d_stride apart, the caller's contract), scales as given.
@@ -1400,6 +1412,7 @@ fn fp8_bytes(a: usize, b: usize) -> usize {
 
 pub(crate) struct LinearFp8Cuda {
     gelu: bool,
+    fast: bool,
     checked: bool,
     plan: Option<Plan>,
     streams: Streams,
@@ -1411,8 +1424,9 @@ impl LinearFp8Cuda {
         if !(0..=1).contains(&activation) {
             return Err(err(op, format!("activation {activation} is not 0 (none) or 1 (tanh GELU)")));
         }
+        let fast = fast_accum(op, k)?;
         let checked = fp8_checked_at_creation(op)?;
-        Ok(Self { gelu: activation == 1, checked, plan: None, streams: Streams::default() })
+        Ok(Self { gelu: activation == 1, fast, checked, plan: None, streams: Streams::default() })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
@@ -1451,6 +1465,7 @@ impl LinearFp8Cuda {
                 &mut self.plan,
                 g,
                 self.gelu,
+                self.fast,
                 q as usize as *const c_void,
                 w.ptr,
                 (w_scale, x_scale),
@@ -1462,14 +1477,16 @@ impl LinearFp8Cuda {
 }
 
 pub(crate) struct LinearConcatFp8Cuda {
+    fast: bool,
     checked: bool,
     plans: [Option<Plan>; 2],
     streams: Streams,
 }
 impl LinearConcatFp8Cuda {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let fast = fast_accum("LinearConcatFp8", k)?;
         let checked = fp8_checked_at_creation("LinearConcatFp8")?;
-        Ok(Self { checked, plans: [None, None], streams: Streams::default() })
+        Ok(Self { fast, checked, plans: [None, None], streams: Streams::default() })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
@@ -1508,8 +1525,9 @@ impl LinearConcatFp8Cuda {
             // SAFETY: xa holds B * Sa * Ka float16 values; slots at buf (amax, scale at +16), qa has room for them.
             let xs = unsafe { quantize(api, l.stream, xa.ptr, na, stored_a, buf, qa) }?;
             let g = Gemm { rows: sa, k: ka, n, batch, x_stride: sa * ka, d_stride: st * n };
+            let q = qa as usize as *const c_void;
             // SAFETY: as LinearConcat's float16 product, with E4M3 qa ([B, Sa, Ka] bytes) and wa ([N, Ka] bytes).
-            unsafe { l.gemm_fp8(api, op, pa, g, false, qa as usize as *const c_void, wa.ptr, (wsa, xs), ba.ptr, y) }?;
+            unsafe { l.gemm_fp8(api, op, pa, g, false, self.fast, q, wa.ptr, (wsa, xs), ba.ptr, y) }?;
         }
         if sb > 0 {
             // SAFETY: the second pair of slots (amax at buf + 32, scale at buf + 48: cuBLASLt refuses a scale pointer
@@ -1519,8 +1537,9 @@ impl LinearConcatFp8Cuda {
             // SAFETY: y holds batch * st * n halves; the second block starts sa rows into each batch.
             let yb = unsafe { y.cast::<f16>().add(sa * n) }.cast();
             let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
+            let q = qb as usize as *const c_void;
             // SAFETY: as LinearConcat's second float16 product, with E4M3 qb and wb.
-            unsafe { l.gemm_fp8(api, op, pb, g, false, qb as usize as *const c_void, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+            unsafe { l.gemm_fp8(api, op, pb, g, false, self.fast, q, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
         }
         Ok(())
     }
@@ -1530,14 +1549,16 @@ impl LinearConcatFp8Cuda {
 /// `LinearConcatFp8`: xa's amax/scale slots at the buffer's start, xb's 32 bytes on, then the E4M3 values), then
 /// the three products' two halves each read them, in stream order.
 pub(crate) struct LinearConcat3Fp8Cuda {
+    fast: bool,
     checked: bool,
     plans: [[Option<Plan>; 2]; 3],
     streams: Streams,
 }
 impl LinearConcat3Fp8Cuda {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let fast = fast_accum("LinearConcat3Fp8", k)?;
         let checked = fp8_checked_at_creation("LinearConcat3Fp8")?;
-        Ok(Self { checked, plans: Default::default(), streams: Streams::default() })
+        Ok(Self { fast, checked, plans: Default::default(), streams: Streams::default() })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
@@ -1603,7 +1624,19 @@ impl LinearConcat3Fp8Cuda {
                 // SAFETY: as LinearConcatFp8's first product: E4M3 qa (queued before on this stream), wa [N, Ka]
                 // bytes, y the fresh [B, Sa + Sb, N] output.
                 unsafe {
-                    l.gemm_fp8(api, op, pa, g, false, qa as usize as *const c_void, wa.ptr, (*wsa, xs), ba.ptr, y)
+                    l.gemm_fp8(
+                        api,
+                        op,
+                        pa,
+                        g,
+                        false,
+                        self.fast,
+                        qa as usize as *const c_void,
+                        wa.ptr,
+                        (*wsa, xs),
+                        ba.ptr,
+                        y,
+                    )
                 }?;
             }
             if let Some(xs) = xs_b {
@@ -1612,7 +1645,19 @@ impl LinearConcat3Fp8Cuda {
                 let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
                 // SAFETY: as LinearConcatFp8's second product, with E4M3 qb and wb.
                 unsafe {
-                    l.gemm_fp8(api, op, pb, g, false, qb as usize as *const c_void, wb.ptr, (*wsb, xs), bb.ptr, yb)
+                    l.gemm_fp8(
+                        api,
+                        op,
+                        pb,
+                        g,
+                        false,
+                        self.fast,
+                        qb as usize as *const c_void,
+                        wb.ptr,
+                        (*wsb, xs),
+                        bb.ptr,
+                        yb,
+                    )
                 }?;
             }
         }
@@ -1621,14 +1666,16 @@ impl LinearConcat3Fp8Cuda {
 }
 
 pub(crate) struct LinearSplitFp8Cuda {
+    fast: bool,
     checked: bool,
     plans: [Option<Plan>; 2],
     streams: Streams,
 }
 impl LinearSplitFp8Cuda {
-    fn new(_: &KernelContext<'_>) -> ort::Result<Self> {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let fast = fast_accum("LinearSplitFp8", k)?;
         let checked = fp8_checked_at_creation("LinearSplitFp8")?;
-        Ok(Self { checked, plans: [None, None], streams: Streams::default() })
+        Ok(Self { fast, checked, plans: [None, None], streams: Streams::default() })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
@@ -1664,7 +1711,19 @@ impl LinearSplitFp8Cuda {
                 let g = Gemm { rows: sa, k, n: na, batch, x_stride: st * k, d_stride: sa * na };
                 // SAFETY: rows 0..Sa of each batch of q ([B, St, K] E4M3 bytes), wa [Na, K] bytes, ba [Na]; ya fresh.
                 unsafe {
-                    l.gemm_fp8(api, op, pa, g, false, q as usize as *const c_void, wa.ptr, (wsa, xs), ba.ptr, ya)
+                    l.gemm_fp8(
+                        api,
+                        op,
+                        pa,
+                        g,
+                        false,
+                        self.fast,
+                        q as usize as *const c_void,
+                        wa.ptr,
+                        (wsa, xs),
+                        ba.ptr,
+                        ya,
+                    )
                 }?;
             }
         }
@@ -1678,7 +1737,7 @@ impl LinearSplitFp8Cuda {
                         let g = Gemm { rows: sb, k, n: nb, batch, x_stride: st * k, d_stride: sb * nb };
                         // SAFETY: rows Sa..St of each batch of q (ending at the batch's end), wb [Nb, K] bytes, bb
                         // [Nb]; yb is the fresh [B, Sb, Nb] output.
-                        unsafe { l.gemm_fp8(api, op, pb, g, false, qb, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+                        unsafe { l.gemm_fp8(api, op, pb, g, false, self.fast, qb, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
                     }
                 }
                 Ok(())

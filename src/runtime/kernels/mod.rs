@@ -26,6 +26,10 @@
 //! | `LinearSplitFp8` | `x, wa, wa_scale, ba, wb?, wb_scale?, bb?, like_a, x_scale?` (one scale for all of `x`) |
 //! | `LinearConcat3Fp8` | `xa, xb`, then three times `wa, wa_scale, ba, wb, wb_scale, bb`, then `xa_scale?, xb_scale?`: three `LinearConcatFp8` products of the same activations (the joint attention's q, k, v), which are quantized once; three outputs |
 //!
+//! Every FP8 operator takes the attribute `fast_accum` (0, the default, or 1; [`fast_accum`]): with 1 the CUDA
+//! kernels ask cuBLASLt for fast accumulation (`fused_kernels.py --fp8-fast-accum`); the CPU kernels check it and
+//! compute as before.
+//!
 //! The device loop's Euler step (src/runtime/step.rs, `fused_step_graph`; issue 19: our time outside ONNX Runtime),
 //! one node instead of the stock step graph's ten:
 //!
@@ -104,6 +108,18 @@ pub(crate) fn guarded(op: &str, body: impl FnOnce() -> ort::Result<()>) -> ort::
             .unwrap_or_else(|| "no message".to_string());
         Err(shapes::err(op, format!("the kernel panicked ({msg}); this is a bug in sd3-onnx, please report it")))
     })
+}
+
+/// The FP8 operators' `fast_accum` attribute (0, the default, or 1): whether cuBLASLt may accumulate the FP8
+/// products in the tensor cores' faster, less precise mode (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`) instead of
+/// promoting partial sums to float32 as it goes. Written by `fused_kernels.py --fp8-fast-accum`; the CUDA kernels
+/// honour it, the CPU kernels (which accumulate in float32 either way) only check it.
+pub(crate) fn fast_accum(op: &str, k: &ort::operator::KernelContext<'_>) -> ort::Result<bool> {
+    match k.get::<i64>("fast_accum").unwrap_or(0) {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(shapes::err(op, format!("fast_accum {v} is not 0 (float32 accumulation) or 1 (fast accumulation)"))),
+    }
 }
 
 /// Shape checks shared by the CPU and CUDA kernels; errors name the operator and what is wrong.
@@ -450,6 +466,29 @@ mod tests {
         }
     }
 
+    /// `fast_accum` (`fused_kernels.py --fp8-fast-accum`: cuBLASLt's fast accumulation on CUDA) leaves the CPU
+    /// kernels' values as they are: fp8/ops_fast.onnx (ops.onnx with fast_accum=1 on its four FP8 nodes) gives
+    /// ops.onnx's outputs to the bit; fast_accum=2 (fp8/ops_bad_accum.onnx) is refused when the session is made,
+    /// with an error that names the attribute.
+    #[test]
+    fn fp8_fast_accumulation_keeps_the_cpu_values_and_bad_values_are_refused() {
+        ort();
+        let plain = run_fp8_fixture("fp8/ops.onnx", "ops", 2);
+        let fast = run_fp8_fixture("fp8/ops_fast.onnx", "ops", 2);
+        for ((name, a, _), (_, b, _)) in plain.iter().zip(&fast) {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name}: fast_accum=1 changed the CPU kernels' output");
+        }
+        use crate::runtime::graph::{Graph, SessionConfig};
+        let env = crate::runtime::environment(None).expect("ONNX Runtime (scripts/setup-ort.sh)");
+        let path = fixtures().join("fp8/ops_bad_accum.onnx");
+        let cpu = crate::ExecutionProvider::Cpu;
+        let e = Graph::load(&env, crate::Component::Transformer, &path, &cpu, &SessionConfig::default())
+            .expect_err("fast_accum=2 must be refused");
+        let msg = e.to_string();
+        assert!(msg.contains("fast_accum 2 is not 0"), "{msg}");
+    }
+
     /// Node by node on the transformer's real activations: every FP8 node of export-tiny-fp16-fused-fp8 alone
     /// (models/fixtures/fp8/export-tiny-fp16-fused-fp8-nodes.onnx: 6 LinearConcatFp8, 6 LinearFp8 (3 with GELU), 2
     /// LinearSplitFp8, one of them without the context range), fed the activations each read in the Python
@@ -544,11 +583,15 @@ mod tests {
         ort();
         let cuda = crate::ExecutionProvider::Cuda(Default::default());
         let mut failed = Vec::new();
-        for (name, got, want) in run_fp8_fixture_on("fp8/ops.onnx", "ops", 2, &cuda) {
-            let (max, rel, mean) = diff(&got, &want);
-            eprintln!("CUDA fp8/ops.onnx {name}: max {max:e}, max relative {rel:e}, mean {mean:e}");
-            if rel > 1.0 / 512.0 {
-                failed.push(format!("ops {name}: max {max}, relative {rel}"));
+        // ops_fast.onnx: the same nodes with fast_accum=1 (cuBLASLt's fast accumulation); at K = 64 its sums
+        // should stay within the same bound (printed either way).
+        for graph in ["ops", "ops_fast"] {
+            for (name, got, want) in run_fp8_fixture_on(&format!("fp8/{graph}.onnx"), "ops", 2, &cuda) {
+                let (max, rel, mean) = diff(&got, &want);
+                eprintln!("CUDA fp8/{graph}.onnx {name}: max {max:e}, max relative {rel:e}, mean {mean:e}");
+                if rel > 1.0 / 512.0 {
+                    failed.push(format!("{graph} {name}: max {max}, relative {rel}"));
+                }
             }
         }
         let stem = "export-tiny-fp16-fused-fp8-nodes";
