@@ -77,7 +77,8 @@ skips=(--skip a_kernel_panic_inside_a_session_fails_the_run_not_the_process
        --skip fp8_operators_match_the_python_emulation
        --skip fp8_transformers_match_the_python_emulation
        --skip fp8_merged_qkv_equals_three_separate_nodes_to_the_bit
-       --skip fp8_fast_accumulation_keeps_the_cpu_values_and_bad_values_are_refused)
+       --skip fp8_fast_accumulation_keeps_the_cpu_values_and_bad_values_are_refused
+       --skip fp8_merged_feed_forward_equals_the_two_nodes_to_the_bit)
 (cd "$unpacked" && CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --lib -- "${skips[@]}" &&
   CARGO_TARGET_DIR="$pkg_target" cargo test --quiet --locked --doc)
 

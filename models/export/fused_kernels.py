@@ -12,7 +12,8 @@
   ([N, K] bytes, one float32 scale each) and activations quantized per tensor on the fly; each block's q, k and v
   LinearConcatFp8 nodes then become one LinearConcat3Fp8 (`share_qkv_fp8`: the activations quantized once).
   `--fp8-fast-accum` (`set_fast_accum`) sets `fast_accum=1` on the FP8 nodes: cuBLASLt's fast accumulation on
-  CUDA; alone, on an FP8 folder, it rewrites only that attribute.
+  CUDA; alone, on an FP8 folder, it rewrites only that attribute. `--fp8-merge-mlp` (`merge_mlp_fp8`, stored
+  scales only) makes each feed-forward's two FP8 products one `MlpFp8`; alone, on an FP8 folder, graph only too.
 
 SD3 numerics the rewrite relies on (diffusers 0.35.2):
 - AdaLayerNormZero.forward (models/normalization.py): emb.chunk(6) = shift_msa, scale_msa, gate_msa, shift_mlp,
@@ -568,7 +569,53 @@ def share_qkv_fp8(model: onnx.ModelProto) -> int:
     return merged
 
 
-FP8_NODE_TYPES = ("LinearFp8", "LinearConcatFp8", "LinearConcat3Fp8", "LinearSplitFp8")
+FP8_NODE_TYPES = ("LinearFp8", "LinearConcatFp8", "LinearConcat3Fp8", "LinearSplitFp8", "MlpFp8")
+
+
+def merge_mlp_fp8(model: onnx.ModelProto) -> int:
+    """Merges each feed-forward's two FP8 products with stored activation scales (a GELU `LinearFp8` whose output
+    only the next `LinearFp8`, no activation, reads) into one `MlpFp8` (src/runtime/kernels/mod.rs): on CUDA the
+    first product then writes E4M3 bytes for the second (cuBLASLt's FP8 output with the second's stored scale)
+    instead of a float16 tensor that a quantization pass reads again: at SD3-medium's 1024x1024 with CFG that
+    tensor is 8,192 x 6,144 float16 values (100 MB) per block. Dynamic scales cannot be merged (the second scale
+    comes from that tensor's amax), nor nodes whose `fast_accum` differs. Same values on the CPU (lib test); graph
+    only: the node reads the two nodes' own initializers. Returns the number of merged feed-forwards."""
+    g = model.graph
+    attrs = lambda n: {a.name: a.i for a in n.attribute}  # noqa: E731
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            if i:
+                readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    merged = 0
+    for n in list(g.node):
+        if n.domain != DOMAIN or n.op_type != "LinearFp8" or attrs(n).get("activation", 0) != 1:
+            continue
+        ins, h = list(n.input), n.output[0]
+        users = readers.get(h, [])
+        if len(ins) < 5 or not ins[4] or h in graph_outputs or len(users) != 1:
+            continue
+        m = users[0]
+        mins = list(m.input)
+        if (m.domain != DOMAIN or m.op_type != "LinearFp8" or attrs(m).get("activation", 0) != 0 or mins[0] != h
+                or len(mins) < 5 or not mins[4]):
+            continue
+        fast = attrs(n).get("fast_accum", 0)
+        if fast != attrs(m).get("fast_accum", 0):
+            continue
+        node = helper.make_node("MlpFp8", [ins[0], *ins[1:4], *mins[1:4], ins[4], mins[4]], [m.output[0]],
+                                name=n.name + "/mlp", domain=DOMAIN)
+        if fast:
+            node.attribute.append(helper.make_attribute("fast_accum", fast))
+        index = list(g.node).index(n)
+        g.node.remove(n)
+        g.node.remove(m)
+        g.node.insert(index, node)
+        for vi in [v for v in g.value_info if v.name == h]:
+            g.value_info.remove(vi)
+        merged += 1
+    return merged
 
 
 def set_fast_accum(model: onnx.ModelProto, on: bool = True) -> int:
@@ -668,6 +715,11 @@ def main(argv=None):
                          "less precise sums along K; the CPU kernels are unchanged). Without --fp8, on a folder whose "
                          "transformer is FP8 already (e.g. written by --fp8 --fp8-scales): only the attribute is set, "
                          "the graph copied and every weight file hard-linked (seconds)")
+    ap.add_argument("--fp8-merge-mlp", action="store_true",
+                    help="with --fp8 --fp8-scales: each feed-forward's two FP8 products become one MlpFp8 (on CUDA "
+                         "the first writes E4M3 for the second: no float16 tensor and no quantization pass between "
+                         "them). Without --fp8, on a folder whose transformer is FP8 with stored scales already: "
+                         "graph only, as --fp8-fast-accum")
     ap.add_argument("--from-fused", action="store_true",
                     help="src's transformer is already rewritten (--fused-kernels); only --fp8 is applied")
     args = ap.parse_args(argv)
@@ -711,12 +763,25 @@ def main(argv=None):
         onnx.save(model, str(dst / "model.onnx"))
         print(f"wrote {dst}/model.onnx: {counts}, {len(model.graph.node)} nodes")
         return
-    if args.fp8_fast_accum and not args.fp8:
-        # graph only: the FP8 transformer as it is, its nodes' fast_accum set; everything else hard-linked
+    if args.fp8_merge_mlp and args.fp8 and not args.fp8_scales:
+        raise SystemExit("--fp8-merge-mlp needs stored activation scales (--fp8-scales): with dynamic scales the "
+                         "second product's scale comes from the first one's output")
+    if (args.fp8_fast_accum or args.fp8_merge_mlp) and not args.fp8:
+        # graph only: the FP8 transformer as it is, rewritten as asked; everything else hard-linked
         model = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False)
-        n = set_fast_accum(model)
-        if n == 0:
+        fp8_nodes = sum(n.domain == DOMAIN and n.op_type in FP8_NODE_TYPES for n in model.graph.node)
+        if fp8_nodes == 0:
             raise SystemExit(f"{src}/transformer/model.onnx has no FP8 node: give --fp8 to write one")
+        done = []
+        if args.fp8_merge_mlp:
+            merged = merge_mlp_fp8(model)
+            if merged == 0:
+                raise SystemExit(f"{src}/transformer/model.onnx has no FP8 feed-forward with stored activation "
+                                 "scales to merge (write it with --fp8 --fp8-scales)")
+            done.append(f"{merged} feed-forwards merged into MlpFp8")
+        if args.fp8_fast_accum:
+            done.append(f"fast_accum on {set_fast_accum(model)} FP8 nodes")
+        n = ", ".join(done)
         (dst / "transformer").mkdir(parents=True, exist_ok=True)
         for entry in src.iterdir():
             if entry.name != "transformer" and not (dst / entry.name).exists():
@@ -728,7 +793,7 @@ def main(argv=None):
             if entry.name != "model.onnx" and not (dst / "transformer" / entry.name).exists():
                 link(entry, dst / "transformer" / entry.name)
         onnx.save(model, str(dst / "transformer" / "model.onnx"))
-        print(f"wrote {dst}/transformer/model.onnx: fast_accum on {n} FP8 nodes, {len(model.graph.node)} nodes")
+        print(f"wrote {dst}/transformer/model.onnx: {n}, {len(model.graph.node)} nodes")
         return
     if args.from_fused:
         model, counts = onnx.load(str(src / "transformer" / "model.onnx"), load_external_data=False), {}
@@ -743,6 +808,8 @@ def main(argv=None):
         blobs = counts.pop("_external", None)
         if not args.fp8_separate_qkv:
             counts["fp8_qkv_merged"] = share_qkv_fp8(model)
+        if args.fp8_merge_mlp:
+            counts["fp8_mlp_merged"] = merge_mlp_fp8(model)
         if args.fp8_fast_accum:
             counts["fp8_fast_accum"] = set_fast_accum(model)
         topological_sort(model)

@@ -97,6 +97,16 @@ class LinearFp8(OpRun):
         return (y.astype(F16),)
 
 
+class MlpFp8(OpRun):
+    """The feed-forward's two FP8 products with stored scales: LinearFp8(LinearFp8(x, w1, .., x_scale, GELU), w2,
+    .., h_scale), the tensor between them float16 as in the two-node graph."""
+    op_domain = "sd3onnx"
+
+    def _run(self, x, w1, w1_scale, b1, w2, w2_scale, b2, x_scale, h_scale, fast_accum=0):
+        (h,) = LinearFp8._run(self, x, w1, w1_scale, b1, x_scale, activation=1)
+        return LinearFp8._run(self, h, w2, w2_scale, b2, h_scale, activation=0)
+
+
 class LinearConcatFp8(OpRun):
     op_domain = "sd3onnx"
 
@@ -182,7 +192,7 @@ class MultiHeadAttention(OpRun):
 
 
 OPS = [Linear, LinearConcat, LinearSplit, ModNorm, HeadRmsNorm, MultiHeadAttention, LinearFp8, LinearConcatFp8,
-       LinearSplitFp8, LinearConcat3Fp8]
+       LinearSplitFp8, LinearConcat3Fp8, MlpFp8]
 
 
 def main(unfused: str, fused: str):

@@ -9,6 +9,8 @@
                                                                             what `--fp8` writes now)
     models/fixtures/fp8/ops.onnx          one node of each FP8 operator (and a stored activation scale that clips)
     models/fixtures/fp8/ops_fast.onnx     the same with fast_accum=1 (ops_bad_accum.onnx: 2, refused)
+    models/fixtures/fp8/mlp.onnx          a feed-forward's two FP8 products with stored scales, and
+    models/fixtures/fp8/mlp_merged.onnx   the same as one MlpFp8 (`merge_mlp_fp8`)
     models/fixtures/fp8/<name>.txt/.bin   inputs and expected outputs of those graphs from the Python emulation of
                                           the FP8 operators (fused_reference.py: torch float8_e4m3fn casts)
 
@@ -228,6 +230,59 @@ def static_scales_check(src: str):
               f"dynamic max {e.max():.3g}, mean {e.mean():.3g}, static max {g.max():.3g}, mean {g.mean():.3g}")
 
 
+def mlp_graphs():
+    """fp8/mlp.onnx: a feed-forward as `--fp8 --fp8-scales` writes it (a GELU LinearFp8, K 64 -> 96, then a
+    LinearFp8 96 -> 48, both with stored activation scales; the second scale half what the GELU output's amax needs,
+    so its largest values saturate at 448), and fp8/mlp_merged.onnx, the same through `merge_mlp_fp8` (one MlpFp8).
+    fp8/mlp.txt/.bin: the input and the emulation's output of the two-node graph."""
+    rng = np.random.default_rng(22)
+    K, H, N = 64, 96, 48
+    inits = []
+
+    def weight(name, n, k):
+        w16 = (rng.standard_normal((k, n)) * 0.08).astype(F16)
+        q, sc = fused_kernels.e4m3_weight(w16, name)
+        b = numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(F16), name + "_b")
+        inits.extend([q, sc, b])
+        return [q.name, sc.name, b.name]
+
+    w1, w2 = weight("fc1", H, K), weight("fc2", N, H)
+    x = rng.standard_normal((2, 7, K)).astype(F32)
+    x[1, 2, 9] = 11.0  # an outlier
+    x16 = x.astype(F16)
+    x_scale = float(np.abs(x16.astype(F32)).max()) / 448 * 1.25
+    f16 = TensorProto.FLOAT16
+
+    def model(h_scale):
+        sc = [numpy_helper.from_array(np.array([x_scale], F32), "x_scale"),
+              numpy_helper.from_array(np.array([h_scale], F32), "h_scale")]
+        nodes = [helper.make_node("LinearFp8", ["x", *w1, "x_scale"], ["h"], name="ff1", domain="sd3onnx",
+                                  activation=1),
+                 helper.make_node("LinearFp8", ["h", *w2, "h_scale"], ["y"], name="ff2", domain="sd3onnx",
+                                  activation=0)]
+        g = helper.make_graph(nodes, "fp8_mlp", [helper.make_tensor_value_info("x", f16, [2, 7, K])],
+                              [helper.make_tensor_value_info("y", f16, None)], inits + sc)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sd3onnx", 1)])
+        m.ir_version = 8
+        return m
+
+    h = ReferenceEvaluator(model(1.0), new_ops=fused_reference.OPS).run(["h"], {"x": x16})[0]
+    h_scale = float(np.abs(h.astype(F32)).max()) / 448 * 0.5
+    m = model(h_scale)
+    onnx.save(m, str(FIX / "fp8" / "mlp.onnx"))
+    y = ReferenceEvaluator(m, new_ops=fused_reference.OPS).run(None, {"x": x16})[0]
+    merged = onnx.ModelProto.FromString(m.SerializeToString())
+    count = fused_kernels.merge_mlp_fp8(merged)
+    assert count == 1 and [n.op_type for n in merged.graph.node] == ["MlpFp8"], count
+    y2 = ReferenceEvaluator(merged, new_ops=fused_reference.OPS).run(None, {"x": x16})[0]
+    assert (y.view(np.uint16) == y2.view(np.uint16)).all(), "merged emulation differs"
+    onnx.save(merged, str(FIX / "fp8" / "mlp_merged.onnx"))
+    write_tensors(FIX / "fp8" / "mlp", [("x", x16.astype(F32)), ("y", y.astype(F32))])
+    sat = int((np.abs(h.astype(F32)) / np.float32(h_scale) > 448).sum())
+    print(f"fp8/mlp.onnx, mlp_merged.onnx: |y| max {float(np.abs(y.astype(F32)).max()):.3f}, "
+          f"h values saturating at the stored scale: {sat}")
+
+
 def fast_accum_graphs():
     """fp8/ops_fast.onnx: ops.onnx with fast_accum=1 on its FP8 nodes (`fused_kernels.set_fast_accum`: cuBLASLt's
     fast accumulation on CUDA; the same values as ops.onnx's through the CPU kernels and the emulation, so ops.bin
@@ -252,8 +307,12 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--fast-accum-only"]:  # from the committed ops.onnx
         fast_accum_graphs()
         sys.exit(0)
+    if sys.argv[1:] == ["--mlp-only"]:
+        mlp_graphs()
+        sys.exit(0)
     ops_graph()
     fast_accum_graphs()
+    mlp_graphs()
     fp8_transformer("export-tiny-fp16-fused", "export-tiny-fp16-fused-fp8")
     fp8_transformer("export-tiny-dual-fp16-fused", "export-tiny-dual-fp16-fused-fp8")
     for src in ("export-tiny-fp16-fused-fp8", "export-tiny-dual-fp16-fused-fp8"):

@@ -993,14 +993,66 @@ def test_fast_accum():
                 FAILURES.append(f"fast_accum CLI {argv}: {msg}")
 
 
+def test_mlp():
+    """--fp8-merge-mlp: merge_mlp_fp8 makes each feed-forward of the tiny fused fixture with stored scales one MlpFp8
+    (every GELU LinearFp8 with its reader) with the same emulated output to the bit, and merges nothing with dynamic
+    scales; the CLI refuses --fp8-merge-mlp without stored scales, and a dynamic FP8 folder in graph-only mode."""
+    import tempfile
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    import fused_kernels
+    import fused_reference
+    fixtures = HERE.parent / "fixtures"
+    src = fixtures / "export-tiny-fp16-fused" / "transformer" / "model.onnx"
+    base = onnx.load(str(src))
+    names = {n.name: n.op_type for n in base.graph.node if n.domain == "sd3onnx" and n.op_type in fused_kernels.FP8_OPS}
+    scales = {n: [0.01, 0.01] if op == "LinearConcat" else [0.02] for n, op in names.items()}
+    m = onnx.load(str(src))
+    fused_kernels.to_fp8(m, act_scales=scales)
+    before = onnx.ModelProto.FromString(m.SerializeToString())
+    gelu = sum(n.op_type == "LinearFp8" and any(a.name == "activation" and a.i == 1 for a in n.attribute)
+               for n in m.graph.node)
+    merged = fused_kernels.merge_mlp_fp8(m)
+    check(f"static scales: feed-forwards merged {merged}, GELU LinearFp8 nodes {gelu}", abs(merged - gelu), 0)
+    check("static scales: MlpFp8 nodes in the graph", abs([n.op_type for n in m.graph.node].count("MlpFp8") - gelu), 0)
+    rng = np.random.default_rng(0)
+    feeds = {"hidden_states": rng.standard_normal((2, 16, 8, 12)).astype(np.float16),
+             "encoder_hidden_states": rng.standard_normal((2, 29, 32)).astype(np.float16),
+             "pooled_projections": rng.standard_normal((2, 20)).astype(np.float16),
+             "timestep": np.array([981.5, 3.25], np.float32)}
+    feeds = {i.name: feeds[i.name] for i in m.graph.input}
+    y = ReferenceEvaluator(m, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    y0 = ReferenceEvaluator(before, new_ops=fused_reference.OPS).run(None, feeds)[0]
+    check("static scales: merged vs two nodes, emulated output (bits that differ)",
+          int((y.view(np.uint16) != y0.view(np.uint16)).sum()), 0)
+    dyn = onnx.load(str(src))
+    fused_kernels.to_fp8(dyn)
+    check("dynamic scales: feed-forwards merged", fused_kernels.merge_mlp_fp8(dyn), 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for argv, why in ((["--fp8", "--fp8-merge-mlp", str(fixtures / "export-tiny-fp16"), str(Path(tmp) / "a")],
+                           "needs stored activation scales"),
+                          (["--fp8-merge-mlp", str(fixtures / "export-tiny-fp16-fused-fp8-qkv"), str(Path(tmp) / "b")],
+                           "no FP8 feed-forward with stored activation scales")):
+            try:
+                fused_kernels.main(argv)
+                msg = "no error"
+            except SystemExit as e:
+                msg = str(e)
+            ok = why in msg
+            print(f"  {' '.join(a.rsplit('/', 1)[-1] for a in argv):70s} -> {msg[:70]}  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"merge-mlp CLI {argv}: {msg}")
+
+
 def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     wanted = sys.argv[1:] or ["t5", "parity", "nodes", "slg", "cli", "small", "int8", "controlnet", "groupnorm", "qkv",
-                              "fast_accum"]
+                              "fast_accum", "mlp"]
     for name in wanted:
         {"t5": test_t5_overflow, "parity": test_parity, "nodes": test_nodes, "slg": test_slg, "cli": test_cli,
          "small": test_small, "int8": test_int8, "controlnet": test_controlnet, "groupnorm": test_groupnorm,
-         "qkv": test_qkv, "fast_accum": test_fast_accum}[name]()
+         "qkv": test_qkv, "fast_accum": test_fast_accum,
+         "mlp": test_mlp}[name]()
     if FAILURES:
         print(f"\n{len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
         sys.exit(1)

@@ -19,7 +19,8 @@
 #           image PSNR / max / mean levels;
 #   time    examples/benchmark (28 steps, medians of RUNS=3 after 1 warm-up) on sd3m-fused, sd3m-fp8 (q/k/v merged:
 #           LinearConcat3Fp8), sd3m-fp8s (static scales), sd3m-fp8sf (FAST=1: sd3m-fp8s with cuBLASLt's fast
-#           accumulation, fused_kernels.py --fp8-fast-accum) and sd3m-fp8sep (SEPARATE=1: --fp8-separate-qkv) with peak
+#           accumulation, fused_kernels.py --fp8-fast-accum), sd3m-fp8sm / sd3m-fp8sfm (MLP=1: sd3m-fp8s / -fp8sf
+#           with the feed-forwards as MlpFp8, --fp8-merge-mlp) and sd3m-fp8sep (SEPARATE=1: --fp8-separate-qkv) with peak
 #           GPU memory (nvidia-smi every 20 ms minus idle), then diffusers eager / torch.compile on the transformer
 #           alone (bench_torch.py --transformer-only; TORCH_FULL=1: the whole pipeline; TORCH=0 skips it), the table
 #           (table.py) to $OUT/table.md.
@@ -48,7 +49,7 @@ collect() {  # at most 8 files back
   for f in table.md check.txt torch.json check/full-sd3m-fused.png check/full-sd3m-fp8.png; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"
   done
-  ( cd "$OUT" && tar cf "$FINAL/ours.tar" ours-*.json check/full-sd3m-fp8s.png check/full-sd3m-fp8sf.png 2>/dev/null )
+  ( cd "$OUT" && tar cf "$FINAL/ours.tar" ours-*.json check/full-sd3m-fp8s*.png 2>/dev/null )
 }
 trap collect EXIT
 # The quality figures from whatever images and latents $OUT/check holds (check 2 and 3, or the time stage).
@@ -78,7 +79,8 @@ if a is not None and b is not None:
     e = np.abs(a - b)
     print(f"SD3-medium 1024x1024 28 steps: FP8 vs float16 fused image: max {e.max():.0f} levels, mean {e.mean():.3f}, "
           f"PSNR {psnr(a, b):.2f} dB")
-for v, what in (("sd3m-fp8s", "FP8 static scales"), ("sd3m-fp8sf", "FP8 static scales, fast accumulation")):
+for v, what in (("sd3m-fp8s", "FP8 static scales"), ("sd3m-fp8sf", "FP8 static scales, fast accumulation"),
+                ("sd3m-fp8sm", "FP8 static scales, MlpFp8"), ("sd3m-fp8sfm", "FP8 static, fast accumulation, MlpFp8")):
     a = img(f"full-{v}.png")
     if a is not None and b is not None:
         e = np.abs(a - b)
@@ -90,7 +92,8 @@ if os.path.exists(la) and os.path.exists(lb):
     e = np.abs(np.fromfile(la, "<f4") - np.fromfile(lb, "<f4"))
     print(f"SD3-medium final latents, FP8 q/k/v merged vs separate: max |diff| {e.max():.4g}, mean {e.mean():.4g}")
 for v, what in (("sd3m-fp8", "FP8"), ("sd3m-fp8s", "FP8 static scales"),
-                ("sd3m-fp8sf", "FP8 static scales, fast accumulation")):
+                ("sd3m-fp8sf", "FP8 static scales, fast accumulation"), ("sd3m-fp8sm", "FP8 static scales, MlpFp8"),
+                ("sd3m-fp8sfm", "FP8 static, fast accumulation, MlpFp8")):
     la, lb = (os.path.join(d, f"latents-{x}.f32") for x in (v, "sd3m-fused"))
     if os.path.exists(la) and os.path.exists(lb):
         x, y = np.fromfile(la, "<f4"), np.fromfile(lb, "<f4")
@@ -166,6 +169,16 @@ if [ "${FAST:-1}" = 1 ] && [ -f /tmp/sd3m-fp8s/transformer/model.onnx ] && [ ! -
   python3 models/export/fused_kernels.py --fp8-fast-accum /tmp/sd3m-fp8s /tmp/sd3m-fp8sf 2>&1 | tail -1 \
     | tee -a "$OUT/rewrite.log"
 fi
+# MLP=1 (default): /tmp/sd3m-fp8sm and /tmp/sd3m-fp8sfm, sd3m-fp8s and sd3m-fp8sf with each feed-forward's two FP8
+# products as one MlpFp8 (fused_kernels.py --fp8-merge-mlp, graph only: the first product writes E4M3 for the
+# second, no float16 tensor and no quantization pass between them)
+if [ "${MLP:-1}" = 1 ]; then
+  for pair in "sd3m-fp8s sd3m-fp8sm" "sd3m-fp8sf sd3m-fp8sfm"; do
+    set -- $pair
+    [ -f /tmp/$1/transformer/model.onnx ] && [ ! -f /tmp/$2/transformer/model.onnx ] \
+      && python3 models/export/fused_kernels.py --fp8-merge-mlp /tmp/$1 /tmp/$2 2>&1 | tail -1 | tee -a "$OUT/rewrite.log"
+  done
+fi
 [ "$STAGE" = build ] && exit 0
 source .ort-cuda/env.sh
 [ -f "$(dirname "${ORT_DYLIB_PATH:-/opt/ort/x}")/libonnxruntime_providers_cuda.so" ] \
@@ -196,7 +209,7 @@ if want check; then
     done
     echo "== 3. SD3-medium shapes, 1024x1024, 28 steps: FP8 vs float16 fused on CUDA ($(date +%T))"
     # FULL_CHECK=0: skipped here; the time stage writes the same images and latents (its first run, same seed)
-    [ "${FULL_CHECK:-1}" = 1 ] && for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sf sd3m-fp8sep; do
+    [ "${FULL_CHECK:-1}" = 1 ] && for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sf sd3m-fp8sm sd3m-fp8sfm sd3m-fp8sep; do
       [ -f /tmp/$v/transformer/model.onnx ] || continue
       timeout ${CHECK_TIMEOUT:-300} "$BIN" --model /tmp/$v --ep cuda --width 1024 --height 1024 --steps 28 \
         --guidance 7 --runs 1 --warmup 0 --output "$OUT/check/full-$v.png" --latents "$OUT/check/latents-$v.f32" 2>&1 \
@@ -207,7 +220,7 @@ if want check; then
   collect  # also after each step: a command killed at the device tool's limit keeps what was done
 fi
 if want time; then
-  for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sf sd3m-fp8sep; do
+  for v in sd3m-fused sd3m-fp8 sd3m-fp8s sd3m-fp8sf sd3m-fp8sm sd3m-fp8sfm sd3m-fp8sep; do
     [ -f /tmp/$v/transformer/model.onnx ] || { echo "== ours: $v not built, skipped"; continue; }
     # a later call (after one cut at the device tool's limit) keeps what was measured
     [ -f "$OUT/ours-$v.json" ] && { echo "== ours: $v measured before, kept"; continue; }

@@ -22,6 +22,8 @@ for f in sorted(out.glob("ours-*.json")):
                          "as one LinearConcat3Fp8, activations quantized once)",
              "sd3m-fp8s": " (--fused-kernels --fp8 with calibrated static activation scales; q/k/v merged)",
              "sd3m-fp8sf": " (as sd3m-fp8s, with cuBLASLt's fast accumulation: --fp8-fast-accum)",
+             "sd3m-fp8sm": " (as sd3m-fp8s, feed-forwards as MlpFp8: --fp8-merge-mlp)",
+             "sd3m-fp8sfm": " (as sd3m-fp8s, fast accumulation and MlpFp8)",
              "sd3m-fp8sep": " (--fused-kernels --fp8 --fp8-separate-qkv: q, k and v as three LinearConcatFp8, "
                             "each quantizing the same activations)",
              "sd35l": " (SD3.5-large shapes, 8 of 38 blocks)",

@@ -387,6 +387,8 @@ cpu_op!(
     LinearConcat3Fp8Cpu
 );
 
+cpu_op!(MlpFp8Op, "MlpFp8", [REQ, W8, SCALE, REQ, W8, SCALE, REQ, SCALE, SCALE], [OUT], MlpFp8Cpu);
+
 /// An E4M3 weight (`[N, K]` bytes) decoded to float32, with its shape.
 fn weight8(ctx: &ComputeContext, op: &str, i: usize) -> ort::Result<Option<(Vec<i64>, Vec<f32>)>> {
     let Some(v) = ctx.input(i)? else { return Ok(None) };
@@ -472,6 +474,53 @@ impl LinearFp8Cpu {
         matmul_fp8_rows(op, &xq, &w, x_scale * w_scale, &b, k, n, self.activation, &mut y)?;
         let mut shape = xs.clone();
         *shape.last_mut().unwrap_or(&mut 0) = n as i64;
+        write(ctx, op, 0, shape, &y)
+    }
+}
+
+/// The feed-forward's two FP8 products with stored activation scales: `x, w1, w1_scale, b1, w2, w2_scale, b2,
+/// x_scale, h_scale`; `y = LinearFp8(LinearFp8(x, w1, .., x_scale, GELU), w2, .., h_scale)`. What
+/// `fused_kernels.py --fp8-merge-mlp` writes for a GELU `LinearFp8` whose only reader is a second `LinearFp8`. The
+/// values of the two nodes to the bit (the GELU output rounded to float16, as the graph's tensor between them was,
+/// then quantized with `h_scale`); the CUDA kernel writes that product in E4M3 straight from cuBLASLt instead.
+pub(crate) struct MlpFp8Cpu;
+impl MlpFp8Cpu {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        fast_accum("MlpFp8", k)?;
+        Ok(Self)
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "MlpFp8";
+        let (xs, x) = required(ctx, op, 0)?;
+        let (w1s, w1) = weight8_req(ctx, op, 1)?;
+        let w1_scale = scale_req(ctx, op, 2)?;
+        let (b1s, b1) = required(ctx, op, 3)?;
+        let (w2s, w2) = weight8_req(ctx, op, 4)?;
+        let w2_scale = scale_req(ctx, op, 5)?;
+        let (b2s, b2) = required(ctx, op, 6)?;
+        let stored = |i: usize, what: &str| {
+            scale(ctx, op, i)?.ok_or_else(|| {
+                shapes::err(op, format!("input {i} ({what}) is missing: MlpFp8 needs stored activation scales"))
+            })
+        };
+        let (x_scale, h_scale) = (stored(7, "x_scale")?, stored(8, "h_scale")?);
+        let (rows, k, n1) = shapes::linear_nk(op, &xs, &w1s, &b1s)?;
+        let mut hs = xs.clone();
+        *hs.last_mut().unwrap_or(&mut 0) = n1 as i64;
+        let (_, _, n2) = shapes::linear_nk(op, &hs, &w2s, &b2s)?;
+        let (xq, _) = quantize_x(&x, Some(x_scale));
+        let mut h = Vec::with_capacity(rows * n1);
+        matmul_fp8_rows(op, &xq, &w1, x_scale * w1_scale, &b1, k, n1, 1, &mut h)?;
+        // the two-node graph's float16 tensor between the products
+        for v in h.iter_mut() {
+            *v = f16::from_f32(*v).to_f32();
+        }
+        let (hq, _) = quantize_x(&h, Some(h_scale));
+        let mut y = Vec::with_capacity(rows * n2);
+        matmul_fp8_rows(op, &hq, &w2, h_scale * w2_scale, &b2, n1, n2, 0, &mut y)?;
+        let mut shape = xs;
+        *shape.last_mut().unwrap_or(&mut 0) = n2 as i64;
         write(ctx, op, 0, shape, &y)
     }
 }

@@ -174,6 +174,9 @@ const DESC_B_SCALE_POINTER: c_int = 18;
 const DESC_BIAS_DATA_TYPE: c_int = 26;
 /// `CUBLASLT_MATMUL_DESC_FAST_ACCUM` (int8): FP8 products accumulated in the tensor cores' fast mode.
 const DESC_FAST_ACCUM: c_int = 25;
+/// `CUBLASLT_MATMUL_DESC_D_SCALE_POINTER`: the device address of D's float32 scale (a multiplier applied to the
+/// result before it is converted to an FP8 D).
+const DESC_D_SCALE_POINTER: c_int = 20;
 const OP_N: c_int = 0;
 const OP_T: c_int = 1;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
@@ -553,29 +556,50 @@ impl Align {
 
 /// A cuBLASLt plan for one [`Gemm`] at given alignments, made with one handle.
 struct Plan {
-    /// (product, alignments, GELU, cuBLASLt handle, FP8, FP8 fast accumulation)
-    key: (Gemm, Align, bool, usize, bool, bool),
+    /// (product, alignments, cuBLASLt handle, what kind of product)
+    key: (Gemm, Align, usize, Mode),
     desc: Handle,
     a: Handle,
     b: Handle,
+    /// C's layout when it differs from D's (an E4M3 D: C is float16, the bias type, as cuBLASLt requires); null
+    /// otherwise (C is D's layout).
+    c: Handle,
     d: Handle,
     algo: Algo,
+}
+
+/// What kind of product a [`Plan`] is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Mode {
+    /// tanh GELU after the bias (`EPILOGUE_GELU_BIAS`).
+    gelu: bool,
+    /// E4M3 `W` stored `[N, K]` and E4M3 `X` (the FP8 operators), else float16 `W` `[K, N]` and `X`.
+    fp8: bool,
+    /// With `fp8`: cuBLASLt's fast accumulation (the operators' `fast_accum` attribute).
+    fast: bool,
+    /// With `fp8`: D in E4M3 (scaled by the D scale given at run time) instead of float16 (`MlpFp8`'s first product).
+    out8: bool,
 }
 // SAFETY: the descriptors are owned by the plan, and the plan by one kernel, which uses it from one compute call at
 // a time (`&mut self`); cuBLASLt descriptors may be used from any thread.
 unsafe impl Send for Plan {}
 
 impl Plan {
-    /// `fp8`: E4M3 `W` stored `[N, K]` and E4M3 `X` (the FP8 operators), else float16 `W` `[K, N]` and `X`;
-    /// `fast`: with `fp8`, cuBLASLt's fast accumulation (the operators' `fast_accum` attribute).
-    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, gelu: bool, fp8: bool, fast: bool) -> ort::Result<Plan> {
+    /// A plan for `g` at the alignments `al`, of the kind `mode` says ([`Mode`]).
+    fn new(api: &Api, scratch: &Scratch, g: Gemm, al: Align, mode: Mode) -> ort::Result<Plan> {
         let Gemm { rows, k, n, batch, x_stride, d_stride } = g;
-        let fast = fp8 && fast;
+        let Mode { gelu, fp8, .. } = mode;
+        let fast = fp8 && mode.fast;
+        let out8 = fp8 && mode.out8;
+        if out8 && batch > 1 {
+            return Err(Error::cuda("an FP8 product with an E4M3 output is planned one batch entry at a time".into()));
+        }
         let mut plan = Plan {
-            key: (g, al, gelu, scratch.lt, fp8, fast),
+            key: (g, al, scratch.lt, Mode { gelu, fp8, fast, out8 }),
             desc: ptr::null_mut(),
             a: ptr::null_mut(),
             b: ptr::null_mut(),
+            c: ptr::null_mut(),
             d: ptr::null_mut(),
             algo: Algo::default(),
         };
@@ -621,7 +645,17 @@ impl Plan {
                 api.lt("layout W", (api.lt_layout_create)(&mut plan.a, CUDA_R_16F, n as u64, k as u64, n as i64))?;
                 api.lt("layout X", (api.lt_layout_create)(&mut plan.b, CUDA_R_16F, k as u64, rows as u64, k as i64))?;
             }
-            api.lt("layout Y", (api.lt_layout_create)(&mut plan.d, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
+            if out8 {
+                // E4M3 Y; C (not read: beta 0, null pointer) in the bias type, as cuBLASLt wants for an FP8 D
+                // (TransformerEngine's cublaslt_gemm.cu does the same)
+                api.lt(
+                    "layout Y (E4M3)",
+                    (api.lt_layout_create)(&mut plan.d, CUDA_R_8F_E4M3, n as u64, rows as u64, n as i64),
+                )?;
+                api.lt("layout C", (api.lt_layout_create)(&mut plan.c, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
+            } else {
+                api.lt("layout Y", (api.lt_layout_create)(&mut plan.d, CUDA_R_16F, n as u64, rows as u64, n as i64))?;
+            }
             if batch > 1 {
                 let count = batch as c_int;
                 let zero: i64 = 0;
@@ -658,13 +692,14 @@ impl Plan {
             let mut found: c_int = 0;
             if rc == 0 {
                 let (a, b, d) = (plan.a, plan.b, plan.d);
-                rc = (api.lt_heuristic)(scratch.lt(), desc, a, b, d, d, pref, 1, &mut result, &mut found);
+                let c = if plan.c.is_null() { d } else { plan.c };
+                rc = (api.lt_heuristic)(scratch.lt(), desc, a, b, c, d, pref, 1, &mut result, &mut found);
             }
             (api.lt_pref_destroy)(pref);
             if rc != 0 || found < 1 {
                 return Err(Error::cuda(format!(
                     "cuBLASLt found no algorithm for {rows}x{k} @ {k}x{n} (batch {batch}, gelu {gelu}, fp8 {fp8}, \
-                     fast accumulation {fast}, alignment {}/{}/{} bytes): status {rc}",
+                     fast accumulation {fast}, E4M3 output {out8}, alignment {}/{}/{} bytes): status {rc}",
                     al.w, al.x, al.d
                 )));
             }
@@ -687,7 +722,9 @@ impl Plan {
     #[allow(clippy::too_many_arguments)]
     ///
     /// FP8 plans: `x` and `w` hold E4M3 bytes (`w` `[N, K]`), and `scales` gives the device addresses of W's and
-    /// X's float32 scales, valid until the stream gets there.
+    /// X's float32 scales, valid until the stream gets there. Plans with an E4M3 output (`Mode::out8`): `y` holds
+    /// `rows * n` bytes and `d_scale` is the device address of the float32 multiplier applied before the
+    /// conversion, valid until the stream gets there.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
@@ -699,7 +736,20 @@ impl Plan {
         bias: *const c_void,
         y: *mut c_void,
         scales: Option<(*const c_void, *const c_void)>,
+        d_scale: Option<*const c_void>,
     ) -> ort::Result<()> {
+        let out8 = self.key.3.out8;
+        if out8 != d_scale.is_some() {
+            return Err(Error::cuda(
+                "an FP8 product with an E4M3 output needs its D scale (and only it has one)".into(),
+            ));
+        }
+        if let Some(d_scale) = d_scale {
+            // SAFETY: as the A/B scale pointers below: the attribute takes the pointer's 8 bytes from a live local.
+            api.lt("set D_SCALE_POINTER", unsafe {
+                (api.lt_desc_set)(self.desc, DESC_D_SCALE_POINTER, (&d_scale as *const *const c_void).cast(), 8)
+            })?;
+        }
         let alpha: f32 = 1.0;
         let beta: f32 = 0.0;
         if let Some((w_scale, x_scale)) = scales {
@@ -721,9 +771,11 @@ impl Plan {
         api.lt("set BIAS_POINTER", unsafe {
             (api.lt_desc_set)(self.desc, DESC_BIAS_POINTER, (&bias as *const *const c_void).cast(), 8)
         })?;
-        // SAFETY: the caller's contract: buffers, alignments and stream as planned. C aliases D (beta is 0, so C is
-        // not read). The workspace is this stream's own (`scratch`), so only this stream's earlier and later work
-        // touches it, in order.
+        // An E4M3 D: C is not read (beta 0) and has its own float16 layout, so no pointer is given for it.
+        let (c, c_layout) = if out8 { (ptr::null_mut(), self.c) } else { (y, self.d) };
+        // SAFETY: the caller's contract: buffers, alignments and stream as planned. C aliases D or is null (beta is
+        // 0, so C is not read). The workspace is this stream's own (`scratch`), so only this stream's earlier and
+        // later work touches it, in order.
         api.lt("cublasLtMatmul", unsafe {
             (api.lt_matmul)(
                 scratch.lt(),
@@ -734,8 +786,8 @@ impl Plan {
                 x,
                 self.b,
                 (&beta as *const f32).cast(),
-                y,
-                self.d,
+                c,
+                c_layout,
                 y,
                 self.d,
                 &self.algo,
@@ -754,7 +806,7 @@ impl Drop for Plan {
             // there), and no queued work refers to them: cuBLASLt reads descriptors when `cublasLtMatmul` is
             // called, not when the stream runs.
             unsafe {
-                for l in [self.a, self.b, self.d] {
+                for l in [self.a, self.b, self.c, self.d] {
                     if !l.is_null() {
                         (api.lt_layout_destroy)(l);
                     }
@@ -833,14 +885,15 @@ impl Launch {
         y: *mut c_void,
     ) -> ort::Result<()> {
         let al = Align::of(op, g, w, x, y, bias)?;
-        let key = (g, al, gelu, self.scratch.lt, false, false);
+        let mode = Mode { gelu, fp8: false, fast: false, out8: false };
+        let key = (g, al, self.scratch.lt, mode);
         let plan = match slot {
             Some(p) if p.key == key => p,
-            _ => slot.insert(Plan::new(api, &self.scratch, g, al, gelu, false, false)?),
+            _ => slot.insert(Plan::new(api, &self.scratch, g, al, mode)?),
         };
         // SAFETY: the plan was made with this stream's handle for `g` at the alignments of these very pointers;
         // the buffers are the caller's contract.
-        unsafe { plan.run(api, &self.scratch, self.stream, x, w, bias, y, None) }
+        unsafe { plan.run(api, &self.scratch, self.stream, x, w, bias, y, None, None) }
     }
 
     /// The FP8 product `y = act((x_scale * w_scale) * (q_x @ q_w^T) + bias)` as `g` says (`g.x_stride` in E4M3
@@ -850,7 +903,8 @@ impl Launch {
     ///
     /// As [`Launch::gemm`], with `q_x` `batch` blocks of `rows * k` E4M3 bytes, `w` `n * k` E4M3 bytes (`[N, K]`)
     /// and `w_scale` / `x_scale` device addresses of one float32 each, all live until the stream gets there.
-    /// `fast`: cuBLASLt's fast accumulation (`fast_accum`).
+    /// `fast`: cuBLASLt's fast accumulation (`fast_accum`). With `d_scale` (the device address of a float32
+    /// multiplier) `y` gets E4M3 bytes (`g.d_stride` then in bytes) instead of float16 values.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_fp8(
         &self,
@@ -865,6 +919,7 @@ impl Launch {
         scales: (*const c_void, *const c_void),
         bias: *const c_void,
         y: *mut c_void,
+        d_scale: Option<*const c_void>,
     ) -> ort::Result<()> {
         // One product per batch entry: cuBLASLt 13's FP8 matmul answered a strided batch (W's batch stride 0, the
         // bias epilogue) with CUBLAS_STATUS_NOT_SUPPORTED on an H200 (first GPU run, 2026-12-03), so the batch
@@ -873,16 +928,18 @@ impl Launch {
         for b in 0..g.batch.max(1) {
             // E4M3 X: x_stride bytes per entry; float16 Y: d_stride values of 2 bytes.
             let xb = q_x.cast::<u8>().wrapping_add(b * g.x_stride).cast::<c_void>();
-            let yb = y.cast::<u8>().wrapping_add(b * g.d_stride * std::mem::size_of::<f16>()).cast::<c_void>();
+            let size = if d_scale.is_some() { 1 } else { std::mem::size_of::<f16>() };
+            let yb = y.cast::<u8>().wrapping_add(b * g.d_stride * size).cast::<c_void>();
             let al = Align::of_fp8(op, one, w, xb, yb, bias)?;
-            let key = (one, al, gelu, self.scratch.lt, true, fast);
+            let mode = Mode { gelu, fp8: true, fast, out8: d_scale.is_some() };
+            let key = (one, al, self.scratch.lt, mode);
             let plan = match slot {
                 Some(p) if p.key == key => p,
-                _ => slot.insert(Plan::new(api, &self.scratch, one, al, gelu, true, fast)?),
+                _ => slot.insert(Plan::new(api, &self.scratch, one, al, mode)?),
             };
             // SAFETY: as in `gemm`: plan made for this handle, shapes and alignments; entry b of the caller's
             // buffers (x_stride / d_stride apart, the caller's contract), scales as given.
-            unsafe { plan.run(api, &self.scratch, self.stream, xb, w, bias, yb, Some(scales)) }?;
+            unsafe { plan.run(api, &self.scratch, self.stream, xb, w, bias, yb, Some(scales), d_scale) }?;
         }
         Ok(())
     }
@@ -1239,6 +1296,13 @@ fn fp8_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
     module_functions(api, ctx, &MODULES, FP8_PTX, "fp8.ptx", [c"fp8_amax_f16", c"fp8_quantize_f16"])
 }
 
+/// (`fp8_reciprocal`, `fp8_quantize_f16`) in the current context `ctx` (a second load of fp8.ptx: the loader
+/// takes two functions a module).
+fn fp8_mlp_functions(api: &Api, ctx: Handle) -> ort::Result<(Handle, Handle)> {
+    static MODULES: Modules = Mutex::new(Vec::new());
+    module_functions(api, ctx, &MODULES, FP8_PTX, "fp8.ptx", [c"fp8_reciprocal", c"fp8_quantize_f16"])
+}
+
 /// The compute capability of the current context's device.
 fn capability(api: &Api) -> ort::Result<(i32, i32)> {
     let mut dev: c_int = 0;
@@ -1405,6 +1469,8 @@ cuda_op!(
     LinearConcat3Fp8Cuda
 );
 
+cuda_op!(MlpFp8Op, "MlpFp8", [REQ, U8_IN, F32_IN, REQ, U8_IN, F32_IN, REQ, F32_IN, F32_IN], [OUT], MlpFp8Cuda);
+
 /// Bytes of the FP8 buffer for activations of `a` and `b` values: header, then each 256-aligned.
 fn fp8_bytes(a: usize, b: usize) -> usize {
     FP8_HEADER + a.next_multiple_of(256) + b.next_multiple_of(256)
@@ -1471,6 +1537,159 @@ impl LinearFp8Cuda {
                 (w_scale, x_scale),
                 b.ptr,
                 y,
+                None,
+            )
+        }
+    }
+}
+
+/// `MlpFp8` (cpu.rs): x quantized with its stored scale; the first product (GELU) writes E4M3 straight from
+/// cuBLASLt with D scale `1 / h_scale` (`fp8_reciprocal` into the buffer's header), the second reads those bytes
+/// with B scale `h_scale`. No float16 tensor between the products and no quantization pass over it. Should
+/// cuBLASLt have no algorithm for that E4M3 output (decided once, at the first call), the first product writes
+/// float16 into the buffer and `fp8_quantize_f16` makes the bytes, as the two-node graph does.
+/// Buffer: header (x's slots at 0 and 16, unused with a stored scale; `1 / h_scale` at 48, 16-byte aligned as
+/// cuBLASLt wants), then x's E4M3 bytes, the product's E4M3 bytes, and (fallback only) its float16 values.
+pub(crate) struct MlpFp8Cuda {
+    fast: bool,
+    checked: bool,
+    /// Whether the first product writes E4M3 itself: None until the first call decides.
+    direct: Option<bool>,
+    plans: [Option<Plan>; 2],
+    streams: Streams,
+}
+impl MlpFp8Cuda {
+    fn new(k: &KernelContext<'_>) -> ort::Result<Self> {
+        let fast = fast_accum("MlpFp8", k)?;
+        let checked = fp8_checked_at_creation("MlpFp8")?;
+        Ok(Self { fast, checked, direct: None, plans: [None, None], streams: Streams::default() })
+    }
+
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = "MlpFp8";
+        let api = api()?;
+        if !self.checked {
+            require_fp8(api, op)?;
+            self.checked = true;
+        }
+        let (x, w1, ws1, b1) =
+            (need(ctx, op, 0)?, weight8_need(ctx, op, 1)?, scale_need(ctx, op, 2)?, need(ctx, op, 3)?);
+        let (w2, ws2, b2) = (weight8_need(ctx, op, 4)?, scale_need(ctx, op, 5)?, need(ctx, op, 6)?);
+        let stored = |i: usize, what: &str| {
+            scale_dev(ctx, op, i)?
+                .ok_or_else(|| err(op, format!("input {i} ({what}) is missing: MlpFp8 needs stored activation scales")))
+        };
+        let (x_scale, h_scale) = (stored(7, "x_scale")?, stored(8, "h_scale")?);
+        let (rows, k, n1) = shapes::linear_nk(op, &x.shape, &w1.shape, &b1.shape)?;
+        let mut hs = x.shape.clone();
+        if let Some(last) = hs.last_mut() {
+            *last = n1 as i64;
+        }
+        let (_, _, n2) = shapes::linear_nk(op, &hs, &w2.shape, &b2.shape)?;
+        fp8_dims(op, k, n1)?;
+        fp8_dims(op, n1, n2)?;
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = n2 as i64;
+        }
+        let Some(y) = out(ctx, op, 0, shape)? else { return Ok(()) };
+        if rows == 0 {
+            return Ok(());
+        }
+        let l = Launch::new(api, ctx, op, &mut self.streams)?;
+        let g1 = Gemm { rows, k, n: n1, batch: 1, x_stride: 0, d_stride: 0 };
+        let g2 = Gemm { rows, k: n1, n: n2, batch: 1, x_stride: 0, d_stride: 0 };
+        let [p1, p2] = &mut self.plans;
+        // The buffer's layout is fixed before anything is queued: the first call asks cuBLASLt whether it has an
+        // algorithm for the E4M3 output (at the alignments the buffer gives: 256 bytes and more) and keeps the
+        // answer; a plan for the same product is made again only when shapes or the handle change.
+        let direct = match self.direct {
+            Some(d) => d,
+            None => {
+                let al = Align { w: alignment(w1.ptr as usize, 0), x: 256, d: 256 };
+                let mode = Mode { gelu: true, fp8: true, fast: self.fast, out8: true };
+                let d = Plan::new(api, &l.scratch, g1, al, mode).is_ok();
+                self.direct = Some(d);
+                d
+            }
+        };
+        let (nx, nh) = (rows * k, rows * n1);
+        let half_bytes = if direct { 0 } else { 2 * nh };
+        let buf = l.scratch.fp8_buffer(api, fp8_bytes(nx, nh) + half_bytes)?;
+        let qx = buf + FP8_HEADER as u64;
+        let qh = qx + nx.next_multiple_of(256) as u64;
+        // SAFETY: x holds rows * K float16 values; the buffer has the header slots and room for rows * K bytes at
+        // qx; x_scale is one float32 (`scale_dev`); queued on this call's stream.
+        let xs = unsafe { quantize(api, l.stream, x.ptr, nx, Some(x_scale), buf, qx) }?;
+        let qxp = qx as usize as *const c_void;
+        if direct {
+            let (recip_fn, _) = fp8_mlp_functions(api, current_context(api)?)?;
+            let inv = (buf + 48) as usize as *mut c_void;
+            let (mut sp, mut ip) = (h_scale, inv);
+            let mut params: [*mut c_void; 2] =
+                [(&mut sp as *mut *const c_void).cast(), (&mut ip as *mut *mut c_void).cast()];
+            // SAFETY: params follow fp8_reciprocal's signature (two float pointers), each pointing to a live local;
+            // h_scale is one float32 on the device, inv 4 bytes of the buffer's header; one thread.
+            unsafe { launch(api, "cuLaunchKernel (fp8_reciprocal)", recip_fn, 1, 1, l.stream, &mut params) }?;
+            let d_scale = Some(inv.cast_const());
+            // SAFETY: qx holds rows * K E4M3 bytes (queued before on this stream), w1 N1 * K bytes, b1 N1 float16
+            // values, the scales one float32 each; qh has room for rows * N1 bytes, the D scale is written above
+            // on the same stream.
+            unsafe {
+                l.gemm_fp8(
+                    api,
+                    op,
+                    p1,
+                    g1,
+                    true,
+                    self.fast,
+                    qxp,
+                    w1.ptr,
+                    (ws1, xs),
+                    b1.ptr,
+                    qh as usize as *mut c_void,
+                    d_scale,
+                )
+            }?;
+        } else {
+            let h16 = qh + nh.next_multiple_of(256) as u64;
+            // SAFETY: as above, with a float16 output of rows * N1 values at h16 (the buffer's room for them).
+            unsafe {
+                l.gemm_fp8(
+                    api,
+                    op,
+                    p1,
+                    g1,
+                    true,
+                    self.fast,
+                    qxp,
+                    w1.ptr,
+                    (ws1, xs),
+                    b1.ptr,
+                    h16 as usize as *mut c_void,
+                    None,
+                )
+            }?;
+            // SAFETY: h16 holds rows * N1 float16 values (queued above), qh room for as many bytes; the second slot
+            // pair at buf + 32 (unused with the stored scale).
+            unsafe { quantize(api, l.stream, h16 as usize as *const c_void, nh, Some(h_scale), buf + 32, qh) }?;
+        }
+        // SAFETY: qh holds rows * N1 E4M3 bytes (queued before on this stream), w2 N2 * N1 bytes, b2 N2 float16
+        // values, the scales one float32 each; y is the fresh [.., N2] output.
+        unsafe {
+            l.gemm_fp8(
+                api,
+                op,
+                p2,
+                g2,
+                false,
+                self.fast,
+                qh as usize as *const c_void,
+                w2.ptr,
+                (ws2, h_scale),
+                b2.ptr,
+                y,
+                None,
             )
         }
     }
@@ -1527,7 +1746,7 @@ impl LinearConcatFp8Cuda {
             let g = Gemm { rows: sa, k: ka, n, batch, x_stride: sa * ka, d_stride: st * n };
             let q = qa as usize as *const c_void;
             // SAFETY: as LinearConcat's float16 product, with E4M3 qa ([B, Sa, Ka] bytes) and wa ([N, Ka] bytes).
-            unsafe { l.gemm_fp8(api, op, pa, g, false, self.fast, q, wa.ptr, (wsa, xs), ba.ptr, y) }?;
+            unsafe { l.gemm_fp8(api, op, pa, g, false, self.fast, q, wa.ptr, (wsa, xs), ba.ptr, y, None) }?;
         }
         if sb > 0 {
             // SAFETY: the second pair of slots (amax at buf + 32, scale at buf + 48: cuBLASLt refuses a scale pointer
@@ -1539,7 +1758,7 @@ impl LinearConcatFp8Cuda {
             let g = Gemm { rows: sb, k: kb, n, batch, x_stride: sb * kb, d_stride: st * n };
             let q = qb as usize as *const c_void;
             // SAFETY: as LinearConcat's second float16 product, with E4M3 qb and wb.
-            unsafe { l.gemm_fp8(api, op, pb, g, false, self.fast, q, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+            unsafe { l.gemm_fp8(api, op, pb, g, false, self.fast, q, wb.ptr, (wsb, xs), bb.ptr, yb, None) }?;
         }
         Ok(())
     }
@@ -1636,6 +1855,7 @@ impl LinearConcat3Fp8Cuda {
                         (*wsa, xs),
                         ba.ptr,
                         y,
+                        None,
                     )
                 }?;
             }
@@ -1657,6 +1877,7 @@ impl LinearConcat3Fp8Cuda {
                         (*wsb, xs),
                         bb.ptr,
                         yb,
+                        None,
                     )
                 }?;
             }
@@ -1723,6 +1944,7 @@ impl LinearSplitFp8Cuda {
                         (wsa, xs),
                         ba.ptr,
                         ya,
+                        None,
                     )
                 }?;
             }
@@ -1737,7 +1959,9 @@ impl LinearSplitFp8Cuda {
                         let g = Gemm { rows: sb, k, n: nb, batch, x_stride: st * k, d_stride: sb * nb };
                         // SAFETY: rows Sa..St of each batch of q (ending at the batch's end), wb [Nb, K] bytes, bb
                         // [Nb]; yb is the fresh [B, Sb, Nb] output.
-                        unsafe { l.gemm_fp8(api, op, pb, g, false, self.fast, qb, wb.ptr, (wsb, xs), bb.ptr, yb) }?;
+                        unsafe {
+                            l.gemm_fp8(api, op, pb, g, false, self.fast, qb, wb.ptr, (wsb, xs), bb.ptr, yb, None)
+                        }?;
                     }
                 }
                 Ok(())

@@ -131,3 +131,7 @@ extern "C" __global__ void fp8_quantize_f16(const __half* __restrict__ x, long l
     fp8_quantize_part(x, n, scale, q, (long long)blockIdx.x * blockDim.x + threadIdx.x,
                       (long long)gridDim.x * blockDim.x);
 }
+
+// *inv = 1 / *scale (IEEE division), for cuBLASLt's D scale (a multiplier) of an FP8 product that writes E4M3 with
+// a stored activation scale (MlpFp8: the feed-forward's first product writes the second's input). One thread.
+extern "C" __global__ void fp8_reciprocal(const float* scale, float* inv) { *inv = __fdiv_rn(1.0f, *scale); }
