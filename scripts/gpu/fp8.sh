@@ -19,8 +19,9 @@
 #           image PSNR / max / mean levels;
 #   time    examples/benchmark (28 steps, medians of RUNS=3 after 1 warm-up) on sd3m-fused, sd3m-fp8 (q/k/v merged:
 #           LinearConcat3Fp8), sd3m-fp8s (static scales), sd3m-fp8sf (FAST=1: sd3m-fp8s with cuBLASLt's fast
-#           accumulation, fused_kernels.py --fp8-fast-accum), sd3m-fp8sm / sd3m-fp8sfm (MLP=1: sd3m-fp8s / -fp8sf
-#           with the feed-forwards as MlpFp8, --fp8-merge-mlp) and sd3m-fp8sep (SEPARATE=1: --fp8-separate-qkv) with peak
+#           accumulation, fused_kernels.py --fp8-fast-accum), sd3m-fp8sfm (MLP=1: sd3m-fp8sf with the
+#           feed-forwards as MlpFp8, --fp8-merge-mlp; MLP=2 also sd3m-fp8sm from sd3m-fp8s) and sd3m-fp8sep
+#           (SEPARATE=1: --fp8-separate-qkv) with peak
 #           GPU memory (nvidia-smi every 20 ms minus idle), then diffusers eager / torch.compile on the transformer
 #           alone (bench_torch.py --transformer-only; TORCH_FULL=1: the whole pipeline; TORCH=0 skips it), the table
 #           (table.py) to $OUT/table.md.
@@ -169,11 +170,15 @@ if [ "${FAST:-1}" = 1 ] && [ -f /tmp/sd3m-fp8s/transformer/model.onnx ] && [ ! -
   python3 models/export/fused_kernels.py --fp8-fast-accum /tmp/sd3m-fp8s /tmp/sd3m-fp8sf 2>&1 | tail -1 \
     | tee -a "$OUT/rewrite.log"
 fi
-# MLP=1 (default): /tmp/sd3m-fp8sm and /tmp/sd3m-fp8sfm, sd3m-fp8s and sd3m-fp8sf with each feed-forward's two FP8
-# products as one MlpFp8 (fused_kernels.py --fp8-merge-mlp, graph only: the first product writes E4M3 for the
-# second, no float16 tensor and no quantization pass between them)
-if [ "${MLP:-1}" = 1 ]; then
-  for pair in "sd3m-fp8s sd3m-fp8sm" "sd3m-fp8sf sd3m-fp8sfm"; do
+# MLP=1 (default): /tmp/sd3m-fp8sfm, sd3m-fp8sf with each feed-forward's two FP8 products as one MlpFp8
+# (fused_kernels.py --fp8-merge-mlp, graph only: the first product writes E4M3 for the second, no float16 tensor
+# and no quantization pass between them); MLP=2 also /tmp/sd3m-fp8sm (the same from sd3m-fp8s, without fast
+# accumulation); MLP=0 neither. Each timed variant costs about half a minute of the call.
+if [ "${MLP:-1}" != 0 ]; then
+  pairs="sd3m-fp8sf sd3m-fp8sfm"
+  [ "${MLP:-1}" = 2 ] && pairs="sd3m-fp8s sd3m-fp8sm,$pairs"
+  IFS=, read -ra pairs <<< "$pairs"
+  for pair in "${pairs[@]}"; do
     set -- $pair
     [ -f /tmp/$1/transformer/model.onnx ] && [ ! -f /tmp/$2/transformer/model.onnx ] \
       && python3 models/export/fused_kernels.py --fp8-merge-mlp /tmp/$1 /tmp/$2 2>&1 | tail -1 | tee -a "$OUT/rewrite.log"
