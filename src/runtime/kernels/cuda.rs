@@ -1546,15 +1546,15 @@ impl LinearFp8Cuda {
 /// `MlpFp8` (cpu.rs): x quantized with its stored scale; the first product (GELU) writes E4M3 straight from
 /// cuBLASLt with D scale `1 / h_scale` (`fp8_reciprocal` into the buffer's header), the second reads those bytes
 /// with B scale `h_scale`. No float16 tensor between the products and no quantization pass over it. Should
-/// cuBLASLt have no algorithm for that E4M3 output (decided once, at the first call), the first product writes
+/// cuBLASLt have no algorithm for that E4M3 output (asked once per product shape), the first product writes
 /// float16 into the buffer and `fp8_quantize_f16` makes the bytes, as the two-node graph does.
 /// Buffer: header (x's slots at 0 and 16, unused with a stored scale; `1 / h_scale` at 48, 16-byte aligned as
 /// cuBLASLt wants), then x's E4M3 bytes, the product's E4M3 bytes, and (fallback only) its float16 values.
 pub(crate) struct MlpFp8Cuda {
     fast: bool,
     checked: bool,
-    /// Whether the first product writes E4M3 itself: None until the first call decides.
-    direct: Option<bool>,
+    /// Whether the first product writes E4M3 itself, for the product it was decided for.
+    direct: Option<(Gemm, bool)>,
     plans: [Option<Plan>; 2],
     streams: Streams,
 }
@@ -1600,16 +1600,23 @@ impl MlpFp8Cuda {
         let g1 = Gemm { rows, k, n: n1, batch: 1, x_stride: 0, d_stride: 0 };
         let g2 = Gemm { rows, k: n1, n: n2, batch: 1, x_stride: 0, d_stride: 0 };
         let [p1, p2] = &mut self.plans;
-        // The buffer's layout is fixed before anything is queued: the first call asks cuBLASLt whether it has an
-        // algorithm for the E4M3 output (at the alignments the buffer gives: 256 bytes and more) and keeps the
-        // answer; a plan for the same product is made again only when shapes or the handle change.
+        // The buffer's layout is fixed before anything is queued, so cuBLASLt is asked first whether it has an
+        // algorithm for the E4M3 output, at the alignments the buffer gives (its regions start 256 bytes apart
+        // from a cuMemAlloc base: 256, `alignment`'s cap); the answer is kept for this product shape, and a plan
+        // found is kept in the first product's slot, where `gemm_fp8` finds it (same key).
         let direct = match self.direct {
-            Some(d) => d,
-            None => {
+            Some((g, d)) if g == g1 => d,
+            _ => {
                 let al = Align { w: alignment(w1.ptr as usize, 0), x: 256, d: 256 };
                 let mode = Mode { gelu: true, fp8: true, fast: self.fast, out8: true };
-                let d = Plan::new(api, &l.scratch, g1, al, mode).is_ok();
-                self.direct = Some(d);
+                let d = match Plan::new(api, &l.scratch, g1, al, mode) {
+                    Ok(plan) => {
+                        *p1 = Some(plan);
+                        true
+                    }
+                    Err(_) => false,
+                };
+                self.direct = Some((g1, d));
                 d
             }
         };
