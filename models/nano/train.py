@@ -311,7 +311,33 @@ def ema_update(ema, model, decay):
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale, args, dev, logs):
+def compile_models(transformer, text, dev, ids, latents):
+    """torch.compile of the transformer and the text encoders, compiled now: one forward and backward at the
+    training batch size (`ids`: the three token-id batches, `latents`: a latent batch; only their shapes and dtypes
+    matter, so nothing recompiles later). Changes no parameter (the gradients are dropped) and draws from no random
+    stream. Returns (transformer, text) as the training calls them: the eager modules if compiling failed."""
+    fwd_t, fwd_x = torch.compile(transformer), torch.compile(text)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            ctx, pooled = fwd_x(*ids)
+            v = fwd_t(hidden_states=latents, encoder_hidden_states=ctx, pooled_projections=pooled,
+                      timestep=torch.full((latents.shape[0],), 500.0, device=dev), return_dict=False)[0]
+        v.float().square().mean().backward()
+        for p in list(transformer.parameters()) + list(text.parameters()):
+            p.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        log("compiled")
+        return fwd_t, fwd_x
+    except Exception as e:  # noqa: BLE001
+        for p in list(transformer.parameters()) + list(text.parameters()):
+            p.grad = None
+        log(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+        return transformer, text
+
+
+def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale, args, dev, logs, compiled=None):
+    """`compiled`: (transformer, text) from `compile_models` when main compiled them already (beside the data)."""
     params = [
         {"params": [p for n_, p in text.named_parameters() if "embed" in n_ or "shared" in n_], "weight_decay": 0.0},
         {"params": [p for n_, p in text.named_parameters() if not ("embed" in n_ or "shared" in n_)]},
@@ -322,21 +348,12 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     ema_t = copy.deepcopy(transformer).eval().requires_grad_(False)
     ema_x = copy.deepcopy(text).eval().requires_grad_(False)
     fwd_t, fwd_x = transformer, text
-    if args.compile:
-        fwd_t, fwd_x = torch.compile(transformer), torch.compile(text)
-        try:  # compile now (fwd + bwd at the training batch size, so nothing recompiles); else train eagerly
-            b = args.dit_batch
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                ctx, pooled = fwd_x(ids[0][:b], ids[1][:b], ids[2][:b])
-                v = fwd_t(hidden_states=lat_mean[:b], encoder_hidden_states=ctx, pooled_projections=pooled,
-                          timestep=torch.full((b,), 500.0, device=dev), return_dict=False)[0]
-            v.float().square().mean().backward()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            log("compiled")
-        except Exception as e:  # noqa: BLE001
-            log(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly")
-            fwd_t, fwd_x = transformer, text
+    if compiled is not None:
+        fwd_t, fwd_x = compiled
+    elif args.compile:
+        b = args.dit_batch
+        fwd_t, fwd_x = compile_models(transformer, text, dev, (ids[0][:b], ids[1][:b], ids[2][:b]),
+                                      lat_mean[:b].contiguous())
     g = torch.Generator(device=dev).manual_seed(args.seed + 2)
     n = lat_mean.shape[0]
     ids_l, ids_g, ids_t = ids
@@ -365,7 +382,9 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
         if args.train_shift != 1.0:
             t = args.train_shift * t / (1 + (args.train_shift - 1) * t)
         tb = t[:, None, None, None]
-        xt = (1 - tb) * x0 + tb * eps
+        # contiguous, as the latents the compile saw (VAE outputs can come in another memory layout: a stride
+        # guard then recompiles the transformer at the first step, 87 s on this project's CPU)
+        xt = ((1 - tb) * x0 + tb * eps).contiguous()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             ctx, pooled = fwd_x(bl, bg, bt)
             v = fwd_t(hidden_states=xt, encoder_hidden_states=ctx, pooled_projections=pooled,
@@ -582,6 +601,10 @@ def main():
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a pipeline folder whose VAE (and latent scale) and text encoders start this run; the "
                          "transformer starts from random weights")
+    ap.add_argument("--overlap-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --compile: compile the transformer and text encoders while a second thread renders "
+                         "and tokenizes the data (on the GPU machine those were 123 s and torch.compile 110 s of "
+                         "run 16's start); the same weights either way (--no-overlap-compile: one after the other)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile the transformer and text encoders (--no-compile undoes a preset's --compile)")
     ap.add_argument("--init-from-onnx", type=Path, default=None,
@@ -685,19 +708,56 @@ def main():
                               vae_encoder=count(vae.encoder), clip_l=count(te1), clip_g=count(te2), t5=count(te3))
     log("parameters", logs["parameters"])
 
-    log("rendering", args.n_train, "training images")
-    images, captions, _ = scenes.make_dataset(args.n_train, seed=args.seed, split=args.split, workers=args.workers)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
-    log("images", tuple(images.shape), "distinct captions", len(set(captions)))
-    logs["data"] = dict(n=args.n_train, distinct_captions=len(set(captions)), seconds=round(time.time() - T0, 1))
+    def prepare_data():
+        """The training images, captions and token ids, on the host (a second thread runs this while main compiles)."""
+        log("rendering", args.n_train, "training images")
+        images, captions, _ = scenes.make_dataset(args.n_train, seed=args.seed, split=args.split,
+                                                  workers=args.workers)
+        log("images", images.shape, "distinct captions", len(set(captions)))
+        seconds = round(time.time() - T0, 1)
+        toks = load_tokenizers(args.tokenizers_from)
+        distinct = sorted(set(captions))
+        where = {c: i for i, c in enumerate(distinct)}
+        rows = torch.tensor([where[c] for c in captions])
+        ids = tuple(x[rows] for x in tokenize(toks, distinct, args.t5_len))
+        log("tokenized")
+        return dict(images=images, captions=captions, seconds=seconds, toks=toks, ids=ids,
+                    empty=tokenize(toks, [""], args.t5_len))
 
-    toks = load_tokenizers(args.tokenizers_from)
-    distinct = sorted(set(captions))
-    where = {c: i for i, c in enumerate(distinct)}
-    rows = torch.tensor([where[c] for c in captions])
-    ids = tuple(x[rows].to(dev) for x in tokenize(toks, distinct, args.t5_len))
-    log("tokenized")
-    empty = tuple(x.to(dev) for x in tokenize(toks, [""], args.t5_len))
+    compiled = None
+    if args.compile and args.overlap_compile:
+        import threading
+        data, failed = {}, []
+
+        def run():
+            try:
+                data.update(prepare_data())
+            except BaseException as e:  # noqa: BLE001  (raised again in main below)
+                failed.append(e)
+
+        worker = threading.Thread(target=run, name="data")
+        worker.start()
+        # compiled in training mode (T5's dropout), at the training batch's shapes: token ids (any valid id) and
+        # latents of the VAE's channels and factor
+        transformer.train()
+        text.train()
+        b = args.dit_batch
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = args.image_size // factor
+        zeros = lambda n: torch.zeros((b, n), dtype=torch.long, device=dev)  # noqa: E731
+        lat = torch.zeros((b, transformer.config.in_channels, side, side), device=dev)
+        compiled = compile_models(transformer, text, dev, (zeros(77), zeros(77), zeros(args.t5_len)), lat)
+        worker.join()
+        if failed:
+            raise failed[0]
+    else:
+        data = prepare_data()
+    captions, toks = data["captions"], data["toks"]
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous().to(dev)
+    logs["data"] = dict(n=args.n_train, distinct_captions=len(set(captions)), seconds=data["seconds"])
+    ids = tuple(x.to(dev) for x in data["ids"])
+    empty = tuple(x.to(dev) for x in data["empty"])
+    del data
     used = sorted(set(ids[0].unique().tolist()) | set(ids[1].unique().tolist()) | set(empty[0].unique().tolist())
                   | set(empty[1].unique().tolist()))
     (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
@@ -741,7 +801,8 @@ def main():
 
     transformer.train()
     text.train()
-    ema_t, ema_x = train_dit(transformer, text, lat_mean, lat_std, ids, empty, shift, scale, args, dev, logs)
+    ema_t, ema_x = train_dit(transformer, text, lat_mean, lat_std, ids, empty, shift, scale, args, dev, logs,
+                             compiled)
 
     # saved before the evaluation, so that a call cut short by its time limit still brings the weights back
     save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, args, shift, scale, used)
