@@ -57,8 +57,20 @@ if [ "${CONTINUE:-0}" = 1 ]; then
     --dit-batch 1024 --dit-lr 5e-4 --dit-steps 100000000 --warmup 300 --compile --eval --eval-train-pairs 120 \
     --eval-train-pairs-seed 793 "$@"
 fi
-timeout --signal=INT "$LIMIT" python3 models/nano/train.py --out "$RUN" --workers 16 --stop-by $((LIMIT - 30)) "$@" 2>&1 \
-  | grep -v -i warn | tee "$OUT/train.log"
+# NPROC=N (a machine of N GPUs, e.g. kind nvidia-h100-x8): N data-parallel processes under torchrun (train.py's
+# class Dist: --dit-batch per process, the gradients averaged; the VAE must come with --vae-from / --resume /
+# --init-from), each rendering with its share of the CPUs (at most 16).
+NPROC=${NPROC:-1}
+# NVLink multicast stays off (the device README: it can take a shared host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+WORKERS=$(( $(nproc) / NPROC )); [ "$WORKERS" -gt 16 ] && WORKERS=16; [ "$WORKERS" -lt 1 ] && WORKERS=1
+if [ "$NPROC" -gt 1 ]; then
+  LAUNCH=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+else
+  LAUNCH=(python3)
+fi
+timeout --signal=INT "$LIMIT" "${LAUNCH[@]}" models/nano/train.py --out "$RUN" --workers "$WORKERS" \
+  --stop-by $((LIMIT - 30)) "$@" 2>&1 | grep -v -i warn | tee "$OUT/train.log"
 cp "$RUN"/train_log.json "$RUN"/clip_token_ids.json "$RUN"/eval_*.png "$OUT"/ 2>/dev/null
 # the float16 pipeline without its tokenizers (they come from the repository), in pieces under 16 MiB
 if [ -d "$RUN/pipeline/transformer" ]; then

@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -47,8 +48,77 @@ import scenes  # noqa: E402
 T0 = time.time()
 
 
+class Dist:
+    """Data-parallel training over the GPUs of one host, as `torchrun --nproc_per_node N train.py ...` starts it
+    (RANK, WORLD_SIZE, LOCAL_RANK in the environment; without them, one process and none of this does anything).
+
+    Every process holds the whole data set (rendered and tokenized from the same seed) and the same initial weights,
+    and draws the same *global* batch of `world x --dit-batch` samples from the same generator, of which it computes
+    its own slice. The gradients (and the loss, for the logs) are summed over the processes and divided by their
+    number: with equal slices, the gradient of the global batch's mean loss, so N processes train the weights that
+    one process with the global batch would (up to the order of float additions: test_ddp.py). Rank 0's clock
+    decides the learning rate and when to stop (broadcast every step), so no process can leave the loop alone; rank
+    0 alone writes files and evaluates."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", str(self.rank)))
+        self.group = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                if self.local >= torch.cuda.device_count():
+                    raise SystemExit(f"rank {self.rank}: LOCAL_RANK {self.local} but only "
+                                     f"{torch.cuda.device_count()} GPUs: start at most that many processes per host")
+                torch.cuda.set_device(self.local)
+            dist.init_process_group(backend)
+            self.group = dist
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local) if torch.cuda.is_available() else torch.device("cpu")
+
+    def mean_grads(self, params, loss):
+        """Sums the gradients of `params` (those that have one: the same set in every process) and `loss` over the
+        processes and divides by their number, in one flat buffer; returns the mean loss (a tensor)."""
+        if self.world == 1:
+            return loss.detach()
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().float().reshape(1)])
+        self.group.all_reduce(flat)
+        flat.div_(self.world)
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        return flat[-1]
+
+    def control(self, dev, *values):
+        """Rank 0's `values` (floats) in every process."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        self.group.broadcast(t, 0)
+        return tuple(t.tolist())
+
+    def finish(self):
+        if self.world > 1:
+            self.group.destroy_process_group()
+            self.world = 1
+
+
+DIST = None  # set in main()
+
+
 def log(*a):
-    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+    if DIST is None or DIST.main:
+        print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,27 +428,41 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
     n = lat_mean.shape[0]
     ids_l, ids_g, ids_t = ids
     e_l, e_g, e_t = empty_ids
+    # data parallel (class Dist): every process draws the global batch from the same generator and computes its
+    # slice; one process: the global batch is --dit-batch and the slice all of it
+    world, rank = DIST.world, DIST.rank
+    gb = args.dit_batch * world
+    mine = slice(rank * args.dit_batch, (rank + 1) * args.dit_batch)
     t_start = time.time()
     hist = []
     step = 0
     run_loss = None
-    while (step < args.dit_steps and time.time() - t_start < args.dit_seconds
-           and (args.stop_by is None or time.time() - T0 < args.stop_by)
-           and not (args.stop_file is not None and step % 50 == 0 and args.stop_file.exists())):
+    all_params = [p for g_ in params for p in g_["params"]]
+    while True:
+        # rank 0's clock and stop file decide for every process: asked every step with one process, every 10th
+        # with several (reading the broadcast waits for the GPU: the learning rate then moves in steps of 10)
+        if world == 1 or step % 10 == 0:
+            seconds, stop = DIST.control(dev, time.time() - t_start, float(
+                (args.stop_by is not None and time.time() - T0 >= args.stop_by)
+                or (args.stop_file is not None and step % 50 == 0 and args.stop_file.exists())))
+        if step >= args.dit_steps or seconds >= args.dit_seconds or stop:
+            break
         # the cosine spans --schedule-seconds of training over all calls (--seconds-before of them done earlier)
-        lr = lr_at(max(step / args.dit_steps, (args.seconds_before + time.time() - t_start) / args.schedule_seconds),
+        lr = lr_at(max(step / args.dit_steps, (args.seconds_before + seconds) / args.schedule_seconds),
                    step, args.dit_lr, args.warmup)
         for pg in opt.param_groups:
             pg["lr"] = lr
-        idx = torch.randint(0, n, (args.dit_batch,), device=dev, generator=g)
-        drop = torch.rand(args.dit_batch, device=dev, generator=g) < args.caption_dropout
+        idx = torch.randint(0, n, (gb,), device=dev, generator=g)
+        drop = torch.rand(gb, device=dev, generator=g) < args.caption_dropout
+        noise = torch.randn((gb,) + tuple(lat_mean.shape[1:]), device=dev, generator=g)[mine]
+        eps = torch.randn((gb,) + tuple(lat_mean.shape[1:]), device=dev, generator=g)[mine]
+        t = torch.sigmoid(torch.randn(gb, device=dev, generator=g) * args.logit_std + args.logit_mean)[mine]
+        idx, drop = idx[mine], drop[mine]
         bl = torch.where(drop[:, None], e_l, ids_l[idx])
         bg = torch.where(drop[:, None], e_g, ids_g[idx])
         bt = torch.where(drop[:, None], e_t, ids_t[idx])
-        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, device=dev, generator=g)
+        z = lat_mean[idx] + lat_std[idx] * noise
         x0 = (z - shift) * scale
-        eps = torch.randn(x0.shape, device=dev, generator=g)
-        t = torch.sigmoid(torch.randn(args.dit_batch, device=dev, generator=g) * args.logit_std + args.logit_mean)
         if args.train_shift != 1.0:
             t = args.train_shift * t / (1 + (args.train_shift - 1) * t)
         tb = t[:, None, None, None]
@@ -392,18 +476,20 @@ def train_dit(transformer, text, lat_mean, lat_std, ids, empty_ids, shift, scale
         loss = F.mse_loss(v.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g_ in params for p in g_["params"]], 1.0)
+        loss = DIST.mean_grads(all_params, loss)  # the global batch's mean loss
+        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_t, transformer, decay)
         ema_update(ema_x, text, decay)
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        loss = loss.item()
+        run_loss = loss if run_loss is None else 0.98 * run_loss + 0.02 * loss
         if step % 250 == 0:
-            hist.append(dict(step=step, t=round(time.time() - t_start, 1), loss=loss.item(), smoothed=run_loss, lr=lr))
-            log(f"dit step {step} loss {loss.item():.4f} smoothed {run_loss:.4f} lr {lr:.2e}")
+            hist.append(dict(step=step, t=round(time.time() - t_start, 1), loss=loss, smoothed=run_loss, lr=lr))
+            log(f"dit step {step} loss {loss:.4f} smoothed {run_loss:.4f} lr {lr:.2e}")
         step += 1
-    logs["dit"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=args.dit_batch,
-                       final_smoothed_loss=run_loss, history=hist)
+    logs["dit"] = dict(steps=step, seconds=round(time.time() - t_start, 1), batch=gb, processes=world,
+                       batch_per_process=args.dit_batch, final_smoothed_loss=run_loss, history=hist)
     return ema_t, ema_x
 
 
@@ -653,14 +739,20 @@ def main():
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    global DIST
+    DIST = Dist()
+    if DIST.world > 1 and (args.init_from_onnx is not None or not (args.resume or args.vae_from or args.init_from)):
+        raise SystemExit("several processes (torchrun) train the transformer and text encoders only: give the VAE "
+                         "with --vae-from, --resume or --init-from (a new VAE, and --init-from-onnx's VAE encoder, "
+                         "are trained by one process)")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = DIST.device()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     logs = dict(args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-                torch=torch.__version__)
+                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                processes=DIST.world, torch=torch.__version__)
     args.out.mkdir(parents=True, exist_ok=True)
 
     clip_l, clip_g, t5c, ditc, vaec = configs(args)
@@ -760,7 +852,8 @@ def main():
     del data
     used = sorted(set(ids[0].unique().tolist()) | set(ids[1].unique().tolist()) | set(empty[0].unique().tolist())
                   | set(empty[1].unique().tolist()))
-    (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
+    if DIST.main:
+        (args.out / "clip_token_ids.json").write_text(json.dumps(used) + "\n")
     log("CLIP token ids used by the captions:", len(used))
 
     if onnx_kept is not None:  # rows the export kept stay as they are in the saved tables (save_pipeline)
@@ -791,7 +884,7 @@ def main():
                            normalised_rms=math.sqrt(lat_mean.sub(shift).mul(scale).pow(2).mean().item()
                                                     + lat_std.mul(scale).pow(2).mean().item()))
     log(f"latents shift_factor {shift:.4f} scaling_factor {scale:.4f}")
-    with torch.no_grad():  # reconstruction quality on held-out scenes
+    with torch.no_grad():  # reconstruction quality on held-out scenes (rank 0 logs it)
         him, _, _ = scenes.make_dataset(256, seed=args.seed + 999, split="heldout", workers=args.workers)
         x = torch.from_numpy(him).permute(0, 3, 1, 2).to(dev).float() / 127.5 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -803,6 +896,9 @@ def main():
     text.train()
     ema_t, ema_x = train_dit(transformer, text, lat_mean, lat_std, ids, empty, shift, scale, args, dev, logs,
                              compiled)
+    DIST.finish()
+    if not DIST.main:  # rank 0 saves and evaluates (its weights are every process's)
+        return
 
     # saved before the evaluation, so that a call cut short by its time limit still brings the weights back
     save_pipeline(args.out / "pipeline", args.tokenizers_from, ema_t, ema_x, vae, args, shift, scale, used)
