@@ -65,6 +65,8 @@ NPROC=${NPROC:-1}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WORKERS=$(( $(nproc) / NPROC )); [ "$WORKERS" -gt 16 ] && WORKERS=16; [ "$WORKERS" -lt 1 ] && WORKERS=1
 if [ "$NPROC" -gt 1 ]; then
+  # each process's torch.compile gets its share of the cores too (inductor's default is one worker per core)
+  export TORCHINDUCTOR_COMPILE_THREADS=$WORKERS
   LAUNCH=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 else
   LAUNCH=(python3)
