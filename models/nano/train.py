@@ -57,8 +57,8 @@ class Dist:
     its own slice. The gradients (and the loss, for the logs) are summed over the processes and divided by their
     number: with equal slices, the gradient of the global batch's mean loss, so N processes train the weights that
     one process with the global batch would (up to the order of float additions: test_ddp.py). Rank 0's clock
-    decides the learning rate and when to stop (broadcast every step), so no process can leave the loop alone; rank
-    0 alone writes files and evaluates."""
+    decides the learning rate and when to stop (broadcast every 10th step), so no process can leave the loop alone;
+    rank 0 alone writes files, measures the VAE's held-out PSNR and evaluates."""
 
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -884,12 +884,13 @@ def main():
                            normalised_rms=math.sqrt(lat_mean.sub(shift).mul(scale).pow(2).mean().item()
                                                     + lat_std.mul(scale).pow(2).mean().item()))
     log(f"latents shift_factor {shift:.4f} scaling_factor {scale:.4f}")
-    with torch.no_grad():  # reconstruction quality on held-out scenes (rank 0 logs it)
-        him, _, _ = scenes.make_dataset(256, seed=args.seed + 999, split="heldout", workers=args.workers)
-        x = torch.from_numpy(him).permute(0, 3, 1, 2).to(dev).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        logs["vae_heldout_psnr"] = (10 * torch.log10(4.0 / ((rec - x) ** 2).mean())).item()
-        log("VAE held-out PSNR", logs["vae_heldout_psnr"])
+    if DIST.main:  # reconstruction quality on held-out scenes (rank 0 alone: only it writes the log)
+        with torch.no_grad():
+            him, _, _ = scenes.make_dataset(256, seed=args.seed + 999, split="heldout", workers=args.workers)
+            x = torch.from_numpy(him).permute(0, 3, 1, 2).to(dev).float() / 127.5 - 1
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            logs["vae_heldout_psnr"] = (10 * torch.log10(4.0 / ((rec - x) ** 2).mean())).item()
+            log("VAE held-out PSNR", logs["vae_heldout_psnr"])
     del images
 
     transformer.train()

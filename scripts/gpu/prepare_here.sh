@@ -42,7 +42,10 @@ fi
 if has device-bin; then
   head=$(git rev-parse --short HEAD)
   built=$(sed -n 's/^commit //p' .device-bin/BUILT.txt 2>/dev/null || true)
-  if [ -n "$built" ] && git diff --quiet "$built" HEAD -- src Cargo.toml Cargo.lock examples 2>/dev/null \
+  rust=(src Cargo.toml Cargo.lock examples)
+  git diff --quiet HEAD -- "${rust[@]}" || head="$head+uncommitted"   # a build of the working tree says so
+  if [ -n "$built" ] && [ "${built%+uncommitted}" = "$built" ] && git diff --quiet "$built" HEAD -- "${rust[@]}" 2>/dev/null \
+     && git diff --quiet HEAD -- "${rust[@]}" \
      && [ -f .device-bin/benchmark.xz ] && [ -f .device-bin/sd3onnx-lib-tests.xz ]; then
     echo ".device-bin is up to date (built from $built; no Rust change since)"
   else
